@@ -1,0 +1,50 @@
+# Runbus: `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, Java 17, Maven).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# The test broker has its own port and state folder so `make test` never stops a broker
+# started with `make kafka-up`.
+KAFKA_PORT      ?= 9092
+TEST_KAFKA_PORT ?= 19092
+TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19093 \
+                   RUNBUS_KAFKA_STATE=$(CURDIR)/kafka/.state-test
+PYTEST_ARGS     ?=
+
+.PHONY: install demo test lint bench kafka-up kafka-down kafka-logs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python examples/quickstart.py
+	$(BIN)/runbus runs
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up || echo "make test: the Kafka broker did not start; Kafka tests will fail"
+	@RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); \
+	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+kafka-up:
+	RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh up
+
+kafka-down:
+	RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh down
+
+kafka-logs:
+	bash kafka/kafka.sh logs
+
+clean:
+	rm -rf $(VENV) .runbus kafka/.state kafka/.state-test

@@ -1,0 +1,183 @@
+"""The `runbus` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.bootstrap import services
+from engine.function import new_function
+from engine.task import RunTemplate
+
+app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _parse_value(text: str) -> Any:
+    """'5' -> 5, '0.1' -> 0.1, 'true' -> True, '[1,2]' -> [1, 2], anything else stays a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} {item!r} must look like key=value")
+        pairs[key] = value
+    return pairs
+
+
+def print_frame(frame: pd.DataFrame, fmt: str = "table", title: str | None = None) -> None:
+    """Print a DataFrame as a rich table, CSV or JSON records."""
+    if fmt == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif fmt == "json":
+        sys.stdout.write(frame.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
+    elif fmt == "table":
+        table = Table(title=title)
+        for column in frame.columns:
+            table.add_column(str(column), overflow="fold")
+        for row in frame.itertuples(index=False):
+            table.add_row(*("" if _is_missing(v) else str(v) for v in row))
+        console.print(table)
+    else:
+        raise typer.BadParameter(f"format {fmt!r} is not one of table, csv, json")
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+@app.command()
+def run(
+    target: Annotated[str, typer.Argument(help="FILE.py:HANDLER or module:handler")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="key=value (JSON values parsed)")] = None,
+    name: Annotated[str | None, typer.Option(help="run name (default: the handler's name)")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key=value label")] = None,
+    input: Annotated[list[str] | None, typer.Option("--input", "-i", help="key=path input")] = None,
+    secrets: Annotated[Path | None, typer.Option(help="file of KEY=VALUE secrets")] = None,
+) -> None:
+    """Run a handler once and print its results."""
+    task = RunTemplate(handler=target, name=name,
+                       params={k: _parse_value(v) for k, v in _pairs(param, "param").items()},
+                       inputs=_pairs(input, "input"), labels=_pairs(label, "label"))
+    if secrets:
+        task.with_secrets("file", str(secrets))
+    result = new_function().run(task)
+    result.show()
+    if result.state != "completed":
+        errors.print(result.traceback or result.error or f"run ended in state {result.state}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def runs(
+    name: Annotated[str | None, typer.Option(help="only runs with this name")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="key or key=value")] = None,
+    state: Annotated[str | None, typer.Option(help="running, completed, error, ...")] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(help="at most this many runs")] = 50,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """List runs, newest first."""
+    frame = services().run_db().list_runs(name=name, project=project, labels=label, state=state,
+                                          limit=limit)
+    columns = ["uid", "name", "iteration", "state", "labels", "started_at", "duration_s"]
+    shown = frame[columns].copy()
+    if fmt == "table":
+        shown["uid"] = shown["uid"].str[:12]
+        shown["duration_s"] = shown["duration_s"].round(3)
+        shown["started_at"] = shown["started_at"].astype(str).str[:19]
+    print_frame(shown, fmt, title=f"runs ({len(frame)})")
+
+
+@app.command()
+def show(uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")]) -> None:
+    """Show one run: state, params, results, labels, artifacts, last metric values."""
+    record = services().run_db().read_run(uid)
+    console.print_json(json.dumps(record, default=str))
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="a read-only SQL query over the projection tables")],
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Run read-only SQL over runs, params, results, metrics, labels, artifacts, events."""
+    print_frame(services().run_db().sql(query), fmt)
+
+
+@app.command()
+def project(rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False) -> None:
+    """Bring the DuckDB projection up to date with the bus."""
+    from projections import Projector, open_projection
+
+    svc = services()
+    started = time.perf_counter()
+    with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
+        projector = Projector(svc.bus, con, svc.codec)
+        count = projector.rebuild() if rebuild else projector.catch_up()
+    console.print(f"{'rebuilt from' if rebuild else 'applied'} {count} records "
+                  f"in {time.perf_counter() - started:.2f}s")
+
+
+@app.command()
+def tail(
+    run_uid: Annotated[str | None, typer.Option("--run", help="only this run's events")] = None,
+    types: Annotated[str | None, typer.Option("--type", help="comma-separated event types")] = None,
+    from_start: Annotated[bool, typer.Option("--from-start", help="print the log from its start")] = False,
+) -> None:
+    """Print events as they arrive, until Ctrl-C."""
+    from schemas import DecodeError
+
+    svc = services()
+    wanted = set(types.split(",")) if types else None
+    positions = {} if from_start else svc.bus.end_offsets()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            for record in svc.bus.read(positions, 1000, timeout=1.0):
+                positions[record.partition] = record.offset + 1
+                try:
+                    event = svc.codec.decode(record.value)
+                except DecodeError as exc:
+                    console.print(f"[red]undecodable record at {record.partition}:{record.offset}: {exc}")
+                    continue
+                if (run_uid and not event.run_uid.startswith(run_uid)) or (wanted and event.type not in wanted):
+                    continue
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+                console.print(f"{stamp} {event.run_uid[:12]} #{event.seq:<4} {event.type:<14} "
+                              f"{json.dumps(event.payload, default=str)[:200]}", markup=False, highlight=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    try:
+        app()
+    except (KeyError, ValueError, TypeError, LookupError, RuntimeError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        errors.print(f"[red]error:[/red] {message}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""RunObject: what `function.run()` returns."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from producers.data_item import DataItem
+
+
+@dataclass
+class RunObject:
+    uid: str
+    name: str
+    project: str
+    state: str
+    results: dict[str, Any] = field(default_factory=dict)
+    artifacts_by_key: dict[str, DataItem] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+    iteration: int = 0
+    iterations: list[RunObject] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        """Results and artifact URIs in one mapping, as MLRun's run.outputs."""
+        return {**self.results, **{key: item.uri for key, item in self.artifacts_by_key.items()}}
+
+    @property
+    def artifacts(self) -> list[dict[str, Any]]:
+        return [{"key": a.key, "kind": a.kind, "uri": a.uri, "sha256": a.sha256, "size": a.size,
+                 "format": a.format, "labels": a.labels} for a in self.artifacts_by_key.values()]
+
+    def artifact(self, key: str) -> DataItem:
+        if key not in self.artifacts_by_key:
+            known = ", ".join(self.artifacts_by_key) or "none"
+            raise KeyError(f"run {self.uid} has no artifact {key!r} (artifacts: {known})")
+        return self.artifacts_by_key[key]
+
+    def show(self) -> None:
+        """Print a summary of the run."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"run {self.name} ({self.uid})", show_header=False)
+        table.add_row("state", self.state)
+        table.add_row("params", json.dumps(self.parameters, default=str))
+        table.add_row("results", json.dumps(self.results, default=str))
+        table.add_row("labels", json.dumps(self.labels))
+        table.add_row("artifacts", ", ".join(self.artifacts_by_key) or "-")
+        if self.error:
+            table.add_row("error", self.error)
+        Console().print(table)
+
+    def _repr_html_(self) -> str:
+        def cell(value: Any) -> str:
+            return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
+
+        rows = [("uid", self.uid), ("state", self.state), ("params", self.parameters),
+                ("results", self.results), ("labels", self.labels),
+                ("artifacts", ", ".join(self.artifacts_by_key))]
+        if self.error:
+            rows.append(("error", self.error))
+        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{cell(v)}</td></tr>"
+                       for k, v in rows)
+        return f"<table class='runbus-run'><caption>{html.escape(self.name)}</caption>{body}</table>"
+
+    def __repr__(self) -> str:
+        return f"RunObject(name={self.name!r}, uid={self.uid!r}, state={self.state!r}, results={self.results!r})"

@@ -1,0 +1,1 @@
+"""Runtimes: where a run's handler executes."""

@@ -1,0 +1,37 @@
+"""Local runtime: the handler runs in this process, in the calling thread."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from producers.context import RunContext
+
+
+def call_handler(handler: Callable[..., Any], context: RunContext) -> Any:
+    """Call `handler`, passing `context` and params by argument name."""
+    signature = inspect.signature(handler)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    kwargs: dict[str, Any] = {}
+    if "context" in signature.parameters:
+        kwargs["context"] = context
+    for key, value in context.parameters.items():
+        if key != "context" and (accepts_any or key in signature.parameters):
+            kwargs[key] = value
+    return handler(**kwargs)
+
+
+def execute(handler: Callable[..., Any], context: RunContext) -> RunContext:
+    """Run the handler and record how it ended: completed, error (with traceback) or aborted."""
+    context.start()
+    try:
+        value = call_handler(handler, context)
+    except Exception as exc:
+        context.finish(error=exc)
+    except BaseException as exc:  # Ctrl-C and friends: record, then let them through
+        context.finish(error=exc, state="aborted")
+        raise
+    else:
+        context.finish(return_value=value)
+    return context

@@ -1,0 +1,65 @@
+"""The one place Runbus reads its RUNBUS_* settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A RUNBUS_* variable has a value Runbus cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    bus_url: str
+    project: str = "default"
+    db_timeout_s: float = 60.0
+    flush_interval_s: float = 0.2
+    kafka_topic: str = "runbus-events"
+    kafka_partitions: int = 6
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "runbus.duckdb"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "log.sqlite"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "artifacts"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, kind: type = float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment: RUNBUS_HOME (default ./.runbus), RUNBUS_BUS (default: the
+    embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_FLUSH_INTERVAL,
+    RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS."""
+    env = os.environ if env is None else env
+    home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
+    return Settings(
+        home=home,
+        bus_url=env.get("RUNBUS_BUS") or "embedded",
+        project=env.get("RUNBUS_PROJECT") or "default",
+        db_timeout_s=_number(env, "RUNBUS_DB_TIMEOUT", 60.0),
+        flush_interval_s=_number(env, "RUNBUS_FLUSH_INTERVAL", 0.2),
+        kafka_topic=env.get("RUNBUS_KAFKA_TOPIC") or "runbus-events",
+        kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
+    )

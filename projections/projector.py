@@ -1,0 +1,125 @@
+"""The projector: reads the bus from its stored positions and folds events into DuckDB.
+
+Positions, per-run progress and the rows they produced commit in one DuckDB transaction, so a
+projector killed at any point resumes exactly where its last commit left off. An event whose
+(run uid, seq) was already applied is skipped, so replaying a record changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import duckdb
+
+from producers.bus import Bus, BusRecord
+from projections.fold import TableBatch, fold
+from projections.tables import PROJECTION_VERSION, create_tables, drop_tables, stored_version
+from projections.writer import write_batch
+from schemas import DecodeError, EventCodec
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far the projector is: events applied in this call, and records still unread."""
+
+    applied: int
+    lag: int
+
+
+class Projector:
+    def __init__(self, bus: Bus, con: duckdb.DuckDBPyConnection, codec: EventCodec | None = None,
+                 batch_size: int = 50_000) -> None:
+        self.bus = bus
+        self.con = con
+        self.codec = codec or EventCodec()
+        self.batch_size = batch_size
+        con.execute("SET TimeZone = 'UTC'")
+        version = stored_version(con)
+        if version is not None and version != PROJECTION_VERSION:
+            drop_tables(con)  # built by another version: fold the log again
+        create_tables(con)
+
+    def positions(self) -> dict[int, int]:
+        return dict(self.con.execute("SELECT partition, next_offset FROM positions").fetchall())
+
+    def run_once(self, timeout: float = 0.0) -> int:
+        """Fold one batch of new records; returns how many records it consumed."""
+        positions = self.positions()
+        records = self.bus.read(positions, self.batch_size, timeout)
+        if records:
+            self._apply(records, positions)
+        return len(records)
+
+    def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> int:
+        """Fold everything appended up to now; returns the number of records consumed."""
+        target = self.bus.end_offsets()
+        total = 0
+        while True:
+            positions = self.positions()
+            remaining = sum(max(0, end - positions.get(p, 0)) for p, end in target.items())
+            if on_progress:
+                on_progress(Progress(total, remaining))
+            if remaining == 0:
+                return total
+            consumed = self.run_once()
+            if consumed == 0:
+                return total
+            total += consumed
+
+    def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
+        """Drop every table and fold the whole log again."""
+        self.con.execute("BEGIN")
+        drop_tables(self.con)
+        create_tables(self.con)
+        self.con.execute("COMMIT")
+        return self.catch_up(on_progress)
+
+    def _apply(self, records: list[BusRecord], positions: dict[int, int]) -> None:
+        batch = TableBatch()
+        decoded = []
+        received = time.time()
+        for record in records:
+            try:
+                decoded.append((record, self.codec.decode(record.value)))
+            except DecodeError as exc:
+                batch.dead_letters.append((record.partition, record.offset, record.key, str(exc),
+                                           record.value, received))
+        uids = list({event.run_uid for _, event in decoded})
+        last_seq = self._last_seqs(uids)
+        position = self._next_position()
+        for record, event in decoded:
+            if event.seq <= last_seq.get(event.run_uid, -1):
+                continue  # already applied (a replayed or pushed-twice record)
+            last_seq[event.run_uid] = event.seq
+            fold(batch, event)
+            batch.events.append((position, record.partition, record.offset, event.event_id,
+                                 event.run_uid, event.seq, event.type, event.ts,
+                                 json.dumps(event.payload)))
+            position += 1
+        for record in records:
+            positions[record.partition] = record.offset + 1
+        batch.positions = positions
+        batch.run_progress = {uid: last_seq[uid] for uid in uids if uid in last_seq}
+        batch.next_position = position
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            write_batch(con, batch)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _last_seqs(self, uids: list[str]) -> dict[str, int]:
+        if not uids:
+            return {}
+        rows = self.con.execute("SELECT uid, last_seq FROM run_progress WHERE uid IN "
+                                "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
+        return dict(rows)
+
+    def _next_position(self) -> int:
+        row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'next_position'").fetchone()
+        return int(row[0]) if row else 0

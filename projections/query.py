@@ -1,0 +1,175 @@
+"""The query API: catch the projection up with the bus, then answer from DuckDB."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from producers.bus import Bus
+from projections.database import open_projection
+from projections.projector import Projector
+from schemas import EventCodec
+
+_SORTABLE = ("uid", "parent_uid", "iteration", "project", "name", "state", "started_at",
+             "finished_at", "duration_s")
+_READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+class ReadOnlyError(ValueError):
+    """A statement that would change the projection."""
+
+
+def check_read_only(query: str) -> None:
+    """Refuse anything but SELECT/EXPLAIN statements, naming the first offending one."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"SQL does not parse: {exc}") from None
+    if not statements:
+        raise ValueError("no SQL statement given")
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in _READ_ONLY_STATEMENTS:
+            raise ReadOnlyError(f"the SQL surface is read-only: {kind} statements are refused "
+                                f"({statement.query.strip()[:60]!r})")
+
+
+class RunDB:
+    """Runs, params, results, metrics, labels and artifacts as projected from the bus."""
+
+    def __init__(self, bus: Bus, db_path: str | os.PathLike[str], codec: EventCodec | None = None,
+                 lock_timeout_s: float = 60.0) -> None:
+        self.bus = bus
+        self.db_path = db_path
+        self.codec = codec or EventCodec()
+        self.lock_timeout_s = lock_timeout_s
+
+    @contextmanager
+    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The projection, caught up with the bus, held for the duration of the block."""
+        with open_projection(self.db_path, self.lock_timeout_s) as con:
+            Projector(self.bus, con, self.codec).catch_up()
+            yield con
+
+    def catch_up(self) -> int:
+        with open_projection(self.db_path, self.lock_timeout_s) as con:
+            return Projector(self.bus, con, self.codec).catch_up()
+
+    def sql(self, query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run a read-only SQL query over the projection tables."""
+        check_read_only(query)
+        with self.connection() as con:
+            return con.execute(query, params or []).df()
+
+    def list_runs(self, name: str | None = None, project: str | None = None,
+                  labels: Mapping[str, str] | Sequence[str] | None = None,
+                  state: str | None = None, since: datetime | str | None = None,
+                  until: datetime | str | None = None, parent: str | None = None,
+                  sort_by: str | None = None, limit: int | None = None,
+                  iterations: bool = True) -> pd.DataFrame:
+        """Runs matching every filter given, newest first unless `sort_by` says otherwise.
+
+        `labels` is a mapping or a list of "key" / "key=value" strings. `sort_by` is a runs
+        column, or `result.<key>` / `param.<key>`; prefix it with '-' for descending order.
+        """
+        where, args = [], []
+        for column, value in (("name", name), ("project", project), ("state", state),
+                              ("parent_uid", parent)):
+            if value is not None:
+                where.append(f"r.{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("r.started_at >= ?::TIMESTAMPTZ")
+            args.append(str(since))
+        if until is not None:
+            where.append("r.started_at < ?::TIMESTAMPTZ")
+            args.append(str(until))
+        if not iterations:
+            where.append("r.iteration = 0")
+        for key, value in _label_filters(labels):
+            if value is None:
+                where.append("EXISTS (SELECT 1 FROM labels l WHERE l.uid = r.uid AND l.key = ?)")
+                args.append(key)
+            else:
+                where.append("EXISTS (SELECT 1 FROM labels l WHERE l.uid = r.uid AND l.key = ? "
+                             "AND l.value = ?)")
+                args.extend([key, value])
+        order, join = _order_clause(sort_by, args)
+        query = (f"SELECT r.* FROM runs r {join}"
+                 f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}")
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        with self.connection() as con:
+            return con.execute(query, args).df()
+
+    def read_run(self, uid: str) -> dict[str, Any]:
+        """Everything known about one run; `uid` may be a unique prefix."""
+        with self.connection() as con:
+            full_uid = _resolve_uid(con, uid)
+            frame = con.execute("SELECT * FROM runs WHERE uid = ?", [full_uid]).df()
+            run: dict[str, Any] = frame.iloc[0].to_dict()
+            for column in ("labels", "inputs", "extra", "return_value"):
+                if isinstance(run.get(column), str):
+                    run[column] = json.loads(run[column])
+            for table in ("params", "results"):
+                rows = con.execute(f"SELECT key, value FROM {table} WHERE uid = ? ORDER BY key",
+                                   [full_uid]).fetchall()
+                run[table] = {key: json.loads(value) for key, value in rows}
+            run["artifacts"] = [
+                {**row, "labels": json.loads(row["labels"]), "meta": json.loads(row["meta"])}
+                for row in con.execute("SELECT key, kind, uri, sha256, size, format, labels, meta "
+                                       "FROM artifacts WHERE uid = ? ORDER BY key",
+                                       [full_uid]).df().to_dict("records")]
+            run["metrics"] = dict(con.execute(
+                "SELECT key, arg_max(value, rowid) FROM metrics "
+                "WHERE uid = ? GROUP BY key ORDER BY key", [full_uid]).fetchall())
+            return run
+
+
+def _resolve_uid(con: duckdb.DuckDBPyConnection, uid: str) -> str:
+    matches = [row[0] for row in con.execute(
+        "SELECT uid FROM runs WHERE uid LIKE ? || '%' LIMIT 2", [uid]).fetchall()]
+    if not matches:
+        raise KeyError(f"no run with uid {uid!r}")
+    if len(matches) > 1:
+        raise KeyError(f"uid prefix {uid!r} matches more than one run; give more characters")
+    return matches[0]
+
+
+def _label_filters(labels: Mapping[str, str] | Sequence[str] | None) -> list[tuple[str, str | None]]:
+    if labels is None:
+        return []
+    if isinstance(labels, Mapping):
+        return [(str(k), str(v)) for k, v in labels.items()]
+    if isinstance(labels, str):
+        labels = [labels]
+    pairs: list[tuple[str, str | None]] = []
+    for item in labels:
+        key, sep, value = item.partition("=")
+        pairs.append((key, value if sep else None))
+    return pairs
+
+
+def _order_clause(sort_by: str | None, args: list[Any]) -> tuple[str, str]:
+    if not sort_by:
+        return "r.started_at DESC", ""
+    descending = sort_by.startswith("-")
+    column = sort_by.lstrip("-")
+    direction = "DESC" if descending else "ASC"
+    if column.startswith(("result.", "param.")):
+        table = "results" if column.startswith("result.") else "params"
+        key = column.split(".", 1)[1]
+        args.insert(0, key)
+        return (f"s.value_num {direction} NULLS LAST, s.value {direction}",
+                f"LEFT JOIN {table} s ON s.uid = r.uid AND s.key = ? ")
+    if column not in _SORTABLE:
+        raise ValueError(f"cannot sort by {column!r}: use one of {', '.join(_SORTABLE)}, "
+                         f"result.<key> or param.<key>")
+    return f"r.{column} {direction}", ""

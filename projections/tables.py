@@ -1,0 +1,70 @@
+"""DDL of the projection tables (the public SQL contract) and of the projector's own bookkeeping."""
+
+from __future__ import annotations
+
+import duckdb
+
+# Bump when a table's shape changes: a projection built by another version is rebuilt on open.
+PROJECTION_VERSION = 1
+
+PUBLIC_TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "events",
+                 "dead_letters")
+INTERNAL_TABLES = ("run_progress", "positions", "projection_meta")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS runs (
+    uid VARCHAR PRIMARY KEY, parent_uid VARCHAR, iteration INTEGER, project VARCHAR,
+    name VARCHAR, state VARCHAR, handler VARCHAR, runtime VARCHAR, host VARCHAR,
+    labels JSON, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, duration_s DOUBLE,
+    error VARCHAR, return_value JSON, traceback VARCHAR, inputs JSON, extra JSON,
+    last_event_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS params (
+    uid VARCHAR, key VARCHAR, value JSON, value_num DOUBLE, PRIMARY KEY (uid, key)
+);
+CREATE TABLE IF NOT EXISTS results (
+    uid VARCHAR, key VARCHAR, value JSON, value_num DOUBLE, PRIMARY KEY (uid, key)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    uid VARCHAR, key VARCHAR, step BIGINT, value DOUBLE, ts TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS labels (
+    uid VARCHAR, key VARCHAR, value VARCHAR, PRIMARY KEY (uid, key)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    uid VARCHAR, key VARCHAR, kind VARCHAR, uri VARCHAR, sha256 VARCHAR, size BIGINT,
+    format VARCHAR, labels JSON, meta JSON, PRIMARY KEY (uid, key)
+);
+CREATE TABLE IF NOT EXISTS events (
+    position BIGINT, partition INTEGER, "offset" BIGINT, event_id VARCHAR, run_uid VARCHAR,
+    seq BIGINT, type VARCHAR, ts TIMESTAMPTZ, payload JSON
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    partition INTEGER, "offset" BIGINT, key VARCHAR, error VARCHAR, raw BLOB,
+    received_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS run_progress (uid VARCHAR PRIMARY KEY, last_seq BIGINT);
+CREATE TABLE IF NOT EXISTS positions (partition INTEGER PRIMARY KEY, next_offset BIGINT);
+CREATE TABLE IF NOT EXISTS projection_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+"""
+
+
+def create_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(_DDL)
+    con.execute("INSERT OR IGNORE INTO projection_meta VALUES ('version', ?)",
+                [str(PROJECTION_VERSION)])
+
+
+def drop_tables(con: duckdb.DuckDBPyConnection) -> None:
+    for table in PUBLIC_TABLES + INTERNAL_TABLES:
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The projection version the file was built with; None for a new file."""
+    exists = con.execute("SELECT count(*) FROM information_schema.tables "
+                         "WHERE table_name = 'projection_meta'").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = con.execute("SELECT value FROM projection_meta WHERE key = 'version'").fetchone()
+    return int(row[0]) if row else None

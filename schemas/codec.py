@@ -1,0 +1,111 @@
+"""Binary codec for events: Avro single-object encoding (marker, 8-byte schema fingerprint, body).
+
+The fingerprint names the writer's schema, so records written by an older schema version are
+resolved against the current (reader) schema and still decode after fields are added.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from schemas.events import RECORD_OF_TYPE, TYPE_OF_RECORD, Event
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a Runbus event this codec can read."""
+
+
+@dataclass(frozen=True)
+class _Schema:
+    parsed: Any
+    fingerprint: bytes
+
+
+def _prepare(schema: dict[str, Any]) -> _Schema:
+    parsed = fastavro.parse_schema(schema, named_schemas={})
+    digest = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+    return _Schema(parsed, bytes.fromhex(digest))
+
+
+def load_event_schema() -> dict[str, Any]:
+    """The current event schema, fully expanded (payload records inlined)."""
+    folder = resources.files("schemas") / "avro"
+    named: dict[str, Any] = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".avsc") and entry.name != "runbus.Event.avsc":
+            record = json.loads(entry.read_text())
+            named[f"{record['namespace']}.{record['name']}"] = record
+    envelope = json.loads((folder / "runbus.Event.avsc").read_text())
+    for envelope_field in envelope["fields"]:
+        if envelope_field["name"] == "payload":
+            envelope_field["type"] = [named[name] for name in envelope_field["type"]]
+    return envelope
+
+
+def load_history() -> list[dict[str, Any]]:
+    """Earlier versions of the event schema, kept so their records keep decoding."""
+    folder = resources.files("schemas") / "avro" / "history"
+    if not folder.is_dir():
+        return []
+    return [json.loads(e.read_text()) for e in sorted(folder.iterdir(), key=lambda e: e.name)
+            if e.name.endswith(".avsc")]
+
+
+class EventCodec:
+    """Encodes events with `schema` and decodes records written by it or any of `history`."""
+
+    def __init__(self, schema: dict[str, Any] | None = None,
+                 history: Iterable[dict[str, Any]] | None = None) -> None:
+        self._writer = _prepare(schema if schema is not None else load_event_schema())
+        self._known: dict[bytes, Any] = {self._writer.fingerprint: self._writer.parsed}
+        for old in (history if history is not None else load_history()):
+            prepared = _prepare(old)
+            self._known.setdefault(prepared.fingerprint, prepared.parsed)
+        self._header = MAGIC + self._writer.fingerprint
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self._writer.fingerprint
+
+    def encode(self, event: Event) -> bytes:
+        record = {
+            "event_id": event.event_id, "run_uid": event.run_uid, "seq": event.seq,
+            "type": event.type, "ts": event.ts, "host": event.host, "pid": event.pid,
+            "schema_version": event.schema_version,
+            "payload": (RECORD_OF_TYPE[event.type], event.payload),
+        }
+        out = io.BytesIO()
+        out.write(self._header)
+        try:
+            fastavro.schemaless_writer(out, self._writer.parsed, record, strict=True)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{event.type} event does not match its schema: {exc}") from exc
+        return out.getvalue()
+
+    def decode(self, data: bytes) -> Event:
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise DecodeError("not an Avro single-object record (bad marker)")
+        writer = self._known.get(data[2:HEADER_LEN])
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
+                                                self._writer.parsed, return_record_name=True)
+            record_name, payload = record["payload"]
+        except Exception as exc:  # fastavro raises many kinds on corrupt bytes
+            raise DecodeError(f"corrupt event record: {exc!r}") from exc
+        if TYPE_OF_RECORD.get(record_name) != record["type"]:
+            raise DecodeError(f"event type {record['type']!r} does not match payload {record_name}")
+        return Event(record["event_id"], record["run_uid"], record["seq"], record["type"],
+                     record["ts"], record["host"], record["pid"], payload, record["schema_version"])

@@ -1,0 +1,42 @@
+"""Events as plain frozen dataclasses: one envelope, a payload shaped by the event type's Avro record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Event type name (the envelope's `type`) -> Avro record name of its payload.
+RECORD_OF_TYPE: dict[str, str] = {
+    "run_started": "runbus.RunStarted",
+    "param": "runbus.ParamLogged",
+    "result": "runbus.ResultLogged",
+    "metric": "runbus.MetricLogged",
+    "label": "runbus.LabelSet",
+    "artifact": "runbus.ArtifactLogged",
+    "run_finished": "runbus.RunFinished",
+    "heartbeat": "runbus.Heartbeat",
+    "iteration_requested": "runbus.IterationRequested",
+}
+TYPE_OF_RECORD: dict[str, str] = {record: kind for kind, record in RECORD_OF_TYPE.items()}
+EVENT_TYPES: tuple[str, ...] = tuple(RECORD_OF_TYPE)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One immutable fact about a run. `seq` orders a run's events (0, 1, 2, ...)."""
+
+    event_id: str
+    run_uid: str
+    seq: int
+    type: str
+    ts: float
+    host: str
+    pid: int
+    payload: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.type not in RECORD_OF_TYPE:
+            raise ValueError(f"unknown event type {self.type!r}; known: {', '.join(EVENT_TYPES)}")

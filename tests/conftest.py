@@ -1,0 +1,22 @@
+"""Shared fixtures: every test gets its own RUNBUS_HOME and fresh services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.bootstrap import reset_services
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty RUNBUS_HOME on the embedded bus, used by the engine for this test."""
+    runbus_home = tmp_path / "runbus-home"
+    monkeypatch.setenv("RUNBUS_HOME", str(runbus_home))
+    monkeypatch.delenv("RUNBUS_BUS", raising=False)
+    monkeypatch.setenv("RUNBUS_FLUSH_INTERVAL", "0.05")
+    reset_services()
+    yield runbus_home
+    reset_services()
