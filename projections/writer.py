@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +25,9 @@ def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
     con.register(name, table)
 
 
-def _ts(column: str) -> str:
-    return f"to_timestamp({column})" if column in _TIME_COLUMNS or column == "ts" else column
+def _ts(column: str, source: str = "") -> str:
+    """SQL for `column` of the staged table, converting epoch seconds to timestamps."""
+    return f"to_timestamp({source}{column})" if column in _TIME_COLUMNS else f"{source}{column}"
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
@@ -44,8 +46,7 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
             con.execute(f"INSERT OR REPLACE INTO runs SELECT {select} FROM _runs")
         updates = [[uid] + [u.get(c) for c in _UPDATABLE] for uid, u in batch.run_updates.items()]
         if stage("_run_updates", ("uid", *_UPDATABLE), updates):
-            sets = ", ".join(f"{c} = coalesce({_ts('u.' + c) if c in _TIME_COLUMNS else 'u.' + c}, runs.{c})"
-                             for c in _UPDATABLE)
+            sets = ", ".join(f"{c} = coalesce({_ts(c, 'u.')}, runs.{c})" for c in _UPDATABLE)
             con.execute(f"UPDATE runs SET {sets} FROM _run_updates u WHERE runs.uid = u.uid")
         for table, rows in (("params", batch.params), ("results", batch.results)):
             if stage(f"_{table}", ("uid", "key", "value", "value_num"),
@@ -82,4 +83,5 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
                     [str(batch.next_position)])
     finally:
         for name in staged:
-            con.unregister(name)
+            with contextlib.suppress(duckdb.Error):  # an aborted transaction refuses it too
+                con.unregister(name)

@@ -1,0 +1,1 @@
+"""Runbus benchmarks: `make bench` (python -m benchmarks)."""

@@ -1,0 +1,233 @@
+"""Kafka bus: one topic, records keyed by run uid so each run's records stay in one partition, in order.
+
+The topic is created on construction (brokers may forbid auto-creation). Appends go through one
+idempotent producer (acks=all) and return once every record is acknowledged. Reads use a consumer
+without a group that is assigned every partition and seeks to the positions it is given; committed
+positions are stored as the group's offsets through the admin API, so no group membership is needed.
+Clients are created lazily and again after a fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from kafka.admin import KafkaAdminClient, OffsetSpec
+from kafka.codec import has_lz4
+from kafka.consumer import KafkaConsumer
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.net.compat import KafkaNetClient
+from kafka.producer import KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from producers.bus.base import Bus, BusError, BusRecord
+
+T = TypeVar("T")
+
+_COMPRESSION = "lz4" if has_lz4() else None  # gzip costs more CPU than it saves bytes on a LAN
+_PRODUCER = {"enable_idempotence": True, "acks": "all", "linger_ms": 10, "batch_size": 512 * 1024,
+             "max_request_size": 8 * 1024 * 1024, "max_in_flight_requests_per_connection": 5,
+             "compression_type": _COMPRESSION, "delivery_timeout_ms": 60_000, "max_block_ms": 30_000,
+             "allow_auto_create_topics": False}
+_CONSUMER = {"group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest",
+             "fetch_min_bytes": 1, "fetch_max_wait_ms": 100, "fetch_max_bytes": 64 * 1024 * 1024,
+             "max_partition_fetch_bytes": 8 * 1024 * 1024, "check_crcs": False,
+             "allow_auto_create_topics": False}
+_MIN_POLL_MS = 50  # a poll with timeout 0 only returns what is already buffered
+_CATCH_UP_S = 10.0  # how long a read keeps polling for records the broker says exist
+_FLUSH_GRACE_S = 5.0
+
+
+class KafkaBus(Bus):
+    """The log is topic `topic` on the brokers `bootstrap` ("host:port[,host:port]")."""
+
+    def __init__(self, bootstrap: str, topic: str = "runbus-events", partitions: int = 6,
+                 connect_timeout_s: float = 10.0, client_id: str | None = None,
+                 replication: int = 1) -> None:
+        """Check that a broker answers and create the topic if it is missing; BusError otherwise."""
+        self.bootstrap, self.topic, self.url = bootstrap, topic, f"kafka://{bootstrap}"
+        self._timeout_ms = int(connect_timeout_s * 1000)
+        self._common: dict[str, Any] = {
+            "bootstrap_servers": bootstrap.split(","), "bootstrap_timeout_ms": self._timeout_ms,
+            "request_timeout_ms": max(self._timeout_ms, 30_000), "client_id": client_id or f"runbus-{os.getpid()}"}
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._reset_clients()
+        self._create_topic(partitions, replication)
+
+    # -- clients --------------------------------------------------------------------------------
+
+    def _reset_clients(self) -> None:
+        self._pid = os.getpid()
+        self._admin_client: KafkaAdminClient | None = None
+        self._producer_client: KafkaProducer | None = None
+        self._consumer_client: KafkaConsumer | None = None
+        self._parts: list[int] = []
+        self._next: dict[int, int] = {}  # where the read consumer stands, per partition
+
+    def _open(self, cls: Callable[..., T], **config: Any) -> T:
+        """A client of `cls`; its IO thread is stopped if it cannot bootstrap (kafka-python leaks it)."""
+        made: list[KafkaNetClient] = []
+
+        def net_client(**kwargs: Any) -> KafkaNetClient:
+            made.append(KafkaNetClient(**kwargs))
+            return made[-1]
+
+        try:
+            return cls(**self._common, **config, kafka_client=net_client)
+        except Exception as exc:
+            for client in made:
+                client.close()
+            raise BusError(f"Kafka brokers at {self.bootstrap} did not answer within "
+                           f"{self._timeout_ms / 1000:g}s: {exc}") from exc
+
+    def _client(self, name: str, cls: Callable[..., T], config: Mapping[str, Any]) -> T:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's IO threads do not exist here
+                self._reset_clients()
+            client = getattr(self, name)
+            if client is None:
+                client = self._open(cls, **config)
+                setattr(self, name, client)
+            return client
+
+    def _admin(self) -> KafkaAdminClient:
+        return self._client("_admin_client", KafkaAdminClient, {})
+
+    def _producer(self) -> KafkaProducer:
+        return self._client("_producer_client", KafkaProducer, _PRODUCER)
+
+    def _consumer(self) -> KafkaConsumer:
+        return self._client("_consumer_client", KafkaConsumer, _CONSUMER)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()`, retried while Kafka says the error is transient; BusError when it gives up."""
+        deadline = time.monotonic() + self._common["request_timeout_ms"] / 1000
+        while True:
+            try:
+                return fn()
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or time.monotonic() >= deadline:
+                    raise BusError(f"Kafka at {self.bootstrap}: cannot {what}: {exc}") from exc
+                time.sleep(0.2)
+
+    def _create_topic(self, partitions: int, replication: int) -> None:
+        admin = self._admin()
+        spec = {self.topic: {"num_partitions": partitions, "replication_factor": replication}}
+        try:
+            admin.create_topics(spec, timeout_ms=self._timeout_ms)
+        except TopicAlreadyExistsError:
+            pass
+        except KafkaError as exc:
+            raise BusError(f"cannot create Kafka topic {self.topic!r} on {self.bootstrap}: {exc}") from exc
+        try:
+            admin.wait_for_topics([self.topic], timeout_ms=self._timeout_ms)
+        except KafkaError as exc:
+            raise BusError(f"Kafka topic {self.topic!r} on {self.bootstrap} is not usable: {exc}") from exc
+        self.partitions()
+
+    # -- Bus ------------------------------------------------------------------------------------
+
+    def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
+        """Send every record (key = run uid) and return once all are acknowledged; BusError otherwise.
+
+        A failed append may still have stored some records: callers retry, readers deduplicate."""
+        if not records:
+            return
+        producer = self._producer()
+        try:
+            futures = [producer.send(self.topic, key=None if key is None else key.encode(), value=value)
+                       for key, value in records]
+            producer.flush(timeout=_PRODUCER["delivery_timeout_ms"] / 1000 + _FLUSH_GRACE_S)
+            failed = next((f.exception for f in futures if not f.succeeded()), None)
+        except KafkaError as exc:
+            failed = exc
+        if failed is not None:
+            self._drop("_producer_client")  # an idempotent producer may be unusable after a failure
+            raise BusError(f"Kafka at {self.bootstrap}: append of {len(records)} records failed: {failed}")
+
+    def partitions(self) -> list[int]:
+        (info,) = self._call("describe topic", lambda: self._admin().describe_topics([self.topic]))
+        if info.get("error_code") or not info.get("partitions"):
+            raise BusError(f"Kafka topic {self.topic!r} on {self.bootstrap} is unknown or has no partitions")
+        self._parts = sorted(p["partition_index"] for p in info["partitions"])
+        return list(self._parts)
+
+    def end_offsets(self) -> dict[int, int]:
+        specs = {TopicPartition(self.topic, p): OffsetSpec.LATEST for p in self.partitions()}
+        found = self._call("list offsets", lambda: self._admin().list_partition_offsets(specs))
+        return {tp.partition: found[tp].offset for tp in specs}
+
+    def read(self, positions: Mapping[int, int], max_records: int = 10_000,
+             timeout: float = 0.0) -> list[BusRecord]:
+        """Up to `max_records` records from `positions` on, in order per partition.
+
+        Records the broker already holds are returned even with `timeout` 0; unreturned fetched
+        records stay buffered for the next read from the position that follows."""
+        with self._read_lock:
+            consumer = self._consumer()
+            parts = self._parts or self.partitions()
+            if set(positions) - set(parts):
+                parts = self.partitions()
+            if set(parts) != {tp.partition for tp in consumer.assignment()}:
+                consumer.assign([TopicPartition(self.topic, p) for p in parts])
+                self._next = {}
+            for p in parts:
+                if self._next.get(p) != positions.get(p, 0):
+                    consumer.seek(TopicPartition(self.topic, p), positions.get(p, 0))
+                    self._next[p] = positions.get(p, 0)
+            deadline, checked = time.monotonic() + timeout, False
+            while True:
+                wait_ms = max(_MIN_POLL_MS, int((deadline - time.monotonic()) * 1000))
+                try:
+                    fetched = consumer.poll(timeout_ms=wait_ms, max_records=max_records)
+                except KafkaError as exc:
+                    raise BusError(f"Kafka at {self.bootstrap}: read failed: {exc}") from exc
+                if fetched:
+                    return self._records(fetched)
+                if time.monotonic() >= deadline:
+                    if checked or all(end <= self._next.get(p, 0) for p, end in self.end_offsets().items()):
+                        return []
+                    deadline, checked = time.monotonic() + _CATCH_UP_S, True
+
+    def _records(self, fetched: Mapping[TopicPartition, list[Any]]) -> list[BusRecord]:
+        out: list[BusRecord] = []
+        for tp, batch in sorted(fetched.items(), key=lambda item: item[0].partition):
+            out.extend(BusRecord(tp.partition, r.offset, None if r.key is None else r.key.decode(),
+                                 r.value, r.timestamp / 1000) for r in batch)
+            self._next[tp.partition] = batch[-1].offset + 1
+        return out
+
+    def commit(self, group: str, positions: Mapping[int, int]) -> None:
+        """Store `positions` as `group`'s committed offsets (the group must have no active members)."""
+        offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in positions.items()}
+        if not offsets:
+            return
+        errors = self._call("commit offsets", lambda: self._admin().alter_group_offsets(group, offsets))
+        failed = {tp.partition: err.__name__ for tp, err in errors.items() if err.errno != 0}
+        if failed:
+            raise BusError(f"Kafka at {self.bootstrap}: commit for group {group!r} failed: {failed}")
+
+    def committed(self, group: str) -> dict[int, int]:
+        found = self._call("list offsets", lambda: self._admin().list_group_offsets({group: None}))
+        return {tp.partition: meta.offset for tp, meta in found.get(group, {}).items()
+                if tp.topic == self.topic and meta.offset >= 0}
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            client, pid = getattr(self, name), self._pid
+            setattr(self, name, None)
+        if client is not None and pid == os.getpid():
+            with contextlib.suppress(Exception):  # best effort: the client is dropped anyway
+                client.close(timeout=0) if name == "_producer_client" else client.close()
+
+    def close(self) -> None:
+        """Flush pending appends, then close every client; the bus must not be used afterwards."""
+        for name in ("_producer_client", "_consumer_client", "_admin_client"):
+            client = getattr(self, name)
+            if name == "_producer_client" and client is not None and self._pid == os.getpid():
+                client.flush(timeout=_FLUSH_GRACE_S)
+            self._drop(name)

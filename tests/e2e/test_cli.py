@@ -1,0 +1,101 @@
+"""The runbus command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+JOB = """
+def train(context, lr=0.1, epochs=3):
+    for step in range(epochs):
+        context.log_metric("loss", 1.0 / (step + 1), step=step)
+    context.log_result("accuracy", 0.5 + lr)
+    return "ok"
+
+def broken(context):
+    raise RuntimeError("no data")
+
+def slow(context):
+    import time
+    for step in range(40):
+        context.log_metric("tick", step, step=step)
+        time.sleep(0.1)
+"""
+
+
+@pytest.fixture
+def cli(home: Path, tmp_path: Path):
+    (tmp_path / "job.py").write_text(JOB)
+    env = {**os.environ, "RUNBUS_HOME": str(home)}
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([RUNBUS, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    run.env = env  # type: ignore[attr-defined]
+    run.cwd = tmp_path  # type: ignore[attr-defined]
+    return run
+
+
+def test_run_then_list_show_and_query(cli) -> None:
+    cli("run", "job.py:train", "-p", "lr=0.25", "-p", "epochs=4", "--name", "exp1", "--label", "team=a")
+
+    runs = json.loads(cli("runs", "--format", "json").stdout)
+    assert [(r["name"], r["state"]) for r in runs] == [("exp1", "completed")]
+    shown = json.loads(cli("show", runs[0]["uid"][:8]).stdout)
+    assert shown["params"] == {"lr": 0.25, "epochs": 4}
+    assert shown["results"] == {"accuracy": 0.75, "return": "ok"}
+    assert shown["labels"] == {"team": "a"}
+    csv = cli("sql", "SELECT key, count(*) AS n FROM metrics GROUP BY key", "--format", "csv").stdout
+    assert csv.splitlines() == ["key,n", "loss,4"]
+    assert "exp1" in cli("runs", "--label", "team=a").stdout
+    assert "exp1" not in cli("runs", "--label", "team=b").stdout
+
+
+def test_errors_are_one_line_and_exit_non_zero(cli) -> None:
+    failed = cli("run", "job.py:broken", check=False)
+    assert failed.returncode == 1
+    assert "RuntimeError: no data" in failed.stdout + failed.stderr
+
+    refused = cli("sql", "DROP TABLE runs", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().startswith("error:") and "read-only" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    missing = cli("show", "nope", check=False)
+    assert missing.returncode == 1 and "no run with uid 'nope'" in missing.stderr
+
+
+def test_project_rebuild_reports_the_records_folded(cli) -> None:
+    cli("run", "job.py:train")
+    assert "applied" in cli("project").stdout
+    rebuilt = cli("project", "--rebuild").stdout
+    assert "rebuilt from" in rebuilt
+    assert json.loads(cli("sql", "SELECT count(*) AS n FROM runs", "--format", "json").stdout) == [{"n": 1}]
+
+
+def test_tail_prints_events_of_a_run_that_is_still_going(cli) -> None:
+    tail = subprocess.Popen([RUNBUS, "tail", "--type", "metric"], cwd=cli.cwd, env=cli.env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        job = subprocess.Popen([RUNBUS, "run", "job.py:slow"], cwd=cli.cwd, env=cli.env,
+                               stdout=subprocess.DEVNULL)
+        first = tail.stdout.readline()
+        assert "metric" in first and "tick" in first
+        assert job.poll() is None  # the run is still going while its events are shown
+        job.wait(60)
+    finally:
+        tail.terminate()
+        tail.wait(10)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import pytest
+
+from producers.bus import Bus, BusError
+from producers.bus.kafka import KafkaBus
+from tests.contract.bus_contract import BusContract
+from tests.kafka_support import kafka_bootstrap_fixture, unique_topic  # noqa: F401
+
+pytestmark = pytest.mark.kafka
+
+
+class TestKafkaBus(BusContract):
+    """The contract on a fresh 3-partition topic per test, so per-key order spans partitions."""
+
+    @pytest.fixture(autouse=True)
+    def _topic(self, kafka_bootstrap: str) -> Iterator[None]:
+        self.bootstrap = kafka_bootstrap
+        self.topic = unique_topic()
+        self.opened: list[Bus] = []
+        yield
+        for bus in self.opened:
+            bus.close()
+
+    def make_bus(self) -> Bus:
+        bus = self.bus_factory()()
+        self.opened.append(bus)
+        return bus
+
+    def bus_factory(self) -> object:
+        return functools.partial(KafkaBus, self.bootstrap, topic=self.topic, partitions=3)
+
+
+def test_a_broker_that_is_down_raises_bus_error_naming_it() -> None:
+    with pytest.raises(BusError, match=r"127\.0\.0\.1:1\b"):
+        KafkaBus("127.0.0.1:1", topic=unique_topic(), connect_timeout_s=2)
+
+
+def test_the_topic_is_created_with_the_requested_partitions(kafka_bootstrap: str) -> None:
+    with KafkaBus(kafka_bootstrap, topic=unique_topic(), partitions=5) as bus:
+        assert bus.partitions() == [0, 1, 2, 3, 4]
+        assert bus.end_offsets() == {p: 0 for p in range(5)}

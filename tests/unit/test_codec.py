@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from schemas import DecodeError, Event, EventCodec, load_event_schema
+
+SAMPLES = {
+    "run_started": {"name": "demo", "project": "p", "handler": "m:f", "runtime": "local",
+                    "params": {"p1": "5"}, "inputs": {"data": "file:///x.csv"},
+                    "input_digests": {"data": "ab"}, "secret_keys": ["PASSWORD"],
+                    "labels": {"type": "demo"}, "parent_uid": None, "iteration": 0, "host": "h",
+                    "code_ref": None, "extra": {}},
+    "param": {"key": "p2", "value": '"xx"'},
+    "result": {"key": "loss", "value": "15"},
+    "metric": {"key": "loss", "value": 0.5, "step": 3, "timestamp": 1.5},
+    "label": {"key": "category", "value": "tests"},
+    "artifact": {"key": "model.txt", "kind": "model", "uri": "file:///a", "sha256": "00",
+                 "size": 10, "format": "txt", "labels": {"framework": "xgboost"}, "meta": "{}"},
+    "run_finished": {"state": "error", "error": "ValueError: boom", "traceback": "Traceback...",
+                     "return_value": None, "duration_s": 1.25},
+    "heartbeat": {"interval_s": 10.0},
+    "iteration_requested": {"iteration": 2, "params": {"p1": "2"}},
+}
+
+
+def _event(kind: str, payload: dict) -> Event:
+    return Event("e" * 32, "run-1", 7, kind, 1700000000.5, "host", 42, payload)
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_every_event_type_round_trips(kind: str) -> None:
+    codec = EventCodec()
+    event = _event(kind, SAMPLES[kind])
+    assert codec.decode(codec.encode(event)) == event
+
+
+def test_a_v1_record_still_decodes_after_a_field_is_added_in_v2() -> None:
+    v1 = load_event_schema()
+    v2 = copy.deepcopy(v1)
+    payload = next(f for f in v2["fields"] if f["name"] == "payload")
+    result = next(t for t in payload["type"] if t["name"] == "ResultLogged")
+    result["fields"].append({"name": "unit", "type": ["null", "string"], "default": None})
+    written_by_v1 = EventCodec(v1, history=[]).encode(_event("result", SAMPLES["result"]))
+
+    reader = EventCodec(v2, history=[v1])
+    decoded = reader.decode(written_by_v1)
+
+    assert decoded.payload == {**SAMPLES["result"], "unit": None}
+    assert reader.fingerprint != EventCodec(v1, history=[]).fingerprint
+
+
+def test_a_record_of_an_unknown_schema_is_refused() -> None:
+    v1 = load_event_schema()
+    other = json.loads(json.dumps(v1).replace('"interval_s"', '"interval_ms"'))
+    data = EventCodec(other, history=[]).encode(_event("heartbeat", {"interval_ms": 1.0}))
+    with pytest.raises(DecodeError, match="unknown schema fingerprint"):
+        EventCodec(v1, history=[]).decode(data)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not avro at all", b"\xc3\x01" + b"\x00" * 3])
+def test_garbage_is_a_decode_error(garbage: bytes) -> None:
+    with pytest.raises(DecodeError):
+        EventCodec().decode(garbage)
+
+
+def test_a_payload_that_does_not_fit_its_schema_names_the_event_type() -> None:
+    with pytest.raises(ValueError, match="metric"):
+        EventCodec().encode(_event("metric", {"key": "loss", "value": "high"}))
+
+
+def test_unknown_event_types_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown event type"):
+        _event("resutl", {})
