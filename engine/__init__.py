@@ -5,6 +5,7 @@ from __future__ import annotations
 from engine.bootstrap import services
 from engine.function import Function, new_function
 from engine.run import RunObject
+from engine.sweep.runner import resume_sweep
 from engine.task import NewRun, RunTemplate, new_task
 from projections import RunDB
 
@@ -16,5 +17,10 @@ def get_run_db() -> RunDB:
     return svc.run_db()
 
 
+def resume(parent_uid: str) -> RunObject:
+    """Finish a sweep whose driver died: run only the iterations the log shows unfinished."""
+    return RunObject.from_context(resume_sweep(parent_uid))
+
+
 __all__ = ["Function", "NewRun", "RunDB", "RunObject", "RunTemplate", "get_run_db", "new_function",
-           "new_task"]
+           "new_task", "resume"]

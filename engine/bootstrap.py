@@ -65,7 +65,8 @@ def services(settings: Settings | None = None) -> Services:
             codec = EventCodec()
             bus = make_bus(settings.bus_url, settings)
             found = Services(settings, codec, bus,
-                             BackgroundWriter(bus, codec, settings.flush_interval_s),
+                             BackgroundWriter(bus, codec, settings.flush_interval_s,
+                                              heartbeat_interval_s=settings.heartbeat_interval_s),
                              ArtifactStore(settings.artifact_root))
             _services[settings] = found
         return found

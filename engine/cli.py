@@ -126,7 +126,9 @@ def sql(
 
 
 @app.command()
-def project(rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False) -> None:
+def project(
+    rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False,
+) -> None:
     """Bring the DuckDB projection up to date with the bus."""
     from projections import Projector, open_projection
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,11 +9,15 @@ from typing import Any
 from engine.bootstrap import services
 from engine.loader import describe_handler, load_handler
 from engine.run import RunObject
+from engine.runspec import RunSpec
 from engine.runtimes import local
+from engine.runtimes.pools import open_pool
 from engine.secrets import resolve_all
+from engine.sweep.iteration import run_iteration
+from engine.sweep.runner import run_sweep
+from engine.sweep.spec import SweepSpec
 from engine.task import RunTemplate
 from producers.artifact_store import file_sha256
-from producers.context import RunContext
 from producers.data_item import DataItem
 
 
@@ -36,25 +39,41 @@ class Function:
     def run(self, task: RunTemplate | None = None, handler: Callable[..., Any] | str | None = None,
             name: str | None = None, project: str | None = None,
             params: Mapping[str, Any] | None = None, inputs: Mapping[str, str] | None = None,
-            labels: Mapping[str, Any] | None = None, **hyper_options: Any) -> RunObject:
-        """Run `task` (or a task built from the arguments); returns when the run has ended."""
+            labels: Mapping[str, Any] | None = None, hyperparams: Mapping[str, Any] | None = None,
+            **sweep_options: Any) -> RunObject:
+        """Run `task` (or a task built from the arguments); returns when the run has ended.
+
+        With hyper-params (here or on the task) the run is a sweep: `selector`, `strategy`,
+        `stop_condition`, `max_errors`, `parallel_runs`, `max_iterations`, `seed`, `quiet`.
+        """
         task = task.copy() if task is not None else RunTemplate()
         task.params.update(params or {})
         task.inputs.update({k: str(v) for k, v in (inputs or {}).items()})
         task.labels.update({k: str(v) for k, v in (labels or {}).items()})
-        if hyper_options.get("hyperparams") is not None:
-            task.with_hyper_params(hyper_options.pop("hyperparams"), **hyper_options)
-        elif hyper_options:
-            raise TypeError(f"unexpected arguments: {', '.join(hyper_options)}")
-        target = self._handler(handler or task.handler or self.handler)
-        run_name = name or task.name or self.name or getattr(target, "__name__", "run")
-        if task.hyper_params:
-            raise NotImplementedError("hyper-parameter sweeps are not available yet")
-        context = self._new_context(target, task, run_name, project)
-        local.execute(target, context)
-        return RunObject(context.uid, context.name, context.project, context.state,
-                         dict(context.results), dict(context.artifacts), dict(context.labels),
-                         dict(context.parameters), context.error, context.traceback)
+        if hyperparams is not None:
+            task.with_hyper_params(hyperparams, **sweep_options)
+        elif sweep_options:
+            options = {**task.hyper_options, **sweep_options}
+            if not task.hyper_params:
+                raise TypeError(f"sweep options without hyperparams: {', '.join(sweep_options)}")
+            task.hyper_options = options
+        sweep = SweepSpec.from_options(task.hyper_params, task.hyper_options) if task.hyper_params else None
+        spec = self._spec(self._handler(handler or task.handler or self.handler), task, name, project)
+        if sweep is not None:
+            return RunObject.from_context(run_sweep(spec, sweep))
+        if self.runtime == "local":
+            context = spec.new_context()
+            local.execute(spec.handler, context)
+            return RunObject.from_context(context)
+        return self._run_on_pool(spec)
+
+    def _run_on_pool(self, spec: RunSpec) -> RunObject:
+        pool = open_pool(self.runtime, 1, spec.settings)
+        try:
+            outcome = pool.submit(run_iteration, spec).result()
+        finally:
+            pool.close()
+        return RunObject.from_record(services(spec.settings).run_db().read_run(outcome.uid))
 
     def _handler(self, handler: Callable[..., Any] | str | None) -> Callable[..., Any]:
         if callable(handler):
@@ -66,17 +85,18 @@ class Function:
             return load_handler("handler", self.command)
         raise ValueError("no handler: pass handler= to run(), NewRun() or new_function()")
 
-    def _new_context(self, handler: Callable[..., Any], task: RunTemplate, name: str,
-                     project: str | None) -> RunContext:
+    def _spec(self, handler: Callable[..., Any], task: RunTemplate, name: str | None,
+              project: str | None) -> RunSpec:
         svc = services()
         reference, code_ref = describe_handler(handler)
         inputs = {key: _as_uri(path) for key, path in task.inputs.items()}
-        return RunContext(
-            svc.writer, svc.artifact_store, uid=uuid.uuid4().hex, name=name,
+        return RunSpec(
+            svc.settings, handler, reference,
+            name=name or task.name or self.name or getattr(handler, "__name__", "run"),
             project=project or task.project or self.project or svc.settings.project,
-            handler=reference, runtime=self.runtime, params=task.params, inputs=inputs,
+            runtime=self.runtime, params=dict(task.params), inputs=inputs,
             input_digests=_digests(inputs), secrets=resolve_all(task.secret_sources),
-            labels=task.labels, code_ref=code_ref)
+            labels=dict(task.labels), code_ref=code_ref)
 
 
 def _as_uri(path: str) -> str:

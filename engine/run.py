@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from producers.context import RunContext
 from producers.data_item import DataItem
 
 
@@ -23,7 +24,23 @@ class RunObject:
     error: str | None = None
     traceback: str | None = None
     iteration: int = 0
-    iterations: list[RunObject] = field(default_factory=list)
+
+    @classmethod
+    def from_context(cls, context: RunContext) -> RunObject:
+        return cls(context.uid, context.name, context.project, context.state, dict(context.results),
+                   dict(context.artifacts), dict(context.labels), dict(context.parameters),
+                   context.error, context.traceback, context.iteration)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunObject:
+        """A run object from a projection record (`RunDB.read_run`)."""
+        artifacts = {a["key"]: DataItem(a["key"], a["uri"], a["format"], a["kind"], a["sha256"],
+                                        a["size"], a["labels"], a["meta"]) for a in record["artifacts"]}
+        return cls(record["uid"], record["name"], record["project"], record["state"],
+                   dict(record["results"]), artifacts, dict(record["labels"]), dict(record["params"]),
+                   record["error"] if isinstance(record["error"], str) else None,
+                   record["traceback"] if isinstance(record["traceback"], str) else None,
+                   int(record["iteration"]))
 
     @property
     def outputs(self) -> dict[str, Any]:

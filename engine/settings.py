@@ -19,6 +19,8 @@ class Settings:
     project: str = "default"
     db_timeout_s: float = 60.0
     flush_interval_s: float = 0.2
+    heartbeat_interval_s: float = 5.0
+    dask_workers: int = 2
     kafka_topic: str = "runbus-events"
     kafka_partitions: int = 6
 
@@ -51,7 +53,7 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment: RUNBUS_HOME (default ./.runbus), RUNBUS_BUS (default: the
     embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_FLUSH_INTERVAL,
-    RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS."""
+    RUNBUS_HEARTBEAT_INTERVAL, RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
     return Settings(
@@ -60,6 +62,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         project=env.get("RUNBUS_PROJECT") or "default",
         db_timeout_s=_number(env, "RUNBUS_DB_TIMEOUT", 60.0),
         flush_interval_s=_number(env, "RUNBUS_FLUSH_INTERVAL", 0.2),
+        heartbeat_interval_s=_number(env, "RUNBUS_HEARTBEAT_INTERVAL", 5.0),
+        dask_workers=int(_number(env, "RUNBUS_DASK_WORKERS", 2, int)),
         kafka_topic=env.get("RUNBUS_KAFKA_TOPIC") or "runbus-events",
         kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
     )

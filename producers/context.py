@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import socket
+import threading
 import time
 import traceback as tb
 from collections.abc import Mapping
@@ -29,10 +30,12 @@ class RunContext:
                  input_digests: Mapping[str, str] | None = None,
                  secrets: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
                  parent_uid: str | None = None, iteration: int = 0, code_ref: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None, first_seq: int = 0) -> None:
         self._writer = writer
         self._store = artifact_store
-        self._seq = itertools.count()
+        self._seq = itertools.count(first_seq)
+        # seq numbers must reach the writer in order; heartbeats come from the writer's thread
+        self._emit_lock = threading.Lock()
         self.uid, self.name, self.project = uid, name, project
         self.handler, self.runtime = handler, runtime
         self.parent_uid, self.iteration, self.code_ref = parent_uid, iteration, code_ref
@@ -65,10 +68,21 @@ class RunContext:
             "labels": self.labels, "parent_uid": self.parent_uid, "iteration": self.iteration,
             "host": socket.gethostname(), "code_ref": self.code_ref, "extra": self._extra,
         })
+        self._writer.track(self.uid, self._heartbeat)
 
-    def finish(self, return_value: Any = None, error: BaseException | None = None,
+    def resume(self) -> None:
+        """Continue a run started by another process (its events go on from `first_seq`)."""
+        self._started = time.time()
+        self.state = "running"
+        self._writer.track(self.uid, self._heartbeat)
+
+    def finish(self, return_value: Any = None, error: BaseException | str | None = None,
                state: str | None = None) -> None:
-        """Emit run_finished and flush, so that everything the run logged is on the bus."""
+        """Emit run_finished and flush, so that everything the run logged is on the bus.
+
+        `error` is the exception that ended the run, or a message when no exception did.
+        """
+        self._writer.untrack(self.uid)
         return_json = None
         if error is None and return_value is not None:
             try:
@@ -78,13 +92,22 @@ class RunContext:
             else:
                 self._emit("result", {"key": "return", "value": return_json})
                 self.results["return"] = self.return_value
-        if error is not None:
+        if isinstance(error, str):
+            self.error = error
+        elif error is not None:
             self.error = f"{type(error).__name__}: {error}"
             self.traceback = "".join(tb.format_exception(error))
         self.state = state or ("error" if error is not None else "completed")
         self._emit("run_finished", {
             "state": self.state, "error": self.error, "traceback": self.traceback,
             "return_value": return_json, "duration_s": time.time() - self._started})
+        self._writer.flush()
+
+    def request_iterations(self, requests: list[tuple[int, Mapping[str, Any]]]) -> None:
+        """Ask for sweep iterations: one iteration_requested event per (iteration, params)."""
+        for iteration, params in requests:
+            encoded = {key: to_json("param", key, value)[0] for key, value in params.items()}
+            self._emit("iteration_requested", {"iteration": iteration, "params": encoded})
         self._writer.flush()
 
     # params, secrets, inputs ------------------------------------------------------------------
@@ -128,9 +151,10 @@ class RunContext:
         if step is not None:
             step = int(step)
         now = time.time()
-        self._writer.emit(self.uid, next(self._seq), "metric", {
-            "key": key, "value": number, "step": step,
-            "timestamp": now if timestamp is None else float(timestamp)}, now)
+        payload = {"key": key, "value": number, "step": step,
+                   "timestamp": now if timestamp is None else float(timestamp)}
+        with self._emit_lock:
+            self._writer.emit(self.uid, next(self._seq), "metric", payload, now)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
                     timestamp: float | None = None) -> None:
@@ -198,7 +222,11 @@ class RunContext:
     # internals --------------------------------------------------------------------------------
 
     def _emit(self, event_type: str, payload: dict[str, Any]) -> None:
-        self._writer.emit(self.uid, next(self._seq), event_type, payload)
+        with self._emit_lock:
+            self._writer.emit(self.uid, next(self._seq), event_type, payload)
+
+    def _heartbeat(self) -> None:
+        self._emit("heartbeat", {"interval_s": self._writer.heartbeat_interval_s})
 
     def __repr__(self) -> str:
         return f"RunContext(name={self.name!r}, uid={self.uid!r}, state={self.state!r})"

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from producers.bus.base import Bus
@@ -37,7 +38,8 @@ class BackgroundWriter:
     """One per process and bus; shared by every run in the process."""
 
     def __init__(self, bus: Bus, codec: EventCodec | None = None, flush_interval_s: float = 0.2,
-                 max_batch: int = 20_000, max_pending: int = 1_000_000) -> None:
+                 max_batch: int = 20_000, max_pending: int = 1_000_000,
+                 heartbeat_interval_s: float = 5.0) -> None:
         self.bus = bus
         self._codec = codec or EventCodec()
         self._interval = flush_interval_s
@@ -48,6 +50,9 @@ class BackgroundWriter:
         self._closed = False
         self._host = socket.gethostname()
         self._pid = os.getpid()
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._beating: dict[str, Callable[[], None]] = {}
+        self._next_beat = time.monotonic() + heartbeat_interval_s
         self._thread = threading.Thread(target=self._loop, name="runbus-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -60,6 +65,13 @@ class BackgroundWriter:
         self._pending.append((run_uid, seq, event_type, time.time() if ts is None else ts, payload))
         if len(self._pending) > self._max_pending:
             self._wait_for_room()
+
+    def track(self, run_uid: str, beat: Callable[[], None]) -> None:
+        """Call `beat` (which emits the run's heartbeat) every `heartbeat_interval_s` until `untrack`."""
+        self._beating[run_uid] = beat
+
+    def untrack(self, run_uid: str) -> None:
+        self._beating.pop(run_uid, None)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event queued before this call is on the bus; False on timeout."""
@@ -79,15 +91,24 @@ class BackgroundWriter:
         atexit.unregister(self.close)
 
     def _wait_for_room(self) -> None:
+        if threading.current_thread() is self._thread:
+            return  # a heartbeat emitted by the writer itself must not wait for the writer
         self._wake.set()
         while len(self._pending) > self._max_pending // 2 and self._thread.is_alive():
             time.sleep(0.001)
 
     def _loop(self) -> None:
         while not (self._closed and not self._pending):
-            self._wake.wait(self._interval)
+            self._wake.wait(min(self._interval, self.heartbeat_interval_s))
             self._wake.clear()
+            if self._beating and time.monotonic() >= self._next_beat:
+                self._beat()
             self._drain()
+
+    def _beat(self) -> None:
+        self._next_beat = time.monotonic() + self.heartbeat_interval_s
+        for beat in list(self._beating.values()):
+            beat()
 
     def _drain(self) -> None:
         while self._pending:

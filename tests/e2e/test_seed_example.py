@@ -29,10 +29,11 @@ def seed_run(home: Path, tmp_path: Path):
 def test_seed_run_is_queryable_with_sql(seed_run) -> None:
     db = get_run_db()
     assert seed_run.state == "completed"
-    results = db.sql("SELECT key, value_num FROM results WHERE uid = ? AND key <> 'return' ORDER BY key", [seed_run.uid])
-    assert dict(zip(results.key, results.value_num)) == {"accuracy": 10, "loss": 15}
+    results = db.sql("SELECT key, value_num FROM results WHERE uid = ? AND key <> 'return' ORDER BY key",
+                     [seed_run.uid])
+    assert dict(zip(results.key, results.value_num, strict=False)) == {"accuracy": 10, "loss": 15}
     labels = db.sql("SELECT key, value FROM labels WHERE uid = ?", [seed_run.uid])
-    assert dict(zip(labels.key, labels.value)) == {"category": "tests", "type": "demo"}
+    assert dict(zip(labels.key, labels.value, strict=False)) == {"category": "tests", "type": "demo"}
     run = db.sql("SELECT state, return_value, labels FROM runs WHERE uid = ?", [seed_run.uid]).iloc[0]
     assert run.state == "completed"
     assert json.loads(run.return_value) == "my resp"

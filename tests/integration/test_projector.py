@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -14,7 +15,7 @@ import duckdb
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import reset_services, services
 from projections import Projector, open_projection
-from tests.support.tables import snapshot, snapshot_file
+from tests.support.tables import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,10 +146,8 @@ def test_a_second_process_waits_for_the_projection_instead_of_failing(home: Path
     with open_projection(svc.settings.db_path):
         child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env={**os.environ})
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=1.5)
-        except subprocess.TimeoutExpired:
-            pass
         assert child.poll() is None  # still waiting for its turn, not crashed
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err

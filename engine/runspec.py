@@ -1,0 +1,45 @@
+"""RunSpec: everything needed to start one run, in a form that can travel to a worker process."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.bootstrap import services
+from engine.settings import Settings
+from producers.context import RunContext
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    settings: Settings
+    handler: Callable[..., Any]
+    handler_ref: str
+    name: str
+    project: str
+    runtime: str = "local"
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    input_digests: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    code_ref: str | None = None
+    parent_uid: str | None = None
+    iteration: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def new_context(self, uid: str | None = None, first_seq: int = 0) -> RunContext:
+        """A context writing through this process's services for `settings`."""
+        svc = services(self.settings)
+        return RunContext(
+            svc.writer, svc.artifact_store, uid=uid or uuid.uuid4().hex, name=self.name,
+            project=self.project, handler=self.handler_ref, runtime=self.runtime, params=self.params,
+            inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,
+            labels=self.labels, parent_uid=self.parent_uid, iteration=self.iteration,
+            code_ref=self.code_ref, extra=self.extra, first_seq=first_seq)
+
+    def for_iteration(self, parent_uid: str, iteration: int, params: dict[str, Any]) -> RunSpec:
+        return replace(self, parent_uid=parent_uid, iteration=iteration,
+                       params={**self.params, **params}, extra={})

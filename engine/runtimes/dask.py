@@ -1,0 +1,65 @@
+"""Dask runtime: a worker pool on a LocalCluster made for the run, or on an existing scheduler.
+
+Each worker process builds its own bus producer once (the worker plugin); iterations write their
+events straight to the bus from the worker, and only (iteration, uid, state) returns to the driver.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudpickle
+from distributed import Client, LocalCluster, WorkerPlugin, wait
+
+from engine.bootstrap import reset_services, services
+from engine.settings import Settings
+
+
+class RunbusWorkerPlugin(WorkerPlugin):
+    """Builds the worker process's bus producer once at start and flushes it at shutdown."""
+
+    name = "runbus"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def setup(self, worker: Any) -> None:
+        services(self.settings)
+
+    def teardown(self, worker: Any) -> None:
+        reset_services()
+
+
+class DaskPool:
+    """Iterations on Dask: a LocalCluster made for the run (address None) or an existing scheduler."""
+
+    def __init__(self, address: str | None, settings: Settings) -> None:
+        self._cluster = None
+        if address is None:
+            self._cluster = LocalCluster(n_workers=settings.dask_workers, threads_per_worker=1,
+                                         processes=True, dashboard_address=None)
+            self._client = Client(self._cluster)
+        else:
+            self._client = Client(address, timeout="20s")
+        self._client.register_plugin(RunbusWorkerPlugin(settings))
+        self.capacity = max(1, sum(self._client.nthreads().values()))
+
+    def prepare(self, handler: Callable[..., Any]) -> None:
+        """Handlers loaded from a script file live in a module workers cannot import: ship their code."""
+        module = sys.modules.get(getattr(handler, "__module__", "") or "")
+        if module is not None and module.__name__.startswith("runbus_handler_"):
+            cloudpickle.register_pickle_by_value(module)
+
+    def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
+        return self._client.submit(fn, arg, pure=False)
+
+    def wait_any(self, futures: Iterable[Any]) -> set[Any]:
+        done, _ = wait(list(futures), return_when="FIRST_COMPLETED")
+        return set(done)
+
+    def close(self) -> None:
+        self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()

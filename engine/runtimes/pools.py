@@ -1,0 +1,45 @@
+"""Worker pools the sweep dispatches iterations to: threads in-process, or Dask."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from engine.settings import Settings
+
+if TYPE_CHECKING:
+    from engine.runtimes.dask import DaskPool
+
+
+class LocalPool:
+    """Iterations in this process: one after another, or `workers` threads at once."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.capacity = workers
+        self._executor = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbus-iteration")
+
+    def prepare(self, handler: Callable[..., Any]) -> None:
+        """Nothing to ship: the handler runs in this process."""
+
+    def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
+        return self._executor.submit(fn, arg)
+
+    def wait_any(self, futures: Iterable[Any]) -> set[Any]:
+        done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+        return done
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def open_pool(runtime: str, parallel_runs: int | None, settings: Settings) -> LocalPool | DaskPool:
+    """The pool for a function's runtime: 'local', 'dask://' or 'dask://host:port'."""
+    if runtime.startswith("dask://"):
+        address = runtime.removeprefix("dask://") or None
+        if address and "://" not in address:
+            address = f"tcp://{address}"
+        from engine.runtimes.dask import DaskPool  # distributed is slow to import; only Dask runs need it
+
+        return DaskPool(address, settings)
+    return LocalPool(parallel_runs or 1)

@@ -1,0 +1,200 @@
+"""Runs a sweep: the parent requests iterations as events, a pool executes them, the parent
+records the best. Also resumes a sweep whose driver died, from what the log says."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.bootstrap import Services, services
+from engine.loader import load_handler
+from engine.progress import SweepProgress
+from engine.runspec import RunSpec
+from engine.runtimes.pools import open_pool
+from engine.sweep.iteration import IterationOutcome, run_iteration
+from engine.sweep.selection import Selector, StopCondition
+from engine.sweep.spec import SweepSpec
+from engine.sweep.summary import iteration_table, parallel_coordinates
+from engine.sweep.watcher import ChildWatcher
+from producers.artifacts import PlotArtifact, TableArtifact
+from producers.context import RunContext
+
+# How long a finished iteration's events may take to show up on the bus after its task returned.
+_EVENTS_GRACE_S = 60.0
+_TERMINAL = ("completed", "error", "aborted")
+
+
+@dataclass
+class SweepState:
+    """Each requested iteration's params; the finished ones' (state, params, results); what is left."""
+
+    params: dict[int, dict[str, Any]] = field(default_factory=dict)
+    done: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    pending: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+
+def run_sweep(spec: RunSpec, sweep: SweepSpec) -> RunContext:
+    """Start a parent run, request every iteration, run them and complete the parent."""
+    parent = RunSpec(**{**spec.__dict__, "extra": {**spec.extra, "sweep": sweep.describe()}}).new_context()
+    parent.start()
+    requests = list(enumerate(sweep.param_sets(), start=1))
+    parent.request_iterations(requests)
+    return _execute(parent, spec, sweep, SweepState(params=dict(requests), pending=requests))
+
+
+def resume_sweep(parent_uid: str) -> RunContext:
+    """Run the iterations the log shows as requested but never finished, then complete the parent."""
+    svc = services()
+    db = svc.run_db()
+    parent_row = db.read_run(parent_uid)
+    if "sweep" not in parent_row["extra"]:
+        raise ValueError(f"run {parent_uid} is not a sweep (it has no iterations to resume)")
+    if parent_row["state"] != "running":
+        raise ValueError(f"sweep {parent_row['uid']} already ended in state {parent_row['state']!r}")
+    parent_uid = parent_row["uid"]
+    sweep = SweepSpec.from_description(parent_row["extra"]["sweep"])
+    handler = load_handler(parent_row["handler"])
+    spec = RunSpec(svc.settings, handler, parent_row["handler"], parent_row["name"], parent_row["project"],
+                   parent_row["runtime"], parent_row["params"], parent_row["inputs"], {}, {},
+                   parent_row["labels"], None)
+    requested = db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'iteration_requested' "
+                       "ORDER BY seq", [parent_uid]).payload
+    requests = {}
+    for payload in requested:
+        request = json.loads(payload)
+        requests[request["iteration"]] = {k: json.loads(v) for k, v in request["params"].items()}
+    _settle_orphans(svc, parent_uid)
+    state = SweepState(params=requests)
+    children = db.sql("SELECT uid, iteration, state FROM runs WHERE parent_uid = ? AND state IN "
+                      "('completed', 'error', 'aborted') ORDER BY started_at", [parent_uid])
+    for child in children.itertuples():
+        results = db.read_run(child.uid)["results"]
+        state.done[child.iteration] = (child.state, requests.get(child.iteration, {}), results)
+    state.pending = [(i, params) for i, params in sorted(requests.items()) if i not in state.done]
+    last_seq = int(db.sql("SELECT max(seq) AS s FROM events WHERE run_uid = ?", [parent_uid]).s[0])
+    parent = spec.new_context(uid=parent_uid, first_seq=last_seq + 1)
+    parent.parent_uid = None
+    parent.parameters = dict(parent_row["params"])
+    parent.resume()
+    return _execute(parent, spec, sweep, state)
+
+
+def _settle_orphans(svc: Services, parent_uid: str) -> None:
+    """Iterations left 'running' by a dead driver: wait for fresh ones, mark stale ones 'lost'."""
+    lost_after = 3 * svc.settings.heartbeat_interval_s
+    deadline = time.monotonic() + lost_after + 5
+    while True:
+        db = svc.run_db()
+        running = db.sql("SELECT r.uid, epoch(now()) - epoch(r.last_event_at) AS silent_s, "
+                         "(SELECT max(seq) FROM events e WHERE e.run_uid = r.uid) AS last_seq "
+                         "FROM runs r WHERE parent_uid = ? AND state = 'running'", [parent_uid])
+        stale = running[running.silent_s > lost_after]
+        for row in stale.itertuples():
+            mark_lost(svc, row.uid, int(row.last_seq) + 1, f"no heartbeat for {row.silent_s:.0f}s")
+        if len(stale) == len(running) or time.monotonic() > deadline:
+            svc.writer.flush()
+            return
+        time.sleep(min(1.0, svc.settings.heartbeat_interval_s))
+
+
+def mark_lost(svc: Services, uid: str, next_seq: int, reason: str) -> None:
+    """End a run whose process died: run_finished with state 'lost', written on its behalf."""
+    svc.writer.emit(uid, next_seq, "run_finished", {
+        "state": "lost", "error": f"lost: {reason}", "traceback": None, "return_value": None,
+        "duration_s": 0.0})
+
+
+def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepState) -> RunContext:
+    svc = services(spec.settings)
+    selector = Selector.parse(sweep.selector) if sweep.selector else None
+    stop = StopCondition(sweep.stop_condition) if sweep.stop_condition else None
+    watcher = ChildWatcher(svc.bus, svc.codec, parent.uid, svc.bus.end_offsets())
+    failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
+    stopping = _should_stop(state, sweep, stop, failed)
+    try:
+        pool = open_pool(spec.runtime, sweep.parallel_runs, spec.settings)
+    except Exception as exc:
+        parent.finish(error=exc)
+        return parent
+    pool.prepare(spec.handler)
+    window = sweep.parallel_runs or pool.capacity
+    inflight: dict[Any, int] = {}
+    total = len(state.done) + len(state.pending)
+    try:
+        with SweepProgress(total, sweep.quiet) as progress:
+            while (state.pending and not stopping) or inflight:
+                while state.pending and not stopping and len(inflight) < window:
+                    iteration, params = state.pending.pop(0)
+                    child = spec.for_iteration(parent.uid, iteration, params)
+                    inflight[pool.submit(run_iteration, child)] = iteration
+                for future in pool.wait_any(inflight):
+                    iteration = inflight.pop(future)
+                    outcome = _outcome(future, iteration)
+                    child = watcher.wait_finished(outcome.uid, _EVENTS_GRACE_S) if outcome.uid else None
+                    results = child.results if child else {}
+                    state.done[iteration] = (outcome.state, state.params[iteration], results)
+                    failed += outcome.state != "completed"
+                    if stop and outcome.state == "completed" and stop.met(results):
+                        stopping = True
+                    stopping = stopping or _should_stop(state, sweep, stop, failed)
+                    progress.update(len(state.done) - failed, failed, len(inflight),
+                                    _best_text(selector, state))
+    finally:
+        pool.close()
+    _settle_lost(svc, watcher)
+    return _complete(parent, state, selector)
+
+
+def _outcome(future: Any, iteration: int) -> IterationOutcome:
+    try:
+        return future.result()
+    except Exception as exc:  # the task itself failed (e.g. its worker died every time)
+        print(f"iteration {iteration} could not run: {exc!r}", file=sys.stderr)
+        return IterationOutcome(iteration, "", "error")
+
+
+def _should_stop(state: SweepState, sweep: SweepSpec, stop: StopCondition | None, failed: int) -> bool:
+    if sweep.max_errors is not None and failed >= sweep.max_errors:
+        return True
+    return bool(stop and any(s == "completed" and stop.met(r) for s, _, r in state.done.values()))
+
+
+def _best_text(selector: Selector | None, state: SweepState) -> str | None:
+    if selector is None:
+        return None
+    best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})
+    return None if best is None else f"{selector.key}={state.done[best][2][selector.key]} (iter {best})"
+
+
+def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
+    """Attempts that started but whose worker died never finish: mark them 'lost'."""
+    lost_after = 3 * svc.settings.heartbeat_interval_s
+    watcher.poll(0.5)
+    while watcher.unfinished():
+        now = time.monotonic()
+        for child in watcher.unfinished():
+            if now - child.last_seen > lost_after:
+                mark_lost(svc, child.uid, child.last_seq + 1, f"no heartbeat for {lost_after:g}s")
+                child.state = "lost"
+        watcher.poll(min(1.0, lost_after))
+    svc.writer.flush()
+
+
+def _complete(parent: RunContext, state: SweepState, selector: Selector | None) -> RunContext:
+    table = iteration_table(state.done)
+    best = None
+    if selector is not None:
+        best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})
+    if best is not None:
+        parent.log_result("best_iteration", best)
+        parent.log_results({k: v for k, v in state.done[best][2].items() if k != "return"})
+    parent.log_artifact(TableArtifact("iteration_results", df=table, visible=True))
+    parent.log_artifact(PlotArtifact("parallel_coordinates",
+                                     body=parallel_coordinates(table, best, f"sweep {parent.name}")))
+    failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
+    error = f"{failed} of {len(state.done)} iterations failed" if failed else None
+    parent.finish(error=error)
+    return parent

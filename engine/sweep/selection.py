@@ -1,0 +1,68 @@
+"""Choosing the best iteration ('min.loss', 'max.accuracy', 'accuracy') and stop conditions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from simpleeval import EvalWithCompoundTypes, InvalidExpression, NameNotDefined
+
+
+@dataclass(frozen=True)
+class Selector:
+    key: str
+    mode: str  # "min" or "max"
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        mode, sep, key = text.partition(".")
+        if not sep:
+            return cls(text, "max")
+        if mode not in ("min", "max") or not key:
+            raise ValueError(f"selector {text!r} must look like 'min.<result>', 'max.<result>' or '<result>'")
+        return cls(key, mode)
+
+    def value(self, results: Mapping[str, Any]) -> float | None:
+        """The selected result as a number; None when it is missing or not a real number."""
+        value = results.get(self.key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return None
+        return float(value)
+
+    def best(self, candidates: Mapping[int, Mapping[str, Any]]) -> int | None:
+        """The iteration whose result is best; the earliest wins a tie; None if none qualifies."""
+        scored = [(value, iteration) for iteration, results in candidates.items()
+                  if (value := self.value(results)) is not None]
+        if not scored:
+            return None
+        pick = min if self.mode == "min" else max
+        best_value = pick(value for value, _ in scored)
+        return min(iteration for value, iteration in scored if value == best_value)
+
+
+class StopCondition:
+    """A boolean expression over one iteration's results, e.g. 'accuracy >= 0.9 and loss < 1'.
+
+    Evaluated by simpleeval: names, numbers, comparisons and boolean logic; no calls, no attribute
+    access, nothing that reaches Python objects.
+    """
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+        self._evaluator = EvalWithCompoundTypes(functions={})
+        try:
+            self._evaluator.parse(expression)
+        except (SyntaxError, InvalidExpression) as exc:
+            raise ValueError(f"stop_condition {expression!r} does not parse: {exc}") from None
+
+    def met(self, results: Mapping[str, Any]) -> bool:
+        """True when the expression holds; a result it names that is missing makes it False."""
+        self._evaluator.names = dict(results)
+        try:
+            return bool(self._evaluator.eval(self.expression))
+        except NameNotDefined:
+            return False
+        except (TypeError, InvalidExpression) as exc:
+            raise ValueError(f"stop_condition {self.expression!r} failed: {exc}") from None

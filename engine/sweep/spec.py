@@ -1,0 +1,90 @@
+"""What a sweep runs: the parameter sets of a strategy, and the options that steer it."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sweep.selection import Selector, StopCondition
+
+STRATEGIES = ("grid", "list", "random")
+_OPTIONS = {"selector", "strategy", "stop_condition", "max_errors", "parallel_runs", "max_iterations",
+            "seed", "quiet"}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    hyperparams: dict[str, list[Any]]
+    strategy: str = "grid"
+    selector: str | None = None
+    stop_condition: str | None = None
+    max_errors: int | None = None
+    parallel_runs: int | None = None
+    max_iterations: int | None = None
+    seed: int | None = None
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, hyperparams: Mapping[str, Any], options: Mapping[str, Any]) -> SweepSpec:
+        """Validate the user's options; an unknown option or a bad value names itself."""
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise TypeError(f"unknown sweep option(s): {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(sorted(_OPTIONS))})")
+        if not hyperparams:
+            raise ValueError("hyperparams is empty: give at least one param with a list of values")
+        values: dict[str, list[Any]] = {}
+        for key, candidates in hyperparams.items():
+            if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
+                raise TypeError(f"hyper-param {key!r}: expected a list of values, got {candidates!r}")
+            values[key] = list(candidates)
+            if not values[key]:
+                raise ValueError(f"hyper-param {key!r} has no values")
+        strategy = options.get("strategy") or "grid"
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        for name in ("max_errors", "parallel_runs", "max_iterations"):
+            number = options.get(name)
+            if number is not None and (not isinstance(number, int) or number < 1):
+                raise ValueError(f"{name} must be a positive integer, got {number!r}")
+        spec = cls(values, strategy, options.get("selector"), options.get("stop_condition"),
+                   options.get("max_errors"), options.get("parallel_runs"),
+                   options.get("max_iterations"), options.get("seed"), bool(options.get("quiet")))
+        spec.param_sets()  # raise now for unequal list lengths and the like
+        if spec.selector:
+            Selector.parse(spec.selector)
+        if spec.stop_condition:
+            StopCondition(spec.stop_condition)
+        return spec
+
+    def param_sets(self) -> list[dict[str, Any]]:
+        """The parameter set of each iteration, in iteration order (iteration 1 first)."""
+        keys = list(self.hyperparams)
+        if self.strategy == "grid":
+            return [dict(zip(keys, combo, strict=False)) for combo in itertools.product(*self.hyperparams.values())]
+        if self.strategy == "list":
+            lengths = {key: len(v) for key, v in self.hyperparams.items()}
+            if len(set(lengths.values())) > 1:
+                detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
+                raise ValueError(f"strategy 'list' needs lists of equal length, got {detail}")
+            return [dict(zip(keys, combo, strict=False)) for combo in zip(*self.hyperparams.values(), strict=False)]
+        if self.max_iterations is None:
+            raise ValueError("strategy 'random' needs max_iterations")
+        chooser = random.Random(self.seed)
+        return [{key: chooser.choice(self.hyperparams[key]) for key in keys}
+                for _ in range(self.max_iterations)]
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as JSON-able data, recorded on the parent run."""
+        return {"hyperparams": self.hyperparams, "strategy": self.strategy, "selector": self.selector,
+                "stop_condition": self.stop_condition, "max_errors": self.max_errors,
+                "parallel_runs": self.parallel_runs, "max_iterations": self.max_iterations,
+                "seed": self.seed}
+
+    @classmethod
+    def from_description(cls, described: Mapping[str, Any]) -> SweepSpec:
+        return cls(**{k: v for k, v in described.items() if k in cls.__dataclass_fields__})
