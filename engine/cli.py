@@ -16,6 +16,7 @@ from rich.table import Table
 
 from engine.bootstrap import services
 from engine.function import new_function
+from engine.run import RunObject
 from engine.task import RunTemplate
 
 app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_is_help=True,
@@ -74,14 +75,41 @@ def run(
     label: Annotated[list[str] | None, typer.Option(help="key=value label")] = None,
     input: Annotated[list[str] | None, typer.Option("--input", "-i", help="key=path input")] = None,
     secrets: Annotated[Path | None, typer.Option(help="file of KEY=VALUE secrets")] = None,
+    hyper: Annotated[list[str] | None, typer.Option(help="sweep: key=v1,v2,... (repeat per param)")] = None,
+    selector: Annotated[str | None, typer.Option(help="best iteration: min.<result> or max.<result>")] = None,
+    strategy: Annotated[str, typer.Option(help="grid, list or random")] = "grid",
+    max_iterations: Annotated[int | None, typer.Option(help="iterations of a random sweep")] = None,
+    stop_condition: Annotated[str | None, typer.Option(help="e.g. 'accuracy >= 0.9'")] = None,
+    parallel_runs: Annotated[int | None, typer.Option(help="iterations at once")] = None,
+    runtime: Annotated[str | None, typer.Option(help="dask:// or dask://host:port (default: in-process)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Run a handler once and print its results."""
+    """Run a handler once (or a sweep with --hyper) and print its results."""
     task = RunTemplate(handler=target, name=name,
                        params={k: _parse_value(v) for k, v in _pairs(param, "param").items()},
                        inputs=_pairs(input, "input"), labels=_pairs(label, "label"))
     if secrets:
         task.with_secrets("file", str(secrets))
-    result = new_function().run(task)
+    if hyper:
+        values = {k: [_parse_value(x) for x in v.split(",")] for k, v in _pairs(hyper, "hyper").items()}
+        task.with_hyper_params(values, selector, strategy, max_iterations=max_iterations,
+                               stop_condition=stop_condition, parallel_runs=parallel_runs, quiet=quiet)
+    result = new_function(command=runtime).run(task)
+    _finish(result)
+
+
+@app.command()
+def resume(
+    parent_uid: Annotated[str, typer.Argument(help="uid (or prefix) of the sweep's parent run")],
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Finish a sweep whose driver died: run only the iterations that never finished."""
+    from engine.sweep.runner import resume_sweep
+
+    _finish(RunObject.from_context(resume_sweep(parent_uid, quiet=quiet)))
+
+
+def _finish(result: RunObject) -> None:
     result.show()
     if result.state != "completed":
         errors.print(result.traceback or result.error or f"run ended in state {result.state}")

@@ -70,7 +70,7 @@ class Function:
     def _run_on_pool(self, spec: RunSpec) -> RunObject:
         pool = open_pool(self.runtime, 1, spec.settings)
         try:
-            outcome = pool.submit(run_iteration, spec).result()
+            outcome = pool.submit(run_iteration, pool.prepare(spec)).result()
         finally:
             pool.close()
         return RunObject.from_record(services(spec.settings).run_db().read_run(outcome.uid))

@@ -15,7 +15,7 @@ from producers.context import RunContext
 @dataclass(frozen=True)
 class RunSpec:
     settings: Settings
-    handler: Callable[..., Any]
+    handler: Callable[..., Any] | bytes  # bytes: cloudpickled, for workers that cannot import it
     handler_ref: str
     name: str
     project: str

@@ -9,6 +9,8 @@ import pytest
 
 from engine.bootstrap import reset_services
 
+pytest_plugins = ["tests.kafka_support"]
+
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

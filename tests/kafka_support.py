@@ -1,8 +1,6 @@
 """Kafka test support: the `kafka_bootstrap` fixture and fresh topic names.
 
-Test modules that need the broker import the fixture object and request it as `kafka_bootstrap`
-(the differing attribute name keeps ruff's F811 quiet on test parameters):
-    from tests.kafka_support import kafka_bootstrap_fixture  # noqa: F401
+tests/conftest.py registers this module as a plugin, so any test can request `kafka_bootstrap`.
 """
 
 from __future__ import annotations

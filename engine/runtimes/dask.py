@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import cloudpickle
 from distributed import Client, LocalCluster, WorkerPlugin, wait
 
 from engine.bootstrap import reset_services, services
+from engine.runspec import RunSpec
 from engine.settings import Settings
 
 
@@ -46,11 +48,16 @@ class DaskPool:
         self._client.register_plugin(RunbusWorkerPlugin(settings))
         self.capacity = max(1, sum(self._client.nthreads().values()))
 
-    def prepare(self, handler: Callable[..., Any]) -> None:
+    def prepare(self, spec: RunSpec) -> RunSpec:
         """Handlers loaded from a script file live in a module workers cannot import: ship their code."""
-        module = sys.modules.get(getattr(handler, "__module__", "") or "")
-        if module is not None and module.__name__.startswith("runbus_handler_"):
-            cloudpickle.register_pickle_by_value(module)
+        module = sys.modules.get(getattr(spec.handler, "__module__", "") or "")
+        if module is None or not module.__name__.startswith("runbus_handler_"):
+            return spec
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            return replace(spec, handler=cloudpickle.dumps(spec.handler))
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
 
     def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
         return self._client.submit(fn, arg, pure=False)

@@ -6,6 +6,7 @@ import concurrent.futures as cf
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from engine.runspec import RunSpec
 from engine.settings import Settings
 
 if TYPE_CHECKING:
@@ -19,8 +20,9 @@ class LocalPool:
         self.capacity = workers
         self._executor = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbus-iteration")
 
-    def prepare(self, handler: Callable[..., Any]) -> None:
+    def prepare(self, spec: RunSpec) -> RunSpec:
         """Nothing to ship: the handler runs in this process."""
+        return spec
 
     def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
         return self._executor.submit(fn, arg)

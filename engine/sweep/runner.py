@@ -45,7 +45,7 @@ def run_sweep(spec: RunSpec, sweep: SweepSpec) -> RunContext:
     return _execute(parent, spec, sweep, SweepState(params=dict(requests), pending=requests))
 
 
-def resume_sweep(parent_uid: str) -> RunContext:
+def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
     """Run the iterations the log shows as requested but never finished, then complete the parent."""
     svc = services()
     db = svc.run_db()
@@ -55,7 +55,7 @@ def resume_sweep(parent_uid: str) -> RunContext:
     if parent_row["state"] != "running":
         raise ValueError(f"sweep {parent_row['uid']} already ended in state {parent_row['state']!r}")
     parent_uid = parent_row["uid"]
-    sweep = SweepSpec.from_description(parent_row["extra"]["sweep"])
+    sweep = SweepSpec.from_description({**parent_row["extra"]["sweep"], "quiet": quiet})
     handler = load_handler(parent_row["handler"])
     spec = RunSpec(svc.settings, handler, parent_row["handler"], parent_row["name"], parent_row["project"],
                    parent_row["runtime"], parent_row["params"], parent_row["inputs"], {}, {},
@@ -119,7 +119,7 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
     except Exception as exc:
         parent.finish(error=exc)
         return parent
-    pool.prepare(spec.handler)
+    spec = pool.prepare(spec)
     window = sweep.parallel_runs or pool.capacity
     inflight: dict[Any, int] = {}
     total = len(state.done) + len(state.pending)

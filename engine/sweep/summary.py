@@ -10,13 +10,14 @@ from matplotlib.figure import Figure
 
 
 def iteration_table(iterations: Mapping[int, tuple[str, dict[str, Any], dict[str, Any]]]) -> pd.DataFrame:
-    """One row per iteration: iter, state, param.<name>..., output.<result>..."""
+    """One row per iteration: iter, state, param.<name>... (sweep order), output.<result>... (by name)."""
+    outputs = sorted({key for _, _, results in iterations.values() for key in results if key != "return"})
     rows = []
     for iteration in sorted(iterations):
         state, params, results = iterations[iteration]
         row: dict[str, Any] = {"iter": iteration, "state": state}
         row.update({f"param.{k}": v for k, v in params.items()})
-        row.update({f"output.{k}": v for k, v in results.items() if k != "return"})
+        row.update({f"output.{k}": results.get(k) for k in outputs})
         rows.append(row)
     return pd.DataFrame(rows)
 

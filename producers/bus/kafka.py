@@ -61,7 +61,11 @@ class KafkaBus(Bus):
             "reconnect_backoff_max_ms": 1000}  # the default (30 s) stalls recovery after a broker restart
         self._lock, self._read_lock = threading.Lock(), threading.Lock()
         self._reset_clients()
-        self._create_topic(partitions, replication)
+        try:
+            self._create_topic(partitions, replication)
+        except BaseException:
+            self.close()
+            raise
 
     # -- clients --------------------------------------------------------------------------------
 
@@ -110,7 +114,7 @@ class KafkaBus(Bus):
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, retried while Kafka says the error is transient; BusError when it gives up."""
-        deadline = time.monotonic() + self._common["request_timeout_ms"] / 1000
+        deadline = time.monotonic() + self._timeout_ms / 1000
         while True:
             try:
                 return fn()
@@ -120,18 +124,15 @@ class KafkaBus(Bus):
                 time.sleep(0.2)
 
     def _create_topic(self, partitions: int, replication: int) -> None:
-        admin = self._admin()
+        """Create the topic unless it exists (then its partition count stays), and wait for leaders."""
         spec = {self.topic: {"num_partitions": partitions, "replication_factor": replication}}
-        try:
-            admin.create_topics(spec, timeout_ms=self._timeout_ms)
-        except TopicAlreadyExistsError:
-            pass
-        except KafkaError as exc:
-            raise BusError(f"cannot create Kafka topic {self.topic!r} on {self.bootstrap}: {exc}") from exc
-        try:
-            admin.wait_for_topics([self.topic], timeout_ms=self._timeout_ms)
-        except KafkaError as exc:
-            raise BusError(f"Kafka topic {self.topic!r} on {self.bootstrap} is not usable: {exc}") from exc
+
+        def create() -> None:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                self._admin().create_topics(spec, timeout_ms=self._timeout_ms)
+            self._admin().wait_for_topics([self.topic], timeout_ms=self._timeout_ms)
+
+        self._call(f"create topic {self.topic!r} ({partitions} partitions, replication {replication})", create)
         self.partitions()
 
     # -- Bus ------------------------------------------------------------------------------------
@@ -230,9 +231,6 @@ class KafkaBus(Bus):
                 client.close(timeout=0) if name == "_producer_client" else client.close()
 
     def close(self) -> None:
-        """Flush pending appends, then close every client; the bus must not be used afterwards."""
+        """Close every client; nothing is pending, as `append` returns only once all is acknowledged."""
         for name in ("_producer_client", "_consumer_client", "_admin_client"):
-            client = getattr(self, name)
-            if name == "_producer_client" and client is not None and self._pid == os.getpid():
-                client.flush(timeout=_FLUSH_GRACE_S)
             self._drop(name)

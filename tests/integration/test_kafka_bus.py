@@ -30,6 +30,9 @@ class TestKafkaBus(BusContract):
         self.opened.append(bus)
         return bus
 
+    def make_bus_same(self, bus: Bus) -> Bus:
+        return self.make_bus()
+
     def bus_factory(self) -> object:
         return functools.partial(KafkaBus, self.bootstrap, topic=self.topic, partitions=3)
 

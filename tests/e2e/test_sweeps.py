@@ -1,0 +1,203 @@
+"""Hyper-parameter sweeps as users run them: locally, on threads and on a real Dask LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+from tests.support import handlers
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+
+def _iterations(parent_uid: str):
+    return get_run_db().sql("SELECT iteration, state, uid FROM runs WHERE parent_uid = ? ORDER BY iteration",
+                            [parent_uid])
+
+
+def test_seed_sweep_picks_iteration_2_and_records_the_table(home: Path) -> None:
+    task = NewRun(handler=handlers.seed_like).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
+    run = new_function().run(task)
+
+    assert run.state == "completed"
+    assert run.results["best_iteration"] == 2
+    assert run.results["loss"] == 6 and run.results["accuracy"] == 4
+    table = run.artifact("iteration_results").as_df()
+    assert list(table.columns) == ["iter", "state", "param.p1", "output.accuracy", "output.loss"]
+    assert table.to_dict("list") == {"iter": [1, 2, 3], "state": ["completed"] * 3, "param.p1": [5, 2, 3],
+                                     "output.accuracy": [10, 4, 6], "output.loss": [15, 6, 9]}
+    assert run.artifact("parallel_coordinates").get().startswith(b"\x89PNG")
+    children = _iterations(run.uid)
+    assert list(children.iteration) == [1, 2, 3] and set(children.state) == {"completed"}
+    requested = get_run_db().sql("SELECT count(*) AS n FROM events WHERE run_uid = ? "
+                                 "AND type = 'iteration_requested'", [run.uid])
+    assert requested.n[0] == 3
+
+
+@pytest.mark.dask
+def test_seed_sweep_gives_the_same_answer_on_a_dask_local_cluster(home: Path) -> None:
+    task = NewRun(handler=handlers.seed_like).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
+    run = new_function(command="dask://").run(task, handler=handlers.seed_like)
+
+    assert run.state == "completed"
+    assert run.results["best_iteration"] == 2
+    assert len(run.artifact("iteration_results").as_df()) == 3
+    hosts = get_run_db().sql("SELECT DISTINCT e.payload->>'$.host' AS host, r.runtime FROM runs r "
+                             "JOIN events e ON e.run_uid = r.uid AND e.type = 'run_started' "
+                             "WHERE r.parent_uid = ?", [run.uid])
+    assert set(hosts.runtime) == {"dask://"}
+    pids = get_run_db().sql("SELECT DISTINCT e.run_uid, r.iteration FROM events e JOIN runs r ON r.uid = e.run_uid "
+                            "WHERE r.parent_uid = ?", [run.uid])
+    assert len(pids) == 3
+
+
+@pytest.mark.dask
+def test_a_handler_from_a_script_file_runs_on_dask(home: Path, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("def handler(context, p=0):\n    context.log_result('sq', p * p)\n")
+    run = new_function(command=str(script)).run(hyperparams={"p": [1, -3, 2]}, selector="max.sq")
+    assert run.results["best_iteration"] == 2
+    dask_run = new_function(command="dask://").run(handler=f"{script}:handler", hyperparams={"p": [1, -3, 2]},
+                                                   selector="max.sq")
+    assert dask_run.state == "completed", dask_run.error
+    assert dask_run.results["best_iteration"] == 2 and dask_run.results["sq"] == 9
+
+
+def test_grid_sweep_runs_every_combination_on_parallel_threads(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.scored), hyperparams={"x": [1, 2, 3], "delay": [0.0, 0.01]},
+                             selector="max.score", parallel_runs=3, quiet=True)
+    assert run.state == "completed"
+    assert len(_iterations(run.uid)) == 6
+    assert run.results["best_iteration"] == 5  # x=3, delay=0.0 comes first among the best
+
+
+def test_selector_skips_iterations_without_a_number_and_handles_negatives(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.scored),
+                             hyperparams={"x": [-4, None, -9, -1]}, selector="min.score", strategy="list")
+    assert run.results["best_iteration"] == 3 and run.results["score"] == -9
+    run = new_function().run(NewRun(handler=handlers.scored),
+                             hyperparams={"x": [-4, None, -9, -1]}, selector="max.score")
+    assert run.results["best_iteration"] == 4
+
+
+def test_one_iteration_raising_makes_the_parent_error_but_the_best_is_still_reported(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.scored, params={"fail_on": 2}),
+                             hyperparams={"x": [1, 2, 3]}, selector="max.score")
+    assert run.state == "error"
+    assert "1 of 3 iterations failed" in run.error
+    assert run.results["best_iteration"] == 3
+    table = run.artifact("iteration_results").as_df()
+    assert list(table.state) == ["completed", "error", "completed"]
+
+
+def test_stop_condition_stops_dispatching(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.scored), hyperparams={"x": [1, 5, 9, 2, 3]},
+                             selector="max.score", stop_condition="score >= 5")
+    assert run.state == "completed"
+    assert list(_iterations(run.uid).iteration) == [1, 2]
+    assert run.results["best_iteration"] == 2
+
+
+def test_max_errors_stops_dispatching_after_that_many_failures(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.scored, params={"fail_on": 7}),
+                             hyperparams={"x": [7, 7, 1, 2, 3]}, max_errors=2, selector="max.score")
+    assert run.state == "error"
+    assert list(_iterations(run.uid).iteration) == [1, 2]
+    assert "2 of 2 iterations failed" in run.error
+
+
+def test_sweep_from_the_cli(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "job.py").write_text("def train(context, p1=1):\n    context.log_result('loss', p1 * 3)\n")
+    done = subprocess.run([RUNBUS, "run", "job.py:train", "--hyper", "p1=5,2,3", "--selector", "min.loss",
+                           "--quiet"], cwd=tmp_path, env={**os.environ, "RUNBUS_HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    parent = get_run_db().list_runs(iterations=False)
+    assert get_run_db().read_run(parent.uid[0])["results"]["best_iteration"] == 2
+
+
+SWEEP_SCRIPT = """
+import sys
+from engine import NewRun, new_function
+from tests.support.handlers import scored
+run = new_function().run(NewRun(handler=scored, params={"delay": float(sys.argv[1])}),
+                         hyperparams={"x": list(range(1, 21))}, selector="max.score", quiet=True)
+print(run.uid)
+"""
+
+
+def _comparable(parent_uid: str) -> tuple:
+    db = get_run_db()
+    record = db.read_run(parent_uid)
+    table = db.sql("SELECT uri FROM artifacts WHERE uid = ? AND key = 'iteration_results'", [parent_uid])
+    csv = Path(table.uri[0].removeprefix("file://")).read_text()
+    finished = db.sql("SELECT iteration, state FROM runs WHERE parent_uid = ? AND state = 'completed' "
+                      "ORDER BY iteration", [parent_uid])
+    results = db.sql("SELECT r.iteration, k.key, k.value FROM runs r JOIN results k USING (uid) "
+                     "WHERE r.parent_uid = ? AND r.state = 'completed' ORDER BY 1, 2", [parent_uid])
+    return (record["state"], record["results"], csv, finished.values.tolist(), results.values.tolist())
+
+
+def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(home: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
+    env = {**os.environ, "RUNBUS_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, "0.15"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, text=True)
+    db = get_run_db()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = db.sql("SELECT count(*) AS n FROM runs WHERE parent_uid IS NOT NULL AND state = 'completed'").n[0]
+        if done >= 6:
+            break
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    parent_uid = db.sql("SELECT uid FROM runs WHERE iteration = 0").uid[0]
+    finished_before = set(db.sql("SELECT iteration FROM runs WHERE parent_uid = ? AND state = 'completed'",
+                                 [parent_uid]).iteration)
+    assert 6 <= len(finished_before) < 20
+
+    resumed = subprocess.run([RUNBUS, "resume", parent_uid, "--quiet"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+
+    runs = db.sql("SELECT iteration, state, started_at FROM runs WHERE parent_uid = ?", [parent_uid])
+    after_kill = runs[runs.state != "lost"]
+    rerun = set(after_kill.iteration) - finished_before
+    assert rerun == set(range(1, 21)) - finished_before  # exactly the unfinished ones ran again
+    assert after_kill.iteration.value_counts().max() == 1  # and none of the finished ones
+    assert set(runs.state) <= {"completed", "lost"}
+    assert (runs.state == "lost").sum() <= 1  # the iteration that was running when the driver died
+
+    clean = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, "0"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stderr
+    assert _comparable(parent_uid) == _comparable(clean.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.dask
+def test_an_iteration_whose_worker_dies_ends_lost(home: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
+    from engine.bootstrap import reset_services
+    reset_services()
+    marker = tmp_path / "died"
+    run = new_function(command="dask://").run(NewRun(handler=handlers.dies_once, params={"marker": str(marker)}),
+                                               hyperparams={"x": [1, 2, 3]}, selector="max.score", quiet=True)
+    assert marker.exists()
+    runs = _iterations(run.uid)
+    lost = runs[runs.state == "lost"]
+    assert list(lost.iteration) == [2]
+    assert "no heartbeat" in get_run_db().read_run(lost.uid.iloc[0])["error"]
+    assert get_run_db().sql("SELECT count(*) AS n FROM runs WHERE state = 'running'").n[0] == 0
+    assert json.loads(json.dumps(run.results))["best_iteration"] == 3

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+
+from engine.sweep.selection import Selector, StopCondition
+from engine.sweep.spec import SweepSpec
+
+
+def test_grid_is_the_cartesian_product_in_order() -> None:
+    spec = SweepSpec.from_options({"a": [1, 2], "b": ["x", "y", "z"]}, {})
+    sets = spec.param_sets()
+    assert len(sets) == 6
+    assert sets[0] == {"a": 1, "b": "x"} and sets[-1] == {"a": 2, "b": "z"}
+
+
+def test_list_takes_the_ith_values_together() -> None:
+    spec = SweepSpec.from_options({"a": [1, 2, 3], "b": [4, 5, 6]}, {"strategy": "list"})
+    assert spec.param_sets() == [{"a": 1, "b": 4}, {"a": 2, "b": 5}, {"a": 3, "b": 6}]
+
+
+def test_list_with_unequal_lengths_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"equal length, got a=3, b=2"):
+        SweepSpec.from_options({"a": [1, 2, 3], "b": [4, 5]}, {"strategy": "list"})
+
+
+def test_random_draws_max_iterations_sets_reproducibly() -> None:
+    options = {"strategy": "random", "max_iterations": 7, "seed": 42}
+    first = SweepSpec.from_options({"a": list(range(100)), "b": [0.1, 0.2]}, options).param_sets()
+    again = SweepSpec.from_options({"a": list(range(100)), "b": [0.1, 0.2]}, options).param_sets()
+    other = SweepSpec.from_options({"a": list(range(100)), "b": [0.1, 0.2]}, {**options, "seed": 7}).param_sets()
+    assert len(first) == 7 and first == again and first != other
+    assert all(s["a"] in range(100) and s["b"] in (0.1, 0.2) for s in first)
+
+
+def test_random_needs_max_iterations() -> None:
+    with pytest.raises(ValueError, match="max_iterations"):
+        SweepSpec.from_options({"a": [1]}, {"strategy": "random"})
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"strategy": "bayes"}, "strategy 'bayes'"),
+    ({"max_errors": 0}, "max_errors"),
+    ({"selector": "best.loss"}, "selector 'best.loss'"),
+    ({"stop_condition": "accuracy >="}, "does not parse"),
+    ({"colour": "red"}, "unknown sweep option"),
+])
+def test_bad_options_name_themselves(options: dict, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        SweepSpec.from_options({"a": [1, 2]}, options)
+
+
+def test_selector_skips_missing_and_non_numeric_results_and_handles_negatives() -> None:
+    candidates = {1: {"loss": -1.0}, 2: {"loss": -5}, 3: {"loss": "n/a"}, 4: {}, 5: {"loss": True},
+                  6: {"loss": float("nan")}}
+    assert Selector.parse("min.loss").best(candidates) == 2
+    assert Selector.parse("max.loss").best(candidates) == 1
+    assert Selector.parse("loss").best(candidates) == 1  # a bare name means max
+    assert Selector.parse("min.loss").best({1: {}, 2: {"loss": "x"}}) is None
+
+
+def test_stop_condition_is_evaluated_safely() -> None:
+    condition = StopCondition("accuracy >= 0.9 and loss < 1")
+    assert condition.met({"accuracy": 0.95, "loss": 0.5})
+    assert not condition.met({"accuracy": 0.5, "loss": 0.5})
+    assert not condition.met({"loss": 0.5})  # a missing result never stops the sweep
+    with pytest.raises(ValueError):
+        StopCondition("__import__('os').system('true')").met({})
+    with pytest.raises(ValueError):
+        StopCondition("accuracy.__class__").met({"accuracy": 1})
