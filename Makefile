@@ -31,7 +31,7 @@ lint: install
 
 test: install lint
 	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up || echo "make test: the Kafka broker did not start; Kafka tests will fail"
-	@RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); \
+	@$(TEST_KAFKA_ENV) RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); \
 	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
 
 bench: install

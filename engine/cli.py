@@ -156,17 +156,62 @@ def sql(
 @app.command()
 def project(
     rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False,
+    follow: Annotated[bool, typer.Option(help="keep folding new events until Ctrl-C / SIGTERM")] = False,
 ) -> None:
-    """Bring the DuckDB projection up to date with the bus."""
+    """Bring the DuckDB projection up to date with the bus (or keep it so with --follow)."""
     from projections import Projector, open_projection
 
     svc = services()
+    if follow:
+        _follow(svc)
+        return
     started = time.perf_counter()
     with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
         projector = Projector(svc.bus, con, svc.codec)
         count = projector.rebuild() if rebuild else projector.catch_up()
     console.print(f"{'rebuilt from' if rebuild else 'applied'} {count} records "
                   f"in {time.perf_counter() - started:.2f}s")
+
+
+def _follow(svc: Any) -> None:
+    import threading
+
+    from engine.follow import follow
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    last = [0.0, -1, -1]
+
+    def report(applied: int, lag: int) -> None:
+        now = time.monotonic()
+        if (applied, lag) != tuple(last[1:]) and (now - last[0] > 2 or lag == 0):
+            console.print(f"projector: {applied} events applied, lag {lag}", highlight=False)
+            last[:] = [now, applied, lag]
+
+    console.print(f"projector following {svc.bus.url} into {svc.settings.db_path} (Ctrl-C to stop)")
+    total = follow(svc, stop, report)
+    console.print(f"projector stopped after {total} events")
+
+
+@app.command()
+def push(
+    to: Annotated[str, typer.Option("--to", help="target bus URL, e.g. kafka://host:9092")],
+    source: Annotated[str | None, typer.Option("--from", help="source bus URL (default: RUNBUS_BUS)")] = None,
+) -> None:
+    """Copy the events of one bus to another (e.g. an offline embedded log to Kafka); never twice."""
+    from engine.bootstrap import make_bus
+    from engine.transfer import push as push_events
+
+    svc = services()
+    source_bus = make_bus(source, svc.settings) if source else svc.bus
+    target = make_bus(to, svc.settings)
+    try:
+        report = push_events(source_bus, target, svc.codec)
+    finally:
+        target.close()
+    console.print(f"pushed {report.copied} events to {to} ({report.already_there} already there, "
+                  f"{report.undecodable} undecodable skipped)")
 
 
 @app.command()

@@ -17,6 +17,7 @@
 #   RUNBUS_KAFKA_START_TIMEOUT    seconds to wait for readiness   (default 90)
 #   RUNBUS_KAFKA_STOP_TIMEOUT     seconds before SIGKILL on down  (default 20)
 #   RUNBUS_KAFKA_AUTO_CREATE_TOPICS  auto.create.topics.enable    (default false)
+#   RUNBUS_KAFKA_KEEP_DATA=1      'up' keeps the existing storage (restart) instead of a fresh one
 #   RUNBUS_KAFKA_HEAP_OPTS        broker heap                     (default "-Xms256m -Xmx512m")
 #   JAVA_HOME / RUNBUS_KAFKA_JAVA java binary (needs Java 17+)
 set -euo pipefail
@@ -298,15 +299,21 @@ do_up() {
         port_open "$p" && die "port 127.0.0.1:$p is already in use by another process (set RUNBUS_KAFKA_PORT / RUNBUS_KAFKA_CONTROLLER_PORT)"
     done
 
-    # Fresh storage on every 'up': tests always start from an empty cluster.
-    rm -rf -- "$DATA" "$PIDFILE" "$LOGFILE" "$OUTFILE"
-    write_config
-    local cluster_id; cluster_id="$(random_uuid)"
-    if ! "$JAVA" "${TOOL_JVM_OPTS[@]}" -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" \
-            kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$PROPS" \
-            >"$STATE/format.log" 2>&1; then
-        cat "$STATE/format.log" >&2
-        die "storage format failed"
+    if [[ "${RUNBUS_KAFKA_KEEP_DATA:-0}" == 1 && -f "$DATA/meta.properties" ]]; then
+        # A restart (e.g. a broker-outage test): same storage, same topics and offsets.
+        rm -f -- "$PIDFILE"
+        write_config
+    else
+        # Fresh storage on every 'up': tests always start from an empty cluster.
+        rm -rf -- "$DATA" "$PIDFILE" "$LOGFILE" "$OUTFILE"
+        write_config
+        local cluster_id; cluster_id="$(random_uuid)"
+        if ! "$JAVA" "${TOOL_JVM_OPTS[@]}" -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" \
+                kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$PROPS" \
+                >"$STATE/format.log" 2>&1; then
+            cat "$STATE/format.log" >&2
+            die "storage format failed"
+        fi
     fi
 
     say "starting Kafka $KAFKA_VERSION on 127.0.0.1:$PORT (controller $CONTROLLER_PORT, state $STATE)"

@@ -8,7 +8,7 @@ import pytest
 from producers.bus import Bus, BusError
 from producers.bus.kafka import KafkaBus
 from tests.contract.bus_contract import BusContract
-from tests.kafka_support import kafka_bootstrap_fixture, unique_topic  # noqa: F401
+from tests.kafka_support import unique_topic
 
 pytestmark = pytest.mark.kafka
 

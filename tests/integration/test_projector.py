@@ -58,9 +58,8 @@ def test_a_projector_killed_mid_batch_resumes_without_loss_or_doubles(home: Path
     total = sum(svc.bus.end_offsets().values())
     db_path = tmp_path / "killed.duckdb"
 
-    child = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.project_in_steps", str(svc.settings.log_path),
-         str(db_path), "300"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), "300"],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for _ in range(5):
         assert child.stdout.readline().strip() == "batch"
     os.kill(child.pid, signal.SIGKILL)

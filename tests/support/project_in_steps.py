@@ -1,6 +1,6 @@
 """Run the projector in small batches, printing a line after each committed batch.
 
-Usage: python -m tests.support.project_in_steps LOG_PATH DB_PATH BATCH_SIZE
+Usage: python -m tests.support.project_in_steps DB_PATH BATCH_SIZE   (the bus comes from RUNBUS_*)
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import sys
 
 import duckdb
 
-from producers.bus.embedded import EmbeddedBus
+from engine.bootstrap import services
 from projections import Projector
 
 if __name__ == "__main__":
-    log_path, db_path, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    con = duckdb.connect(db_path)
-    projector = Projector(EmbeddedBus(log_path), con, batch_size=batch_size)
-    while projector.run_once():
+    db_path, batch_size = sys.argv[1], int(sys.argv[2])
+    svc = services()
+    projector = Projector(svc.bus, duckdb.connect(db_path), svc.codec, batch_size=batch_size)
+    while projector.run_once(timeout=1.0):
         print("batch", flush=True)
     print("done", flush=True)

@@ -1,0 +1,198 @@
+"""The whole pipeline on a real Kafka broker: producers, projector, follower, push, outages."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+from engine.bootstrap import reset_services, services
+from engine.loader import load_handler
+from producers.bus.kafka import KafkaBus
+from projections import Projector
+from tests.kafka_support import unique_topic
+from tests.support.tables import snapshot
+
+pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parents[2]
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+
+@pytest.fixture
+def kafka_home(home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """RUNBUS_HOME with the bus on a fresh 3-partition topic of the test broker."""
+    monkeypatch.setenv("RUNBUS_BUS", f"kafka://{kafka_bootstrap}")
+    monkeypatch.setenv("RUNBUS_KAFKA_TOPIC", unique_topic())
+    monkeypatch.setenv("RUNBUS_KAFKA_PARTITIONS", "3")
+    reset_services()
+    yield home
+    reset_services()
+
+
+def _metrics_job(count: int, pause_every: int = 0, pause_s: float = 0.0):
+    def job(context):
+        for step in range(count):
+            context.log_metric("m", step, step=step)
+            if pause_every and step % pause_every == 0:
+                time.sleep(pause_s)
+    return job
+
+
+def test_the_seed_example_through_kafka(kafka_home: Path) -> None:
+    handler = load_handler(f"{ROOT}/examples/quickstart.py:handler")
+    run = new_function().run(NewRun(handler=handler, name="demo", params={"p1": 5}).set_label("type", "demo"))
+    db = get_run_db()
+    results = db.sql("SELECT key, value_num FROM results WHERE uid = ? AND key IN ('accuracy', 'loss')",
+                     [run.uid])
+    assert dict(zip(results.key, results.value_num, strict=True)) == {"accuracy": 10, "loss": 15}
+    assert set(db.sql("SELECT key FROM artifacts WHERE uid = ?", [run.uid]).key) == {"model.txt", "myfig", "mydf.csv"}
+    assert db.list_runs(labels={"type": "demo"}).state.tolist() == ["completed"]
+
+
+def _produce(environment: dict[str, str], events: int) -> None:
+    os.environ.update(environment)
+    new_function().run(NewRun(handler=_metrics_job(events), name="producer"))
+    reset_services()
+
+
+def test_three_producer_processes_give_exactly_their_events(kafka_home: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if k.startswith("RUNBUS_")}
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_produce, args=(environment, 10_000)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+        assert worker.exitcode == 0
+
+    db = get_run_db()
+    assert db.sql("SELECT count(*) AS n FROM metrics").n[0] == 30_000
+    assert db.sql("SELECT count(DISTINCT uid) AS n FROM metrics").n[0] == 3
+    out_of_order = db.sql("""
+        SELECT count(*) AS n FROM (
+            SELECT seq, lag(seq) OVER (PARTITION BY run_uid ORDER BY position) AS previous FROM events)
+        WHERE previous IS NOT NULL AND seq <> previous + 1""")
+    assert out_of_order.n[0] == 0
+
+
+def test_a_projector_killed_mid_stream_resumes_to_equal_a_rebuild(kafka_home: Path, tmp_path: Path) -> None:
+    for i in range(4):
+        new_function().run(NewRun(handler=_metrics_job(5_000), name=f"r{i}"))
+    svc = services()
+    db_path = tmp_path / "killed.duckdb"
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), "500"],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for _ in range(5):
+        assert child.stdout.readline().strip() == "batch"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    with duckdb.connect(str(db_path)) as con:
+        projector = Projector(svc.bus, con)
+        assert 0 < sum(projector.positions().values()) < sum(svc.bus.end_offsets().values())
+        projector.catch_up()
+        resumed = snapshot(con)
+    with duckdb.connect(str(tmp_path / "clean.duckdb")) as con:
+        Projector(svc.bus, con).catch_up()
+        rebuilt = snapshot(con)
+    assert len(resumed["metrics"]) == 20_000
+    assert resumed == rebuilt
+
+
+def _broker(action: str, keep_data: bool = False) -> None:
+    env = {**os.environ, "RUNBUS_KAFKA_KEEP_DATA": "1" if keep_data else "0"}
+    subprocess.run(["bash", str(ROOT / "kafka" / "kafka.sh"), action], env=env, check=True,
+                   capture_output=True, timeout=180)
+
+
+@pytest.mark.skipif("RUNBUS_KAFKA_STATE" not in os.environ,
+                    reason="restarting the broker needs the broker make test started (RUNBUS_KAFKA_STATE)")
+def test_a_broker_restart_while_a_job_logs_loses_and_doubles_nothing(kafka_home: Path) -> None:
+    services()  # create the topic while the broker is up
+    outcome: dict[str, object] = {}
+    job = threading.Thread(target=lambda: outcome.update(
+        run=new_function().run(NewRun(handler=_metrics_job(10_000, 500, 0.25), name="through-outage"))))
+    job.start()
+    time.sleep(1.0)
+    _broker("down")
+    time.sleep(2.0)
+    _broker("up", keep_data=True)
+    job.join(300)
+
+    run = outcome["run"]
+    assert run.state == "completed"
+    db = get_run_db()
+    counts = db.sql("SELECT count(*) AS n, count(DISTINCT step) AS steps FROM metrics WHERE uid = ?", [run.uid])
+    assert (counts.n[0], counts.steps[0]) == (10_000, 10_000)
+
+
+def test_garbage_on_the_topic_goes_to_dead_letters(kafka_home: Path) -> None:
+    new_function().run(NewRun(handler=_metrics_job(3), name="before"))
+    services().bus.append([("junk", b"\x00garbage")])
+    new_function().run(NewRun(handler=_metrics_job(3), name="after"))
+    db = get_run_db()
+    assert db.sql("SELECT key FROM dead_letters").key.tolist() == ["junk"]
+    assert sorted(db.sql("SELECT name FROM runs WHERE state = 'completed'").name) == ["after", "before"]
+
+
+def test_push_copies_an_embedded_log_to_kafka_once(home: Path, kafka_bootstrap: str) -> None:
+    for i in range(3):
+        new_function().run(NewRun(handler=_metrics_job(100), name=f"offline{i}"))
+    services().writer.flush()
+    target = f"kafka://{kafka_bootstrap}"
+    topic = unique_topic()
+    env = {**os.environ, "RUNBUS_KAFKA_TOPIC": topic}
+    first = subprocess.run([RUNBUS, "push", "--to", target], env=env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([RUNBUS, "push", "--to", target], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "pushed 0 events" in second.stdout
+
+    kafka = KafkaBus(kafka_bootstrap, topic=topic, partitions=6)
+    try:
+        local_events = sum(services().bus.end_offsets().values())
+        assert sum(kafka.end_offsets().values()) == local_events
+        with duckdb.connect(":memory:") as con:
+            Projector(kafka, con).catch_up()
+            assert con.execute("SELECT count(*) FROM metrics").fetchone()[0] == 300
+            assert con.execute("SELECT count(*) FROM runs WHERE state = 'completed'").fetchone()[0] == 3
+    finally:
+        kafka.close()
+
+
+def test_the_follower_keeps_queries_fresh_and_stops_on_sigterm(kafka_home: Path) -> None:
+    env = {**os.environ}
+    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        new_function().run(NewRun(handler=_metrics_job(50), name="while-following"))
+        listed = subprocess.run([RUNBUS, "runs", "--format", "csv"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert "while-following" in listed.stdout
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    assert "projector stopped" in out
+
+
+@pytest.mark.dask
+def test_the_seed_sweep_on_dask_writes_through_kafka(kafka_home: Path) -> None:
+    from tests.support import handlers
+
+    task = NewRun(handler=handlers.seed_like).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
+    run = new_function(command="dask://").run(task, quiet=True)
+    assert run.state == "completed", run.error
+    assert run.results["best_iteration"] == 2
+    assert len(run.artifact("iteration_results").as_df()) == 3
