@@ -11,6 +11,7 @@ TEST_KAFKA_PORT ?= 19092
 TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19093 \
                    RUNBUS_KAFKA_STATE=$(CURDIR)/kafka/.state-test
 PYTEST_ARGS     ?=
+BENCH_ARGS      ?=
 
 .PHONY: install demo test lint bench kafka-up kafka-down kafka-logs clean
 
@@ -35,7 +36,9 @@ test: install lint
 	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
 
 bench: install
-	$(BIN)/python -m benchmarks
+	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up
+	@RUNBUS_BENCH_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/python -m benchmarks $(BENCH_ARGS); \
+	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
 
 kafka-up:
 	RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh up

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import pipeline
+from benchmarks import pipeline, sweep
 
 
 def main() -> None:
@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is shown")
     parser.add_argument("--kafka", default=os.environ.get("RUNBUS_BENCH_KAFKA"),
                         help="host:port of a broker for the Kafka figures")
+    parser.add_argument("--sweep-iterations", type=int, default=1_000)
     args = parser.parse_args()
 
     figures: dict[str, float] = {}
@@ -34,6 +35,11 @@ def main() -> None:
         kafka = sorted((pipeline.end_to_end(args.events, f"kafka://{args.kafka}") for _ in range(args.repeat)),
                        key=lambda r: r["events_per_s"])
         figures["kafka_events_per_s"] = kafka[len(kafka) // 2]["events_per_s"]
+    sweeps = sorted((sweep.sweep_vs_map(args.sweep_iterations) for _ in range(args.repeat)),
+                    key=lambda r: r["sweep_over_map"])
+    figures["sweep_s"] = sweeps[len(sweeps) // 2]["sweep_s"]
+    figures["client_map_s"] = sweeps[len(sweeps) // 2]["client_map_s"]
+    figures["sweep_over_map"] = sweeps[len(sweeps) // 2]["sweep_over_map"]
 
     table = Table(title=f"runbus benchmarks ({args.events:,} events, median of {args.repeat})")
     table.add_column("figure")
@@ -43,6 +49,9 @@ def main() -> None:
         "embedded_events_per_s": ("producer -> SQL rows, embedded bus", "{:,.0f} events/s"),
         "kafka_events_per_s": ("producer -> SQL rows, Kafka", "{:,.0f} events/s"),
         "embedded_rebuild_s": (f"rebuild of {args.events:,} events", "{:.2f} s"),
+        "sweep_s": (f"{args.sweep_iterations:,}-iteration sweep on dask://", "{:.2f} s"),
+        "client_map_s": ("bare client.map of the same function, same cluster", "{:.2f} s"),
+        "sweep_over_map": ("sweep / client.map", "{:.2f}x"),
     }
     for key, value in figures.items():
         label, fmt = labels[key]

@@ -215,6 +215,17 @@ def push(
 
 
 @app.command()
+def reap(
+    silent: Annotated[float | None, typer.Option(help="seconds without events (default: 3 heartbeats)")] = None,
+) -> None:
+    """Mark runs whose heartbeats stopped (their process died) as 'lost'."""
+    from engine.reaper import reap as reap_runs
+
+    lost = reap_runs(services(), silent)
+    console.print(f"marked {len(lost)} run(s) lost" + (": " + ", ".join(lost) if lost else ""))
+
+
+@app.command()
 def tail(
     run_uid: Annotated[str | None, typer.Option("--run", help="only this run's events")] = None,
     types: Annotated[str | None, typer.Option("--type", help="comma-separated event types")] = None,

@@ -12,6 +12,7 @@ from typing import Any
 from engine.bootstrap import Services, services
 from engine.loader import load_handler
 from engine.progress import SweepProgress
+from engine.reaper import mark_lost, reap, running_runs
 from engine.runspec import RunSpec
 from engine.runtimes.pools import open_pool
 from engine.sweep.iteration import IterationOutcome, run_iteration
@@ -84,27 +85,12 @@ def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
 
 def _settle_orphans(svc: Services, parent_uid: str) -> None:
     """Iterations left 'running' by a dead driver: wait for fresh ones, mark stale ones 'lost'."""
-    lost_after = 3 * svc.settings.heartbeat_interval_s
-    deadline = time.monotonic() + lost_after + 5
+    deadline = time.monotonic() + 3 * svc.settings.heartbeat_interval_s + 5
     while True:
-        db = svc.run_db()
-        running = db.sql("SELECT r.uid, epoch(now()) - epoch(r.last_event_at) AS silent_s, "
-                         "(SELECT max(seq) FROM events e WHERE e.run_uid = r.uid) AS last_seq "
-                         "FROM runs r WHERE parent_uid = ? AND state = 'running'", [parent_uid])
-        stale = running[running.silent_s > lost_after]
-        for row in stale.itertuples():
-            mark_lost(svc, row.uid, int(row.last_seq) + 1, f"no heartbeat for {row.silent_s:.0f}s")
-        if len(stale) == len(running) or time.monotonic() > deadline:
-            svc.writer.flush()
+        reap(svc, parent_uid=parent_uid)
+        if running_runs(svc, parent_uid).empty or time.monotonic() > deadline:
             return
         time.sleep(min(1.0, svc.settings.heartbeat_interval_s))
-
-
-def mark_lost(svc: Services, uid: str, next_seq: int, reason: str) -> None:
-    """End a run whose process died: run_finished with state 'lost', written on its behalf."""
-    svc.writer.emit(uid, next_seq, "run_finished", {
-        "state": "lost", "error": f"lost: {reason}", "traceback": None, "return_value": None,
-        "duration_s": 0.0})
 
 
 def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepState) -> RunContext:
@@ -120,7 +106,8 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
         parent.finish(error=exc)
         return parent
     spec = pool.prepare(spec)
-    window = sweep.parallel_runs or pool.capacity
+    # Tight windows only where results steer dispatch; otherwise keep every worker busy.
+    window = sweep.parallel_runs or (pool.capacity if (stop or sweep.max_errors) else max(1, len(state.pending)))
     inflight: dict[Any, int] = {}
     total = len(state.done) + len(state.pending)
     try:

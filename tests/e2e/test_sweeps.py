@@ -147,10 +147,10 @@ def _comparable(parent_uid: str) -> tuple:
     return (record["state"], record["results"], csv, finished.values.tolist(), results.values.tolist())
 
 
-def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(home: Path, tmp_path: Path,
+def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(bus_home: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
-    env = {**os.environ, "RUNBUS_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "RUNBUS_HOME": str(bus_home), "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, "0.15"], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, text=True)
     db = get_run_db()
@@ -186,7 +186,7 @@ def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(home: Pat
 
 
 @pytest.mark.dask
-def test_an_iteration_whose_worker_dies_ends_lost(home: Path, tmp_path: Path,
+def test_an_iteration_whose_worker_dies_ends_lost(bus_home: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
     from engine.bootstrap import reset_services
@@ -201,3 +201,44 @@ def test_an_iteration_whose_worker_dies_ends_lost(home: Path, tmp_path: Path,
     assert "no heartbeat" in get_run_db().read_run(lost.uid.iloc[0])["error"]
     assert get_run_db().sql("SELECT count(*) AS n FROM runs WHERE state = 'running'").n[0] == 0
     assert json.loads(json.dumps(run.results))["best_iteration"] == 3
+
+
+NOTEBOOK_CELL = """
+from engine import NewRun, new_function
+
+def cell_handler(context, p=0):      # defined in __main__, as in a notebook cell
+    context.log_result('cube', p ** 3)
+
+run = new_function(command='dask://').run(NewRun(handler=cell_handler), hyperparams={'p': [1, 3, 2]},
+                                          selector='max.cube', quiet=True)
+print(run.state, run.results['best_iteration'], run.results['cube'])
+"""
+
+
+@pytest.mark.dask
+def test_a_handler_defined_in_main_like_a_notebook_cell_runs_on_dask(home: Path, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", NOTEBOOK_CELL], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "RUNBUS_HOME": str(home), "PYTHONPATH": str(ROOT)}, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "completed 2 27"
+
+
+def test_reap_marks_runs_whose_process_died_as_lost(home: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.2")
+    env = {**os.environ, "RUNBUS_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    script = ("import os, signal, time\n"
+              "from engine import NewRun, new_function\n"
+              "def doomed(context):\n"
+              "    context.log_result('step', 1)\n"
+              "    time.sleep(0.5)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "new_function().run(NewRun(handler=doomed))\n")
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, timeout=60)
+    assert get_run_db().sql("SELECT state FROM runs").state.tolist() == ["running"]
+    time.sleep(1.0)
+    reaped = subprocess.run([RUNBUS, "reap"], env=env, capture_output=True, text=True, timeout=60)
+    assert reaped.returncode == 0, reaped.stderr
+    assert "marked 1 run(s) lost" in reaped.stdout
+    row = get_run_db().sql("SELECT state, error FROM runs").iloc[0]
+    assert row.state == "lost" and "no heartbeat" in row.error
