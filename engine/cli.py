@@ -131,9 +131,12 @@ def runs(
     columns = ["uid", "name", "iteration", "state", "labels", "started_at", "duration_s"]
     shown = frame[columns].copy()
     if fmt == "table":
-        shown["uid"] = shown["uid"].str[:12]
-        shown["duration_s"] = shown["duration_s"].round(3)
-        shown["started_at"] = shown["started_at"].astype(str).str[:19]
+        shown["uid"] = shown["uid"].str[:8]
+        shown["duration_s"] = shown["duration_s"].round(2)
+        shown["started_at"] = shown["started_at"].astype(str).str[5:19]
+        shown["labels"] = [", ".join(f"{k}={v}" for k, v in json.loads(x).items()) if isinstance(x, str) else ""
+                           for x in shown["labels"]]
+        shown = shown.rename(columns={"iteration": "iter", "duration_s": "secs", "started_at": "started"})
     print_frame(shown, fmt, title=f"runs ({len(frame)})")
 
 

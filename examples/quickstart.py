@@ -54,4 +54,11 @@ if __name__ == "__main__":
     run = new_function().run(task)
     run.show()
 
-    print(get_run_db().list_runs()[["uid", "name", "state", "labels", "duration_s"]].to_string())
+    # run the same handler over three values of p1; the lowest loss wins (iteration 2, p1=2)
+    task = NewRun(handler=handler).with_hyper_params({'p1': [5, 2, 3]}, 'min.loss')
+    run = new_function().run(task)
+    print(run.artifact('iteration_results').as_df().to_string(index=False))
+    print(f"best iteration: {run.results['best_iteration']}")
+
+    print(get_run_db().sql("SELECT r.name, r.iteration, k.key, k.value FROM runs r JOIN results k USING (uid) "
+                           "WHERE r.iteration = 0 ORDER BY r.started_at, k.key").to_string(index=False))
