@@ -10,7 +10,7 @@ from typing import Any
 
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import reset_services, services
-from projections import Projector, open_projection
+from projections import open_projection
 
 
 def _use_home(bus_url: str | None) -> None:
@@ -56,7 +56,7 @@ def end_to_end(events: int = 200_000, bus_url: str | None = None) -> dict[str, f
     svc = services()
     with open_projection(svc.settings.db_path) as con:
         rebuild_began = time.perf_counter()
-        Projector(svc.bus, con, svc.codec).rebuild()
+        svc.projector(con).rebuild()
         rebuild_s = time.perf_counter() - rebuild_began
     reset_services()
     return {"events": events, "events_per_s": events / elapsed, "seconds": elapsed,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from engine.bootstrap import services
 from engine.function import Function, new_function
 from engine.run import RunObject
@@ -10,11 +12,28 @@ from engine.task import NewRun, RunTemplate, new_task
 from projections import RunDB
 
 
-def get_run_db() -> RunDB:
-    """The query API over the current RUNBUS_HOME / RUNBUS_BUS (waits for pending events)."""
+class EngineRunDB(RunDB):
+    """The query API plus the actions that execute runs (rerun, resume)."""
+
+    def rerun(self, uid: str, params: dict | None = None, strict: bool = False) -> RunObject:
+        """Execute a recorded run again (see `engine.rerun.rerun`)."""
+        from engine.rerun import rerun
+
+        return rerun(uid, params, strict)
+
+    def resume(self, parent_uid: str) -> RunObject:
+        return resume(parent_uid)
+
+
+def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:
+    """The query API over the current RUNBUS_HOME / RUNBUS_BUS (waits for pending events).
+
+    `as_of` answers from the tables as they were at that events.position or time.
+    """
     svc = services()
     svc.writer.flush()
-    return svc.run_db()
+    return EngineRunDB(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
+                       svc.user_projections, as_of)
 
 
 def resume(parent_uid: str) -> RunObject:

@@ -3,15 +3,22 @@ Nothing else in Runbus constructs infrastructure."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
+
+import duckdb
 
 from engine.settings import Settings, SettingsError, load_settings
 from producers.artifact_store import ArtifactStore
 from producers.bus import Bus
 from producers.writer import BackgroundWriter
-from projections import RunDB
+from projections import Projector, RunDB
+from projections.user import UserProjection
 from schemas import EventCodec
 
 
@@ -35,6 +42,27 @@ def make_bus(url: str, settings: Settings) -> Bus:
                         f"'sqlite:///path/to/log.sqlite' or 'kafka://host:port'")
 
 
+ENTRY_POINT_GROUP = "runbus.projections"
+
+
+def load_user_projections(references: tuple[str, ...]) -> list[UserProjection]:
+    """User projections named in settings ("module:Class") and installed under the entry point group."""
+    found: list[Any] = [ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    for reference in references:
+        module_name, sep, attribute = reference.partition(":")
+        if not sep:
+            raise SettingsError(f"RUNBUS_PROJECTIONS entry {reference!r} must look like 'module:Class'")
+        try:
+            found.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError) as exc:
+            raise SettingsError(f"RUNBUS_PROJECTIONS entry {reference!r} cannot be loaded: {exc}") from None
+    projections = [item() if isinstance(item, type) else item for item in found]
+    for projection in projections:
+        if not isinstance(projection, UserProjection) or not projection.name:
+            raise SettingsError(f"{projection!r} is not a UserProjection with a name")
+    return projections
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -42,9 +70,14 @@ class Services:
     bus: Bus
     writer: BackgroundWriter
     artifact_store: ArtifactStore
+    user_projections: list[UserProjection]
 
-    def run_db(self) -> RunDB:
-        return RunDB(self.bus, self.settings.db_path, self.codec, self.settings.db_timeout_s)
+    def run_db(self, as_of: int | datetime | str | None = None) -> RunDB:
+        return RunDB(self.bus, self.settings.db_path, self.codec, self.settings.db_timeout_s,
+                     self.user_projections, as_of)
+
+    def projector(self, con: duckdb.DuckDBPyConnection, batch_size: int = 50_000) -> Projector:
+        return Projector(self.bus, con, self.codec, batch_size, self.user_projections)
 
     def close(self) -> None:
         self.writer.close()
@@ -67,7 +100,8 @@ def services(settings: Settings | None = None) -> Services:
             found = Services(settings, codec, bus,
                              BackgroundWriter(bus, codec, settings.flush_interval_s,
                                               heartbeat_interval_s=settings.heartbeat_interval_s),
-                             ArtifactStore(settings.artifact_root))
+                             ArtifactStore(settings.artifact_root),
+                             load_user_projections(settings.projections))
             _services[settings] = found
         return found
 

@@ -21,8 +21,8 @@ from engine.task import RunTemplate
 
 app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _parse_value(text: str) -> Any:
@@ -151,9 +151,66 @@ def show(uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of 
 def sql(
     query: Annotated[str, typer.Argument(help="a read-only SQL query over the projection tables")],
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    as_of: Annotated[str | None, typer.Option("--as-of", help="an events.position or a time (UTC if no zone)")] = None,
 ) -> None:
     """Run read-only SQL over runs, params, results, metrics, labels, artifacts, events."""
-    print_frame(services().run_db().sql(query), fmt)
+    print_frame(services().run_db(as_of).sql(query), fmt)
+
+
+@app.command()
+def rerun(
+    uid: Annotated[str, typer.Argument(help="the run to execute again (uid or unique prefix)")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="override: key=value")] = None,
+    strict: Annotated[bool, typer.Option(help="fail when an input changed since the run")] = False,
+    secrets: Annotated[Path | None, typer.Option(help="file of KEY=VALUE secrets")] = None,
+) -> None:
+    """Execute a recorded run again: same handler, params, inputs, labels and secret keys."""
+    from engine.rerun import rerun as rerun_run
+    from engine.secrets import SecretSource
+
+    sources = [SecretSource("file", str(secrets))] if secrets else []
+    overrides = {k: _parse_value(v) for k, v in _pairs(param, "param").items()}
+    _finish(rerun_run(uid, overrides, strict, sources))
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[list[str] | None, typer.Option("--run", help="only this run (and its iterations)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
+    with_artifacts: Annotated[Path | None, typer.Option(help="also write the artifact bodies to this .tar.gz")] = None,
+) -> None:
+    """Write events as an Avro object container file."""
+    from engine.archive import bundle_artifacts, export_events, selected_events
+
+    svc = services()
+    svc.writer.flush()
+    events = selected_events(svc.bus, svc.codec, run or [])
+    if out is None:
+        exported = export_events(events, svc.codec, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        with out.open("wb") as target:
+            exported = export_events(events, svc.codec, target)
+    message = f"exported {len(exported)} events"
+    if with_artifacts:
+        message += f", {bundle_artifacts(exported, with_artifacts)} artifact bodies to {with_artifacts}"
+    errors.print(message)
+
+
+@app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="an Avro file written by runbus export")],
+    artifacts: Annotated[Path | None, typer.Option(help="the .tar.gz written by export --with-artifacts")] = None,
+) -> None:
+    """Append the file's events to the current bus; events already there are skipped."""
+    from engine.archive import import_events, unpack_artifacts
+
+    svc = services()
+    if artifacts:
+        console.print(f"stored {unpack_artifacts(artifacts, svc.artifact_store)} artifact bodies")
+    with file.open("rb") as source:
+        report = import_events(source, svc.bus, svc.codec)
+    console.print(f"imported {report.copied} events ({report.already_there} already there)")
 
 
 @app.command()
@@ -162,7 +219,7 @@ def project(
     follow: Annotated[bool, typer.Option(help="keep folding new events until Ctrl-C / SIGTERM")] = False,
 ) -> None:
     """Bring the DuckDB projection up to date with the bus (or keep it so with --follow)."""
-    from projections import Projector, open_projection
+    from projections import open_projection
 
     svc = services()
     if follow:
@@ -170,7 +227,7 @@ def project(
         return
     started = time.perf_counter()
     with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
-        projector = Projector(svc.bus, con, svc.codec)
+        projector = svc.projector(con)
         count = projector.rebuild() if rebuild else projector.catch_up()
     console.print(f"{'rebuilt from' if rebuild else 'applied'} {count} records "
                   f"in {time.perf_counter() - started:.2f}s")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from engine.bootstrap import Services
 from producers.bus import lag
-from projections import Projector, open_projection
+from projections import open_projection
 
 
 def follow(svc: Services, stop: threading.Event, report: Callable[[int, int], None],
@@ -23,7 +23,7 @@ def follow(svc: Services, stop: threading.Event, report: Callable[[int, int], No
     while not stop.is_set():
         applied = 0
         with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
-            projector = Projector(svc.bus, con, svc.codec)
+            projector = svc.projector(con)
             deadline = time.monotonic() + hold_s
             while not stop.is_set() and time.monotonic() < deadline:
                 consumed = projector.run_once()

@@ -32,10 +32,11 @@ class RunObject:
                    context.error, context.traceback, context.iteration)
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> RunObject:
+    def from_record(cls, record: dict[str, Any], store_root: str | None = None) -> RunObject:
         """A run object from a projection record (`RunDB.read_run`)."""
         artifacts = {a["key"]: DataItem(a["key"], a["uri"], a["format"], a["kind"], a["sha256"],
-                                        a["size"], a["labels"], a["meta"]) for a in record["artifacts"]}
+                                        a["size"], a["labels"], a["meta"], store_root)
+                     for a in record["artifacts"]}
         return cls(record["uid"], record["name"], record["project"], record["state"],
                    dict(record["results"]), artifacts, dict(record["labels"]), dict(record["params"]),
                    record["error"] if isinstance(record["error"], str) else None,

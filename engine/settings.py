@@ -23,6 +23,7 @@ class Settings:
     dask_workers: int = 2
     kafka_topic: str = "runbus-events"
     kafka_partitions: int = 6
+    projections: tuple[str, ...] = ()
 
     @property
     def db_path(self) -> Path:
@@ -53,7 +54,8 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment: RUNBUS_HOME (default ./.runbus), RUNBUS_BUS (default: the
     embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_FLUSH_INTERVAL,
-    RUNBUS_HEARTBEAT_INTERVAL, RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS."""
+    RUNBUS_HEARTBEAT_INTERVAL, RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
+    RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas)."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
     return Settings(
@@ -66,4 +68,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dask_workers=int(_number(env, "RUNBUS_DASK_WORKERS", 2, int)),
         kafka_topic=env.get("RUNBUS_KAFKA_TOPIC") or "runbus-events",
         kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
+        projections=tuple(p.strip() for p in (env.get("RUNBUS_PROJECTIONS") or "").split(",") if p.strip()),
     )

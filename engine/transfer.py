@@ -21,7 +21,7 @@ class TransferReport:
 def event_ids(bus: Bus, codec: EventCodec) -> set[str]:
     """The ids of every event on `bus`."""
     found: set[str] = set()
-    for value in _values(bus):
+    for value in all_values(bus):
         try:
             found.add(codec.decode(value).event_id)
         except DecodeError:
@@ -29,7 +29,8 @@ def event_ids(bus: Bus, codec: EventCodec) -> set[str]:
     return found
 
 
-def _values(bus: Bus) -> Iterable[bytes]:
+def all_values(bus: Bus) -> Iterable[bytes]:
+    """Every record's bytes, from offset 0 to the end as it was when reading began."""
     positions: dict[int, int] = {}
     end = bus.end_offsets()
     while any(positions.get(p, 0) < offset for p, offset in end.items()):
@@ -67,4 +68,4 @@ def append_new(values: Iterable[bytes], target: Bus, codec: EventCodec) -> Trans
 
 def push(source: Bus, target: Bus, codec: EventCodec) -> TransferReport:
     """Copy every event of `source` that `target` lacks; pushing twice copies nothing new."""
-    return append_new(_values(source), target, codec)
+    return append_new(all_values(source), target, codec)

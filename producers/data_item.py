@@ -30,12 +30,17 @@ class DataItem:
     size: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    store_root: str | None = None  # where to find the body by sha256 when the URI is from another machine
 
     def local(self) -> str:
         parsed = urlparse(self.uri)
         if parsed.scheme in ("", "file"):
-            path = unquote(parsed.path) if parsed.scheme == "file" else self.uri
-            return str(Path(path))
+            path = Path(unquote(parsed.path) if parsed.scheme == "file" else self.uri)
+            if not path.exists() and self.sha256 and self.store_root:
+                stored = Path(self.store_root) / self.sha256[:2] / self.sha256
+                if stored.exists():
+                    return str(stored)
+            return str(path)
         raise ValueError(f"{self.key!r}: only local files and file:// URIs are supported, got {self.uri!r}")
 
     def get(self) -> bytes:

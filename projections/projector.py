@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import duckdb
 
 from producers.bus import Bus, BusRecord
 from projections.fold import TableBatch, fold
+from projections.replay import stored_events
 from projections.tables import PROJECTION_VERSION, create_tables, drop_tables, stored_version
+from projections.user import UserProjection
 from projections.writer import write_batch
-from schemas import DecodeError, EventCodec
+from schemas import DecodeError, Event, EventCodec
 
 
 @dataclass(frozen=True)
@@ -31,16 +33,19 @@ class Progress:
 
 class Projector:
     def __init__(self, bus: Bus, con: duckdb.DuckDBPyConnection, codec: EventCodec | None = None,
-                 batch_size: int = 50_000) -> None:
+                 batch_size: int = 50_000, user_projections: Sequence[UserProjection] = ()) -> None:
         self.bus = bus
         self.con = con
         self.codec = codec or EventCodec()
         self.batch_size = batch_size
+        self.user_projections = list(user_projections)
         con.execute("SET TimeZone = 'UTC'")
         version = stored_version(con)
         if version is not None and version != PROJECTION_VERSION:
-            drop_tables(con)  # built by another version: fold the log again
+            self._drop_all()  # built by another version: fold the log again
         create_tables(con)
+        for projection in self.user_projections:
+            self._ensure_user_projection(projection)
 
     def positions(self) -> dict[int, int]:
         return dict(self.con.execute("SELECT partition, next_offset FROM positions").fetchall())
@@ -70,12 +75,47 @@ class Projector:
             total += consumed
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
-        """Drop every table and fold the whole log again."""
+        """Drop every table (user projections' too) and fold the whole log again."""
         self.con.execute("BEGIN")
-        drop_tables(self.con)
+        self._drop_all()
         create_tables(self.con)
+        for projection in self.user_projections:
+            projection.create(self.con)
+            self._set_user_version(projection)
         self.con.execute("COMMIT")
         return self.catch_up(on_progress)
+
+    def apply_events(self, decoded: list[tuple[BusRecord, Event]]) -> None:
+        """Fold already-decoded events (e.g. replayed from another projection); positions unchanged."""
+        self._fold_and_commit(decoded, TableBatch(), self.positions())
+
+    def _drop_all(self) -> None:
+        for projection in self.user_projections:
+            projection.drop(self.con)
+        drop_tables(self.con)
+
+    def _ensure_user_projection(self, projection: UserProjection) -> None:
+        """Create a new user projection, or rebuild one of another version, from the events table."""
+        key = f"user:{projection.name}"
+        row = self.con.execute("SELECT value FROM projection_meta WHERE key = ?", [key]).fetchone()
+        if row is not None and int(row[0]) == projection.version:
+            projection.create(self.con)
+            return
+        self.con.execute("BEGIN")
+        try:
+            projection.drop(self.con)
+            projection.create(self.con)
+            for chunk in stored_events(self.con):
+                projection.apply(self.con, [event for _, event in chunk])
+            self._set_user_version(projection)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def _set_user_version(self, projection: UserProjection) -> None:
+        self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES (?, ?)",
+                         [f"user:{projection.name}", str(projection.version)])
 
     def _apply(self, records: list[BusRecord], positions: dict[int, int]) -> None:
         batch = TableBatch()
@@ -87,6 +127,13 @@ class Projector:
             except DecodeError as exc:
                 batch.dead_letters.append((record.partition, record.offset, record.key, str(exc),
                                            record.value, received))
+        for record in records:
+            positions[record.partition] = record.offset + 1
+        self._fold_and_commit(decoded, batch, positions)
+
+    def _fold_and_commit(self, decoded: list[tuple[BusRecord, Event]], batch: TableBatch,
+                         positions: dict[int, int]) -> None:
+        accepted: list[Event] = []
         uids = list({event.run_uid for _, event in decoded})
         last_seq = self._last_seqs(uids)
         position = self._next_position()
@@ -95,12 +142,11 @@ class Projector:
                 continue  # already applied (a replayed or pushed-twice record)
             last_seq[event.run_uid] = event.seq
             fold(batch, event)
+            accepted.append(event)
             batch.events.append((position, record.partition, record.offset, event.event_id,
                                  event.run_uid, event.seq, event.type, event.ts,
                                  json.dumps(event.payload)))
             position += 1
-        for record in records:
-            positions[record.partition] = record.offset + 1
         batch.positions = positions
         batch.run_progress = {uid: last_seq[uid] for uid in uids if uid in last_seq}
         batch.next_position = position
@@ -108,6 +154,9 @@ class Projector:
         con.execute("BEGIN")
         try:
             write_batch(con, batch)
+            for projection in self.user_projections:
+                if accepted:
+                    projection.apply(con, accepted)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

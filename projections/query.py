@@ -15,6 +15,8 @@ import pandas as pd
 from producers.bus import Bus
 from projections.database import open_projection
 from projections.projector import Projector
+from projections.replay import stored_events
+from projections.user import UserProjection
 from schemas import EventCodec
 
 _SORTABLE = ("uid", "parent_uid", "iteration", "project", "name", "state", "started_at",
@@ -45,22 +47,48 @@ class RunDB:
     """Runs, params, results, metrics, labels and artifacts as projected from the bus."""
 
     def __init__(self, bus: Bus, db_path: str | os.PathLike[str], codec: EventCodec | None = None,
-                 lock_timeout_s: float = 60.0) -> None:
+                 lock_timeout_s: float = 60.0, user_projections: Sequence[UserProjection] = (),
+                 as_of: int | datetime | str | None = None) -> None:
+        """`as_of`: answer from the tables as they were at that events.position (an int) or time."""
         self.bus = bus
         self.db_path = db_path
         self.codec = codec or EventCodec()
         self.lock_timeout_s = lock_timeout_s
+        self.user_projections = list(user_projections)
+        self.as_of = as_of
+
+    def _projector(self, con: duckdb.DuckDBPyConnection) -> Projector:
+        return Projector(self.bus, con, self.codec, user_projections=self.user_projections)
 
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """The projection, caught up with the bus, held for the duration of the block."""
+        if self.as_of is not None:
+            with self._as_of_connection() as con:
+                yield con
+            return
         with open_projection(self.db_path, self.lock_timeout_s) as con:
-            Projector(self.bus, con, self.codec).catch_up()
+            self._projector(con).catch_up()
             yield con
+
+    @contextmanager
+    def _as_of_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A temporary in-memory projection of the events up to `as_of`; the live one is only read."""
+        where, params = _cutoff(self.as_of)
+        past = duckdb.connect(":memory:")
+        try:
+            replay = self._projector(past)
+            with open_projection(self.db_path, self.lock_timeout_s) as live:
+                self._projector(live).catch_up()
+                for chunk in stored_events(live, where, params):
+                    replay.apply_events(chunk)
+            yield past
+        finally:
+            past.close()
 
     def catch_up(self) -> int:
         with open_projection(self.db_path, self.lock_timeout_s) as con:
-            return Projector(self.bus, con, self.codec).catch_up()
+            return self._projector(con).catch_up()
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run a read-only SQL query over the projection tables."""
@@ -131,6 +159,22 @@ class RunDB:
                 "SELECT key, arg_max(value, rowid) FROM metrics "
                 "WHERE uid = ? GROUP BY key ORDER BY key", [full_uid]).fetchall())
             return run
+
+
+def _cutoff(as_of: int | datetime | str | None) -> tuple[str, list[Any]]:
+    if isinstance(as_of, bool):
+        raise TypeError("as_of must be an events.position (int) or a time")
+    if isinstance(as_of, int):
+        return "position <= ?", [as_of]
+    if isinstance(as_of, str) and as_of.strip().lstrip("-").isdigit():
+        return "position <= ?", [int(as_of)]
+    try:
+        moment = pd.Timestamp(as_of)
+    except (ValueError, TypeError):
+        raise ValueError(f"as_of {as_of!r} is neither an events.position nor a time") from None
+    if moment.tzinfo is None:
+        moment = moment.tz_localize("UTC")
+    return "ts <= ?::TIMESTAMPTZ", [moment.isoformat()]
 
 
 def _resolve_uid(con: duckdb.DuckDBPyConnection, uid: str) -> str:

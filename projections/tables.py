@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 1
+PROJECTION_VERSION = 2
 
 PUBLIC_TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "events",
                  "dead_letters")
@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     partition INTEGER, "offset" BIGINT, key VARCHAR, error VARCHAR, raw BLOB,
     received_at TIMESTAMPTZ
 );
+CREATE OR REPLACE VIEW result_history AS
+    SELECT run_uid AS uid, payload->>'$.key' AS key, (payload->>'$.value')::JSON AS value,
+           TRY_CAST(payload->>'$.value' AS DOUBLE) AS value_num, position, ts
+    FROM events WHERE type = 'result';
 CREATE TABLE IF NOT EXISTS run_progress (uid VARCHAR PRIMARY KEY, last_seq BIGINT);
 CREATE TABLE IF NOT EXISTS positions (partition INTEGER PRIMARY KEY, next_offset BIGINT);
 CREATE TABLE IF NOT EXISTS projection_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -56,6 +60,7 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def drop_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("DROP VIEW IF EXISTS result_history")
     for table in PUBLIC_TABLES + INTERNAL_TABLES:
         con.execute(f"DROP TABLE IF EXISTS {table}")
 

@@ -78,13 +78,32 @@ class EventCodec:
     def fingerprint(self) -> bytes:
         return self._writer.fingerprint
 
-    def encode(self, event: Event) -> bytes:
-        record = {
+    @property
+    def schema(self) -> Any:
+        """The parsed current schema (for Avro container files of events)."""
+        return self._writer.parsed
+
+    @staticmethod
+    def to_record(event: Event) -> dict[str, Any]:
+        """The event as an Avro record of the envelope schema (union payload in tuple notation)."""
+        return {
             "event_id": event.event_id, "run_uid": event.run_uid, "seq": event.seq,
             "type": event.type, "ts": event.ts, "host": event.host, "pid": event.pid,
             "schema_version": event.schema_version,
             "payload": (RECORD_OF_TYPE[event.type], event.payload),
         }
+
+    @staticmethod
+    def from_record(record: dict[str, Any]) -> Event:
+        """The event of a record read with return_record_name=True."""
+        record_name, payload = record["payload"]
+        if TYPE_OF_RECORD.get(record_name) != record["type"]:
+            raise DecodeError(f"event type {record['type']!r} does not match payload {record_name}")
+        return Event(record["event_id"], record["run_uid"], record["seq"], record["type"],
+                     record["ts"], record["host"], record["pid"], payload, record["schema_version"])
+
+    def encode(self, event: Event) -> bytes:
+        record = self.to_record(event)
         out = io.BytesIO()
         out.write(self._header)
         try:
@@ -102,10 +121,6 @@ class EventCodec:
         try:
             record = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
                                                 self._writer.parsed, return_record_name=True)
-            record_name, payload = record["payload"]
         except Exception as exc:  # fastavro raises many kinds on corrupt bytes
             raise DecodeError(f"corrupt event record: {exc!r}") from exc
-        if TYPE_OF_RECORD.get(record_name) != record["type"]:
-            raise DecodeError(f"event type {record['type']!r} does not match payload {record_name}")
-        return Event(record["event_id"], record["run_uid"], record["seq"], record["type"],
-                     record["ts"], record["host"], record["pid"], payload, record["schema_version"])
+        return self.from_record(record)

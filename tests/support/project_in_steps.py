@@ -10,12 +10,10 @@ import sys
 import duckdb
 
 from engine.bootstrap import services
-from projections import Projector
 
 if __name__ == "__main__":
     db_path, batch_size = sys.argv[1], int(sys.argv[2])
-    svc = services()
-    projector = Projector(svc.bus, duckdb.connect(db_path), svc.codec, batch_size=batch_size)
+    projector = services().projector(duckdb.connect(db_path), batch_size)
     while projector.run_once(timeout=1.0):
         print("batch", flush=True)
     print("done", flush=True)

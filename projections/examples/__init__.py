@@ -1,0 +1,1 @@
+"""Example user projections shipped with Runbus."""

@@ -1,0 +1,29 @@
+"""Reading folded events back out of the `events` table (time travel, user projection rebuilds)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import duckdb
+
+from producers.bus import BusRecord
+from schemas import Event
+
+_CHUNK = 50_000
+
+
+def stored_events(con: duckdb.DuckDBPyConnection, where: str = "TRUE",
+                  params: Sequence[Any] = ()) -> Iterator[list[tuple[BusRecord, Event]]]:
+    """Chunks of (record address, event) from the events table, in position order.
+
+    Reads through its own cursor, so the caller may write on `con` between chunks.
+    """
+    cursor = con.cursor().execute(
+        f'SELECT position, partition, "offset", event_id, run_uid, seq, type, epoch(ts), payload '
+        f"FROM events WHERE {where} ORDER BY position", list(params))
+    while rows := cursor.fetchmany(_CHUNK):
+        yield [(BusRecord(partition, offset, run_uid, b"", ts),
+                Event(event_id, run_uid, seq, kind, ts, "", 0, json.loads(payload)))
+               for _, partition, offset, event_id, run_uid, seq, kind, ts, payload in rows]

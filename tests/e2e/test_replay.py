@@ -1,0 +1,207 @@
+"""Replay from the log: time travel, history, rerun, export/import, user projections, tail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+from engine.bootstrap import reset_services, services
+from engine.loader import load_handler
+from producers.bus.embedded import EmbeddedBus
+from projections import Projector, open_projection
+from tests.support import handlers
+from tests.support.tables import WHERE_IT_SITS, snapshot
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+LEADERBOARD = "projections.examples.leaderboard:Leaderboard"
+
+
+def _evolving(context, rounds=3):
+    for r in range(rounds):
+        context.log_result("accuracy", 0.5 + r / 10)
+        context.log_metric("loss", 1.0 / (r + 1), step=r)
+        context.set_label("round", r)
+    return rounds
+
+
+def _record(count: int = 3) -> list[str]:
+    return [new_function().run(NewRun(handler=_evolving, name=f"r{i % 2}", params={"rounds": 2 + i})).uid
+            for i in range(count)]
+
+
+def test_as_of_positions_equal_tables_of_a_truncated_log(bus_home: Path, tmp_path: Path) -> None:
+    _record()
+    db = get_run_db()
+    order = db.sql('SELECT position, partition, "offset" FROM events ORDER BY position')
+    raw = {(r.partition, r.offset): (r.key, r.value) for r in services().bus.read({}, 100_000, 1.0)}
+    while len(raw) < len(order):  # Kafka hands out partitions a batch at a time
+        positions = {}
+        for (part, off) in raw:
+            positions[part] = max(positions.get(part, 0), off + 1)
+        raw.update({(r.partition, r.offset): (r.key, r.value) for r in services().bus.read(positions, 100_000, 1.0)})
+    live_before = snapshot(duckdb.connect(str(services().settings.db_path), read_only=True))
+
+    for cutoff in (0, 7, len(order) // 2, len(order) - 1):
+        truncated = EmbeddedBus(tmp_path / f"cut{cutoff}.sqlite")
+        truncated.append([raw[(row.partition, row.offset)] for row in order.itertuples() if row.position <= cutoff])
+        with duckdb.connect(":memory:") as con:
+            Projector(truncated, con).catch_up()
+            expected = snapshot(con, WHERE_IT_SITS)
+        with get_run_db(as_of=cutoff).connection() as con:
+            assert snapshot(con, WHERE_IT_SITS) == expected, f"as_of={cutoff}"
+
+    with open_projection(services().settings.db_path) as con:
+        assert snapshot(con) == live_before  # the live projection was only read
+
+
+def test_as_of_a_time_shows_a_result_before_it_was_overwritten(bus_home: Path) -> None:
+    def two_values(context):
+        context.log_result("accuracy", 0.1)
+        time.sleep(0.3)
+        context.log_result("accuracy", 0.9)
+
+    run = new_function().run(NewRun(handler=two_values))
+    db = get_run_db()
+    history = db.sql("SELECT value_num, ts FROM result_history WHERE uid = ? AND key = 'accuracy' "
+                     "ORDER BY position", [run.uid])
+    assert list(history.value_num) == [0.1, 0.9]
+    between = history.ts[0] + (history.ts[1] - history.ts[0]) / 2
+    past = get_run_db(as_of=between.isoformat()).read_run(run.uid)
+    assert past["results"] == {"accuracy": 0.1} and past["state"] == "running"
+    assert db.read_run(run.uid)["results"]["accuracy"] == 0.9
+
+
+def test_rerun_of_the_seed_run_gives_the_same_results_and_links_it(bus_home: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = load_handler(f"{ROOT}/examples/quickstart.py:handler")
+    secrets = tmp_path / "secrets.txt"
+    secrets.write_text("PASSWORD=1234\n")
+    first = new_function().run(NewRun(handler=handler, name="demo", params={"p1": 5})
+                               .with_secrets("file", str(secrets)).set_label("type", "demo"))
+    monkeypatch.setenv("PASSWORD", "1234")  # the current secret source for the rerun
+
+    again = get_run_db().rerun(first.uid)
+
+    assert again.uid != first.uid and again.state == "completed"
+    assert again.results == first.results
+    record = get_run_db().read_run(again.uid)
+    assert record["extra"]["rerun_of"] == first.uid
+    assert record["labels"] == {"type": "demo", "category": "tests"}
+    assert record["params"] == {"p1": 5}
+    assert get_run_db().rerun(first.uid, params={"p1": 2}).results["loss"] == 6
+
+
+def test_rerun_warns_or_fails_when_an_input_changed(home: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("x\n1\n2\n")
+    run = new_function().run(NewRun(handler=handlers.count_rows).with_input("data", str(data)))
+    data.write_text("x\n1\n2\n3\n")
+    with pytest.warns(UserWarning, match="input 'data'.*changed"):
+        assert get_run_db().rerun(run.uid).results == {"rows": 3}
+    failed = subprocess.run([RUNBUS, "rerun", run.uid, "--strict"], env={**os.environ, "RUNBUS_HOME": str(home)},
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "changed since run" in failed.stderr
+
+
+def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: Path, tmp_path: Path) -> None:
+    handler = load_handler(f"{ROOT}/examples/quickstart.py:handler")
+    new_function().run(NewRun(handler=handler, params={"p1": 5}))
+    _record(2)
+    env = {**os.environ}
+    export = tmp_path / "events.avro"
+    bodies = tmp_path / "bodies.tar.gz"
+    done = subprocess.run([RUNBUS, "export", "-o", str(export), "--with-artifacts", str(bodies)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with open_projection(services().settings.db_path) as con:
+        services().projector(con).catch_up()
+        original = snapshot(con, WHERE_IT_SITS)
+
+    other = {**env, "RUNBUS_HOME": str(tmp_path / "other-home"), "RUNBUS_BUS": ""}
+    for _ in range(2):  # the second import adds nothing
+        imported = subprocess.run([RUNBUS, "import", str(export), "--artifacts", str(bodies)], env=other,
+                                  capture_output=True, text=True, timeout=120)
+        assert imported.returncode == 0, imported.stderr
+    assert "imported 0 events" in imported.stdout
+    reset_services()
+    os.environ.update(RUNBUS_HOME=other["RUNBUS_HOME"], RUNBUS_BUS="")
+    try:
+        with get_run_db().connection() as con:
+            assert snapshot(con, WHERE_IT_SITS) == original
+        seed = get_run_db().list_runs(name="handler")
+        from engine.run import RunObject
+        run = RunObject.from_record(get_run_db().read_run(seed.uid[0]), str(services().artifact_store.root))
+        assert run.artifact("model.txt").get() == b"abc is 123"
+    finally:
+        reset_services()
+
+
+def test_a_user_projection_survives_a_projector_sigkill_and_equals_its_rebuild(
+        bus_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_PROJECTIONS", LEADERBOARD)
+    reset_services()
+    for i in range(30):
+        new_function().run(NewRun(handler=_evolving, name=f"model{i % 3}", params={"rounds": 40}))
+    services().writer.flush()
+    db_path = tmp_path / "killed.duckdb"
+    env = {**os.environ}
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), "100"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    for _ in range(3):
+        assert child.stdout.readline().strip() == "batch"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    with duckdb.connect(str(db_path)) as con:
+        projector = services().projector(con)
+        projector.catch_up()
+        board = con.execute("SELECT * FROM leaderboard ORDER BY ALL").fetchall()
+        projector.rebuild()
+        assert con.execute("SELECT * FROM leaderboard ORDER BY ALL").fetchall() == board
+    accuracy = {row[0]: row[2] for row in board if row[1] == "accuracy"}
+    assert accuracy == pytest.approx({"model0": 0.5 + 39 / 10, "model1": 0.5 + 39 / 10, "model2": 0.5 + 39 / 10})
+    assert {row[5] for row in board if row[1] == "accuracy"} == {10 * 40}  # values seen per name
+
+
+def test_a_projection_of_another_version_is_rebuilt_on_open(home: Path) -> None:
+    _record(1)
+    path = services().settings.db_path
+    with get_run_db().connection():
+        pass
+    with duckdb.connect(str(path)) as con:
+        con.execute("UPDATE projection_meta SET value = '0' WHERE key = 'version'")
+        con.execute("ALTER TABLE runs ADD COLUMN stale_column INTEGER")
+    db = get_run_db()
+    assert "stale_column" not in db.sql("SELECT * FROM runs").columns
+    assert len(db.sql("SELECT * FROM runs")) == 1
+
+
+def test_tail_shows_events_of_a_run_that_is_still_going(bus_home: Path, tmp_path: Path) -> None:
+    services()  # the Kafka topic exists before tail starts
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tail = subprocess.Popen([RUNBUS, "tail", "--type", "result"], env=env, stdout=subprocess.PIPE, text=True)
+    script = ("import time\nfrom engine import NewRun, new_function\n"
+              "def slow(context):\n"
+              "    for i in range(30):\n"
+              "        context.log_result('i', i)\n"
+              "        time.sleep(0.2)\n"
+              "new_function().run(NewRun(handler=slow, name='slow'))\n")
+    try:
+        time.sleep(2.0)
+        job = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path)
+        line = tail.stdout.readline()
+        assert "result" in line and '"key": "i"' in line
+        assert job.poll() is None
+        job.wait(60)
+    finally:
+        tail.terminate()
+        tail.wait(10)
