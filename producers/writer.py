@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from producers.bus.base import Bus
-from schemas import Event, EventCodec
+from schemas import SCHEMA_VERSION, EventCodec
+from schemas.events import RECORD_OF_TYPE
 
 log = logging.getLogger("runbus.writer")
 
@@ -62,6 +63,8 @@ class BackgroundWriter:
         """Queue one event; the caller has validated the payload."""
         if self._closed:
             raise RuntimeError("the event writer is closed")
+        if event_type not in RECORD_OF_TYPE:
+            raise ValueError(f"unknown event type {event_type!r}")
         self._pending.append((run_uid, seq, event_type, time.time() if ts is None else ts, payload))
         if len(self._pending) > self._max_pending:
             self._wait_for_room()
@@ -119,15 +122,20 @@ class BackgroundWriter:
                 if isinstance(item, _FlushMarker):
                     markers.append(item)
                     break
-                batch.append(self._encode(item))
+                try:
+                    batch.append(self._encode(item))
+                except ValueError:  # validated at the call, so a bug: keep the writer alive for the rest
+                    log.exception("dropping an event that does not fit its schema: %r", item[:3])
             self._append_with_retry(batch)
             for marker in markers:
                 marker.done.set()
 
     def _encode(self, item: tuple[str, int, str, float, dict[str, Any]]) -> tuple[str, bytes]:
         run_uid, seq, event_type, ts, payload = item
-        event = Event(uuid.uuid4().hex, run_uid, seq, event_type, ts, self._host, self._pid, payload)
-        return run_uid, self._codec.encode(event)
+        return run_uid, self._codec.encode_record({
+            "event_id": uuid.uuid4().hex, "run_uid": run_uid, "seq": seq, "type": event_type, "ts": ts,
+            "host": self._host, "pid": self._pid, "schema_version": SCHEMA_VERSION,
+            "payload": (self._codec.record_name(event_type), payload)})
 
     def _append_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
         """Keep trying: the events are the truth, and the bus may come back (broker restart)."""

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from producers.values import numeric_or_none
 from schemas import Event
 
@@ -15,8 +17,8 @@ def _number_of(value_json: str | None) -> float | None:
     if value_json is None:
         return None
     try:
-        return numeric_or_none(json.loads(value_json))
-    except ValueError:
+        return numeric_or_none(orjson.loads(value_json))
+    except orjson.JSONDecodeError:
         return None
 
 

@@ -7,12 +7,14 @@ projector killed at any point resumes exactly where its last commit left off. An
 
 from __future__ import annotations
 
-import json
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import duckdb
+import orjson
 
 from producers.bus import Bus, BusRecord
 from projections.fold import TableBatch, fold
@@ -21,6 +23,19 @@ from projections.tables import PROJECTION_VERSION, create_tables, drop_tables, s
 from projections.user import UserProjection
 from projections.writer import write_batch
 from schemas import DecodeError, Event, EventCodec
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """A batch allocates ~10 objects per event that all live until it commits; cyclic GC passes
+    over them cost more than the fold itself, and they hold no cycles."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,10 @@ class Projector:
                          [f"user:{projection.name}", str(projection.version)])
 
     def _apply(self, records: list[BusRecord], positions: dict[int, int]) -> None:
+        with _gc_paused():
+            self._decode_and_fold(records, positions)
+
+    def _decode_and_fold(self, records: list[BusRecord], positions: dict[int, int]) -> None:
         batch = TableBatch()
         decoded = []
         received = time.time()
@@ -145,7 +164,7 @@ class Projector:
             accepted.append(event)
             batch.events.append((position, record.partition, record.offset, event.event_id,
                                  event.run_uid, event.seq, event.type, event.ts,
-                                 json.dumps(event.payload)))
+                                 orjson.dumps(event.payload).decode()))
             position += 1
         batch.positions = positions
         batch.run_progress = {uid: last_seq[uid] for uid in uids if uid in last_seq}

@@ -21,7 +21,7 @@ _UPDATABLE = ("state", "finished_at", "duration_s", "error", "traceback", "retur
 
 def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
            rows: Sequence[Sequence[Any]]) -> None:
-    table = pa.table({c: [row[i] for row in rows] for i, c in enumerate(columns)})
+    table = pa.table(dict(zip(columns, map(list, zip(*rows, strict=True)), strict=True)))
     con.register(name, table)
 
 

@@ -84,6 +84,14 @@ class EventCodec:
         return self._writer.parsed
 
     @staticmethod
+    def record_name(event_type: str) -> str:
+        """The Avro record name of an event type's payload."""
+        try:
+            return RECORD_OF_TYPE[event_type]
+        except KeyError:
+            raise ValueError(f"unknown event type {event_type!r}") from None
+
+    @staticmethod
     def to_record(event: Event) -> dict[str, Any]:
         """The event as an Avro record of the envelope schema (union payload in tuple notation)."""
         return {
@@ -103,13 +111,16 @@ class EventCodec:
                      record["ts"], record["host"], record["pid"], payload, record["schema_version"])
 
     def encode(self, event: Event) -> bytes:
-        record = self.to_record(event)
+        return self.encode_record(self.to_record(event))
+
+    def encode_record(self, record: dict[str, Any]) -> bytes:
+        """Encode a record already in envelope form (see `to_record`)."""
         out = io.BytesIO()
         out.write(self._header)
         try:
             fastavro.schemaless_writer(out, self._writer.parsed, record, strict=True)
         except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{event.type} event does not match its schema: {exc}") from exc
+            raise ValueError(f"{record['type']} event does not match its schema: {exc}") from exc
         return out.getvalue()
 
     def decode(self, data: bytes) -> Event:
