@@ -17,6 +17,7 @@ import duckdb
 import orjson
 
 from producers.bus import Bus, BusRecord
+from projections.database import connection_is_prepared, mark_prepared
 from projections.fold import TableBatch, fold
 from projections.replay import stored_events
 from projections.tables import PROJECTION_VERSION, create_tables, drop_tables, stored_version
@@ -54,13 +55,17 @@ class Projector:
         self.codec = codec or EventCodec()
         self.batch_size = batch_size
         self.user_projections = list(user_projections)
+        if connection_is_prepared(con):
+            return  # a reused connection: the tables were checked when it was opened
         con.execute("SET TimeZone = 'UTC'")
         version = stored_version(con)
-        if version is not None and version != PROJECTION_VERSION:
-            self._drop_all()  # built by another version: fold the log again
-        create_tables(con)
+        if version != PROJECTION_VERSION:
+            if version is not None:
+                self._drop_all()  # built by another version: fold the log again
+            create_tables(con)
         for projection in self.user_projections:
             self._ensure_user_projection(projection)
+        mark_prepared(con)
 
     def positions(self) -> dict[int, int]:
         return dict(self.con.execute("SELECT partition, next_offset FROM positions").fetchall())

@@ -67,9 +67,8 @@ def drop_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 def stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
     """The projection version the file was built with; None for a new file."""
-    exists = con.execute("SELECT count(*) FROM information_schema.tables "
-                         "WHERE table_name = 'projection_meta'").fetchone()
-    if not exists or not exists[0]:
+    try:
+        row = con.execute("SELECT value FROM projection_meta WHERE key = 'version'").fetchone()
+    except duckdb.CatalogException:
         return None
-    row = con.execute("SELECT value FROM projection_meta WHERE key = 'version'").fetchone()
     return int(row[0]) if row else None

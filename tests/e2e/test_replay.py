@@ -17,6 +17,7 @@ from engine.bootstrap import reset_services, services
 from engine.loader import load_handler
 from producers.bus.embedded import EmbeddedBus
 from projections import Projector, open_projection
+from projections.database import close_all
 from tests.support import handlers
 from tests.support.tables import WHERE_IT_SITS, snapshot
 
@@ -48,7 +49,8 @@ def test_as_of_positions_equal_tables_of_a_truncated_log(bus_home: Path, tmp_pat
         for (part, off) in raw:
             positions[part] = max(positions.get(part, 0), off + 1)
         raw.update({(r.partition, r.offset): (r.key, r.value) for r in services().bus.read(positions, 100_000, 1.0)})
-    live_before = snapshot(duckdb.connect(str(services().settings.db_path), read_only=True))
+    with open_projection(services().settings.db_path) as con:
+        live_before = snapshot(con)
 
     for cutoff in (0, 7, len(order) // 2, len(order) - 1):
         truncated = EmbeddedBus(tmp_path / f"cut{cutoff}.sqlite")
@@ -177,6 +179,7 @@ def test_a_projection_of_another_version_is_rebuilt_on_open(home: Path) -> None:
     path = services().settings.db_path
     with get_run_db().connection():
         pass
+    close_all()  # as when the process that built it ended
     with duckdb.connect(str(path)) as con:
         con.execute("UPDATE projection_meta SET value = '0' WHERE key = 'version'")
         con.execute("ALTER TABLE runs ADD COLUMN stale_column INTEGER")
