@@ -77,8 +77,8 @@ class RunContext:
         self._writer.track(self.uid, self._heartbeat)
 
     def finish(self, return_value: Any = None, error: BaseException | str | None = None,
-               state: str | None = None) -> None:
-        """Emit run_finished and flush, so that everything the run logged is on the bus.
+               state: str | None = None, flush: bool = True) -> None:
+        """Emit run_finished and (with `flush`) wait until everything the run logged is on the bus.
 
         `error` is the exception that ended the run, or a message when no exception did.
         """
@@ -101,7 +101,8 @@ class RunContext:
         self._emit("run_finished", {
             "state": self.state, "error": self.error, "traceback": self.traceback,
             "return_value": return_json, "duration_s": time.time() - self._started})
-        self._writer.flush()
+        if flush:
+            self._writer.flush()
 
     def request_iterations(self, requests: list[tuple[int, Mapping[str, Any]]]) -> None:
         """Ask for sweep iterations: one iteration_requested event per (iteration, params)."""

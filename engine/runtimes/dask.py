@@ -37,6 +37,8 @@ class RunbusWorkerPlugin(WorkerPlugin):
 class DaskPool:
     """Iterations on Dask: a LocalCluster made for the run (address None) or an existing scheduler."""
 
+    in_driver = False
+
     def __init__(self, address: str | None, settings: Settings) -> None:
         self._cluster = None
         if address is None:

@@ -22,16 +22,19 @@ def call_handler(handler: Callable[..., Any], context: RunContext) -> Any:
     return handler(**kwargs)
 
 
-def execute(handler: Callable[..., Any], context: RunContext) -> RunContext:
-    """Run the handler and record how it ended: completed, error (with traceback) or aborted."""
+def execute(handler: Callable[..., Any], context: RunContext, flush: bool = True) -> RunContext:
+    """Run the handler and record how it ended: completed, error (with traceback) or aborted.
+
+    With `flush`, every event of the run is on the bus when this returns.
+    """
     context.start()
     try:
         value = call_handler(handler, context)
     except Exception as exc:
-        context.finish(error=exc)
+        context.finish(error=exc, flush=flush)
     except BaseException as exc:  # Ctrl-C and friends: record, then let them through
         context.finish(error=exc, state="aborted")
         raise
     else:
-        context.finish(return_value=value)
+        context.finish(return_value=value, flush=flush)
     return context

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 class LocalPool:
     """Iterations in this process: one after another, or `workers` threads at once."""
 
+    in_driver = True
+
     def __init__(self, workers: int = 1) -> None:
         self.capacity = workers
         self._executor = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbus-iteration")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cloudpickle
 
@@ -12,14 +13,26 @@ from engine.runtimes import local
 
 @dataclass(frozen=True)
 class IterationOutcome:
+    """How an iteration ended. `results` is set only when it ran in the driver's own process."""
+
     iteration: int
     uid: str
     state: str
+    results: dict[str, Any] | None = None
 
 
 def run_iteration(spec: RunSpec) -> IterationOutcome:
-    """Execute one iteration in this process; its events go straight from here to the bus."""
+    """Execute one iteration in a worker; its events go straight from here to the bus, flushed
+    before it returns, and only its uid and state go back to the driver."""
     handler = cloudpickle.loads(spec.handler) if isinstance(spec.handler, bytes) else spec.handler
     context = spec.new_context()
     local.execute(handler, context)
     return IterationOutcome(spec.iteration, context.uid, context.state)
+
+
+def run_iteration_in_driver(spec: RunSpec) -> IterationOutcome:
+    """Execute one iteration in the driver's process; the driver flushes once when the sweep ends
+    (a crash loses at most the writer's last interval, as for any run)."""
+    context = spec.new_context()
+    local.execute(spec.handler, context, flush=False)
+    return IterationOutcome(spec.iteration, context.uid, context.state, dict(context.results))

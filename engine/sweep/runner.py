@@ -15,7 +15,7 @@ from engine.progress import SweepProgress
 from engine.reaper import mark_lost, reap, running_runs
 from engine.runspec import RunSpec
 from engine.runtimes.pools import open_pool
-from engine.sweep.iteration import IterationOutcome, run_iteration
+from engine.sweep.iteration import IterationOutcome, run_iteration, run_iteration_in_driver
 from engine.sweep.selection import Selector, StopCondition
 from engine.sweep.spec import SweepSpec
 from engine.sweep.summary import iteration_table, parallel_coordinates
@@ -106,6 +106,7 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
         parent.finish(error=exc)
         return parent
     spec = pool.prepare(spec)
+    execute_iteration = run_iteration_in_driver if pool.in_driver else run_iteration
     # Tight windows only where results steer dispatch; otherwise keep every worker busy.
     window = sweep.parallel_runs or (pool.capacity if (stop or sweep.max_errors) else max(1, len(state.pending)))
     inflight: dict[Any, int] = {}
@@ -116,12 +117,11 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
                 while state.pending and not stopping and len(inflight) < window:
                     iteration, params = state.pending.pop(0)
                     child = spec.for_iteration(parent.uid, iteration, params)
-                    inflight[pool.submit(run_iteration, child)] = iteration
+                    inflight[pool.submit(execute_iteration, child)] = iteration
                 for future in pool.wait_any(inflight):
                     iteration = inflight.pop(future)
                     outcome = _outcome(future, iteration)
-                    child = watcher.wait_finished(outcome.uid, _EVENTS_GRACE_S) if outcome.uid else None
-                    results = child.results if child else {}
+                    results = outcome.results if outcome.results is not None else _results_on_bus(watcher, outcome)
                     state.done[iteration] = (outcome.state, state.params[iteration], results)
                     failed += outcome.state != "completed"
                     if stop and outcome.state == "completed" and stop.met(results):
@@ -131,8 +131,15 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
                                     _best_text(selector, state))
     finally:
         pool.close()
-    _settle_lost(svc, watcher)
+    svc.writer.flush()
+    if not pool.in_driver:  # in-process iterations cannot outlive the driver
+        _settle_lost(svc, watcher)
     return _complete(parent, state, selector)
+
+
+def _results_on_bus(watcher: ChildWatcher, outcome: IterationOutcome) -> dict[str, Any]:
+    child = watcher.wait_finished(outcome.uid, _EVENTS_GRACE_S) if outcome.uid else None
+    return child.results if child else {}
 
 
 def _outcome(future: Any, iteration: int) -> IterationOutcome:
