@@ -28,12 +28,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def bus_home(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """`home`, once on the embedded bus and once on a fresh topic of the Kafka test broker."""
     if request.param == "kafka":
-        from tests.kafka_support import unique_topic
+        from tests.kafka_support import use_fresh_topic
 
-        bootstrap = request.getfixturevalue("kafka_bootstrap")
-        monkeypatch.setenv("RUNBUS_BUS", f"kafka://{bootstrap}")
-        monkeypatch.setenv("RUNBUS_KAFKA_TOPIC", unique_topic())
-        monkeypatch.setenv("RUNBUS_KAFKA_PARTITIONS", "3")
-        reset_services()
+        use_fresh_topic(monkeypatch, request.getfixturevalue("kafka_bootstrap"))
     yield home
     reset_services()

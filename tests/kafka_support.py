@@ -58,3 +58,13 @@ def kafka_bootstrap_fixture() -> str:
 def unique_topic(prefix: str = "runbus-test") -> str:
     """A topic name no other test uses, so tests never see each other's records."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def use_fresh_topic(monkeypatch: pytest.MonkeyPatch, bootstrap: str, partitions: int = 3) -> None:
+    """Point RUNBUS_BUS at a new topic of the test broker and rebuild the services."""
+    from engine.bootstrap import reset_services
+
+    monkeypatch.setenv("RUNBUS_BUS", f"kafka://{bootstrap}")
+    monkeypatch.setenv("RUNBUS_KAFKA_TOPIC", unique_topic())
+    monkeypatch.setenv("RUNBUS_KAFKA_PARTITIONS", str(partitions))
+    reset_services()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from producers.bus.embedded import EmbeddedBus
 from projections import Projector, open_projection
 from projections.database import close_all
 from tests.support import handlers
+from tests.support.crash import kill_projector_mid_stream
 from tests.support.tables import WHERE_IT_SITS, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,13 +155,7 @@ def test_a_user_projection_survives_a_projector_sigkill_and_equals_its_rebuild(
         new_function().run(NewRun(handler=_evolving, name=f"model{i % 3}", params={"rounds": 40}))
     services().writer.flush()
     db_path = tmp_path / "killed.duckdb"
-    env = {**os.environ}
-    child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), "100"],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    for _ in range(3):
-        assert child.stdout.readline().strip() == "batch"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_projector_mid_stream(db_path, batch_size=100, batches=3)
 
     with duckdb.connect(str(db_path)) as con:
         projector = services().projector(con)

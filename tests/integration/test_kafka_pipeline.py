@@ -20,8 +20,8 @@ from engine.bootstrap import reset_services, services
 from engine.loader import load_handler
 from producers.bus.kafka import KafkaBus
 from projections import Projector
-from tests.kafka_support import unique_topic
-from tests.support.tables import snapshot
+from tests.kafka_support import unique_topic, use_fresh_topic
+from tests.support.crash import kill_projector_mid_stream, resume_and_compare
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,10 +31,7 @@ RUNBUS = str(Path(sys.executable).parent / "runbus")
 @pytest.fixture
 def kafka_home(home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """RUNBUS_HOME with the bus on a fresh 3-partition topic of the test broker."""
-    monkeypatch.setenv("RUNBUS_BUS", f"kafka://{kafka_bootstrap}")
-    monkeypatch.setenv("RUNBUS_KAFKA_TOPIC", unique_topic())
-    monkeypatch.setenv("RUNBUS_KAFKA_PARTITIONS", "3")
-    reset_services()
+    use_fresh_topic(monkeypatch, kafka_bootstrap)
     yield home
     reset_services()
 
@@ -88,23 +85,8 @@ def test_three_producer_processes_give_exactly_their_events(kafka_home: Path) ->
 def test_a_projector_killed_mid_stream_resumes_to_equal_a_rebuild(kafka_home: Path, tmp_path: Path) -> None:
     for i in range(4):
         new_function().run(NewRun(handler=_metrics_job(5_000), name=f"r{i}"))
-    svc = services()
-    db_path = tmp_path / "killed.duckdb"
-    child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), "500"],
-                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for _ in range(5):
-        assert child.stdout.readline().strip() == "batch"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-
-    with duckdb.connect(str(db_path)) as con:
-        projector = Projector(svc.bus, con)
-        assert 0 < sum(projector.positions().values()) < sum(svc.bus.end_offsets().values())
-        projector.catch_up()
-        resumed = snapshot(con)
-    with duckdb.connect(str(tmp_path / "clean.duckdb")) as con:
-        Projector(svc.bus, con).catch_up()
-        rebuilt = snapshot(con)
+    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=500, batches=5)
+    resumed, rebuilt = resume_and_compare(services().bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
     assert len(resumed["metrics"]) == 20_000
     assert resumed == rebuilt
 

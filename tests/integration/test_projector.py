@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
-
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import reset_services, services
 from projections import Projector, open_projection
+from tests.support.crash import kill_projector_mid_stream, resume_and_compare
 from tests.support.tables import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,25 +53,8 @@ def test_a_projector_killed_mid_batch_resumes_without_loss_or_doubles(home: Path
     _record_runs(10, 2000)
     svc = services()
     svc.writer.flush()
-    total = sum(svc.bus.end_offsets().values())
-    db_path = tmp_path / "killed.duckdb"
-
-    child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), "300"],
-                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for _ in range(5):
-        assert child.stdout.readline().strip() == "batch"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-
-    with duckdb.connect(str(db_path)) as con:
-        projector = Projector(svc.bus, con)
-        consumed_before_kill = sum(projector.positions().values())
-        assert 0 < consumed_before_kill < total
-        projector.catch_up()
-        resumed = snapshot(con)
-    with duckdb.connect(str(tmp_path / "clean.duckdb")) as con:
-        Projector(svc.bus, con).catch_up()
-        clean = snapshot(con)
+    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=300, batches=5)
+    resumed, clean = resume_and_compare(svc.bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
     assert len(resumed["metrics"]) == 10 * 2000
     assert resumed == clean
 
