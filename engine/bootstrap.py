@@ -18,6 +18,7 @@ from producers.artifact_store import ArtifactStore
 from producers.bus import Bus
 from producers.writer import BackgroundWriter
 from projections import Projector, RunDB
+from projections.database import configure as configure_projection
 from projections.user import UserProjection
 from schemas import EventCodec
 
@@ -95,6 +96,7 @@ def services(settings: Settings | None = None) -> Services:
         found = _services.get(settings)
         if found is None:
             settings.home.mkdir(parents=True, exist_ok=True)
+            configure_projection(settings.db_linger_s)
             codec = EventCodec()
             bus = make_bus(settings.bus_url, settings)
             found = Services(settings, codec, bus,

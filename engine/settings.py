@@ -18,6 +18,7 @@ class Settings:
     bus_url: str
     project: str = "default"
     db_timeout_s: float = 60.0
+    db_linger_s: float = 0.25
     flush_interval_s: float = 0.2
     heartbeat_interval_s: float = 5.0
     dask_workers: int = 2
@@ -38,7 +39,8 @@ class Settings:
         return self.home / "artifacts"
 
 
-def _number(env: Mapping[str, str], name: str, default: float, kind: type = float) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, kind: type = float,
+            minimum: float = 0.0, inclusive: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -46,14 +48,14 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be positive")
+    if value < minimum or (value == minimum and not inclusive):
+        raise SettingsError(f"{name}={raw!r} must be {'at least' if inclusive else 'more than'} {minimum:g}")
     return value
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment: RUNBUS_HOME (default ./.runbus), RUNBUS_BUS (default: the
-    embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_FLUSH_INTERVAL,
+    embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_DB_LINGER, RUNBUS_FLUSH_INTERVAL,
     RUNBUS_HEARTBEAT_INTERVAL, RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
     RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas)."""
     env = os.environ if env is None else env
@@ -63,6 +65,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bus_url=env.get("RUNBUS_BUS") or "embedded",
         project=env.get("RUNBUS_PROJECT") or "default",
         db_timeout_s=_number(env, "RUNBUS_DB_TIMEOUT", 60.0),
+        db_linger_s=_number(env, "RUNBUS_DB_LINGER", 0.25, inclusive=True),
         flush_interval_s=_number(env, "RUNBUS_FLUSH_INTERVAL", 0.2),
         heartbeat_interval_s=_number(env, "RUNBUS_HEARTBEAT_INTERVAL", 5.0),
         dask_workers=int(_number(env, "RUNBUS_DASK_WORKERS", 2, int)),

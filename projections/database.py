@@ -3,8 +3,8 @@
 DuckDB lets one process hold a file and refuses all others, readers included. Every Runbus
 process therefore takes a file lock before it opens the file, and holds both only for a short unit
 of work (catch up, query). So that a burst of queries in one process does not pay for an open each
-time, the file stays open for `RUNBUS_DB_LINGER` seconds (0.25) after its last use, then is closed
-and unlocked. Another process waits its turn, up to a timeout, instead of failing.
+time, the file stays open for a linger time (0.25 s; `configure`) after its last use, then is
+closed and unlocked. Another process waits its turn, up to a timeout, instead of failing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from pathlib import Path
 import duckdb
 from filelock import FileLock, Timeout
 
-DEFAULT_LINGER_S = 0.25
+_linger_s = 0.25
+
+
+def configure(linger_s: float) -> None:
+    """Set how long a projection stays open after its last use in this process (0: close at once)."""
+    global _linger_s
+    _linger_s = linger_s
 
 
 class ProjectionBusy(RuntimeError):
@@ -100,7 +106,7 @@ def open_projection(path: str | os.PathLike[str], timeout_s: float = 60.0,
     """Lock and open the DuckDB file for the block; it is closed and unlocked once idle."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    linger = float(os.environ.get("RUNBUS_DB_LINGER", DEFAULT_LINGER_S)) if linger_s is None else linger_s
+    linger = _linger_s if linger_s is None else linger_s
     handle = _handle(path)
     with handle.use:
         con = handle.open(timeout_s)
