@@ -64,9 +64,13 @@ class DaskPool:
     def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
         return self._client.submit(fn, arg, pure=False)
 
-    def wait_any(self, futures: Iterable[Any]) -> set[Any]:
+    def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
+        """Block until at least one future is done; each done future with its result or exception."""
         done, _ = wait(list(futures), return_when="FIRST_COMPLETED")
-        return set(done)
+        finished = [f for f in done if f.status == "finished"]
+        # one round trip for all results: per-future .result() costs a scheduler sync each
+        outcomes = list(zip(finished, self._client.gather(finished), strict=True))
+        return outcomes + [(f, f.exception()) for f in done if f.status != "finished"]
 
     def close(self) -> None:
         self._client.close()

@@ -29,9 +29,10 @@ class LocalPool:
     def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
         return self._executor.submit(fn, arg)
 
-    def wait_any(self, futures: Iterable[Any]) -> set[Any]:
+    def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
+        """Block until at least one future is done; each done future with its result or exception."""
         done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
-        return done
+        return [(f, f.exception() or f.result()) for f in done]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

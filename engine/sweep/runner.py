@@ -118,9 +118,9 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
                     iteration, params = state.pending.pop(0)
                     child = spec.for_iteration(parent.uid, iteration, params)
                     inflight[pool.submit(execute_iteration, child)] = iteration
-                for future in pool.wait_any(inflight):
+                for future, value in pool.wait_done(inflight):
                     iteration = inflight.pop(future)
-                    outcome = _outcome(future, iteration)
+                    outcome = _outcome(value, iteration)
                     results = outcome.results if outcome.results is not None else _results_on_bus(watcher, outcome)
                     state.done[iteration] = (outcome.state, state.params[iteration], results)
                     failed += outcome.state != "completed"
@@ -142,12 +142,11 @@ def _results_on_bus(watcher: ChildWatcher, outcome: IterationOutcome) -> dict[st
     return child.results if child else {}
 
 
-def _outcome(future: Any, iteration: int) -> IterationOutcome:
-    try:
-        return future.result()
-    except Exception as exc:  # the task itself failed (e.g. its worker died every time)
-        print(f"iteration {iteration} could not run: {exc!r}", file=sys.stderr)
+def _outcome(value: IterationOutcome | BaseException, iteration: int) -> IterationOutcome:
+    if isinstance(value, BaseException):  # the task itself failed (e.g. its worker died every time)
+        print(f"iteration {iteration} could not run: {value!r}", file=sys.stderr)
         return IterationOutcome(iteration, "", "error")
+    return value
 
 
 def _should_stop(state: SweepState, sweep: SweepSpec, stop: StopCondition | None, failed: int) -> bool:
