@@ -13,7 +13,7 @@ TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_
 PYTEST_ARGS     ?=
 BENCH_ARGS      ?=
 
-.PHONY: install demo test lint bench kafka-up kafka-down kafka-logs clean
+.PHONY: install demo test lint browser bench kafka-up kafka-down kafka-logs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# The UI tests drive Debian's chromium (Playwright uses this system browser; it never downloads one).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+test: install lint browser
 	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up || echo "make test: the Kafka broker did not start; Kafka tests will fail"
 	@$(TEST_KAFKA_ENV) RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); \
 	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status

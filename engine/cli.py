@@ -316,6 +316,32 @@ def tail(
         pass
 
 
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 8765,
+) -> None:
+    """Serve the read-only web UI; while it runs, other processes' queries go through it."""
+    from engine.ui.server import serve
+
+    serve(host, port)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")],
+    limit: Annotated[int, typer.Option(help="the newest this many runs")] = 100,
+    run: Annotated[list[str] | None, typer.Option("--run", help="only this run (and its iterations)")] = None,
+) -> None:
+    """Write one self-contained HTML report: runs table, run pages, charts, sweeps."""
+    from engine.ui.report import write_report
+
+    svc = services()
+    svc.writer.flush()
+    count = write_report(svc.run_db(), out, svc.settings.artifact_root, limit, run or None)
+    console.print(f"wrote {out} ({count} runs)")
+
+
 def main() -> None:
     try:
         app()

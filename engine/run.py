@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,17 +74,10 @@ class RunObject:
         Console().print(table)
 
     def _repr_html_(self) -> str:
-        def cell(value: Any) -> str:
-            return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
+        """The run as a card in the web UI's look (state, params, results, labels, artifacts)."""
+        from engine.ui.render import run_html
 
-        rows = [("uid", self.uid), ("state", self.state), ("params", self.parameters),
-                ("results", self.results), ("labels", self.labels),
-                ("artifacts", ", ".join(self.artifacts_by_key))]
-        if self.error:
-            rows.append(("error", self.error))
-        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{cell(v)}</td></tr>"
-                       for k, v in rows)
-        return f"<table class='runbus-run'><caption>{html.escape(self.name)}</caption>{body}</table>"
+        return run_html(self)
 
     def __repr__(self) -> str:
         return f"RunObject(name={self.name!r}, uid={self.uid!r}, state={self.state!r}, results={self.results!r})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -15,6 +15,7 @@ import pandas as pd
 from producers.bus import Bus
 from projections.database import open_projection
 from projections.projector import Projector
+from projections.remote import RemoteProjection, find_server
 from projections.replay import stored_events
 from projections.user import UserProjection
 from schemas import EventCodec
@@ -22,6 +23,9 @@ from schemas import EventCodec
 _SORTABLE = ("uid", "parent_uid", "iteration", "project", "name", "state", "started_at",
              "finished_at", "duration_s")
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+Query = Callable[..., pd.DataFrame]
+"""`query(sql, params=None) -> DataFrame`: one read-only query in a `RunDB.reader()` session."""
 
 
 class ReadOnlyError(ValueError):
@@ -67,9 +71,41 @@ class RunDB:
             with self._as_of_connection() as con:
                 yield con
             return
+        with self._live() as con:
+            yield con
+
+    @contextmanager
+    def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The projection file, locked, opened and caught up with the bus."""
         with open_projection(self.db_path, self.lock_timeout_s) as con:
             self._projector(con).catch_up()
             yield con
+
+    def _server(self) -> RemoteProjection | None:
+        """The live UI server holding the file (announced in ui.json beside it), if any."""
+        return find_server(self.db_path, self.lock_timeout_s)
+
+    @contextmanager
+    def reader(self) -> Iterator[Query]:
+        """One read session: yields `query(sql, params=None) -> DataFrame` over one caught-up view.
+
+        Every read of the API goes through here. While a UI server holds the file, the queries are
+        sent to it; otherwise the file is opened (locked) for the duration of the block.
+        """
+        server = self._server()
+        if server is not None:
+            def remote_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+                check_read_only(query)
+                return server.query(query, params, self.as_of)
+
+            yield remote_query
+            return
+        with self.connection() as con:
+            def local_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+                check_read_only(query)
+                return con.execute(query, list(params or [])).df()
+
+            yield local_query
 
     @contextmanager
     def _as_of_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -78,8 +114,7 @@ class RunDB:
         past = duckdb.connect(":memory:")
         try:
             replay = self._projector(past)
-            with open_projection(self.db_path, self.lock_timeout_s) as live:
-                self._projector(live).catch_up()
+            with self._live() as live:
                 for chunk in stored_events(live, where, params):
                     replay.apply_events(chunk)
             yield past
@@ -87,14 +122,16 @@ class RunDB:
             past.close()
 
     def catch_up(self) -> int:
+        server = self._server()
+        if server is not None:
+            return server.catch_up()
         with open_projection(self.db_path, self.lock_timeout_s) as con:
             return self._projector(con).catch_up()
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run a read-only SQL query over the projection tables."""
-        check_read_only(query)
-        with self.connection() as con:
-            return con.execute(query, params or []).df()
+        with self.reader() as fetch:
+            return fetch(query, params)
 
     def list_runs(self, name: str | None = None, project: str | None = None,
                   labels: Mapping[str, str] | Sequence[str] | None = None,
@@ -134,30 +171,27 @@ class RunDB:
                  f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}")
         if limit is not None:
             query += f" LIMIT {int(limit)}"
-        with self.connection() as con:
-            return con.execute(query, args).df()
+        with self.reader() as fetch:
+            return fetch(query, args)
 
     def read_run(self, uid: str) -> dict[str, Any]:
         """Everything known about one run; `uid` may be a unique prefix."""
-        with self.connection() as con:
-            full_uid = _resolve_uid(con, uid)
-            frame = con.execute("SELECT * FROM runs WHERE uid = ?", [full_uid]).df()
-            run: dict[str, Any] = frame.iloc[0].to_dict()
+        with self.reader() as fetch:
+            full_uid = _resolve_uid(fetch, uid)
+            run: dict[str, Any] = fetch("SELECT * FROM runs WHERE uid = ?", [full_uid]).iloc[0].to_dict()
             for column in ("labels", "inputs", "extra", "return_value"):
                 if isinstance(run.get(column), str):
                     run[column] = json.loads(run[column])
             for table in ("params", "results"):
-                rows = con.execute(f"SELECT key, value FROM {table} WHERE uid = ? ORDER BY key",
-                                   [full_uid]).fetchall()
-                run[table] = {key: json.loads(value) for key, value in rows}
+                rows = fetch(f"SELECT key, value FROM {table} WHERE uid = ? ORDER BY key", [full_uid])
+                run[table] = {key: json.loads(value) for key, value in zip(rows.key, rows.value, strict=True)}
             run["artifacts"] = [
                 {**row, "labels": json.loads(row["labels"]), "meta": json.loads(row["meta"])}
-                for row in con.execute("SELECT key, kind, uri, sha256, size, format, labels, meta "
-                                       "FROM artifacts WHERE uid = ? ORDER BY key",
-                                       [full_uid]).df().to_dict("records")]
-            run["metrics"] = dict(con.execute(
-                "SELECT key, arg_max(value, rowid) FROM metrics "
-                "WHERE uid = ? GROUP BY key ORDER BY key", [full_uid]).fetchall())
+                for row in fetch("SELECT key, kind, uri, sha256, size, format, labels, meta "
+                                 "FROM artifacts WHERE uid = ? ORDER BY key", [full_uid]).to_dict("records")]
+            last = fetch("SELECT key, arg_max(value, rowid) AS value FROM metrics "
+                         "WHERE uid = ? GROUP BY key ORDER BY key", [full_uid])
+            run["metrics"] = dict(zip(last.key.tolist(), last.value.tolist(), strict=True))
             return run
 
 
@@ -177,9 +211,8 @@ def _cutoff(as_of: int | datetime | str | None) -> tuple[str, list[Any]]:
     return "ts <= ?::TIMESTAMPTZ", [moment.isoformat()]
 
 
-def _resolve_uid(con: duckdb.DuckDBPyConnection, uid: str) -> str:
-    matches = [row[0] for row in con.execute(
-        "SELECT uid FROM runs WHERE uid LIKE ? || '%' LIMIT 2", [uid]).fetchall()]
+def _resolve_uid(fetch: Query, uid: str) -> str:
+    matches = fetch("SELECT uid FROM runs WHERE uid LIKE ? || '%' LIMIT 2", [uid]).uid.tolist()
     if not matches:
         raise KeyError(f"no run with uid {uid!r}")
     if len(matches) > 1:

@@ -1,0 +1,80 @@
+"""The UI server's JSON API: SQL for other processes (the routed RunDB) and live run updates."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import duckdb
+import pandas as pd
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.ui.pages import fmt_value, run_duration
+from engine.ui.runs_query import RunsQuery, conditions, page_values
+from engine.ui.store import HeldRunDB
+from projections.database import ProjectionBusy
+from projections.remote import ARROW_STREAM, error_payload, frame_to_arrow
+
+MAX_JSON_ROWS = 10_000
+
+
+def frame_json(frame: pd.DataFrame, limit: int = MAX_JSON_ROWS) -> dict[str, Any]:
+    """{"columns": [...], "rows": [[...]], "total": n}: JSON values, times as ISO text, NaN as null."""
+    split = json.loads(frame.head(limit).to_json(orient="split", index=False, date_format="iso",
+                                                 default_handler=str))
+    return {"columns": [str(c) for c in frame.columns], "rows": split["data"], "total": len(frame)}
+
+
+def api_routes(store: HeldRunDB) -> list[Route]:
+    async def sql(request: Request) -> Response:
+        """POST {"sql", "params"?, "as_of"?} -> the frame (Arrow stream if asked for, else JSON)."""
+        try:
+            body = await request.json()
+            query, params, as_of = str(body["sql"]), body.get("params") or [], body.get("as_of")
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": 'send JSON {"sql": ..., "params": [...], "as_of": ...}',
+                                 "type": "ValueError"}, status_code=400)
+        try:
+            frame = await run_in_threadpool(store.at(as_of).sql, query, params)
+        except ProjectionBusy as exc:
+            return JSONResponse(error_payload(exc), status_code=503)
+        except (ValueError, LookupError, TypeError, duckdb.Error) as exc:
+            return JSONResponse(error_payload(exc), status_code=400)
+        if ARROW_STREAM in request.headers.get("accept", ""):
+            return Response(frame_to_arrow(frame), media_type=ARROW_STREAM)
+        return JSONResponse(frame_json(frame))
+
+    def catch_up(request: Request) -> Response:
+        return JSONResponse({"applied": store.catch_up()})
+
+    def ping(request: Request) -> Response:
+        return JSONResponse({"ok": True, "pid": os.getpid(), "db_path": str(store.db_path)})
+
+    def live(request: Request) -> Response:
+        """The runs page's poll: the total under its filters and the named runs' state and values."""
+        query = RunsQuery.from_params(request.query_params)
+        uids = request.query_params.getlist("live")[:500]
+        try:
+            where, args = conditions(query)
+        except ValueError as exc:
+            return JSONResponse(error_payload(exc), status_code=400)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        try:
+            with store.reader() as fetch:
+                total = int(fetch(f"SELECT count(*) AS n FROM runs r{clause}", args).n[0])
+                rows = fetch("SELECT uid, state, started_at, duration_s FROM runs WHERE uid IN "
+                             "(SELECT unnest(?::VARCHAR[]))", [uids]).to_dict("records") if uids else []
+                values = page_values(fetch, [row["uid"] for row in rows])
+        except duckdb.Error as exc:  # e.g. a time filter that does not parse
+            return JSONResponse(error_payload(exc), status_code=400)
+        runs = {row["uid"]: {"state": row["state"], "duration": run_duration(row),
+                             "values": {k: fmt_value(v) for k, v in values.get(row["uid"], {}).items()}}
+                for row in rows}
+        return JSONResponse({"total": total, "runs": runs})
+
+    return [Route("/api/sql", sql, methods=["POST"]), Route("/api/catch_up", catch_up, methods=["POST"]),
+            Route("/api/ping", ping), Route("/api/runs/live", live)]

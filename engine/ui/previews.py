@@ -1,0 +1,120 @@
+"""Artifact bodies and their inline previews: images shown, tables as rows, text as text."""
+
+from __future__ import annotations
+
+import base64
+import codecs
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from producers.data_item import DataItem
+
+IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
+               "webp": "image/webp", "svg": "image/svg+xml"}
+TEXT_FORMATS = {"txt", "text", "log", "json", "jsonl", "md", "yaml", "yml", "py", "toml", "ini", "cfg",
+                "xml", "html", "sh", "sql", "r", "tsv"}
+TABLE_FORMATS = {"csv", "parquet"}
+PREVIEW_ROWS = 50
+PREVIEW_TEXT_BYTES = 32_768
+INLINE_IMAGE_BYTES = 5_000_000   # larger images are linked, not embedded, in a report
+
+
+@dataclass
+class Preview:
+    """How an artifact shows inline: kind is image, table, text or none (download only)."""
+
+    kind: str
+    src: str = ""
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    text: str = ""
+    note: str = ""
+
+
+def artifact_item(row: dict[str, Any], store_root: str | Path) -> DataItem:
+    """A DataItem for an artifacts-table row (its body found by sha256 if the URI moved)."""
+    return DataItem(row["key"], row["uri"], row.get("format"), row.get("kind") or "artifact", row.get("sha256"),
+                    row.get("size"), {}, {}, str(store_root))
+
+
+def artifact_format(row: dict[str, Any]) -> str:
+    fmt = row.get("format") or PurePosixPath(str(row["key"])).suffix.lstrip(".")
+    return str(fmt or "").lower()
+
+
+def body_path(row: dict[str, Any], store_root: str | Path) -> Path | None:
+    """The local file holding the body, or None when it is not on this machine."""
+    try:
+        path = Path(artifact_item(row, store_root).local())
+    except ValueError:
+        return None
+    return path if path.is_file() else None
+
+
+def media_type(row: dict[str, Any]) -> str:
+    fmt = artifact_format(row)
+    if fmt in IMAGE_TYPES:
+        return IMAGE_TYPES[fmt]
+    if fmt in TEXT_FORMATS or fmt == "csv":
+        return "text/plain; charset=utf-8"
+    return "application/octet-stream"
+
+
+def data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def preview(row: dict[str, Any], store_root: str | Path, image_src: Callable[[dict[str, Any], Path], str]) -> Preview:
+    """The inline preview of one artifact; `image_src` gives an image's URL (or data: URI)."""
+    path = body_path(row, store_root)
+    if path is None:
+        return Preview("none", note="the body is not on this machine")
+    fmt = artifact_format(row)
+    try:
+        if fmt in IMAGE_TYPES:
+            return Preview("image", src=image_src(row, path))
+        if fmt in TABLE_FORMATS:
+            return _table(path, fmt)
+        if fmt in TEXT_FORMATS or ((row.get("size") or 0) <= PREVIEW_TEXT_BYTES and _looks_like_text(path)):
+            return _text(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return Preview("none", note=f"no preview: {exc}")
+    return Preview("none")
+
+
+def _table(path: Path, fmt: str) -> Preview:
+    if fmt == "parquet":
+        frame = pd.read_parquet(path)
+        total = len(frame)
+        frame = frame.head(PREVIEW_ROWS)
+    else:
+        frame = pd.read_csv(path, nrows=PREVIEW_ROWS + 1)
+        total = len(frame)
+        frame = frame.head(PREVIEW_ROWS)
+    note = f"first {PREVIEW_ROWS} rows" if total > PREVIEW_ROWS else ""
+    return Preview("table", columns=[str(c) for c in frame.columns],
+                   rows=frame.astype(object).where(frame.notna(), None).values.tolist(), note=note)
+
+
+def _text(path: Path) -> Preview:
+    with path.open("rb") as body:
+        data = body.read(PREVIEW_TEXT_BYTES + 1)
+    text = data[:PREVIEW_TEXT_BYTES].decode("utf-8", errors="replace")
+    return Preview("text", text=text, note=f"first {PREVIEW_TEXT_BYTES // 1024} KB" if len(data) > PREVIEW_TEXT_BYTES
+                   else "")
+
+
+def _looks_like_text(path: Path) -> bool:
+    with path.open("rb") as body:
+        head = body.read(1024)
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+    except UnicodeDecodeError:
+        return False
+    return True

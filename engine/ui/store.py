@@ -1,0 +1,45 @@
+"""The projection as the UI server holds it: open for the server's lifetime, one request at a time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+import duckdb
+
+from engine.bootstrap import Services
+from projections import Projector, RunDB
+from projections.remote import RemoteProjection
+
+
+class HeldRunDB(RunDB):
+    """A RunDB over a connection this process keeps open; every read folds new events first."""
+
+    def __init__(self, svc: Services, con: duckdb.DuckDBPyConnection,
+                 as_of: int | datetime | str | None = None, *, _shared: HeldRunDB | None = None) -> None:
+        super().__init__(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
+                         svc.user_projections, as_of)
+        self.services = svc
+        self._con = con
+        self._lock = _shared._lock if _shared else threading.RLock()
+        self._held_projector = _shared._held_projector if _shared else Projector(
+            svc.bus, con, svc.codec, user_projections=svc.user_projections)
+
+    def at(self, as_of: int | datetime | str | None) -> HeldRunDB:
+        """The same held file, answering as of an events.position or a time (None: now)."""
+        return HeldRunDB(self.services, self._con, as_of, _shared=self)
+
+    def _server(self) -> RemoteProjection | None:
+        return None  # this process is the server
+
+    @contextmanager
+    def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._lock:
+            self._held_projector.catch_up()
+            yield self._con
+
+    def catch_up(self) -> int:
+        with self._lock:
+            return self._held_projector.catch_up()
