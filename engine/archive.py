@@ -10,22 +10,18 @@ from typing import BinaryIO
 
 import fastavro
 
-from engine.transfer import TransferReport, all_values, append_new
+from engine.transfer import TransferReport, all_values, append_new, decoded_events
 from producers.artifact_store import ArtifactStore
 from producers.bus import Bus
 from producers.data_item import DataItem
-from schemas import DecodeError, Event, EventCodec
+from schemas import Event, EventCodec
 
 
 def selected_events(bus: Bus, codec: EventCodec, run_uids: Sequence[str] = ()) -> Iterator[Event]:
     """Every decodable event, or those of the runs whose uid starts with one of `run_uids` (and
     their iterations)."""
     wanted: set[str] = set()
-    for value in all_values(bus):
-        try:
-            event = codec.decode(value)
-        except DecodeError:
-            continue
+    for event in decoded_events(all_values(bus), codec):
         if run_uids:
             if event.type == "run_started" and (
                     any(event.run_uid.startswith(u) for u in run_uids) or event.payload["parent_uid"] in wanted):
@@ -66,7 +62,8 @@ def bundle_artifacts(events: Iterable[Event], out: Path) -> int:
 def import_events(source: BinaryIO, target: Bus, codec: EventCodec) -> TransferReport:
     """Append the container file's events that the bus does not hold yet (by event id)."""
     reader = fastavro.reader(source, reader_schema=codec.schema, return_record_name=True)
-    return append_new((codec.encode(codec.from_record(record)) for record in reader), target, codec)
+    copied, skipped = append_new((codec.from_record(record) for record in reader), target, codec)
+    return TransferReport(copied, skipped, 0)
 
 
 def unpack_artifacts(bundle: Path, store: ArtifactStore) -> int:

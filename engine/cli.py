@@ -303,15 +303,16 @@ def tail(
             for record in svc.bus.read(positions, 1000, timeout=1.0):
                 positions[record.partition] = record.offset + 1
                 try:
-                    event = svc.codec.decode(record.value)
+                    events = svc.codec.decode_all(record.value)
                 except DecodeError as exc:
                     console.print(f"[red]undecodable record at {record.partition}:{record.offset}: {exc}")
                     continue
-                if (run_uid and not event.run_uid.startswith(run_uid)) or (wanted and event.type not in wanted):
-                    continue
-                stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
-                console.print(f"{stamp} {event.run_uid[:12]} #{event.seq:<4} {event.type:<14} "
-                              f"{json.dumps(event.payload, default=str)[:200]}", markup=False, highlight=False)
+                for event in events:
+                    if (run_uid and not event.run_uid.startswith(run_uid)) or (wanted and event.type not in wanted):
+                        continue
+                    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+                    console.print(f"{stamp} {event.run_uid[:12]} #{event.seq:<4} {event.type:<14} "
+                                  f"{json.dumps(event.payload, default=str)[:200]}", markup=False, highlight=False)
     except KeyboardInterrupt:
         pass
 

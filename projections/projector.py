@@ -147,7 +147,7 @@ class Projector:
         received = time.time()
         for record in records:
             try:
-                decoded.append((record, self.codec.decode(record.value)))
+                decoded.extend((record, event) for event in self.codec.decode_all(record.value))
             except DecodeError as exc:
                 batch.dead_letters.append((record.partition, record.offset, record.key, str(exc),
                                            record.value, received))

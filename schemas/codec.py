@@ -62,17 +62,32 @@ def load_history() -> list[dict[str, Any]]:
             if e.name.endswith(".avsc")]
 
 
+def _batch_of(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a batch record: an array of one run's events, in seq order."""
+    return {"type": "array", "items": envelope}
+
+
 class EventCodec:
-    """Encodes events with `schema` and decodes records written by it or any of `history`."""
+    """Encodes events with `schema` and decodes records written by it or any of `history`.
+
+    A bus record holds one event, or (as the background writer sends them) a batch of one run's
+    consecutive events; each kind is tagged with its own schema's fingerprint.
+    """
 
     def __init__(self, schema: dict[str, Any] | None = None,
                  history: Iterable[dict[str, Any]] | None = None) -> None:
-        self._writer = _prepare(schema if schema is not None else load_event_schema())
-        self._known: dict[bytes, Any] = {self._writer.fingerprint: self._writer.parsed}
+        current = schema if schema is not None else load_event_schema()
+        self._writer = _prepare(current)
+        self._batch_writer = _prepare(_batch_of(current))
+        # fingerprint -> (writer schema, is a batch)
+        self._known: dict[bytes, tuple[Any, bool]] = {
+            self._writer.fingerprint: (self._writer.parsed, False),
+            self._batch_writer.fingerprint: (self._batch_writer.parsed, True)}
         for old in (history if history is not None else load_history()):
-            prepared = _prepare(old)
-            self._known.setdefault(prepared.fingerprint, prepared.parsed)
+            for prepared, is_batch in ((_prepare(old), False), (_prepare(_batch_of(old)), True)):
+                self._known.setdefault(prepared.fingerprint, (prepared.parsed, is_batch))
         self._header = MAGIC + self._writer.fingerprint
+        self._batch_header = MAGIC + self._batch_writer.fingerprint
 
     @property
     def fingerprint(self) -> bytes:
@@ -123,15 +138,35 @@ class EventCodec:
             raise ValueError(f"{record['type']} event does not match its schema: {exc}") from exc
         return out.getvalue()
 
+    def encode_batch(self, records: list[dict[str, Any]]) -> bytes:
+        """Encode several records (envelope form, one run's, in seq order) as one bus record."""
+        out = io.BytesIO()
+        out.write(self._batch_header)
+        try:
+            fastavro.schemaless_writer(out, self._batch_writer.parsed, records, strict=True)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"a batch of {len(records)} events does not match the schema: {exc}") from exc
+        return out.getvalue()
+
     def decode(self, data: bytes) -> Event:
+        """The event of a single-event record."""
+        events = self.decode_all(data)
+        if len(events) != 1:
+            raise DecodeError(f"expected one event, the record holds {len(events)}")
+        return events[0]
+
+    def decode_all(self, data: bytes) -> list[Event]:
+        """The events of a record, single or batch, in order."""
         if len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object record (bad marker)")
-        writer = self._known.get(data[2:HEADER_LEN])
-        if writer is None:
+        known = self._known.get(data[2:HEADER_LEN])
+        if known is None:
             raise DecodeError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+        writer, is_batch = known
+        reader = self._batch_writer.parsed if is_batch else self._writer.parsed
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
-                                                self._writer.parsed, return_record_name=True)
+            decoded = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, reader,
+                                                 return_record_name=True)
         except Exception as exc:  # fastavro raises many kinds on corrupt bytes
             raise DecodeError(f"corrupt event record: {exc!r}") from exc
-        return self.from_record(record)
+        return [self.from_record(record) for record in decoded] if is_batch else [self.from_record(decoded)]

@@ -35,10 +35,11 @@ class ChildWatcher:
             for record in records:
                 self.positions[record.partition] = record.offset + 1
                 try:
-                    event = self.codec.decode(record.value)
+                    events = self.codec.decode_all(record.value)
                 except DecodeError:
                     continue
-                self._apply(event.run_uid, event.type, event.seq, event.payload)
+                for event in events:
+                    self._apply(event.run_uid, event.type, event.seq, event.payload)
             if len(records) < 10_000:
                 return
             timeout = 0.0

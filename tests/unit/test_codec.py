@@ -74,3 +74,24 @@ def test_a_payload_that_does_not_fit_its_schema_names_the_event_type() -> None:
 def test_unknown_event_types_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown event type"):
         _event("resutl", {})
+
+
+def test_a_batch_record_holds_one_runs_events_in_order() -> None:
+    codec = EventCodec()
+    events = [_event(kind, SAMPLES[kind]) for kind in ("run_started", "metric", "result", "run_finished")]
+    data = codec.encode_batch([codec.to_record(e) for e in events])
+    assert codec.decode_all(data) == events
+    with pytest.raises(DecodeError, match="expected one event"):
+        codec.decode(data)
+
+
+def test_a_v1_batch_still_decodes_after_a_field_is_added_in_v2() -> None:
+    v1 = load_event_schema()
+    v2 = copy.deepcopy(v1)
+    payload = next(f for f in v2["fields"] if f["name"] == "payload")
+    next(t for t in payload["type"] if t["name"] == "ResultLogged")["fields"].append(
+        {"name": "unit", "type": ["null", "string"], "default": None})
+    old = EventCodec(v1, history=[])
+    data = old.encode_batch([old.to_record(_event("result", SAMPLES["result"]))] * 2)
+    decoded = EventCodec(v2, history=[v1]).decode_all(data)
+    assert [e.payload for e in decoded] == [{**SAMPLES["result"], "unit": None}] * 2
