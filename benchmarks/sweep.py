@@ -1,14 +1,15 @@
-"""A 1,000-iteration sweep of a trivial handler on Dask beside a bare client.map on the same cluster."""
+"""Workload 6: an N-iteration sweep of a trivial handler on dask:// beside a bare client.map of the same
+work on the same LocalCluster."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
 import time
 from typing import Any
 
 from distributed import Client, LocalCluster
 
+from benchmarks.common import Outcome, fresh_home
 from engine import NewRun, new_function
 from engine.bootstrap import reset_services
 
@@ -23,9 +24,8 @@ def bare(x: int) -> int:
 
 
 def sweep_vs_map(iterations: int = 1_000, workers: int = 2) -> dict[str, float]:
-    os.environ["RUNBUS_HOME"] = tempfile.mkdtemp(prefix="runbus-bench-sweep-")
-    os.environ.pop("RUNBUS_BUS", None)
-    reset_services()
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # no dashboard-port chatter in the output
+    fresh_home(prefix="runbus-bench-sweep-")
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         client.gather(client.map(bare, range(workers * 4), pure=False))  # warm the workers
@@ -36,6 +36,15 @@ def sweep_vs_map(iterations: int = 1_000, workers: int = 2) -> dict[str, float]:
         run = new_function(command=f"dask://{cluster.scheduler_address}").run(
             NewRun(handler=trivial), hyperparams={"x": list(range(iterations))}, selector="max.y", quiet=True)
         sweep_s = time.perf_counter() - began
-        assert run.state == "completed", run.error
+        if run.state != "completed":
+            raise RuntimeError(f"the sweep ended {run.state}: {run.error}")
     reset_services()
     return {"sweep_s": sweep_s, "client_map_s": bare_s, "sweep_over_map": sweep_s / bare_s}
+
+
+def run(iterations: int, repeat: int) -> Outcome:
+    samples = [sweep_vs_map(iterations) for _ in range(repeat)]
+    middle = sorted(samples, key=lambda s: s["sweep_over_map"])[len(samples) // 2]
+    return Outcome(figures={"sweep_s": middle["sweep_s"], "client_map_s": middle["client_map_s"],
+                            "sweep_over_map": middle["sweep_over_map"]},
+                   details={"iterations": iterations, "samples": samples})

@@ -1,0 +1,92 @@
+"""Shared pieces of the benchmarks: sizes, a fresh RUNBUS_HOME per workload, medians."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import statistics
+import tempfile
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.bootstrap import reset_services
+from projections import database
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; `quick()` is the smoke-run variant."""
+
+    log_metric_points: int = 20_000
+    log_metric_chunk: int = 1_000
+    mlflow_log_metric_points: int = 2_000  # MLflow costs milliseconds per point: 20k would take minutes
+    children: int = 1_000
+    query_runs: tuple[int, ...] = (1_000, 10_000, 100_000)
+    mlflow_query_runs: tuple[int, ...] = (1_000, 10_000)  # building MLflow runs costs ~15-20 ms each
+    queries: int = 15
+    events: int = 1_000_000
+    producers: int = 4
+    sweep_iterations: int = 1_000
+    repeat: int = 3
+    e2e_repeat: int = 3
+
+    @staticmethod
+    def quick() -> Sizes:
+        return Sizes(log_metric_points=4_000, log_metric_chunk=500, mlflow_log_metric_points=300, children=100,
+                     query_runs=(200, 1_000), mlflow_query_runs=(200, 1_000), queries=5, events=40_000,
+                     sweep_iterations=100, repeat=1, e2e_repeat=1)
+
+
+@dataclass
+class Outcome:
+    """Figures of one workload group (name -> value) plus free-form details for the JSON file."""
+
+    figures: dict[str, float] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+
+
+_homes: list[Path] = []
+
+
+def drop_homes() -> None:
+    """Close everything open on the benchmark homes made so far and delete them (1M events ~ 250 MB)."""
+    reset_services()
+    close_all = getattr(database, "close_all", None)
+    if close_all is not None:
+        close_all()
+    while _homes:
+        shutil.rmtree(_homes.pop(), ignore_errors=True)
+
+
+atexit.register(drop_homes)
+
+
+def fresh_home(bus_url: str | None = None, prefix: str = "runbus-bench-") -> Path:
+    """Point Runbus at a new empty RUNBUS_HOME (and bus) and drop the cached services and the
+    previous benchmark home. A Kafka bus gets a topic of its own so each measurement starts empty."""
+    drop_homes()
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    _homes.append(home)
+    os.environ["RUNBUS_HOME"] = str(home)
+    if bus_url:
+        os.environ["RUNBUS_BUS"] = bus_url
+        os.environ["RUNBUS_KAFKA_TOPIC"] = f"runbus-bench-{uuid.uuid4().hex[:12]}"
+    else:
+        os.environ.pop("RUNBUS_BUS", None)
+        os.environ.pop("RUNBUS_KAFKA_TOPIC", None)
+    return home
+
+
+def median(values: Iterable[float]) -> float:
+    return float(statistics.median(list(values)))
+
+
+def runbus_environment() -> dict[str, str]:
+    """The RUNBUS_* variables, for child processes that must use the same home and bus."""
+    return {key: value for key, value in os.environ.items() if key.startswith("RUNBUS_")}
