@@ -1,45 +1,25 @@
-"""Runbus engine: functions, tasks, runtimes and the query entry point."""
+"""Runbus engine: functions, tasks, runtimes and the query entry point.
+
+Names are imported on first use, so that a process that needs only part of Runbus (the projector
+service, a Dask worker) does not load matplotlib, pandas and the rest.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import importlib
+from typing import Any
 
-from engine.bootstrap import services
-from engine.function import Function, new_function
-from engine.run import RunObject
-from engine.sweep.runner import resume_sweep
-from engine.task import NewRun, RunTemplate, new_task
-from projections import RunDB
+_EXPORTS = {
+    "Function": "engine.function", "new_function": "engine.function",
+    "NewRun": "engine.task", "RunTemplate": "engine.task", "new_task": "engine.task",
+    "RunObject": "engine.run", "RunDB": "projections.query",
+    "EngineRunDB": "engine.api", "get_run_db": "engine.api", "resume": "engine.api",
+}
 
-
-class EngineRunDB(RunDB):
-    """The query API plus the actions that execute runs (rerun, resume)."""
-
-    def rerun(self, uid: str, params: dict | None = None, strict: bool = False) -> RunObject:
-        """Execute a recorded run again (see `engine.rerun.rerun`)."""
-        from engine.rerun import rerun
-
-        return rerun(uid, params, strict)
-
-    def resume(self, parent_uid: str) -> RunObject:
-        return resume(parent_uid)
+__all__ = sorted(_EXPORTS)
 
 
-def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:
-    """The query API over the current RUNBUS_HOME / RUNBUS_BUS (waits for pending events).
-
-    `as_of` answers from the tables as they were at that events.position or time.
-    """
-    svc = services()
-    svc.writer.flush()
-    return EngineRunDB(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
-                       svc.user_projections, as_of)
-
-
-def resume(parent_uid: str) -> RunObject:
-    """Finish a sweep whose driver died: run only the iterations the log shows unfinished."""
-    return RunObject.from_context(resume_sweep(parent_uid))
-
-
-__all__ = ["Function", "NewRun", "RunDB", "RunObject", "RunTemplate", "get_run_db", "new_function",
-           "new_task", "resume"]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

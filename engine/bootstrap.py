@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
@@ -17,10 +17,13 @@ from engine.settings import Settings, SettingsError, load_settings
 from producers.artifact_store import ArtifactStore
 from producers.bus import Bus
 from producers.writer import BackgroundWriter
-from projections import Projector, RunDB
+from projections import Projector
 from projections.database import configure as configure_projection
 from projections.user import UserProjection
 from schemas import EventCodec
+
+if TYPE_CHECKING:
+    from projections.query import RunDB
 
 
 def make_bus(url: str, settings: Settings) -> Bus:
@@ -74,6 +77,8 @@ class Services:
     user_projections: list[UserProjection]
 
     def run_db(self, as_of: int | datetime | str | None = None) -> RunDB:
+        from projections.query import RunDB
+
         return RunDB(self.bus, self.settings.db_path, self.codec, self.settings.db_timeout_s,
                      self.user_projections, as_of)
 

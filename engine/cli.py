@@ -7,17 +7,18 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from engine.bootstrap import services
-from engine.function import new_function
-from engine.run import RunObject
-from engine.task import RunTemplate
+
+if TYPE_CHECKING:  # the commands import what they use: `project --follow` stays small
+    import pandas as pd
+
+    from engine.run import RunObject
 
 app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -61,6 +62,8 @@ def print_frame(frame: pd.DataFrame, fmt: str = "table", title: str | None = Non
 
 
 def _is_missing(value: Any) -> bool:
+    import pandas as pd
+
     try:
         return bool(pd.isna(value))
     except (TypeError, ValueError):
@@ -85,6 +88,9 @@ def run(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Run a handler once (or a sweep with --hyper) and print its results."""
+    from engine.function import new_function
+    from engine.task import RunTemplate
+
     task = RunTemplate(handler=target, name=name,
                        params={k: _parse_value(v) for k, v in _pairs(param, "param").items()},
                        inputs=_pairs(input, "input"), labels=_pairs(label, "label"))
@@ -104,6 +110,7 @@ def resume(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Finish a sweep whose driver died: run only the iterations that never finished."""
+    from engine.run import RunObject
     from engine.sweep.runner import resume_sweep
 
     _finish(RunObject.from_context(resume_sweep(parent_uid, quiet=quiet)))

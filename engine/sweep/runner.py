@@ -16,7 +16,7 @@ from engine.reaper import mark_lost, reap, running_runs
 from engine.runspec import RunSpec
 from engine.runtimes.pools import open_pool
 from engine.sweep.iteration import IterationOutcome, run_iteration, run_iteration_in_driver
-from engine.sweep.selection import Selector, StopCondition
+from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
 from engine.sweep.summary import iteration_table, parallel_coordinates
 from engine.sweep.watcher import ChildWatcher
@@ -111,6 +111,10 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
     window = sweep.parallel_runs or (pool.capacity if (stop or sweep.max_errors) else max(1, len(state.pending)))
     inflight: dict[Any, int] = {}
     total = len(state.done) + len(state.pending)
+    best = BestSoFar(selector)
+    for iteration, (outcome_state, _, results) in state.done.items():
+        if outcome_state == "completed":
+            best.offer(iteration, results)
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while (state.pending and not stopping) or inflight:
@@ -124,11 +128,11 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
                     results = outcome.results if outcome.results is not None else _results_on_bus(watcher, outcome)
                     state.done[iteration] = (outcome.state, state.params[iteration], results)
                     failed += outcome.state != "completed"
-                    if stop and outcome.state == "completed" and stop.met(results):
-                        stopping = True
-                    stopping = stopping or _should_stop(state, sweep, stop, failed)
-                    progress.update(len(state.done) - failed, failed, len(inflight),
-                                    _best_text(selector, state))
+                    if outcome.state == "completed":
+                        best.offer(iteration, results)
+                        stopping = stopping or bool(stop and stop.met(results))
+                    stopping = stopping or (sweep.max_errors is not None and failed >= sweep.max_errors)
+                    progress.update(len(state.done) - failed, failed, len(inflight), best.describe())
     finally:
         pool.close()
     svc.writer.flush()
@@ -153,13 +157,6 @@ def _should_stop(state: SweepState, sweep: SweepSpec, stop: StopCondition | None
     if sweep.max_errors is not None and failed >= sweep.max_errors:
         return True
     return bool(stop and any(s == "completed" and stop.met(r) for s, _, r in state.done.values()))
-
-
-def _best_text(selector: Selector | None, state: SweepState) -> str | None:
-    if selector is None:
-        return None
-    best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})
-    return None if best is None else f"{selector.key}={state.done[best][2][selector.key]} (iter {best})"
 
 
 def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:

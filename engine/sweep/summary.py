@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.collections import LineCollection
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def iteration_table(iterations: Mapping[int, tuple[str, dict[str, Any], dict[str, Any]]]) -> pd.DataFrame:
@@ -26,6 +27,9 @@ def iteration_table(iterations: Mapping[int, tuple[str, dict[str, Any], dict[str
 
 def parallel_coordinates(table: pd.DataFrame, best_iteration: int | None, title: str) -> Figure:
     """Each iteration a line across its numeric params and outputs (scaled 0..1); the best in red."""
+    from matplotlib.collections import LineCollection  # slow to import; only a sweep's end needs it
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 4.5))
     axes = figure.subplots()
     columns = [c for c in table.columns if c.startswith(("param.", "output."))

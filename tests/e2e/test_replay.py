@@ -158,7 +158,7 @@ def test_a_user_projection_survives_a_projector_sigkill_and_equals_its_rebuild(
         new_function().run(NewRun(handler=_evolving, name=f"model{i % 3}", params={"rounds": 40}))
     services().writer.flush()
     db_path = tmp_path / "killed.duckdb"
-    kill_projector_mid_stream(db_path, batch_size=100, batches=3)
+    kill_projector_mid_stream(db_path, batch_size=2, batches=3)
 
     with duckdb.connect(str(db_path)) as con:
         projector = services().projector(con)

@@ -86,7 +86,7 @@ def test_three_producer_processes_give_exactly_their_events(kafka_home: Path) ->
 def test_a_projector_killed_mid_stream_resumes_to_equal_a_rebuild(kafka_home: Path, tmp_path: Path) -> None:
     for i in range(4):
         new_function().run(NewRun(handler=_metrics_job(5_000), name=f"r{i}"))
-    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=500, batches=5)
+    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=2, batches=5)
     resumed, rebuilt = resume_and_compare(services().bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
     assert len(resumed["metrics"]) == 20_000
     assert resumed == rebuilt

@@ -53,7 +53,7 @@ def test_a_projector_killed_mid_batch_resumes_without_loss_or_doubles(home: Path
     _record_runs(10, 2000)
     svc = services()
     svc.writer.flush()
-    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=300, batches=5)
+    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=2, batches=5)
     resumed, clean = resume_and_compare(svc.bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
     assert len(resumed["metrics"]) == 10 * 2000
     assert resumed == clean

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def kill_projector_mid_stream(db_path: Path, batch_size: int, batches: int) -> None:
-    """Project the current RUNBUS_* bus into `db_path` in small batches; SIGKILL it after `batches`."""
+    """Project the current RUNBUS_* bus into `db_path`, `batch_size` bus records (each up to 500 events)
+    at a time; SIGKILL it after `batches` committed batches."""
     child = subprocess.Popen([sys.executable, "-m", "tests.support.project_in_steps", str(db_path), str(batch_size)],
                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ})
     for _ in range(batches):

@@ -67,3 +67,16 @@ def test_stop_condition_is_evaluated_safely() -> None:
         StopCondition("__import__('os').system('true')").met({})
     with pytest.raises(ValueError):
         StopCondition("accuracy.__class__").met({"accuracy": 1})
+
+
+def test_best_so_far_agrees_with_the_selector_whatever_the_arrival_order() -> None:
+    from engine.sweep.selection import BestSoFar
+
+    candidates = {1: {"loss": 3.0}, 2: {"loss": -2}, 3: {}, 4: {"loss": -2}, 5: {"loss": "x"}, 6: {"loss": 7}}
+    for text in ("min.loss", "max.loss"):
+        selector = Selector.parse(text)
+        for order in ([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [4, 1, 6, 2, 5, 3]):
+            best = BestSoFar(selector)
+            for iteration in order:
+                best.offer(iteration, candidates[iteration])
+            assert best.iteration == selector.best(candidates), (text, order)
