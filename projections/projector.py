@@ -49,11 +49,16 @@ class Progress:
 
 class Projector:
     def __init__(self, bus: Bus, con: duckdb.DuckDBPyConnection, codec: EventCodec | None = None,
-                 batch_size: int = 50_000, user_projections: Sequence[UserProjection] = ()) -> None:
+                 batch_size: int = 50_000, user_projections: Sequence[UserProjection] = (),
+                 events_per_batch: int = 50_000) -> None:
+        """`batch_size` caps the bus records per transaction, `events_per_batch` the events (a
+        record holds one or more events of a run)."""
         self.bus = bus
         self.con = con
         self.codec = codec or EventCodec()
         self.batch_size = batch_size
+        self.events_per_batch = events_per_batch
+        self._events_per_record = 1.0  # learnt from the last batch
         self.user_projections = list(user_projections)
         if connection_is_prepared(con):
             return  # a reused connection: the tables were checked when it was opened
@@ -73,9 +78,11 @@ class Projector:
     def run_once(self, timeout: float = 0.0) -> int:
         """Fold one batch of new records; returns how many records it consumed."""
         positions = self.positions()
-        records = self.bus.read(positions, self.batch_size, timeout)
+        wanted = max(1, min(self.batch_size, int(self.events_per_batch / self._events_per_record)))
+        records = self.bus.read(positions, wanted, timeout)
         if records:
-            self._apply(records, positions)
+            events = self._apply(records, positions)
+            self._events_per_record = max(1.0, events / len(records))
         return len(records)
 
     def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> int:
@@ -137,11 +144,12 @@ class Projector:
         self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES (?, ?)",
                          [f"user:{projection.name}", str(projection.version)])
 
-    def _apply(self, records: list[BusRecord], positions: dict[int, int]) -> None:
+    def _apply(self, records: list[BusRecord], positions: dict[int, int]) -> int:
         with _gc_paused():
-            self._decode_and_fold(records, positions)
+            return self._decode_and_fold(records, positions)
 
-    def _decode_and_fold(self, records: list[BusRecord], positions: dict[int, int]) -> None:
+    def _decode_and_fold(self, records: list[BusRecord], positions: dict[int, int]) -> int:
+        """Fold the records' events in one transaction; returns how many events they held."""
         batch = TableBatch()
         decoded = []
         received = time.time()
@@ -154,6 +162,7 @@ class Projector:
         for record in records:
             positions[record.partition] = record.offset + 1
         self._fold_and_commit(decoded, batch, positions)
+        return len(decoded)
 
     def _fold_and_commit(self, decoded: list[tuple[BusRecord, Event]], batch: TableBatch,
                          positions: dict[int, int]) -> None:
