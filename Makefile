@@ -44,8 +44,9 @@ bench: install
 	@RUNBUS_BENCH_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/python -m benchmarks $(BENCH_ARGS); \
 	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
 
+# kafka-up keeps the broker's data across down/up; the test broker starts empty every time.
 kafka-up:
-	RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh up
+	RUNBUS_KAFKA_KEEP_DATA=1 RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh up
 
 kafka-down:
 	RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh down

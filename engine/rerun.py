@@ -12,7 +12,7 @@ from engine.loader import load_handler
 from engine.run import RunObject
 from engine.runspec import RunSpec
 from engine.runtimes import local
-from engine.secrets import SecretSource, resolve_all
+from engine.secrets import SecretSource, from_environment, resolve_all
 from producers.artifact_store import file_sha256
 from producers.data_item import DataItem
 
@@ -34,7 +34,7 @@ def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = Fals
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
                                 [record["uid"]]).payload[0])
     _check_inputs(record["uid"], started["inputs"], started["input_digests"], strict)
-    values = {**_environment(started["secret_keys"]), **resolve_all(secrets)}
+    values = {**from_environment(started["secret_keys"]), **resolve_all(secrets)}
     missing = [key for key in started["secret_keys"] if key not in values]
     if missing:
         warnings.warn(f"rerun of {record['uid']}: no value for secret(s) {', '.join(missing)}", stacklevel=2)
@@ -47,12 +47,6 @@ def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = Fals
     context = spec.new_context()
     local.execute(handler, context)
     return RunObject.from_context(context)
-
-
-def _environment(keys: Sequence[str]) -> dict[str, str]:
-    import os
-
-    return {key: os.environ[key] for key in keys if key in os.environ}
 
 
 def _check_inputs(uid: str, inputs: Mapping[str, str], digests: Mapping[str, str], strict: bool) -> None:

@@ -45,3 +45,8 @@ def resolve_all(sources: Sequence[SecretSource]) -> dict[str, str]:
     for source in sources:
         merged.update(source.resolve())
     return merged
+
+
+def from_environment(keys: Sequence[str]) -> dict[str, str]:
+    """The values of the recorded secret keys that the environment holds (for reruns and resumes)."""
+    return {key: os.environ[key] for key in keys if key in os.environ}

@@ -15,6 +15,7 @@ from engine.progress import SweepProgress
 from engine.reaper import mark_lost, reap, running_runs
 from engine.runspec import RunSpec
 from engine.runtimes.pools import open_pool
+from engine.secrets import from_environment
 from engine.sweep.iteration import IterationOutcome, run_iteration, run_iteration_in_driver
 from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
@@ -58,9 +59,11 @@ def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
     parent_uid = parent_row["uid"]
     sweep = SweepSpec.from_description({**parent_row["extra"]["sweep"], "quiet": quiet})
     handler = load_handler(parent_row["handler"])
+    started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
+                                [parent_uid]).payload[0])
     spec = RunSpec(svc.settings, handler, parent_row["handler"], parent_row["name"], parent_row["project"],
-                   parent_row["runtime"], parent_row["params"], parent_row["inputs"], {}, {},
-                   parent_row["labels"], None)
+                   parent_row["runtime"], parent_row["params"], parent_row["inputs"], started["input_digests"],
+                   from_environment(started["secret_keys"]), started["labels"], started["code_ref"])
     requested = db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'iteration_requested' "
                        "ORDER BY seq", [parent_uid]).payload
     requests = {}
