@@ -58,7 +58,8 @@ class Projector:
         self.codec = codec or EventCodec()
         self.batch_size = batch_size
         self.events_per_batch = events_per_batch
-        self._events_per_record = 1.0  # learnt from the last batch
+        # learnt from each batch; start from the writer's most (500) so a first read stays small
+        self._events_per_record = 500.0
         self.user_projections = list(user_projections)
         if connection_is_prepared(con):
             return  # a reused connection: the tables were checked when it was opened

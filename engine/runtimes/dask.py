@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import cloudpickle
-from distributed import Client, LocalCluster, WorkerPlugin, wait
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed
 
 from engine.bootstrap import reset_services, services
 from engine.runspec import RunSpec
@@ -49,6 +49,7 @@ class DaskPool:
             self._client = Client(address, timeout="20s")
         self._client.register_plugin(RunbusWorkerPlugin(settings))
         self.capacity = max(1, sum(self._client.nthreads().values()))
+        self._completed = as_completed()
 
     def prepare(self, spec: RunSpec) -> RunSpec:
         """Handlers loaded from a script file live in a module workers cannot import: ship their code."""
@@ -62,11 +63,18 @@ class DaskPool:
             cloudpickle.unregister_pickle_by_value(module)
 
     def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
-        return self._client.submit(fn, arg, pure=False)
+        future = self._client.submit(fn, arg, pure=False)
+        self._completed.add(future)
+        return future
 
     def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
-        """Block until at least one future is done; each done future with its result or exception."""
-        done, _ = wait(list(futures), return_when="FIRST_COMPLETED")
+        """Block until at least one submitted future is done; each with its result or exception.
+
+        `futures` are the ones in flight; this pool tracks what it submitted itself.
+        """
+        # as_completed, not wait(FIRST_COMPLETED): the latter races in the client's event loop under
+        # many completions ("deque mutated during iteration")
+        done = self._completed.next_batch(block=True)
         finished = [f for f in done if f.status == "finished"]
         # one round trip for all results: per-future .result() costs a scheduler sync each
         outcomes = list(zip(finished, self._client.gather(finished), strict=True))
