@@ -177,7 +177,7 @@ class RunDB:
     def read_run(self, uid: str) -> dict[str, Any]:
         """Everything known about one run; `uid` may be a unique prefix."""
         with self.reader() as fetch:
-            full_uid = _resolve_uid(fetch, uid)
+            full_uid = resolve_uid(fetch, uid)
             run: dict[str, Any] = fetch("SELECT * FROM runs WHERE uid = ?", [full_uid]).iloc[0].to_dict()
             for column in ("labels", "inputs", "extra", "return_value"):
                 if isinstance(run.get(column), str):
@@ -211,7 +211,8 @@ def _cutoff(as_of: int | datetime | str | None) -> tuple[str, list[Any]]:
     return "ts <= ?::TIMESTAMPTZ", [moment.isoformat()]
 
 
-def _resolve_uid(fetch: Query, uid: str) -> str:
+def resolve_uid(fetch: Query, uid: str) -> str:
+    """The full uid of the run whose uid starts with `uid`; KeyError if none or several."""
     matches = fetch("SELECT uid FROM runs WHERE uid LIKE ? || '%' LIMIT 2", [uid]).uid.tolist()
     if not matches:
         raise KeyError(f"no run with uid {uid!r}")

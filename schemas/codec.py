@@ -62,6 +62,16 @@ def load_history() -> list[dict[str, Any]]:
             if e.name.endswith(".avsc")]
 
 
+def _single_object(header: bytes, schema: Any, datum: Any, what: str) -> bytes:
+    out = io.BytesIO()
+    out.write(header)
+    try:
+        fastavro.schemaless_writer(out, schema, datum, strict=True)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{what} does not match its schema: {exc}") from exc
+    return out.getvalue()
+
+
 def _batch_of(envelope: dict[str, Any]) -> dict[str, Any]:
     """The schema of a batch record: an array of one run's events, in seq order."""
     return {"type": "array", "items": envelope}
@@ -130,23 +140,12 @@ class EventCodec:
 
     def encode_record(self, record: dict[str, Any]) -> bytes:
         """Encode a record already in envelope form (see `to_record`)."""
-        out = io.BytesIO()
-        out.write(self._header)
-        try:
-            fastavro.schemaless_writer(out, self._writer.parsed, record, strict=True)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{record['type']} event does not match its schema: {exc}") from exc
-        return out.getvalue()
+        return _single_object(self._header, self._writer.parsed, record, f"{record['type']} event")
 
     def encode_batch(self, records: list[dict[str, Any]]) -> bytes:
         """Encode several records (envelope form, one run's, in seq order) as one bus record."""
-        out = io.BytesIO()
-        out.write(self._batch_header)
-        try:
-            fastavro.schemaless_writer(out, self._batch_writer.parsed, records, strict=True)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"a batch of {len(records)} events does not match the schema: {exc}") from exc
-        return out.getvalue()
+        return _single_object(self._batch_header, self._batch_writer.parsed, records,
+                              f"a batch of {len(records)} events")
 
     def decode(self, data: bytes) -> Event:
         """The event of a single-event record."""

@@ -38,16 +38,6 @@ class RunView:
         return bool(self.children) or "sweep" in self.run["extra"]
 
 
-def resolve_uid(fetch: Query, uid: str) -> str:
-    """The full uid of the run whose uid starts with `uid`; KeyError if none or several."""
-    matches = fetch("SELECT uid FROM runs WHERE uid LIKE ? || '%' LIMIT 2", [uid]).uid.tolist()
-    if not matches:
-        raise KeyError(f"no run with uid {uid!r}")
-    if len(matches) > 1:
-        raise KeyError(f"uid prefix {uid!r} matches more than one run")
-    return str(matches[0])
-
-
 def run_view(fetch: Query, uid: str, with_events: bool = True) -> RunView:
     """Everything the run page shows about one run."""
     run = fetch("SELECT * FROM runs WHERE uid = ?", [uid]).to_dict("records")

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.ui.data import resolve_uid, run_view, sweep_view
+from engine.ui.data import run_view, sweep_view
 from engine.ui.pages import ReportLinks, render
 from engine.ui.runs_query import page_values, run_row
 from engine.ui.sections import run_context, sweep_context
-from projections.query import Query, RunDB
+from projections.query import Query, RunDB, resolve_uid
 
 
 def report_html(db: RunDB, store_root: str | Path, limit: int = 100, uids: list[str] | None = None) -> tuple[str, int]:
