@@ -56,7 +56,8 @@ def print_frame(frame: pd.DataFrame, fmt: str = "table", title: str | None = Non
             table.add_column(str(column), overflow="fold")
         for row in frame.itertuples(index=False):
             table.add_row(*("" if _is_missing(v) else str(v) for v in row))
-        console.print(table)
+        # piped (make demo, CI logs): rich would assume 80 columns and fold every cell
+        (console if console.is_terminal else Console(width=160)).print(table)
     else:
         raise typer.BadParameter(f"format {fmt!r} is not one of table, csv, json")
 
