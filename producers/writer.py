@@ -58,6 +58,7 @@ class BackgroundWriter:
         self._pid = os.getpid()
         self.heartbeat_interval_s = heartbeat_interval_s
         self._beating: dict[str, Callable[[], None]] = {}
+        self._retrying = 0  # records of the batch being retried against an unreachable bus
         self._next_beat = time.monotonic() + heartbeat_interval_s
         self._thread = threading.Thread(target=self._loop, name="runbus-writer", daemon=True)
         self._thread.start()
@@ -88,14 +89,19 @@ class BackgroundWriter:
         self._wake.set()
         return marker.done.wait(timeout)
 
-    def close(self) -> None:
-        """Flush and stop the writer thread."""
+    def close(self, timeout_s: float = 120.0) -> None:
+        """Flush and stop the writer thread. If the bus stays unreachable for `timeout_s`, say how
+        many events were not written instead of hanging the process forever."""
         if self._closed:
             return
-        self.flush()
+        flushed = self.flush(timeout_s)
+        if not flushed:
+            queued = sum(1 for item in self._pending if not isinstance(item, _FlushMarker))
+            log.error("the bus %s was unreachable for %gs: %d queued events and %d bus records being "
+                      "retried were not written", self.bus.url, timeout_s, queued, self._retrying)
         self._closed = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=10 if flushed else 0.1)
         atexit.unregister(self.close)
 
     def _wait_for_room(self) -> None:
@@ -162,7 +168,9 @@ class BackgroundWriter:
         delay = 0.05
         while batch:
             try:
+                self._retrying = len(batch)
                 self.bus.append(batch)
+                self._retrying = 0
                 return
             except Exception as exc:  # any bus failure: retry, never drop
                 log.warning("appending %d events failed (%s); retrying in %.2fs", len(batch), exc, delay)
