@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from producers.bus.kafka import KafkaBus
 from projections import Projector
 from tests.kafka_support import unique_topic, use_fresh_topic
 from tests.support.crash import kill_projector_mid_stream, resume_and_compare
+from tests.support.producers import SEQ_BREAKS, produce_from_processes
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,30 +57,13 @@ def test_the_seed_example_through_kafka(kafka_home: Path) -> None:
     assert db.list_runs(labels={"type": "demo"}).state.tolist() == ["completed"]
 
 
-def _produce(environment: dict[str, str], events: int) -> None:
-    os.environ.update(environment)
-    new_function().run(NewRun(handler=_metrics_job(events), name="producer"))
-    reset_services()
-
-
 def test_three_producer_processes_give_exactly_their_events(kafka_home: Path) -> None:
-    environment = {k: v for k, v in os.environ.items() if k.startswith("RUNBUS_")}
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_produce, args=(environment, 10_000)) for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(300)
-        assert worker.exitcode == 0
+    produce_from_processes(3, 10_000)
 
     db = get_run_db()
     assert db.sql("SELECT count(*) AS n FROM metrics").n[0] == 30_000
     assert db.sql("SELECT count(DISTINCT uid) AS n FROM metrics").n[0] == 3
-    out_of_order = db.sql("""
-        SELECT count(*) AS n FROM (
-            SELECT seq, lag(seq) OVER (PARTITION BY run_uid ORDER BY position) AS previous FROM events)
-        WHERE previous IS NOT NULL AND seq <> previous + 1""")
-    assert out_of_order.n[0] == 0
+    assert db.sql(SEQ_BREAKS).n[0] == 0
 
 
 def test_a_projector_killed_mid_stream_resumes_to_equal_a_rebuild(kafka_home: Path, tmp_path: Path) -> None:

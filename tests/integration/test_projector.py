@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services, services
+from engine.bootstrap import services
 from projections import Projector, open_projection
 from tests.support.crash import kill_projector_mid_stream, resume_and_compare
+from tests.support.producers import SEQ_BREAKS, produce_from_processes
 from tests.support.tables import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,36 +86,15 @@ def test_garbage_bytes_go_to_dead_letters_and_the_projector_moves_on(home: Path)
     assert db.sql("SELECT count(*) AS n FROM runs WHERE state = 'completed'").n[0] == 2
 
 
-def _log_from_process(home: str, events: int) -> None:
-    os.environ["RUNBUS_HOME"] = home
-
-    def train(context):
-        for i in range(events):
-            context.log_metric("m", i, step=i)
-
-    new_function().run(NewRun(handler=train, name="parallel"))
-    reset_services()
-
-
 def test_four_processes_logging_at_once_lose_nothing_and_keep_order(home: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_log_from_process, args=(str(home), 5000)) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(180)
-        assert worker.exitcode == 0
+    produce_from_processes(4, 5000)
 
     db = get_run_db()
     runs = db.sql("SELECT uid, state FROM runs")
     assert len(runs) == 4 and set(runs.state) == {"completed"}
     counts = db.sql("SELECT uid, count(*) AS n, count(DISTINCT step) AS steps FROM metrics GROUP BY uid")
     assert list(counts.n) == [5000] * 4 and list(counts.steps) == [5000] * 4
-    out_of_order = db.sql("""
-        SELECT count(*) AS n FROM (
-            SELECT seq, lag(seq) OVER (PARTITION BY run_uid ORDER BY position) AS previous FROM events)
-        WHERE previous IS NOT NULL AND seq <> previous + 1""")
-    assert out_of_order.n[0] == 0
+    assert db.sql(SEQ_BREAKS).n[0] == 0
 
 
 def test_a_second_process_waits_for_the_projection_instead_of_failing(home: Path) -> None:
