@@ -154,8 +154,7 @@ class RunContext:
         now = time.time()
         payload = {"key": key, "value": number, "step": step,
                    "timestamp": now if timestamp is None else float(timestamp)}
-        with self._emit_lock:
-            self._writer.emit(self.uid, next(self._seq), "metric", payload, now)
+        self._emit("metric", payload, now)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
                     timestamp: float | None = None) -> None:
@@ -222,9 +221,9 @@ class RunContext:
 
     # internals --------------------------------------------------------------------------------
 
-    def _emit(self, event_type: str, payload: dict[str, Any]) -> None:
+    def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None) -> None:
         with self._emit_lock:
-            self._writer.emit(self.uid, next(self._seq), event_type, payload)
+            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts)
 
     def _heartbeat(self) -> None:
         self._emit("heartbeat", {"interval_s": self._writer.heartbeat_interval_s})
