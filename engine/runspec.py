@@ -30,7 +30,7 @@ class RunSpec:
     iteration: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def new_context(self, uid: str | None = None, first_seq: int = 0) -> RunContext:
+    def new_context(self, uid: str | None = None) -> RunContext:
         """A context writing through this process's services for `settings`."""
         svc = services(self.settings)
         return RunContext(
@@ -38,7 +38,7 @@ class RunSpec:
             project=self.project, handler=self.handler_ref, runtime=self.runtime, params=self.params,
             inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,
             labels=self.labels, parent_uid=self.parent_uid, iteration=self.iteration,
-            code_ref=self.code_ref, extra=self.extra, first_seq=first_seq)
+            code_ref=self.code_ref, extra=self.extra)
 
     def for_iteration(self, parent_uid: str, iteration: int, params: dict[str, Any]) -> RunSpec:
         return replace(self, parent_uid=parent_uid, iteration=iteration,

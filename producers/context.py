@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import traceback as tb
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,10 +31,13 @@ class RunContext:
                  input_digests: Mapping[str, str] | None = None,
                  secrets: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
                  parent_uid: str | None = None, iteration: int = 0, code_ref: str | None = None,
-                 extra: Mapping[str, Any] | None = None, first_seq: int = 0) -> None:
+                 extra: Mapping[str, Any] | None = None) -> None:
         self._writer = writer
         self._store = artifact_store
-        self._seq = itertools.count(first_seq)
+        # this context's own stream of the run's events: a resumed run, or the reaper writing
+        # about it, never collides with the seq numbers of another process
+        self.stream = uuid.uuid4().hex
+        self._seq = itertools.count()
         # seq numbers must reach the writer in order; heartbeats come from the writer's thread
         self._emit_lock = threading.Lock()
         self.uid, self.name, self.project = uid, name, project
@@ -67,11 +71,12 @@ class RunContext:
             "input_digests": self._input_digests, "secret_keys": sorted(self._secrets),
             "labels": self.labels, "parent_uid": self.parent_uid, "iteration": self.iteration,
             "host": socket.gethostname(), "code_ref": self.code_ref, "extra": self._extra,
+            "heartbeat_interval_s": self._writer.heartbeat_interval_s,
         })
         self._writer.track(self.uid, self._heartbeat)
 
     def resume(self) -> None:
-        """Continue a run started by another process (its events go on from `first_seq`)."""
+        """Continue a run started by another process (on this context's own stream)."""
         self._started = time.time()
         self.state = "running"
         self._writer.track(self.uid, self._heartbeat)
@@ -223,7 +228,7 @@ class RunContext:
 
     def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None) -> None:
         with self._emit_lock:
-            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts)
+            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream)
 
     def _heartbeat(self) -> None:
         self._emit("heartbeat", {"interval_s": self._writer.heartbeat_interval_s})

@@ -65,13 +65,13 @@ class BackgroundWriter:
         atexit.register(self.close)
 
     def emit(self, run_uid: str, seq: int, event_type: str, payload: dict[str, Any],
-             ts: float | None = None) -> None:
-        """Queue one event; the caller has validated the payload."""
+             ts: float | None = None, stream: str = "") -> None:
+        """Queue one event of `stream` (see `Event`); the caller has validated the payload."""
         if self._closed:
             raise RuntimeError("the event writer is closed")
         if event_type not in RECORD_OF_TYPE:
             raise ValueError(f"unknown event type {event_type!r}")
-        self._pending.append((run_uid, seq, event_type, time.time() if ts is None else ts, payload))
+        self._pending.append((run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream))
         if len(self._pending) > self._max_pending:
             self._wait_for_room()
 
@@ -141,9 +141,10 @@ class BackgroundWriter:
             for marker in markers:
                 marker.done.set()
 
-    def _record(self, item: tuple[str, int, str, float, dict[str, Any]]) -> dict[str, Any]:
-        run_uid, seq, event_type, ts, payload = item
-        return {"event_id": uuid.uuid4().hex, "run_uid": run_uid, "seq": seq, "type": event_type, "ts": ts,
+    def _record(self, item: tuple[str, int, str, float, dict[str, Any], str]) -> dict[str, Any]:
+        run_uid, seq, event_type, ts, payload, stream = item
+        return {"event_id": uuid.uuid4().hex, "run_uid": run_uid, "seq": seq, "stream": stream,
+                "type": event_type, "ts": ts,
                 "host": self._host, "pid": self._pid, "schema_version": SCHEMA_VERSION,
                 "payload": (self._codec.record_name(event_type), payload)}
 

@@ -36,7 +36,7 @@ class TableBatch:
     events: list[tuple[Any, ...]] = field(default_factory=list)
     dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
     labelled_runs: set[str] = field(default_factory=set)
-    run_progress: dict[str, int] = field(default_factory=dict)
+    run_progress: dict[tuple[str, str], int] = field(default_factory=dict)
     positions: dict[int, int] = field(default_factory=dict)
     next_position: int = 0
 

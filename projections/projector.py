@@ -170,19 +170,22 @@ class Projector:
         accepted: list[Event] = []
         uids = list({event.run_uid for _, event in decoded})
         last_seq = self._last_seqs(uids)
+        touched: set[tuple[str, str]] = set()
         position = self._next_position()
         for record, event in decoded:
-            if event.seq <= last_seq.get(event.run_uid, -1):
+            stream = (event.run_uid, event.stream)
+            if event.seq <= last_seq.get(stream, -1):
                 continue  # already applied (a replayed or pushed-twice record)
-            last_seq[event.run_uid] = event.seq
+            last_seq[stream] = event.seq
+            touched.add(stream)
             fold(batch, event)
             accepted.append(event)
             batch.events.append((position, record.partition, record.offset, event.event_id,
                                  event.run_uid, event.seq, event.type, event.ts,
-                                 orjson.dumps(event.payload).decode()))
+                                 orjson.dumps(event.payload).decode(), event.stream))
             position += 1
         batch.positions = positions
-        batch.run_progress = {uid: last_seq[uid] for uid in uids if uid in last_seq}
+        batch.run_progress = {stream: last_seq[stream] for stream in touched}
         batch.next_position = position
         con = self.con
         con.execute("BEGIN")
@@ -196,12 +199,12 @@ class Projector:
             con.execute("ROLLBACK")
             raise
 
-    def _last_seqs(self, uids: list[str]) -> dict[str, int]:
+    def _last_seqs(self, uids: list[str]) -> dict[tuple[str, str], int]:
         if not uids:
             return {}
-        rows = self.con.execute("SELECT uid, last_seq FROM run_progress WHERE uid IN "
+        rows = self.con.execute("SELECT uid, stream, last_seq FROM run_progress WHERE uid IN "
                                 "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
-        return dict(rows)
+        return {(uid, stream): seq for uid, stream, seq in rows}
 
     def _next_position(self) -> int:
         row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'next_position'").fetchone()

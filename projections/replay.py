@@ -21,9 +21,9 @@ def stored_events(con: duckdb.DuckDBPyConnection, where: str = "TRUE",
     Reads through its own cursor, so the caller may write on `con` between chunks.
     """
     cursor = con.cursor().execute(
-        f'SELECT position, partition, "offset", event_id, run_uid, seq, type, epoch(ts), payload '
+        f'SELECT position, partition, "offset", event_id, run_uid, seq, type, epoch(ts), payload, stream '
         f"FROM events WHERE {where} ORDER BY position", list(params))
     while rows := cursor.fetchmany(_CHUNK):
         yield [(BusRecord(partition, offset, run_uid, b"", ts),
-                Event(event_id, run_uid, seq, kind, ts, "", 0, json.loads(payload)))
-               for _, partition, offset, event_id, run_uid, seq, kind, ts, payload in rows]
+                Event(event_id, run_uid, seq, kind, ts, "", 0, json.loads(payload), stream=stream))
+               for _, partition, offset, event_id, run_uid, seq, kind, ts, payload, stream in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 2
+PROJECTION_VERSION = 3
 
 PUBLIC_TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "events",
                  "dead_letters")
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE TABLE IF NOT EXISTS events (
     position BIGINT, partition INTEGER, "offset" BIGINT, event_id VARCHAR, run_uid VARCHAR,
-    seq BIGINT, type VARCHAR, ts TIMESTAMPTZ, payload JSON
+    seq BIGINT, type VARCHAR, ts TIMESTAMPTZ, payload JSON, stream VARCHAR
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     partition INTEGER, "offset" BIGINT, key VARCHAR, error VARCHAR, raw BLOB,
@@ -47,7 +47,7 @@ CREATE OR REPLACE VIEW result_history AS
     SELECT run_uid AS uid, payload->>'$.key' AS key, (payload->>'$.value')::JSON AS value,
            TRY_CAST(payload->>'$.value' AS DOUBLE) AS value_num, position, ts
     FROM events WHERE type = 'result';
-CREATE TABLE IF NOT EXISTS run_progress (uid VARCHAR PRIMARY KEY, last_seq BIGINT);
+CREATE TABLE IF NOT EXISTS run_progress (uid VARCHAR, stream VARCHAR, last_seq BIGINT, PRIMARY KEY (uid, stream));
 CREATE TABLE IF NOT EXISTS positions (partition INTEGER PRIMARY KEY, next_offset BIGINT);
 CREATE TABLE IF NOT EXISTS projection_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """

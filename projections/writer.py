@@ -68,14 +68,15 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
         if stage("_metrics", ("uid", "key", "step", "value", "ts"), batch.metrics):
             con.execute("INSERT INTO metrics SELECT uid, key, step, value, to_timestamp(ts) FROM _metrics")
         if stage("_events", ("position", "partition", "offset", "event_id", "run_uid", "seq", "type",
-                             "ts", "payload"), batch.events):
+                             "ts", "payload", "stream"), batch.events):
             con.execute("INSERT INTO events SELECT position, partition, \"offset\", event_id, run_uid, "
-                        "seq, type, to_timestamp(ts), payload FROM _events")
+                        "seq, type, to_timestamp(ts), payload, stream FROM _events")
         if stage("_dead", ("partition", "offset", "key", "error", "raw", "received_at"),
                  batch.dead_letters):
             con.execute("INSERT INTO dead_letters SELECT partition, \"offset\", key, error, raw, "
                         "to_timestamp(received_at) FROM _dead")
-        if stage("_progress", ("uid", "last_seq"), list(batch.run_progress.items())):
+        if stage("_progress", ("uid", "stream", "last_seq"),
+                 [(uid, stream, seq) for (uid, stream), seq in batch.run_progress.items()]):
             con.execute("INSERT OR REPLACE INTO run_progress SELECT * FROM _progress")
         if stage("_positions", ("partition", "next_offset"), list(batch.positions.items())):
             con.execute("INSERT OR REPLACE INTO positions SELECT * FROM _positions")

@@ -121,7 +121,7 @@ class EventCodec:
         """The event as an Avro record of the envelope schema (union payload in tuple notation)."""
         return {
             "event_id": event.event_id, "run_uid": event.run_uid, "seq": event.seq,
-            "type": event.type, "ts": event.ts, "host": event.host, "pid": event.pid,
+            "stream": event.stream, "type": event.type, "ts": event.ts, "host": event.host, "pid": event.pid,
             "schema_version": event.schema_version,
             "payload": (RECORD_OF_TYPE[event.type], event.payload),
         }
@@ -133,7 +133,8 @@ class EventCodec:
         if TYPE_OF_RECORD.get(record_name) != record["type"]:
             raise DecodeError(f"event type {record['type']!r} does not match payload {record_name}")
         return Event(record["event_id"], record["run_uid"], record["seq"], record["type"],
-                     record["ts"], record["host"], record["pid"], payload, record["schema_version"])
+                     record["ts"], record["host"], record["pid"], payload, record["schema_version"],
+                     record.get("stream", ""))
 
     def encode(self, event: Event) -> bytes:
         return self.encode_record(self.to_record(event))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Event type name (the envelope's `type`) -> Avro record name of its payload.
 RECORD_OF_TYPE: dict[str, str] = {
@@ -25,7 +25,12 @@ EVENT_TYPES: tuple[str, ...] = tuple(RECORD_OF_TYPE)
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One immutable fact about a run. `seq` orders a run's events (0, 1, 2, ...)."""
+    """One immutable fact about a run.
+
+    A run's events come on one or more streams: the run's own process writes one, and another
+    process that writes about the run (the reaper marking it lost, resume) writes its own. `seq`
+    orders the events of one (run_uid, stream) pair: 0, 1, 2, ...
+    """
 
     event_id: str
     run_uid: str
@@ -36,6 +41,7 @@ class Event:
     pid: int
     payload: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    stream: str = ""
 
     def __post_init__(self) -> None:
         if self.type not in RECORD_OF_TYPE:

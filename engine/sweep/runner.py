@@ -78,8 +78,7 @@ def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
         results = db.read_run(child.uid)["results"]
         state.done[child.iteration] = (child.state, requests.get(child.iteration, {}), results)
     state.pending = [(i, params) for i, params in sorted(requests.items()) if i not in state.done]
-    last_seq = int(db.sql("SELECT max(seq) AS s FROM events WHERE run_uid = ?", [parent_uid]).s[0])
-    parent = spec.new_context(uid=parent_uid, first_seq=last_seq + 1)
+    parent = spec.new_context(uid=parent_uid)  # a stream of its own: no seq taken from the dead driver
     parent.parent_uid = None
     parent.parameters = dict(parent_row["params"])
     parent.resume()
@@ -170,7 +169,7 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
         now = time.monotonic()
         for child in watcher.unfinished():
             if now - child.last_seen > lost_after:
-                mark_lost(svc, child.uid, child.last_seq + 1, f"no heartbeat for {lost_after:g}s")
+                mark_lost(svc, child.uid, f"no heartbeat for {lost_after:g}s")
                 child.state = "lost"
         watcher.poll(min(1.0, lost_after))
     svc.writer.flush()

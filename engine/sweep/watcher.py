@@ -17,7 +17,6 @@ class ChildRun:
     iteration: int
     state: str = "running"
     results: dict[str, Any] = field(default_factory=dict)
-    last_seq: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -39,20 +38,20 @@ class ChildWatcher:
                 except DecodeError:
                     continue
                 for event in events:
-                    self._apply(event.run_uid, event.type, event.seq, event.payload)
+                    self._apply(event.run_uid, event.type, event.payload)
             if len(records) < 10_000:
                 return
             timeout = 0.0
 
-    def _apply(self, uid: str, kind: str, seq: int, payload: dict[str, Any]) -> None:
+    def _apply(self, uid: str, kind: str, payload: dict[str, Any]) -> None:
         if kind == "run_started":
             if payload["parent_uid"] == self.parent_uid:
-                self.children[uid] = ChildRun(uid, payload["iteration"], last_seq=seq)
+                self.children[uid] = ChildRun(uid, payload["iteration"])
             return
         child = self.children.get(uid)
         if child is None:
             return
-        child.last_seq, child.last_seen = seq, time.monotonic()
+        child.last_seen = time.monotonic()
         if kind == "result":
             child.results[payload["key"]] = json.loads(payload["value"])
         elif kind == "run_finished":

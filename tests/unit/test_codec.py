@@ -12,7 +12,7 @@ SAMPLES = {
                     "params": {"p1": "5"}, "inputs": {"data": "file:///x.csv"},
                     "input_digests": {"data": "ab"}, "secret_keys": ["PASSWORD"],
                     "labels": {"type": "demo"}, "parent_uid": None, "iteration": 0, "host": "h",
-                    "code_ref": None, "extra": {}},
+                    "code_ref": None, "extra": {}, "heartbeat_interval_s": 5.0},
     "param": {"key": "p2", "value": '"xx"'},
     "result": {"key": "loss", "value": "15"},
     "metric": {"key": "loss", "value": 0.5, "step": 3, "timestamp": 1.5},
@@ -95,3 +95,17 @@ def test_a_v1_batch_still_decodes_after_a_field_is_added_in_v2() -> None:
     data = old.encode_batch([old.to_record(_event("result", SAMPLES["result"]))] * 2)
     decoded = EventCodec(v2, history=[v1]).decode_all(data)
     assert [e.payload for e in decoded] == [{**SAMPLES["result"], "unit": None}] * 2
+
+
+def test_records_of_schema_version_1_decode_on_the_legacy_stream() -> None:
+    """A log written before streams existed keeps decoding: its events are on stream ''."""
+    from schemas.codec import load_history
+
+    v1 = EventCodec(schema=load_history()[0], history=[])
+    sample = {k: v for k, v in SAMPLES["run_started"].items() if k != "heartbeat_interval_s"}
+    old = v1.to_record(_event("run_started", sample))
+    del old["stream"]
+    data = v1.encode_batch([old, {**old, "seq": 8}])
+    decoded = EventCodec().decode_all(data)
+    assert [(e.seq, e.stream) for e in decoded] == [(7, ""), (8, "")]
+    assert decoded[0].payload["heartbeat_interval_s"] is None
