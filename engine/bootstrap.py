@@ -16,6 +16,7 @@ import duckdb
 from engine.settings import Settings, SettingsError, load_settings
 from producers.artifact_store import ArtifactStore
 from producers.bus import Bus
+from producers.spill import SpillDelivery, deliver_spill, make_private_folder
 from producers.writer import BackgroundWriter
 from projections import Projector
 from projections.database import configure as configure_projection
@@ -85,6 +86,12 @@ class Services:
     def projector(self, con: duckdb.DuckDBPyConnection, batch_size: int = 50_000) -> Projector:
         return Projector(self.bus, con, self.codec, batch_size, self.user_projections)
 
+    def deliver_spill(self) -> SpillDelivery:
+        """Append to the bus what writers on it kept in RUNBUS_HOME/spill (it refused them, or was
+        away when their process ended); each file is deleted once delivered. Files of live writers
+        and of other buses stay. Raises the bus's error (BusRefused) when it still refuses."""
+        return deliver_spill(self.settings.spill_dir, self.bus)
+
     def close(self) -> None:
         self.writer.close()
         self.bus.close()
@@ -100,13 +107,16 @@ def services(settings: Settings | None = None) -> Services:
     with _lock:
         found = _services.get(settings)
         if found is None:
-            settings.home.mkdir(parents=True, exist_ok=True)
+            make_private_folder(settings.home)  # a home this creates is readable by its owner only
             configure_projection(settings.db_linger_s)
             codec = EventCodec()
             bus = make_bus(settings.bus_url, settings)
+            # the writer delivers what earlier writers on this bus kept in the spill folder
             found = Services(settings, codec, bus,
                              BackgroundWriter(bus, codec, settings.flush_interval_s,
-                                              heartbeat_interval_s=settings.heartbeat_interval_s),
+                                              heartbeat_interval_s=settings.heartbeat_interval_s,
+                                              spill_dir=settings.spill_dir,
+                                              flush_timeout_s=settings.flush_timeout_s),
                              ArtifactStore(settings.artifact_root),
                              load_user_projections(settings.projections))
             _services[settings] = found

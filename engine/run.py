@@ -26,8 +26,9 @@ class RunObject:
 
     @classmethod
     def from_context(cls, context: RunContext) -> RunObject:
+        """The run as its context logged it (secret values masked, as in the log)."""
         return cls(context.uid, context.name, context.project, context.state, dict(context.results),
-                   dict(context.artifacts), dict(context.labels), dict(context.parameters),
+                   dict(context.artifacts), dict(context.labels), context.logged_parameters,
                    context.error, context.traceback, context.iteration)
 
     @classmethod

@@ -20,6 +20,7 @@ class Settings:
     db_timeout_s: float = 60.0
     db_linger_s: float = 0.25
     flush_interval_s: float = 0.2
+    flush_timeout_s: float = 120.0
     heartbeat_interval_s: float = 5.0
     dask_workers: int = 2
     kafka_topic: str = "runbus-events"
@@ -37,6 +38,11 @@ class Settings:
     @property
     def artifact_root(self) -> Path:
         return self.home / "artifacts"
+
+    @property
+    def spill_dir(self) -> Path:
+        """Where writers keep what the bus refused until a writer delivers it."""
+        return self.home / "spill"
 
 
 def _number(env: Mapping[str, str], name: str, default: float, kind: type = float,
@@ -56,7 +62,8 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from the environment: RUNBUS_HOME (default ./.runbus), RUNBUS_BUS (default: the
     embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_DB_LINGER, RUNBUS_FLUSH_INTERVAL,
-    RUNBUS_HEARTBEAT_INTERVAL, RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
+    RUNBUS_FLUSH_TIMEOUT (how long a run's end waits for the bus), RUNBUS_HEARTBEAT_INTERVAL,
+    RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
     RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas)."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
@@ -67,6 +74,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         db_timeout_s=_number(env, "RUNBUS_DB_TIMEOUT", 60.0),
         db_linger_s=_number(env, "RUNBUS_DB_LINGER", 0.25, inclusive=True),
         flush_interval_s=_number(env, "RUNBUS_FLUSH_INTERVAL", 0.2),
+        flush_timeout_s=_number(env, "RUNBUS_FLUSH_TIMEOUT", 120.0),
         heartbeat_interval_s=_number(env, "RUNBUS_HEARTBEAT_INTERVAL", 5.0),
         dask_workers=int(_number(env, "RUNBUS_DASK_WORKERS", 2, int)),
         kafka_topic=env.get("RUNBUS_KAFKA_TOPIC") or "runbus-events",

@@ -1,4 +1,9 @@
-"""RunContext: what a handler receives. Every call on it becomes an event on the bus."""
+"""RunContext: what a handler receives. Every call on it becomes an event on the bus.
+
+Each call validates what it logs (see producers.values) and refuses it with an error naming the key,
+so every event it hands the writer encodes and folds. Payloads are copies taken at the call, and
+every string in them has the run's secret values masked (producers.redact). After run_finished the
+context refuses to log more."""
 
 from __future__ import annotations
 
@@ -18,8 +23,24 @@ import pandas as pd
 from producers.artifact_store import ArtifactStore, check_artifact_key
 from producers.artifacts import Artifact, DatasetArtifact, ModelArtifact
 from producers.data_item import DataItem
-from producers.values import check_key, to_json, to_number
+from producers.redact import RedactingLogger, Redactor
+from producers.values import (
+    InvalidValue,
+    check_key,
+    check_text,
+    check_text_map,
+    to_json,
+    to_number,
+    to_step,
+    to_timestamp,
+)
 from producers.writer import BackgroundWriter
+
+_MAX_ERROR_CHARS = 64 * 1024  # of an error message or traceback kept in run_finished (head and tail)
+
+
+class RunFinishedError(RuntimeError):
+    """A call that logs on a run that has already finished."""
 
 
 class RunContext:
@@ -38,18 +59,32 @@ class RunContext:
         # about it, never collides with the seq numbers of another process
         self.stream = uuid.uuid4().hex
         self._seq = itertools.count()
-        # seq numbers must reach the writer in order; heartbeats come from the writer's thread
+        # heartbeats travel on a stream of their own: the writer sends them ahead of a backlog,
+        # which would break the order of the run's own stream
+        self.heartbeat_stream = uuid.uuid4().hex
+        self._beat_seq = itertools.count()
+        # seq numbers must reach the writer in order
         self._emit_lock = threading.Lock()
+        self._finished = False
+        self._secrets = dict(secrets or {})
+        self._redact = Redactor(self._secrets.values())
+        for what, text in (("name", name), ("project", project), ("handler", handler), ("runtime", runtime)):
+            check_text("run", what, text)
         self.uid, self.name, self.project = uid, name, project
         self.handler, self.runtime = handler, runtime
         self.parent_uid, self.iteration, self.code_ref = parent_uid, iteration, code_ref
-        self._params_json = {key: to_json("param", key, value)[0] for key, value in (params or {}).items()}
-        self.parameters: dict[str, Any] = {k: json.loads(v) for k, v in self._params_json.items()}
-        self.inputs: dict[str, str] = dict(inputs or {})
-        self._input_digests = dict(input_digests or {})
-        self._secrets = dict(secrets or {})
-        self.labels: dict[str, str] = {k: str(v) for k, v in (labels or {}).items()}
-        self._extra = {k: json.dumps(v) for k, v in (extra or {}).items()}
+        self.parameters: dict[str, Any] = {}
+        self._logged_params: dict[str, Any] = {}
+        self._params_json: dict[str, str] = {}
+        for key, value in (params or {}).items():
+            logged_key, text, logged = self._json("param", key, value)
+            self.parameters[key] = self._plain("param", key, value, logged)
+            self._logged_params[logged_key] = logged
+            self._params_json[logged_key] = text
+        self.inputs: dict[str, str] = check_text_map("input", inputs)
+        self._input_digests = check_text_map("input digest", input_digests)
+        self.labels: dict[str, str] = check_text_map("label", labels, self._redact)
+        self._extra = {check_key("extra", k): to_json("extra", k, v)[0] for k, v in (extra or {}).items()}
         self.results: dict[str, Any] = {}
         self.artifacts: dict[str, DataItem] = {}
         self.state = "created"
@@ -57,20 +92,21 @@ class RunContext:
         self.traceback: str | None = None
         self.return_value: Any = None
         self._started = 0.0
-        self.logger = logging.getLogger(f"runbus.run.{name}")
+        self.logger = RedactingLogger(logging.getLogger(f"runbus.run.{name}"), self._redact)
 
     # lifecycle (called by the runtime) -------------------------------------------------------
 
     def start(self) -> None:
-        """Emit run_started; params, inputs, secret keys and labels as given."""
+        """Emit run_started; params, inputs, secret keys and labels as they are now."""
         self._started = time.time()
         self.state = "running"
         self._emit("run_started", {
             "name": self.name, "project": self.project, "handler": self.handler,
-            "runtime": self.runtime, "params": self._params_json, "inputs": self.inputs,
-            "input_digests": self._input_digests, "secret_keys": sorted(self._secrets),
-            "labels": self.labels, "parent_uid": self.parent_uid, "iteration": self.iteration,
-            "host": socket.gethostname(), "code_ref": self.code_ref, "extra": self._extra,
+            "runtime": self.runtime, "params": dict(self._params_json),
+            "inputs": {k: self._redact(v) for k, v in self.inputs.items()},
+            "input_digests": dict(self._input_digests), "secret_keys": sorted(self._secrets),
+            "labels": dict(self.labels), "parent_uid": self.parent_uid, "iteration": self.iteration,
+            "host": socket.gethostname(), "code_ref": self.code_ref, "extra": dict(self._extra),
             "heartbeat_interval_s": self._writer.heartbeat_interval_s,
         })
         self._writer.track(self.uid, self._heartbeat)
@@ -85,36 +121,43 @@ class RunContext:
                state: str | None = None, flush: bool = True) -> None:
         """Emit run_finished and (with `flush`) wait until everything the run logged is on the bus.
 
-        `error` is the exception that ended the run, or a message when no exception did.
+        `error` is the exception that ended the run, or a message when no exception did. Error and
+        traceback are recorded with secret values masked. The wait is bounded (the writer's
+        flush_timeout_s); EventsNotWritten says why when the events are not on the bus (a bus that
+        refuses them, and the spill file that keeps them, or one that stays away).
         """
+        if self._finished:
+            raise RunFinishedError(f"run {self.uid} has already finished ({self.state})")
         self._writer.untrack(self.uid)
         return_json = None
         if error is None and return_value is not None:
             try:
-                return_json, self.return_value = to_json("result", "return", return_value)
-            except TypeError as exc:
+                _, return_json, self.return_value = self._json("result", "return", return_value)
+            except InvalidValue as exc:
                 error = exc
             else:
                 self._emit("result", {"key": "return", "value": return_json})
                 self.results["return"] = self.return_value
         if isinstance(error, str):
-            self.error = error
+            self.error = _bounded(self._redact(_printable(error)))
         elif error is not None:
-            self.error = f"{type(error).__name__}: {error}"
-            self.traceback = "".join(tb.format_exception(error))
+            self.error = _bounded(self._redact(_printable(f"{type(error).__name__}: {error}")))
+            self.traceback = _bounded(self._redact(_printable("".join(tb.format_exception(error)))))
         self.state = state or ("error" if error is not None else "completed")
         self._emit("run_finished", {
             "state": self.state, "error": self.error, "traceback": self.traceback,
             "return_value": return_json, "duration_s": time.time() - self._started})
+        self._finished = True
         if flush:
-            self._writer.flush()
+            self._writer.sync(f"the events of run {self.uid}")
 
     def request_iterations(self, requests: list[tuple[int, Mapping[str, Any]]]) -> None:
         """Ask for sweep iterations: one iteration_requested event per (iteration, params)."""
-        for iteration, params in requests:
-            encoded = {key: to_json("param", key, value)[0] for key, value in params.items()}
-            self._emit("iteration_requested", {"iteration": iteration, "params": encoded})
-        self._writer.flush()
+        encoded = [(iteration, dict(self._json("param", key, value)[:2] for key, value in params.items()))
+                   for iteration, params in requests]
+        for iteration, params_json in encoded:
+            self._emit("iteration_requested", {"iteration": iteration, "params": params_json})
+        self._writer.sync(f"the iteration requests of run {self.uid}")
 
     # params, secrets, inputs ------------------------------------------------------------------
 
@@ -122,9 +165,11 @@ class RunContext:
         """The param's value; a missing one takes `default`, which is recorded as a param."""
         if key in self.parameters:
             return self.parameters[key]
-        text, value = to_json("param", key, default)
+        logged_key, text, logged = self._json("param", key, default)
+        value = self._plain("param", key, default, logged)
+        self._emit("param", {"key": logged_key, "value": text})
         self.parameters[key] = value
-        self._emit("param", {"key": key, "value": text})
+        self._logged_params[logged_key] = logged
         return value
 
     def get_secret(self, key: str, default: str | None = None) -> str | None:
@@ -140,39 +185,45 @@ class RunContext:
     # results, metrics, labels ----------------------------------------------------------------
 
     def log_result(self, key: str, value: Any) -> None:
-        text, plain = to_json("result", key, value)
-        self._emit("result", {"key": key, "value": text})
-        self.results[key] = plain
+        """Log a JSON value; InvalidValue (a TypeError) names the key when it cannot be logged."""
+        logged_key, text, plain = self._json("result", key, value)
+        self._emit("result", {"key": logged_key, "value": text})
+        self.results[logged_key] = plain
 
     def log_results(self, results: Mapping[str, Any]) -> None:
         """Log several results; all are validated before any is logged."""
-        encoded = [(key, *to_json("result", key, value)) for key, value in results.items()]
+        encoded = [self._json("result", key, value) for key, value in results.items()]
         for key, text, plain in encoded:
             self._emit("result", {"key": key, "value": text})
             self.results[key] = plain
 
     def log_metric(self, key: str, value: float, step: int | None = None,
                    timestamp: float | None = None) -> None:
-        number = to_number("metric", key, value)
-        if step is not None:
-            step = int(step)
-        now = time.time()
-        payload = {"key": key, "value": number, "step": step,
-                   "timestamp": now if timestamp is None else float(timestamp)}
-        self._emit("metric", payload, now)
+        """One point: `step` within int64, `timestamp` in seconds since the epoch (1970..2262)."""
+        self._emit("metric", *self._metric(key, value, step, timestamp))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
                     timestamp: float | None = None) -> None:
-        numbers = {key: to_number("metric", key, value) for key, value in metrics.items()}
-        for key, number in numbers.items():
-            self.log_metric(key, number, step, timestamp)
+        """Several points; all are validated before any is logged."""
+        points = [self._metric(key, value, step, timestamp) for key, value in metrics.items()]
+        for payload, now in points:
+            self._emit("metric", payload, now)
+
+    def _metric(self, key: str, value: Any, step: Any, timestamp: Any) -> tuple[dict[str, Any], float]:
+        """The metric event's payload, validated, and the time it was logged."""
+        number = to_number("metric", key, value)
+        now = time.time()
+        return {"key": key, "value": number, "step": to_step("metric", key, step),
+                "timestamp": now if timestamp is None else to_timestamp("metric", key, timestamp)}, now
 
     def set_label(self, key: str, value: Any, replace: bool = True) -> None:
+        """Set a label (its value as str); the key and value must be valid UTF-8 text."""
         check_key("label", key)
+        text = self._redact(check_text("label", key, str(value)))
         if not replace and key in self.labels:
             return
-        self.labels[key] = str(value)
-        self._emit("label", {"key": key, "value": str(value)})
+        self._emit("label", {"key": key, "value": text})
+        self.labels[key] = text
 
     # artifacts --------------------------------------------------------------------------------
 
@@ -191,13 +242,18 @@ class RunContext:
             artifact = Artifact(item, body=body, local_path=local_path, format=format,
                                 labels=dict(labels or {}))
         artifact.meta.update(meta)
+        check_artifact_key(artifact.key)
+        check_key("artifact", artifact.key)
+        check_text("artifact", artifact.key, artifact.kind, "kind")
+        if artifact.format is not None:
+            check_text("artifact", artifact.key, artifact.format, "format")
+        labels_str = check_text_map("artifact label", artifact.labels, self._redact)
         data = artifact.render()
         stored = self._store.put_file(artifact.local_path) if data is None else self._store.put_bytes(data)
         for name, (extra_data, extra_format) in artifact.extra_bodies().items():
             extra = self._store.put_bytes(extra_data)
             artifact.meta[name] = {"uri": extra.uri, "sha256": extra.sha256, "format": extra_format}
-        meta_json = json.dumps(artifact.meta, default=str)
-        labels_str = {str(k): str(v) for k, v in artifact.labels.items()}
+        meta_json = self._meta_json(artifact.key, artifact.meta)
         self._emit("artifact", {
             "key": artifact.key, "kind": artifact.kind, "uri": stored.uri,
             "sha256": stored.sha256, "size": stored.size, "format": artifact.format,
@@ -226,12 +282,57 @@ class RunContext:
 
     # internals --------------------------------------------------------------------------------
 
+    def _json(self, kind: str, key: str, value: Any) -> tuple[str, str, Any]:
+        """(key, JSON text, plain value) as logged: validated, secret values masked (keys name
+        things and are kept; strings in values, dict keys included, are masked)."""
+        text, plain = to_json(kind, key, value, self._redact or None)
+        return key, text, plain
+
+    def _plain(self, kind: str, key: str, value: Any, logged: Any) -> Any:
+        """The value a handler sees: as given (numpy as Python), not masked."""
+        return to_json(kind, key, value)[1] if self._redact else logged
+
+    def _meta_json(self, key: str, meta: Mapping[str, Any]) -> str:
+        """Artifact meta as JSON (anything not JSON-able as its str), checked like a result value."""
+        try:
+            plain = json.loads(json.dumps(meta, default=str))
+        except (ValueError, RecursionError):
+            raise InvalidValue(f"artifact {key!r}: meta cannot be logged (nests too deep or refers "
+                               f"to itself)") from None
+        return to_json("artifact", key, plain, self._redact or None)[0]
+
+    @property
+    def logged_parameters(self) -> dict[str, Any]:
+        """The params as the log holds them (secret values masked)."""
+        return dict(self._logged_params)
+
     def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None) -> None:
+        # wait for room holding no lock; RunFinishedError names what was not logged
+        self._writer.wait_for_room()
         with self._emit_lock:
-            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream)
+            if self._finished:
+                what = f"{event_type} {payload.get('key')!r}" if "key" in payload else event_type
+                raise RunFinishedError(f"run {self.uid} has finished ({self.state}): {what} was not logged")
+            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream, wait=False)
 
     def _heartbeat(self) -> None:
-        self._emit("heartbeat", {"interval_s": self._writer.heartbeat_interval_s})
+        if not self._finished:
+            self._writer.emit(self.uid, next(self._beat_seq), "heartbeat",
+                              {"interval_s": self._writer.heartbeat_interval_s},
+                              stream=self.heartbeat_stream, wait=False, urgent=True)
 
     def __repr__(self) -> str:
         return f"RunContext(name={self.name!r}, uid={self.uid!r}, state={self.state!r})"
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (from surrogateescape'd bytes) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bounded(text: str) -> str:
+    """At most _MAX_ERROR_CHARS of `text`: its head and its tail, which holds the error itself."""
+    if len(text) <= _MAX_ERROR_CHARS:
+        return text
+    half = _MAX_ERROR_CHARS // 2
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters left out) ...\n{text[-half:]}"

@@ -1,10 +1,59 @@
-"""Validation of what users log: JSON-able values, numbers, keys."""
+"""Validation of what users log: keys, text, JSON values, numbers, steps and timestamps.
+
+Whatever an event carries must encode in its Avro schema and fold into the DuckDB projection
+(JSON columns, TIMESTAMPTZ, BIGINT), so it is checked here, at the call, and refused with an
+error naming the key. Nothing refused here ever reaches the writer.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import operator
+from collections.abc import Callable, Mapping
 from typing import Any
+
+MAX_DEPTH = 100  # nesting of lists and dicts in one value; deeper is refused, not a RecursionError
+MAX_TEXT_BYTES = 512 * 1024  # one value's JSON text: a bus record must stay under Kafka's 1 MiB default
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Metric timestamps are seconds since the epoch; the projection and pandas hold them as
+# datetime64[ns], whose range ends in April 2262. time.time_ns() or milliseconds land far beyond.
+MAX_TIMESTAMP_S = (2**63 - 1) / 1e9
+
+Redact = Callable[[str], str]
+
+
+# What every refusal raises, as the README documents: a TypeError naming the key (whether the
+# type or the value is wrong).
+InvalidValue = TypeError
+
+
+def check_text(kind: str, key: object, text: object, what: str = "value") -> str:
+    """`text` if it is a str that encodes as UTF-8 (no lone surrogates); InvalidValue names the key."""
+    if type(text) is not str:
+        raise InvalidValue(f"{kind} {key!r}: {what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidValue(f"{kind} {key!r}: {what} is not valid UTF-8 text "
+                           f"({exc.reason} at index {exc.start}: {text[exc.start:exc.end]!r})") from None
+    return text
+
+
+def check_key(kind: str, key: object) -> str:
+    """`key` if it is a non-empty str of valid UTF-8; InvalidValue otherwise."""
+    if type(key) is not str or not key:
+        raise InvalidValue(f"{kind} key must be a non-empty string, got {key!r}")
+    return check_text(kind, key, key, "key")
+
+
+def check_text_map(kind: str, mapping: Mapping[Any, Any] | None, redact: Redact | None = None) -> dict[str, str]:
+    """A copy of `mapping` as str -> str (values through str() and `redact`), every key and value checked."""
+    checked: dict[str, str] = {}
+    for key, value in (mapping or {}).items():
+        text = check_text(kind, check_key(kind, key), str(value))
+        checked[key] = redact(text) if redact else text
+    return checked
 
 
 def _numpy_to_python(value: Any) -> Any:
@@ -13,35 +62,88 @@ def _numpy_to_python(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
-def to_json(kind: str, key: object, value: Any) -> tuple[str, Any]:
-    """JSON text of `value` and the plain Python value it stands for; TypeError names the key."""
-    check_key(kind, key)
+def _checked(kind: str, key: str, value: Any, depth: int, redact: Redact | None) -> Any:
+    """`value` with numpy values as Python ones, every string checked (and redacted)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        check_text(kind, key, value)
+        return redact(value) if redact else value
+    if depth >= MAX_DEPTH:
+        raise InvalidValue(f"{kind} {key!r}: value nests deeper than {MAX_DEPTH} levels (or refers to itself)")
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, str):
+                check_text(kind, key, k, "a dict key in the value")
+                k = redact(k) if redact else k
+            elif not (k is None or isinstance(k, (bool, int, float))):
+                raise InvalidValue(f"{kind} {key!r}: dict key {k!r:.80} in the value is not a string")
+            out[k] = _checked(kind, key, v, depth + 1, redact)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_checked(kind, key, v, depth + 1, redact) for v in value]
     try:
-        text = json.dumps(value, default=_numpy_to_python)
+        plain = _numpy_to_python(value)
+    except TypeError as exc:
+        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} cannot be logged: {exc}") from None
+    return _checked(kind, key, plain, depth, redact)
+
+
+def to_json(kind: str, key: object, value: Any, redact: Redact | None = None) -> tuple[str, Any]:
+    """JSON text of `value` and the plain Python value it stands for; InvalidValue names the key.
+
+    Strings in the value must be valid UTF-8, nesting is bounded and the text at most
+    MAX_TEXT_BYTES. With `redact`, every string in the value goes through it first."""
+    check_key(kind, key)
+    checked = _checked(kind, key, value, 0, redact)
+    try:
+        text = json.dumps(checked)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{kind} {key!r}: value {value!r:.80} cannot be logged: {exc}") from None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return text, value
+        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} cannot be logged: {exc}") from None
+    if len(text) > MAX_TEXT_BYTES:
+        raise InvalidValue(f"{kind} {key!r}: value is {len(text)} bytes as JSON, more than "
+                           f"{MAX_TEXT_BYTES}; log it as an artifact")
+    if checked is None or isinstance(checked, (str, int, float, bool)):
+        return text, checked
     return text, json.loads(text)
 
 
 def to_number(kind: str, key: object, value: Any) -> float:
-    """`value` as a float; TypeError names the key when it is not a real number."""
+    """`value` as a float; InvalidValue names the key when it is not a real number."""
     check_key(kind, key)
     if isinstance(value, float):
         return value
     if isinstance(value, (str, bytes)) or value is None:
-        raise TypeError(f"{kind} {key!r}: value {value!r:.80} is not a number")
+        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} is not a number")
     try:
         return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{kind} {key!r}: value {value!r:.80} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} is not a number") from None
 
 
-def check_key(kind: str, key: object) -> str:
-    if type(key) is not str or not key:
-        raise TypeError(f"{kind} key must be a non-empty string, got {key!r}")
-    return key
+def to_step(kind: str, key: str, step: Any) -> int | None:
+    """`step` as an int within int64 (None stays None); InvalidValue names the key."""
+    if step is None:
+        return None
+    try:
+        number = operator.index(step)
+    except TypeError:
+        if not (isinstance(step, float) and step.is_integer()):
+            raise InvalidValue(f"{kind} {key!r}: step {step!r:.80} is not an integer") from None
+        number = int(step)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise InvalidValue(f"{kind} {key!r}: step {number} is outside the 64-bit integer range")
+    return number
+
+
+def to_timestamp(kind: str, key: str, timestamp: Any) -> float:
+    """`timestamp` as seconds since the epoch, finite and between 1970 and 2262; InvalidValue names the key."""
+    seconds = to_number(kind, key, timestamp)
+    if not 0.0 <= seconds <= MAX_TIMESTAMP_S:  # also false for NaN
+        raise InvalidValue(f"{kind} {key!r}: timestamp {timestamp!r:.40} is not seconds since the epoch "
+                           f"between 1970 and 2262 (time.time(), not time.time_ns() or milliseconds)")
+    return seconds
 
 
 def numeric_or_none(value: Any) -> float | None:

@@ -1,11 +1,20 @@
 """Background writer: takes events from job threads and appends them to the bus in batches.
 
-Each bus record holds up to `events_per_record` consecutive events of one run (keyed by its uid).
+Each bus record holds up to `events_per_record` consecutive events of one run (keyed by its uid),
+and at most about `max_record_bytes` unless a single event is larger.
 
 A job thread only validates and enqueues (a few microseconds). The writer thread stamps each
 event with its id and producer, encodes it and appends a batch at least every `flush_interval_s`.
 A crash loses at most the events enqueued since the last append (<= one interval, by default
 200 ms); `flush()` and a normal interpreter exit lose nothing.
+
+Nothing is dropped silently. While the bus is away (a transient error) the writer retries; a bus
+that refuses for good (BusRefused: permission, read-only log, authorization, record too large)
+gets no more appends: the records go to the writer's spill file, and the next writer that starts on
+that bus delivers them (so does `deliver_spill`, or this writer once the bus takes its spill again).
+An event that does not fit its schema (a bug: the calls validate) is kept as JSON in the spill
+folder. Either way `flush()` raises EventsNotWritten, so the run that waits for its events learns it.
+Heartbeats jump the queue (they travel on a stream of their own), so a backlog does not silence them.
 """
 
 from __future__ import annotations
@@ -19,22 +28,39 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from producers.bus.base import Bus
+from producers.bus.base import Bus, BusError, BusRefused
+from producers.spill import SpillDelivery, SpillFile, bus_target, deliver_spill
 from schemas import SCHEMA_VERSION, EventCodec
 from schemas.events import RECORD_OF_TYPE
 
 log = logging.getLogger("runbus.writer")
 
 _RETRY_MAX_S = 5.0
+_SPILL_RETRY_S = 30.0  # how often a writer whose bus refused tries to hand it the spill again
+_RECENT_PROBLEMS = 20
+
+
+class EventsNotWritten(BusError):
+    """Events a caller waited for are not on the bus: kept in a spill file, or still queued."""
+
+
+class _GiveUp(Exception):
+    """close() stopped waiting for the bus: keep the batch in the spill file."""
 
 
 class _FlushMarker:
-    __slots__ = ("done",)
+    __slots__ = ("done", "problem", "since")
 
-    def __init__(self) -> None:
+    def __init__(self, since: int) -> None:
         self.done = threading.Event()
+        self.since = since  # how many problems were known when the flush was asked for
+        self.problem: str | None = None
+
+
+_Item = tuple[str, int, str, float, dict[str, Any], str]
 
 
 class BackgroundWriter:
@@ -42,7 +68,9 @@ class BackgroundWriter:
 
     def __init__(self, bus: Bus, codec: EventCodec | None = None, flush_interval_s: float = 0.2,
                  max_batch: int = 20_000, max_pending: int = 1_000_000,
-                 heartbeat_interval_s: float = 5.0, events_per_record: int = 500) -> None:
+                 heartbeat_interval_s: float = 5.0, events_per_record: int = 500,
+                 spill_dir: Path | None = None, flush_timeout_s: float = 120.0,
+                 max_record_bytes: int = 768 * 1024) -> None:
         self.bus = bus
         self._codec = codec or EventCodec()
         self._interval = flush_interval_s
@@ -50,30 +78,66 @@ class BackgroundWriter:
         # Several events of one run per bus record: a Kafka record costs tens of microseconds in
         # kafka-python whatever its size, so one per event would cap throughput.
         self._events_per_record = events_per_record
+        self._max_record_bytes = max_record_bytes
         self._max_pending = max_pending
+        self.flush_timeout_s = flush_timeout_s
         self._pending: deque[Any] = deque()
+        self._urgent: deque[_Item] = deque()  # heartbeats: appended ahead of any backlog
         self._wake = threading.Event()
+        self._give_up = threading.Event()
         self._closed = False
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self.heartbeat_interval_s = heartbeat_interval_s
         self._beating: dict[str, Callable[[], None]] = {}
         self._retrying = 0  # records of the batch being retried against an unreachable bus
+        self._last_error: str | None = None  # the bus's last transient failure
+        self._refused: str | None = None  # why the bus refuses for good; records go to the spill meanwhile
+        self._next_spill_retry = 0.0
+        self._spill = SpillFile(spill_dir, bus_target(bus))
+        self._problems = 0  # events kept off the bus (spilled, unencodable) or writer failures so far
+        self._recent_problems: deque[str] = deque(maxlen=_RECENT_PROBLEMS)
         self._next_beat = time.monotonic() + heartbeat_interval_s
-        self._thread = threading.Thread(target=self._loop, name="runbus-writer", daemon=True)
+        self.delivered_spill = SpillDelivery()
+        self._thread = threading.Thread(target=self._run, name="runbus-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
+    # -- job threads ------------------------------------------------------------------------------
+
     def emit(self, run_uid: str, seq: int, event_type: str, payload: dict[str, Any],
-             ts: float | None = None, stream: str = "") -> None:
-        """Queue one event of `stream` (see `Event`); the caller has validated the payload."""
+             ts: float | None = None, stream: str = "", *, wait: bool = True, urgent: bool = False) -> None:
+        """Queue one event of `stream` (see `Event`); the caller has validated the payload.
+
+        `urgent` events (heartbeats, on a stream of their own) are appended ahead of the queue.
+        With `wait`, a full queue makes the caller wait for room afterwards (see `wait_for_room`)."""
         if self._closed:
             raise RuntimeError("the event writer is closed")
         if event_type not in RECORD_OF_TYPE:
             raise ValueError(f"unknown event type {event_type!r}")
-        self._pending.append((run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream))
-        if len(self._pending) > self._max_pending:
-            self._wait_for_room()
+        item = (run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream)
+        if urgent:
+            self._urgent.append(item)
+            return
+        self._pending.append(item)
+        if wait:
+            self.wait_for_room()
+
+    def wait_for_room(self) -> None:
+        """Block while the queue holds more than `max_pending` events, until it is half empty.
+
+        Call it holding no lock the writer thread may need (heartbeats). EventsNotWritten when the
+        bus takes nothing for `flush_timeout_s`."""
+        if len(self._pending) <= self._max_pending or threading.current_thread() is self._thread:
+            return
+        self._wake.set()
+        deadline = time.monotonic() + self.flush_timeout_s
+        while len(self._pending) > self._max_pending // 2 and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise EventsNotWritten(f"the bus {self.bus.url} took too few events for {self.flush_timeout_s:g}s "
+                                       f"and {len(self._pending)} are queued ({self._last_error or 'slow bus'}); "
+                                       f"the event was not logged")
+            time.sleep(0.001)
 
     def track(self, run_uid: str, beat: Callable[[], None]) -> None:
         """Call `beat` (which emits the run's heartbeat) every `heartbeat_interval_s` until `untrack`."""
@@ -83,50 +147,94 @@ class BackgroundWriter:
         self._beating.pop(run_uid, None)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Block until every event queued before this call is on the bus; False on timeout."""
-        marker = _FlushMarker()
+        """Block until every event queued before this call is on the bus; False on timeout.
+
+        EventsNotWritten when some of them could not be appended (kept in the spill file instead)."""
+        marker = _FlushMarker(self._problems)
         self._pending.append(marker)
         self._wake.set()
-        return marker.done.wait(timeout)
+        if not marker.done.wait(timeout):
+            return False
+        if marker.problem:
+            raise EventsNotWritten(marker.problem)
+        return True
+
+    def sync(self, what: str) -> None:
+        """`flush()` bounded by `flush_timeout_s`; EventsNotWritten naming the cause on timeout."""
+        if not self.flush(self.flush_timeout_s):
+            raise EventsNotWritten(
+                f"the bus {self.bus.url} has not taken {what} within {self.flush_timeout_s:g}s "
+                f"({self._last_error or 'no error yet: a slow bus'}); they stay queued and are retried, "
+                f"and what is unwritten when the process exits is kept in the spill file")
 
     def close(self, timeout_s: float = 120.0) -> None:
-        """Flush and stop the writer thread. If the bus stays unreachable for `timeout_s`, say how
-        many events were not written instead of hanging the process forever."""
+        """Flush and stop the writer thread. If the bus stays unreachable for `timeout_s`, what is
+        not written is kept in the spill file (and logged) instead of hanging the process forever."""
         if self._closed:
             return
-        flushed = self.flush(timeout_s)
+        flushed = self._quiet_flush(timeout_s)
         if not flushed:
             queued = sum(1 for item in self._pending if not isinstance(item, _FlushMarker))
+            retrying = self._retrying
+            self._give_up.set()
+            self._quiet_flush(30.0)
             log.error("the bus %s was unreachable for %gs: %d queued events and %d bus records being "
-                      "retried were not written", self.bus.url, timeout_s, queued, self._retrying)
+                      "retried were kept in %s", self.bus.url, timeout_s, queued, retrying,
+                      self._spill.path or "memory (no spill folder): they are lost")
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=10 if flushed else 0.1)
+        self._spill.close()
         atexit.unregister(self.close)
 
-    def _wait_for_room(self) -> None:
-        if threading.current_thread() is self._thread:
-            return  # a heartbeat emitted by the writer itself must not wait for the writer
-        self._wake.set()
-        while len(self._pending) > self._max_pending // 2 and self._thread.is_alive():
-            time.sleep(0.001)
+    def _quiet_flush(self, timeout: float) -> bool:
+        try:
+            return self.flush(timeout)
+        except EventsNotWritten as exc:
+            log.error("%s", exc)
+            return True
 
-    def _loop(self) -> None:
-        while not (self._closed and not self._pending):
+    # -- the writer thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._deliver_earlier_spills()
+        while not (self._closed and not self._pending and not self._urgent):
             self._wake.wait(min(self._interval, self.heartbeat_interval_s))
             self._wake.clear()
-            if self._beating and time.monotonic() >= self._next_beat:
-                self._beat()
-            self._drain()
+            try:
+                self._drain()
+            except Exception as exc:  # a bug: keep the thread alive, and say so at the next flush
+                log.exception("the event writer failed")
+                self._problem(f"the event writer failed: {type(exc).__name__}: {exc}")
+
+    def _deliver_earlier_spills(self) -> None:
+        """Hand the bus what earlier writers on it could not (their spill files)."""
+        if self._spill.folder is None:
+            return
+        try:
+            self.delivered_spill = deliver_spill(self._spill.folder, self.bus)
+        except Exception as exc:  # the bus refuses still: the files stay for the next start
+            log.warning("spill files in %s are not delivered yet: %s", self._spill.folder, exc)
 
     def _beat(self) -> None:
+        if not self._beating or time.monotonic() < self._next_beat:
+            return
         self._next_beat = time.monotonic() + self.heartbeat_interval_s
         for beat in list(self._beating.values()):
-            beat()
+            try:
+                beat()
+            except Exception:  # a heartbeat must never stop the writer
+                log.exception("a heartbeat failed")
 
     def _drain(self) -> None:
-        while self._pending:
-            by_run: dict[str, list[dict[str, Any]]] = {}
+        while True:
+            self._beat()  # between batches too: a backlog must not silence the heartbeats
+            self._retry_spill()
+            if not (self._pending or self._urgent):
+                return
+            items: list[_Item] = []
+            while self._urgent:
+                items.append(self._urgent.popleft())
             markers: list[_FlushMarker] = []
             taken = 0
             while self._pending and taken < self._max_batch:
@@ -134,46 +242,123 @@ class BackgroundWriter:
                 if isinstance(item, _FlushMarker):
                     markers.append(item)
                     break
-                by_run.setdefault(item[0], []).append(self._record(item))
+                items.append(item)
                 taken += 1
-            self._append_with_retry([record for run_uid, records in by_run.items()
-                                     for record in self._encode(run_uid, records)])
+            self._write(items)
             for marker in markers:
+                new = self._problems - marker.since
+                if new:
+                    more = f" (and {new - 1} more problems: see the runbus.writer log)" if new > 1 else ""
+                    marker.problem = self._recent_problems[-min(new, len(self._recent_problems))] + more
                 marker.done.set()
 
-    def _record(self, item: tuple[str, int, str, float, dict[str, Any], str]) -> dict[str, Any]:
+    def _problem(self, message: str) -> None:
+        log.error("%s", message)
+        self._problems += 1
+        self._recent_problems.append(message)
+
+    def _write(self, items: list[_Item]) -> None:
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for item in items:
+            by_run.setdefault(item[0], []).append(self._record(item))
+        records = [(run_uid, data) for run_uid, events in by_run.items() for data in self._encode(run_uid, events)]
+        if not records:
+            return
+        if self._refused is None:
+            try:
+                self._append_with_retry(records)
+                return
+            except BusRefused as exc:
+                self._refused = str(exc)
+                self._next_spill_retry = time.monotonic() + _SPILL_RETRY_S
+                log.error("the bus refuses writes for good: %s; events go to the spill file", exc)
+            except _GiveUp:
+                pass
+        self._keep(records, self._refused or f"the bus stayed unreachable ({self._last_error})")
+
+    def _record(self, item: _Item) -> dict[str, Any]:
         run_uid, seq, event_type, ts, payload, stream = item
         return {"event_id": uuid.uuid4().hex, "run_uid": run_uid, "seq": seq, "stream": stream,
                 "type": event_type, "ts": ts,
                 "host": self._host, "pid": self._pid, "schema_version": SCHEMA_VERSION,
                 "payload": (self._codec.record_name(event_type), payload)}
 
-    def _encode(self, run_uid: str, records: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
+    def _encode(self, run_uid: str, records: list[dict[str, Any]]) -> list[bytes]:
         """One run's events as batch records of at most `events_per_record` events each."""
-        encoded = []
+        encoded: list[bytes] = []
         for start in range(0, len(records), self._events_per_record):
-            chunk = records[start:start + self._events_per_record]
-            try:
-                encoded.append((run_uid, self._codec.encode_batch(chunk)))
-            except ValueError:  # validated at the call, so a bug: keep every event that does fit
-                for record in chunk:
-                    try:
-                        encoded.append((run_uid, self._codec.encode_batch([record])))
-                    except ValueError:
-                        log.exception("dropping an event that does not fit its schema: %s #%s %s",
-                                      run_uid, record["seq"], record["type"])
+            self._encode_chunk(run_uid, records[start:start + self._events_per_record], encoded)
         return encoded
 
-    def _append_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
-        """Keep trying: the events are the truth, and the bus may come back (broker restart)."""
-        delay = 0.05
-        while batch:
-            try:
-                self._retrying = len(batch)
-                self.bus.append(batch)
-                self._retrying = 0
+    def _encode_chunk(self, run_uid: str, chunk: list[dict[str, Any]], out: list[bytes]) -> None:
+        try:
+            data = self._codec.encode_batch(chunk)
+        except ValueError as exc:
+            if len(chunk) == 1:  # validated at the call, so a bug: keep it and say so
+                self._keep_unencodable(run_uid, chunk[0], exc)
                 return
-            except Exception as exc:  # any bus failure: retry, never drop
-                log.warning("appending %d events failed (%s); retrying in %.2fs", len(batch), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
+        else:
+            if len(data) <= self._max_record_bytes or len(chunk) == 1:
+                out.append(data)
+                return
+        half = len(chunk) // 2  # too large, or one event in it does not encode: halve, keep the order
+        self._encode_chunk(run_uid, chunk[:half], out)
+        self._encode_chunk(run_uid, chunk[half:], out)
+
+    def _keep_unencodable(self, run_uid: str, record: dict[str, Any], exc: Exception) -> None:
+        try:
+            where = self._spill.keep_unencodable(record, str(exc))
+        except OSError as error:
+            where = f"nowhere ({error}): it is lost"
+        message = (f"event {record['type']} #{record['seq']} of run {run_uid} does not fit its schema "
+                   f"({exc}); it is kept in {where}")
+        self._problem(message)
+
+    def _append_with_retry(self, batch: list[tuple[str, bytes]]) -> None:
+        """Keep trying: the events are the truth, and the bus may come back (broker restart).
+
+        BusRefused (retrying cannot help) and _GiveUp (close() stopped waiting) end the retries."""
+        delay = 0.05
+        self._retrying = len(batch)
+        try:
+            while True:
+                try:
+                    self.bus.append(batch)
+                    self._last_error = None
+                    return
+                except BusRefused:
+                    raise
+                except Exception as exc:  # any other bus failure: retry, never drop
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    if self._give_up.is_set():
+                        raise _GiveUp from exc
+                    log.warning("appending %d records failed (%s); retrying in %.2fs", len(batch), exc, delay)
+                    self._give_up.wait(delay)
+                    delay = min(delay * 2, _RETRY_MAX_S)
+        finally:
+            self._retrying = 0
+
+    def _keep(self, records: list[tuple[str, bytes]], reason: str) -> None:
+        runs = sorted({run_uid for run_uid, _ in records})
+        try:
+            where = self._spill.keep(records)
+        except OSError as exc:
+            message = (f"{len(records)} bus records of run(s) {', '.join(runs)} are lost: the bus refused them "
+                       f"({reason}) and the spill file cannot be written ({exc})")
+        else:
+            message = (f"events of run(s) {', '.join(runs)} are not on the bus ({reason}); "
+                       f"they are kept in {where} and delivered by the next writer that starts on this bus")
+        self._problem(message)
+
+    def _retry_spill(self) -> None:
+        """While the bus refuses, hand it the spill now and then; once it takes it, append as usual."""
+        if self._refused is None or time.monotonic() < self._next_spill_retry:
+            return
+        self._next_spill_retry = time.monotonic() + _SPILL_RETRY_S
+        try:
+            delivered = self._spill.redeliver(self.bus)
+        except Exception as exc:
+            log.warning("the bus still refuses the spill: %s", exc)
+            return
+        log.warning("the bus takes writes again: delivered %d spilled records", delivered)
+        self._refused = None

@@ -25,11 +25,16 @@ def call_handler(handler: Callable[..., Any], context: RunContext) -> Any:
 def execute(handler: Callable[..., Any], context: RunContext, flush: bool = True) -> RunContext:
     """Run the handler and record how it ended: completed, error (with traceback) or aborted.
 
-    With `flush`, every event of the run is on the bus when this returns.
+    `sys.exit()` in the handler ends the handler, not the caller: exit code 0 (or None) is
+    'completed', any other is 'error'. Ctrl-C (and any other BaseException) is 'aborted', then raised.
+    With `flush`, every event of the run is on the bus when this returns (EventsNotWritten says
+    why when they are not: they are then kept in the spill file, or still queued).
     """
     context.start()
     try:
         value = call_handler(handler, context)
+    except SystemExit as exc:
+        context.finish(error=None if exc.code in (None, 0) else exc, flush=flush)
     except Exception as exc:
         context.finish(error=exc, flush=flush)
     except BaseException as exc:  # Ctrl-C and friends: record, then let them through

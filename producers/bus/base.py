@@ -11,6 +11,11 @@ class BusError(RuntimeError):
     """The bus cannot do what was asked (unreachable, misconfigured, closed)."""
 
 
+class BusRefused(BusError):
+    """The bus refuses the write for good (permission, authorization, read-only log, record too
+    large): retrying the same append cannot succeed until someone changes the bus."""
+
+
 @dataclass(frozen=True, slots=True)
 class BusRecord:
     """A record as stored: where it is (partition, offset) and what it holds."""
@@ -32,7 +37,9 @@ class Bus(ABC):
 
     @abstractmethod
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
-        """Durably append (key, value) records; returns once the bus holds all of them."""
+        """Durably append (key, value) records; returns once the bus holds all of them.
+
+        Raises BusRefused when retrying cannot help, any other error when it may."""
 
     @abstractmethod
     def partitions(self) -> list[int]:

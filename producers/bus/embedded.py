@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -9,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from producers.bus.base import Bus, BusRecord
+from producers.bus.base import Bus, BusError, BusRecord, BusRefused
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS log (
@@ -24,18 +25,37 @@ CREATE TABLE IF NOT EXISTS committed (
 );
 """
 _POLL_S = 0.05
+# SQLite primary result codes that retrying cannot fix: the file is read-only or immutable, cannot
+# be opened, is not a database, or the record is larger than SQLite allows
+_REFUSALS = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH,
+             sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 
 class EmbeddedBus(Bus):
-    """A single-partition log at `path`. Writers are serialised by SQLite, so offsets only grow."""
+    """A single-partition log at `path`. Writers are serialised by SQLite, so offsets only grow.
+
+    A log this creates is readable by its owner only (0600 in a new 0700 folder); SQLite gives its
+    -wal and -shm files the same mode."""
 
     def __init__(self, path: str | os.PathLike[str], busy_timeout_s: float = 60.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.url = f"sqlite://{self.path}"
         self._busy_ms = int(busy_timeout_s * 1000)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            self._conn().executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failure("open the log", exc) from exc
+
+    def _failure(self, what: str, exc: BaseException) -> BusError:
+        """`exc` as BusRefused when retrying cannot help (see _REFUSALS), else as BusError; names the file."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        refused = isinstance(exc, PermissionError) or (code is not None and code & 0xFF in _REFUSALS)
+        kind = BusRefused if refused else BusError
+        return kind(f"embedded log {self.path}: cannot {what}: {type(exc).__name__}: {exc}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -51,6 +71,12 @@ class EmbeddedBus(Bus):
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
         if not records:
             return
+        try:
+            self._append(records)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failure(f"append {len(records)} records", exc) from exc
+
+    def _append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
         now = time.time()
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -59,7 +85,8 @@ class EmbeddedBus(Bus):
                              [(key, value, now) for key, value in records])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # the append's own error is the one to report
+                conn.execute("ROLLBACK")
             raise
 
     def partitions(self) -> list[int]:

@@ -20,12 +20,24 @@ from typing import Any, TypeVar
 from kafka.admin import KafkaAdminClient, OffsetSpec
 from kafka.codec import has_lz4
 from kafka.consumer import KafkaConsumer
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    AuthorizationError,
+    InvalidRecordError,
+    InvalidTopicError,
+    KafkaConfigurationError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    SaslAuthenticationFailedError,
+    TopicAlreadyExistsError,
+    UnsupportedVersionError,
+)
 from kafka.net.compat import KafkaNetClient
 from kafka.producer import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from producers.bus.base import Bus, BusError, BusRecord
+from producers.bus.base import Bus, BusError, BusRecord, BusRefused
 
 T = TypeVar("T")
 
@@ -44,6 +56,11 @@ _CONSUMER = {"group_id": None, "enable_auto_commit": False, "auto_offset_reset":
 _MIN_POLL_MS = 50  # a poll with timeout 0 only returns what is already buffered
 _CATCH_UP_S = 10.0  # how long a read keeps polling for records the broker says exist
 _FLUSH_GRACE_S = 5.0
+# What the broker says "no" to for good: retrying the same records cannot succeed. Everything else
+# (timeouts, leader changes, a broker away) may pass, and the writer retries it.
+_REFUSALS = (AuthorizationError, SaslAuthenticationFailedError, MessageSizeTooLargeError,
+             RecordListTooLargeError, InvalidRecordError, InvalidTopicError, PolicyViolationError,
+             UnsupportedVersionError, KafkaConfigurationError)
 
 
 class KafkaBus(Bus):
@@ -138,7 +155,8 @@ class KafkaBus(Bus):
     # -- Bus ------------------------------------------------------------------------------------
 
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
-        """Send every record (key = run uid) and return once all are acknowledged; BusError otherwise.
+        """Send every record (key = run uid) and return once all are acknowledged; BusRefused when
+        the broker refuses for good (authorization, record too large...), BusError otherwise.
 
         A failed append may still have stored some records: callers retry, readers deduplicate."""
         if not records:
@@ -153,7 +171,9 @@ class KafkaBus(Bus):
             failed = exc
         if failed is not None:
             self._drop("_producer_client")  # an idempotent producer may be unusable after a failure
-            raise BusError(f"Kafka at {self.bootstrap}: append of {len(records)} records failed: {failed}")
+            kind = BusRefused if isinstance(failed, _REFUSALS) else BusError
+            raise kind(f"Kafka at {self.bootstrap}, topic {self.topic!r}: append of {len(records)} records "
+                       f"failed: {failed}")
 
     def partitions(self) -> list[int]:
         (info,) = self._call("describe topic", lambda: self._admin().describe_topics([self.topic]))
