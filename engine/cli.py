@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.bootstrap import services
 
@@ -22,8 +26,34 @@ if TYPE_CHECKING:  # the commands import what they use: `project --follow` stays
 
 app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
+# user data (names, labels, errors, cells) is printed as text: no console markup, no highlighting
+console = Console(soft_wrap=True, markup=False, highlight=False)
+errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+# terminal control characters (ESC, C1, DEL) and bidi overrides; newlines and tabs are kept
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def literal(value: Any) -> Text:
+    """`value` as text to print as it is: control characters shown as escapes (\\x1b), no markup."""
+    return Text(_CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value)))
+
+
+def json_text(value: Any) -> str:
+    """Indented, valid JSON (NaN and infinities as null); control characters escaped."""
+    text = json.dumps(_finite(value), indent=2, ensure_ascii=False, allow_nan=False, default=str)
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
+        return _finite(value.item())
+    return value
 
 
 def _parse_value(text: str) -> Any:
@@ -51,13 +81,13 @@ def print_frame(frame: pd.DataFrame, fmt: str = "table", title: str | None = Non
     elif fmt == "json":
         sys.stdout.write(frame.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
     elif fmt == "table":
-        table = Table(title=title)
+        table = Table(title=literal(title) if title else None)
         for column in frame.columns:
-            table.add_column(str(column), overflow="fold")
+            table.add_column(literal(column), overflow="fold")
         for row in frame.itertuples(index=False):
-            table.add_row(*("" if _is_missing(v) else str(v) for v in row))
+            table.add_row(*(Text("") if _is_missing(v) else literal(v) for v in row))
         # piped (make demo, CI logs): rich would assume 80 columns and fold every cell
-        (console if console.is_terminal else Console(width=160)).print(table)
+        (console if console.is_terminal else Console(width=160, markup=False, highlight=False)).print(table)
     else:
         raise typer.BadParameter(f"format {fmt!r} is not one of table, csv, json")
 
@@ -118,10 +148,23 @@ def resume(
 
 
 def _finish(result: RunObject) -> None:
-    result.show()
+    show_run(result)
     if result.state != "completed":
-        errors.print(result.traceback or result.error or f"run ended in state {result.state}")
+        errors.print(literal(result.traceback or result.error or f"run ended in state {result.state}"))
         raise typer.Exit(1)
+
+
+def show_run(result: RunObject) -> None:
+    """A summary of a finished run: state, params, results, labels, artifacts, error."""
+    table = Table(title=literal(f"run {result.name} ({result.uid})"), show_header=False)
+    rows = [("state", result.state), ("params", json.dumps(result.parameters, default=str)),
+            ("results", json.dumps(result.results, default=str)), ("labels", json.dumps(result.labels)),
+            ("artifacts", ", ".join(result.artifacts_by_key) or "-")]
+    if result.error:
+        rows.append(("error", result.error))
+    for name, value in rows:
+        table.add_row(name, literal(value))
+    console.print(table)
 
 
 @app.command()
@@ -152,7 +195,7 @@ def runs(
 def show(uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")]) -> None:
     """Show one run: state, params, results, labels, artifacts, last metric values."""
     record = services().run_db().read_run(uid)
-    console.print_json(json.dumps(record, default=str))
+    sys.stdout.write(json_text(record) + "\n")
 
 
 @app.command()
@@ -162,7 +205,13 @@ def sql(
     as_of: Annotated[str | None, typer.Option("--as-of", help="an events.position or a time (UTC if no zone)")] = None,
 ) -> None:
     """Run read-only SQL over runs, params, results, metrics, labels, artifacts, events."""
-    print_frame(services().run_db(as_of).sql(query), fmt)
+    import duckdb
+
+    try:
+        frame = services().run_db(as_of).sql(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"{one_line(exc)} (SQL: {' '.join(query.split())[:200]})") from None
+    print_frame(frame, fmt)
 
 
 @app.command()
@@ -171,14 +220,25 @@ def rerun(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="override: key=value")] = None,
     strict: Annotated[bool, typer.Option(help="fail when an input changed since the run")] = False,
     secrets: Annotated[Path | None, typer.Option(help="file of KEY=VALUE secrets")] = None,
+    trust: Annotated[bool, typer.Option(help="run it even if its handler or its origin (an import) is not "
+                                             "verified here: this executes code the log names")] = False,
 ) -> None:
     """Execute a recorded run again: same handler, params, inputs, labels and secret keys."""
-    from engine.rerun import rerun as rerun_run
+    from engine import rerun as reruns
     from engine.secrets import SecretSource
 
     sources = [SecretSource("file", str(secrets))] if secrets else []
     overrides = {k: _parse_value(v) for k, v in _pairs(param, "param").items()}
-    _finish(rerun_run(uid, overrides, strict, sources))
+    untrusted = getattr(reruns, "UntrustedRun", None)
+    try:
+        # only when asked: an engine.rerun without the trust parameter still reruns trusted runs
+        result = reruns.rerun(uid, overrides, strict, sources, **({"trust": True} if trust else {}))
+    except Exception as exc:
+        if untrusted is None or not isinstance(exc, untrusted):
+            raise
+        errors.print(Text("error: ", style="red") + literal(one_line(exc)))
+        raise typer.Exit(2) from None
+    _finish(result)
 
 
 @app.command("export")
@@ -290,7 +350,7 @@ def reap(
     from engine.reaper import reap as reap_runs
 
     lost = reap_runs(services(), silent)
-    console.print(f"marked {len(lost)} run(s) lost" + (": " + ", ".join(lost) if lost else ""))
+    console.print(literal(f"marked {len(lost)} run(s) lost" + (": " + ", ".join(lost) if lost else "")))
 
 
 @app.command()
@@ -313,14 +373,15 @@ def tail(
                 try:
                     events = svc.codec.decode_all(record.value)
                 except DecodeError as exc:
-                    console.print(f"[red]undecodable record at {record.partition}:{record.offset}: {exc}")
+                    console.print(Text(f"undecodable record at {record.partition}:{record.offset}: ", style="red")
+                                  + literal(one_line(exc)))
                     continue
                 for event in events:
                     if (run_uid and not event.run_uid.startswith(run_uid)) or (wanted and event.type not in wanted):
                         continue
                     stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
-                    console.print(f"{stamp} {event.run_uid[:12]} #{event.seq:<4} {event.type:<14} "
-                                  f"{json.dumps(event.payload, default=str)[:200]}", markup=False, highlight=False)
+                    console.print(literal(f"{stamp} {event.run_uid[:12]} #{event.seq:<4} {event.type:<14} "
+                                          f"{json.dumps(event.payload, default=str)[:200]}"))
     except KeyboardInterrupt:
         pass
 
@@ -329,11 +390,16 @@ def tail(
 def ui(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 8765,
+    token: Annotated[str | None, typer.Option(envvar="RUNBUS_UI_TOKEN", show_envvar=True,
+                                              help="access token; required with a --host beyond loopback")] = None,
+    sql_read_dir: Annotated[list[Path] | None, typer.Option(
+        "--sql-read-dir", help="let SQL read files under this directory (read_csv...); repeatable; "
+                               "DuckDB then also lets SQL write files there")] = None,
 ) -> None:
     """Serve the read-only web UI; while it runs, other processes' queries go through it."""
     from engine.ui.server import serve
 
-    serve(host, port)
+    serve(host, port, token=token, readable_dirs=[str(d.resolve()) for d in sql_read_dir or []])
 
 
 @app.command()
@@ -351,13 +417,39 @@ def report(
     console.print(f"wrote {out} ({count} runs)")
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (DuckDB's carry a caret diagram and hints below)."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    text = str(message).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _store_message(exc: sqlite3.Error) -> str:
+    from engine.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except ValueError:
+        return one_line(exc)
+    return f"cannot use the event log {settings.bus_url} under RUNBUS_HOME {settings.home}: {one_line(exc)}"
+
+
 def main() -> None:
     try:
         app()
     except (KeyError, ValueError, TypeError, LookupError, RuntimeError, OSError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        errors.print(f"[red]error:[/red] {message}")
-        sys.exit(1)
+        _fail(one_line(exc))
+    except sqlite3.Error as exc:
+        _fail(_store_message(exc))
+    except Exception as exc:
+        if not type(exc).__module__.lstrip("_").startswith("duckdb"):
+            raise
+        _fail(one_line(exc))
+
+
+def _fail(message: str) -> None:
+    errors.print(Text("error: ", style="red") + literal(message))
+    sys.exit(1)
 
 
 if __name__ == "__main__":

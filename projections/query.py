@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any
 
@@ -29,15 +29,18 @@ Query = Callable[..., pd.DataFrame]
 
 
 class ReadOnlyError(ValueError):
-    """A statement that would change the projection."""
+    """A statement that would change the projection or touch a file."""
 
 
-def check_read_only(query: str) -> None:
-    """Refuse anything but SELECT/EXPLAIN statements, naming the first offending one."""
+def check_read_only(query: str) -> duckdb.Statement:
+    """The one SELECT/EXPLAIN statement in `query`; ReadOnlyError names any other kind.
+
+    Only a friendly first refusal: what makes the surface read-only is `read_only_query`.
+    """
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
-        raise ValueError(f"SQL does not parse: {exc}") from None
+        raise ValueError(f"SQL does not parse: {_first_line(exc)}") from None
     if not statements:
         raise ValueError("no SQL statement given")
     for statement in statements:
@@ -45,6 +48,54 @@ def check_read_only(query: str) -> None:
         if kind not in _READ_ONLY_STATEMENTS:
             raise ReadOnlyError(f"the SQL surface is read-only: {kind} statements are refused "
                                 f"({statement.query.strip()[:60]!r})")
+    if len(statements) > 1:
+        raise ReadOnlyError(f"the SQL surface is read-only and runs one statement at a time "
+                            f"({len(statements)} given)")
+    return statements[0]
+
+
+def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> None:
+    """Close the database behind `con` to the outside for the rest of its life: no file read or
+    written (COPY, EXPORT, ATTACH, read_csv...) outside `readable_dirs`, no extension installed
+    or loaded, and no setting changed afterwards. Tables can still be written by this process
+    (the projector); user statements are kept from that by `read_only_query`."""
+    if con.execute("SELECT current_setting('lock_configuration')").fetchone() == (True,):
+        return
+    if readable_dirs:
+        con.execute("SET allowed_directories = ?", [[str(d).rstrip("/") + "/" for d in readable_dirs]])
+    for setting in ("SET GLOBAL TimeZone = 'UTC'", "SET autoinstall_known_extensions = false",
+                    "SET autoload_known_extensions = false", "SET allow_community_extensions = false",
+                    "SET enable_external_access = false", "SET lock_configuration = true"):
+        con.execute(setting)
+
+
+def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
+                    params: Sequence[Any] | None = None) -> pd.DataFrame:
+    """Run one user statement so that it cannot change anything: on a sealed database (`seal`),
+    in a session of its own, inside a READ ONLY transaction that is always rolled back."""
+    check_read_only(query)
+    seal(con)
+    session = con.cursor()
+    try:
+        session.execute("BEGIN TRANSACTION READ ONLY")
+        try:
+            return session.execute(query, list(params or [])).df()
+        except (duckdb.TransactionException, duckdb.PermissionException) as exc:
+            raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} "
+                                f"({query.strip()[:60]!r})") from None
+        except duckdb.InvalidInputException as exc:
+            if "configuration has been locked" not in str(exc):
+                raise
+            raise ReadOnlyError(f"the SQL surface is read-only: settings cannot be changed "
+                                f"({query.strip()[:60]!r})") from None
+    finally:
+        with suppress(duckdb.Error):  # a statement may have ended the transaction itself
+            session.execute("ROLLBACK")
+        session.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class RunDB:
@@ -95,15 +146,14 @@ class RunDB:
         server = self._server()
         if server is not None:
             def remote_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-                check_read_only(query)
+                check_read_only(query)  # the server runs it read-only too; this saves a round trip
                 return server.query(query, params, self.as_of)
 
             yield remote_query
             return
         with self.connection() as con:
             def local_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-                check_read_only(query)
-                return con.execute(query, list(params or [])).df()
+                return read_only_query(con, query, params)
 
             yield local_query
 
@@ -213,7 +263,7 @@ def _cutoff(as_of: int | datetime | str | None) -> tuple[str, list[Any]]:
 
 def resolve_uid(fetch: Query, uid: str) -> str:
     """The full uid of the run whose uid starts with `uid`; KeyError if none or several."""
-    matches = fetch("SELECT uid FROM runs WHERE uid LIKE ? || '%' LIMIT 2", [uid]).uid.tolist()
+    matches = fetch("SELECT uid FROM runs WHERE starts_with(uid, ?) LIMIT 2", [uid]).uid.tolist()
     if not matches:
         raise KeyError(f"no run with uid {uid!r}")
     if len(matches) > 1:

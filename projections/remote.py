@@ -3,8 +3,10 @@
 `runbus ui` keeps the DuckDB file open for as long as it runs and announces itself in `ui.json`
 beside the file (host, port, pid). A `RunDB` in another process that finds a live announcement (the
 pid exists and the port accepts connections) sends each query to the server's `POST /api/sql`
-instead of waiting for the file lock. Frames travel as Arrow IPC streams with pandas metadata, so
-they arrive with the dtypes a local query gives; errors arrive as the same exception classes.
+instead of waiting for the file lock, with the server's per-instance access token, which the server
+keeps beside ui.json in `ui.token`, readable by its owner only. Frames travel as Arrow IPC streams
+with pandas metadata, so they arrive with the dtypes a local query gives; errors arrive as the same
+exception classes.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import pandas as pd
 import pyarrow as pa
 
 ANNOUNCEMENT = "ui.json"
+TOKEN_FILE = "ui.token"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-_BUILTIN_ERRORS = ("ValueError", "KeyError", "TypeError", "LookupError", "RuntimeError")
+_BUILTIN_ERRORS = ("ValueError", "KeyError", "TypeError", "LookupError", "RuntimeError", "PermissionError")
 
 
 def announcement_path(db_path: str | os.PathLike[str]) -> Path:
@@ -44,12 +47,40 @@ def announce(db_path: str | os.PathLike[str], host: str, port: int) -> Path:
     return path
 
 
+def token_path(db_path: str | os.PathLike[str]) -> Path:
+    return announcement_path(db_path).with_name(TOKEN_FILE)
+
+
+def write_token(db_path: str | os.PathLike[str], token: str) -> Path:
+    """Keep the server's access token beside ui.json in a file only its owner can read."""
+    path = token_path(db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode on O_CREAT
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def read_token(db_path: str | os.PathLike[str]) -> str | None:
+    """The announced server's access token, or None when there is none this user may read."""
+    try:
+        return token_path(db_path).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def withdraw(db_path: str | os.PathLike[str]) -> None:
-    """Remove ui.json if it still names this process."""
+    """Remove ui.json (and the token file) if ui.json still names this process."""
     path = announcement_path(db_path)
     found = _read(path)
     if found is not None and found.get("pid") == os.getpid():
         path.unlink(missing_ok=True)
+        token_path(db_path).unlink(missing_ok=True)
 
 
 def find_server(db_path: str | os.PathLike[str], timeout_s: float = 60.0) -> RemoteProjection | None:
@@ -64,15 +95,16 @@ def find_server(db_path: str | os.PathLike[str], timeout_s: float = 60.0) -> Rem
         return None
     if pid == os.getpid() or not _alive(pid) or not _accepts(host, port):
         return None
-    return RemoteProjection(host, port, timeout_s)
+    return RemoteProjection(host, port, timeout_s, read_token(db_path))
 
 
 class RemoteProjection:
-    """The query side of a UI server's JSON API."""
+    """The query side of a UI server's JSON API; `token` is the server's access token."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 60.0) -> None:
+    def __init__(self, host: str, port: int, timeout_s: float = 60.0, token: str | None = None) -> None:
         self.url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
         self.timeout_s = timeout_s
+        self.token = token
 
     def query(self, sql: str, params: Any = None, as_of: int | datetime | str | None = None) -> pd.DataFrame:
         """Run one read-only query on the server; returns the frame a local query would."""
@@ -83,9 +115,11 @@ class RemoteProjection:
         return int(json.loads(self._post("/api/catch_up", {}, "application/json"))["applied"])
 
     def _post(self, route: str, body: dict[str, Any], accept: str) -> bytes:
+        headers = {"Content-Type": "application/json", "Accept": accept}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(
-            self.url + route, data=json.dumps(body, default=_plain).encode(), method="POST",
-            headers={"Content-Type": "application/json", "Accept": accept})
+            self.url + route, data=json.dumps(body, default=_plain).encode(), method="POST", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()

@@ -1,17 +1,29 @@
-"""The web app's routes: each page reads one view of the held projection and renders a template."""
+"""The web app's routes: each page reads one view of the held projection and renders a template.
+
+Every page of every site the user has open can send requests here, so (`AccessGuard`): GET
+changes nothing and runs no SQL; a request that runs SQL or reaches the API must carry the
+instance's access token (`Authorization: Bearer`) or come from this UI's own pages (the browser's
+Sec-Fetch-Site / Origin say so), and API bodies must be JSON. Served beyond loopback, every
+request needs the token: `/?token=...` once sets it as a cookie for that browser.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import re
 from pathlib import Path
+from urllib.parse import parse_qs, urlencode
 
 import duckdb
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.ui.api import api_routes
 from engine.ui.data import compare_view, run_view, sweep_view
@@ -23,6 +35,8 @@ from engine.ui.store import HeldRunDB
 from projections.query import resolve_uid
 
 MAX_SQL_ROWS = 1000
+MAX_FORM_BYTES = 1_000_000
+TOKEN_HEADER_PREFIX = "Bearer "
 _LINKS = ServerLinks()
 # served bodies never run as pages of this site (an SVG or HTML artifact could carry scripts)
 _BODY_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
@@ -36,10 +50,17 @@ def not_found(message: str) -> HTMLResponse:
     return page("error.html", 404, title="Not found", message=message, nav="")
 
 
-def create_app(store: HeldRunDB, host: str = "127.0.0.1") -> Starlette:
-    """The read-only UI over a projection this process holds, answering requests addressed to `host`
-    (or to loopback names); other Host headers are refused, so a page of another site that rebinds
-    its name to this address cannot read the data."""
+def create_app(store: HeldRunDB, host: str = "127.0.0.1", token: str | None = None) -> Starlette:
+    """The read-only UI over a projection this process holds.
+
+    Bound to loopback, it answers requests addressed to `host` or to loopback names (a page of
+    another site that rebinds its name to this address is refused). Bound beyond loopback it needs
+    `token` on every request (ValueError without one). SQL and the API need `token` or a request
+    from the UI's own pages (see `AccessGuard`).
+    """
+    wide = not is_loopback(host)
+    if wide and not token:
+        raise ValueError(f"serving on {host!r} reaches beyond this machine: an access token is required")
     store_root = store.services.settings.artifact_root
 
     def runs(request: Request) -> Response:
@@ -97,14 +118,20 @@ def create_app(store: HeldRunDB, host: str = "127.0.0.1") -> Starlette:
             context["charts"] = compare_charts(context["view"])  # type: ignore[arg-type]
         return page("compare.html", title="Compare", nav="compare", **context)
 
-    def sql(request: Request) -> Response:
-        text = request.query_params.get("q", "").strip()
-        as_of = request.query_params.get("as_of", "").strip()
+    async def sql(request: Request) -> Response:
+        """GET shows the form (filled from ?q= and ?as_of=, not run); POST runs it."""
+        fields = request.query_params
+        if request.method == "POST":
+            fields = await _form(request)
+            if fields is None:
+                return page("error.html", 415, title="Not a form", nav="sql",
+                            message="the SQL page takes a form post (application/x-www-form-urlencoded)")
+        text, as_of = fields.get("q", "").strip(), fields.get("as_of", "").strip()
         context: dict[str, object] = {"sql": text, "as_of": as_of, "columns": None, "rows": [], "total": 0,
                                       "error": ""}
-        if text:
+        if text and request.method == "POST":
             try:
-                frame = store.at(as_of or None).sql(text)
+                frame = await run_in_threadpool(store.at(as_of or None).sql, text)
             except (ValueError, TypeError, duckdb.Error) as exc:
                 context["error"] = str(exc)
             else:
@@ -130,8 +157,105 @@ def create_app(store: HeldRunDB, host: str = "127.0.0.1") -> Starlette:
         return RedirectResponse("/runs")
 
     routes = [Route("/", home), Route("/runs", runs), Route("/runs/{uid}", run), Route("/sweeps/{uid}", sweep),
-              Route("/compare", compare), Route("/sql", sql), Route("/artifacts/{uid}/{key:path}", artifact),
-              *api_routes(store)]
-    hosts = ["*"] if host in ("0.0.0.0", "::", "") else sorted({host, "127.0.0.1", "localhost", "::1", "[::1]"})
-    return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+              Route("/compare", compare), Route("/sql", sql, methods=["GET", "POST"]),
+              Route("/artifacts/{uid}/{key:path}", artifact), *api_routes(store)]
+    # beyond loopback the token, not the name the client used, is what lets a request in
+    hosts = ["*"] if wide and host in ("0.0.0.0", "::", "") else sorted(
+        {host, "127.0.0.1", "localhost", "::1", "[::1]"})
+    return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
+                                                Middleware(AccessGuard, token=token, require_token=wide)])
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` (an address or name to listen on) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    """An urlencoded form body as {field: last value}; None for any other content type."""
+    if _media_type(request) != "application/x-www-form-urlencoded":
+        return None
+    body = (await request.body())[:MAX_FORM_BYTES].decode("utf-8", "replace")
+    return {key: values[-1] for key, values in parse_qs(body, keep_blank_values=True).items()}
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+class AccessGuard:
+    """Who may do what (pure ASGI middleware, before any route runs).
+
+    - A request another site's page made (Sec-Fetch-Site cross-site/same-site, or an Origin that is
+      not this server's) is refused, except a plain navigation to a page (a link followed).
+    - SQL, POSTs and `/api/*` need the token (`Authorization: Bearer`, or the cookie in a
+      browser) or a same-origin request from the UI's own pages; API POST bodies must be JSON.
+    - With `require_token` (served beyond loopback) every request needs the token;
+      `?token=<token>` on any page sets the cookie and redirects to the page without it.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, require_token: bool) -> None:
+        self.app = app
+        self.token = token
+        self.require_token = require_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answer = self.check(Request(scope))
+        await (answer or self.app)(scope, receive, send)
+
+    def check(self, request: Request) -> Response | None:
+        """None to let the request through, else the refusal (or the token's redirect)."""
+        site = request.headers.get("sec-fetch-site")
+        origin = request.headers.get("origin")
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        safe = request.method in ("GET", "HEAD")
+        api = request.url.path.startswith("/api/")
+        navigation = safe and not api and request.headers.get("sec-fetch-mode") == "navigate"
+        if (site in ("cross-site", "same-site") or (origin is not None and origin != own)) and not navigation:
+            return _refuse(request, 403, "a request from another site's page is refused")
+        bearer = self._valid(request.headers.get("authorization", "").removeprefix(TOKEN_HEADER_PREFIX))
+        authorized = bearer or self._valid(request.cookies.get(_cookie_name(request)))
+        given = request.query_params.get("token")
+        if given is not None and safe:
+            return self._admit(request, given)
+        if self.require_token and not authorized:
+            return _refuse(request, 401, "this runbus ui needs its access token: open /?token=<token> once, "
+                                         "or send 'Authorization: Bearer <token>'")
+        same_origin = site == "same-origin" or (site is None and origin == own)
+        if (api or not safe) and not (bearer or same_origin or (safe and site == "none")):
+            return _refuse(request, 403, "SQL and the API need the instance's token ('Authorization: Bearer', "
+                                         "from ui.token beside ui.json) or a request from the UI's own pages")
+        if api and not safe and _media_type(request) != "application/json":
+            return _refuse(request, 415, "the API takes JSON bodies (Content-Type: application/json)")
+        return None
+
+    def _valid(self, candidate: str | None) -> bool:
+        return bool(self.token and candidate) and hmac.compare_digest(str(candidate).encode(), self.token.encode())
+
+    def _admit(self, request: Request, given: str) -> Response:
+        if not self._valid(given):
+            return _refuse(request, 401, "the access token given in the URL is not this runbus ui's")
+        rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+        answer = RedirectResponse(request.url.path + ("?" + urlencode(rest) if rest else ""), status_code=303)
+        answer.set_cookie(_cookie_name(request), given, httponly=True, samesite="strict", path="/")
+        return answer
+
+
+def _cookie_name(request: Request) -> str:
+    # cookies are shared by every port of a host: one name per server
+    return f"runbus_ui_{request.url.port or 80}"
+
+
+def _refuse(request: Request, status: int, message: str) -> Response:
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": message, "type": "PermissionError"}, status_code=status)
+    return page("error.html", status, title="Refused", message=message, nav="")
 

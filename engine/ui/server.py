@@ -9,17 +9,19 @@ file lock the server is about to take. On shutdown ui.json goes first, then the 
 
 from __future__ import annotations
 
+import secrets
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 
 import uvicorn
 
 from engine.bootstrap import Services, services
-from engine.ui.app import create_app
+from engine.ui.app import create_app, is_loopback
 from engine.ui.store import HeldRunDB
 from projections import open_projection
-from projections.remote import announce, find_server, withdraw
+from projections.remote import announce, find_server, withdraw, write_token
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -36,9 +38,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None) -> None:
-    """Serve the UI until Ctrl-C / SIGTERM; other processes' queries go through it meanwhile."""
+def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None, token: str | None = None,
+          readable_dirs: Sequence[str] = ()) -> None:
+    """Serve the UI until Ctrl-C / SIGTERM; other processes' queries go through it meanwhile.
+
+    Beyond loopback `token` is required (every request must carry it). On loopback a random token
+    is made when none is given; either way it is kept in ui.token (mode 0600) for the routed
+    RunDB. SQL may read files under `readable_dirs` only (none by default).
+    """
     svc = svc or services()
+    wide = not is_loopback(host)
+    if wide and not token:
+        raise ValueError(f"--host {host} reaches beyond this machine: give an access token with --token "
+                         f"or RUNBUS_UI_TOKEN")
+    token = token or secrets.token_urlsafe(32)
     db_path = svc.settings.db_path
     running = find_server(db_path)
     if running is not None:
@@ -47,16 +60,17 @@ def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None
     port = sock.getsockname()[1]
     # uvicorn re-raises the signal that stopped it once it is done; make SIGTERM unwind (and clean up)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    write_token(db_path, token)  # before the announcement: a client that finds one finds both
     announce(db_path, host, port)
     try:
         with open_projection(db_path, svc.settings.db_timeout_s, linger_s=0) as con:
             try:
-                store = HeldRunDB(svc, con)
+                store = HeldRunDB(svc, con, readable_dirs=readable_dirs)
                 store.catch_up()
-                print(f"runbus ui on http://{host}:{port}/ serving {svc.settings.home} "
-                      f"(bus {svc.bus.url}); Ctrl-C to stop", flush=True)
-                server = uvicorn.Server(uvicorn.Config(create_app(store, host), log_level="warning",
-                                                       timeout_graceful_shutdown=3))
+                app = create_app(store, host, token)
+                for line in startup_lines(host, port, svc, wide, readable_dirs):
+                    print(line, flush=True)
+                server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
                 server.run(sockets=[sock])
             finally:
                 withdraw(db_path)  # before the file is released: new queries wait for the lock, not us
@@ -65,6 +79,20 @@ def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None
     finally:
         withdraw(db_path)
         sock.close()
+
+
+def startup_lines(host: str, port: int, svc: Services, wide: bool, readable_dirs: Sequence[str]) -> list[str]:
+    """What `runbus ui` says when it starts: where, what, and who may come in."""
+    shown = f"[{host}]" if ":" in host else host
+    lines = [f"runbus ui on http://{shown}:{port}/ serving {svc.settings.home} (bus {svc.bus.url}); "
+             f"Ctrl-C to stop"]
+    if wide:
+        lines.append(f"listening beyond loopback on {host}: every request needs the access token; open "
+                     f"http://{shown}:{port}/?token=<token> once per browser, or send "
+                     f"'Authorization: Bearer <token>'")
+    if readable_dirs:
+        lines.append("SQL may read (and DuckDB lets it write) files under: " + ", ".join(map(str, readable_dirs)))
+    return lines
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

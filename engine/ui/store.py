@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -11,14 +11,20 @@ import duckdb
 
 from engine.bootstrap import Services
 from projections import Projector, RunDB
+from projections.query import seal
 from projections.remote import RemoteProjection
 
 
 class HeldRunDB(RunDB):
-    """A RunDB over a connection this process keeps open; every read folds new events first."""
+    """A RunDB over a connection this process keeps open; every read folds new events first.
+
+    The database is sealed once the projector has prepared it: SQL reads no file outside
+    `readable_dirs` (none unless the user opted in), writes none, changes no setting.
+    """
 
     def __init__(self, svc: Services, con: duckdb.DuckDBPyConnection,
-                 as_of: int | datetime | str | None = None, *, _shared: HeldRunDB | None = None) -> None:
+                 as_of: int | datetime | str | None = None, *, readable_dirs: Sequence[str] = (),
+                 _shared: HeldRunDB | None = None) -> None:
         super().__init__(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
                          svc.user_projections, as_of)
         self.services = svc
@@ -26,6 +32,8 @@ class HeldRunDB(RunDB):
         self._lock = _shared._lock if _shared else threading.RLock()
         self._held_projector = _shared._held_projector if _shared else Projector(
             svc.bus, con, svc.codec, user_projections=svc.user_projections)
+        if _shared is None:
+            seal(con, readable_dirs)
 
     def at(self, as_of: int | datetime | str | None) -> HeldRunDB:
         """The same held file, answering as of an events.position or a time (None: now)."""

@@ -51,11 +51,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ui(home: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`runbus ui` on a free port, once it answers."""
+def start_ui(home: Path, env: dict[str, str], log: Path, *options: str,
+             host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str]:
+    """`runbus ui` on a free port, once it answers its API with the token it keeps in ui.token."""
     port = free_port()
     with log.open("wb") as out:
-        process = subprocess.Popen([RUNBUS, "ui", "--host", "127.0.0.1", "--port", str(port)], env=env,
+        process = subprocess.Popen([RUNBUS, "ui", "--host", host, "--port", str(port), *options], env=env,
                                    stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -63,7 +64,9 @@ def start_ui(home: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Pop
         if process.poll() is not None:
             pytest.fail(f"runbus ui exited with {process.returncode}: {log.read_text()}")
         try:
-            with urllib.request.urlopen(url + "/api/ping", timeout=5) as response:
+            token = (home / "ui.token").read_text()
+            request = urllib.request.Request(url + "/api/ping", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status == 200:
                     return process, url
         except OSError:
@@ -215,9 +218,12 @@ def test_metric_charts_render_with_a_marker_per_point(ui: UI, page: Page) -> Non
 
 
 def test_sql_box_answers_and_refuses_writes(ui: UI, page: Page) -> None:
-    page.goto(ui.url + "/sql")
-    page.fill("textarea[name=q]", "select count(*) from runs")
-    page.click("button:has-text('Run')")
+    page.goto(ui.url + "/sql?q=select+count(*)+from+runs")
+    expect(page.locator("textarea[name=q]")).to_have_value("select count(*) from runs")
+    assert page.locator("table.sql-result").count() == 0  # a GET fills the form, it runs nothing
+    with page.expect_request(lambda request: request.url.endswith("/sql")) as sent:
+        page.click("button:has-text('Run')")
+    assert sent.value.method == "POST"
     expect(page.locator("table.sql-result th")).to_have_text("count_star()")
     expect(page.locator("table.sql-result tbody td")).to_have_text(str(SEEDED_RUNS))
     shot(page, "sql")
