@@ -93,7 +93,8 @@ class Services:
         return deliver_spill(self.settings.spill_dir, self.bus)
 
     def close(self) -> None:
-        self.writer.close()
+        """Flush (bounded by RUNBUS_FLUSH_TIMEOUT: what is left goes to the spill file) and close."""
+        self.writer.close(self.settings.flush_timeout_s)
         self.bus.close()
 
 

@@ -52,7 +52,15 @@ class RunTemplate:
         return self
 
     def copy(self) -> RunTemplate:
-        return copy.deepcopy(self)
+        """A copy whose dicts and lists can change without changing this one. Param values are
+        shared: a run copies them as JSON when it starts (a deep copy would recurse on any depth)."""
+        twin = copy.copy(self)
+        twin.params, twin.inputs, twin.labels = dict(self.params), dict(self.inputs), dict(self.labels)
+        twin.secret_sources = list(self.secret_sources)
+        twin.hyper_params = ({k: list(v) for k, v in self.hyper_params.items()}
+                             if self.hyper_params is not None else None)
+        twin.hyper_options = dict(self.hyper_options)
+        return twin
 
     def __repr__(self) -> str:
         return f"RunTemplate(name={self.name!r}, params={self.params!r}, labels={self.labels!r})"

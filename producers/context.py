@@ -247,7 +247,7 @@ class RunContext:
         check_text("artifact", artifact.key, artifact.kind, "kind")
         if artifact.format is not None:
             check_text("artifact", artifact.key, artifact.format, "format")
-        labels_str = check_text_map("artifact label", artifact.labels, self._redact)
+        labels_str = check_text_map(f"artifact {artifact.key!r} label", artifact.labels, self._redact)
         data = artifact.render()
         stored = self._store.put_file(artifact.local_path) if data is None else self._store.put_bytes(data)
         for name, (extra_data, extra_format) in artifact.extra_bodies().items():

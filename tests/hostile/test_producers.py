@@ -1,0 +1,463 @@
+"""Hostile input at the producer: every emitted event is in the log, or the caller got an exception
+at the call naming the key; waits are bounded; a bus that refuses for good loses nothing.
+
+Each refused call is made inside a running handler, which then logs once more: the run completes,
+and the projection holds what was logged before and after the refusal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+from engine.bootstrap import reset_services, services
+from producers.bus.embedded import EmbeddedBus
+from producers.context import RunContext, RunFinishedError
+from producers.writer import BackgroundWriter, EventsNotWritten
+
+LONE = "\udc80"  # what os.fsdecode gives for the byte 0x80 (surrogateescape)
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"d": value}
+    return value
+
+
+def _cycle() -> list[Any]:
+    value: list[Any] = []
+    value.append(value)
+    return value
+
+
+# (case id, the hostile call on the context, the key the error must name)
+HOSTILE_CALLS: list[tuple[str, Callable[[RunContext], Any], str]] = [
+    ("result-value-lone-surrogate", lambda c: c.log_result("file", f"data{LONE}.csv"), "file"),
+    ("result-nested-lone-surrogate", lambda c: c.log_result("files", {"list": [f"a{LONE}"]}), "files"),
+    ("result-dict-key-lone-surrogate", lambda c: c.log_result("by_name", {f"k{LONE}": 1}), "by_name"),
+    ("result-key-lone-surrogate", lambda c: c.log_result(f"r{LONE}", 1), repr(f"r{LONE}")),
+    ("result-1000-deep-dict", lambda c: c.log_result("deep", _deep(1000)), "deep"),
+    ("result-refers-to-itself", lambda c: c.log_result("loop", _cycle()), "loop"),
+    ("result-too-large", lambda c: c.log_result("huge", "x" * (600 * 1024)), "huge"),
+    ("results-one-bad-of-two", lambda c: c.log_results({"fine": 1, "bad": LONE}), "bad"),
+    ("label-value-lone-surrogate", lambda c: c.set_label("owner", f"me{LONE}"), "owner"),
+    ("label-key-lone-surrogate", lambda c: c.set_label(f"o{LONE}", "me"), repr(f"o{LONE}")),
+    ("param-key-lone-surrogate", lambda c: c.get_param(f"p{LONE}", 1), repr(f"p{LONE}")),
+    ("param-value-lone-surrogate", lambda c: c.get_param("path", f"/tmp/{LONE}"), "path"),
+    ("metric-key-lone-surrogate", lambda c: c.log_metric(f"m{LONE}", 1.0), repr(f"m{LONE}")),
+    ("metric-timestamp-time_ns", lambda c: c.log_metric("loss", 1.0, timestamp=time.time_ns()), "loss"),
+    ("metric-timestamp-milliseconds", lambda c: c.log_metric("loss", 1.0, timestamp=time.time() * 1000), "loss"),
+    ("metric-timestamp-nan", lambda c: c.log_metric("loss", 1.0, timestamp=math.nan), "loss"),
+    ("metric-timestamp-inf", lambda c: c.log_metric("loss", 1.0, timestamp=math.inf), "loss"),
+    ("metric-timestamp--inf", lambda c: c.log_metric("loss", 1.0, timestamp=-math.inf), "loss"),
+    ("metric-timestamp-1e20", lambda c: c.log_metric("loss", 1.0, timestamp=1e20), "loss"),
+    ("metric-timestamp-negative", lambda c: c.log_metric("loss", 1.0, timestamp=-1.0), "loss"),
+    ("metric-timestamp-text", lambda c: c.log_metric("loss", 1.0, timestamp="now"), "loss"),
+    ("metric-step-2**70", lambda c: c.log_metric("loss", 1.0, step=2**70), "loss"),
+    ("metric-step--2**64", lambda c: c.log_metric("loss", 1.0, step=-(2**64)), "loss"),
+    ("metric-step-fraction", lambda c: c.log_metric("loss", 1.0, step=1.5), "loss"),
+    ("metric-step-text", lambda c: c.log_metric("loss", 1.0, step="one"), "loss"),
+    ("metric-value-huge-int", lambda c: c.log_metric("loss", 10**400), "loss"),
+    ("metrics-one-bad-of-two", lambda c: c.log_metrics({"fine": 1.0, "bad": "high"}), "bad"),
+    ("artifact-label-lone-surrogate", lambda c: c.log_artifact("a.txt", body=b"x", labels={"l": LONE}), "a.txt"),
+    ("artifact-meta-lone-surrogate", lambda c: c.log_artifact("b.txt", body=b"x", source=LONE), "b.txt"),
+    ("artifact-meta-1000-deep", lambda c: c.log_artifact("c.txt", body=b"x", tree=_deep(1000)), "c.txt"),
+    ("artifact-format-lone-surrogate", lambda c: c.log_artifact("d.txt", body=b"x", format=LONE), "d.txt"),
+]
+
+
+def _events(uid: str) -> Any:
+    return get_run_db().sql("SELECT seq, stream, type, payload FROM events WHERE run_uid = ? ORDER BY position", [uid])
+
+
+@pytest.mark.parametrize(("call", "key"), [pytest.param(call, key, id=case) for case, call, key in HOSTILE_CALLS])
+def test_a_hostile_value_is_refused_at_the_call_naming_the_key_and_nothing_else_is_lost(
+        bus_home: Path, call: Callable[[RunContext], Any], key: str) -> None:
+    refusals: list[BaseException] = []
+
+    def job(context: RunContext) -> None:
+        context.log_result("before", 1)
+        context.log_metric("steady", 0.5, step=1)
+        context.set_label("phase", "before")
+        try:
+            call(context)
+        except TypeError as exc:
+            refusals.append(exc)
+        context.log_result("after", 2)
+
+    run = new_function().run(NewRun(handler=job, name="hostile"))
+
+    assert len(refusals) == 1, "the hostile call was accepted"
+    assert key in str(refusals[0]) and "\n" not in str(refusals[0])
+    assert run.state == "completed", run.error
+    row = get_run_db().read_run(run.uid)
+    assert row["state"] == "completed"
+    assert {"before": 1, "after": 2}.items() <= row["results"].items()
+    assert row["metrics"]["steady"] == 0.5 and row["labels"]["phase"] == "before"
+    events = _events(run.uid)
+    own = events[events.type != "heartbeat"]
+    assert list(own.seq) == list(range(len(own)))  # nothing dropped between what was accepted
+    assert get_run_db().sql("SELECT count(*) AS n FROM dead_letters").n[0] == 0
+
+
+@pytest.mark.parametrize(("task", "key"), [
+    pytest.param(lambda: NewRun(name="x", labels={"team": f"a{LONE}"}), "team", id="label-value"),
+    pytest.param(lambda: NewRun(name="x", params={"path": f"/d/{LONE}"}), "path", id="param-value"),
+    pytest.param(lambda: NewRun(name="x", params={"deep": _deep(1000)}), "deep", id="param-1000-deep"),
+    pytest.param(lambda: NewRun(name=f"n{LONE}"), "name", id="run-name"),
+])
+def test_a_hostile_run_definition_is_refused_before_anything_is_logged(
+        bus_home: Path, task: Callable[[], Any], key: str) -> None:
+    ran: list[bool] = []
+    with pytest.raises(TypeError, match=re.escape(key)):
+        new_function().run(task(), handler=lambda: ran.append(True))
+    assert not ran
+    assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 0
+
+
+def test_run_started_holds_the_labels_as_they_were_at_the_start(bus_home: Path) -> None:
+    def job(context: RunContext) -> None:
+        context.set_label("later", "yes")
+        context.labels["sneaky"] = "mutated"
+
+    run = new_function().run(NewRun(handler=job, labels={"team": "a"}))
+
+    events = _events(run.uid)
+    started = json.loads(events[events.type == "run_started"].payload.iloc[0])
+    assert started["labels"] == {"team": "a"}
+    assert get_run_db().read_run(run.uid)["labels"] == {"team": "a", "later": "yes"}
+
+
+def test_logging_after_the_run_finished_is_an_error_at_the_call(bus_home: Path) -> None:
+    kept: list[RunContext] = []
+
+    def job(context: RunContext) -> None:
+        kept.append(context)
+        context.log_result("inside", 1)
+
+    run = new_function().run(NewRun(handler=job))
+    context = kept[0]
+
+    for late in (lambda: context.log_result("late", 2), lambda: context.log_metric("late", 2.0),
+                 lambda: context.set_label("late", "x"), lambda: context.get_param("late", 3),
+                 lambda: context.finish()):
+        with pytest.raises(RunFinishedError, match=run.uid):
+            late()
+    with pytest.raises(RunFinishedError, match="'late'"):
+        context.log_result("late", 2)
+    row = get_run_db().read_run(run.uid)
+    assert row["state"] == "completed" and row["results"] == {"inside": 1}
+    assert "late" not in row["params"] and "late" not in row["labels"]
+
+
+@pytest.mark.parametrize(("exit_with", "state", "error"), [
+    (0, "completed", None), (None, "completed", None), (3, "error", "SystemExit: 3"),
+    ("bad input", "error", "SystemExit: bad input"),
+])
+def test_sys_exit_in_a_handler_is_recorded_by_its_exit_code(
+        bus_home: Path, exit_with: Any, state: str, error: str | None) -> None:
+    def job(context: RunContext) -> None:
+        context.log_result("before", 1)
+        sys.exit(exit_with)
+
+    run = new_function().run(NewRun(handler=job))
+
+    row = get_run_db().read_run(run.uid)
+    assert (run.state, row["state"]) == (state, state)
+    assert row["error"] == error and row["results"] == {"before": 1}
+
+
+def test_ctrl_c_in_a_handler_is_recorded_aborted_and_let_through(bus_home: Path) -> None:
+    uids: list[str] = []
+
+    def job(context: RunContext) -> None:
+        uids.append(context.uid)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        new_function().run(NewRun(handler=job))
+    assert get_run_db().read_run(uids[0])["state"] == "aborted"
+
+
+# -- the writer: no deadlock, heartbeats through a backlog -------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_full_writer_queue_with_heartbeats_on_does_not_deadlock(bus_home: Path) -> None:
+    svc = services()
+    # a queue of 50 events and a heartbeat due at every turn of the writer: the job waits for room
+    # while the writer's heartbeat wants the run's emit lock
+    writer = BackgroundWriter(svc.bus, svc.codec, flush_interval_s=0.001, max_pending=50,
+                              heartbeat_interval_s=0.001)
+    try:
+        context = RunContext(writer, svc.artifact_store, uid="deadlock0", name="busy")
+        context.start()
+        for step in range(20_000):
+            context.log_metric("m", float(step), step=step)
+        context.finish()
+    finally:
+        writer.close(timeout_s=30)
+
+    row = get_run_db().read_run("deadlock0")
+    assert row["state"] == "completed"
+    assert get_run_db().sql("SELECT count(*) AS n FROM metrics WHERE uid = 'deadlock0'").n[0] == 20_000
+    assert get_run_db().sql("SELECT count(*) AS n FROM events WHERE run_uid = 'deadlock0' "
+                            "AND type = 'heartbeat'").n[0] > 0
+
+
+class SlowEmbeddedBus(EmbeddedBus):
+    """The embedded log, with every append taking `delay_s` longer (a slow disk or broker)."""
+
+    delay_s = 0.05
+
+    def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
+        time.sleep(self.delay_s)
+        super().append(records)
+
+
+@pytest.mark.timeout(120)
+def test_heartbeats_reach_the_bus_while_a_backlog_drains(home: Path) -> None:
+    svc = services()
+    bus = SlowEmbeddedBus(svc.settings.log_path)
+    writer = BackgroundWriter(bus, svc.codec, flush_interval_s=0.01, max_batch=100, heartbeat_interval_s=0.05)
+    try:
+        context = RunContext(writer, svc.artifact_store, uid="backlog0", name="backlog")
+        context.start()
+        for step in range(4000):  # 40 appends of 100 at >= 50 ms each: a backlog of 2 s or more
+            context.log_metric("m", float(step), step=step)
+        assert writer.flush(60)  # the job lives on while the backlog drains
+        context.finish()
+    finally:
+        writer.close(timeout_s=60)
+        bus.close()
+
+    events = get_run_db().sql("SELECT type, position FROM events WHERE run_uid = 'backlog0' ORDER BY position")
+    last_metric = events[events.type == "metric"].position.max()
+    beats_in_backlog = events[(events.type == "heartbeat") & (events.position < last_metric)]
+    assert len(beats_in_backlog) >= 5
+    assert get_run_db().read_run("backlog0")["state"] == "completed"
+
+
+# -- a bus that refuses for good, or stays away -----------------------------------------------------
+
+
+class PermissionDeniedBus(EmbeddedBus):
+    """The embedded log, where appends fail as on a file the process may not write."""
+
+    def _append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+
+class UnreachableBus(EmbeddedBus):
+    """The embedded log, where appends fail as with a broker that is away."""
+
+    def _append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
+        raise ConnectionError("broker away")
+
+
+def _spill_files(home: Path) -> list[Path]:
+    return sorted((home / "spill").glob("*.spill")) if (home / "spill").is_dir() else []
+
+
+def _job(context: RunContext) -> str:
+    context.log_result("accuracy", 0.9)
+    context.log_result("payload", os.urandom(3000).hex())  # larger than a small Kafka topic allows
+    for step in range(50):
+        context.log_metric("loss", 1.0 / (step + 1), step=step)
+    return "done"
+
+
+def _assert_everything_logged(uid: str) -> None:
+    row = get_run_db().read_run(uid)
+    assert row["state"] == "completed"
+    assert row["results"]["accuracy"] == 0.9 and row["results"]["return"] == "done"
+    assert get_run_db().sql("SELECT count(*) AS n FROM metrics WHERE uid = ?", [uid]).n[0] == 50
+
+
+@contextlib.contextmanager
+def _bus_class(cls: type[EmbeddedBus]) -> Iterator[None]:
+    """Services built meanwhile write through `cls` (on the same log file)."""
+    import engine.bootstrap
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.bootstrap, "make_bus", lambda url, settings: cls(settings.log_path))
+        reset_services()
+        try:
+            yield
+        finally:
+            reset_services()
+
+
+def _delivered_at_next_start(home: Path, uid: str) -> None:
+    """A new writer on the home delivers the spill: everything is there, once, and the file is gone."""
+    reset_services()
+    services().writer.flush(60)
+    _assert_everything_logged(uid)
+    assert _spill_files(home) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_bus_refusing_for_good_ends_the_run_with_the_cause_and_the_next_start_delivers(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uids: list[str] = []
+
+    def job(context: RunContext) -> str:
+        uids.append(context.uid)
+        return _job(context)
+
+    with _bus_class(PermissionDeniedBus):
+        with pytest.raises(EventsNotWritten, match="Permission denied") as refused:
+            new_function().run(NewRun(handler=job))
+        assert str(home / "spill") in str(refused.value)
+        (spill,) = _spill_files(home)
+        assert stat.S_IMODE(spill.stat().st_mode) == 0o600
+        assert stat.S_IMODE(spill.parent.stat().st_mode) == 0o700
+        assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 0
+
+    kept = spill.read_bytes()
+    _delivered_at_next_start(home, uids[0])
+    # delivered again (a crash between append and delete): the same event ids, nothing doubled
+    spill.write_bytes(kept)
+    spill.chmod(0o600)
+    assert services().deliver_spill().records > 0
+    events = _events(uids[0])
+    assert get_run_db().sql("SELECT count(*) AS n FROM metrics WHERE uid = ?", [uids[0]]).n[0] == 50
+    assert len(events) == len(events.drop_duplicates(["stream", "seq"]))
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_an_immutable_log_file_ends_the_run_with_the_cause_and_the_next_start_delivers(home: Path) -> None:
+    services()  # creates the log
+    log_file = home / "log.sqlite"
+    reset_services()
+    if not _chattr("+i", log_file):
+        pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
+    uids: list[str] = []
+
+    def job(context: RunContext) -> str:
+        uids.append(context.uid)
+        return _job(context)
+
+    try:
+        with pytest.raises(EventsNotWritten, match=r"readonly|read-only|Permission|Operation not permitted"):
+            new_function().run(NewRun(handler=job))
+        assert len(_spill_files(home)) == 1
+        reset_services()
+    finally:
+        _chattr("-i", log_file)
+    _delivered_at_next_start(home, uids[0])
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(180)
+def test_a_kafka_topic_refusing_large_records_ends_the_run_and_the_next_start_delivers(
+        home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    from tests.kafka_support import use_fresh_topic
+
+    use_fresh_topic(monkeypatch, kafka_bootstrap)
+    topic = os.environ["RUNBUS_KAFKA_TOPIC"]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap.split(","))
+    try:
+        admin.create_topics({topic: {"num_partitions": 3, "replication_factor": 1,
+                                     "configs": {"max.message.bytes": "1024"}}})
+        uids: list[str] = []
+
+        def job(context: RunContext) -> str:
+            uids.append(context.uid)
+            return _job(context)
+
+        with pytest.raises(EventsNotWritten, match=r"MessageSizeTooLarge|MESSAGE_TOO_LARGE"):
+            new_function().run(NewRun(handler=job))
+        assert len(_spill_files(home)) == 1
+        reset_services()
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
+                                            configs={"max.message.bytes": "8388608"})])
+        _delivered_at_next_start(home, uids[0])
+    finally:
+        admin.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_bus_that_stays_away_bounds_the_wait_and_keeps_the_events_at_exit(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_FLUSH_TIMEOUT", "1")
+    uids: list[str] = []
+
+    def job(context: RunContext) -> str:
+        uids.append(context.uid)
+        return _job(context)
+
+    with _bus_class(UnreachableBus):
+        started = time.monotonic()
+        with pytest.raises(EventsNotWritten, match="ConnectionError: broker away"):
+            new_function().run(NewRun(handler=job))
+        assert time.monotonic() - started < 60
+        reset_services()  # the process ends: what is still queued goes to the spill file
+        assert len(_spill_files(home)) == 1
+    _delivered_at_next_start(home, uids[0])
+
+
+def test_a_writer_never_drops_an_event_that_does_not_encode(home: Path) -> None:
+    svc = services()
+    # what no call lets through (the calls validate), handed to the writer directly: a bug
+    svc.writer.emit("bug0", 0, "label", {"key": "k", "value": LONE})
+    svc.writer.emit("bug0", 1, "label", {"key": "k", "value": "fine"})
+    with pytest.raises(EventsNotWritten, match="label #0 of run bug0 does not fit its schema"):
+        svc.writer.flush(30)
+    (kept,) = (home / "spill").glob("unencodable-*.jsonl")
+    assert json.loads(kept.read_text())["event"]["run_uid"] == "bug0"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert list(get_run_db().sql("SELECT seq FROM events WHERE run_uid = 'bug0'").seq) == [1]
+
+
+def test_the_writer_thread_keeps_no_lock_of_a_run_while_a_job_waits(bus_home: Path) -> None:
+    """Heartbeats do not take the run's emit lock: a job thread holding it cannot stop them."""
+    svc = services()
+    writer = BackgroundWriter(svc.bus, svc.codec, flush_interval_s=0.01, heartbeat_interval_s=0.01)
+    try:
+        context = RunContext(writer, svc.artifact_store, uid="lock0", name="lock")
+        context.start()
+        with context._emit_lock:
+            seen = threading.Event()
+
+            def beats_written() -> None:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    writer.flush(5)
+                    if get_run_db().sql("SELECT count(*) AS n FROM events WHERE run_uid = 'lock0' "
+                                        "AND type = 'heartbeat'").n[0] >= 3:
+                        seen.set()
+                        return
+                    time.sleep(0.05)
+
+            watcher = threading.Thread(target=beats_written)
+            watcher.start()
+            watcher.join(60)
+            assert seen.is_set()
+        context.finish()
+    finally:
+        writer.close(timeout_s=30)
