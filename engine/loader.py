@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import importlib
 import importlib.util
 import inspect
+import os
+import re
+import secrets
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+CODE_KEY_FILE = "code.key"
+_CODE_REF = re.compile(r"(?P<path>.+)@sha256:(?P<sha256>[0-9a-f]{64})(?:#mac:(?P<mac>[0-9a-f]{64}))?", re.DOTALL)
 
 
 class HandlerNotFound(LookupError):
@@ -60,19 +70,115 @@ def _import(module: str) -> Any:
         raise HandlerNotFound(f"cannot import {module!r}: {exc}") from None
 
 
-def describe_handler(handler: Callable[..., Any]) -> tuple[str, str | None]:
-    """A reference to reload the handler later, and its code reference (file@sha256)."""
+def describe_handler(handler: Callable[..., Any], home: Path | None = None) -> tuple[str, str | None]:
+    """A reference to reload the handler later, and its code reference: the source file, its
+    sha256 and a MAC of both under the key of Runbus home `home` (default: RUNBUS_HOME), as
+    'path@sha256:<hex>#mac:<hex>'. The MAC is what later tells a run this home recorded from one
+    that reached the log from elsewhere. None when the handler has no source file."""
     name = getattr(handler, "__qualname__", getattr(handler, "__name__", repr(handler)))
     module = getattr(handler, "__module__", None) or ""
     try:
         source_file = inspect.getsourcefile(handler)
     except TypeError:
         source_file = None
-    code_ref = None
-    if source_file and Path(source_file).is_file():
-        digest = hashlib.sha256(Path(source_file).read_bytes()).hexdigest()
-        code_ref = f"{source_file}@sha256:{digest}"
-    if (module == "__main__" or module.startswith("runbus_handler_")) and source_file \
-            and Path(source_file).is_file():
-        return f"{source_file}:{name}", code_ref
-    return f"{module}:{name}", code_ref
+    has_source = bool(source_file) and Path(str(source_file)).is_file()
+    if (module == "__main__" or module.startswith("runbus_handler_")) and has_source:
+        reference = f"{source_file}:{name}"
+    else:
+        reference = f"{module}:{name}"
+    if not has_source:
+        return reference, None
+    digest = hashlib.sha256(Path(str(source_file)).read_bytes()).hexdigest()
+    mac = code_mac(_home(home), reference, str(source_file), digest)
+    return reference, f"{source_file}@sha256:{digest}#mac:{mac}"
+
+
+@dataclass(frozen=True)
+class CodeRef:
+    """A parsed code reference: the handler's source file, its sha256 and the home's MAC (if any)."""
+
+    path: str
+    sha256: str
+    mac: str | None
+
+
+def parse_code_ref(code_ref: str | None) -> CodeRef | None:
+    """The parts of a recorded code reference, or None when it is absent or malformed."""
+    found = _CODE_REF.fullmatch(code_ref) if isinstance(code_ref, str) else None
+    return CodeRef(found["path"], found["sha256"], found["mac"]) if found else None
+
+
+def code_mac(home: Path, reference: str, path: str, sha256: str) -> str:
+    """HMAC-SHA256, under home's code key, of a handler reference and its source's path and sha256."""
+    message = "\n".join(("runbus code", reference, path, sha256)).encode("utf-8", "surrogateescape")
+    return hmac.new(_code_key(home), message, hashlib.sha256).hexdigest()
+
+
+def handler_source(reference: str) -> Path | None:
+    """The local source file `reference` would load its handler from, found without running any
+    of its code (packages on the way are not imported); None when there is no such file."""
+    location, sep, _name = reference.rpartition(":")
+    if not sep or not location:
+        return None
+    if location.endswith(".py"):
+        file = Path(location)
+        return file.resolve() if file.is_file() else None
+    return _module_file(location)
+
+
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")
+    search: list[str] | None = None
+    spec = None
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        loaded = sys.modules.get(name)
+        spec = getattr(loaded, "__spec__", None) if loaded is not None else None
+        if spec is None:
+            spec = _find_spec(name, search)
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or [])
+    origin = spec.origin if spec is not None and spec.has_location else None
+    return Path(origin).resolve() if origin and Path(origin).is_file() else None
+
+
+def _find_spec(name: str, search: list[str] | None) -> Any:
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            spec = find_spec(name, search)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            return spec
+    return None
+
+
+def _home(home: Path | None) -> Path:
+    if home is not None:
+        return home
+    from engine.settings import load_settings
+
+    return load_settings().home
+
+
+def _code_key(home: Path) -> bytes:
+    """Home's secret code key, created (readable by the owner only) on first use."""
+    path = home / CODE_KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    home.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=home, prefix=".code-key-")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_hex(32).encode())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)  # atomic: two first runs end up with the same key
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path.read_bytes()

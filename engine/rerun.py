@@ -1,14 +1,22 @@
-"""Rerun a recorded run from its run_started event: same handler, params, inputs, labels, secrets."""
+"""Rerun a recorded run from its run_started event: same handler, params, inputs, labels, secrets.
+
+What a run_started says is data someone wrote to the log, not an instruction to run code: the
+handler it names is loaded only when it is trusted (see `handler_distrust`) or the caller says
+`trust=True` (`--trust`).
+"""
 
 from __future__ import annotations
 
+import hmac
 import json
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from engine.archive import IMPORTED_FROM
 from engine.bootstrap import services
-from engine.loader import load_handler
+from engine.loader import code_mac, describe_handler, handler_source, load_handler, parse_code_ref
 from engine.run import RunObject
 from engine.runspec import RunSpec
 from engine.runtimes import local
@@ -21,12 +29,18 @@ class InputChanged(ValueError):
     """An input's content differs from what the recorded run read (with strict=True)."""
 
 
+class UntrustedRun(ValueError):
+    """A recorded run's handler is not known to be this home's own code; running it needs --trust."""
+
+
 def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = False,
-          secrets: Sequence[SecretSource] = ()) -> RunObject:
+          secrets: Sequence[SecretSource] = (), trust: bool = False) -> RunObject:
     """Execute run `uid` again in this process; the new run records `rerun_of`.
 
-    Inputs are checked against their recorded sha256: a change is a warning, or InputChanged
-    with `strict`. Secret values come from `secrets`, then the environment, by recorded key.
+    Without `trust`, raises UntrustedRun (before loading anything) unless the handler is this
+    home's own code, unchanged (`check_handler_trusted`). Inputs are checked against their recorded
+    sha256: a change is a warning, or InputChanged with `strict`. Secret values come from
+    `secrets`, then the environment, by recorded key.
     """
     svc = services()
     db = svc.run_db()
@@ -34,19 +48,69 @@ def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = Fals
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
                                 [record["uid"]]).payload[0])
     _check_inputs(record["uid"], started["inputs"], started["input_digests"], strict)
+    check_handler_trusted(started, trust, record["uid"], svc.settings.home)
     values = {**from_environment(started["secret_keys"]), **resolve_all(secrets)}
     missing = [key for key in started["secret_keys"] if key not in values]
     if missing:
         warnings.warn(f"rerun of {record['uid']}: no value for secret(s) {', '.join(missing)}", stacklevel=2)
     recorded_params = {key: json.loads(value) for key, value in started["params"].items()}
     handler = load_handler(started["handler"])
-    spec = RunSpec(svc.settings, handler, started["handler"], started["name"], started["project"], "local",
+    reference, code_ref = describe_handler(handler, svc.settings.home)  # the code that runs now
+    spec = RunSpec(svc.settings, handler, reference, started["name"], started["project"], "local",
                    {**recorded_params, **(params or {})}, started["inputs"], started["input_digests"],
                    {k: v for k, v in values.items() if k in started["secret_keys"]}, started["labels"],
-                   started["code_ref"], extra={"rerun_of": record["uid"]})
+                   code_ref, extra={"rerun_of": record["uid"]})
     context = spec.new_context()
     local.execute(handler, context)
     return RunObject.from_context(context)
+
+
+def check_handler_trusted(started: Mapping[str, Any], trust: bool = False, run_uid: str = "",
+                          home: Path | None = None) -> None:
+    """Raise UntrustedRun unless `trust` or the run_started payload `started` names a handler this
+    Runbus home may load (see `handler_distrust`). Nothing of the handler is run by this check."""
+    if trust:
+        return
+    reason = handler_distrust(started, home or services().settings.home)
+    if reason:
+        raise UntrustedRun(f"run {run_uid or '?'}: will not load handler {started.get('handler')!r}: {reason}; "
+                           f"pass --trust (trust=True) to run it anyway")
+
+
+def handler_distrust(started: Mapping[str, Any], home: Path) -> str | None:
+    """Why the handler of run_started payload `started` is not trusted, or None when it is: the run
+    was not imported, its code reference carries home's MAC over (handler, source path, sha256), and
+    the handler still loads from that very file, whose bytes still hash to that sha256. A
+    module:function handler is held to the same rule as a file handler (its module's source file)."""
+    reference = str(started.get("handler") or "")
+    extra = started.get("extra") or {}
+    if IMPORTED_FROM in extra:
+        return f"the run was imported (from {_json_text(extra[IMPORTED_FROM])}), so its handler is another machine's"
+    code = parse_code_ref(started.get("code_ref"))
+    if code is None:
+        return "the run recorded no code digest for it"
+    source = handler_source(reference)
+    if source is None:
+        return "it is not loadable from a source file on this machine"
+    if source != Path(code.path).resolve():
+        return f"it loads from {source} here, not from the recorded {code.path}"
+    try:
+        current = file_sha256(source)
+    except OSError as exc:
+        return f"its source {source} cannot be read: {exc.strerror}"
+    if current != code.sha256:
+        return f"its source {source} changed since the run (sha256 {code.sha256[:12]}... is now {current[:12]}...)"
+    if code.mac is None or not hmac.compare_digest(code.mac, code_mac(home, reference, code.path, code.sha256)):
+        return ("its code reference was not recorded by this Runbus home (the run reached the log from "
+                "another home, machine or process)")
+    return None
+
+
+def _json_text(value: object) -> str:
+    try:
+        return str(json.loads(str(value)))
+    except ValueError:
+        return str(value)
 
 
 def _check_inputs(uid: str, inputs: Mapping[str, str], digests: Mapping[str, str], strict: bool) -> None:
@@ -54,7 +118,7 @@ def _check_inputs(uid: str, inputs: Mapping[str, str], digests: Mapping[str, str
         recorded = digests.get(key)
         if recorded is None:
             continue
-        path = DataItem(key, uri).local()
+        path = DataItem(key, uri, kind="input").local()
         try:
             current = file_sha256(path)
         except FileNotFoundError:

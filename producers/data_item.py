@@ -1,4 +1,9 @@
-"""DataItem: a handle on an input or artifact body, by URI or local path."""
+"""DataItem: a handle on an input or artifact body.
+
+An input (a path or file:// URI the user chose) is read where it points. A body a run logged is read
+only from the content store, by its recorded sha256, and only when the bytes still match: the URI a
+logged event carries is an address someone else wrote and is never opened.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from producers.artifact_store import ArtifactStore
+
 _READERS = {
     "csv": pd.read_csv,
     "parquet": pd.read_parquet,
@@ -20,7 +27,13 @@ _READERS = {
 
 @dataclass(frozen=True)
 class DataItem:
-    """`.local()` gives a local path, `.get()` the bytes, `.as_df()` a DataFrame."""
+    """`.local()` gives a local path, `.get()` the bytes, `.as_df()` a DataFrame.
+
+    An item with a recorded size, or a sha256 and a kind other than "input", is a logged artifact:
+    its body comes from the artifact store at `store_root` (default: the one of RUNBUS_HOME) and
+    ArtifactUnavailable (a ValueError naming the key) is raised when the store does not hold the
+    recorded bytes.
+    """
 
     key: str
     uri: str
@@ -30,30 +43,42 @@ class DataItem:
     size: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    store_root: str | None = None  # where to find the body by sha256 when the URI is from another machine
+    store_root: str | None = None  # the content store holding a logged body
+
+    @property
+    def is_logged(self) -> bool:
+        """Whether the body was logged by a run (read from the store) rather than a user's own path.
+        Every logged artifact event records a size, so an event claiming kind "input" is still logged."""
+        return self.size is not None or (self.sha256 is not None and self.kind != "input")
 
     def local(self) -> str:
+        if self.is_logged:
+            return str(self._store().verified_path(self.key, self.sha256))
         parsed = urlparse(self.uri)
         if parsed.scheme in ("", "file"):
-            path = Path(unquote(parsed.path) if parsed.scheme == "file" else self.uri)
-            if not path.exists() and self.sha256 and self.store_root:
-                stored = Path(self.store_root) / self.sha256[:2] / self.sha256
-                if stored.exists():
-                    return str(stored)
-            return str(path)
+            return unquote(parsed.path) if parsed.scheme == "file" else self.uri
         raise ValueError(f"{self.key!r}: only local files and file:// URIs are supported, got {self.uri!r}")
 
     def get(self) -> bytes:
+        if self.is_logged:
+            return self._store().read_verified(self.key, self.sha256)
         return Path(self.local()).read_bytes()
 
     def as_df(self, **read_options: Any) -> pd.DataFrame:
         fmt = self.format or PurePosixPath(self.key).suffix.lstrip(".") or \
-            PurePosixPath(self.local()).suffix.lstrip(".")
+            ("" if self.is_logged else PurePosixPath(self.local()).suffix.lstrip("."))
         reader = _READERS.get(fmt.lower())
         if reader is None:
             raise ValueError(f"{self.key!r}: cannot read format {fmt!r} as a DataFrame "
                              f"(known: {', '.join(_READERS)})")
         return reader(io.BytesIO(self.get()), **read_options)
+
+    def _store(self) -> ArtifactStore:
+        if self.store_root is not None:
+            return ArtifactStore(self.store_root)
+        from engine.settings import load_settings  # producers know no settings; only this default needs them
+
+        return ArtifactStore(load_settings().artifact_root)
 
     def __str__(self) -> str:
         return self.uri

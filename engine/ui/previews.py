@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from producers.artifact_store import ArtifactStore, ArtifactUnavailable
 from producers.data_item import DataItem
 
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
@@ -36,9 +37,11 @@ class Preview:
 
 
 def artifact_item(row: dict[str, Any], store_root: str | Path) -> DataItem:
-    """A DataItem for an artifacts-table row (its body found by sha256 if the URI moved)."""
+    """A DataItem for an artifacts-table row: its body comes from the content store, by sha256."""
+    size = row.get("size")
+    size = -1 if size is None else size  # a row of the artifacts table is a logged body, whatever its kind says
     return DataItem(row["key"], row["uri"], row.get("format"), row.get("kind") or "artifact", row.get("sha256"),
-                    row.get("size"), {}, {}, str(store_root))
+                    size, {}, {}, str(store_root))
 
 
 def artifact_format(row: dict[str, Any]) -> str:
@@ -47,12 +50,17 @@ def artifact_format(row: dict[str, Any]) -> str:
 
 
 def body_path(row: dict[str, Any], store_root: str | Path) -> Path | None:
-    """The local file holding the body, or None when it is not on this machine."""
+    """The content store's file holding the row's body, checked against its recorded sha256; None
+    when the store does not hold those bytes (the row's uri is never looked at)."""
     try:
-        path = Path(artifact_item(row, store_root).local())
-    except ValueError:
+        return verified_body(row, store_root)
+    except ArtifactUnavailable:
         return None
-    return path if path.is_file() else None
+
+
+def verified_body(row: dict[str, Any], store_root: str | Path) -> Path:
+    """Like `body_path`, but raises ArtifactUnavailable saying why (naming the artifact key)."""
+    return ArtifactStore(store_root).verified_path(str(row["key"]), row.get("sha256"))
 
 
 def media_type(row: dict[str, Any]) -> str:
@@ -70,9 +78,10 @@ def data_uri(path: Path, mime: str) -> str:
 
 def preview(row: dict[str, Any], store_root: str | Path, image_src: Callable[[dict[str, Any], Path], str]) -> Preview:
     """The inline preview of one artifact; `image_src` gives an image's URL (or data: URI)."""
-    path = body_path(row, store_root)
-    if path is None:
-        return Preview("none", note="the body is not on this machine")
+    try:
+        path = verified_body(row, store_root)
+    except ArtifactUnavailable as exc:
+        return Preview("none", note=f"body unavailable: {exc}")
     fmt = artifact_format(row)
     try:
         if fmt in IMAGE_TYPES:

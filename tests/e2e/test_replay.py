@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,7 +118,27 @@ def test_rerun_warns_or_fails_when_an_input_changed(home: Path, tmp_path: Path) 
     assert failed.returncode == 1 and "changed since run" in failed.stderr
 
 
+IMPORT_MARKED = {**WHERE_IT_SITS, "runs": ["extra"], "events": [*WHERE_IT_SITS["events"], "payload"]}
+
+
+def _marked_columns(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, object]]:
+    """The columns an import marks, parsed: runs.extra by uid and events.payload by event id."""
+    return {"runs": {uid: json.loads(extra) for uid, extra in con.execute("SELECT uid, extra FROM runs").fetchall()},
+            "events": {event_id: json.loads(payload) for event_id, payload
+                       in con.execute("SELECT event_id, payload FROM events").fetchall()}}
+
+
+def _as_imported(marked: dict[str, dict[str, object]], origin: str) -> dict[str, dict[str, object]]:
+    """`_marked_columns` of a home as an import of it shows them: every run (and its run_started
+    payload) records `imported_from`."""
+    mark = {"imported_from": json.dumps(origin)}  # run_started's extra holds JSON text; runs.extra the values
+    return {"runs": {uid: {**extra, "imported_from": origin} for uid, extra in marked["runs"].items()},
+            "events": {event_id: {**payload, "extra": {**payload["extra"], **mark}} if "handler" in payload else payload
+                       for event_id, payload in marked["events"].items()}}
+
+
 def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: Path, tmp_path: Path) -> None:
+    """Identical but for the mark every imported run carries: extra.imported_from, the file's name."""
     handler = load_handler(f"{ROOT}/examples/quickstart.py:handler")
     new_function().run(NewRun(handler=handler, params={"p1": 5}))
     _record(2)
@@ -129,7 +150,7 @@ def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: 
     assert done.returncode == 0, done.stderr
     with open_projection(services().settings.db_path) as con:
         services().projector(con).catch_up()
-        original = snapshot(con, WHERE_IT_SITS)
+        original, original_marked = snapshot(con, IMPORT_MARKED), _marked_columns(con)
 
     other = {**env, "RUNBUS_HOME": str(tmp_path / "other-home"), "RUNBUS_BUS": ""}
     for _ in range(2):  # the second import adds nothing
@@ -141,7 +162,8 @@ def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: 
     os.environ.update(RUNBUS_HOME=other["RUNBUS_HOME"], RUNBUS_BUS="")
     try:
         with get_run_db().connection() as con:
-            assert snapshot(con, WHERE_IT_SITS) == original
+            assert snapshot(con, IMPORT_MARKED) == original
+            assert _marked_columns(con) == _as_imported(original_marked, "events.avro")
         seed = get_run_db().list_runs(name="handler")
         from engine.run import RunObject
         run = RunObject.from_record(get_run_db().read_run(seed.uid[0]), str(services().artifact_store.root))

@@ -1,0 +1,360 @@
+"""Finding 9: nothing from the log is trusted as a path or as code.
+
+Hostile runs are made the way an attacker would hand them over: a real run is exported with
+`engine.archive`, its events are rewritten (artifact uri/sha256, handler, params, code_ref) under new
+ids, and the file is imported, or the events are appended to the bus directly (someone who can write
+to the topic). Then every reader of artifact bodies (UI route and preview, report, DataItem, export
+--with-artifacts) and `rerun` must refuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from engine import NewRun, get_run_db, new_function
+from engine.archive import (
+    ArtifactNotBundled,
+    bundle_artifacts,
+    export_events,
+    import_events,
+    selected_events,
+    unpack_artifacts,
+)
+from engine.bootstrap import services
+from engine.loader import describe_handler, load_handler
+from engine.rerun import UntrustedRun, rerun
+from engine.run import RunObject
+from engine.transfer import append_new
+from engine.ui.app import create_app
+from engine.ui.report import report_html
+from engine.ui.store import HeldRunDB
+from producers.artifact_store import ArtifactUnavailable
+from projections import open_projection
+from schemas import Event
+from tests.support import handlers
+
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+PASSWD = Path("/etc/passwd")
+SECRET_LINE = PASSWD.read_bytes().splitlines()[0]  # "root:x:0:0:..." : must never come out
+Rewrite = Callable[[Event], Event]
+
+
+def _logs_bodies(context):
+    context.log_artifact("weights.csv", body=b"weights\n0.5\n")
+    context.log_artifact("notes.txt", body=b"plain notes")
+    context.log_result("done", 1)
+
+
+def _record() -> str:
+    return new_function().run(NewRun(handler=_logs_bodies, name="victim")).uid
+
+
+def _exported(*uids: str) -> list[Event]:
+    """The events an export of `uids` (every run when none) holds."""
+    svc = services()
+    svc.writer.flush()
+    return export_events(selected_events(svc.bus, svc.codec, uids), svc.codec, io.BytesIO())
+
+
+def _as_new_run(events: list[Event], rewrite: Rewrite) -> tuple[str, list[Event]]:
+    """The events as another run (fresh uid and event ids), each passed through `rewrite`."""
+    uid = uuid.uuid4().hex
+    return uid, [rewrite(dataclasses.replace(e, run_uid=uid, event_id=uuid.uuid4().hex)) for e in events]
+
+
+def _import(events: list[Event], tmp_path: Path) -> None:
+    """Write the events as an export file and import it, as `runbus import` does."""
+    svc = services()
+    path = tmp_path / f"hostile-{uuid.uuid4().hex[:8]}.avro"
+    with path.open("wb") as out:
+        export_events(events, svc.codec, out)
+    with path.open("rb") as source:
+        assert import_events(source, svc.bus, svc.codec).copied == len(events)
+
+
+def _artifact(key: str, **changes: object) -> Rewrite:
+    def rewrite(event: Event) -> Event:
+        if event.type == "artifact" and event.payload["key"] == key:
+            return dataclasses.replace(event, payload={**event.payload, **changes})
+        return event
+    return rewrite
+
+
+def _started(**changes: object) -> Rewrite:
+    def rewrite(event: Event) -> Event:
+        if event.type == "run_started":
+            return dataclasses.replace(event, payload={**event.payload, **changes})
+        return event
+    return rewrite
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+HOSTILE_ADDRESSES = {
+    # the uri of a file outside the store, with that file's true sha256 (the body's own check passes)
+    "absolute uri": dict(uri=PASSWD.as_uri(), sha256=_sha(PASSWD.read_bytes())),
+    "relative uri with ..": dict(uri="../" * 12 + "etc/passwd", sha256=_sha(PASSWD.read_bytes())),
+    "sha256 with ..": dict(uri="file:///nonexistent/x", sha256="../" * 12 + "etc/passwd"),
+    "sha256 absolute": dict(uri="file:///nonexistent/x", sha256=str(PASSWD)),
+}
+
+
+@pytest.fixture
+def hostile(home: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """An imported run per hostile address (artifact 'weights.csv'), a run whose store body was
+    altered after logging, and a run whose store entry is a symlink to /etc/passwd."""
+    source = _record()
+    events = _exported(source)
+    uids = {}
+    for name, changes in HOSTILE_ADDRESSES.items():
+        uids[name], forged = _as_new_run(events, _artifact("weights.csv", **changes))
+        _import(forged, tmp_path)
+    store = services().artifact_store
+    planted = _sha(b"a body nobody logged " + uuid.uuid4().bytes)
+    (store.root / planted[:2]).mkdir(parents=True, exist_ok=True)
+    (store.root / planted[:2] / planted).symlink_to(PASSWD)
+    uids["symlink in the store"], forged = _as_new_run(
+        events, _artifact("weights.csv", uri="file:///nonexistent/x", sha256=planted))
+    _import(forged, tmp_path)
+    tampered = _record()
+    body = store.root / _sha(b"weights\n0.5\n")[:2] / _sha(b"weights\n0.5\n")
+    body.write_bytes(b"altered\n9\n")
+    uids["tampered body"] = tampered
+    yield uids
+
+
+@contextmanager
+def _serving() -> Iterator[str]:
+    """The UI app of engine.ui.app over this home, served by uvicorn on a free loopback port."""
+    svc = services()
+    with open_projection(svc.settings.db_path) as con, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(create_app(HeldRunDB(svc, con)), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "the UI did not start"
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_artifact_route_and_run_page_never_serve_a_hostile_body(hostile: dict[str, str]) -> None:
+    with _serving() as base:
+        for case, uid in hostile.items():
+            for url in (f"{base}/artifacts/{uid}/weights.csv", f"{base}/artifacts/{uid}/weights.csv?download=1"):
+                status, body = _get(url)
+                assert status == 404, (case, url)
+                assert SECRET_LINE not in body and b"altered" not in body, case
+            status, page = _get(f"{base}/runs/{uid}")
+            assert status == 200, case
+            assert b"body unavailable" in page and b"weights.csv" in page, case
+            assert SECRET_LINE not in page and b"altered" not in page, case
+            assert _get(f"{base}/artifacts/{uid}/notes.txt") == (200, b"plain notes"), case
+
+
+def test_report_shows_a_hostile_body_as_unavailable(hostile: dict[str, str]) -> None:
+    svc = services()
+    html, count = report_html(get_run_db(), svc.settings.artifact_root, uids=list(hostile.values()))
+    assert count == len(hostile)
+    assert SECRET_LINE.decode() not in html and "altered" not in html
+    assert html.count("body unavailable: artifact &#39;weights.csv&#39;") == len(hostile)
+
+
+@pytest.mark.parametrize("store_given", [True, False])
+def test_data_item_refuses_a_hostile_body_naming_its_key(hostile: dict[str, str], store_given: bool) -> None:
+    root = str(services().artifact_store.root) if store_given else None
+    for case, uid in hostile.items():
+        run = RunObject.from_record(get_run_db().read_run(uid), root)
+        item = run.artifact("weights.csv")
+        for read in (item.get, item.local, item.as_df):
+            with pytest.raises(ArtifactUnavailable, match=r"artifact 'weights\.csv'"):
+                read()
+        assert run.artifact("notes.txt").get() == b"plain notes", case
+
+
+def test_an_artifact_logged_as_kind_input_is_still_read_from_the_store_only(home: Path, tmp_path: Path) -> None:
+    uid, forged = _as_new_run(_exported(_record()), _artifact("weights.csv", kind="input", uri=PASSWD.as_uri(),
+                                                              sha256=_sha(PASSWD.read_bytes())))
+    _import(forged, tmp_path)
+    with pytest.raises(ArtifactUnavailable, match=r"artifact 'weights\.csv'"):
+        RunObject.from_record(get_run_db().read_run(uid)).artifact("weights.csv").get()
+
+
+def test_export_with_artifacts_bundles_only_verified_store_bodies(hostile: dict[str, str], tmp_path: Path) -> None:
+    svc = services()
+    events = _exported()  # every run
+    bundle = tmp_path / "bodies.tar.gz"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = bundle_artifacts(events, bundle)
+    with tarfile.open(bundle) as tar:
+        bodies = {member.name: tar.extractfile(member).read() for member in tar}
+    assert count == len(bodies) == 1  # plain notes (every run's notes.txt is the same body)
+    assert list(bodies.values()) == [b"plain notes"]
+    refused = [str(w.message) for w in caught if issubclass(w.category, ArtifactNotBundled)]
+    assert len(refused) == len(hostile) + 1  # and the source run, whose body is the tampered one
+    assert all("artifact 'weights.csv'" in message for message in refused)
+
+    done = subprocess.run([RUNBUS, "export", "-o", str(tmp_path / "all.avro"), "--with-artifacts",
+                           str(tmp_path / "cli.tar.gz")], env={**os.environ, "RUNBUS_HOME": str(svc.settings.home)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "cli.tar.gz") as tar:
+        assert [tar.extractfile(member).read() for member in tar] == [b"plain notes"]
+
+
+def test_an_imported_run_gets_its_bodies_from_the_bundle_verified_or_not_at_all(home: Path, tmp_path: Path) -> None:
+    store = services().artifact_store
+    good, bad = b"bundled body", b"a body that is not what its name says"
+    bundle = tmp_path / "bodies.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        for name, data in ((_sha(good), good),):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert unpack_artifacts(bundle, store) == 1
+    assert store.read_verified("k", _sha(good)) == good
+
+    for name in (_sha(b"something else"), "../../escape", "/etc/cron.d/x"):
+        lying = tmp_path / "lying.tar.gz"
+        with tarfile.open(lying, "w:gz") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(bad)
+            tar.addfile(info, io.BytesIO(bad))
+        with pytest.raises(ValueError, match="artifact bundle entry"):
+            unpack_artifacts(lying, store)
+    assert not (store.root / _sha(bad)[:2] / _sha(bad)).exists()
+    assert sorted(p.name for p in store.root.rglob("*") if p.is_file()) == [_sha(good)]
+
+
+# rerun ---------------------------------------------------------------------------------------------
+
+def _os_system(marker: Path) -> dict[str, object]:
+    """A run_started that asks rerun to call os.system, with a code_ref that looks right."""
+    return dict(handler="os:system", params={"command": json.dumps(f"touch {marker}")},
+                code_ref=f"{os.__file__}@sha256:{_sha(Path(os.__file__).read_bytes())}")
+
+
+def test_rerun_of_an_imported_os_system_run_runs_nothing(home: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    uid, forged = _as_new_run(_exported(_record()), _started(**_os_system(marker)))
+    _import(forged, tmp_path)
+
+    with pytest.raises(UntrustedRun) as refused:
+        rerun(uid)
+    message = str(refused.value)
+    assert uid in message and "'os:system'" in message and "imported" in message and "--trust" in message
+    assert not marker.exists()
+
+    cli = subprocess.run([RUNBUS, "rerun", uid], env={**os.environ, "RUNBUS_HOME": str(home)},
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode != 0 and "--trust" in cli.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("handler, param", [("os:system", "command"), ("subprocess:getoutput", "cmd")])
+def test_rerun_of_a_foreign_run_appended_to_the_bus_runs_nothing(home: Path, tmp_path: Path, handler: str,
+                                                                 param: str) -> None:
+    """Not imported, so only the code reference can tell: a digest anyone can compute (stdlib files
+    are public) is not enough, the home's MAC is missing."""
+    marker = tmp_path / "pwned"
+    module = sys.modules[handler.split(":")[0]]
+    code_ref = f"{module.__file__}@sha256:{_sha(Path(module.__file__).read_bytes())}"
+    uid, forged = _as_new_run(_exported(_record()), _started(
+        handler=handler, params={param: json.dumps(f"touch {marker}")}, code_ref=code_ref))
+    svc = services()
+    append_new(forged, svc.bus, svc.codec)
+
+    with pytest.raises(UntrustedRun, match=f"run {uid}: will not load handler '{handler}'.*--trust"):
+        rerun(uid)
+    assert not marker.exists()
+
+
+def test_rerun_refuses_a_code_ref_signed_by_another_home(home: Path, tmp_path: Path) -> None:
+    foreign_ref = describe_handler(handlers.seed_like, tmp_path / "another-home")[1]
+    uid, forged = _as_new_run(_exported(_record()), _started(handler="tests.support.handlers:seed_like",
+                                                             code_ref=foreign_ref))
+    svc = services()
+    append_new(forged, svc.bus, svc.codec)
+    with pytest.raises(UntrustedRun, match="not recorded by this Runbus home"):
+        rerun(uid)
+
+
+def test_with_trust_an_imported_run_of_a_local_handler_reruns(home: Path, tmp_path: Path) -> None:
+    own = new_function().run(NewRun(handler=handlers.seed_like, params={"p1": 4}))
+    assert rerun(own.uid).results == {"accuracy": 8, "loss": 12, "return": "my resp"}  # this home's own run: no --trust
+    uid, forged = _as_new_run(_exported(own.uid), lambda event: event)
+    _import(forged, tmp_path)
+
+    with pytest.raises(UntrustedRun, match="imported"):
+        rerun(uid)
+    again = rerun(uid, trust=True)
+    assert again.state == "completed" and again.results == {"accuracy": 8, "loss": 12, "return": "my resp"}
+    assert get_run_db().read_run(again.uid)["extra"]["rerun_of"] == uid
+    assert rerun(again.uid).state == "completed"  # the rerun is this home's own run
+
+
+def test_a_file_handler_whose_source_changed_since_the_run_needs_trust(home: Path, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("def train(context, x=1):\n    context.log_result('x', x)\n")
+    run = new_function().run(NewRun(handler=load_handler(f"{script}:train"), params={"x": 3}))
+    assert rerun(run.uid).results == {"x": 3}
+
+    script.write_text("def train(context, x=1):\n    context.log_result('x', x * 100)\n")
+    with pytest.raises(UntrustedRun, match=f"its source {script} changed since the run.*--trust"):
+        rerun(run.uid)
+    assert rerun(run.uid, trust=True).state == "completed"
+
+    script.unlink()
+    with pytest.raises(UntrustedRun, match="not loadable from a source file"):
+        rerun(run.uid)
+
+
+def test_rerun_refuses_a_run_that_recorded_no_code_digest(home: Path, tmp_path: Path) -> None:
+    uid, forged = _as_new_run(_exported(_record()), _started(handler="tests.support.handlers:seed_like",
+                                                             code_ref=None))
+    svc = services()
+    append_new(forged, svc.bus, svc.codec)
+    with pytest.raises(UntrustedRun, match="recorded no code digest"):
+        rerun(uid)
+    assert rerun(uid, trust=True).state == "completed"
+
+
+def test_the_code_key_is_readable_by_its_owner_only(home: Path) -> None:
+    _record()
+    assert (home / "code.key").stat().st_mode & 0o077 == 0
