@@ -205,13 +205,7 @@ def sql(
     as_of: Annotated[str | None, typer.Option("--as-of", help="an events.position or a time (UTC if no zone)")] = None,
 ) -> None:
     """Run read-only SQL over runs, params, results, metrics, labels, artifacts, events."""
-    import duckdb
-
-    try:
-        frame = services().run_db(as_of).sql(query)
-    except duckdb.Error as exc:
-        raise ValueError(f"{one_line(exc)} (SQL: {' '.join(query.split())[:200]})") from None
-    print_frame(frame, fmt)
+    print_frame(services().run_db(as_of).sql(query), fmt)
 
 
 @app.command()

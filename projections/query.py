@@ -72,22 +72,26 @@ def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> N
 def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
                     params: Sequence[Any] | None = None) -> pd.DataFrame:
     """Run one user statement so that it cannot change anything: on a sealed database (`seal`),
-    in a session of its own, inside a READ ONLY transaction that is always rolled back."""
+    in a session of its own, inside a READ ONLY transaction that is always rolled back.
+
+    A refusal raises ReadOnlyError; any other DuckDB error keeps its class. Either way the
+    message is one line naming the statement.
+    """
     check_read_only(query)
     seal(con)
+    shown = " ".join(query.split())[:120]
     session = con.cursor()
     try:
         session.execute("BEGIN TRANSACTION READ ONLY")
-        try:
-            return session.execute(query, list(params or [])).df()
-        except (duckdb.TransactionException, duckdb.PermissionException) as exc:
-            raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} "
-                                f"({query.strip()[:60]!r})") from None
-        except duckdb.InvalidInputException as exc:
-            if "configuration has been locked" not in str(exc):
-                raise
-            raise ReadOnlyError(f"the SQL surface is read-only: settings cannot be changed "
-                                f"({query.strip()[:60]!r})") from None
+        return session.execute(query, list(params or [])).df()
+    except (duckdb.TransactionException, duckdb.PermissionException) as exc:
+        raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
+    except duckdb.InvalidInputException as exc:
+        if "configuration has been locked" in str(exc):
+            raise ReadOnlyError(f"the SQL surface is read-only: settings cannot be changed (in {shown!r})") from None
+        raise type(exc)(f"{_first_line(exc)} (in {shown!r})") from None
+    except duckdb.Error as exc:
+        raise type(exc)(f"{_first_line(exc)} (in {shown!r})") from None
     finally:
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself
             session.execute("ROLLBACK")
