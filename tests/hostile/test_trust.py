@@ -42,7 +42,7 @@ from engine.archive import (
 )
 from engine.bootstrap import services
 from engine.loader import describe_handler, load_handler
-from engine.rerun import UntrustedRun, rerun
+from engine.rerun import UntrustedRun, check_handler_trusted, rerun
 from engine.run import RunObject
 from engine.transfer import append_new
 from engine.ui.app import create_app
@@ -122,7 +122,7 @@ HOSTILE_ADDRESSES = {
 
 
 @pytest.fixture
-def hostile(home: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
+def hostile(bus_home: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
     """An imported run per hostile address (artifact 'weights.csv'), a run whose store body was
     altered after logging, and a run whose store entry is a symlink to /etc/passwd."""
     source = _record()
@@ -270,7 +270,7 @@ def _os_system(marker: Path) -> dict[str, object]:
                 code_ref=f"{os.__file__}@sha256:{_sha(Path(os.__file__).read_bytes())}")
 
 
-def test_rerun_of_an_imported_os_system_run_runs_nothing(home: Path, tmp_path: Path) -> None:
+def test_rerun_of_an_imported_os_system_run_runs_nothing(bus_home: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     uid, forged = _as_new_run(_exported(_record()), _started(**_os_system(marker)))
     _import(forged, tmp_path)
@@ -281,14 +281,14 @@ def test_rerun_of_an_imported_os_system_run_runs_nothing(home: Path, tmp_path: P
     assert uid in message and "'os:system'" in message and "imported" in message and "--trust" in message
     assert not marker.exists()
 
-    cli = subprocess.run([RUNBUS, "rerun", uid], env={**os.environ, "RUNBUS_HOME": str(home)},
+    cli = subprocess.run([RUNBUS, "rerun", uid], env={**os.environ, "RUNBUS_HOME": str(bus_home)},
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode != 0 and "--trust" in cli.stderr
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("handler, param", [("os:system", "command"), ("subprocess:getoutput", "cmd")])
-def test_rerun_of_a_foreign_run_appended_to_the_bus_runs_nothing(home: Path, tmp_path: Path, handler: str,
+def test_rerun_of_a_foreign_run_appended_to_the_bus_runs_nothing(bus_home: Path, tmp_path: Path, handler: str,
                                                                  param: str) -> None:
     """Not imported, so only the code reference can tell: a digest anyone can compute (stdlib files
     are public) is not enough, the home's MAC is missing."""
@@ -353,6 +353,18 @@ def test_rerun_refuses_a_run_that_recorded_no_code_digest(home: Path, tmp_path: 
     with pytest.raises(UntrustedRun, match="recorded no code digest"):
         rerun(uid)
     assert rerun(uid, trust=True).state == "completed"
+
+
+def test_a_sweep_resume_can_ask_the_same_question_before_loading_anything(home: Path, tmp_path: Path) -> None:
+    """engine.sweep.runner's resume calls check_handler_trusted on the parent's run_started."""
+    marker = tmp_path / "pwned"
+    started = next(e.payload for e in _exported(_record()) if e.type == "run_started")
+    check_handler_trusted(started, run_uid="own")
+    forged = {**started, **_os_system(marker), "extra": {"sweep": "{}"}}
+    with pytest.raises(UntrustedRun, match="run parent: will not load handler 'os:system'"):
+        check_handler_trusted(forged, run_uid="parent")
+    check_handler_trusted(forged, trust=True, run_uid="parent")  # trusting is the caller's decision
+    assert not marker.exists()
 
 
 def test_the_code_key_is_readable_by_its_owner_only(home: Path) -> None:
