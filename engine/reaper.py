@@ -1,5 +1,10 @@
-"""Runs whose process died never send run_finished: find them by their silent heartbeats and
-end them as 'lost', writing the event on their behalf."""
+"""Runs whose process died never send run_finished.
+
+The projection already shows such a run as 'lost' once it has been silent for 3 of its own
+heartbeat intervals (see projections.tables); `reap` writes that verdict to the log on the run's
+behalf, so that every consumer of the log (exports, other projections) learns it too. A run marked
+lost that speaks again is running again: the verdict never overrides the run's own events.
+"""
 
 from __future__ import annotations
 
@@ -19,18 +24,21 @@ def mark_lost(svc: Services, uid: str, reason: str) -> None:
 
 
 def running_runs(svc: Services, parent_uid: str | None = None) -> pd.DataFrame:
-    """Runs in state 'running' with how long they have been silent."""
-    where = "state = 'running'" + (" AND parent_uid = ?" if parent_uid else "")
+    """Runs with no recorded end, with their state ('running', or 'lost' when judged silent by
+    their own heartbeat interval) and how long they have been silent."""
+    where = "r.finished_at IS NULL AND r.state IN ('running', 'lost')"
+    if parent_uid:
+        where += " AND r.parent_uid = ?"
     return svc.run_db().sql(
-        "SELECT r.uid, epoch(now()) - epoch(r.last_event_at) AS silent_s "
+        "SELECT r.uid, r.state, epoch(now()) - epoch(r.last_event_at) AS silent_s "
         f"FROM runs r WHERE {where}", [parent_uid] if parent_uid else [])
 
 
 def reap(svc: Services, silent_s: float | None = None, parent_uid: str | None = None) -> list[str]:
-    """Mark 'lost' every running run silent for longer than `silent_s` (default: 3 heartbeats)."""
-    limit = 3 * svc.settings.heartbeat_interval_s if silent_s is None else silent_s
-    running = running_runs(svc, parent_uid)
-    stale = running[running.silent_s > limit]
+    """Write the 'lost' verdict for every run judged lost (silent for 3 of its own heartbeat
+    intervals), or with `silent_s`, for every unfinished run silent for longer than that."""
+    unfinished = running_runs(svc, parent_uid)
+    stale = unfinished[unfinished.state == "lost"] if silent_s is None else unfinished[unfinished.silent_s > silent_s]
     for row in stale.itertuples():
         mark_lost(svc, row.uid, f"no heartbeat for {row.silent_s:.0f}s")
     svc.writer.flush()

@@ -5,13 +5,21 @@ process therefore takes a file lock before it opens the file, and holds both onl
 of work (catch up, query). So that a burst of queries in one process does not pay for an open each
 time, the file stays open for a linger time (0.25 s; `configure`) after its last use, then is
 closed and unlocked. Another process waits its turn, up to a timeout, instead of failing.
+
+The file is only a cache of the log. One that DuckDB cannot read (truncated, corrupt, written by
+an incompatible version) is renamed aside with a timestamp, its .wal with it, and a new one is
+created, to be folded again from the log; a warning line says so. Corruption found when the file
+is opened is repaired at once; corruption found later (in a data block) fails that unit of work
+and the file is moved aside for the next one.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +28,68 @@ import duckdb
 from filelock import FileLock, Timeout
 
 _linger_s = 0.25
+_fallback_interval_s = 5.0
+_log = logging.getLogger("runbus.projection")
+# What DuckDB says about a file it cannot read (it has no exception class of its own for this).
+_UNREADABLE = ("not a valid DuckDB database file", "Could not read enough bytes", "Corrupt database file",
+               "checksum", "replaying WAL", "version number")
 
 
-def configure(linger_s: float) -> None:
-    """Set how long a projection stays open after its last use in this process (0: close at once)."""
-    global _linger_s
+def configure(linger_s: float, heartbeat_interval_s: float | None = None) -> None:
+    """Set how long a projection stays open after its last use in this process (0: close at once)
+    and the heartbeat interval assumed for runs that recorded none."""
+    global _linger_s, _fallback_interval_s
     _linger_s = linger_s
+    if heartbeat_interval_s is not None:
+        _fallback_interval_s = heartbeat_interval_s
+
+
+def fallback_heartbeat_interval_s() -> float:
+    """The heartbeat interval assumed for runs that recorded none (RUNBUS_HEARTBEAT_INTERVAL)."""
+    return _fallback_interval_s
+
+
+def is_unreadable(exc: BaseException) -> bool:
+    """True for DuckDB's errors about a damaged or foreign file (not locks or permissions)."""
+    return isinstance(exc, duckdb.Error) and any(sign in str(exc) for sign in _UNREADABLE)
+
+
+def move_aside(path: Path, exc: BaseException) -> Path:
+    """Rename a damaged projection (and its .wal) with a timestamp; returns the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}-{os.getpid()}")
+    os.replace(path, aside)
+    wal = path.with_name(path.name + ".wal")
+    if wal.exists():
+        os.replace(wal, aside.with_name(aside.name + ".wal"))
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    _log.warning("runbus: the projection %s could not be read (%s); moved it to %s and rebuilding it "
+                 "from the log", path, reason, aside)
+    return aside
+
+
+def _connect(path: Path) -> duckdb.DuckDBPyConnection:
+    """Open the file, reading its catalog and bookkeeping; a file DuckDB cannot read is moved aside
+    and a new one opened."""
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.Error as exc:
+        if not is_unreadable(exc) or not path.exists():
+            raise
+        move_aside(path, exc)
+        return duckdb.connect(str(path))
+    try:
+        tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        for table in ("projection_meta", "positions", "run_progress"):
+            if table in tables:
+                con.execute(f"SELECT * FROM {table}").fetchall()
+    except duckdb.Error as exc:
+        con.close()
+        if not is_unreadable(exc):
+            raise
+        move_aside(path, exc)
+        return duckdb.connect(str(path))
+    return con
 
 
 class ProjectionBusy(RuntimeError):
@@ -56,7 +120,7 @@ class _Handle:
                     f"{timeout_s:g}s (a long rebuild, or a process that does not release it); "
                     f"set RUNBUS_DB_TIMEOUT to wait longer") from None
             try:
-                self.con = duckdb.connect(str(self.path))
+                self.con = _connect(self.path)
             except BaseException:
                 self.lock.release()
                 raise
@@ -112,8 +176,10 @@ def open_projection(path: str | os.PathLike[str], timeout_s: float = 60.0,
         con = handle.open(timeout_s)
         try:
             yield con
-        except BaseException:
+        except BaseException as exc:
             handle.close()  # a failed unit of work leaves nothing half-open behind
+            if is_unreadable(exc) and path.exists():
+                move_aside(path, exc)  # damage in a data block: the next unit of work rebuilds
             raise
         handle.release_later(linger)
 

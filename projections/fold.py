@@ -1,8 +1,23 @@
-"""Fold events into table rows: one function per event type, writing into a `TableBatch`."""
+"""Fold events into table rows: one function per event type, writing into a `TableBatch`.
+
+Events come from an untrusted bus, so `check_event` finds, before anything is folded, what the
+tables could not hold (strings that are not valid UTF-8, times outside what DuckDB and pandas can
+show, unknown run states, extra values that are not JSON); such an event is quarantined by the
+projector instead of being folded.
+
+A run's state follows these rules, whatever process wrote the event:
+- run_finished with state 'lost' (the reaper's verdict) ends a run only while it is 'running';
+  it never overwrites the run's own end.
+- any other run_finished sets the run's state.
+- any other event (heartbeat, metric, ...) of a run marked 'lost' makes it 'running' again:
+  the run was not dead, and ends in the state of its own last event.
+Events of a run not started yet (no run_started applied) touch no run row.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +26,57 @@ import orjson
 
 from producers.values import numeric_or_none
 from schemas import Event
+
+# Times a TIMESTAMPTZ column holds and pandas (datetime64[ns]) can read: years 1678 to 2261.
+MIN_TS = -9.2e9
+MAX_TS = 9.2e9
+RUN_STATES = frozenset({"completed", "error", "aborted", "lost"})
+_FINISH_COLUMNS = ("finished_at", "duration_s", "error", "traceback", "return_value")
+
+
+def printable(text: object) -> str:
+    """`text` as a string DuckDB accepts: lone surrogates become backslash escapes."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def identity_problem(event: Event) -> str | None:
+    """Why the event's identity (event id, run uid, stream) cannot be stored, or None."""
+    for name in ("event_id", "run_uid", "stream"):
+        try:
+            getattr(event, name).encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{name} {printable(getattr(event, name))!r} is not valid UTF-8 (lone surrogate)"
+    return None
+
+
+def _time_problem(name: str, value: float) -> str | None:
+    if not (MIN_TS <= value <= MAX_TS):  # also NaN
+        return f"{name} {value!r} is not a time in seconds since the epoch within years 1678-2261"
+    return None
+
+
+def check_event(event: Event) -> tuple[str | None, str | None]:
+    """(payload as JSON text, None) for an event the tables can hold, else (None, the reason)."""
+    problem = _time_problem("ts", event.ts)
+    if problem:
+        return None, problem
+    try:
+        payload_json = orjson.dumps(event.payload).decode()
+    except TypeError as exc:
+        return None, f"payload cannot be stored: {exc}"
+    p = event.payload
+    if event.type == "metric":
+        problem = _time_problem(f"metric {printable(p['key'])!r} timestamp", p["timestamp"])
+    elif event.type == "run_finished" and p["state"] not in RUN_STATES:
+        problem = f"run_finished state {printable(p['state'])!r} is not one of {', '.join(sorted(RUN_STATES))}"
+    elif event.type == "run_started":
+        for key, value in p["extra"].items():
+            try:
+                json.loads(value)
+            except ValueError:
+                problem = f"run_started extra {printable(key)!r} is not JSON"
+                break
+    return (None, problem) if problem else (payload_json, None)
 
 
 def _number_of(value_json: str | None) -> float | None:
@@ -22,12 +88,24 @@ def _number_of(value_json: str | None) -> float | None:
         return None
 
 
+def _interval(value: Any) -> float | None:
+    """A usable heartbeat interval, or None for a missing or meaningless one."""
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
 @dataclass
 class TableBatch:
-    """Rows produced by one batch of events, ready to be written in one transaction."""
+    """Rows produced by one batch of events, ready to be written in one transaction.
+
+    `states` holds the state of every run the batch may touch (loaded before folding); a run
+    missing from it has no row yet.
+    """
 
     new_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
     params: dict[tuple[str, str], tuple[str, float | None]] = field(default_factory=dict)
     results: dict[tuple[str, str], tuple[str, float | None]] = field(default_factory=dict)
     labels: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -35,32 +113,47 @@ class TableBatch:
     metrics: list[tuple[str, str, int | None, float, float]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
+    conflicts: list[tuple[Any, ...]] = field(default_factory=list)
+    duplicates: list[tuple[Any, ...]] = field(default_factory=list)
     labelled_runs: set[str] = field(default_factory=set)
     run_progress: dict[tuple[str, str], int] = field(default_factory=dict)
+    run_starts: dict[str, tuple[str, str]] = field(default_factory=dict)
     positions: dict[int, int] = field(default_factory=dict)
     next_position: int = 0
+    judged_at: float = 0.0  # the clock the public runs.state judges silence by
+    fallback_interval_s: float = 5.0
 
     def update_run(self, uid: str, **columns: Any) -> None:
-        """Change columns of a run, whether it started in this batch or before."""
+        """Set columns of a run (None clears one), whether it started in this batch or before."""
         target = self.new_runs.get(uid)
         if target is None:
             target = self.run_updates.setdefault(uid, {})
         target.update(columns)
 
+    def touch(self, uid: str, ts: float) -> None:
+        """The run spoke at `ts`: last_event_at only moves forward."""
+        target = self.new_runs.get(uid) or self.run_updates.get(uid)
+        known = target.get("last_event_at") if target else None
+        if known is None or ts > known:
+            self.update_run(uid, last_event_at=ts)
+
 
 def _run_started(batch: TableBatch, event: Event) -> None:
     p = event.payload
-    batch.new_runs[event.run_uid] = {
+    row = {
         "uid": event.run_uid, "parent_uid": p["parent_uid"], "iteration": p["iteration"],
         "project": p["project"], "name": p["name"], "state": "running", "handler": p["handler"],
         "runtime": p["runtime"], "host": p["host"], "labels": json.dumps(p["labels"]),
         "started_at": event.ts, "finished_at": None, "duration_s": None, "error": None,
         "return_value": None, "traceback": None, "inputs": json.dumps(p["inputs"]),
         "extra": json.dumps({k: json.loads(v) for k, v in p["extra"].items()}),
-        "last_event_at": event.ts,
+        "last_event_at": event.ts, "stream": event.stream,
+        "heartbeat_interval_s": _interval(p.get("heartbeat_interval_s")),
     }
-    for key, value in p["params"].items():
-        batch.params[(event.run_uid, key)] = (value, _number_of(value))
+    batch.new_runs[event.run_uid] = row
+    batch.states[event.run_uid] = "running"
+    params = {(event.run_uid, key): (value, _number_of(value)) for key, value in p["params"].items()}
+    batch.params.update(params)
     for key, value in p["labels"].items():
         batch.labels[(event.run_uid, key)] = value
 
@@ -93,13 +186,23 @@ def _artifact(batch: TableBatch, event: Event) -> None:
 
 def _run_finished(batch: TableBatch, event: Event) -> None:
     p = event.payload
+    current = batch.states.get(event.run_uid)
+    if current is None or (p["state"] == "lost" and current != "running"):
+        return  # not started here yet, or a verdict that comes after the run's own end
+    batch.states[event.run_uid] = p["state"]
     batch.update_run(event.run_uid, state=p["state"], finished_at=event.ts,
                      duration_s=p["duration_s"], error=p["error"], traceback=p["traceback"],
                      return_value=p["return_value"])
 
 
+def _heartbeat(batch: TableBatch, event: Event) -> None:
+    interval = _interval(event.payload.get("interval_s"))
+    if interval is not None and event.run_uid in batch.states:
+        batch.update_run(event.run_uid, heartbeat_interval_s=interval)
+
+
 def _ignore(batch: TableBatch, event: Event) -> None:
-    """Events kept only in the events table (heartbeats, sweep requests)."""
+    """Events kept only in the events table (sweep requests)."""
 
 
 FOLDS: dict[str, Callable[[TableBatch, Event], None]] = {
@@ -110,13 +213,22 @@ FOLDS: dict[str, Callable[[TableBatch, Event], None]] = {
     "label": _label,
     "artifact": _artifact,
     "run_finished": _run_finished,
-    "heartbeat": _ignore,
+    "heartbeat": _heartbeat,
     "iteration_requested": _ignore,
 }
 
 
+def _revive(batch: TableBatch, uid: str) -> None:
+    """A run marked lost spoke again: it is running, its recorded end is cleared."""
+    batch.states[uid] = "running"
+    batch.update_run(uid, state="running", **dict.fromkeys(_FINISH_COLUMNS))
+
+
 def fold(batch: TableBatch, event: Event) -> None:
-    """Apply one event to the batch; every event also touches its run's last_event_at."""
+    """Apply one event (checked by `check_event`) to the batch; it also touches its run's
+    last_event_at, and revives a run marked lost unless it is a run_finished."""
+    if event.type not in ("run_started", "run_finished") and batch.states.get(event.run_uid) == "lost":
+        _revive(batch, event.run_uid)
     FOLDS[event.type](batch, event)
-    if event.type != "run_started":
-        batch.update_run(event.run_uid, last_event_at=event.ts)
+    if event.type != "run_started" and event.run_uid in batch.states:
+        batch.touch(event.run_uid, event.ts)

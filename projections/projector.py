@@ -1,8 +1,20 @@
 """The projector: reads the bus from its stored positions and folds events into DuckDB.
 
-Positions, per-run progress and the rows they produced commit in one DuckDB transaction, so a
-projector killed at any point resumes exactly where its last commit left off. An event whose
-(run uid, seq) was already applied is skipped, so replaying a record changes nothing.
+Positions, per-stream progress and the rows they produced commit in one DuckDB transaction, so a
+projector killed at any point resumes exactly where its last commit left off.
+
+The bus is untrusted, and the projector quarantines, never stops. Each event read is, exactly once:
+- applied (`events` and the tables it folds into);
+- a duplicate (`duplicates`): an event with the same event id already holds its place
+  (run uid, stream, seq), e.g. a record appended twice;
+- a conflict (`conflicts`, with the reason): a different event already holds its place, or the
+  run was already started by another run_started;
+- a dead letter (`dead_letters`, with the error and the event's identity): the event cannot be
+  folded (see `fold.check_event`), or DuckDB refused its rows. When a batch fails to write, the
+  projector bisects it in transactions it rolls back until it has the events DuckDB refuses, then
+  commits the rest. A record that does not decode is one dead letter.
+A dead-lettered event keeps its place, so its duplicate is a duplicate and another event at its
+place a conflict, whatever the batch boundaries.
 """
 
 from __future__ import annotations
@@ -10,20 +22,29 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from producers.bus import Bus, BusRecord
-from projections.database import connection_is_prepared, mark_prepared
-from projections.fold import TableBatch, fold
+from projections.database import connection_is_prepared, fallback_heartbeat_interval_s, mark_prepared
+from projections.fold import TableBatch, check_event, fold, identity_problem, printable
 from projections.replay import stored_events
 from projections.tables import PROJECTION_VERSION, create_tables, drop_tables, stored_version
 from projections.user import UserProjection
-from projections.writer import write_batch
-from schemas import DecodeError, Event, EventCodec
+from projections.writer import refresh_judgement, write_batch
+from schemas import Event, EventCodec
+
+# Errors that say the database or the machine is unwell, not an event: raised, never quarantined.
+_NOT_POISON = (duckdb.IOException, duckdb.FatalException, duckdb.InternalException,
+               duckdb.InterruptException, duckdb.OutOfMemoryException, duckdb.TransactionException,
+               duckdb.PermissionException, MemoryError)
+
+Key = tuple[str, str, int]  # (run uid, stream, seq): an event's place
 
 
 @contextmanager
@@ -47,7 +68,34 @@ class Progress:
     lag: int
 
 
+@dataclass
+class _Plan:
+    """What becomes of each event of a batch, decided before anything is folded."""
+
+    apply: list[tuple[BusRecord, Event, str]] = field(default_factory=list)  # with its payload JSON
+    dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
+    conflicts: list[tuple[Any, ...]] = field(default_factory=list)
+    duplicates: list[tuple[Any, ...]] = field(default_factory=list)
+    run_progress: dict[tuple[str, str], int] = field(default_factory=dict)
+    run_starts: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _dead_letter(record: BusRecord, error: str, received: float, event: Event | None = None) -> tuple[Any, ...]:
+    identity = ((event.event_id, event.run_uid, event.stream, event.seq, event.type)
+                if event is not None else (None,) * 5)
+    key = None if record.key is None else printable(record.key)
+    return (record.partition, record.offset, key, printable(error), record.value, received, *identity)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming what refused the event."""
+    lines = str(exc).strip().splitlines()
+    return printable(f"{type(exc).__name__}: {lines[0] if lines else ''}")
+
+
 class Projector:
+    """Folds the bus into one DuckDB connection's tables, exactly once, quarantining what it cannot fold."""
+
     def __init__(self, bus: Bus, con: duckdb.DuckDBPyConnection, codec: EventCodec | None = None,
                  batch_size: int = 50_000, user_projections: Sequence[UserProjection] = (),
                  events_per_batch: int = 50_000) -> None:
@@ -95,12 +143,16 @@ class Projector:
             remaining = sum(max(0, end - positions.get(p, 0)) for p, end in target.items())
             if on_progress:
                 on_progress(Progress(total, remaining))
-            if remaining == 0:
-                return total
-            consumed = self.run_once()
+            consumed = self.run_once() if remaining else 0
             if consumed == 0:
+                self.judge_silent_runs()
                 return total
             total += consumed
+
+    def judge_silent_runs(self, now: float | None = None) -> None:
+        """Show as 'lost' the running runs silent for 3 of their heartbeat intervals (at `now`),
+        and as 'running' again those that spoke since."""
+        refresh_judgement(self.con, time.time() if now is None else now, fallback_heartbeat_interval_s())
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
         """Drop every table (user projections' too) and fold the whole log again."""
@@ -115,7 +167,7 @@ class Projector:
 
     def apply_events(self, decoded: list[tuple[BusRecord, Event]]) -> None:
         """Fold already-decoded events (e.g. replayed from another projection); positions unchanged."""
-        self._fold_and_commit(decoded, TableBatch(), self.positions())
+        self._fold_and_commit(decoded, self.positions())
 
     def _drop_all(self) -> None:
         for projection in self.user_projections:
@@ -151,42 +203,163 @@ class Projector:
 
     def _decode_and_fold(self, records: list[BusRecord], positions: dict[int, int]) -> int:
         """Fold the records' events in one transaction; returns how many events they held."""
-        batch = TableBatch()
         decoded = []
+        undecodable = []
         received = time.time()
         for record in records:
             try:
                 decoded.extend((record, event) for event in self.codec.decode_all(record.value))
-            except DecodeError as exc:
-                batch.dead_letters.append((record.partition, record.offset, record.key, str(exc),
-                                           record.value, received))
+            except Exception as exc:  # untrusted bytes: whatever fails to decode is a dead letter
+                undecodable.append(_dead_letter(record, str(exc), received))
         for record in records:
             positions[record.partition] = record.offset + 1
-        self._fold_and_commit(decoded, batch, positions)
+        self._fold_and_commit(decoded, positions, undecodable, received)
         return len(decoded)
 
-    def _fold_and_commit(self, decoded: list[tuple[BusRecord, Event]], batch: TableBatch,
-                         positions: dict[int, int]) -> None:
-        accepted: list[Event] = []
-        uids = list({event.run_uid for _, event in decoded})
-        last_seq = self._last_seqs(uids)
-        touched: set[tuple[str, str]] = set()
-        position = self._next_position()
+    def _fold_and_commit(self, decoded: list[tuple[BusRecord, Event]], positions: dict[int, int],
+                         undecodable: Sequence[tuple[Any, ...]] = (), received: float | None = None) -> None:
+        """Classify, fold and commit the events; events DuckDB refuses are found and quarantined."""
+        received = time.time() if received is None else received
+        plan = self._classify(decoded, received)
+        plan.dead_letters[:0] = undecodable
+        quarantined: dict[int, str] = {}
+        while True:
+            try:
+                self._commit(plan, quarantined, positions, received)
+                return
+            except Exception as exc:
+                if isinstance(exc, _NOT_POISON):
+                    raise
+                found = self._find_poison(plan, quarantined)
+                if not found:
+                    raise
+                quarantined.update(found)
+
+    # classification ---------------------------------------------------------------------------
+
+    def _classify(self, decoded: list[tuple[BusRecord, Event]], received: float) -> _Plan:
+        plan = _Plan()
+        valid = []
         for record, event in decoded:
+            problem = identity_problem(event)
+            if problem:  # cannot even be stored under its own name
+                plan.dead_letters.append(_dead_letter(record, problem, received))
+            else:
+                valid.append((record, event))
+        last_seq = self._last_seqs(list({event.run_uid for _, event in valid}))
+        replayed = [event for _, event in valid if event.seq <= last_seq.get((event.run_uid, event.stream), -1)]
+        occupants = self._stored_occupants(replayed)
+        starts = self._stored_starts([event.run_uid for _, event in valid if event.type == "run_started"])
+        conflicted = self._stored_conflicts(
+            [event.event_id for _, event in valid if event.type == "run_started"] + [e.event_id for e in replayed])
+        for record, event in valid:
+            key = (event.run_uid, event.stream, event.seq)
+            occupant = occupants.get(key)
+            started = starts.get(event.run_uid) if event.type == "run_started" else None
+            if event.event_id in conflicted or occupant == event.event_id:
+                plan.duplicates.append((record.partition, record.offset, event.event_id, event.run_uid,
+                                        event.stream, event.seq, event.type, received))
+                continue
+            reason = None
+            if occupant is not None:
+                reason = (f"seq {event.seq} of stream {event.stream!r} of run {event.run_uid} "
+                          f"already holds event {occupant}")
+            elif started is not None:
+                reason = f"run {event.run_uid} was already started by event {started[1]} on stream {started[0]!r}"
+            if reason is not None:
+                conflicted.add(event.event_id)
+                plan.conflicts.append((record.partition, record.offset, event.event_id, event.run_uid,
+                                       event.stream, event.seq, event.type, printable(reason),
+                                       _payload_text(event), received))
+                continue
+            occupants[key] = event.event_id
             stream = (event.run_uid, event.stream)
-            if event.seq <= last_seq.get(stream, -1):
-                continue  # already applied (a replayed or pushed-twice record)
-            last_seq[stream] = event.seq
-            touched.add(stream)
-            fold(batch, event)
+            last_seq[stream] = plan.run_progress[stream] = max(event.seq, last_seq.get(stream, -1))
+            if event.type == "run_started":
+                starts[event.run_uid] = plan.run_starts[event.run_uid] = (event.stream, event.event_id)
+            payload_json, problem = check_event(event)
+            if problem:
+                plan.dead_letters.append(_dead_letter(record, problem, received, event))
+            else:
+                plan.apply.append((record, event, payload_json))  # type: ignore[arg-type]
+        return plan
+
+    def _stored_occupants(self, events: list[Event]) -> dict[Key, str]:
+        """For places that may be taken already: the event id stored there (applied or dead)."""
+        if not events:
+            return {}
+        keys = pa.table({"uid": [e.run_uid for e in events], "stream": [e.stream for e in events],
+                         "seq": [e.seq for e in events]})
+        rows = self._with_staged("_keys", keys, """
+            SELECT e.run_uid, e.stream, e.seq, e.event_id FROM events e
+            JOIN _keys k ON e.run_uid = k.uid AND e.stream = k.stream AND e.seq = k.seq
+            UNION ALL
+            SELECT d.run_uid, d.stream, d.seq, d.event_id FROM dead_letters d
+            JOIN _keys k ON d.run_uid = k.uid AND d.stream = k.stream AND d.seq = k.seq""")
+        return {(uid, stream, seq): event_id for uid, stream, seq, event_id in rows}
+
+    def _stored_starts(self, uids: list[str]) -> dict[str, tuple[str, str]]:
+        if not uids:
+            return {}
+        rows = self.con.execute("SELECT uid, stream, event_id FROM run_starts WHERE uid IN "
+                                "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
+        return {uid: (stream, event_id) for uid, stream, event_id in rows}
+
+    def _stored_conflicts(self, event_ids: list[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        rows = self.con.execute("SELECT event_id FROM conflicts WHERE event_id IN "
+                                "(SELECT unnest(?::VARCHAR[]))", [event_ids]).fetchall()
+        return {row[0] for row in rows}
+
+    def _with_staged(self, name: str, table: pa.Table, query: str) -> list[tuple[Any, ...]]:
+        self.con.register(name, table)
+        try:
+            return self.con.execute(query).fetchall()
+        finally:
+            self.con.unregister(name)
+
+    # folding and writing ----------------------------------------------------------------------
+
+    def _commit(self, plan: _Plan, quarantined: dict[int, str], positions: dict[int, int],
+                received: float) -> None:
+        batch = self._new_batch(dead_letters=list(plan.dead_letters), conflicts=plan.conflicts,
+                                duplicates=plan.duplicates, run_progress=plan.run_progress,
+                                run_starts=plan.run_starts, positions=positions)
+        accepted = self._fold_into(batch, plan, quarantined)
+        for index, error in sorted(quarantined.items()):
+            record, event, _ = plan.apply[index]
+            batch.dead_letters.append(_dead_letter(record, error, received, event))
+        self._write(batch, accepted, commit=True)
+
+    @staticmethod
+    def _new_batch(**rows: Any) -> TableBatch:
+        return TableBatch(**rows, judged_at=time.time(), fallback_interval_s=fallback_heartbeat_interval_s())
+
+    def _fold_into(self, batch: TableBatch, plan: _Plan, skipped: dict[int, str],
+                   only: Sequence[int] | None = None) -> list[Event]:
+        """Fold the plan's events (those in `only`, all but `skipped`); an event whose fold raises
+        is added to `skipped`. Returns the events folded."""
+        indices = range(len(plan.apply)) if only is None else only
+        chosen = [i for i in indices if i not in skipped]
+        batch.states.update(self._run_states(list({plan.apply[i][1].run_uid for i in chosen})))
+        position = self._next_position()
+        accepted = []
+        for index in chosen:
+            record, event, payload_json = plan.apply[index]
+            try:
+                fold(batch, event)
+            except Exception as exc:  # a shape check_event did not foresee
+                skipped[index] = _describe(exc)
+                continue
             accepted.append(event)
             batch.events.append((position, record.partition, record.offset, event.event_id,
-                                 event.run_uid, event.seq, event.type, event.ts,
-                                 orjson.dumps(event.payload).decode(), event.stream))
+                                 event.run_uid, event.seq, event.type, event.ts, payload_json, event.stream))
             position += 1
-        batch.positions = positions
-        batch.run_progress = {stream: last_seq[stream] for stream in touched}
         batch.next_position = position
+        return accepted
+
+    def _write(self, batch: TableBatch, accepted: list[Event], commit: bool) -> None:
         con = self.con
         con.execute("BEGIN")
         try:
@@ -194,10 +367,52 @@ class Projector:
             for projection in self.user_projections:
                 if accepted:
                     projection.apply(con, accepted)
-            con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            with suppress(duckdb.Error):
+                con.execute("ROLLBACK")
             raise
+        con.execute("COMMIT" if commit else "ROLLBACK")
+
+    def _probe(self, plan: _Plan, indices: Sequence[int]) -> BaseException | None:
+        """The error writing only these events gives, in a transaction rolled back; None if none."""
+        batch = self._new_batch()
+        accepted = self._fold_into(batch, plan, {}, only=indices)
+        try:
+            self._write(batch, accepted, commit=False)
+        except Exception as exc:
+            if isinstance(exc, _NOT_POISON):
+                raise
+            return exc
+        return None
+
+    def _find_poison(self, plan: _Plan, quarantined: dict[int, str]) -> dict[int, str]:
+        """The events DuckDB refuses, by bisection; empty when the failure is not theirs."""
+        candidates = [i for i in range(len(plan.apply)) if i not in quarantined]
+        found: dict[int, str] = {}
+        if self._probe(plan, []) is not None:
+            return found  # writing nothing fails too: the database, not an event
+
+        def search(indices: list[int]) -> None:
+            error = self._probe(plan, indices)
+            if error is None:
+                return
+            if len(indices) == 1:
+                found[indices[0]] = _describe(error)
+                return
+            middle = len(indices) // 2
+            search(indices[:middle])
+            search(indices[middle:])
+
+        search(candidates)
+        return found
+
+    def _run_states(self, uids: list[str]) -> dict[str, str]:
+        """The stored state of each run that has a row (as folded: not the derived 'lost')."""
+        if not uids:
+            return {}
+        rows = self.con.execute("SELECT uid, state FROM run_rows WHERE uid IN "
+                                "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
+        return dict(rows)
 
     def _last_seqs(self, uids: list[str]) -> dict[tuple[str, str], int]:
         if not uids:
@@ -209,3 +424,11 @@ class Projector:
     def _next_position(self) -> int:
         row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'next_position'").fetchone()
         return int(row[0]) if row else 0
+
+
+def _payload_text(event: Event) -> str:
+    """The payload as text for the conflicts table, whatever it holds (surrogates escaped)."""
+    try:
+        return orjson.dumps(event.payload).decode()
+    except TypeError:
+        return printable(repr(event.payload))

@@ -10,13 +10,18 @@ import duckdb
 import pyarrow as pa
 
 from projections.fold import TableBatch
+from projections.tables import RUN_COLUMNS, judged_state
 
-_RUN_COLUMNS = ("uid", "parent_uid", "iteration", "project", "name", "state", "handler",
-                "runtime", "host", "labels", "started_at", "finished_at", "duration_s", "error",
-                "return_value", "traceback", "inputs", "extra", "last_event_at")
-_TIME_COLUMNS = {"started_at", "finished_at", "last_event_at"}
+_RUN_COLUMNS = (*RUN_COLUMNS, "stream", "heartbeat_interval_s")
+_TIME_COLUMNS = {"started_at", "finished_at", "last_event_at", "received_at"}
 _UPDATABLE = ("state", "finished_at", "duration_s", "error", "traceback", "return_value",
-              "last_event_at")
+              "last_event_at", "heartbeat_interval_s")
+_DEAD_COLUMNS = ("partition", "offset", "key", "error", "raw", "received_at", "event_id", "run_uid",
+                 "stream", "seq", "type")
+_CONFLICT_COLUMNS = ("partition", "offset", "event_id", "run_uid", "stream", "seq", "type", "reason",
+                     "payload", "received_at")
+_DUPLICATE_COLUMNS = ("partition", "offset", "event_id", "run_uid", "stream", "seq", "type",
+                      "received_at")
 
 
 def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
@@ -27,10 +32,41 @@ def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
 
 def _ts(column: str, source: str = "") -> str:
     """SQL for `column` of the staged table, converting epoch seconds to timestamps."""
-    return f"to_timestamp({source}{column})" if column in _TIME_COLUMNS else f"{source}{column}"
+    return f"to_timestamp({source}{column})" if column in _TIME_COLUMNS else f"{source}\"{column}\""
+
+
+def _update_sql(column: str) -> str:
+    """SET clause for one run column: only runs whose update names the column change it, and
+    last_event_at never moves back (events of a run may arrive out of time order)."""
+    if column == "last_event_at":
+        return (f"{column} = CASE WHEN u.set_{column} THEN greatest({_ts(column, 'u.')}, "
+                f"coalesce(run_rows.{column}, {_ts(column, 'u.')})) ELSE run_rows.{column} END")
+    return f"{column} = CASE WHEN u.set_{column} THEN {_ts(column, 'u.')} ELSE run_rows.{column} END"
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, staged: str, columns: Sequence[str]) -> None:
+    select = ", ".join(_ts(c) for c in columns)
+    names = ", ".join(f'"{c}"' for c in columns)
+    con.execute(f"INSERT INTO {table} ({names}) SELECT {select} FROM {staged}")
+
+
+def copy_runs(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float, where: str) -> None:
+    """Copy the `run_rows` matching `where` into the public `runs`, judging silent ones lost at `now`."""
+    columns = ", ".join(judged_state("r") if c == "state" else f"r.{c}" for c in RUN_COLUMNS)
+    con.execute(f"INSERT OR REPLACE INTO runs SELECT {columns} FROM run_rows r WHERE {where}",
+                [now, fallback_interval_s])
+
+
+def refresh_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> None:
+    """Update the public state of the runs still running in `run_rows`: 'lost' while silent too long."""
+    con.execute(f"""
+        UPDATE runs SET state = j.state FROM (
+            SELECT r.uid, {judged_state("r")} AS state FROM run_rows r WHERE r.state = 'running') j
+        WHERE runs.uid = j.uid AND runs.state IS DISTINCT FROM j.state""", [now, fallback_interval_s])
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
+    """Write the batch's rows (inside the caller's transaction)."""
     staged: list[str] = []
 
     def stage(name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
@@ -43,11 +79,12 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
     try:
         if stage("_runs", _RUN_COLUMNS, [[r[c] for c in _RUN_COLUMNS] for r in batch.new_runs.values()]):
             select = ", ".join(_ts(c) for c in _RUN_COLUMNS)
-            con.execute(f"INSERT OR REPLACE INTO runs SELECT {select} FROM _runs")
-        updates = [[uid] + [u.get(c) for c in _UPDATABLE] for uid, u in batch.run_updates.items()]
-        if stage("_run_updates", ("uid", *_UPDATABLE), updates):
-            sets = ", ".join(f"{c} = coalesce({_ts(c, 'u.')}, runs.{c})" for c in _UPDATABLE)
-            con.execute(f"UPDATE runs SET {sets} FROM _run_updates u WHERE runs.uid = u.uid")
+            con.execute(f"INSERT OR REPLACE INTO run_rows SELECT {select} FROM _runs")
+        updates = [[uid, *(u.get(c) for c in _UPDATABLE), *(c in u for c in _UPDATABLE)]
+                   for uid, u in batch.run_updates.items()]
+        if stage("_run_updates", ("uid", *_UPDATABLE, *(f"set_{c}" for c in _UPDATABLE)), updates):
+            sets = ", ".join(_update_sql(c) for c in _UPDATABLE)
+            con.execute(f"UPDATE run_rows SET {sets} FROM _run_updates u WHERE run_rows.uid = u.uid")
         for table, rows in (("params", batch.params), ("results", batch.results)):
             if stage(f"_{table}", ("uid", "key", "value", "value_num"),
                      [(uid, key, value, num) for (uid, key), (value, num) in rows.items()]):
@@ -58,10 +95,13 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
         if batch.labelled_runs:
             stage("_labelled", ("uid",), [(uid,) for uid in batch.labelled_runs])
             con.execute("""
-                UPDATE runs SET labels = l.labels FROM (
+                UPDATE run_rows SET labels = l.labels FROM (
                     SELECT uid, json_group_object(key, value) AS labels FROM labels
                     WHERE uid IN (SELECT uid FROM _labelled) GROUP BY uid) l
-                WHERE runs.uid = l.uid""")
+                WHERE run_rows.uid = l.uid""")
+        touched = batch.new_runs.keys() | batch.run_updates.keys() | batch.labelled_runs
+        if stage("_touched", ("uid",), [(uid,) for uid in touched]):
+            copy_runs(con, batch.judged_at, batch.fallback_interval_s, "r.uid IN (SELECT uid FROM _touched)")
         if stage("_artifacts", ("uid", "key", "kind", "uri", "sha256", "size", "format", "labels", "meta"),
                  [(uid, key, *rest) for (uid, key), rest in batch.artifacts.items()]):
             con.execute("INSERT OR REPLACE INTO artifacts SELECT * FROM _artifacts")
@@ -71,10 +111,14 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
                              "ts", "payload", "stream"), batch.events):
             con.execute("INSERT INTO events SELECT position, partition, \"offset\", event_id, run_uid, "
                         "seq, type, to_timestamp(ts), payload, stream FROM _events")
-        if stage("_dead", ("partition", "offset", "key", "error", "raw", "received_at"),
-                 batch.dead_letters):
-            con.execute("INSERT INTO dead_letters SELECT partition, \"offset\", key, error, raw, "
-                        "to_timestamp(received_at) FROM _dead")
+        for table, columns, rows in (("dead_letters", _DEAD_COLUMNS, batch.dead_letters),
+                                     ("conflicts", _CONFLICT_COLUMNS, batch.conflicts),
+                                     ("duplicates", _DUPLICATE_COLUMNS, batch.duplicates)):
+            if stage(f"_{table}", columns, rows):
+                _insert(con, table, f"_{table}", columns)
+        if stage("_starts", ("uid", "stream", "event_id"),
+                 [(uid, stream, event_id) for uid, (stream, event_id) in batch.run_starts.items()]):
+            con.execute("INSERT OR REPLACE INTO run_starts SELECT * FROM _starts")
         if stage("_progress", ("uid", "stream", "last_seq"),
                  [(uid, stream, seq) for (uid, stream), seq in batch.run_progress.items()]):
             con.execute("INSERT OR REPLACE INTO run_progress SELECT * FROM _progress")

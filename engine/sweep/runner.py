@@ -4,6 +4,7 @@ records the best. Also resumes a sweep whose driver died, from what the log says
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
     parent_row = db.read_run(parent_uid)
     if "sweep" not in parent_row["extra"]:
         raise ValueError(f"run {parent_uid} is not a sweep (it has no iterations to resume)")
-    if parent_row["state"] != "running":
+    if parent_row["state"] not in ("running", "lost"):  # a lost driver's sweep is what resume is for
         raise ValueError(f"sweep {parent_row['uid']} already ended in state {parent_row['state']!r}")
     parent_uid = parent_row["uid"]
     sweep = SweepSpec.from_description({**parent_row["extra"]["sweep"], "quiet": quiet})
@@ -86,13 +87,26 @@ def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
 
 
 def _settle_orphans(svc: Services, parent_uid: str) -> None:
-    """Iterations left 'running' by a dead driver: wait for fresh ones, mark stale ones 'lost'."""
-    deadline = time.monotonic() + 3 * svc.settings.heartbeat_interval_s + 5
+    """Iterations left unfinished by a dead driver: wait while they may still speak, and write the
+    'lost' verdict for those judged silent by their own heartbeat interval."""
+    interval = _longest_interval(svc, parent_uid)
+    deadline = time.monotonic() + 3 * interval + 5
     while True:
         reap(svc, parent_uid=parent_uid)
         if running_runs(svc, parent_uid).empty or time.monotonic() > deadline:
             return
-        time.sleep(min(1.0, svc.settings.heartbeat_interval_s))
+        time.sleep(min(1.0, interval))
+
+
+def _longest_interval(svc: Services, parent_uid: str) -> float:
+    """The longest heartbeat interval the parent's iterations recorded (the setting if none did)."""
+    found = svc.run_db().sql(
+        "SELECT max(TRY_CAST(payload->>'$.heartbeat_interval_s' AS DOUBLE)) AS s FROM events "
+        "WHERE type = 'run_started' AND run_uid IN (SELECT uid FROM runs WHERE parent_uid = ?)",
+        [parent_uid]).s[0]
+    if found is None or math.isnan(found) or found <= 0:
+        return svc.settings.heartbeat_interval_s
+    return float(found)
 
 
 def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepState) -> RunContext:
@@ -162,16 +176,18 @@ def _should_stop(state: SweepState, sweep: SweepSpec, stop: StopCondition | None
 
 
 def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
-    """Attempts that started but whose worker died never finish: mark them 'lost'."""
-    lost_after = 3 * svc.settings.heartbeat_interval_s
+    """Attempts that started but whose worker died never finish: mark them 'lost' once silent for
+    3 of their own heartbeat intervals."""
+    fallback = svc.settings.heartbeat_interval_s
     watcher.poll(0.5)
     while watcher.unfinished():
         now = time.monotonic()
         for child in watcher.unfinished():
+            lost_after = child.lost_after(fallback)
             if now - child.last_seen > lost_after:
                 mark_lost(svc, child.uid, f"no heartbeat for {lost_after:g}s")
                 child.state = "lost"
-        watcher.poll(min(1.0, lost_after))
+        watcher.poll(min([1.0, *(child.lost_after(fallback) for child in watcher.unfinished())]))
     svc.writer.flush()
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producers.bus import Bus
-from schemas import DecodeError, EventCodec
+from schemas import EventCodec
 
 
 @dataclass
@@ -18,6 +18,11 @@ class ChildRun:
     state: str = "running"
     results: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
+    interval_s: float | None = None  # the child's own heartbeat interval, as it recorded it
+
+    def lost_after(self, fallback_interval_s: float) -> float:
+        """Seconds of silence after which this child counts as lost: 3 of its heartbeat intervals."""
+        return 3 * (self.interval_s or fallback_interval_s)
 
 
 class ChildWatcher:
@@ -35,7 +40,7 @@ class ChildWatcher:
                 self.positions[record.partition] = record.offset + 1
                 try:
                     events = self.codec.decode_all(record.value)
-                except DecodeError:
+                except ValueError:  # not an event (DecodeError), or an unknown event type
                     continue
                 for event in events:
                     self._apply(event.run_uid, event.type, event.payload)
@@ -46,16 +51,19 @@ class ChildWatcher:
     def _apply(self, uid: str, kind: str, payload: dict[str, Any]) -> None:
         if kind == "run_started":
             if payload["parent_uid"] == self.parent_uid:
-                self.children[uid] = ChildRun(uid, payload["iteration"])
+                self.children[uid] = ChildRun(uid, payload["iteration"],
+                                              interval_s=_interval(payload.get("heartbeat_interval_s")))
             return
         child = self.children.get(uid)
         if child is None:
             return
         child.last_seen = time.monotonic()
-        if kind == "result":
+        if kind == "heartbeat":
+            child.interval_s = _interval(payload.get("interval_s")) or child.interval_s
+        elif kind == "result":
             child.results[payload["key"]] = json.loads(payload["value"])
-        elif kind == "run_finished":
-            child.state = payload["state"]
+        elif kind == "run_finished" and (payload["state"] != "lost" or child.state == "running"):
+            child.state = payload["state"]  # a 'lost' verdict never overrides the child's own end
 
     def wait_finished(self, uid: str, timeout: float) -> ChildRun | None:
         """The child once its run_finished is on the bus; None if it did not arrive in time."""
@@ -71,3 +79,7 @@ class ChildWatcher:
 
     def unfinished(self) -> list[ChildRun]:
         return [child for child in self.children.values() if child.state == "running"]
+
+
+def _interval(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and 0 < value < float("inf") else None
