@@ -13,11 +13,12 @@ from projections.query import RunDB
 class EngineRunDB(RunDB):
     """The query API plus the actions that execute runs (rerun, resume)."""
 
-    def rerun(self, uid: str, params: dict | None = None, strict: bool = False) -> RunObject:
-        """Execute a recorded run again (see `engine.rerun.rerun`)."""
+    def rerun(self, uid: str, params: dict | None = None, strict: bool = False, trust: bool = False) -> RunObject:
+        """Execute a recorded run again (see `engine.rerun.rerun`; `trust` runs a handler that is not
+        verified as this home's own code)."""
         from engine.rerun import rerun
 
-        return rerun(uid, params, strict)
+        return rerun(uid, params, strict, trust=trust)
 
     def resume(self, parent_uid: str) -> RunObject:
         return resume(parent_uid)

@@ -6,7 +6,6 @@ import json
 import math
 import re
 import signal
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -218,18 +217,15 @@ def rerun(
                                              "verified here: this executes code the log names")] = False,
 ) -> None:
     """Execute a recorded run again: same handler, params, inputs, labels and secret keys."""
-    from engine import rerun as reruns
+    from engine.rerun import UntrustedRun
+    from engine.rerun import rerun as rerun_run
     from engine.secrets import SecretSource
 
     sources = [SecretSource("file", str(secrets))] if secrets else []
     overrides = {k: _parse_value(v) for k, v in _pairs(param, "param").items()}
-    untrusted = getattr(reruns, "UntrustedRun", None)
     try:
-        # only when asked: an engine.rerun without the trust parameter still reruns trusted runs
-        result = reruns.rerun(uid, overrides, strict, sources, **({"trust": True} if trust else {}))
-    except Exception as exc:
-        if untrusted is None or not isinstance(exc, untrusted):
-            raise
+        result = rerun_run(uid, overrides, strict, sources, trust=trust)
+    except UntrustedRun as exc:
         errors.print(Text("error: ", style="red") + literal(one_line(exc)))
         raise typer.Exit(2) from None
     _finish(result)
@@ -418,23 +414,11 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _store_message(exc: sqlite3.Error) -> str:
-    from engine.settings import load_settings
-
-    try:
-        settings = load_settings()
-    except ValueError:
-        return one_line(exc)
-    return f"cannot use the event log {settings.bus_url} under RUNBUS_HOME {settings.home}: {one_line(exc)}"
-
-
 def main() -> None:
     try:
         app()
     except (KeyError, ValueError, TypeError, LookupError, RuntimeError, OSError) as exc:
         _fail(one_line(exc))
-    except sqlite3.Error as exc:
-        _fail(_store_message(exc))
     except Exception as exc:
         if not type(exc).__module__.lstrip("_").startswith("duckdb"):
             raise
