@@ -14,7 +14,7 @@ class SweepProgress:
         self._bar = None
         if not quiet and console.is_terminal:
             self._bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(),
                                  console=console, transient=False)
             self._task = self._bar.add_task("sweep", total=total, status="")
 

@@ -42,8 +42,12 @@ _LINKS = ServerLinks()
 _BODY_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
 
 
+# no page of this UI shows inside another site's frame, where a click could be stolen
+_PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+
+
 def page(template: str, status: int = 200, **context: object) -> HTMLResponse:
-    return HTMLResponse(render(template, **{"links": _LINKS, **context}), status_code=status)
+    return HTMLResponse(render(template, **{"links": _LINKS, **context}), status_code=status, headers=_PAGE_HEADERS)
 
 
 def not_found(message: str) -> HTMLResponse:

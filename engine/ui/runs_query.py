@@ -93,8 +93,8 @@ def conditions(query: RunsQuery) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     args: list[Any] = []
     if query.name:
-        where.append("r.name ILIKE ?")
-        args.append(f"%{query.name}%")
+        where.append("contains(lower(r.name), lower(?))")  # literal: % and _ are no wildcards
+        args.append(query.name)
     if query.state:
         where.append("r.state = ?")
         args.append(query.state)
@@ -129,8 +129,8 @@ def _value_filter(text: str) -> tuple[str, list[Any]]:
     table = "results" if kind == "result" else "params"
     number = _number(raw)
     if op == "~":
-        return (f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND (value->>'$') ILIKE ?)",
-                [key, f"%{raw}%"])
+        return (f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND contains(lower(value->>'$'), lower(?)))",
+                [key, raw])
     if number is not None:
         sql_op = "<>" if op == "!=" else op
         return f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND value_num {sql_op} ?)", [key, number]

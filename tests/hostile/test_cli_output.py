@@ -153,6 +153,9 @@ def test_uid_prefixes_match_literally(home: Path, cli) -> None:
             with pytest.raises(urllib.error.HTTPError) as missing:
                 urllib.request.urlopen(f"{served.url}/runs/{wildcard}", timeout=30)
             assert missing.value.code == 404, wildcard
+        for name_filter, shown in (("%25", False), ("_", False), ("nl", True)):  # the name filter is literal too
+            with urllib.request.urlopen(f"{served.url}/runs?name={name_filter}", timeout=30) as response:
+                assert (f'data-uid="{run.uid}"' in response.read().decode()) is shown, name_filter
 
 
 def test_rerun_of_changed_code_needs_trust_and_says_so_on_one_line(cli, tmp_path: Path) -> None:
@@ -166,3 +169,13 @@ def test_rerun_of_changed_code_needs_trust_and_says_so_on_one_line(cli, tmp_path
     trusted = cli("rerun", uid, "--trust")
     assert trusted.returncode == 0, trusted.stderr
     assert "0.35" in trusted.stdout
+
+
+def test_sweep_progress_prints_the_best_value_literally(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.progress import SweepProgress
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws the bar only on a terminal
+    with SweepProgress(3) as progress:
+        progress.update(1, 0, 2, MARKUP)
+    assert MARKUP in capsys.readouterr().err

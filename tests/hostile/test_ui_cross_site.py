@@ -237,6 +237,9 @@ def test_api_needs_the_token_or_the_same_origin_and_json(served: Served, home: P
     assert stat.S_IMODE((home / "ui.token").stat().st_mode) == 0o600
     with urllib.request.urlopen(served.url + "/sql?q=" + urllib.parse.quote(READ), timeout=30) as response:
         assert MARKER not in response.read().decode()  # GET shows the form, runs nothing
+        # and never inside another site's frame, where the Run click could be the other site's
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
