@@ -63,5 +63,5 @@ class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
                 text += "\n" + "".join(traceback.format_exception(*exc_info)).rstrip("\n")
         if stack_info:
             text += "\nStack (most recent call last):\n" + "".join(traceback.format_stack()).rstrip("\n")
-        # stacklevel + 2: the caller of debug()/info()/... rather than this adapter
-        self.logger.log(level, self._redact(text), extra=extra, stacklevel=stacklevel + 2)
+        # stacklevel + 1: the caller of debug()/info()/... (logging's own frames are skipped) rather than this
+        self.logger.log(level, self._redact(text), extra=extra, stacklevel=stacklevel + 1)

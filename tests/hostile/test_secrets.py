@@ -1,0 +1,140 @@
+"""Secret values never leave the run's process in any string: error, traceback, return value,
+results, labels, params, log lines, the raw log and what `runbus run` prints. RUNBUS_HOME and
+the log are readable by their owner only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+from engine.bootstrap import services
+from producers.context import RunContext
+
+SECRET = "s3cr3t-Tok3n_9f8e7d"
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+
+def _with_secret(task: Any, kind: str, tmp_path: Path) -> Any:
+    if kind == "file":
+        secrets = tmp_path / "secrets.env"
+        secrets.write_text(f"API_TOKEN={SECRET}\n")
+        return task.with_secrets("file", str(secrets))
+    return task.with_secrets("inline", {"API_TOKEN": SECRET})
+
+
+def _raw_log(bus_home: Path) -> bytes:
+    """Every byte the bus holds (the log file and its WAL on the embedded bus; the records on Kafka)."""
+    svc = services()
+    svc.writer.flush(30)
+    if svc.settings.bus_url == "embedded":
+        return b"".join(p.read_bytes() for p in bus_home.glob("log.sqlite*"))
+    positions: dict[int, int] = {}
+    raw = b""
+    while batch := svc.bus.read(positions, timeout=1.0):
+        for record in batch:
+            raw += record.value
+            positions[record.partition] = record.offset + 1
+    return raw
+
+
+def _assert_masked(text: str | None) -> None:
+    assert text is not None and SECRET not in text and "***" in text
+
+
+@pytest.mark.parametrize("kind", ["file", "inline"])
+def test_a_secret_in_an_exception_message_is_masked_everywhere_it_goes(
+        bus_home: Path, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    def job(context: RunContext) -> None:
+        token = context.get_secret("API_TOKEN")
+        context.log_result("accuracy", 0.9)
+        raise PermissionError(f"the server refused token {token!r} for user {token}")
+
+    run = new_function().run(_with_secret(NewRun(handler=job), kind, tmp_path))
+
+    assert run.state == "error"
+    _assert_masked(run.error)
+    _assert_masked(run.traceback)
+    row = get_run_db().read_run(run.uid)
+    _assert_masked(row["error"])
+    _assert_masked(row["traceback"])
+    assert row["results"] == {"accuracy": 0.9}
+    finished = get_run_db().sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_finished'",
+                                [run.uid]).payload.iloc[0]
+    _assert_masked(finished)
+    assert SECRET.encode() not in _raw_log(bus_home)
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["file", "inline"])
+def test_a_secret_in_results_labels_params_return_value_and_log_lines_is_masked(
+        bus_home: Path, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    def job(context: RunContext) -> dict[str, Any]:
+        token = context.get_secret("API_TOKEN")
+        context.logger.warning("calling the API with %s", token)
+        try:
+            raise ConnectionError(f"refused {token}")
+        except ConnectionError:
+            context.logger.exception("the call failed")
+        context.log_result("header", f"Bearer {token}")
+        context.log_result("nested", {"auth": [token], f"by-{token}": 1})
+        context.log_results({"again": token})
+        context.set_label("auth", f"token={token}")
+        assert context.get_param("url", f"https://user:{token}@example.com") == f"https://user:{token}@example.com"
+        return {"used": token}
+
+    with caplog.at_level(logging.WARNING, logger="runbus.run"):
+        run = new_function().run(_with_secret(NewRun(handler=job, params={"given": SECRET}), kind, tmp_path))
+
+    assert run.state == "completed", run.error
+    row = get_run_db().read_run(run.uid)
+    for value in (row["results"], row["labels"], row["params"], run.results, run.labels, run.parameters):
+        _assert_masked(json.dumps(value))
+    assert row["results"]["header"] == "Bearer ***" and row["labels"]["auth"] == "token=***"
+    assert row["params"]["url"] == "https://user:***@example.com" and row["params"]["given"] == "***"
+    assert row["results"]["return"] == {"used": "***"}
+    events = get_run_db().sql("SELECT payload FROM events WHERE run_uid = ?", [run.uid])
+    assert not any(SECRET in payload for payload in events.payload)
+    assert SECRET.encode() not in _raw_log(bus_home)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("runbus.run")]
+    assert any("calling the API with ***" in line for line in lines)
+    assert any("the call failed" in line and "refused ***" in line for line in lines)
+    assert SECRET not in caplog.text
+
+
+def test_runbus_run_prints_a_failed_run_with_its_secret_masked(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "job.py").write_text(
+        "def leak(context):\n"
+        "    raise RuntimeError('bad token ' + context.get_secret('API_TOKEN'))\n")
+    (tmp_path / "secrets.env").write_text(f"API_TOKEN={SECRET}\n")
+    env = {**os.environ, "RUNBUS_HOME": str(home)}
+
+    done = subprocess.run([RUNBUS, "run", "job.py:leak", "--secrets", "secrets.env"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1
+    assert "bad token ***" in done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_runbus_home_and_the_log_are_readable_by_their_owner_only(home: Path) -> None:
+    def job(context: RunContext) -> None:
+        context.log_result("x", 1)
+
+    previous = os.umask(0o022)  # the usual umask: files world-readable unless made otherwise
+    try:
+        new_function().run(NewRun(handler=job))
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for log_file in home.glob("log.sqlite*"):
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600, log_file
