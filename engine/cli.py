@@ -34,7 +34,12 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 def literal(value: Any) -> Text:
     """`value` as text to print as it is: control characters shown as escapes (\\x1b), no markup."""
-    return Text(_CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value)))
+    return Text(neutral(str(value)))
+
+
+def neutral(text: str) -> str:
+    """`text` with terminal control characters written as Python escapes."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 def json_text(value: Any) -> str:
@@ -76,7 +81,8 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 def print_frame(frame: pd.DataFrame, fmt: str = "table", title: str | None = None) -> None:
     """Print a DataFrame as a rich table, CSV or JSON records."""
     if fmt == "csv":
-        sys.stdout.write(frame.to_csv(index=False))
+        text = frame.to_csv(index=False)
+        sys.stdout.write(neutral(text) if sys.stdout.isatty() else text)  # a file gets the data as it is
     elif fmt == "json":
         sys.stdout.write(frame.to_json(orient="records", date_format="iso", default_handler=str) + "\n")
     elif fmt == "table":

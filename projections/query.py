@@ -89,13 +89,22 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
     except duckdb.InvalidInputException as exc:
         if "configuration has been locked" in str(exc):
             raise ReadOnlyError(f"the SQL surface is read-only: settings cannot be changed (in {shown!r})") from None
-        raise type(exc)(f"{_first_line(exc)} (in {shown!r})") from None
+        raise _one_line(exc, shown) from None
     except duckdb.Error as exc:
-        raise type(exc)(f"{_first_line(exc)} (in {shown!r})") from None
+        raise _one_line(exc, shown) from None
     finally:
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself
             session.execute("ROLLBACK")
         session.close()
+
+
+def _one_line(exc: duckdb.Error, statement: str) -> duckdb.Error:
+    """The same kind of DuckDB error, its message on one line naming the statement."""
+    message = f"{_first_line(exc)} (in {statement!r})"
+    try:
+        return type(exc)(message)
+    except TypeError:  # an error class that takes more than a message
+        return duckdb.Error(message)
 
 
 def _first_line(exc: BaseException) -> str:
