@@ -37,6 +37,7 @@ from producers.values import (
 from producers.writer import BackgroundWriter
 
 _MAX_ERROR_CHARS = 64 * 1024  # of an error message or traceback kept in run_finished (head and tail)
+_KNOWN_KEYS = 10_000  # metric keys remembered as valid, per run
 
 
 class RunFinishedError(RuntimeError):
@@ -86,6 +87,7 @@ class RunContext:
         self.labels: dict[str, str] = check_text_map("label", labels, self._redact)
         self._extra = {check_key("extra", k): to_json("extra", k, v)[0] for k, v in (extra or {}).items()}
         self.results: dict[str, Any] = {}
+        self._metric_keys: set[str] = set()
         self.artifacts: dict[str, DataItem] = {}
         self.state = "created"
         self.error: str | None = None
@@ -211,7 +213,11 @@ class RunContext:
 
     def _metric(self, key: str, value: Any, step: Any, timestamp: Any) -> tuple[dict[str, Any], float]:
         """The metric event's payload, validated, and the time it was logged."""
-        number = to_number("metric", key, value)
+        if key not in self._metric_keys:  # the hot path: the same few keys, checked once each
+            check_key("metric", key)
+            if len(self._metric_keys) < _KNOWN_KEYS:
+                self._metric_keys.add(key)
+        number = value if type(value) is float else to_number("metric", key, value)
         now = time.time()
         return {"key": key, "value": number, "step": to_step("metric", key, step),
                 "timestamp": now if timestamp is None else to_timestamp("metric", key, timestamp)}, now
