@@ -109,6 +109,7 @@ def services(settings: Settings | None = None) -> Services:
         found = _services.get(settings)
         if found is None:
             make_private_folder(settings.home)  # a home this creates is readable by its owner only
+            make_private_folder(settings.artifact_root)
             configure_projection(settings.db_linger_s)
             codec = EventCodec()
             bus = make_bus(settings.bus_url, settings)

@@ -136,5 +136,6 @@ def test_runbus_home_and_the_log_are_readable_by_their_owner_only(home: Path) ->
         os.umask(previous)
 
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "artifacts").stat().st_mode) == 0o700
     for log_file in home.glob("log.sqlite*"):
         assert stat.S_IMODE(log_file.stat().st_mode) == 0o600, log_file
