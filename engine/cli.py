@@ -389,8 +389,8 @@ def ui(
     token: Annotated[str | None, typer.Option(envvar="RUNBUS_UI_TOKEN", show_envvar=True,
                                               help="access token; required with a --host beyond loopback")] = None,
     sql_read_dir: Annotated[list[Path] | None, typer.Option(
-        "--sql-read-dir", help="let SQL read files under this directory (read_csv...); repeatable; "
-                               "DuckDB then also lets SQL write files there")] = None,
+        "--sql-read-dir", help="let SQL read (never write) files under this directory, as "
+                               "read_csv('readonly:///DIR/file.csv'); repeatable")] = None,
 ) -> None:
     """Serve the read-only web UI; while it runs, other processes' queries go through it."""
     from engine.ui.server import serve

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -23,6 +24,8 @@ from schemas import EventCodec
 _SORTABLE = ("uid", "parent_uid", "iteration", "project", "name", "state", "started_at",
              "finished_at", "duration_s")
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+READ_ONLY_SCHEME = "readonly"
+"""Files a user opted in are read as `readonly:///<dir>/<file>` (see `seal`)."""
 
 Query = Callable[..., pd.DataFrame]
 """`query(sql, params=None) -> DataFrame`: one read-only query in a `RunDB.reader()` session."""
@@ -56,17 +59,53 @@ def check_read_only(query: str) -> duckdb.Statement:
 
 def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> None:
     """Close the database behind `con` to the outside for the rest of its life: no file read or
-    written (COPY, EXPORT, ATTACH, read_csv...) outside `readable_dirs`, no extension installed
-    or loaded, and no setting changed afterwards. Tables can still be written by this process
-    (the projector); user statements are kept from that by `read_only_query`."""
+    written (COPY, EXPORT, ATTACH, read_csv...), no extension installed or loaded, and no setting
+    changed afterwards. Tables can still be written by this process (the projector); user
+    statements are kept from that by `read_only_query`.
+
+    Files under `readable_dirs` can be read, never written, as `readonly:///<dir>/<file>`: DuckDB
+    lets its allowed directories be written too, so they are only allowed through a filesystem
+    that refuses every write, while their plain paths stay closed.
+    """
     if con.execute("SELECT current_setting('lock_configuration')").fetchone() == (True,):
         return
     if readable_dirs:
-        con.execute("SET allowed_directories = ?", [[str(d).rstrip("/") + "/" for d in readable_dirs]])
+        con.register_filesystem(_read_only_files())
+        allowed = [f"{READ_ONLY_SCHEME}://{Path(d).resolve()}/" for d in readable_dirs]
+        con.execute("SET allowed_directories = ?", [allowed])
     for setting in ("SET GLOBAL TimeZone = 'UTC'", "SET autoinstall_known_extensions = false",
                     "SET autoload_known_extensions = false", "SET allow_community_extensions = false",
                     "SET enable_external_access = false", "SET lock_configuration = true"):
         con.execute(setting)
+
+
+class ReadOnlyFileError(PermissionError):
+    """A statement tried to write through the `readonly://` filesystem."""
+
+
+def _read_only_files() -> Any:
+    """An fsspec local filesystem under the `readonly` scheme whose every write raises."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    def refuse(self: Any, path: Any = "", *args: Any, **kwargs: Any) -> None:
+        raise ReadOnlyFileError(f"{READ_ONLY_SCHEME}:// files cannot be written ({path})")
+
+    class ReadOnlyFiles(LocalFileSystem):  # type: ignore[misc]
+        protocol = (READ_ONLY_SCHEME,)
+
+        @classmethod
+        def _strip_protocol(cls, path: Any) -> Any:
+            return LocalFileSystem._strip_protocol(str(path).removeprefix(f"{READ_ONLY_SCHEME}://"))
+
+        def _open(self, path: Any, mode: str = "rb", **kwargs: Any) -> Any:
+            if set(mode) & set("wax+"):
+                refuse(self, path)
+            return super()._open(path, mode=mode, **kwargs)
+
+    for name in ("mkdir", "makedirs", "rm", "rm_file", "rmdir", "mv", "move", "rename", "touch", "cp_file",
+                 "copy", "put", "put_file", "pipe_file", "link", "symlink", "chmod"):
+        setattr(ReadOnlyFiles, name, refuse)
+    return ReadOnlyFiles()
 
 
 def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
@@ -91,6 +130,8 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
             raise ReadOnlyError(f"the SQL surface is read-only: settings cannot be changed (in {shown!r})") from None
         raise _one_line(exc, shown) from None
     except duckdb.Error as exc:
+        if ReadOnlyFileError.__name__ in str(exc):
+            raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
         raise _one_line(exc, shown) from None
     finally:
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself
@@ -108,7 +149,11 @@ def _one_line(exc: duckdb.Error, statement: str) -> duckdb.Error:
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The line that says what went wrong (the last, for a Python traceback relayed by DuckDB)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
 
 
 class RunDB:

@@ -21,6 +21,7 @@ from engine.bootstrap import Services, services
 from engine.ui.app import create_app, is_loopback
 from engine.ui.store import HeldRunDB
 from projections import open_projection
+from projections.query import READ_ONLY_SCHEME
 from projections.remote import announce, find_server, withdraw, write_token
 
 
@@ -44,7 +45,8 @@ def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None
 
     Beyond loopback `token` is required (every request must carry it). On loopback a random token
     is made when none is given; either way it is kept in ui.token (mode 0600) for the routed
-    RunDB. SQL may read files under `readable_dirs` only (none by default).
+    RunDB. SQL may read, never write, files under `readable_dirs` (none by default) as
+    `readonly:///<dir>/<file>`.
     """
     svc = svc or services()
     wide = not is_loopback(host)
@@ -91,7 +93,9 @@ def startup_lines(host: str, port: int, svc: Services, wide: bool, readable_dirs
                      f"http://{shown}:{port}/?token=<token> once per browser, or send "
                      f"'Authorization: Bearer <token>'")
     if readable_dirs:
-        lines.append("SQL may read (and DuckDB lets it write) files under: " + ", ".join(map(str, readable_dirs)))
+        lines.append("SQL may read (never write) the files under " + ", ".join(map(str, readable_dirs))
+                     + f" as {READ_ONLY_SCHEME}:///<dir>/<file>, e.g. read_csv('{READ_ONLY_SCHEME}://"
+                     + f"{readable_dirs[0]}/data.csv')")
     return lines
 
 

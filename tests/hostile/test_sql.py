@@ -282,8 +282,8 @@ def test_the_ui_and_the_routed_run_db_change_nothing(arena: Arena, served: Serve
     assert len(served.sql("SELECT uid FROM runs")) == 2
 
 
-def test_ui_reads_files_only_under_a_directory_the_user_opted_in(arena: Arena, home: Path,
-                                                                 tmp_path: Path) -> None:
+def test_ui_reads_files_only_under_a_directory_the_user_opted_in_and_writes_none(arena: Arena, home: Path,
+                                                                                  tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "data.csv").write_text("a,b\n1,2\n")
@@ -292,12 +292,24 @@ def test_ui_reads_files_only_under_a_directory_the_user_opted_in(arena: Arena, h
                             "--sql-read-dir", str(shared))
     try:
         served = Served(url, (home / "ui.token").read_text())
-        assert served.sql(f"SELECT a + b AS s FROM read_csv('{shared}/data.csv')").s.tolist() == [3]
-        for outside in (f"SELECT * FROM read_csv('{tmp_path}/secret.csv')",
-                        f"SELECT * FROM read_csv('{shared}/../secret.csv')",
-                        "SELECT * FROM read_text('/etc/hostname')"):
-            status, text = served.post("/api/sql", json.dumps({"sql": outside}).encode(), "application/json")
-            assert status == 400 and "read-only" in json.loads(text)["error"], outside
+        before = fingerprint(served.sql)
+        assert served.sql(f"SELECT a + b AS s FROM read_csv('readonly://{shared}/data.csv')").s.tolist() == [3]
+        for refused in (f"SELECT * FROM read_csv('{shared}/data.csv')",  # the plain path stays closed
+                        f"SELECT * FROM read_csv('readonly://{tmp_path}/secret.csv')",
+                        f"SELECT * FROM read_csv('readonly://{shared}/../secret.csv')",
+                        "SELECT * FROM read_text('readonly:///etc/hostname')",
+                        f"COPY runs TO 'readonly://{shared}/data.csv'", f"COPY runs TO 'readonly://{shared}/new.csv'",
+                        f"EXPLAIN ANALYZE COPY runs TO '{shared}/new.csv'",
+                        f"COPY runs TO 'readonly://{shared}/new.parquet' (FORMAT parquet)",
+                        f"EXPORT DATABASE 'readonly://{shared}/export'",
+                        f"ATTACH 'readonly://{shared}/other.duckdb' AS other"):
+            status, text = served.post("/api/sql", json.dumps({"sql": refused}).encode(), "application/json")
+            assert status == 400, refused
+            message = json.loads(text)["error"]
+            assert "read-only" in message and "\n" not in message, (refused, message)
+        assert sorted(p.name for p in shared.iterdir()) == ["data.csv"]
+        assert (shared / "data.csv").read_text() == "a,b\n1,2\n"
+        assert fingerprint(served.sql) == before
     finally:
         stop(process)
-    assert "SQL may read" in (tmp_path / "ui.log").read_text()
+    assert "SQL may read (never write)" in (tmp_path / "ui.log").read_text()
