@@ -94,6 +94,7 @@ class BackgroundWriter:
         self._last_error: str | None = None  # the bus's last transient failure
         self._refused: str | None = None  # why the bus refuses for good; records go to the spill meanwhile
         self._next_spill_retry = 0.0
+        self._last_spill_reason: str | None = None
         self._spill = SpillFile(spill_dir, bus_target(bus))
         self._problems = 0  # events kept off the bus (spilled, unencodable) or writer failures so far
         self._recent_problems: deque[str] = deque(maxlen=_RECENT_PROBLEMS)
@@ -252,8 +253,9 @@ class BackgroundWriter:
                     marker.problem = self._recent_problems[-min(new, len(self._recent_problems))] + more
                 marker.done.set()
 
-    def _problem(self, message: str) -> None:
-        log.error("%s", message)
+    def _problem(self, message: str, logged: bool = True) -> None:
+        if logged:
+            log.error("%s", message)
         self._problems += 1
         self._recent_problems.append(message)
 
@@ -343,12 +345,14 @@ class BackgroundWriter:
         try:
             where = self._spill.keep(records)
         except OSError as exc:
-            message = (f"{len(records)} bus records of run(s) {', '.join(runs)} are lost: the bus refused them "
-                       f"({reason}) and the spill file cannot be written ({exc})")
-        else:
-            message = (f"events of run(s) {', '.join(runs)} are not on the bus ({reason}); "
-                       f"they are kept in {where} and delivered by the next writer that starts on this bus")
-        self._problem(message)
+            self._problem(f"{len(records)} bus records of run(s) {', '.join(runs)} are lost: the bus refused "
+                          f"them ({reason}) and the spill file cannot be written ({exc})")
+            return
+        message = (f"events of run(s) {', '.join(runs)} are not on the bus ({reason}); "
+                   f"they are kept in {where} and delivered by the next writer that starts on this bus")
+        # one line per cause in the log, not one per batch while the bus refuses
+        self._problem(message, logged=reason != self._last_spill_reason)
+        self._last_spill_reason = reason
 
     def _retry_spill(self) -> None:
         """While the bus refuses, hand it the spill now and then; once it takes it, append as usual."""
