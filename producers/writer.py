@@ -204,7 +204,7 @@ class BackgroundWriter:
             self._wake.clear()
             try:
                 self._drain()
-            except Exception as exc:  # a bug: keep the thread alive, and say so at the next flush
+            except Exception as exc:  # a bug (in a heartbeat or the spill retry): keep the thread alive
                 log.exception("the event writer failed")
                 self._problem(f"the event writer failed: {type(exc).__name__}: {exc}")
 
@@ -245,7 +245,12 @@ class BackgroundWriter:
                     break
                 items.append(item)
                 taken += 1
-            self._write(items)
+            try:
+                self._write(items)
+            except Exception as exc:  # a bug: say so at the flush that waits for these events
+                log.exception("the event writer failed")
+                self._problem(f"{len(items)} events were not written: the event writer failed: "
+                              f"{type(exc).__name__}: {exc}")
             for marker in markers:
                 new = self._problems - marker.since
                 if new:
