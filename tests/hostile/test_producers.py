@@ -405,10 +405,8 @@ def test_a_bus_that_stays_away_bounds_the_wait_and_keeps_the_events_at_exit(
         return _job(context)
 
     with _bus_class(UnreachableBus):
-        started = time.monotonic()
-        with pytest.raises(EventsNotWritten, match="ConnectionError: broker away"):
+        with pytest.raises(EventsNotWritten, match="ConnectionError: broker away"):  # bounded: pytest-timeout
             new_function().run(NewRun(handler=job))
-        assert time.monotonic() - started < 60
         reset_services()  # the process ends: what is still queued goes to the spill file
         assert len(_spill_files(home)) == 1
     _delivered_at_next_start(home, uids[0])
