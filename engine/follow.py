@@ -2,7 +2,8 @@
 
 It holds the DuckDB file only while it folds a batch (about a second at most), then releases
 it, so queries from other processes (CLI, `get_run_db()`) get their turn and see data at most a
-few seconds old.
+few seconds old. Each turn also judges silent runs (see projections.tables): a run whose heartbeats
+stopped shows 'lost' within a turn of its 3rd missed interval, though no event arrives.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def follow(svc: Services, stop: threading.Event, report: Callable[[int, int], No
                 applied += consumed
                 if consumed == 0:
                     break
+            projector.judge_silent_runs()
             positions = projector.positions()
         total += applied
         report(total, lag(svc.bus, positions))

@@ -1,9 +1,11 @@
 """Fold events into table rows: one function per event type, writing into a `TableBatch`.
 
-Events come from an untrusted bus, so `check_event` finds, before anything is folded, what the
-tables could not hold (strings that are not valid UTF-8, times outside what DuckDB and pandas can
-show, unknown run states, extra values that are not JSON); such an event is quarantined by the
-projector instead of being folded.
+Events come from an untrusted bus, so `check_event` finds, event by event and before anything is
+folded, what the tables could not hold (strings that are not valid UTF-8, times outside what DuckDB
+and pandas can show, unknown run states, JSON values DuckDB does not read); such an event is
+quarantined by the projector instead of being folded. Checking each event on its own, rather than
+waiting for DuckDB to refuse a batch, keeps the outcome independent of how the log is batched
+(a bad result value overwritten by a later one in the same batch would never reach DuckDB).
 
 A run's state follows these rules, whatever process wrote the event:
 - run_finished with state 'lost' (the reaper's verdict) ends a run only while it is 'running';
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import orjson
 
 from producers.values import numeric_or_none
@@ -41,41 +45,84 @@ def printable(text: object) -> str:
 
 def identity_problem(event: Event) -> str | None:
     """Why the event's identity (event id, run uid, stream) cannot be stored, or None."""
+    if (event.event_id + event.run_uid + event.stream).isascii():  # the usual uuid hex
+        return None
     for name in ("event_id", "run_uid", "stream"):
+        value = getattr(event, name)
         try:
-            getattr(event, name).encode("utf-8")
+            value.encode("utf-8")
         except UnicodeEncodeError:
-            return f"{name} {printable(getattr(event, name))!r} is not valid UTF-8 (lone surrogate)"
+            return f"{name} {printable(value)!r} is not valid UTF-8 (lone surrogate)"
     return None
 
 
-def _time_problem(name: str, value: float) -> str | None:
-    if not (MIN_TS <= value <= MAX_TS):  # also NaN
-        return f"{name} {value!r} is not a time in seconds since the epoch within years 1678-2261"
+def _is_time(value: float) -> bool:
+    return MIN_TS <= value <= MAX_TS  # also False for NaN
+
+
+def _time_problem(what: str, value: float) -> str:
+    return f"{what} {value!r} is not a time in seconds since the epoch within years 1678-2261"
+
+
+_json_checker: list[duckdb.DuckDBPyConnection] = []  # one private in-memory database, made on first use
+_json_lock = threading.Lock()
+
+
+def is_storable_json(text: str) -> bool:
+    """True when DuckDB stores `text` in a JSON column. Strict JSON passes at once; what orjson
+    refuses (NaN, huge numbers, deep nesting, lone surrogates) is asked of DuckDB itself."""
+    try:
+        orjson.loads(text)
+        return True
+    except orjson.JSONDecodeError:
+        pass
+    with _json_lock:
+        if not _json_checker:
+            _json_checker.append(duckdb.connect(":memory:"))
+        row = _json_checker[0].execute("SELECT json_valid(?)", [text]).fetchone()
+    return row is not None and bool(row[0])
+
+
+def _json_problem(what: str, text: str) -> str:
+    return f"{what} is not JSON DuckDB can store: {printable(text)[:80]!r}"
+
+
+def _payload_problem(event: Event) -> str | None:
+    """Why a field of the payload cannot be folded into its table, or None (messages are only
+    made for a problem: this runs for every event)."""
+    p = event.payload
+    kind = event.type
+    if kind == "metric":
+        ok = _is_time(p["timestamp"])
+        return None if ok else _time_problem(f"metric {printable(p['key'])!r} timestamp", p["timestamp"])
+    if kind in ("param", "result"):
+        ok = is_storable_json(p["value"])
+        return None if ok else _json_problem(f"{kind} {printable(p['key'])!r} value", p["value"])
+    if kind == "artifact":
+        ok = is_storable_json(p["meta"])
+        return None if ok else _json_problem(f"artifact {printable(p['key'])!r} meta", p["meta"])
+    if kind == "run_finished":
+        if p["state"] not in RUN_STATES:
+            return f"run_finished state {printable(p['state'])!r} is not one of {', '.join(sorted(RUN_STATES))}"
+        value = p["return_value"]
+        return None if value is None or is_storable_json(value) else _json_problem("return_value", value)
+    if kind == "run_started":
+        for field_name in ("params", "extra"):
+            for key, value in p[field_name].items():
+                if not is_storable_json(value):
+                    return _json_problem(f"run_started {field_name} {printable(key)!r}", value)
     return None
 
 
 def check_event(event: Event) -> tuple[str | None, str | None]:
     """(payload as JSON text, None) for an event the tables can hold, else (None, the reason)."""
-    problem = _time_problem("ts", event.ts)
-    if problem:
-        return None, problem
+    if not _is_time(event.ts):
+        return None, _time_problem("ts", event.ts)
     try:
         payload_json = orjson.dumps(event.payload).decode()
     except TypeError as exc:
         return None, f"payload cannot be stored: {exc}"
-    p = event.payload
-    if event.type == "metric":
-        problem = _time_problem(f"metric {printable(p['key'])!r} timestamp", p["timestamp"])
-    elif event.type == "run_finished" and p["state"] not in RUN_STATES:
-        problem = f"run_finished state {printable(p['state'])!r} is not one of {', '.join(sorted(RUN_STATES))}"
-    elif event.type == "run_started":
-        for key, value in p["extra"].items():
-            try:
-                json.loads(value)
-            except ValueError:
-                problem = f"run_started extra {printable(key)!r} is not JSON"
-                break
+    problem = _payload_problem(event)
     return (None, problem) if problem else (payload_json, None)
 
 

@@ -254,29 +254,28 @@ class Projector:
             [event.event_id for _, event in valid if event.type == "run_started"] + [e.event_id for e in replayed])
         for record, event in valid:
             key = (event.run_uid, event.stream, event.seq)
-            occupant = occupants.get(key)
-            started = starts.get(event.run_uid) if event.type == "run_started" else None
-            if event.event_id in conflicted or occupant == event.event_id:
-                plan.duplicates.append((record.partition, record.offset, event.event_id, event.run_uid,
-                                        event.stream, event.seq, event.type, received))
-                continue
-            reason = None
-            if occupant is not None:
-                reason = (f"seq {event.seq} of stream {event.stream!r} of run {event.run_uid} "
-                          f"already holds event {occupant}")
-            elif started is not None:
-                reason = f"run {event.run_uid} was already started by event {started[1]} on stream {started[0]!r}"
-            if reason is not None:
-                conflicted.add(event.event_id)
-                plan.conflicts.append((record.partition, record.offset, event.event_id, event.run_uid,
-                                       event.stream, event.seq, event.type, printable(reason),
-                                       _payload_text(event), received))
-                continue
+            if key in occupants or event.event_id in conflicted or event.type == "run_started":
+                refused = _refusal(event, occupants.get(key), starts.get(event.run_uid))
+                if refused == "":
+                    plan.duplicates.append((record.partition, record.offset, event.event_id, event.run_uid,
+                                            event.stream, event.seq, event.type, received))
+                    continue
+                if refused is not None and event.event_id not in conflicted:
+                    conflicted.add(event.event_id)
+                    plan.conflicts.append((record.partition, record.offset, event.event_id, event.run_uid,
+                                           event.stream, event.seq, event.type, refused,
+                                           _payload_text(event), received))
+                    continue
+                if refused is not None:  # the conflicting event again
+                    plan.duplicates.append((record.partition, record.offset, event.event_id, event.run_uid,
+                                            event.stream, event.seq, event.type, received))
+                    continue
+                if event.type == "run_started":
+                    starts[event.run_uid] = plan.run_starts[event.run_uid] = (event.stream, event.event_id)
             occupants[key] = event.event_id
-            stream = (event.run_uid, event.stream)
-            last_seq[stream] = plan.run_progress[stream] = max(event.seq, last_seq.get(stream, -1))
-            if event.type == "run_started":
-                starts[event.run_uid] = plan.run_starts[event.run_uid] = (event.stream, event.event_id)
+            stream = key[:2]
+            if event.seq > last_seq.get(stream, -1):
+                last_seq[stream] = plan.run_progress[stream] = event.seq
             payload_json, problem = check_event(event)
             if problem:
                 plan.dead_letters.append(_dead_letter(record, problem, received, event))
@@ -424,6 +423,20 @@ class Projector:
     def _next_position(self) -> int:
         row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'next_position'").fetchone()
         return int(row[0]) if row else 0
+
+
+def _refusal(event: Event, occupant: str | None, started: tuple[str, str] | None) -> str | None:
+    """Why the event cannot take its place: "" for an exact duplicate, the reason of a conflict,
+    or None when it may."""
+    if occupant == event.event_id or (event.type == "run_started" and started and started[1] == event.event_id):
+        return ""
+    if occupant is not None:
+        return printable(f"seq {event.seq} of stream {event.stream!r} of run {event.run_uid} "
+                         f"already holds event {occupant}")
+    if event.type == "run_started" and started is not None:
+        return printable(f"run {event.run_uid} was already started by event {started[1]} "
+                         f"on stream {started[0]!r}")
+    return None
 
 
 def _payload_text(event: Event) -> str:

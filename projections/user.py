@@ -3,6 +3,10 @@
 The projector calls `apply` inside the same transaction as its own rows and positions, so a user
 projection is exactly-once too. A projection whose `version` differs from the one the file was
 built with is dropped and rebuilt from the `events` table.
+
+`apply` receives only events the projector applies (never duplicates, conflicts or dead letters).
+An event for which `apply` raises is quarantined like any event that cannot be folded: it goes to
+`dead_letters` with the error and the rest of the batch is applied (a rebuild after a fix folds it).
 """
 
 from __future__ import annotations
