@@ -68,7 +68,7 @@ class RunContext:
         self._emit_lock = threading.Lock()
         self._finished = False
         self._secrets = dict(secrets or {})
-        self._redact = Redactor(self._secrets.values())
+        self._redact = Redactor(self._secrets)
         for what, text in (("name", name), ("project", project), ("handler", handler), ("runtime", runtime)):
             check_text("run", what, text)
         self.uid, self.name, self.project = uid, name, project

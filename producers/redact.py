@@ -11,19 +11,33 @@ from collections.abc import Iterable
 from typing import Any
 
 MASK = "***"
+# Shorter values are not masked: masking "1" or "no" would garble every message (line numbers
+# included) while the positions of the masks would still give the value away.
+MIN_MASKED_CHARS = 4
+
+log = logging.getLogger("runbus.secrets")
+_warned: set[str] = set()
 
 
 class Redactor:
     """Replaces each secret value, and the escaped forms a repr or JSON text gives it, by `***`.
 
-    Every non-empty value counts, however short: a secret never leaves the run in any string.
+    Values of at least MIN_MASKED_CHARS characters count (a shorter one is named in a warning, once).
     """
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    def __init__(self, secrets: Iterable[str] | dict[str, str]) -> None:
+        named = secrets.items() if isinstance(secrets, dict) else ((None, value) for value in secrets)
         forms: set[str] = set()
-        for value in secrets:
-            if isinstance(value, str) and value:
-                forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1]})
+        for key, value in named:
+            if not isinstance(value, str) or not value:
+                continue
+            if len(value) < MIN_MASKED_CHARS:
+                if key is not None and key not in _warned:
+                    _warned.add(key)
+                    log.warning("secret %r is shorter than %d characters: its value is not masked in "
+                                "what runs log", key, MIN_MASKED_CHARS)
+                continue
+            forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1]})
         forms.discard("")
         # longest first, so a secret that contains another is masked whole
         self._pattern = re.compile("|".join(map(re.escape, sorted(forms, key=len, reverse=True)))) if forms else None

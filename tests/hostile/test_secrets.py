@@ -139,3 +139,16 @@ def test_runbus_home_and_the_log_are_readable_by_their_owner_only(home: Path) ->
     assert stat.S_IMODE((home / "artifacts").stat().st_mode) == 0o700
     for log_file in home.glob("log.sqlite*"):
         assert stat.S_IMODE(log_file.stat().st_mode) == 0o600, log_file
+
+
+def test_a_secret_too_short_to_mask_is_named_in_a_warning_and_leaves_messages_readable(
+        home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def job(context: RunContext) -> None:
+        raise ValueError(f"step 1 of 10 failed with {context.get_secret('API_TOKEN')}")
+
+    task = NewRun(handler=job).with_secrets("inline", {"SHORT_FLAG_FOR_TEST": "1", "API_TOKEN": SECRET})
+    with caplog.at_level(logging.WARNING, logger="runbus.secrets"):
+        run = new_function().run(task)
+
+    assert run.error == "ValueError: step 1 of 10 failed with ***"
+    assert "secret 'SHORT_FLAG_FOR_TEST' is shorter than 4 characters" in caplog.text
