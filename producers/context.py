@@ -254,6 +254,7 @@ class RunContext:
         if artifact.format is not None:
             check_text("artifact", artifact.key, artifact.format, "format")
         labels_str = check_text_map(f"artifact {artifact.key!r} label", artifact.labels, self._redact)
+        self._meta_json(artifact.key, artifact.meta)  # refused before any body is stored
         data = artifact.render()
         stored = self._store.put_file(artifact.local_path) if data is None else self._store.put_bytes(data)
         for name, (extra_data, extra_format) in artifact.extra_bodies().items():
