@@ -23,7 +23,7 @@ class RunSpec:
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     input_digests: dict[str, str] = field(default_factory=dict)
-    secrets: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # a repr lands in logs (Dask's too)
     labels: dict[str, str] = field(default_factory=dict)
     code_ref: str | None = None
     parent_uid: str | None = None

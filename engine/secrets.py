@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ SECRET_KINDS = ("file", "env", "inline")
 
 @dataclass(frozen=True)
 class SecretSource:
+    """Where a run's secrets come from; an inline source holds the values, so no repr shows it."""
+
     kind: str
-    source: Any
+    source: Any = field(repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in SECRET_KINDS:

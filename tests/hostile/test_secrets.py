@@ -152,3 +152,15 @@ def test_a_secret_too_short_to_mask_is_named_in_a_warning_and_leaves_messages_re
 
     assert run.error == "ValueError: step 1 of 10 failed with ***"
     assert "secret 'SHORT_FLAG_FOR_TEST' is shorter than 4 characters" in caplog.text
+
+
+def test_no_repr_of_a_task_or_run_spec_shows_a_secret_value(home: Path) -> None:
+    from engine.runspec import RunSpec
+
+    task = NewRun(handler=print).with_secrets("inline", {"API_TOKEN": SECRET})
+    # what a Dask worker is handed, and prints when the task fails
+    spec = RunSpec(services().settings, print, "builtins:print", name="x", project="p",
+                   secrets={"API_TOKEN": SECRET})
+
+    for shown in (repr(spec), repr(task.secret_sources), repr(task), repr(spec.new_context())):
+        assert SECRET not in shown
