@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
 import sys
 import time
@@ -17,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.bootstrap import services
+from engine.terminal import json_escaped, literal, neutral, plain_console
 
 if TYPE_CHECKING:  # the commands import what they use: `project --follow` stays small
     import pandas as pd
@@ -25,27 +25,14 @@ if TYPE_CHECKING:  # the commands import what they use: `project --follow` stays
 
 app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-# user data (names, labels, errors, cells) is printed as text: no console markup, no highlighting
-console = Console(soft_wrap=True, markup=False, highlight=False)
-errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
-# terminal control characters (ESC, C1, DEL) and bidi overrides; newlines and tabs are kept
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def literal(value: Any) -> Text:
-    """`value` as text to print as it is: control characters shown as escapes (\\x1b), no markup."""
-    return Text(neutral(str(value)))
-
-
-def neutral(text: str) -> str:
-    """`text` with terminal control characters written as Python escapes."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+console = plain_console()
+errors = plain_console(stderr=True)
 
 
 def json_text(value: Any) -> str:
     """Indented, valid JSON (NaN and infinities as null); control characters escaped."""
     text = json.dumps(_finite(value), indent=2, ensure_ascii=False, allow_nan=False, default=str)
-    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return json_escaped(text)
 
 
 def _finite(value: Any) -> Any:
@@ -153,23 +140,10 @@ def resume(
 
 
 def _finish(result: RunObject) -> None:
-    show_run(result)
+    result.show(console)
     if result.state != "completed":
         errors.print(literal(result.traceback or result.error or f"run ended in state {result.state}"))
         raise typer.Exit(1)
-
-
-def show_run(result: RunObject) -> None:
-    """A summary of a finished run: state, params, results, labels, artifacts, error."""
-    table = Table(title=literal(f"run {result.name} ({result.uid})"), show_header=False)
-    rows = [("state", result.state), ("params", json.dumps(result.parameters, default=str)),
-            ("results", json.dumps(result.results, default=str)), ("labels", json.dumps(result.labels)),
-            ("artifacts", ", ".join(result.artifacts_by_key) or "-")]
-    if result.error:
-        rows.append(("error", result.error))
-    for name, value in rows:
-        table.add_row(name, literal(value))
-    console.print(table)
 
 
 @app.command()
@@ -320,14 +294,24 @@ def _follow(svc: Any) -> None:
 
 @app.command()
 def push(
-    to: Annotated[str, typer.Option("--to", help="target bus URL, e.g. kafka://host:9092")],
+    to: Annotated[str | None, typer.Option("--to", help="target bus URL, e.g. kafka://host:9092")] = None,
     source: Annotated[str | None, typer.Option("--from", help="source bus URL (default: RUNBUS_BUS)")] = None,
+    spill: Annotated[bool, typer.Option("--spill", help="deliver the events this home's writers could "
+                                                        "not write (RUNBUS_HOME/spill) to RUNBUS_BUS")] = False,
 ) -> None:
-    """Copy the events of one bus to another (e.g. an offline embedded log to Kafka); never twice."""
+    """Copy the events of one bus to another (e.g. an offline embedded log to Kafka); never twice.
+    With --spill, deliver the spill folder to this home's bus instead."""
     from engine.bootstrap import make_bus
     from engine.transfer import push as push_events
 
     svc = services()
+    if spill:
+        delivered = svc.deliver_spill()
+        console.print(f"delivered {delivered.records} bus records from {delivered.files} spill file(s) to "
+                      f"{svc.bus.url} ({delivered.skipped} file(s) in use or meant for another bus)")
+        return
+    if to is None:
+        raise typer.BadParameter("give --to URL (or --spill)")
     source_bus = make_bus(source, svc.settings) if source else svc.bus
     target = make_bus(to, svc.settings)
     try:

@@ -73,7 +73,8 @@ class Function:
             outcome = pool.submit(run_iteration, pool.prepare(spec)).result()
         finally:
             pool.close()
-        return RunObject.from_record(services(spec.settings).run_db().read_run(outcome.uid))
+        svc = services(spec.settings)
+        return RunObject.from_record(svc.run_db().read_run(outcome.uid), str(svc.artifact_store.root))
 
     def _handler(self, handler: Callable[..., Any] | str | None) -> Callable[..., Any]:
         if callable(handler):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producers.context import RunContext
 from producers.data_item import DataItem
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -59,20 +62,22 @@ class RunObject:
             raise KeyError(f"run {self.uid} has no artifact {key!r} (artifacts: {known})")
         return self.artifacts_by_key[key]
 
-    def show(self) -> None:
-        """Print a summary of the run."""
-        from rich.console import Console
+    def show(self, console: Console | None = None) -> None:
+        """Print a summary of the run (state, params, results, labels, artifacts, error) as plain
+        text: markup and terminal control characters in user data are printed literally."""
         from rich.table import Table
 
-        table = Table(title=f"run {self.name} ({self.uid})", show_header=False)
-        table.add_row("state", self.state)
-        table.add_row("params", json.dumps(self.parameters, default=str))
-        table.add_row("results", json.dumps(self.results, default=str))
-        table.add_row("labels", json.dumps(self.labels))
-        table.add_row("artifacts", ", ".join(self.artifacts_by_key) or "-")
+        from engine.terminal import literal, plain_console
+
+        table = Table(title=literal(f"run {self.name} ({self.uid})"), show_header=False)
+        rows = [("state", self.state), ("params", json.dumps(self.parameters, default=str)),
+                ("results", json.dumps(self.results, default=str)), ("labels", json.dumps(self.labels)),
+                ("artifacts", ", ".join(self.artifacts_by_key) or "-")]
         if self.error:
-            table.add_row("error", self.error)
-        Console().print(table)
+            rows.append(("error", self.error))
+        for name, value in rows:
+            table.add_row(name, literal(value))
+        (console or plain_console()).print(table)
 
     def _repr_html_(self) -> str:
         """The run as a card in the web UI's look (state, params, results, labels, artifacts)."""

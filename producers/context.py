@@ -266,7 +266,7 @@ class RunContext:
             "sha256": stored.sha256, "size": stored.size, "format": artifact.format,
             "labels": labels_str, "meta": meta_json})
         logged = DataItem(artifact.key, stored.uri, artifact.format, artifact.kind, stored.sha256,
-                          stored.size, labels_str, json.loads(meta_json))
+                          stored.size, labels_str, json.loads(meta_json), store_root=str(self._store.root))
         self.artifacts[artifact.key] = logged
         return logged
 

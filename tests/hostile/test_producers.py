@@ -452,3 +452,30 @@ def test_the_writer_thread_keeps_no_lock_of_a_run_while_a_job_waits(bus_home: Pa
         context.finish()
     finally:
         writer.close(timeout_s=30)
+
+
+@pytest.mark.timeout(120)
+def test_runbus_push_spill_delivers_a_kept_spill_file_once(home: Path) -> None:
+    """`runbus push --spill` delivers what the writers kept; delivering again doubles nothing."""
+    uids: list[str] = []
+
+    def job(context: RunContext) -> str:
+        uids.append(context.uid)
+        return _job(context)
+
+    with _bus_class(PermissionDeniedBus), pytest.raises(EventsNotWritten):
+        new_function().run(NewRun(handler=job))
+    (spill,) = _spill_files(home)
+    kept = spill.read_bytes()
+    runbus = [str(Path(sys.executable).parent / "runbus"), "push", "--spill"]
+    env = {**os.environ, "RUNBUS_HOME": str(home)}
+    for _ in range(2):  # the second time, from a copy of the file: the same event ids
+        spill.write_bytes(kept)
+        spill.chmod(0o600)
+        done = subprocess.run(runbus, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert _spill_files(home) == []
+    reset_services()
+    _assert_everything_logged(uids[0])
+    events = _events(uids[0])
+    assert len(events) == len(events.drop_duplicates(["stream", "seq"]))
