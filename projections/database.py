@@ -80,7 +80,7 @@ def _connect(path: Path) -> duckdb.DuckDBPyConnection:
         return duckdb.connect(str(path))
     try:
         tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        for table in ("projection_meta", "positions", "run_progress"):
+        for table in ("projection_meta", "positions"):
             if table in tables:
                 con.execute(f"SELECT * FROM {table}").fetchall()
     except duckdb.Error as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -58,10 +59,13 @@ class ChildWatcher:
         if child is None:
             return
         child.last_seen = time.monotonic()
+        if child.state == "lost" and kind != "run_finished":
+            child.state = "running"  # it was not dead: wait for its own end again
         if kind == "heartbeat":
             child.interval_s = _interval(payload.get("interval_s")) or child.interval_s
         elif kind == "result":
-            child.results[payload["key"]] = json.loads(payload["value"])
+            with contextlib.suppress(ValueError):  # not JSON: the projection quarantines it too
+                child.results[payload["key"]] = json.loads(payload["value"])
         elif kind == "run_finished" and (payload["state"] != "lost" or child.state == "running"):
             child.state = payload["state"]  # a 'lost' verdict never overrides the child's own end
 
