@@ -63,8 +63,8 @@ def move_aside(path: Path, exc: BaseException) -> Path:
     if wal.exists():
         os.replace(wal, aside.with_name(aside.name + ".wal"))
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    _log.warning("runbus: the projection %s could not be read (%s); moved it to %s and rebuilding it "
-                 "from the log", path, reason, aside)
+    _log.warning("runbus: the projection %s could not be read (%s); moved it to %s, a new one is "
+                 "folded from the log", path, reason, aside)
     return aside
 
 

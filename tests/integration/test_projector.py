@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
+
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import services
 from projections import Projector, open_projection
+from projections.database import close_all
 from tests.support.crash import kill_projector_mid_stream, resume_and_compare
 from tests.support.producers import SEQ_BREAKS, produce_from_processes
 from tests.support.tables import snapshot
@@ -128,3 +131,27 @@ def test_the_sql_surface_refuses_writes_and_changes_nothing(home: Path) -> None:
             raise AssertionError(f"{statement!r} was accepted")
     assert db.sql("SELECT count(*) AS n FROM runs").n[0] == 1
     assert db.sql("SELECT state FROM runs").state[0] == "completed"
+
+
+def test_damage_found_in_a_data_block_fails_once_then_the_projection_is_rebuilt(home: Path) -> None:
+    def job(context):
+        for step in range(60_000):
+            context.log_metric("m", float(step), step=step)
+
+    new_function().run(NewRun(handler=job))
+    db = get_run_db()
+    assert db.sql("SELECT count(*) AS n FROM metrics").n[0] == 60_000
+    close_all()
+    path = services().settings.db_path
+    size = path.stat().st_size
+    with path.open("r+b") as f:  # the middle of the file: metrics' data blocks, not the catalog
+        f.seek(size // 2)
+        f.write(os.urandom(256 * 1024))
+    answers = []
+    for _ in range(2):
+        try:
+            answers.append(db.sql("SELECT sum(value) AS s, count(*) AS n FROM metrics").values.tolist())
+        except duckdb.Error as exc:
+            assert "Corrupt database file" in str(exc)
+            assert any(p.name.startswith(path.name + ".corrupt-") for p in path.parent.iterdir())
+    assert answers[-1] == [[sum(range(60_000)), 60_000]]
