@@ -201,7 +201,7 @@ def test_a_run_marked_lost_that_speaks_again_ends_in_the_state_of_its_own_last_e
 
 def test_a_live_job_marked_lost_keeps_everything_it_logs_and_ends_completed(
         bus_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.1")
+    monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.5")  # judged lost after 1.5 s of silence
     from engine.bootstrap import reset_services
 
     reset_services()

@@ -228,11 +228,12 @@ class ProjectionMachine(RuleBasedStateMachine):
         self.writers.append(writer)
 
     @precondition(lambda self: self.writers)
-    @rule(data=st.data(), kind=st.sampled_from(GOOD), key=st.sampled_from(["a", "b"]),
-          number=st.integers(0, 9))
-    def emit(self, data: st.DataObject, kind: str, key: str, number: int) -> None:
+    @rule(data=st.data(), events=st.lists(st.tuples(st.sampled_from(GOOD), st.sampled_from(["a", "b"]),
+                                                    st.integers(0, 9)), min_size=1, max_size=6))
+    def emit(self, data: st.DataObject, events: list[tuple[str, str, int]]) -> None:
         writer = data.draw(st.sampled_from(self.writers))
-        writer.event(*_good(kind, key, number))
+        for kind, key, number in events:
+            writer.event(*_good(kind, key, number))
 
     @precondition(lambda self: self.writers)
     @rule(data=st.data(), kind=st.sampled_from(POISON))
@@ -354,7 +355,7 @@ class ProjectionMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-ProjectionMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None,
+ProjectionMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
                                                suppress_health_check=[HealthCheck.too_slow])
 TestProjectionModel = ProjectionMachine.TestCase
 
