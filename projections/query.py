@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
@@ -25,6 +26,7 @@ _SORTABLE = ("uid", "parent_uid", "iteration", "project", "name", "state", "star
              "finished_at", "duration_s")
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 READ_ONLY_SCHEME = "readonly"
+QUERY_TIMEOUT_S = 60.0
 """Files a user opted in are read as `readonly:///<dir>/<file>` (see `seal`)."""
 
 Query = Callable[..., pd.DataFrame]
@@ -70,25 +72,40 @@ def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> N
     if con.execute("SELECT current_setting('lock_configuration')").fetchone() == (True,):
         return
     if readable_dirs:
-        con.register_filesystem(_read_only_files())
-        allowed = [f"{READ_ONLY_SCHEME}://{Path(d).resolve()}/" for d in readable_dirs]
+        roots = [Path(d).resolve() for d in readable_dirs]
+        con.register_filesystem(_read_only_files(roots))
+        allowed = [f"{READ_ONLY_SCHEME}://{root}/" for root in roots]
         con.execute("SET allowed_directories = ?", [allowed])
-    for setting in ("SET GLOBAL TimeZone = 'UTC'", "SET autoinstall_known_extensions = false",
+    # no temp directory: DuckDB would add it to the allowed directories, where COPY could write
+    for setting in ("SET GLOBAL TimeZone = 'UTC'", "SET temp_directory = ''",
+                    "SET autoinstall_known_extensions = false",
                     "SET autoload_known_extensions = false", "SET allow_community_extensions = false",
                     "SET enable_external_access = false", "SET lock_configuration = true"):
         con.execute(setting)
+
+
+class QueryTimeout(ValueError):
+    """A user statement ran longer than its bound and was interrupted."""
 
 
 class ReadOnlyFileError(PermissionError):
     """A statement tried to write through the `readonly://` filesystem."""
 
 
-def _read_only_files() -> Any:
-    """An fsspec local filesystem under the `readonly` scheme whose every write raises."""
+def _read_only_files(roots: Sequence[Path]) -> Any:
+    """An fsspec local filesystem under the `readonly` scheme whose every write raises and that
+    reaches nothing outside `roots`, symbolic links resolved."""
     from fsspec.implementations.local import LocalFileSystem
 
     def refuse(self: Any, path: Any = "", *args: Any, **kwargs: Any) -> None:
         raise ReadOnlyFileError(f"{READ_ONLY_SCHEME}:// files cannot be written ({path})")
+
+    def inside(path: Any) -> str:
+        real = Path(os.path.realpath(LocalFileSystem._strip_protocol(str(path).removeprefix(
+            f"{READ_ONLY_SCHEME}://"))))
+        if not any(real == root or root in real.parents for root in roots):
+            raise ReadOnlyFileError(f"{READ_ONLY_SCHEME}:// reaches only the opted-in directories ({path})")
+        return str(real)
 
     class ReadOnlyFiles(LocalFileSystem):  # type: ignore[misc]
         protocol = (READ_ONLY_SCHEME,)
@@ -100,7 +117,15 @@ def _read_only_files() -> Any:
         def _open(self, path: Any, mode: str = "rb", **kwargs: Any) -> Any:
             if set(mode) & set("wax+"):
                 refuse(self, path)
-            return super()._open(path, mode=mode, **kwargs)
+            return super()._open(inside(path), mode=mode, **kwargs)
+
+        def ls(self, path: Any, detail: bool = False, **kwargs: Any) -> Any:
+            inside(path)
+            return super().ls(path, detail=detail, **kwargs)
+
+        def info(self, path: Any, **kwargs: Any) -> Any:
+            inside(path)
+            return super().info(path, **kwargs)
 
     for name in ("mkdir", "makedirs", "rm", "rm_file", "rmdir", "mv", "move", "rename", "touch", "cp_file",
                  "copy", "put", "put_file", "pipe_file", "link", "symlink", "chmod"):
@@ -108,10 +133,11 @@ def _read_only_files() -> Any:
     return ReadOnlyFiles()
 
 
-def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
-                    params: Sequence[Any] | None = None) -> pd.DataFrame:
+def read_only_query(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None = None,
+                    timeout_s: float = QUERY_TIMEOUT_S) -> pd.DataFrame:
     """Run one user statement so that it cannot change anything: on a sealed database (`seal`),
-    in a session of its own, inside a READ ONLY transaction that is always rolled back.
+    in a session of its own, inside a READ ONLY transaction that is always rolled back; it is
+    interrupted after `timeout_s` (a query must not hold the projection, or the UI, forever).
 
     A refusal raises ReadOnlyError; any other DuckDB error keeps its class. Either way the
     message is one line naming the statement.
@@ -120,9 +146,14 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
     seal(con)
     shown = " ".join(query.split())[:120]
     session = con.cursor()
+    deadline = threading.Timer(timeout_s, session.interrupt)
+    deadline.daemon = True
     try:
         session.execute("BEGIN TRANSACTION READ ONLY")
+        deadline.start()
         return session.execute(query, list(params or [])).df()
+    except duckdb.InterruptException:
+        raise QueryTimeout(f"the query ran longer than {timeout_s:g}s and was stopped (in {shown!r})") from None
     except (duckdb.TransactionException, duckdb.PermissionException) as exc:
         raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
     except duckdb.InvalidInputException as exc:
@@ -134,6 +165,7 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str,
             raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
         raise _one_line(exc, shown) from None
     finally:
+        deadline.cancel()
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself
             session.execute("ROLLBACK")
         session.close()

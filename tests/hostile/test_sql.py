@@ -287,6 +287,8 @@ def test_ui_reads_files_only_under_a_directory_the_user_opted_in_and_writes_none
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "data.csv").write_text("a,b\n1,2\n")
+    (shared / "link.csv").symlink_to(tmp_path / "secret.csv")  # links lead out of the opted-in directory
+    (shared / "sub").symlink_to(tmp_path)
     reset_services()
     process, url = start_ui(home, {**os.environ, "RUNBUS_DB_TIMEOUT": "10"}, tmp_path / "ui.log",
                             "--sql-read-dir", str(shared))
@@ -307,9 +309,39 @@ def test_ui_reads_files_only_under_a_directory_the_user_opted_in_and_writes_none
             assert status == 400, refused
             message = json.loads(text)["error"]
             assert "read-only" in message and "\n" not in message, (refused, message)
-        assert sorted(p.name for p in shared.iterdir()) == ["data.csv"]
+        for escape in (f"SELECT * FROM read_csv('readonly://{shared}/link.csv')",
+                       f"SELECT * FROM read_csv('readonly://{shared}/sub/secret.csv')",
+                       f"SELECT * FROM glob('readonly://{shared}/sub/*')"):
+            status, text = served.post("/api/sql", json.dumps({"sql": escape}).encode(), "application/json")
+            assert status == 400 and "\n" not in json.loads(text)["error"], (escape, text)
+        assert sorted(p.name for p in shared.iterdir()) == ["data.csv", "link.csv", "sub"]
         assert (shared / "data.csv").read_text() == "a,b\n1,2\n"
         assert fingerprint(served.sql) == before
     finally:
         stop(process)
     assert "SQL may read (never write)" in (tmp_path / "ui.log").read_text()
+
+
+def test_no_statement_writes_into_duckdbs_temp_directories(arena: Arena, home: Path) -> None:
+    """DuckDB allows its temp directory (`.tmp` beside a memory database, `<file>.tmp` beside the
+    projection) to be written when external access is off: the sealed databases have none."""
+    for folder in (arena.cwd / ".tmp", home / "runbus.duckdb.tmp"):
+        folder.mkdir()
+    db = get_run_db()
+    position = int(db.sql("SELECT max(position) AS p FROM events").p[0])
+    for surface in (db, get_run_db(as_of=position)):
+        for target in (".tmp/x.csv", f"{home}/runbus.duckdb.tmp/x.csv"):
+            statement = f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{target}'"
+            with pytest.raises(ReadOnlyError):
+                surface.sql(statement)
+    assert list((arena.cwd / ".tmp").iterdir()) == [] and list((home / "runbus.duckdb.tmp").iterdir()) == []
+
+
+def test_a_query_that_runs_too_long_is_stopped_and_the_projection_answers_again(arena: Arena) -> None:
+    from projections.query import QueryTimeout, read_only_query
+
+    con = duckdb.connect(":memory:")
+    endless = "SELECT sum(hash(a.range * b.range)) FROM range(1000000) a, range(1000000) b"
+    with pytest.raises(QueryTimeout, match=r"longer than 0\.5s"):
+        read_only_query(con, endless, timeout_s=0.5)
+    assert read_only_query(con, "SELECT 42 AS x").x.tolist() == [42]

@@ -370,3 +370,18 @@ def test_a_sweep_resume_can_ask_the_same_question_before_loading_anything(home: 
 def test_the_code_key_is_readable_by_its_owner_only(home: Path) -> None:
     _record()
     assert (home / "code.key").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.timeout(60)
+def test_rerun_asks_for_trust_before_it_reads_any_input_the_log_names(home: Path, tmp_path: Path) -> None:
+    """Input paths come from the log too: /dev/zero would be hashed forever if read first."""
+    marker = tmp_path / "pwned"
+    uid, forged = _as_new_run(_exported(_record()), _started(
+        handler="os:system", params={"command": json.dumps(f"touch {marker}")},
+        inputs={"data": "/dev/zero"}, input_digests={"data": "0" * 64}))
+    svc = services()
+    append_new(forged, svc.bus, svc.codec)
+
+    with pytest.raises(UntrustedRun, match="--trust"):
+        rerun(uid, strict=True)
+    assert not marker.exists()
