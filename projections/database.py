@@ -49,9 +49,21 @@ def fallback_heartbeat_interval_s() -> float:
     return _fallback_interval_s
 
 
+_USER_STATEMENT = "_runbus_user_statement"
+
+
+def from_user_statement(exc: BaseException) -> BaseException:
+    """Mark `exc` as raised by a user's SQL statement: its message is the user's to choose
+    (`SELECT error('Corrupt database file')`), so it never counts as damage to the file."""
+    setattr(exc, _USER_STATEMENT, True)
+    return exc
+
+
 def is_unreadable(exc: BaseException) -> bool:
-    """True for DuckDB's errors about a damaged or foreign file (not locks or permissions)."""
-    return isinstance(exc, duckdb.Error) and any(sign in str(exc) for sign in _UNREADABLE)
+    """True for DuckDB's errors about a damaged or foreign file (not locks or permissions), as
+    found by Runbus's own work on the file, not by a user's statement."""
+    return (isinstance(exc, duckdb.Error) and not getattr(exc, _USER_STATEMENT, False)
+            and any(sign in str(exc) for sign in _UNREADABLE))
 
 
 def move_aside(path: Path, exc: BaseException) -> Path:

@@ -15,7 +15,7 @@ import duckdb
 import pandas as pd
 
 from producers.bus import Bus
-from projections.database import open_projection
+from projections.database import from_user_statement, open_projection
 from projections.projector import Projector
 from projections.remote import RemoteProjection, find_server
 from projections.replay import stored_events
@@ -159,11 +159,11 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str, params: Sequence
     except duckdb.InvalidInputException as exc:
         if "configuration has been locked" in str(exc):
             raise ReadOnlyError(f"the SQL surface is read-only: settings cannot be changed (in {shown!r})") from None
-        raise _one_line(exc, shown) from None
+        raise from_user_statement(_one_line(exc, shown)) from None
     except duckdb.Error as exc:
         if ReadOnlyFileError.__name__ in str(exc):
             raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
-        raise _one_line(exc, shown) from None
+        raise from_user_statement(_one_line(exc, shown)) from None
     finally:
         deadline.cancel()
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself

@@ -345,3 +345,14 @@ def test_a_query_that_runs_too_long_is_stopped_and_the_projection_answers_again(
     with pytest.raises(QueryTimeout, match=r"longer than 0\.5s"):
         read_only_query(con, endless, timeout_s=0.5)
     assert read_only_query(con, "SELECT 42 AS x").x.tolist() == [42]
+
+
+def test_an_error_a_user_statement_raises_never_counts_as_a_damaged_file(arena: Arena, home: Path) -> None:
+    """The message of a user's error is the user's to choose: it must not move the projection aside."""
+    db = get_run_db()
+    for statement in ("SELECT error('Corrupt database file')", "SELECT error('not a valid DuckDB database file')",
+                      "SELECT CAST('Could not read enough bytes' AS INTEGER)"):
+        with pytest.raises(duckdb.Error):
+            db.sql(statement)
+    assert sorted(p.name for p in home.glob("runbus.duckdb.corrupt-*")) == []
+    assert set(db.list_runs().name) == {"seed1", "seed2"}
