@@ -20,8 +20,8 @@ class EngineRunDB(RunDB):
 
         return rerun(uid, params, strict, trust=trust)
 
-    def resume(self, parent_uid: str) -> RunObject:
-        return resume(parent_uid)
+    def resume(self, parent_uid: str, trust: bool = False) -> RunObject:
+        return resume(parent_uid, trust)
 
 
 def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:
@@ -35,6 +35,7 @@ def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:
                        svc.user_projections, as_of)
 
 
-def resume(parent_uid: str) -> RunObject:
-    """Finish a sweep whose driver died: run only the iterations the log shows unfinished."""
-    return RunObject.from_context(resume_sweep(parent_uid))
+def resume(parent_uid: str, trust: bool = False) -> RunObject:
+    """Finish a sweep whose driver died: run only the iterations the log shows unfinished
+    (`trust`: see `resume_sweep`)."""
+    return RunObject.from_context(resume_sweep(parent_uid, trust=trust))

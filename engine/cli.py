@@ -131,12 +131,20 @@ def run(
 def resume(
     parent_uid: Annotated[str, typer.Argument(help="uid (or prefix) of the sweep's parent run")],
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    trust: Annotated[bool, typer.Option(help="run the handler and runtime the log names even when they "
+                                             "are not this home's own (imported or changed code)")] = False,
 ) -> None:
     """Finish a sweep whose driver died: run only the iterations that never finished."""
+    from engine.rerun import UntrustedRun
     from engine.run import RunObject
     from engine.sweep.runner import resume_sweep
 
-    _finish(RunObject.from_context(resume_sweep(parent_uid, quiet=quiet)))
+    try:
+        resumed = resume_sweep(parent_uid, quiet=quiet, trust=trust)
+    except UntrustedRun as exc:
+        errors.print(literal(f"error: {exc}"))
+        raise typer.Exit(2) from None
+    _finish(RunObject.from_context(resumed))
 
 
 def _finish(result: RunObject) -> None:

@@ -14,6 +14,7 @@ from engine.bootstrap import Services, services
 from engine.loader import load_handler
 from engine.progress import SweepProgress
 from engine.reaper import mark_lost, reap, running_runs
+from engine.rerun import UntrustedRun, check_handler_trusted
 from engine.runspec import RunSpec
 from engine.runtimes.pools import open_pool
 from engine.secrets import from_environment
@@ -48,8 +49,14 @@ def run_sweep(spec: RunSpec, sweep: SweepSpec) -> RunContext:
     return _execute(parent, spec, sweep, SweepState(params=dict(requests), pending=requests))
 
 
-def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
-    """Run the iterations the log shows as requested but never finished, then complete the parent."""
+def resume_sweep(parent_uid: str, quiet: bool = False, trust: bool = False) -> RunContext:
+    """Run the iterations the log shows as requested but never finished, then complete the parent.
+
+    The handler, runtime and params come from the log, which is not trusted: without `trust`,
+    UntrustedRun is raised before anything is loaded unless the handler is this home's own
+    unchanged code (`check_handler_trusted`) and the runtime runs on this machine (a scheduler
+    address named by the log would receive the run's secrets).
+    """
     svc = services()
     db = svc.run_db()
     parent_row = db.read_run(parent_uid)
@@ -59,9 +66,13 @@ def resume_sweep(parent_uid: str, quiet: bool = False) -> RunContext:
         raise ValueError(f"sweep {parent_row['uid']} already ended in state {parent_row['state']!r}")
     parent_uid = parent_row["uid"]
     sweep = SweepSpec.from_description({**parent_row["extra"]["sweep"], "quiet": quiet})
-    handler = load_handler(parent_row["handler"])
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
                                 [parent_uid]).payload[0])
+    check_handler_trusted(started, trust, parent_uid, svc.settings.home)
+    if not trust and parent_row["runtime"] not in ("local", "dask://"):
+        raise UntrustedRun(f"run {parent_uid}: will not send the sweep to {parent_row['runtime']!r}, an address "
+                           f"the log names; pass --trust (trust=True) to use it anyway")
+    handler = load_handler(parent_row["handler"])
     spec = RunSpec(svc.settings, handler, parent_row["handler"], parent_row["name"], parent_row["project"],
                    parent_row["runtime"], parent_row["params"], parent_row["inputs"], started["input_digests"],
                    from_environment(started["secret_keys"]), started["labels"], started["code_ref"])

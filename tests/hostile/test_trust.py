@@ -44,6 +44,7 @@ from engine.bootstrap import services
 from engine.loader import describe_handler, load_handler
 from engine.rerun import UntrustedRun, check_handler_trusted, rerun
 from engine.run import RunObject
+from engine.sweep.runner import resume_sweep
 from engine.transfer import append_new
 from engine.ui.app import create_app
 from engine.ui.report import report_html
@@ -385,3 +386,39 @@ def test_rerun_asks_for_trust_before_it_reads_any_input_the_log_names(home: Path
     with pytest.raises(UntrustedRun, match="--trust"):
         rerun(uid, strict=True)
     assert not marker.exists()
+
+
+def _forged_sweep(**started: object) -> tuple[str, list[Event]]:
+    """A sweep parent appended straight to the bus, its driver gone: a real sweep's run_started and
+    iteration requests as another run, with `started` written over its run_started payload."""
+    own = new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
+                             .with_hyper_params({"p1": [1, 2]}, "min.loss")).uid
+    parent = [e for e in _exported(own) if e.run_uid == own and e.type in ("run_started", "iteration_requested")]
+    uid, forged = _as_new_run(parent, _started(**started))
+    svc = services()
+    append_new(forged, svc.bus, svc.codec)
+    return uid, forged
+
+
+def test_resume_of_a_foreign_sweep_loads_and_runs_nothing_without_trust(home: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    uid, _ = _forged_sweep(**_os_system(marker))
+    with pytest.raises(UntrustedRun, match=f"run {uid}: will not load handler 'os:system'.*--trust"):
+        resume_sweep(uid)
+    cli = subprocess.run([str(Path(sys.executable).parent / "runbus"), "resume", uid],
+                         env={**os.environ, "RUNBUS_HOME": str(home)}, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and "--trust" in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_resume_sends_nothing_to_a_scheduler_the_log_names_without_trust(home: Path) -> None:
+    """This home's own handler, but a runtime address from the log: the run's secrets would go there."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.5)
+        uid, _ = _forged_sweep(runtime=f"dask://127.0.0.1:{listener.getsockname()[1]}")
+        with pytest.raises(UntrustedRun, match=r"will not send the sweep to 'dask://127\.0\.0\.1"):
+            resume_sweep(uid)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nobody connected
