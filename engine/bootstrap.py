@@ -110,7 +110,7 @@ def services(settings: Settings | None = None) -> Services:
         if found is None:
             make_private_folder(settings.home)  # a home this creates is readable by its owner only
             make_private_folder(settings.artifact_root)
-            configure_projection(settings.db_linger_s)
+            configure_projection(settings.db_linger_s, settings.heartbeat_interval_s)
             codec = EventCodec()
             bus = make_bus(settings.bus_url, settings)
             # the writer delivers what earlier writers on this bus kept in the spill folder

@@ -16,6 +16,7 @@ and the file is moved aside for the next one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -81,8 +82,16 @@ def move_aside(path: Path, exc: BaseException) -> Path:
 
 
 def _connect(path: Path) -> duckdb.DuckDBPyConnection:
-    """Open the file, reading its catalog and bookkeeping; a file DuckDB cannot read is moved aside
-    and a new one opened."""
+    """Open the file (readable by its owner only), reading its catalog and bookkeeping; a file
+    DuckDB cannot read is moved aside and a new one opened."""
+    con = _connect_or_move_aside(path)
+    for made in (path, path.with_name(path.name + ".wal")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(made, 0o600)
+    return con
+
+
+def _connect_or_move_aside(path: Path) -> duckdb.DuckDBPyConnection:
     try:
         con = duckdb.connect(str(path))
     except duckdb.Error as exc:

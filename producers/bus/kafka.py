@@ -222,7 +222,9 @@ class KafkaBus(Bus):
     def _records(self, fetched: Mapping[TopicPartition, list[Any]]) -> list[BusRecord]:
         out: list[BusRecord] = []
         for tp, batch in sorted(fetched.items(), key=lambda item: item[0].partition):
-            out.extend(BusRecord(tp.partition, r.offset, None if r.key is None else r.key.decode(),
+            # a key is anyone's bytes: one that is not UTF-8 must reach the projector's dead letters
+            out.extend(BusRecord(tp.partition, r.offset,
+                                 None if r.key is None else r.key.decode("utf-8", "surrogateescape"),
                                  r.value, r.timestamp / 1000) for r in batch)
             self._next[tp.partition] = batch[-1].offset + 1
         return out

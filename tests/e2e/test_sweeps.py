@@ -14,6 +14,7 @@ import pytest
 
 from engine import NewRun, get_run_db, new_function
 from tests.support import handlers
+from tests.support.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBUS = str(Path(sys.executable).parent / "runbus")
@@ -235,8 +236,8 @@ def test_reap_marks_runs_whose_process_died_as_lost(home: Path, tmp_path: Path,
               "    os.kill(os.getpid(), signal.SIGKILL)\n"
               "new_function().run(NewRun(handler=doomed))\n")
     subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, timeout=60)
-    assert get_run_db().sql("SELECT state FROM runs").state.tolist() == ["running"]
-    time.sleep(1.0)
+    # silent for 3 of its own heartbeat intervals, the run reads as lost before anyone reaps it
+    wait_until(lambda: get_run_db().sql("SELECT state FROM runs").state.tolist() == ["lost"], "the run reads lost")
     reaped = subprocess.run([RUNBUS, "reap"], env=env, capture_output=True, text=True, timeout=60)
     assert reaped.returncode == 0, reaped.stderr
     assert "marked 1 run(s) lost" in reaped.stdout

@@ -320,3 +320,25 @@ def test_a_damaged_projection_is_moved_aside_and_rebuilt_from_the_log(home: Path
     listed = _run_cli("runs", "--format", "csv")
     assert listed.returncode == 0 and listed.stdout.count("completed") == 3
     assert "moved it to" not in listed.stderr
+
+
+@pytest.mark.kafka
+def test_a_kafka_record_whose_key_is_not_utf8_is_a_dead_letter_and_reading_goes_on(
+        home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone who reaches the broker chooses a record's key bytes: one that is not UTF-8 must not
+    stop every reader of the topic."""
+    from kafka import KafkaProducer
+
+    from tests.kafka_support import use_fresh_topic
+
+    use_fresh_topic(monkeypatch, kafka_bootstrap)
+    new_function().run(NewRun(handler=lambda context: context.log_result("x", 1), name="before"))
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer.send(os.environ["RUNBUS_KAFKA_TOPIC"], key=b"\xff\xfe-not-utf8", value=b"\xc3\x01garbage")
+    producer.flush(30)
+    producer.close()
+    new_function().run(NewRun(handler=lambda context: context.log_result("x", 2), name="after"))
+
+    db = get_run_db()
+    assert sorted(db.sql("SELECT name FROM runs").name) == ["after", "before"]
+    assert len(db.sql("SELECT error FROM dead_letters")) == 1

@@ -132,13 +132,17 @@ def test_runbus_home_and_the_log_are_readable_by_their_owner_only(home: Path) ->
     previous = os.umask(0o022)  # the usual umask: files world-readable unless made otherwise
     try:
         new_function().run(NewRun(handler=job))
+        get_run_db().sql("SELECT count(*) FROM runs")  # the projection is made
     finally:
         os.umask(previous)
 
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert stat.S_IMODE((home / "artifacts").stat().st_mode) == 0o700
-    for log_file in home.glob("log.sqlite*"):
-        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600, log_file
+    made = [*home.glob("log.sqlite*"), *home.glob("runbus.duckdb*")]
+    assert any(f.name == "runbus.duckdb" for f in made)
+    for made_file in made:
+        if made_file.is_file() and not made_file.name.endswith(".lock"):
+            assert stat.S_IMODE(made_file.stat().st_mode) == 0o600, made_file
 
 
 def test_a_secret_too_short_to_mask_is_named_in_a_warning_and_leaves_messages_readable(

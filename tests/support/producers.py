@@ -34,6 +34,6 @@ def produce_from_processes(processes: int, events: int, timeout_s: float = 300) 
 
 SEQ_BREAKS = """
     SELECT count(*) AS n FROM (
-        SELECT seq, lag(seq) OVER (PARTITION BY run_uid ORDER BY position) AS previous FROM events)
+        SELECT seq, lag(seq) OVER (PARTITION BY run_uid, stream ORDER BY position) AS previous FROM events)
     WHERE previous IS NOT NULL AND seq <> previous + 1"""
-"""Events whose seq does not follow the previous event of their run, in projection order."""
+"""Events whose seq does not follow the previous event of their stream, in projection order."""
