@@ -9,7 +9,7 @@ import pytest
 
 from engine.bootstrap import reset_services
 
-pytest_plugins = ["tests.kafka_support"]
+pytest_plugins = ["tests.kafka_support", "tests.support.browser"]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import reset_services
@@ -30,9 +30,6 @@ from tests.support.ui_seed import curves, seed
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBUS = str(Path(sys.executable).parent / "runbus")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = ROOT / "tests" / "screenshots"
 SEEDED_RUNS = 8  # demo, the sweep parent and its 3 iterations, 2 runs with metric curves, 1 failed run
 
@@ -102,16 +99,6 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
         finally:
             stop(process)
             reset_services()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install -y chromium)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -29,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from engine import NewRun, get_run_db, new_function
 from engine.archive import (
@@ -53,6 +50,7 @@ from producers.artifact_store import ArtifactUnavailable
 from projections import open_projection
 from schemas import Event
 from tests.support import handlers
+from tests.support.serving import served_in_thread
 
 RUNBUS = str(Path(sys.executable).parent / "runbus")
 PASSWD = Path("/etc/passwd")
@@ -150,20 +148,8 @@ def hostile(bus_home: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
 def _serving() -> Iterator[str]:
     """The UI app of engine.ui.app over this home, served by uvicorn on a free loopback port."""
     svc = services()
-    with open_projection(svc.settings.db_path) as con, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(HeldRunDB(svc, con)), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "the UI did not start"
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            thread.join(30)
+    with open_projection(svc.settings.db_path) as con, served_in_thread(create_app(HeldRunDB(svc, con))) as url:
+        yield url
 
 
 def _get(url: str) -> tuple[int, bytes]:

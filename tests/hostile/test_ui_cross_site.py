@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import threading
@@ -29,8 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import uvicorn
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import NewRun, new_function
@@ -38,9 +36,10 @@ from engine.bootstrap import reset_services, services
 from engine.ui.app import create_app
 from engine.ui.store import HeldRunDB
 from projections import open_projection
-from tests.e2e.test_ui import CHROMIUM, CHROMIUM_ARGS, RUNBUS, free_port, start_ui, stop
+from tests.e2e.test_ui import RUNBUS, free_port, start_ui, stop
 from tests.hostile.test_sql import Served, fingerprint
 from tests.support.handlers import seed_like
+from tests.support.serving import served_in_thread
 
 MARKER = "pwned-42"
 READ = "SELECT 'pwn' || 'ed-' || 6*7 AS marker"
@@ -108,16 +107,6 @@ def other_site() -> Iterator[OtherSite]:
         server.server_close()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install -y chromium)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
 @pytest.fixture
 def seeded(home: Path) -> Path:
     """Two runs (one label each) in `home`."""
@@ -172,21 +161,10 @@ def recorded_ui(token: str) -> Iterator[tuple[Served, Recorder]]:
     """The UI app (engine.ui.app, on a held projection as `runbus ui` builds it) served by uvicorn
     in this process on a free loopback port, its answers recorded."""
     svc = services()
-    with open_projection(svc.settings.db_path, linger_s=0) as con, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    with open_projection(svc.settings.db_path, linger_s=0) as con:
         recorder = Recorder(create_app(HeldRunDB(svc, con), "127.0.0.1", token))
-        server = uvicorn.Server(uvicorn.Config(recorder, log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "the UI did not start"
-        try:
-            yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", token), recorder
-        finally:
-            server.should_exit = True
-            thread.join(30)
+        with served_in_thread(recorder) as url:
+            yield Served(url, token), recorder
 
 
 @pytest.mark.parametrize("attacker_host", ["localhost", "127.0.0.1"], ids=["cross-site", "same-site"])
