@@ -51,12 +51,17 @@ def fallback_heartbeat_interval_s() -> float:
 
 
 _USER_STATEMENT = "_runbus_user_statement"
+# Damage found while reading a block surfaces as DuckDB's generic Error or an IOException; the other
+# kinds a user's statement can raise carry a message of the user's choosing (error(), casts).
+_STORAGE_ERRORS = (duckdb.Error, duckdb.IOException)
 
 
 def from_user_statement(exc: BaseException) -> BaseException:
-    """Mark `exc` as raised by a user's SQL statement: its message is the user's to choose
-    (`SELECT error('Corrupt database file')`), so it never counts as damage to the file."""
-    setattr(exc, _USER_STATEMENT, True)
+    """Mark `exc`, raised by a user's SQL statement, as never counting as damage to the file unless
+    it is of a kind only storage raises: `SELECT error('Corrupt database file')` moves nothing aside,
+    a checksum failure in a block the statement read still does."""
+    if type(exc) not in _STORAGE_ERRORS:
+        setattr(exc, _USER_STATEMENT, True)
     return exc
 
 

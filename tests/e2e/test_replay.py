@@ -113,8 +113,10 @@ def test_rerun_warns_or_fails_when_an_input_changed(home: Path, tmp_path: Path) 
     data.write_text("x\n1\n2\n3\n")
     with pytest.warns(UserWarning, match="input 'data'.*changed"):
         assert get_run_db().rerun(run.uid).results == {"rows": 3}
-    failed = subprocess.run([RUNBUS, "rerun", run.uid, "--strict"], env={**os.environ, "RUNBUS_HOME": str(home)},
-                            capture_output=True, text=True, timeout=60)
+    # the handler's module must load in the CLI's process too: rerun asks that before it reads inputs
+    env = {**os.environ, "RUNBUS_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    failed = subprocess.run([RUNBUS, "rerun", run.uid, "--strict"], env=env, capture_output=True, text=True,
+                            timeout=60)
     assert failed.returncode == 1 and "changed since run" in failed.stderr
 
 
