@@ -43,7 +43,8 @@ def check_text(kind: str, key: object, text: object, what: str = "value") -> str
 def check_key(kind: str, key: object) -> str:
     """`key` if it is a non-empty str of valid UTF-8; InvalidValue otherwise."""
     if type(key) is not str or not key:
-        raise InvalidValue(f"{kind} key must be a non-empty string, got {key!r}")
+        raise InvalidValue(f"{kind} key must be a non-empty string, got "
+                           f"{'an empty string' if key == '' else type(key).__name__}")
     return check_text(kind, key, key, "key")
 
 
@@ -78,7 +79,8 @@ def _checked(kind: str, key: str, value: Any, depth: int, redact: Redact | None)
                 check_text(kind, key, k, "a dict key in the value")
                 k = redact(k) if redact else k
             elif not (k is None or isinstance(k, (bool, int, float))):
-                raise InvalidValue(f"{kind} {key!r}: dict key {k!r:.80} in the value is not a string")
+                raise InvalidValue(f"{kind} {key!r}: a dict key of type {type(k).__name__} in the value "
+                                   f"is not a string")
             out[k] = _checked(kind, key, v, depth + 1, redact)
         return out
     if isinstance(value, (list, tuple)):
@@ -86,7 +88,7 @@ def _checked(kind: str, key: str, value: Any, depth: int, redact: Redact | None)
     try:
         plain = _numpy_to_python(value)
     except TypeError as exc:
-        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} cannot be logged: {exc}") from None
+        raise InvalidValue(f"{kind} {key!r}: value of type {type(value).__name__} cannot be logged: {exc}") from None
     return _checked(kind, key, plain, depth, redact)
 
 
@@ -100,7 +102,7 @@ def to_json(kind: str, key: object, value: Any, redact: Redact | None = None) ->
     try:
         text = json.dumps(checked)
     except (TypeError, ValueError) as exc:
-        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} cannot be logged: {exc}") from None
+        raise InvalidValue(f"{kind} {key!r}: value of type {type(value).__name__} cannot be logged: {exc}") from None
     if len(text) > MAX_TEXT_BYTES:
         raise InvalidValue(f"{kind} {key!r}: value is {len(text)} bytes as JSON, more than "
                            f"{MAX_TEXT_BYTES}; log it as an artifact")
@@ -115,11 +117,11 @@ def to_number(kind: str, key: object, value: Any) -> float:
     if isinstance(value, float):
         return value
     if isinstance(value, (str, bytes)) or value is None:
-        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} is not a number")
+        raise InvalidValue(f"{kind} {key!r}: value of type {type(value).__name__} is not a number")
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
-        raise InvalidValue(f"{kind} {key!r}: value {value!r:.80} is not a number") from None
+        raise InvalidValue(f"{kind} {key!r}: value of type {type(value).__name__} is not a number") from None
 
 
 def to_step(kind: str, key: str, step: Any) -> int | None:
@@ -130,7 +132,7 @@ def to_step(kind: str, key: str, step: Any) -> int | None:
         number = operator.index(step)
     except TypeError:
         if not (isinstance(step, float) and step.is_integer()):
-            raise InvalidValue(f"{kind} {key!r}: step {step!r:.80} is not an integer") from None
+            raise InvalidValue(f"{kind} {key!r}: step of type {type(step).__name__} is not an integer") from None
         number = int(step)
     if not INT64_MIN <= number <= INT64_MAX:
         raise InvalidValue(f"{kind} {key!r}: step {number} is outside the 64-bit integer range")
@@ -141,7 +143,7 @@ def to_timestamp(kind: str, key: str, timestamp: Any) -> float:
     """`timestamp` as seconds since the epoch, finite and between 1970 and 2262; InvalidValue names the key."""
     seconds = to_number(kind, key, timestamp)
     if not 0.0 <= seconds <= MAX_TIMESTAMP_S:  # also false for NaN
-        raise InvalidValue(f"{kind} {key!r}: timestamp {timestamp!r:.40} is not seconds since the epoch "
+        raise InvalidValue(f"{kind} {key!r}: timestamp {seconds!r} is not seconds since the epoch "
                            f"between 1970 and 2262 (time.time(), not time.time_ns() or milliseconds)")
     return seconds
 

@@ -167,3 +167,19 @@ def test_no_repr_of_a_task_or_run_spec_shows_a_secret_value(home: Path) -> None:
 
     for shown in (repr(spec), repr(task.secret_sources), repr(task), repr(spec.new_context())):
         assert SECRET not in shown
+
+
+def test_a_refused_value_is_not_quoted_in_the_error_so_no_cut_secret_leaks(home: Path) -> None:
+    class Config:
+        def __repr__(self) -> str:  # long enough that a bounded repr would cut the secret in half
+            return f"Config(endpoint='https://api.example.com/v1/models/abc', token='{SECRET}')"
+
+    def job(context: RunContext) -> None:
+        context.log_result("cfg", Config())
+
+    run = new_function().run(NewRun(handler=job).with_secrets("inline", {"API_TOKEN": SECRET}))
+
+    assert run.state == "error" and "result 'cfg'" in run.error and "Config" in run.error
+    row = get_run_db().read_run(run.uid)
+    for text in (run.error, run.traceback, row["error"], row["traceback"]):
+        assert SECRET[:6] not in text
