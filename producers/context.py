@@ -71,7 +71,8 @@ class RunContext:
         self._redact = Redactor(self._secrets)
         for what, text in (("name", name), ("project", project), ("handler", handler), ("runtime", runtime)):
             check_text("run", what, text)
-        self.uid, self.name, self.project = uid, name, project
+        # a name (like every key) is masked too: a secret value has no business in either
+        self.uid, self.name, self.project = uid, self._redact(name), project
         self.handler, self.runtime = handler, runtime
         self.parent_uid, self.iteration, self.code_ref = parent_uid, iteration, code_ref
         self.parameters: dict[str, Any] = {}
@@ -87,14 +88,14 @@ class RunContext:
         self.labels: dict[str, str] = check_text_map("label", labels, self._redact)
         self._extra = {check_key("extra", k): to_json("extra", k, v)[0] for k, v in (extra or {}).items()}
         self.results: dict[str, Any] = {}
-        self._metric_keys: set[str] = set()
+        self._metric_keys: dict[str, str] = {}  # key -> the key as logged (masked)
         self.artifacts: dict[str, DataItem] = {}
         self.state = "created"
         self.error: str | None = None
         self.traceback: str | None = None
         self.return_value: Any = None
         self._started = 0.0
-        self.logger = RedactingLogger(logging.getLogger(f"runbus.run.{name}"), self._redact)
+        self.logger = RedactingLogger(logging.getLogger(f"runbus.run.{self.name}"), self._redact)
 
     # lifecycle (called by the runtime) -------------------------------------------------------
 
@@ -105,8 +106,9 @@ class RunContext:
         self._emit("run_started", {
             "name": self.name, "project": self.project, "handler": self.handler,
             "runtime": self.runtime, "params": dict(self._params_json),
-            "inputs": {k: self._redact(v) for k, v in self.inputs.items()},
-            "input_digests": dict(self._input_digests), "secret_keys": sorted(self._secrets),
+            "inputs": {self._redact(k): self._redact(v) for k, v in self.inputs.items()},
+            "input_digests": {self._redact(k): v for k, v in self._input_digests.items()},
+            "secret_keys": sorted(self._secrets),
             "labels": dict(self.labels), "parent_uid": self.parent_uid, "iteration": self.iteration,
             "host": socket.gethostname(), "code_ref": self.code_ref, "extra": dict(self._extra),
             "heartbeat_interval_s": self._writer.heartbeat_interval_s,
@@ -213,23 +215,24 @@ class RunContext:
 
     def _metric(self, key: str, value: Any, step: Any, timestamp: Any) -> tuple[dict[str, Any], float]:
         """The metric event's payload, validated, and the time it was logged."""
-        if key not in self._metric_keys:  # the hot path: the same few keys, checked once each
-            check_key("metric", key)
+        logged_key = self._metric_keys.get(key)
+        if logged_key is None:  # the hot path: the same few keys, checked and masked once each
+            logged_key = self._redact(check_key("metric", key))
             if len(self._metric_keys) < _KNOWN_KEYS:
-                self._metric_keys.add(key)
+                self._metric_keys[key] = logged_key
         number = value if type(value) is float else to_number("metric", key, value)
         now = time.time()
-        return {"key": key, "value": number, "step": to_step("metric", key, step),
+        return {"key": logged_key, "value": number, "step": to_step("metric", key, step),
                 "timestamp": now if timestamp is None else to_timestamp("metric", key, timestamp)}, now
 
     def set_label(self, key: str, value: Any, replace: bool = True) -> None:
         """Set a label (its value as str); the key and value must be valid UTF-8 text."""
-        check_key("label", key)
+        logged_key = self._redact(check_key("label", key))
         text = self._redact(check_text("label", key, str(value)))
-        if not replace and key in self.labels:
+        if not replace and logged_key in self.labels:
             return
-        self._emit("label", {"key": key, "value": text})
-        self.labels[key] = text
+        self._emit("label", {"key": logged_key, "value": text})
+        self.labels[logged_key] = text
 
     # artifacts --------------------------------------------------------------------------------
 
@@ -261,13 +264,14 @@ class RunContext:
             extra = self._store.put_bytes(extra_data)
             artifact.meta[name] = {"uri": extra.uri, "sha256": extra.sha256, "format": extra_format}
         meta_json = self._meta_json(artifact.key, artifact.meta)
+        logged_key, logged_format = self._redact(artifact.key), self._redact.optional(artifact.format)
         self._emit("artifact", {
-            "key": artifact.key, "kind": artifact.kind, "uri": stored.uri,
-            "sha256": stored.sha256, "size": stored.size, "format": artifact.format,
+            "key": logged_key, "kind": artifact.kind, "uri": stored.uri,
+            "sha256": stored.sha256, "size": stored.size, "format": logged_format,
             "labels": labels_str, "meta": meta_json})
-        logged = DataItem(artifact.key, stored.uri, artifact.format, artifact.kind, stored.sha256,
+        logged = DataItem(logged_key, stored.uri, logged_format, artifact.kind, stored.sha256,
                           stored.size, labels_str, json.loads(meta_json), store_root=str(self._store.root))
-        self.artifacts[artifact.key] = logged
+        self.artifacts[logged_key] = logged
         return logged
 
     def log_dataset(self, key: str, df: pd.DataFrame, format: str = "csv", preview: int = 20,
@@ -290,10 +294,10 @@ class RunContext:
     # internals --------------------------------------------------------------------------------
 
     def _json(self, kind: str, key: str, value: Any) -> tuple[str, str, Any]:
-        """(key, JSON text, plain value) as logged: validated, secret values masked (keys name
-        things and are kept; strings in values, dict keys included, are masked)."""
+        """(key, JSON text, plain value) as logged: validated, secret values masked (in the key
+        and in every string of the value, dict keys included)."""
         text, plain = to_json(kind, key, value, self._redact or None)
-        return key, text, plain
+        return self._redact(key), text, plain
 
     def _plain(self, kind: str, key: str, value: Any, logged: Any) -> Any:
         """The value a handler sees: as given (numpy as Python), not masked."""

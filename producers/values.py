@@ -49,11 +49,15 @@ def check_key(kind: str, key: object) -> str:
 
 
 def check_text_map(kind: str, mapping: Mapping[Any, Any] | None, redact: Redact | None = None) -> dict[str, str]:
-    """A copy of `mapping` as str -> str (values through str() and `redact`), every key and value checked."""
+    """A copy of `mapping` as str -> str (keys and values, through str(), then through `redact`),
+    every key and value checked."""
     checked: dict[str, str] = {}
     for key, value in (mapping or {}).items():
         text = check_text(kind, check_key(kind, key), str(value))
-        checked[key] = redact(text) if redact else text
+        if redact:
+            checked[redact(key)] = redact(text)
+        else:
+            checked[key] = text
     return checked
 
 

@@ -183,3 +183,26 @@ def test_a_refused_value_is_not_quoted_in_the_error_so_no_cut_secret_leaks(home:
     row = get_run_db().read_run(run.uid)
     for text in (run.error, run.traceback, row["error"], row["traceback"]):
         assert SECRET[:6] not in text
+
+
+def test_a_secret_in_a_name_or_a_key_is_masked(bus_home: Path) -> None:
+    def job(context: RunContext) -> None:
+        context.log_result(f"auc@{SECRET}", 1)
+        context.log_metric(f"loss/{SECRET}", 0.1)
+        context.set_label(f"by-{SECRET}", "x")
+        context.get_param(f"default-{SECRET}", 2)
+        context.log_artifact(f"model-{SECRET}", body=b"x", format=f"f-{SECRET}")
+
+    task = NewRun(handler=job, name=f"train-{SECRET}", params={SECRET: 1}, labels={SECRET: "v"})
+    run = new_function().run(task.with_secrets("inline", {"API_TOKEN": SECRET}))
+
+    assert run.state == "completed", run.error
+    db = get_run_db()
+    assert db.sql("SELECT name FROM runs WHERE uid = ?", [run.uid]).name.tolist() == ["train-***"]
+    assert sorted(db.sql("SELECT key FROM params WHERE uid = ?", [run.uid]).key) == ["***", "default-***"]
+    assert db.sql("SELECT key FROM results WHERE uid = ?", [run.uid]).key.tolist() == ["auc@***"]
+    assert db.sql("SELECT key FROM metrics WHERE uid = ?", [run.uid]).key.tolist() == ["loss/***"]
+    assert sorted(db.sql("SELECT key FROM labels WHERE uid = ?", [run.uid]).key) == ["***", "by-***"]
+    events = db.sql("SELECT payload FROM events WHERE run_uid = ?", [run.uid])
+    assert not any(SECRET in payload for payload in events.payload)
+    assert SECRET.encode() not in _raw_log(bus_home)
