@@ -86,7 +86,9 @@ class RunContext:
         self.inputs: dict[str, str] = check_text_map("input", inputs)
         self._input_digests = check_text_map("input digest", input_digests)
         self.labels: dict[str, str] = check_text_map("label", labels, self._redact)
-        self._extra = {check_key("extra", k): to_json("extra", k, v)[0] for k, v in (extra or {}).items()}
+        # what the engine describes the run with (a sweep's hyperparams): masked like the params
+        self._extra = {self._redact(check_key("extra", k)): to_json("extra", k, v, self._redact or None)[0]
+                       for k, v in (extra or {}).items()}
         self.results: dict[str, Any] = {}
         self._metric_keys: dict[str, str] = {}  # key -> the key as logged (masked)
         self.artifacts: dict[str, DataItem] = {}

@@ -206,3 +206,18 @@ def test_a_secret_in_a_name_or_a_key_is_masked(bus_home: Path) -> None:
     events = db.sql("SELECT payload FROM events WHERE run_uid = ?", [run.uid])
     assert not any(SECRET in payload for payload in events.payload)
     assert SECRET.encode() not in _raw_log(bus_home)
+
+
+def test_a_secret_in_a_sweeps_hyperparams_is_masked_in_the_run_description(home: Path) -> None:
+    def job(context: RunContext, endpoint_key: str) -> None:
+        context.log_result("ok", 1)
+
+    task = NewRun(handler=job, name="sweep").with_secrets("inline", {"API_TOKEN": SECRET})
+    run = new_function().run(task, hyperparams={"endpoint_key": [SECRET, "other-key"]})
+
+    assert run.state == "completed", run.error
+    started = get_run_db().sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
+                               [run.uid]).payload.iloc[0]
+    assert "***" in started and SECRET not in started
+    for extra in get_run_db().sql("SELECT extra::VARCHAR AS e FROM runs").e:
+        assert SECRET not in (extra or "")
