@@ -8,9 +8,9 @@ waiting for DuckDB to refuse a batch, keeps the outcome independent of how the l
 (a bad result value overwritten by a later one in the same batch would never reach DuckDB).
 
 A run's state follows these rules, whatever process wrote the event:
-- run_finished with state 'lost' (the reaper's verdict) ends a run only while it is 'running';
-  it never overwrites the run's own end.
-- any other run_finished sets the run's state.
+- a run_finished written on the run's own stream (the stream of its run_started) sets its state.
+- a run_finished from any other stream is a verdict (the reaper's 'lost', a resumed sweep's end,
+  or a stranger's): it ends a run only while it is 'running' and never overwrites the run's own end.
 - any other event (heartbeat, metric, ...) of a run marked 'lost' makes it 'running' again:
   the run was not dead, and ends in the state of its own last event.
 Events of a run not started yet (no run_started applied) touch no run row.
@@ -146,13 +146,14 @@ def _interval(value: Any) -> float | None:
 class TableBatch:
     """Rows produced by one batch of events, ready to be written in one transaction.
 
-    `states` holds the state of every run the batch may touch (loaded before folding); a run
-    missing from it has no row yet.
+    `states` holds the state of every run the batch may touch (loaded before folding), `owners`
+    the stream of its run_started; a run missing from them has no row yet.
     """
 
     new_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
     params: dict[tuple[str, str], tuple[str, float | None]] = field(default_factory=dict)
     results: dict[tuple[str, str], tuple[str, float | None]] = field(default_factory=dict)
     labels: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -199,6 +200,7 @@ def _run_started(batch: TableBatch, event: Event) -> None:
     }
     batch.new_runs[event.run_uid] = row
     batch.states[event.run_uid] = "running"
+    batch.owners[event.run_uid] = event.stream
     params = {(event.run_uid, key): (value, _number_of(value)) for key, value in p["params"].items()}
     batch.params.update(params)
     for key, value in p["labels"].items():
@@ -234,7 +236,8 @@ def _artifact(batch: TableBatch, event: Event) -> None:
 def _run_finished(batch: TableBatch, event: Event) -> None:
     p = event.payload
     current = batch.states.get(event.run_uid)
-    if current is None or (p["state"] == "lost" and current != "running"):
+    verdict = p["state"] == "lost" or batch.owners.get(event.run_uid) != event.stream
+    if current is None or (verdict and current != "running"):
         return  # not started here yet, or a verdict that comes after the run's own end
     batch.states[event.run_uid] = p["state"]
     batch.update_run(event.run_uid, state=p["state"], finished_at=event.ts,

@@ -341,7 +341,7 @@ class Projector:
         is added to `skipped`. Returns the events folded."""
         indices = range(len(plan.apply)) if only is None else only
         chosen = [i for i in indices if i not in skipped]
-        batch.states.update(self._run_states(list({plan.apply[i][1].run_uid for i in chosen})))
+        self._load_runs(batch, list({plan.apply[i][1].run_uid for i in chosen}))
         position = self._next_position()
         accepted = []
         for index in chosen:
@@ -405,13 +405,16 @@ class Projector:
         search(candidates)
         return found
 
-    def _run_states(self, uids: list[str]) -> dict[str, str]:
-        """The stored state of each run that has a row (as folded: not the derived 'lost')."""
+    def _load_runs(self, batch: TableBatch, uids: list[str]) -> None:
+        """The stored state (as folded: not the derived 'lost') and own stream of each run that has
+        a row, into the batch."""
         if not uids:
-            return {}
-        rows = self.con.execute("SELECT uid, state FROM run_rows WHERE uid IN "
+            return
+        rows = self.con.execute("SELECT uid, state, stream FROM run_rows WHERE uid IN "
                                 "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
-        return dict(rows)
+        for uid, state, stream in rows:
+            batch.states[uid] = state
+            batch.owners[uid] = stream
 
     def _last_seqs(self, uids: list[str]) -> dict[tuple[str, str], int]:
         if not uids:

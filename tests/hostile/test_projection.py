@@ -199,6 +199,20 @@ def test_a_run_marked_lost_that_speaks_again_ends_in_the_state_of_its_own_last_e
     assert get_run_db().sql("SELECT value FROM results WHERE uid = ?", [uid]).value.tolist() == ["1"]
 
 
+@pytest.mark.parametrize("own_end, foreign_end", [("completed", "error"), ("error", "completed")])
+def test_a_run_finished_from_another_stream_never_overwrites_the_runs_own_end(bus_home: Path, own_end: str,
+                                                                              foreign_end: str) -> None:
+    """Anyone who reaches the bus can write a run_finished about any run; only the run's own stream
+    ends it, another stream's end is a verdict that counts only while the run is running."""
+    uid = _uid()
+    bus = services().bus
+    append(bus, uid, [envelope(uid, 0, "run_started", started(interval_s=60.0)),
+                      envelope(uid, 1, "run_finished", finished(own_end))])
+    append(bus, uid, [envelope(uid, 0, "run_finished", finished(foreign_end), stream="stranger", ts=0.0)])
+    assert _state(uid) == own_end
+    assert get_run_db().sql("SELECT count(*) AS n FROM events WHERE run_uid = ?", [uid]).n[0] == 3
+
+
 def test_a_live_job_marked_lost_keeps_everything_it_logs_and_ends_completed(
         bus_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.5")  # judged lost after 1.5 s of silence

@@ -119,7 +119,7 @@ def model_fold(records: list[bytes], poisoned: set[str]) -> dict[str, Any]:
     conflicted: set[str] = set()
     starts: set[str] = set()
     out: dict[str, Any] = {"events": [], "dead": [], "conflicts": [], "duplicates": [], "results": {},
-                           "params": {}, "labels": {}, "metrics": [], "runs": {}, "picky": []}
+                           "params": {}, "labels": {}, "metrics": [], "runs": {}, "picky": [], "owners": {}}
     for value in records:
         try:
             events = CODEC.decode_all(value)
@@ -144,6 +144,7 @@ def model_fold(records: list[bytes], poisoned: set[str]) -> dict[str, Any]:
                     _model_apply(out, e)
     for table in ("events", "dead", "conflicts", "duplicates", "metrics", "picky"):
         out[table] = sorted(out[table])
+    del out["owners"]  # how the model judges run_finished; not a table
     return out
 
 
@@ -153,6 +154,7 @@ def _model_apply(out: dict[str, Any], e: Event) -> None:
     runs = out["runs"]
     if e.type == "run_started":
         runs[e.run_uid] = "running"
+        out["owners"][e.run_uid] = e.stream
         out["params"].update({(e.run_uid, k): v for k, v in p["params"].items()})
         out["labels"].update({(e.run_uid, k): v for k, v in p["labels"].items()})
     elif e.type == "result":
@@ -167,7 +169,8 @@ def _model_apply(out: dict[str, Any], e: Event) -> None:
     if e.run_uid not in runs or e.type == "run_started":
         return
     if e.type == "run_finished":
-        if p["state"] != "lost" or runs[e.run_uid] == "running":
+        verdict = p["state"] == "lost" or out["owners"][e.run_uid] != e.stream
+        if not verdict or runs[e.run_uid] == "running":
             runs[e.run_uid] = p["state"]
     elif runs[e.run_uid] == "lost":
         runs[e.run_uid] = "running"
