@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r} must be a finite number")
     if value < minimum or (value == minimum and not inclusive):
         raise SettingsError(f"{name}={raw!r} must be {'at least' if inclusive else 'more than'} {minimum:g}")
     return value

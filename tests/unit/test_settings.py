@@ -20,6 +20,8 @@ def test_defaults_put_everything_under_dot_runbus_in_the_current_folder() -> Non
     ({"RUNBUS_FLUSH_INTERVAL": "soon"}, "RUNBUS_FLUSH_INTERVAL='soon' is not a float"),
     ({"RUNBUS_KAFKA_PARTITIONS": "2.5"}, "RUNBUS_KAFKA_PARTITIONS='2.5' is not a int"),
     ({"RUNBUS_DB_LINGER": "-1"}, "RUNBUS_DB_LINGER='-1' must be at least 0"),
+    ({"RUNBUS_HEARTBEAT_INTERVAL": "nan"}, "RUNBUS_HEARTBEAT_INTERVAL='nan' must be a finite number"),
+    ({"RUNBUS_HEARTBEAT_INTERVAL": "inf"}, "RUNBUS_HEARTBEAT_INTERVAL='inf' must be a finite number"),
 ])
 def test_a_bad_setting_names_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
