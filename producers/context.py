@@ -150,10 +150,11 @@ class RunContext:
             self.error = _bounded(self._redact(_printable(f"{type(error).__name__}: {error}")))
             self.traceback = _bounded(self._redact(_printable("".join(tb.format_exception(error)))))
         self.state = state or ("error" if error is not None else "completed")
+        # marked finished under the same lock as the run_finished emit: a call from another thread
+        # is either before run_finished on the run's stream or refused
         self._emit("run_finished", {
             "state": self.state, "error": self.error, "traceback": self.traceback,
-            "return_value": return_json, "duration_s": time.time() - self._started})
-        self._finished = True
+            "return_value": return_json, "duration_s": time.time() - self._started}, last=True)
         if flush:
             self._writer.sync(f"the events of run {self.uid}")
 
@@ -319,7 +320,8 @@ class RunContext:
         """The params as the log holds them (secret values masked)."""
         return dict(self._logged_params)
 
-    def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None) -> None:
+    def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None, *,
+              last: bool = False) -> None:
         # wait for room holding no lock; RunFinishedError names what was not logged
         self._writer.wait_for_room()
         with self._emit_lock:
@@ -327,6 +329,8 @@ class RunContext:
                 what = f"{event_type} {payload.get('key')!r}" if "key" in payload else event_type
                 raise RunFinishedError(f"run {self.uid} has finished ({self.state}): {what} was not logged")
             self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream, wait=False)
+            if last:
+                self._finished = True
 
     def _heartbeat(self) -> None:
         if not self._finished:

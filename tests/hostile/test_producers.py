@@ -479,3 +479,55 @@ def test_runbus_push_spill_delivers_a_kept_spill_file_once(home: Path) -> None:
     _assert_everything_logged(uids[0])
     events = _events(uids[0])
     assert len(events) == len(events.drop_duplicates(["stream", "seq"]))
+
+
+class _HandOverLock:
+    """A lock that, once released, runs `then` (to let a waiting thread in before the releaser goes on)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.then: Callable[[], None] | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+
+
+def test_a_call_racing_with_finish_is_logged_before_run_finished_or_refused(home: Path) -> None:
+    svc = services()
+    context = RunContext(svc.writer, svc.artifact_store, uid="race0", name="race")
+    lock = context._emit_lock = _HandOverLock()  # type: ignore[assignment]
+    outcome: list[str] = []
+
+    def late() -> None:
+        try:
+            context.log_metric("late", 1.0)
+            outcome.append("logged")
+        except RunFinishedError:
+            outcome.append("refused")
+
+    class Writer:  # the shared writer, starting a racing call as run_finished is emitted
+        def __getattr__(self, name: str) -> Any:
+            return getattr(svc.writer, name)
+
+        def emit(self, *args: Any, **kwargs: Any) -> None:
+            svc.writer.emit(*args, **kwargs)
+            if args[2] == "run_finished":
+                racer = threading.Thread(target=late)
+                racer.start()
+                lock.then = lambda: racer.join(10)
+
+    context._writer = Writer()  # type: ignore[assignment]
+    context.start()
+    context.finish()
+
+    assert outcome == ["refused"]
+    types = get_run_db().sql("SELECT type FROM events WHERE run_uid = 'race0' AND stream = ? ORDER BY seq",
+                             [context.stream]).type.tolist()
+    assert types == ["run_started", "run_finished"]
+
