@@ -134,7 +134,16 @@ class RunContext:
         """
         if self._finished:
             raise RunFinishedError(f"run {self.uid} has already finished ({self.state})")
-        self._writer.untrack(self.uid)
+        try:
+            self._finish(return_value, error, state)
+            if flush:
+                self._writer.sync(f"the events of run {self.uid}")
+        finally:
+            # the heartbeats go on until run_finished is on the bus: a run waiting for its backlog
+            # is alive (they travel on their own stream, so one after run_finished is harmless)
+            self._writer.untrack(self.uid)
+
+    def _finish(self, return_value: Any, error: BaseException | str | None, state: str | None) -> None:
         return_json = None
         if error is None and return_value is not None:
             try:
@@ -155,8 +164,6 @@ class RunContext:
         self._emit("run_finished", {
             "state": self.state, "error": self.error, "traceback": self.traceback,
             "return_value": return_json, "duration_s": time.time() - self._started}, last=True)
-        if flush:
-            self._writer.sync(f"the events of run {self.uid}")
 
     def request_iterations(self, requests: list[tuple[int, Mapping[str, Any]]]) -> None:
         """Ask for sweep iterations: one iteration_requested event per (iteration, params)."""
@@ -333,10 +340,10 @@ class RunContext:
                 self._finished = True
 
     def _heartbeat(self) -> None:
-        if not self._finished:
-            self._writer.emit(self.uid, next(self._beat_seq), "heartbeat",
-                              {"interval_s": self._writer.heartbeat_interval_s},
-                              stream=self.heartbeat_stream, wait=False, urgent=True)
+        # called while the run is tracked: from start() until finish() has its events on the bus
+        self._writer.emit(self.uid, next(self._beat_seq), "heartbeat",
+                          {"interval_s": self._writer.heartbeat_interval_s},
+                          stream=self.heartbeat_stream, wait=False, urgent=True)
 
     def __repr__(self) -> str:
         return f"RunContext(name={self.name!r}, uid={self.uid!r}, state={self.state!r})"

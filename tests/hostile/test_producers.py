@@ -531,3 +531,24 @@ def test_a_call_racing_with_finish_is_logged_before_run_finished_or_refused(home
                              [context.stream]).type.tolist()
     assert types == ["run_started", "run_finished"]
 
+
+@pytest.mark.timeout(120)
+def test_heartbeats_go_on_while_finish_waits_for_the_backlog(home: Path) -> None:
+    svc = services()
+    bus = SlowEmbeddedBus(svc.settings.log_path)
+    writer = BackgroundWriter(bus, svc.codec, flush_interval_s=0.01, max_batch=100, heartbeat_interval_s=0.05)
+    try:
+        context = RunContext(writer, svc.artifact_store, uid="finishing0", name="finishing")
+        context.start()
+        for step in range(3000):  # 30 appends of 100 at >= 50 ms each: finish() waits 1.5 s or more
+            context.log_metric("m", float(step), step=step)
+        finishing = time.time()
+        context.finish()
+        finished = time.time()
+    finally:
+        writer.close(timeout_s=60)
+        bus.close()
+
+    beats = get_run_db().sql("SELECT epoch(ts) AS ts FROM events WHERE run_uid = 'finishing0' AND type = 'heartbeat'")
+    assert len(beats[(beats.ts > finishing) & (beats.ts < finished - 0.5)]) >= 5
+    assert get_run_db().read_run("finishing0")["state"] == "completed"
