@@ -23,6 +23,9 @@ class SecretSource:
     def __post_init__(self) -> None:
         if self.kind not in SECRET_KINDS:
             raise ValueError(f"secret kind {self.kind!r} is not one of {', '.join(SECRET_KINDS)}")
+        if self.kind == "inline" and isinstance(self.source, Mapping):
+            for key in self.source:
+                check_secret_key(str(key))
 
     def resolve(self) -> dict[str, str]:
         if self.kind == "file":
@@ -46,7 +49,18 @@ def resolve_all(sources: Sequence[SecretSource]) -> dict[str, str]:
     merged: dict[str, str] = {}
     for source in sources:
         merged.update(source.resolve())
+    for key in merged:
+        check_secret_key(key)
     return merged
+
+
+def check_secret_key(key: str) -> str:
+    """`key` if it is valid UTF-8 text (the run records its secret keys); ValueError naming it otherwise."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"secret key {key!r} is not valid UTF-8 text ({exc.reason} at index {exc.start})") from None
+    return key
 
 
 def from_environment(keys: Sequence[str]) -> dict[str, str]:

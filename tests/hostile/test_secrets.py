@@ -221,3 +221,16 @@ def test_a_secret_in_a_sweeps_hyperparams_is_masked_in_the_run_description(home:
     assert "***" in started and SECRET not in started
     for extra in get_run_db().sql("SELECT extra::VARCHAR AS e FROM runs").e:
         assert SECRET not in (extra or "")
+
+
+def test_a_secret_key_that_is_not_utf8_is_refused_naming_the_key_and_nothing_is_logged(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"secret key 'K\\udc80' is not valid UTF-8") as refused:
+        NewRun(handler=print).with_secrets("inline", {"K\udc80": SECRET})
+    assert SECRET not in str(refused.value)
+
+    monkeypatch.setenv("K\udc80", SECRET)  # an environment variable whose name is not UTF-8
+    with pytest.raises(ValueError, match=r"secret key 'K\\udc80' is not valid UTF-8") as refused:
+        new_function().run(NewRun(handler=print).with_secrets("env", ["K\udc80"]))
+    assert SECRET not in str(refused.value)
+    assert get_run_db().sql("SELECT count(*) AS n FROM events").n.iloc[0] == 0
