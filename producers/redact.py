@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 MASK = "***"
@@ -67,7 +67,7 @@ class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             stacklevel: int = 1, extra: Any = None) -> None:
         if not self.isEnabledFor(level):
             return
-        text = str(msg) % args if args else str(msg)
+        text = _format(msg, args)
         if exc_info:
             if exc_info is True:
                 exc_info = sys.exc_info()
@@ -79,3 +79,21 @@ class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             text += "\nStack (most recent call last):\n" + "".join(traceback.format_stack()).rstrip("\n")
         # stacklevel + 1: the caller of debug()/info()/... (logging's own frames are skipped) rather than this
         self.logger.log(level, self._redact(text), extra=extra, stacklevel=stacklevel + 1)
+
+
+def _format(msg: object, args: tuple[Any, ...]) -> str:
+    """`msg % args` as logging formats it (a single mapping argument is used by name); a format that
+    does not fit its arguments gives the message and the arguments' repr rather than an error."""
+    text = str(msg)
+    if not args:
+        return text
+    if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        args = args[0]  # type: ignore[assignment]
+    try:
+        return text % args
+    except Exception as exc:
+        try:
+            shown = repr(args)
+        except Exception:
+            shown = f"of type {type(args).__name__}"
+        return f"{text} (arguments {shown} do not fit this format: {type(exc).__name__}: {exc})"

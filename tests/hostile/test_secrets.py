@@ -234,3 +234,19 @@ def test_a_secret_key_that_is_not_utf8_is_refused_naming_the_key_and_nothing_is_
         new_function().run(NewRun(handler=print).with_secrets("env", ["K\udc80"]))
     assert SECRET not in str(refused.value)
     assert get_run_db().sql("SELECT count(*) AS n FROM events").n.iloc[0] == 0
+
+
+def test_the_run_logger_formats_as_logging_does_and_a_bad_format_does_not_end_the_run(
+        home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def job(context: RunContext) -> None:
+        context.logger.warning("epoch %(epoch)d with %(token)s", {"epoch": 3, "token": SECRET})
+        context.logger.warning("progress 50% of %s", SECRET)
+
+    with caplog.at_level(logging.WARNING, logger="runbus.run"):
+        run = new_function().run(NewRun(handler=job).with_secrets("inline", {"API_TOKEN": SECRET}))
+
+    assert run.state == "completed", run.error
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("runbus.run")]
+    assert "epoch 3 with ***" in lines
+    assert any(line.startswith("progress 50% of %s (arguments ('***',)") for line in lines)
+    assert SECRET not in caplog.text
