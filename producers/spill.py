@@ -8,7 +8,9 @@ unlocked file and deletes it. The records are the encoded events with their even
 repeated after a crash only duplicates events the projector skips.
 
 Format: a header line `RUNBUS-SPILL 1 <target as JSON>`, then frames: key length (4 bytes, signed,
--1 for no key), value length (4 bytes), key (UTF-8), value. A frame cut short by a crash is ignored.
+-1 for no key), value length (4 bytes), key (UTF-8), value. What cannot be delivered (a frame whose key
+is not UTF-8; a frame cut short by a crash or with a damaged length, and all after it) is never
+deleted: a delivery keeps it in `<name>.damaged` (owner-only) and names it in an error log line.
 """
 
 from __future__ import annotations
@@ -57,16 +59,51 @@ def _frames(records: Sequence[Record]) -> bytes:
 
 
 def _read_records(stream: IO[bytes]) -> Iterator[Record]:
+    """The deliverable records from the stream's position on (what `_read_frames` finds)."""
+    records, _ = _read_frames(stream)
+    yield from records
+
+
+@dataclass
+class _Damage:
+    """The bytes of a spill file that cannot be delivered: frames whose key is not UTF-8, and the
+    rest of the file from a frame whose lengths run past its end (cut short by a crash, or damaged)."""
+
+    data: bytearray
+    frames: int = 0  # frames with a key that is not UTF-8
+    tail_at: int | None = None  # where the unreadable rest begins
+
+    def __bool__(self) -> bool:
+        return bool(self.data)
+
+
+def _read_frames(stream: IO[bytes]) -> tuple[list[Record], _Damage]:
+    records: list[Record] = []
+    damage = _Damage(bytearray())
     while True:
+        start = stream.tell()
         head = stream.read(_FRAME.size)
-        if len(head) < _FRAME.size:
-            return
-        key_len, value_len = _FRAME.unpack(head)
-        key_bytes = stream.read(max(key_len, 0))
-        value = stream.read(value_len)
-        if len(key_bytes) < max(key_len, 0) or len(value) < value_len:
-            return  # cut short by a crash while it was written: never acknowledged to anyone
-        yield (None if key_len < 0 else key_bytes.decode()), value
+        if not head:
+            return records, damage
+        key_len = value_len = 0
+        if len(head) == _FRAME.size:
+            key_len, value_len = _FRAME.unpack(head)
+        key_bytes = stream.read(max(key_len, 0)) if len(head) == _FRAME.size else b""
+        value = stream.read(value_len) if len(head) == _FRAME.size else b""
+        if len(head) < _FRAME.size or len(key_bytes) < max(key_len, 0) or len(value) < value_len:
+            # cut short by a crash while it was written, or a damaged length: nothing after it can
+            # be read as frames, so all of it is kept, undelivered
+            stream.seek(start)
+            damage.tail_at = start
+            damage.data += stream.read()
+            return records, damage
+        try:
+            key = None if key_len < 0 else key_bytes.decode()
+        except UnicodeDecodeError:
+            damage.frames += 1
+            damage.data += head + key_bytes + value
+            continue
+        records.append((key, value))
 
 
 def _read_header(stream: IO[bytes]) -> str | None:
@@ -201,6 +238,9 @@ def _deliver_file(path: Path, bus: Bus, target: str) -> int | None:
         stream = path.open("rb")
     except FileNotFoundError:
         return None
+    except OSError as exc:  # one file that cannot be read must not block the others
+        log.error("spill file %s cannot be read (%s); it is kept", path, exc)
+        return None
     with stream:
         try:
             fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -210,9 +250,44 @@ def _deliver_file(path: Path, bus: Bus, target: str) -> int | None:
             return None  # delivered and deleted while this waited
         if _read_header(stream) != target:
             return None
-        records = list(_read_records(stream))
+        header_end = stream.tell()
+        try:
+            records, damage = _read_frames(stream)
+        except (OSError, ValueError) as exc:  # one file that cannot be read must not block the others
+            log.error("spill file %s cannot be read (%s); it is kept", path, exc)
+            return None
         for start in range(0, len(records), _DELIVERY_CHUNK):
             bus.append(records[start:start + _DELIVERY_CHUNK])
+        if damage:
+            # never delete what was not delivered: keep it, with the header, for a person to look at
+            stream.seek(0)
+            kept = _keep_damaged(path, stream.read(header_end), damage)
+            if kept is None:
+                return None  # the file stays whole; a later delivery repeats (the projector skips duplicates)
         path.unlink()
         log.warning("delivered %d bus records kept in %s to %s", len(records), path, target)
         return len(records)
+
+
+def _keep_damaged(path: Path, header: bytes, damage: _Damage) -> Path | None:
+    """Write the undeliverable bytes of spill file `path` to `<name>.damaged` (owner-only)."""
+    damaged = path.with_suffix(".damaged")
+    what = []
+    if damage.frames:
+        what.append(f"{damage.frames} frame(s) whose key is not UTF-8")
+    if damage.tail_at is not None:
+        what.append(f"a frame at byte {damage.tail_at} that runs past the end of the file (cut short or "
+                    f"damaged) and everything after it")
+    try:
+        fd = os.open(damaged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(header + bytes(damage.data))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        log.error("spill file %s holds %d bytes that cannot be delivered (%s) and they cannot be kept in %s "
+                  "(%s): the file is kept whole", path, len(damage.data), "; ".join(what), damaged, exc)
+        return None
+    log.error("spill file %s holds %d bytes that cannot be delivered (%s): they are kept in %s",
+              path, len(damage.data), "; ".join(what), damaged)
+    return damaged

@@ -552,3 +552,56 @@ def test_heartbeats_go_on_while_finish_waits_for_the_backlog(home: Path) -> None
     beats = get_run_db().sql("SELECT epoch(ts) AS ts FROM events WHERE run_uid = 'finishing0' AND type = 'heartbeat'")
     assert len(beats[(beats.ts > finishing) & (beats.ts < finished - 0.5)]) >= 5
     assert get_run_db().read_run("finishing0")["state"] == "completed"
+
+
+class _ListBus:
+    """Keeps what it is given."""
+
+    url = "list://"
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str | None, bytes]] = []
+
+    def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
+        self.records.extend(records)
+
+
+def test_a_damaged_spill_file_delivers_what_it_can_keeps_the_rest_and_blocks_no_other(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import struct
+
+    from producers.spill import SpillFile, bus_target, deliver_spill
+
+    bus = _ListBus()
+
+    def spill(records: list[tuple[str | None, bytes]]) -> Path:
+        kept = SpillFile(tmp_path, bus_target(bus))  # type: ignore[arg-type]
+        kept.keep(records)
+        assert kept.path is not None and kept._file is not None
+        kept._file.close()
+        return kept.path
+
+    def damage(path: Path, at: int, data: bytes) -> None:  # `at`: from the start of the second frame
+        raw = bytearray(path.read_bytes())
+        second = raw.index(b"\n") + 1 + 8 + 1 + 1  # the first frame: a 1-byte key and a 1-byte value
+        raw[second + at:second + at + len(data)] = data
+        path.write_bytes(bytes(raw))
+
+    bad_key = spill([("a", b"1"), ("b", b"2"), ("c", b"3")])
+    damage(bad_key, 8, b"\xff")  # the second frame's key is not UTF-8
+    bad_length = spill([("d", b"4"), ("e", b"5"), ("f", b"6")])
+    damage(bad_length, 4, struct.pack(">I", 1 << 30))  # the second frame's value length: one flipped bit
+    good = spill([("g", b"7")])
+
+    with caplog.at_level(logging.ERROR, logger="runbus.spill"):
+        done = deliver_spill(tmp_path, bus)  # type: ignore[arg-type]
+
+    assert done.files == 3 and sorted(bus.records) == [("a", b"1"), ("c", b"3"), ("d", b"4"), ("g", b"7")]
+    kept = {bad_key.with_suffix(".damaged"), bad_length.with_suffix(".damaged")}
+    assert set(tmp_path.iterdir()) == kept and not good.exists()
+    for path in kept:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and str(path) in caplog.text
+    assert b"2" in bad_key.with_suffix(".damaged").read_bytes()
+    assert bad_length.with_suffix(".damaged").read_bytes().endswith(b"f6")
+    assert "1 frame(s) whose key is not UTF-8" in caplog.text
