@@ -14,6 +14,7 @@ MASK = "***"
 # Shorter values are not masked: masking "1" or "no" would garble every message (line numbers
 # included) while the positions of the masks would still give the value away.
 MIN_MASKED_CHARS = 4
+_LINE_BREAK = "(?:\r?\n)?"
 
 log = logging.getLogger("runbus.secrets")
 _warned: set[str] = set()
@@ -37,10 +38,14 @@ class Redactor:
                     log.warning("secret %r is shorter than %d characters: its value is not masked in "
                                 "what runs log", key, MIN_MASKED_CHARS)
                 continue
-            forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1]})
+            # the value, its escaped forms in a str repr, JSON text and a bytes repr (b'p\xc3\xa4...')
+            forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1],
+                          repr(value.encode("utf-8", "backslashreplace"))[2:-1]})
         forms.discard("")
-        # longest first, so a secret that contains another is masked whole
-        self._pattern = re.compile("|".join(map(re.escape, sorted(forms, key=len, reverse=True)))) if forms else None
+        # longest first, so a secret that contains another is masked whole; a line break anywhere
+        # in a form (a message wrapped or split across lines) still matches
+        self._pattern = re.compile("|".join(
+            _LINE_BREAK.join(map(re.escape, form)) for form in sorted(forms, key=len, reverse=True))) if forms else None
 
     def __bool__(self) -> bool:
         return self._pattern is not None

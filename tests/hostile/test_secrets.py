@@ -250,3 +250,21 @@ def test_the_run_logger_formats_as_logging_does_and_a_bad_format_does_not_end_th
     assert "epoch 3 with ***" in lines
     assert any(line.startswith("progress 50% of %s (arguments ('***',)") for line in lines)
     assert SECRET not in caplog.text
+
+
+def test_a_secret_split_across_lines_or_in_a_bytes_repr_is_masked(home: Path) -> None:
+    secret = "pässwörd-Tok3n_9f8e7d"
+
+    def split(context: RunContext) -> None:
+        raise RuntimeError(f"token {secret[:7]}\n{secret[7:]} refused")
+
+    def in_bytes(context: RunContext) -> None:
+        open(b"/nonexistent/" + secret.encode())  # noqa: SIM115 - the error message shows a bytes repr
+
+    for job in (split, in_bytes):
+        run = new_function().run(NewRun(handler=job).with_secrets("inline", {"API_TOKEN": secret}))
+        assert run.state == "error" and "***" in run.error
+        row = get_run_db().read_run(run.uid)
+        for text in (run.error, run.traceback, row["error"], row["traceback"]):
+            assert secret[:7] not in text and secret[7:] not in text
+            assert repr(secret.encode())[2:-1] not in text
