@@ -22,7 +22,7 @@ import logging
 import os
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,12 +56,6 @@ def _frames(records: Sequence[Record]) -> bytes:
         key_bytes = b"" if key is None else key.encode()
         out += _FRAME.pack(-1 if key is None else len(key_bytes), len(value)) + key_bytes + value
     return bytes(out)
-
-
-def _read_records(stream: IO[bytes]) -> Iterator[Record]:
-    """The deliverable records from the stream's position on (what `_read_frames` finds)."""
-    records, _ = _read_frames(stream)
-    yield from records
 
 
 @dataclass
@@ -164,17 +158,25 @@ class SpillFile:
 
     def redeliver(self, bus: Bus) -> int:
         """Append every kept record to `bus` in order, then forget them; the bus's error otherwise."""
+        damage: _Damage | None = None
         if self.folder is None:
             records = list(self._memory)
         elif self._file is None:
             return 0
         else:
             self._file.seek(self._header_len)
-            records = list(_read_records(self._file))
+            records, damage = _read_frames(self._file)
             self._file.seek(0, os.SEEK_END)
         for start in range(0, len(records), _DELIVERY_CHUNK):
             bus.append(records[start:start + _DELIVERY_CHUNK])
         if self._file is not None:
+            if damage:  # never truncate what was not delivered
+                assert self.path is not None
+                self._file.seek(0)
+                header = self._file.read(self._header_len)
+                self._file.seek(0, os.SEEK_END)
+                if _keep_damaged(self.path, header, damage) is None:
+                    raise OSError(f"the undeliverable part of {self.path} cannot be kept aside")
             self._file.truncate(self._header_len)
             self._file.seek(self._header_len)
         self._memory.clear()

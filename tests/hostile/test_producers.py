@@ -605,3 +605,21 @@ def test_a_damaged_spill_file_delivers_what_it_can_keeps_the_rest_and_blocks_no_
     assert b"2" in bad_key.with_suffix(".damaged").read_bytes()
     assert bad_length.with_suffix(".damaged").read_bytes().endswith(b"f6")
     assert "1 frame(s) whose key is not UTF-8" in caplog.text
+
+
+def test_a_writer_redelivering_its_own_spill_keeps_what_it_cannot_deliver(tmp_path: Path) -> None:
+    from producers.spill import SpillFile, bus_target
+
+    bus = _ListBus()
+    spill = SpillFile(tmp_path, bus_target(bus))  # type: ignore[arg-type]
+    spill.keep([("a", b"1"), ("b", b"2")])
+    assert spill.path is not None
+    raw = bytearray(spill.path.read_bytes())
+    raw[raw.index(b"\n") + 1 + 8 + 1 + 1 + 8] = 0xFF  # the second frame's key is not UTF-8
+    spill.path.write_bytes(bytes(raw))
+
+    assert spill.redeliver(bus) == 1  # type: ignore[arg-type]
+    spill.close()
+
+    assert bus.records == [("a", b"1")]
+    assert spill.path.with_suffix(".damaged").read_bytes().endswith(b"\xff2")
