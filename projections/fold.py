@@ -28,12 +28,12 @@ from typing import Any
 import duckdb
 import orjson
 
-from producers.values import numeric_or_none
+from producers.values import MAX_TIMESTAMP_S, numeric_or_none
 from schemas import Event
 
 # Times a TIMESTAMPTZ column holds and pandas (datetime64[ns]) can read: years 1678 to 2261.
-MIN_TS = -9.2e9
-MAX_TS = 9.2e9
+MIN_TS = -MAX_TIMESTAMP_S
+MAX_TS = MAX_TIMESTAMP_S  # what the SDK accepts at the call is what the projection holds
 RUN_STATES = frozenset({"completed", "error", "aborted", "lost"})
 _FINISH_COLUMNS = ("finished_at", "duration_s", "error", "traceback", "return_value")
 
