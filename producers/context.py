@@ -186,6 +186,10 @@ class RunContext:
         self._logged_params[logged_key] = logged
         return value
 
+    def mask_secrets(self, text: str) -> str:
+        """`text` with this run's secret values replaced by `***` (as in everything the run logs)."""
+        return self._redact(text)
+
     def get_secret(self, key: str, default: str | None = None) -> str | None:
         """The secret's value (never logged); `default` when the run was given no such key."""
         return self._secrets.get(key, default)

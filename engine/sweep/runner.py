@@ -203,7 +203,9 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
 
 
 def _complete(parent: RunContext, state: SweepState, selector: Selector | None) -> RunContext:
-    table = iteration_table(state.done)
+    # the table and plot are Runbus's own bodies, made from params and results: secrets masked
+    table = iteration_table(state.done).map(lambda v: parent.mask_secrets(v) if isinstance(v, str) else v)
+    table.columns = [parent.mask_secrets(str(column)) for column in table.columns]
     best = None
     if selector is not None:
         best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})

@@ -221,6 +221,9 @@ def test_a_secret_in_a_sweeps_hyperparams_is_masked_in_the_run_description(home:
     assert "***" in started and SECRET not in started
     for extra in get_run_db().sql("SELECT extra::VARCHAR AS e FROM runs").e:
         assert SECRET not in (extra or "")
+    # the sweep's own bodies (iteration_results, the parallel-coordinates plot) are Runbus's to mask
+    bodies = [p for p in (home / "artifacts").rglob("*") if p.is_file()]
+    assert bodies and not [p for p in bodies if SECRET.encode() in p.read_bytes()]
 
 
 def test_a_secret_key_that_is_not_utf8_is_refused_naming_the_key_and_nothing_is_logged(
