@@ -223,21 +223,29 @@ class SlowEmbeddedBus(EmbeddedBus):
         super().append(records)
 
 
-@pytest.mark.timeout(120)
-def test_heartbeats_reach_the_bus_while_a_backlog_drains(home: Path) -> None:
+@contextlib.contextmanager
+def _run_behind_a_backlog(uid: str, metrics: int) -> Iterator[tuple[RunContext, BackgroundWriter]]:
+    """A started run on a slow bus (appends of 100 events, each >= 50 ms) with `metrics` metrics queued,
+    heartbeats every 50 ms; yields the run and its writer, both closed after the block."""
     svc = services()
     bus = SlowEmbeddedBus(svc.settings.log_path)
     writer = BackgroundWriter(bus, svc.codec, flush_interval_s=0.01, max_batch=100, heartbeat_interval_s=0.05)
     try:
-        context = RunContext(writer, svc.artifact_store, uid="backlog0", name="backlog")
+        context = RunContext(writer, svc.artifact_store, uid=uid, name=uid)
         context.start()
-        for step in range(4000):  # 40 appends of 100 at >= 50 ms each: a backlog of 2 s or more
+        for step in range(metrics):
             context.log_metric("m", float(step), step=step)
-        assert writer.flush(60)  # the job lives on while the backlog drains
-        context.finish()
+        yield context, writer
     finally:
         writer.close(timeout_s=60)
         bus.close()
+
+
+@pytest.mark.timeout(120)
+def test_heartbeats_reach_the_bus_while_a_backlog_drains(home: Path) -> None:
+    with _run_behind_a_backlog("backlog0", 4000) as (context, writer):  # a backlog of 2 s or more
+        assert writer.flush(60)  # the job lives on while the backlog drains
+        context.finish()
 
     events = get_run_db().sql("SELECT type, position FROM events WHERE run_uid = 'backlog0' ORDER BY position")
     last_metric = events[events.type == "metric"].position.max()
@@ -534,20 +542,10 @@ def test_a_call_racing_with_finish_is_logged_before_run_finished_or_refused(home
 
 @pytest.mark.timeout(120)
 def test_heartbeats_go_on_while_finish_waits_for_the_backlog(home: Path) -> None:
-    svc = services()
-    bus = SlowEmbeddedBus(svc.settings.log_path)
-    writer = BackgroundWriter(bus, svc.codec, flush_interval_s=0.01, max_batch=100, heartbeat_interval_s=0.05)
-    try:
-        context = RunContext(writer, svc.artifact_store, uid="finishing0", name="finishing")
-        context.start()
-        for step in range(3000):  # 30 appends of 100 at >= 50 ms each: finish() waits 1.5 s or more
-            context.log_metric("m", float(step), step=step)
+    with _run_behind_a_backlog("finishing0", 3000) as (context, _):  # finish() waits 1.5 s or more
         finishing = time.time()
         context.finish()
         finished = time.time()
-    finally:
-        writer.close(timeout_s=60)
-        bus.close()
 
     beats = get_run_db().sql("SELECT epoch(ts) AS ts FROM events WHERE run_uid = 'finishing0' AND type = 'heartbeat'")
     assert len(beats[(beats.ts > finishing) & (beats.ts < finished - 0.5)]) >= 5
