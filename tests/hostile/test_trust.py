@@ -81,6 +81,15 @@ def _as_new_run(events: list[Event], rewrite: Rewrite) -> tuple[str, list[Event]
     return uid, [rewrite(dataclasses.replace(e, run_uid=uid, event_id=uuid.uuid4().hex)) for e in events]
 
 
+def _appended_as_new_run(events: list[Event], **started: object) -> str:
+    """The events appended straight to the bus as another run (see `_as_new_run`), with `started`
+    written over its run_started payload, as anyone who reaches the bus can; returns its uid."""
+    uid, forged = _as_new_run(events, _started(**started))
+    svc = services()
+    append_new(forged, svc.bus, svc.codec)
+    return uid
+
+
 def _import(events: list[Event], tmp_path: Path) -> None:
     """Write the events as an export file and import it, as `runbus import` does."""
     svc = services()
@@ -282,10 +291,8 @@ def test_rerun_of_a_foreign_run_appended_to_the_bus_runs_nothing(bus_home: Path,
     marker = tmp_path / "pwned"
     module = sys.modules[handler.split(":")[0]]
     code_ref = f"{module.__file__}@sha256:{_sha(Path(module.__file__).read_bytes())}"
-    uid, forged = _as_new_run(_exported(_record()), _started(
-        handler=handler, params={param: json.dumps(f"touch {marker}")}, code_ref=code_ref))
-    svc = services()
-    append_new(forged, svc.bus, svc.codec)
+    uid = _appended_as_new_run(_exported(_record()), handler=handler,
+                               params={param: json.dumps(f"touch {marker}")}, code_ref=code_ref)
 
     with pytest.raises(UntrustedRun, match=f"run {uid}: will not load handler '{handler}'.*--trust"):
         rerun(uid)
@@ -294,10 +301,8 @@ def test_rerun_of_a_foreign_run_appended_to_the_bus_runs_nothing(bus_home: Path,
 
 def test_rerun_refuses_a_code_ref_signed_by_another_home(home: Path, tmp_path: Path) -> None:
     foreign_ref = describe_handler(handlers.seed_like, tmp_path / "another-home")[1]
-    uid, forged = _as_new_run(_exported(_record()), _started(handler="tests.support.handlers:seed_like",
-                                                             code_ref=foreign_ref))
-    svc = services()
-    append_new(forged, svc.bus, svc.codec)
+    uid = _appended_as_new_run(_exported(_record()), handler="tests.support.handlers:seed_like",
+                               code_ref=foreign_ref)
     with pytest.raises(UntrustedRun, match="not recorded by this Runbus home"):
         rerun(uid)
 
@@ -333,10 +338,7 @@ def test_a_file_handler_whose_source_changed_since_the_run_needs_trust(home: Pat
 
 
 def test_rerun_refuses_a_run_that_recorded_no_code_digest(home: Path, tmp_path: Path) -> None:
-    uid, forged = _as_new_run(_exported(_record()), _started(handler="tests.support.handlers:seed_like",
-                                                             code_ref=None))
-    svc = services()
-    append_new(forged, svc.bus, svc.codec)
+    uid = _appended_as_new_run(_exported(_record()), handler="tests.support.handlers:seed_like", code_ref=None)
     with pytest.raises(UntrustedRun, match="recorded no code digest"):
         rerun(uid)
     assert rerun(uid, trust=True).state == "completed"
@@ -363,32 +365,27 @@ def test_the_code_key_is_readable_by_its_owner_only(home: Path) -> None:
 def test_rerun_asks_for_trust_before_it_reads_any_input_the_log_names(home: Path, tmp_path: Path) -> None:
     """Input paths come from the log too: /dev/zero would be hashed forever if read first."""
     marker = tmp_path / "pwned"
-    uid, forged = _as_new_run(_exported(_record()), _started(
-        handler="os:system", params={"command": json.dumps(f"touch {marker}")},
-        inputs={"data": "/dev/zero"}, input_digests={"data": "0" * 64}))
-    svc = services()
-    append_new(forged, svc.bus, svc.codec)
+    uid = _appended_as_new_run(_exported(_record()), handler="os:system",
+                               params={"command": json.dumps(f"touch {marker}")},
+                               inputs={"data": "/dev/zero"}, input_digests={"data": "0" * 64})
 
     with pytest.raises(UntrustedRun, match="--trust"):
         rerun(uid, strict=True)
     assert not marker.exists()
 
 
-def _forged_sweep(**started: object) -> tuple[str, list[Event]]:
+def _forged_sweep(**started: object) -> str:
     """A sweep parent appended straight to the bus, its driver gone: a real sweep's run_started and
     iteration requests as another run, with `started` written over its run_started payload."""
     own = new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
                              .with_hyper_params({"p1": [1, 2]}, "min.loss")).uid
     parent = [e for e in _exported(own) if e.run_uid == own and e.type in ("run_started", "iteration_requested")]
-    uid, forged = _as_new_run(parent, _started(**started))
-    svc = services()
-    append_new(forged, svc.bus, svc.codec)
-    return uid, forged
+    return _appended_as_new_run(parent, **started)
 
 
 def test_resume_of_a_foreign_sweep_loads_and_runs_nothing_without_trust(home: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    uid, _ = _forged_sweep(**_os_system(marker))
+    uid = _forged_sweep(**_os_system(marker))
     with pytest.raises(UntrustedRun, match=f"run {uid}: will not load handler 'os:system'.*--trust"):
         resume_sweep(uid)
     cli = subprocess.run([str(Path(sys.executable).parent / "runbus"), "resume", uid],
@@ -403,7 +400,7 @@ def test_resume_sends_nothing_to_a_scheduler_the_log_names_without_trust(home: P
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.settimeout(0.5)
-        uid, _ = _forged_sweep(runtime=f"dask://127.0.0.1:{listener.getsockname()[1]}")
+        uid = _forged_sweep(runtime=f"dask://127.0.0.1:{listener.getsockname()[1]}")
         with pytest.raises(UntrustedRun, match=r"will not send the sweep to 'dask://127\.0\.0\.1"):
             resume_sweep(uid)
         with pytest.raises(TimeoutError):
