@@ -14,6 +14,8 @@ _EXPORTS = {
     "NewRun": "engine.task", "RunTemplate": "engine.task", "new_task": "engine.task",
     "RunObject": "engine.run", "RunDB": "projections.query",
     "EngineRunDB": "engine.api", "get_run_db": "engine.api", "resume": "engine.api",
+    "run_function": "engine.function",
+    "get_or_create_ctx": "engine.script", "start_run": "engine.script",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,7 @@ class Settings:
     kafka_topic: str = "runbus-events"
     kafka_partitions: int = 6
     projections: tuple[str, ...] = ()
+    capture_console: bool = True
 
     @property
     def db_path(self) -> Path:
@@ -67,7 +68,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     embedded log in RUNBUS_HOME), RUNBUS_PROJECT, RUNBUS_DB_TIMEOUT, RUNBUS_DB_LINGER, RUNBUS_FLUSH_INTERVAL,
     RUNBUS_FLUSH_TIMEOUT (how long a run's end waits for the bus), RUNBUS_HEARTBEAT_INTERVAL,
     RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
-    RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas)."""
+    RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas),
+    RUNBUS_CAPTURE_CONSOLE (0 turns off keeping a run's stdout and stderr as log events)."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
     return Settings(
@@ -83,4 +85,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kafka_topic=env.get("RUNBUS_KAFKA_TOPIC") or "runbus-events",
         kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
         projections=tuple(p.strip() for p in (env.get("RUNBUS_PROJECTIONS") or "").split(",") if p.strip()),
+        capture_console=_flag(env, "RUNBUS_CAPTURE_CONSOLE", True),
     )
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a flag: use 1 or 0")
