@@ -46,19 +46,18 @@ def test_seed_sweep_picks_iteration_2_and_records_the_table(home: Path) -> None:
 
 @pytest.mark.dask
 def test_seed_sweep_gives_the_same_answer_on_a_dask_local_cluster(home: Path) -> None:
-    task = NewRun(handler=handlers.seed_like).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
-    run = new_function(command="dask://").run(task, handler=handlers.seed_like)
+    task = NewRun(handler=handlers.seed_like_where).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
+    run = new_function(command="dask://").run(task, handler=handlers.seed_like_where)
 
     assert run.state == "completed"
     assert run.results["best_iteration"] == 2
     assert len(run.artifact("iteration_results").as_df()) == 3
-    hosts = get_run_db().sql("SELECT DISTINCT e.payload->>'$.host' AS host, r.runtime FROM runs r "
-                             "JOIN events e ON e.run_uid = r.uid AND e.type = 'run_started' "
-                             "WHERE r.parent_uid = ?", [run.uid])
-    assert set(hosts.runtime) == {"dask://"}
-    pids = get_run_db().sql("SELECT DISTINCT e.run_uid, r.iteration FROM events e JOIN runs r ON r.uid = e.run_uid "
-                            "WHERE r.parent_uid = ?", [run.uid])
-    assert len(pids) == 3
+    iterations = get_run_db().sql(
+        "SELECT r.runtime, TRY_CAST(res.value AS BIGINT) AS pid FROM runs r "
+        "JOIN results res ON res.uid = r.uid AND res.key = 'pid' WHERE r.parent_uid = ?", [run.uid])
+    assert len(iterations) == 3 and set(iterations.runtime) == {"dask://"}
+    # each iteration ran in a worker process, not in the driver
+    assert os.getpid() not in set(iterations.pid)
 
 
 @pytest.mark.dask

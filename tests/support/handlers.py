@@ -14,6 +14,14 @@ def seed_like(context, p1=1, p2="xx"):
     return "my resp"
 
 
+def seed_like_where(context, p1=1, p2="xx"):
+    """seed_like, also logging the process it ran in (result 'pid')."""
+    import os
+
+    context.log_result("pid", os.getpid())
+    return seed_like(context, p1, p2)
+
+
 def scored(context, x=0, fail_on=None, delay=0.0):
     """Logs score=x (or nothing for x=None); raises when x == fail_on."""
     if delay:
