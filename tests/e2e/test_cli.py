@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,14 @@ def train(context, lr=0.1, epochs=3):
 def broken(context):
     raise RuntimeError("no data")
 
-def slow(context):
-    import time
-    for step in range(40):
+def until_stopped(context):
+    import os, time
+    deadline = time.monotonic() + 120
+    step = 0
+    while not os.path.exists("stop") and time.monotonic() < deadline:
         context.log_metric("tick", step, step=step)
-        time.sleep(0.1)
+        step += 1
+        time.sleep(0.05)
 """
 
 
@@ -86,16 +88,18 @@ def test_project_rebuild_reports_the_records_folded(cli) -> None:
 
 
 def test_tail_prints_events_of_a_run_that_is_still_going(cli) -> None:
+    # the job logs until the test says stop: the tail may start late, the job is still going
+    job = subprocess.Popen([RUNBUS, "run", "job.py:until_stopped"], cwd=cli.cwd, env=cli.env,
+                           stdout=subprocess.DEVNULL)
     tail = subprocess.Popen([RUNBUS, "tail", "--type", "metric"], cwd=cli.cwd, env=cli.env,
                             stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
-        job = subprocess.Popen([RUNBUS, "run", "job.py:slow"], cwd=cli.cwd, env=cli.env,
-                               stdout=subprocess.DEVNULL)
         first = tail.stdout.readline()
         assert "metric" in first and "tick" in first
         assert job.poll() is None  # the run is still going while its events are shown
-        job.wait(60)
+        (cli.cwd / "stop").touch()
+        assert job.wait(60) == 0
     finally:
+        job.kill()
         tail.terminate()
         tail.wait(10)
