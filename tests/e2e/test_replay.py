@@ -213,19 +213,23 @@ def test_tail_shows_events_of_a_run_that_is_still_going(bus_home: Path, tmp_path
     services()  # the Kafka topic exists before tail starts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     tail = subprocess.Popen([RUNBUS, "tail", "--type", "result"], env=env, stdout=subprocess.PIPE, text=True)
-    script = ("import time\nfrom engine import NewRun, new_function\n"
-              "def slow(context):\n"
-              "    for i in range(30):\n"
+    script = ("import os, time\nfrom engine import NewRun, new_function\n"
+              "def until_stopped(context):\n"
+              "    deadline, i = time.monotonic() + 120, 0\n"
+              "    while not os.path.exists('stop') and time.monotonic() < deadline:\n"
               "        context.log_result('i', i)\n"
-              "        time.sleep(0.2)\n"
-              "new_function().run(NewRun(handler=slow, name='slow'))\n")
+              "        i += 1\n"
+              "        time.sleep(0.05)\n"
+              "new_function().run(NewRun(handler=until_stopped, name='slow'))\n")
+    # the job logs until the test says stop: a tail that starts late still sees it going
+    job = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path)
     try:
-        time.sleep(2.0)
-        job = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path)
         line = tail.stdout.readline()
         assert "result" in line and '"key": "i"' in line
         assert job.poll() is None
-        job.wait(60)
+        (tmp_path / "stop").touch()
+        assert job.wait(60) == 0
     finally:
+        job.kill()
         tail.terminate()
         tail.wait(10)
