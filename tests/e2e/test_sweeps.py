@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -128,8 +127,8 @@ def test_sweep_from_the_cli(home: Path, tmp_path: Path) -> None:
 SWEEP_SCRIPT = """
 import sys
 from engine import NewRun, new_function
-from tests.support.handlers import scored
-run = new_function().run(NewRun(handler=scored, params={"delay": float(sys.argv[1])}),
+from tests.support.handlers import gated
+run = new_function().run(NewRun(handler=gated, params={"gate_after": 6, "gate": sys.argv[1]}),
                          hyperparams={"x": list(range(1, 21))}, selector="max.score", quiet=True)
 print(run.uid)
 """
@@ -151,21 +150,20 @@ def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(bus_home:
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
     env = {**os.environ, "RUNBUS_HOME": str(bus_home), "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, "0.15"], env=env, cwd=tmp_path,
+    gate = tmp_path / "gate"  # iterations 7..20 wait for it: the driver dies with exactly 6 done
+    driver = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, str(gate)], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, text=True)
     db = get_run_db()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done = db.sql("SELECT count(*) AS n FROM runs WHERE parent_uid IS NOT NULL AND state = 'completed'").n[0]
-        if done >= 6:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: db.sql("SELECT count(*) AS n FROM runs WHERE parent_uid IS NOT NULL "
+                              "AND (state = 'completed' OR iteration = 7)").n[0] == 7,
+               "iterations 1-6 completed and 7 started")
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     parent_uid = db.sql("SELECT uid FROM runs WHERE iteration = 0").uid[0]
     finished_before = set(db.sql("SELECT iteration FROM runs WHERE parent_uid = ? AND state = 'completed'",
                                  [parent_uid]).iteration)
-    assert 6 <= len(finished_before) < 20
+    assert finished_before == set(range(1, 7))
+    gate.touch()
 
     resumed = subprocess.run([RUNBUS, "resume", parent_uid, "--quiet"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=180)
@@ -179,7 +177,7 @@ def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(bus_home:
     assert set(runs.state) <= {"completed", "lost"}
     assert (runs.state == "lost").sum() <= 1  # the iteration that was running when the driver died
 
-    clean = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, "0"], env=env, cwd=tmp_path,
+    clean = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, str(gate)], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0, clean.stderr
     assert _comparable(parent_uid) == _comparable(clean.stdout.strip().splitlines()[-1])

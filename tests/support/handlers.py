@@ -22,6 +22,15 @@ def seed_like_where(context, p1=1, p2="xx"):
     return seed_like(context, p1, p2)
 
 
+def gated(context, x=0, gate_after=0, gate=""):
+    """scored, but an iteration with x > gate_after first waits (up to 120 s) for the file `gate`."""
+    if x > gate_after:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return scored(context, x)
+
+
 def scored(context, x=0, fail_on=None, delay=0.0):
     """Logs score=x (or nothing for x=None); raises when x == fail_on."""
     if delay:
