@@ -8,47 +8,38 @@ import logging
 import stat
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 import producers.writer
-from producers.bus import Bus, BusRecord
 from producers.bus.base import BusRefused
+from producers.bus.memory import MemoryBus
 from producers.spill import deliver_spill
 from producers.writer import BackgroundWriter, EventsNotWritten
 from schemas import EventCodec
 
 
-class FlakyBus(Bus):
-    """Refuses appends until `healthy` is set; then keeps what it is given."""
+class FlakyBus(MemoryBus):
+    """A memory bus that refuses appends (a transient error) until `healthy` is set."""
 
-    url = "flaky://"
+    address = "flaky://"
 
     def __init__(self) -> None:
+        super().__init__()
+        self.url = self.address
         self.healthy = threading.Event()
-        self.records: list[tuple[str | None, bytes]] = []
 
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
         if not self.healthy.is_set():
             raise ConnectionError("broker down")
-        self.records.extend(records)
+        super().append(records)
 
-    def partitions(self) -> list[int]:
-        return [0]
-
-    def end_offsets(self) -> dict[int, int]:
-        return {0: len(self.records)}
-
-    def read(self, positions: Mapping[int, int], max_records: int = 10_000, timeout: float = 0.0) -> list[BusRecord]:
-        return []
-
-    def commit(self, group: str, positions: Mapping[int, int]) -> None:
-        pass
-
-    def committed(self, group: str) -> dict[int, int]:
-        return {}
+    @property
+    def records(self) -> list[tuple[str | None, bytes]]:
+        """What the bus holds, as (key, value)."""
+        return [(r.key, r.value) for r in self.read({}, 10**9)]
 
 
 def _metric(step: int) -> dict:
@@ -87,12 +78,12 @@ def test_an_unknown_event_type_is_refused_at_the_call() -> None:
 class RefusingBus(FlakyBus):
     """Refuses for good (BusRefused) until `healthy` is set."""
 
-    url = "refusing://"
+    address = "refusing://"
 
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
         if not self.healthy.is_set():
             raise BusRefused("refusing://: cannot append: PermissionError: read-only")
-        self.records.extend(records)
+        MemoryBus.append(self, records)
 
 
 def _events(bus: FlakyBus) -> list:
