@@ -95,7 +95,8 @@ def _is_missing(value: Any) -> bool:
 
 @app.command()
 def run(
-    target: Annotated[str, typer.Argument(help="FILE.py:HANDLER or module:handler")],
+    target: Annotated[str, typer.Argument(help="FILE.py:HANDLER, module:handler, or a script FILE.py")],
+    args: Annotated[list[str] | None, typer.Argument(help="the script's own arguments (after --)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="key=value (JSON values parsed)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: the handler's name)")] = None,
     label: Annotated[list[str] | None, typer.Option(help="key=value label")] = None,
@@ -110,7 +111,8 @@ def run(
     runtime: Annotated[str | None, typer.Option(help="dask:// or dask://host:port (default: in-process)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Run a handler once (or a sweep with --hyper) and print its results."""
+    """Run a handler once (or a sweep with --hyper) and print its results. A script FILE.py (no
+    :HANDLER) runs in a subprocess as one run, with ARGS; its get_or_create_ctx joins that run."""
     from engine.function import new_function
     from engine.task import RunTemplate
 
@@ -119,6 +121,17 @@ def run(
                        inputs=_pairs(input, "input"), labels=_pairs(label, "label"))
     if secrets:
         task.with_secrets("file", str(secrets))
+    script = target.endswith(".py") and ":" not in target
+    if script or args:
+        if not script:
+            raise typer.BadParameter(f"{target!r} takes no arguments: only a script FILE.py does")
+        if hyper or runtime:
+            raise typer.BadParameter("--hyper and --runtime need a handler: FILE.py:HANDLER")
+        from engine.run import RunObject
+        from engine.runtimes.command import run_script
+
+        _finish(RunObject.from_context(run_script(target, args or [], task)))
+        return
     if hyper:
         values = {k: [_parse_value(x) for x in v.split(",")] for k, v in _pairs(hyper, "hyper").items()}
         task.with_hyper_params(values, selector, strategy, max_iterations=max_iterations,

@@ -5,17 +5,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.bootstrap import services
 from engine.settings import Settings
 from producers.context import RunContext
 
+C = TypeVar("C", bound=RunContext)
+
 
 @dataclass(frozen=True)
 class RunSpec:
     settings: Settings
-    handler: Callable[..., Any] | bytes  # bytes: cloudpickled, for workers that cannot import it
+    # bytes: cloudpickled, for workers that cannot import it; None: a script or command, not a handler
+    handler: Callable[..., Any] | bytes | None
     handler_ref: str
     name: str
     project: str
@@ -30,10 +33,10 @@ class RunSpec:
     iteration: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def new_context(self, uid: str | None = None) -> RunContext:
-        """A context writing through this process's services for `settings`."""
+    def new_context(self, uid: str | None = None, context_class: type[C] = RunContext) -> C:  # type: ignore[assignment]
+        """A context (of `context_class`) writing through this process's services for `settings`."""
         svc = services(self.settings)
-        return RunContext(
+        return context_class(
             svc.writer, svc.artifact_store, uid=uid or uuid.uuid4().hex, name=self.name,
             project=self.project, handler=self.handler_ref, runtime=self.runtime, params=self.params,
             inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,

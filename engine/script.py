@@ -1,0 +1,318 @@
+"""Script-level runs: a script (cron, Slurm, a notebook, `python train.py`) opens its own run.
+
+`get_or_create_ctx(name)` starts a run for the process (or returns the one already open); the run
+ends when the script does: completed on a normal exit or `sys.exit(0)`, error on an uncaught
+exception or another exit code, aborted on Ctrl-C or SIGTERM; `kill -9` leaves it silent, and its
+missing heartbeats make it read `lost`. The context-manager form ends it at the end of the block.
+
+A script launched by Runbus (`runbus run script.py`, a command function) joins the launcher's run
+instead: the launcher hands the run over in a file named by RUNBUS_RUN_HANDOVER (see
+`write_handover`). The script then writes that run's results, metrics and artifacts on a stream of
+its own and never ends the run: the launcher does, from the exit code.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from engine.loader import code_mac
+from engine.runspec import RunSpec
+from engine.settings import Settings, load_settings
+from producers.context import RunContext, RunFinishedError
+from producers.spill import make_private_folder
+
+HANDOVER_ENV = "RUNBUS_RUN_HANDOVER"
+_HANDOVER_KEYS = ("uid", "name", "project", "handler", "runtime", "params", "inputs", "input_digests",
+                  "secrets", "labels", "parent_uid", "iteration", "code_ref")
+
+
+class Terminated(BaseException):
+    """SIGTERM reached a script whose run Runbus tracks (raised in the main thread)."""
+
+
+class ScriptContext(RunContext):
+    """A RunContext that is also a context manager and knows whether this process owns its run.
+
+    `owns_run` is False for a script that joined the run of the Runbus process that launched it:
+    leaving it flushes what the script logged and ends nothing."""
+
+    owns_run: bool = True
+    _depth: int = 0
+    _console: Any = None
+
+    def __enter__(self) -> ScriptContext:
+        self._depth += 1
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._depth -= 1
+        if self._depth <= 0:  # a nested `with` on the same run leaves the ending to the outer one
+            _end(self, exc)
+
+
+_lock = threading.RLock()
+_current: ScriptContext | None = None
+_exit_code: list[Any] = []  # what sys.exit() was last called with (atexit cannot learn it otherwise)
+_hooks_installed = False
+
+
+def get_or_create_ctx(name: str = "", event: Any = None, spec: Mapping[str, Any] | str | None = None,
+                      with_env: bool = True, rundb: str = "", project: str = "",
+                      upload_artifacts: bool = False, labels: Mapping[str, Any] | None = None,
+                      params: Mapping[str, Any] | None = None, capture_output: bool | None = None,
+                      settings: Settings | None = None) -> ScriptContext:
+    """The process's open run, or a new one named `name` (started), as MLRun's `get_or_create_ctx`.
+
+    With `with_env` (the default), a script launched by Runbus joins the launcher's run and gets
+    its params; `params` then only add defaults for keys it did not give. `spec` is MLRun's run
+    dict ({'metadata': {name, project, labels}, 'spec': {parameters}}) or its JSON. `capture_output`
+    False keeps this run's console out of the log (default: RUNBUS_CAPTURE_CONSOLE). `event`,
+    `rundb` and `upload_artifacts` are accepted for MLRun code and ignored: the bus comes from
+    RUNBUS_BUS, and artifacts are always stored.
+    """
+    global _current
+    with _lock:
+        if _current is not None and (not _current.owns_run or _current.state == "running"):
+            return _current
+        settings = settings or load_settings()
+        metadata, parameters = _mlrun_spec(spec)
+        params = {**parameters, **(params or {})}
+        labels = {**metadata.get("labels", {}), **(labels or {})}
+        handover = os.environ.get(HANDOVER_ENV) if with_env else None
+        if handover:
+            context = _join(read_handover(Path(handover)), settings, params, labels)
+        else:
+            context = _start(name or metadata.get("name") or _script_name(), project or metadata.get("project"),
+                             params, labels, settings, capture_output)
+        _current = context
+        _install_hooks()
+        return context
+
+
+def start_run(name: str = "", project: str = "", params: Mapping[str, Any] | None = None,
+              labels: Mapping[str, Any] | None = None, capture_output: bool | None = None) -> ScriptContext:
+    """`get_or_create_ctx` for the `with start_run(...) as ctx:` form: the block is the run."""
+    return get_or_create_ctx(name, project=project, params=params, labels=labels, capture_output=capture_output)
+
+
+def current_context() -> ScriptContext | None:
+    """The run this process opened or joined with get_or_create_ctx, if any."""
+    return _current
+
+
+# the handover between a launcher and the script it runs ---------------------------------------------
+
+def write_handover(context: RunContext, settings: Settings) -> Path:
+    """Write what a launched script needs to join `context`'s run to a new file readable by its owner
+    only (in RUNBUS_HOME/handover, 0700); the launcher names it in RUNBUS_RUN_HANDOVER and removes it
+    when the script ends.
+
+    A file rather than environment variables because the run's secrets are in it: a process's
+    environment is inherited by everything it starts and is what crash reporters and debug dumps
+    print; argv is readable by every user (/proc/PID/cmdline). The file is the owner's alone."""
+    folder = settings.home / "handover"
+    make_private_folder(folder)
+    fd, path = tempfile.mkstemp(dir=folder, prefix="run-", suffix=".json")  # mode 0600
+    record = {
+        "uid": context.uid, "name": context.name, "project": context.project, "handler": context.handler,
+        "runtime": context.runtime, "params": context.parameters, "inputs": context.inputs,
+        "input_digests": dict(context._input_digests), "secrets": dict(context._secrets),
+        "labels": context.labels, "parent_uid": context.parent_uid, "iteration": context.iteration,
+        "code_ref": context.code_ref}
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(record, out)
+    return Path(path)
+
+
+def read_handover(path: Path) -> dict[str, Any]:
+    """The run a launcher handed over in `path`; ValueError names the file when it cannot be used."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{HANDOVER_ENV}={str(path)!r}: cannot read the launcher's run: {exc}") from None
+    missing = [key for key in _HANDOVER_KEYS if key not in record] if isinstance(record, dict) else ["uid"]
+    if missing:
+        raise ValueError(f"{HANDOVER_ENV}={str(path)!r}: the handover has no {missing[0]!r}")
+    return record
+
+
+def script_code_ref(path: Path, reference: str, home: Path) -> str | None:
+    """The code reference of a script file, as `describe_handler` makes for a handler's source."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return f"{path}@sha256:{digest}#mac:{code_mac(home, reference, str(path), digest)}"
+
+
+# building the context ------------------------------------------------------------------------------
+
+def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Mapping[str, Any],
+           settings: Settings, capture_output: bool | None) -> ScriptContext:
+    script = _script_path()
+    reference = str(script) if script else "<stdin>"
+    spec = RunSpec(settings, None, reference, name, project or settings.project, runtime="script",
+                   params=dict(params), labels={k: str(v) for k, v in labels.items()},
+                   code_ref=script_code_ref(script, reference, settings.home) if script else None)
+    context = spec.new_context(context_class=ScriptContext)
+    context.start()
+    if settings.capture_console and capture_output is not False:
+        context._console = _capture(context)
+    return context
+
+
+def _join(record: Mapping[str, Any], settings: Settings, params: Mapping[str, Any],
+          labels: Mapping[str, Any]) -> ScriptContext:
+    spec = RunSpec(settings, None, record["handler"], record["name"], record["project"], record["runtime"],
+                   record["params"], record["inputs"], record["input_digests"], record["secrets"],
+                   record["labels"], record["code_ref"], record["parent_uid"], record["iteration"])
+    context = spec.new_context(uid=record["uid"], context_class=ScriptContext)
+    context.owns_run = False
+    context.resume()  # its own stream; run_started is the launcher's
+    for key, value in params.items():
+        context.get_param(key, value)
+    for key, value in labels.items():
+        context.set_label(key, value, replace=False)
+    return context
+
+
+def _capture(context: ScriptContext) -> Any:
+    """Enter console capture for the run (helper module producers.console); None without it."""
+    try:
+        from producers.console import capture_console
+    except ImportError:
+        return None
+    capture = capture_console(context, fd_level=True)
+    capture.__enter__()
+    return capture
+
+
+def _mlrun_spec(spec: Mapping[str, Any] | str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if spec is None:
+        return {}, {}
+    if isinstance(spec, str):
+        spec = json.loads(spec)
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"spec must be a dict or its JSON, not {type(spec).__name__}")
+    return dict(spec.get("metadata") or {}), dict((spec.get("spec") or {}).get("parameters") or {})
+
+
+def _script_path() -> Path | None:
+    main = sys.modules.get("__main__")
+    file = getattr(main, "__file__", None)
+    return Path(file).resolve() if file and Path(file).is_file() else None
+
+
+def _script_name() -> str:
+    script = _script_path()
+    return script.stem if script else "script"
+
+
+# ending the run -------------------------------------------------------------------------------------
+
+def _end(context: ScriptContext, exc: BaseException | None = None, exit_code: Any = None) -> None:
+    """End the run as `exc` (or the process's exit code) says; a joined run is only flushed."""
+    if context._console is not None:
+        console, context._console = context._console, None
+        with contextlib.suppress(Exception):
+            console.__exit__(None, None, None)
+    if not context.owns_run:
+        try:
+            context._writer.sync(f"the events of run {context.uid}")
+        finally:
+            context._writer.untrack(context.uid)
+        return
+    if context.state != "running":
+        return
+    state = None
+    error: BaseException | str | None = None
+    if isinstance(exc, SystemExit):
+        error = None if exc.code in (None, 0) else exc
+    elif isinstance(exc, Exception):
+        error = exc
+    elif exc is not None:  # KeyboardInterrupt, Terminated and other BaseExceptions
+        error, state = exc, "aborted"
+    elif exit_code not in (None, 0):
+        error = f"the script exited with {exit_code!r}"
+    with contextlib.suppress(RunFinishedError):
+        context.finish(error=error, state=state)
+
+
+def _install_hooks() -> None:
+    """Once per process: end the open run at interpreter exit, on an uncaught exception, on SIGTERM."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    # registered after the writer's own atexit close (atexit runs last-in first-out): the run's
+    # last events are emitted while the writer still takes them
+    atexit.register(_at_exit)
+    previous_hook = sys.excepthook
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        context = _current
+        if context is not None:
+            try:
+                _end(context, exc)
+            except Exception:
+                traceback.print_exc()
+        if isinstance(exc, Terminated):
+            _die_by(signal.SIGTERM, context)
+        previous_hook(kind, exc, tb)
+
+    sys.excepthook = excepthook
+    previous_exit = sys.exit
+
+    def exit(status: Any = None) -> None:  # stands in for sys.exit, remembering the status
+        _exit_code[:] = [status]
+        previous_exit(status)
+
+    exit.__doc__ = previous_exit.__doc__
+    sys.exit = exit
+    if threading.current_thread() is threading.main_thread() and _user_has_no_handler(signal.SIGTERM):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _at_exit() -> None:
+    context = _current
+    if context is None:
+        return
+    try:
+        _end(context, exit_code=_exit_code[0] if _exit_code else None)
+    except Exception as exc:
+        print(f"runbus: run {context.uid} could not be ended at exit: {exc}", file=sys.stderr)
+
+
+def _user_has_no_handler(signum: int) -> bool:
+    return signal.getsignal(signum) in (signal.SIG_DFL, None)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # raised in the main thread, so the run ends (aborted) as the stack unwinds, with no lock held
+    raise Terminated("terminated by SIGTERM")
+
+
+def _die_by(signum: signal.Signals, context: RunContext | None) -> None:
+    """End the process by `signum`, as it would have without Runbus (the parent sees the signal)."""
+    if context is not None:
+        with contextlib.suppress(Exception):
+            context._writer.sync(f"the events of run {context.uid}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
