@@ -1,4 +1,7 @@
-"""Finding handlers: from a callable, 'file.py:function', or 'package.module:function'."""
+"""Finding handlers by string, in MLRun's forms: 'file.py:function', 'package.module:function',
+'package.module.function', and 'Class::method' (a class in the command file, or
+'file.py:Class::method', 'package.module.Class::method'), whose instance is made per run from the
+run's `_init_args` param."""
 
 from __future__ import annotations
 
@@ -27,18 +30,72 @@ class HandlerNotFound(LookupError):
 
 
 def load_handler(reference: str, command: str | None = None) -> Callable[..., Any]:
-    """Load `reference`; a bare function name is looked up in the `command` file."""
-    if command and ":" not in reference:
-        reference = f"{command}:{reference}"
-    location, sep, name = reference.rpartition(":")
-    if not sep or not location or not name:
-        raise HandlerNotFound(f"handler {reference!r} must look like 'file.py:function' or "
-                              f"'module:function'")
+    """Load `reference`; a name with no location is looked up in the `command` file, or else read
+    as 'package.module.function'. HandlerNotFound names what is missing."""
+    location, name, method = _locate(reference, command)
     module = _load_file(location) if location.endswith(".py") else _import(location)
-    handler = getattr(module, name, None)
-    if not callable(handler):
-        raise HandlerNotFound(f"{location!r} has no function {name!r}")
-    return handler
+    found = _attribute(module, name)
+    if method is not None:
+        if not inspect.isclass(found):
+            raise HandlerNotFound(f"handler {reference!r}: {location!r} has no class {name!r}")
+        return MethodHandler(found, method)
+    if not callable(found):
+        raise HandlerNotFound(f"handler {reference!r}: {location!r} has no function {name!r}")
+    return found
+
+
+class MethodHandler:
+    """The handler 'Class::method': each run makes an instance, passing the run's `_init_args` param
+    (a dict) as keyword arguments and the context when the constructor takes `context` (as MLRun
+    does), then calls the method with the run's params by name."""
+
+    def __init__(self, cls: type, method: str) -> None:
+        if not callable(getattr(cls, method, None)):
+            raise HandlerNotFound(f"class {cls.__qualname__!r} has no method {method!r}")
+        self.cls, self.method = cls, method
+        # where the code lives, for runtimes that ship a script's handler by value (Dask)
+        self.__module__ = cls.__module__
+        self.__qualname__ = self.__name__ = f"{cls.__qualname__}::{method}"
+
+    def __call__(self, context: Any, **params: Any) -> Any:
+        from engine.runtimes.local import call_handler  # the runtimes import this module
+
+        init_args = context.parameters.get("_init_args") or {}
+        if not isinstance(init_args, dict):
+            raise TypeError(f"param '_init_args' must be a dict of {self.cls.__qualname__}'s arguments, "
+                            f"got {type(init_args).__name__}")
+        init_args = dict(init_args)
+        parameters = inspect.signature(self.cls).parameters
+        if "context" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            init_args.setdefault("context", context)
+        return call_handler(getattr(self.cls(**init_args), self.method), context)
+
+    def __repr__(self) -> str:
+        return f"MethodHandler({self.__qualname__})"
+
+
+def _locate(reference: str, command: str | None = None) -> tuple[str, str, str | None]:
+    """(location, name, method) of a handler reference: the file or module, the attribute path in
+    it, and the method of a 'Class::method' reference (else None)."""
+    base, _, method = reference.partition("::") if "::" in reference else (reference, "", None)
+    location, sep, name = base.rpartition(":")
+    if not sep:
+        location, name = "", base
+        if command:
+            location = command
+        elif "." in base:
+            location, _, name = base.rpartition(".")
+    if not location or not name or method == "":
+        raise HandlerNotFound(f"handler {reference!r} must look like 'file.py:function', 'module:function', "
+                              f"'module.function' or 'Class::method' (with a command file)")
+    return location, name, method
+
+
+def _attribute(module: Any, name: str) -> Any:
+    found = module
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found
 
 
 def _load_file(path: str) -> Any:
@@ -78,7 +135,7 @@ def describe_handler(handler: Callable[..., Any], home: Path | None = None) -> t
     name = getattr(handler, "__qualname__", getattr(handler, "__name__", repr(handler)))
     module = getattr(handler, "__module__", None) or ""
     try:
-        source_file = inspect.getsourcefile(handler)
+        source_file = inspect.getsourcefile(handler.cls if isinstance(handler, MethodHandler) else handler)
     except TypeError:
         source_file = None
     has_source = bool(source_file) and Path(str(source_file)).is_file()
@@ -117,8 +174,9 @@ def code_mac(home: Path, reference: str, path: str, sha256: str) -> str:
 def handler_source(reference: str) -> Path | None:
     """The local source file `reference` would load its handler from, found without running any
     of its code (packages on the way are not imported); None when there is no such file."""
-    location, sep, _name = reference.rpartition(":")
-    if not sep or not location:
+    try:
+        location = _locate(reference)[0]
+    except HandlerNotFound:
         return None
     if location.endswith(".py"):
         file = Path(location)

@@ -51,6 +51,16 @@ class DataItem:
         Every logged artifact event records a size, so an event claiming kind "input" is still logged."""
         return self.size is not None or (self.sha256 is not None and self.kind != "input")
 
+    @property
+    def url(self) -> str:
+        """The item's address (MLRun's DataItem.url): its URI."""
+        return self.uri
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of the key, or else of the URI (MLRun's DataItem.suffix): '.csv'."""
+        return PurePosixPath(self.key).suffix or PurePosixPath(urlparse(self.uri).path).suffix
+
     def local(self) -> str:
         if self.is_logged:
             return str(self._store().verified_path(self.key, self.sha256))

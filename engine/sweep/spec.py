@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from engine.sweep.selection import Selector, StopCondition
 
@@ -88,3 +92,32 @@ class SweepSpec:
     @classmethod
     def from_description(cls, described: Mapping[str, Any]) -> SweepSpec:
         return cls(**{k: v for k, v in described.items() if k in cls.__dataclass_fields__})
+
+
+def read_param_file(path: str, strategy: str | None = None) -> tuple[dict[str, list[Any]], str]:
+    """The hyperparams and strategy of a param file, read as MLRun reads one: a CSV file is one
+    iteration a row (strategy 'list'; its header names the params); a JSON dict of lists is a
+    'grid' unless `strategy` says 'list' or 'random'; a JSON list of dicts is one iteration a dict
+    (a key a dict lacks is None there). ValueError names the file when it cannot be used so."""
+    file = Path(path.removeprefix("file://"))
+    try:
+        if file.suffix.lower() == ".csv":
+            if strategy not in (None, "list"):
+                raise ValueError(f"strategy {strategy!r} needs a JSON file of lists; a CSV file is one "
+                                 f"iteration a row (strategy 'list')")
+            return _columns(pd.read_csv(file)), "list"
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ValueError(f"param_file {path!r}: {exc}") from None
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        return {str(key): values for key, values in data.items()}, strategy or "grid"
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data) and strategy in (None, "list"):
+        return _columns(pd.DataFrame(data)), "list"
+    raise ValueError(f"param_file {path!r}: expected a JSON dict of lists, or a list of dicts "
+                     f"(strategy 'list'), got {type(data).__name__} for strategy {strategy!r}")
+
+
+def _columns(frame: pd.DataFrame) -> dict[str, list[Any]]:
+    """Each column's values as Python values, a missing cell as None."""
+    plain = frame.astype(object).where(frame.notna(), None)
+    return {str(column): plain[column].tolist() for column in plain.columns}
