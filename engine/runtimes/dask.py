@@ -2,17 +2,28 @@
 
 Each worker process builds its own bus producer once (the worker plugin); iterations write their
 events straight to the bus from the worker, and only (iteration, uid, state) returns to the driver.
+
+The cluster made for a run has its scheduler in this process and each worker in a process of its
+own started as `python -m dask spec` (distributed's SubprocessWorker), not by multiprocessing's
+spawn as LocalCluster's Nanny does: spawn re-imports the driver's `__main__`, so a plain script with
+no `if __name__ == '__main__':` guard would start its whole job again in every worker. A handler
+defined in `__main__` reaches the workers by value (cloudpickle).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 import cloudpickle
-from distributed import Client, LocalCluster, WorkerPlugin, as_completed
+from distributed import Client, Scheduler, SpecCluster, WorkerPlugin, as_completed
+from distributed.deploy.subprocess import SubprocessWorker
 
 from engine.bootstrap import reset_services, services
 from engine.runspec import RunSpec
@@ -34,6 +45,34 @@ class RunbusWorkerPlugin(WorkerPlugin):
         reset_services()
 
 
+_WORKERS_READY_S = 120.0  # for the cluster's worker processes to start and join the scheduler
+_SCHEDULER_LOST_S = 60.0  # a worker whose scheduler is gone (the driver died) exits after this
+
+
+class WorkerProcess(SubprocessWorker):
+    """A `python -m dask spec` worker process that sees the driver's sys.path (as spawn would pass
+    it), so a handler's module next to the driver's script imports there too."""
+
+    async def _start(self) -> None:
+        spec = json.dumps({"cls": self.worker_class, "opts": self.worker_kwargs})
+        path = os.pathsep.join(p for p in sys.path if p)
+        env = {**os.environ, "PYTHONPATH": path}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dask", "spec", self.scheduler, "--spec", spec, env=env)
+
+
+def local_cluster(n_workers: int) -> SpecCluster:
+    """A scheduler in this process and `n_workers` single-threaded worker processes on 127.0.0.1."""
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard": False,
+                                               "dashboard_address": None}}
+    worker = {"cls": WorkerProcess, "options": {
+        "worker_class": "distributed.Worker",
+        "worker_kwargs": {"host": "127.0.0.1", "nthreads": 1, "death_timeout": _SCHEDULER_LOST_S,
+                          "silence_logs": logging.WARN}}}
+    return SpecCluster(workers=dict.fromkeys(range(n_workers), worker), scheduler=scheduler, worker=worker,
+                       silence_logs=logging.WARN, name="runbus")
+
+
 class DaskPool:
     """Iterations on Dask: a LocalCluster made for the run (address None) or an existing scheduler."""
 
@@ -42,9 +81,13 @@ class DaskPool:
     def __init__(self, address: str | None, settings: Settings) -> None:
         self._cluster = None
         if address is None:
-            self._cluster = LocalCluster(n_workers=settings.dask_workers, threads_per_worker=1,
-                                         processes=True, dashboard_address=None)
-            self._client = Client(self._cluster)
+            self._cluster = local_cluster(settings.dask_workers)
+            try:
+                self._client = Client(self._cluster)
+                self._client.wait_for_workers(settings.dask_workers, timeout=_WORKERS_READY_S)
+            except BaseException:
+                self._cluster.close()
+                raise
         else:
             self._client = Client(address, timeout="20s")
         self._client.register_plugin(RunbusWorkerPlugin(settings))
