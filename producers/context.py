@@ -15,13 +15,15 @@ import threading
 import time
 import traceback as tb
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 import pandas as pd
 
 from producers.artifact_store import ArtifactStore, check_artifact_key
 from producers.artifacts import Artifact, DatasetArtifact, ModelArtifact
+from producers.console import STREAMS, RunOutput
 from producers.data_item import DataItem
 from producers.redact import RedactingLogger, Redactor
 from producers.values import (
@@ -44,8 +46,25 @@ class RunFinishedError(RuntimeError):
     """A call that logs on a run that has already finished."""
 
 
+# iteration -> (state, params, results) of a run's child iterations
+Iterations = Mapping[int, tuple[str, dict[str, Any], dict[str, Any]]]
+# logs a parent's iterations (best_iteration, the best's results and artifacts, the table): the
+# engine's step (engine.sweep.summary installs it), shared with its hyper-param sweeps
+IterationsRecorder = Callable[["RunContext", Iterations, "int | None", Sequence[DataItem]], None]
+_iterations_recorder: IterationsRecorder | None = None
+
+
+def install_iterations_recorder(recorder: IterationsRecorder) -> None:
+    """Set the step that records a run's child iterations when the run finishes."""
+    global _iterations_recorder
+    _iterations_recorder = recorder
+
+
 class RunContext:
     """The run's identity, inputs and the logging calls of the MLRun context API."""
+
+    _children: list[ChildContext] | None = None  # made by get_child_context, on first use
+    _best_child: int | None = None
 
     def __init__(self, writer: BackgroundWriter, artifact_store: ArtifactStore, *, uid: str,
                  name: str, project: str = "default", handler: str = "", runtime: str = "local",
@@ -97,7 +116,9 @@ class RunContext:
         self.traceback: str | None = None
         self.return_value: Any = None
         self._started = 0.0
-        self.logger = RedactingLogger(logging.getLogger(f"runbus.run.{self.name}"), self._redact)
+        self._output = RunOutput(self._emit_log, self._redact, writer, self.stream, f"run {uid}")
+        self.logger = RedactingLogger(logging.getLogger(f"runbus.run.{self.name}"), self._redact,
+                                      sink=self._logger_line)
 
     # lifecycle (called by the runtime) -------------------------------------------------------
 
@@ -135,6 +156,8 @@ class RunContext:
         if self._finished:
             raise RunFinishedError(f"run {self.uid} has already finished ({self.state})")
         try:
+            error = self._settle_children(error, state)
+            self._output.close()  # the run's console output comes before its end
             self._finish(return_value, error, state)
             if flush:
                 self._writer.sync(f"the events of run {self.uid}")
@@ -288,22 +311,97 @@ class RunContext:
         self.artifacts[logged_key] = logged
         return logged
 
-    def log_dataset(self, key: str, df: pd.DataFrame, format: str = "csv", preview: int = 20,
-                    stats: bool = True, labels: Mapping[str, str] | None = None,
-                    **meta: Any) -> DataItem:
-        """Store a DataFrame whole, with a preview of its first rows and per-column statistics."""
-        return self.log_artifact(DatasetArtifact(key, df, format=format, preview_rows=preview,
-                                                 stats=stats, labels=dict(labels or {})), **meta)
+    def log_dataset(self, key: str, df: pd.DataFrame, tag: str = "", local_path: str | None = None,
+                    artifact_path: str | None = None, upload: bool = True,
+                    labels: Mapping[str, str] | None = None, format: str = "", preview: int | None = None,
+                    stats: bool | None = None, db_key: str | None = None, target_path: str = "",
+                    extra_data: Any = None, label_column: str | None = None, **meta: Any) -> DataItem:
+        """Store a DataFrame whole (format 'csv' or 'parquet'), with a preview of its first rows
+        (`preview`, 20) and per-column statistics. MLRun's arguments in MLRun's order; `tag`,
+        `db_key` and `label_column` are kept in the meta; `local_path`, `artifact_path`, `upload`,
+        `target_path` and `extra_data` are accepted and unused (bodies go to the content store)."""
+        meta.update({name: value for name, value in (("tag", tag), ("db_key", db_key),
+                                                     ("label_column", label_column)) if value})
+        return self.log_artifact(DatasetArtifact(key, df, format=format or "csv",
+                                                 preview_rows=20 if preview is None else preview,
+                                                 stats=True if stats is None else stats,
+                                                 labels=dict(labels or {})), **meta)
 
-    def log_model(self, key: str, body: bytes | str | None = None, model_file: str | None = None,
-                  metrics: Mapping[str, Any] | None = None,
-                  parameters: Mapping[str, Any] | None = None,
-                  labels: Mapping[str, str] | None = None, framework: str | None = None,
-                  **meta: Any) -> DataItem:
+    def log_model(self, key: str, body: bytes | str | None = None, framework: str | None = None, tag: str = "",
+                  model_dir: str | None = None, model_file: str | None = None, algorithm: str | None = None,
+                  metrics: Mapping[str, Any] | None = None, parameters: Mapping[str, Any] | None = None,
+                  artifact_path: str | None = None, upload: bool = True,
+                  labels: Mapping[str, str] | None = None, db_key: str | None = None, **meta: Any) -> DataItem:
+        """Store a model body, or the file `model_file` (in `model_dir` when given), with its
+        metrics, parameters and framework. MLRun's arguments in MLRun's order; `tag`, `algorithm`
+        and `db_key` are kept in the meta; `artifact_path` and `upload` are accepted and unused."""
+        if model_dir and model_file:
+            model_file = f"{model_dir.rstrip('/')}/{model_file}"
+        meta.update({name: value for name, value in (("tag", tag), ("algorithm", algorithm),
+                                                     ("db_key", db_key)) if value})
         model = ModelArtifact(key, body=body, model_file=model_file, metrics=dict(metrics or {}),
                               parameters=dict(parameters or {}), framework=framework,
                               labels=dict(labels or {}))
         return self.log_artifact(model, **meta)
+
+    def set_annotation(self, key: str, value: Any, replace: bool = True) -> None:
+        """MLRun's run annotation: kept on this context (`annotations`), not in the log (Runbus
+        records labels, which runs are filtered by; an annotation is not one)."""
+        annotations = self.__dict__.setdefault("annotations", {})
+        if replace or key not in annotations:
+            annotations[key] = value
+
+    # child iterations (MLRun's get_child_context) ----------------------------------------------
+
+    def get_child_context(self, with_parent_params: bool = False, **params: Any) -> ChildContext:
+        """A child iteration of this run (iteration 1, 2, ... in the order asked), started, with
+        `params` (and this run's params first with `with_parent_params`). Use it as a context
+        manager: leaving the block ends the child (completed, or error with the exception).
+        `child.mark_as_best()` picks the best. When this run finishes, children still open are
+        ended and this run records its iterations as a hyper-param sweep does: iteration_results,
+        and with a best child, best_iteration and that child's results and artifacts."""
+        if self.iteration != 0:
+            raise ValueError(f"run {self.uid} is iteration {self.iteration}: an iteration cannot have children")
+        if _iterations_recorder is None:
+            raise RuntimeError("get_child_context needs the engine's iteration recorder: import engine.sweep.summary")
+        with self._emit_lock:
+            if self._finished:
+                raise RunFinishedError(f"run {self.uid} has finished ({self.state}): no child can start")
+            children = self._children = self._children or []
+            child = ChildContext(
+                self._writer, self._store, uid=uuid.uuid4().hex, name=self.name, project=self.project,
+                handler=self.handler, runtime=self.runtime,
+                params={**(self.parameters if with_parent_params else {}), **params}, inputs=self.inputs,
+                input_digests=self._input_digests, secrets=self._secrets, labels=self.labels,
+                parent_uid=self.uid, iteration=len(children) + 1, code_ref=self.code_ref)
+            child._parent = self
+            children.append(child)
+        child.start()
+        return child
+
+    def mark_as_best(self) -> None:
+        """Only a child iteration can be marked best (see get_child_context): ValueError here."""
+        raise ValueError(f"run {self.uid} is not a child iteration: only a child can be marked as best")
+
+    def _settle_children(self, error: BaseException | str | None, state: str | None) -> BaseException | str | None:
+        """Before this run ends: end its open children as it ends, and record its iterations.
+        Returns the run's error (a failure to record them when there was none)."""
+        if not self._children:
+            return error
+        children, self._children = self._children, None
+        for child in children:
+            if child.state == "running":
+                child.finish(error=None if error is None else f"parent run {self.uid} ended first",
+                             state=state, flush=False)
+        iterations = {c.iteration: (c.state, c.logged_parameters, dict(c.results)) for c in children}
+        best = self._best_child
+        artifacts = list(children[best - 1].artifacts.values()) if best else []
+        try:
+            assert _iterations_recorder is not None  # checked when the first child was made
+            _iterations_recorder(self, iterations, best, artifacts)
+        except Exception as exc:
+            return error if error is not None else exc
+        return error
 
     # internals --------------------------------------------------------------------------------
 
@@ -331,15 +429,38 @@ class RunContext:
         """The params as the log holds them (secret values masked)."""
         return dict(self._logged_params)
 
+    # console output ----------------------------------------------------------------------------
+
+    def log_output(self, stream: str, text: str) -> None:
+        """Add console output (any part of a line) of `stream` ("stdout", "stderr" or "logger")
+        to the run's log; thread-safe and cheap (see producers.console.RunOutput: lines are sent
+        in batches, secret values masked). After the run finished it is dropped with a note on stderr."""
+        if stream not in STREAMS:
+            raise ValueError(f"log_output: stream {stream!r} is not one of {', '.join(sorted(STREAMS))}")
+        if type(text) is not str:
+            raise TypeError(f"log_output: text must be str, not {type(text).__name__}")
+        self._output.write(stream, text)
+
+    def flush_output(self) -> None:
+        """Send the console output buffered so far (an unfinished line as a line of its own)."""
+        self._output.flush()
+
+    def _logger_line(self, level: int, text: str) -> None:
+        self._output.write("logger", f"[{logging.getLevelName(level).lower()}] {text}\n")
+
+    def _emit_log(self, payload: dict[str, Any], ts: float, text_chars: int) -> None:
+        self._emit("log", payload, ts, text_chars=text_chars)
+
     def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None, *,
-              last: bool = False) -> None:
+              last: bool = False, text_chars: int = 0) -> None:
         # wait for room holding no lock; RunFinishedError names what was not logged
         self._writer.wait_for_room()
         with self._emit_lock:
             if self._finished:
                 what = f"{event_type} {payload.get('key')!r}" if "key" in payload else event_type
                 raise RunFinishedError(f"run {self.uid} has finished ({self.state}): {what} was not logged")
-            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream, wait=False)
+            self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream, wait=False,
+                              text_chars=text_chars)
             if last:
                 self._finished = True
 
@@ -351,6 +472,28 @@ class RunContext:
 
     def __repr__(self) -> str:
         return f"RunContext(name={self.name!r}, uid={self.uid!r}, state={self.state!r})"
+
+
+class ChildContext(RunContext):
+    """A child iteration of a run (`RunContext.get_child_context`): a context manager that ends the
+    child when its block ends, and `mark_as_best()`."""
+
+    _parent: RunContext
+
+    def __enter__(self) -> ChildContext:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self.state != "running":
+            return
+        aborted = exc is not None and not isinstance(exc, Exception)
+        # the parent's end syncs the bus; a child's end need not wait for it (as a sweep iteration)
+        self.finish(error=exc, state="aborted" if aborted else None, flush=False)
+
+    def mark_as_best(self) -> None:
+        """Make this child the parent's best iteration (the last one marked wins)."""
+        self._parent._best_child = self.iteration
 
 
 def _printable(text: str) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from producers.console import uncaptured
 
 MASK = "***"
 # Shorter values are not masked: masking "1" or "no" would garble every message (line numbers
@@ -42,6 +45,8 @@ class Redactor:
             forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1],
                           repr(value.encode("utf-8", "backslashreplace"))[2:-1]})
         forms.discard("")
+        # the most characters one masked form can cover: every character may be followed by \r\n
+        self.longest_match = 3 * max(map(len, forms), default=0)
         # longest first, so a secret that contains another is masked whole; a line break anywhere
         # in a form (a message wrapped or split across lines) still matches
         self._pattern = re.compile("|".join(
@@ -59,18 +64,37 @@ class Redactor:
     def optional(self, text: str | None) -> str | None:
         return None if text is None else self(text)
 
+    def cut_point(self, text: str, at: int) -> int:
+        """`at`, moved back to the start of a secret value in `text` that spans it: text cut
+        there and masked piece by piece is masked as it would be whole (given the piece after the
+        cut keeps at least `longest_match` characters)."""
+        if self._pattern is None:
+            return at
+        for match in self._pattern.finditer(text, max(0, at - self.longest_match), at + self.longest_match):
+            if match.start() < at < match.end():
+                return match.start()
+        return at
+
 
 class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A run's logger: each message (with its arguments and exception text) is formatted and redacted
-    before it reaches any handler."""
+    before it reaches any handler.
 
-    def __init__(self, logger: logging.Logger, redact: Redactor) -> None:
+    With a `sink` (the run's log), every message at INFO or above (and below when Python logging is
+    enabled for it) also goes there as (level, text), whatever Python logging is configured to show;
+    the handlers then write to the terminal only, so a captured console does not hold it twice."""
+
+    def __init__(self, logger: logging.Logger, redact: Redactor,
+                 sink: Callable[[int, str], None] | None = None) -> None:
         super().__init__(logger, {})
         self._redact = redact
+        self._sink = sink
 
     def log(self, level: int, msg: object, *args: Any, exc_info: Any = None, stack_info: bool = False,
             stacklevel: int = 1, extra: Any = None) -> None:
-        if not self.isEnabledFor(level):
+        to_python = self.isEnabledFor(level)
+        to_run = self._sink is not None and (level >= logging.INFO or to_python)
+        if not (to_python or to_run):
             return
         text = _format(msg, args)
         if exc_info:
@@ -82,8 +106,14 @@ class RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
                 text += "\n" + "".join(traceback.format_exception(*exc_info)).rstrip("\n")
         if stack_info:
             text += "\nStack (most recent call last):\n" + "".join(traceback.format_stack()).rstrip("\n")
+        text = self._redact(text)
+        if to_run:
+            self._sink(level, text)  # type: ignore[misc]
+        if not to_python:
+            return
         # stacklevel + 1: the caller of debug()/info()/... (logging's own frames are skipped) rather than this
-        self.logger.log(level, self._redact(text), extra=extra, stacklevel=stacklevel + 1)
+        with uncaptured() if to_run else contextlib.nullcontext():
+            self.logger.log(level, text, extra=extra, stacklevel=stacklevel + 1)
 
 
 def _format(msg: object, args: tuple[Any, ...]) -> str:

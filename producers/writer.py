@@ -15,6 +15,9 @@ that bus delivers them (so does `deliver_spill`, or this writer once the bus tak
 An event that does not fit its schema (a bug: the calls validate) is kept as JSON in the spill
 folder. Either way `flush()` raises EventsNotWritten, so the run that waits for its events learns it.
 Heartbeats jump the queue (they travel on a stream of their own), so a backlog does not silence them.
+
+Memory is bounded: `wait_for_room` holds callers back while more than `max_pending` events, or
+events carrying more than `max_pending_text` characters of console output, are queued.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class _FlushMarker:
         self.problem: str | None = None
 
 
-_Item = tuple[str, int, str, float, dict[str, Any], str]
+# run uid, seq, type, ts, payload, stream, characters of text it carries (for the memory bound)
+_Item = tuple[str, int, str, float, dict[str, Any], str, int]
 
 
 class BackgroundWriter:
@@ -70,7 +74,7 @@ class BackgroundWriter:
                  max_batch: int = 20_000, max_pending: int = 1_000_000,
                  heartbeat_interval_s: float = 5.0, events_per_record: int = 500,
                  spill_dir: Path | None = None, flush_timeout_s: float = 120.0,
-                 max_record_bytes: int = 768 * 1024) -> None:
+                 max_record_bytes: int = 768 * 1024, max_pending_text: int = 8 * 1024 * 1024) -> None:
         self.bus = bus
         self._codec = codec or EventCodec()
         self._interval = flush_interval_s
@@ -80,6 +84,9 @@ class BackgroundWriter:
         self._events_per_record = events_per_record
         self._max_record_bytes = max_record_bytes
         self._max_pending = max_pending
+        self._max_pending_text = max_pending_text
+        self._pending_text = 0  # characters in queued events that declared them (console output)
+        self._text_lock = threading.Lock()
         self.flush_timeout_s = flush_timeout_s
         self._pending: deque[Any] = deque()
         self._urgent: deque[_Item] = deque()  # heartbeats: appended ahead of any backlog
@@ -90,6 +97,7 @@ class BackgroundWriter:
         self._pid = os.getpid()
         self.heartbeat_interval_s = heartbeat_interval_s
         self._beating: dict[str, Callable[[], None]] = {}
+        self._tickers: dict[str, Callable[[], None]] = {}
         self._retrying = 0  # records of the batch being retried against an unreachable bus
         self._last_error: str | None = None  # the bus's last transient failure
         self._refused: str | None = None  # why the bus refuses for good; records go to the spill meanwhile
@@ -107,16 +115,22 @@ class BackgroundWriter:
     # -- job threads ------------------------------------------------------------------------------
 
     def emit(self, run_uid: str, seq: int, event_type: str, payload: dict[str, Any],
-             ts: float | None = None, stream: str = "", *, wait: bool = True, urgent: bool = False) -> None:
+             ts: float | None = None, stream: str = "", *, wait: bool = True, urgent: bool = False,
+             text_chars: int = 0) -> None:
         """Queue one event of `stream` (see `Event`); the caller has validated the payload.
 
         `urgent` events (heartbeats, on a stream of their own) are appended ahead of the queue.
-        With `wait`, a full queue makes the caller wait for room afterwards (see `wait_for_room`)."""
+        `text_chars` is how much text the payload carries (console output counts towards
+        `max_pending_text`). With `wait`, a full queue makes the caller wait for room afterwards
+        (see `wait_for_room`)."""
         if self._closed:
             raise RuntimeError("the event writer is closed")
         if event_type not in RECORD_OF_TYPE:
             raise ValueError(f"unknown event type {event_type!r}")
-        item = (run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream)
+        item = (run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream, text_chars)
+        if text_chars:
+            with self._text_lock:
+                self._pending_text += text_chars
         if urgent:
             self._urgent.append(item)
             return
@@ -125,15 +139,18 @@ class BackgroundWriter:
             self.wait_for_room()
 
     def wait_for_room(self) -> None:
-        """Block while the queue holds more than `max_pending` events, until it is half empty.
+        """Block while the queue holds more than `max_pending` events (or `max_pending_text`
+        characters of console output), until it is half empty.
 
         Call it holding no lock the writer thread may need (heartbeats). EventsNotWritten when the
         bus takes nothing for `flush_timeout_s`."""
-        if len(self._pending) <= self._max_pending or threading.current_thread() is self._thread:
+        if ((len(self._pending) <= self._max_pending and self._pending_text <= self._max_pending_text)
+                or threading.current_thread() is self._thread):
             return
         self._wake.set()
         deadline = time.monotonic() + self.flush_timeout_s
-        while len(self._pending) > self._max_pending // 2 and self._thread.is_alive():
+        while ((len(self._pending) > self._max_pending // 2 or self._pending_text > self._max_pending_text // 2)
+               and self._thread.is_alive()):
             if time.monotonic() > deadline:
                 raise EventsNotWritten(f"the bus {self.bus.url} took too few events for {self.flush_timeout_s:g}s "
                                        f"and {len(self._pending)} are queued ({self._last_error or 'slow bus'}); "
@@ -146,6 +163,14 @@ class BackgroundWriter:
 
     def untrack(self, run_uid: str) -> None:
         self._beating.pop(run_uid, None)
+
+    def every_interval(self, key: str, tick: Callable[[], None]) -> None:
+        """Call `tick` on the writer thread before each batch (at least every `flush_interval_s`)
+        until `stop_interval(key)`. It must not block: a run's buffered console output uses it."""
+        self._tickers[key] = tick
+
+    def stop_interval(self, key: str) -> None:
+        self._tickers.pop(key, None)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event queued before this call is on the bus; False on timeout.
@@ -227,9 +252,17 @@ class BackgroundWriter:
             except Exception:  # a heartbeat must never stop the writer
                 log.exception("a heartbeat failed")
 
+    def _tick(self) -> None:
+        for tick in list(self._tickers.values()):
+            try:
+                tick()
+            except Exception:  # a tick must never stop the writer
+                log.exception("a writer tick failed")
+
     def _drain(self) -> None:
         while True:
             self._beat()  # between batches too: a backlog must not silence the heartbeats
+            self._tick()
             self._retry_spill()
             if not (self._pending or self._urgent):
                 return
@@ -237,14 +270,18 @@ class BackgroundWriter:
             while self._urgent:
                 items.append(self._urgent.popleft())
             markers: list[_FlushMarker] = []
-            taken = 0
+            taken = text = 0
             while self._pending and taken < self._max_batch:
                 item = self._pending.popleft()
                 if isinstance(item, _FlushMarker):
                     markers.append(item)
                     break
                 items.append(item)
+                text += item[6]
                 taken += 1
+            if text:
+                with self._text_lock:
+                    self._pending_text -= text
             try:
                 self._write(items)
             except Exception as exc:  # a bug: say so at the flush that waits for these events
@@ -284,7 +321,7 @@ class BackgroundWriter:
         self._keep(records, self._refused or f"the bus stayed unreachable ({self._last_error})")
 
     def _record(self, item: _Item) -> dict[str, Any]:
-        run_uid, seq, event_type, ts, payload, stream = item
+        run_uid, seq, event_type, ts, payload, stream, _ = item
         return {"event_id": uuid.uuid4().hex, "run_uid": run_uid, "seq": seq, "stream": stream,
                 "type": event_type, "ts": ts,
                 "host": self._host, "pid": self._pid, "schema_version": SCHEMA_VERSION,

@@ -265,6 +265,7 @@ FOLDS: dict[str, Callable[[TableBatch, Event], None]] = {
     "run_finished": _run_finished,
     "heartbeat": _heartbeat,
     "iteration_requested": _ignore,
+    "log": _ignore,
 }
 
 

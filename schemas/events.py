@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2
+# 3: the `log` event (console output). Each earlier version's expanded schema is in avro/history.
+SCHEMA_VERSION = 3
 
 # Event type name (the envelope's `type`) -> Avro record name of its payload.
 RECORD_OF_TYPE: dict[str, str] = {
@@ -18,6 +19,7 @@ RECORD_OF_TYPE: dict[str, str] = {
     "run_finished": "runbus.RunFinished",
     "heartbeat": "runbus.Heartbeat",
     "iteration_requested": "runbus.IterationRequested",
+    "log": "runbus.LogLines",
 }
 TYPE_OF_RECORD: dict[str, str] = {record: kind for kind, record in RECORD_OF_TYPE.items()}
 EVENT_TYPES: tuple[str, ...] = tuple(RECORD_OF_TYPE)

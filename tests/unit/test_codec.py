@@ -23,6 +23,8 @@ SAMPLES = {
                      "return_value": None, "duration_s": 1.25},
     "heartbeat": {"interval_s": 10.0},
     "iteration_requested": {"iteration": 2, "params": {"p1": "2"}},
+    "log": {"lines": [{"ts": 1.5, "stream": "stdout", "text": "epoch 1"},
+                      {"ts": 1.75, "stream": "stderr", "text": "warning: \u00e9"}]},
 }
 
 
@@ -109,3 +111,25 @@ def test_records_of_schema_version_1_decode_on_the_legacy_stream() -> None:
     decoded = EventCodec().decode_all(data)
     assert [(e.seq, e.stream) for e in decoded] == [(7, ""), (8, "")]
     assert decoded[0].payload["heartbeat_interval_s"] is None
+
+
+def test_records_of_schema_version_2_still_decode() -> None:
+    """The schema saved when `log` was added (v3) keeps v2 records and batches readable."""
+    from schemas.codec import load_history
+
+    v2_schema = load_history()[1]
+    assert "runbus.LogLines" not in json.dumps(v2_schema)
+    v2 = EventCodec(schema=v2_schema, history=[])
+    assert v2.fingerprint != EventCodec().fingerprint
+    events = [_event(kind, SAMPLES[kind]) for kind in ("run_started", "metric", "run_finished")]
+    decoded = EventCodec().decode_all(v2.encode_batch([v2.to_record(e) for e in events]))
+    assert decoded == events
+    assert EventCodec().decode(v2.encode(events[1])) == events[1]
+
+
+def test_the_current_schema_is_not_in_history() -> None:
+    """Changing the schema without saving the old one in history would orphan every record."""
+    from schemas.codec import load_history
+
+    current = EventCodec().fingerprint
+    assert all(EventCodec(schema=old, history=[]).fingerprint != current for old in load_history())

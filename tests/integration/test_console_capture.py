@@ -1,0 +1,213 @@
+"""Console capture: a run's stdout and stderr (print, logging, warnings, child processes) become
+`log` events, with bounded memory, masked secrets and one run's lines per thread.
+
+Process-wide behaviour (fd-level capture, logging configuration, memory) is tested in real Python
+subprocesses; thread routing in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine import get_run_db
+from engine.runspec import RunSpec
+from engine.settings import load_settings
+from producers.console import LINE_CONTINUES, LINE_MAX_CHARS, capture_console
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Starts a run (secret TOKEN) and writes its uid to argv[1]; the test's body follows, with `ctx`.
+PROLOGUE = """
+import sys
+from engine.runspec import RunSpec
+from engine.settings import load_settings
+spec = RunSpec(load_settings(), None, "test", "console", "default", secrets={"TOKEN": "hunter2-secret"})
+ctx = spec.new_context()
+ctx.start()
+open(sys.argv[1], "w").write(ctx.uid)
+"""
+
+
+def _run_script(tmp_path: Path, body: str, **env: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """Run PROLOGUE + body in a fresh interpreter; (the run's uid, the finished process)."""
+    script = tmp_path / "job.py"
+    script.write_text(PROLOGUE + textwrap.dedent(body))
+    uid_file = tmp_path / "uid"
+    done = subprocess.run([sys.executable, str(script), str(uid_file)], capture_output=True, text=True,
+                          errors="replace", timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert done.returncode == 0, done.stderr
+    return uid_file.read_text(), done
+
+
+def _lines(uid: str) -> list[tuple[str, str]]:
+    """(stream, text) of every line in the run's log events, in order."""
+    frame = get_run_db().sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'log' ORDER BY position",
+                             [uid])
+    return [(line["stream"], line["text"]) for payload in frame.payload for line in json.loads(payload)["lines"]]
+
+
+def _texts(uid: str, stream: str | None = None) -> list[str]:
+    return [text for s, text in _lines(uid) if stream is None or s == stream]
+
+
+def test_print_logging_and_warnings_reach_the_run_and_the_terminal(bus_home: Path, tmp_path: Path) -> None:
+    uid, done = _run_script(tmp_path, """
+        import logging, warnings
+        from producers.console import capture_console
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # bound to stderr now
+        with capture_console(ctx, fd_level=False):
+            print("printed line")
+            logging.getLogger("job").info("logged record")
+            warnings.warn("a warning")
+            ctx.logger.info("context logger says %s", "hi")
+        ctx.finish()
+    """)
+    assert _texts(uid, "stdout") == ["printed line"]
+    stderr = _texts(uid, "stderr")
+    assert "INFO logged record" in stderr
+    assert any("UserWarning: a warning" in line for line in stderr)
+    assert _texts(uid, "logger") == ["[info] context logger says hi"]
+    assert not any("context logger" in line for line in stderr)  # held once, as the logger's
+    assert "printed line" in done.stdout and "INFO logged record" in done.stderr
+    assert "INFO context logger says hi" in done.stderr
+
+
+def test_fd_level_capture_holds_a_child_process_and_raw_fd_writes(bus_home: Path, tmp_path: Path) -> None:
+    uid, done = _run_script(tmp_path, """
+        import os, subprocess
+        from producers.console import capture_console
+        with capture_console(ctx, fd_level=True):
+            print("from python")
+            subprocess.run(["echo", "from a child"], check=True)
+            subprocess.run(["sh", "-c", "echo child error >&2"], check=True)
+            os.write(1, b"raw fd write\\n")
+            os.write(1, b"bad utf-8 \\xff\\xfe!\\n")
+        print("after the capture")
+        ctx.finish()
+    """)
+    assert _texts(uid, "stdout") == ["from python", "from a child", "raw fd write", "bad utf-8 \\xff\\xfe!"]
+    assert _texts(uid, "stderr") == ["child error"]
+    assert done.stdout.splitlines() == ["from python", "from a child", "raw fd write",
+                                        "bad utf-8 \ufffd\ufffd!", "after the capture"]
+
+
+def test_a_hundred_thousand_lines_are_all_kept_in_order_with_bounded_memory(bus_home: Path,
+                                                                           tmp_path: Path) -> None:
+    # 100,000 lines of 500 characters: 50 MB of text, far more than the bound the capture keeps
+    uid, done = _run_script(tmp_path, """
+        import resource
+        from producers.console import capture_console
+        pad = "x" * 490
+        with capture_console(ctx, fd_level=False):
+            print("warm-up")
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            for i in range(100_000):
+                print(f"{i:08d}|{pad}")
+        ctx.finish()
+        grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print("GROWN", grown_kb, file=sys.stderr)
+    """)
+    grown_mb = int(done.stderr.split("GROWN")[1].split()[0]) / 1024
+    assert grown_mb < 40, f"peak RSS grew by {grown_mb:.0f} MB while printing 50 MB"
+    lines = _texts(uid, "stdout")
+    assert lines[0] == "warm-up"
+    assert [int(line.split("|")[0]) for line in lines[1:]] == list(range(100_000))
+    assert all(len(line) == 499 for line in lines[1:])
+
+
+def test_secrets_are_masked_even_when_written_in_pieces(bus_home: Path, tmp_path: Path) -> None:
+    uid, done = _run_script(tmp_path, """
+        from producers.console import capture_console
+        with capture_console(ctx, fd_level=True):
+            print("token: hunter2-", end="", flush=True)
+            print("secret.")
+            ctx.logger.warning("again hunter2-secret")
+            sys.stdout.write("a long line " + "y" * 20000 + "hunter2-secret" + "z" * 100 + "\\n")
+        ctx.finish()
+    """)
+    lines = _lines(uid)
+    assert ("stdout", "token: ***.") in lines
+    assert ("logger", "[warning] again ***") in lines
+    assert "hunter2" not in json.dumps(lines)
+    assert "hunter2-secret" in done.stdout  # the terminal shows what the program wrote
+
+
+def test_a_long_line_is_split_into_marked_pieces(home: Path) -> None:
+    context = RunSpec(load_settings(), None, "test", "long", "default").new_context()
+    context.start()
+    line = "".join(chr(ord("a") + i % 26) for i in range(3 * LINE_MAX_CHARS))
+    context.log_output("stdout", line[:100])
+    context.log_output("stdout", line[100:] + "\nshort\n")
+    context.finish()
+    pieces = _texts(context.uid)
+    assert pieces[-1] == "short"
+    assert all(len(piece) <= LINE_MAX_CHARS for piece in pieces)
+    assert all(piece.endswith(LINE_CONTINUES) for piece in pieces[:-2])
+    assert "".join(piece.removesuffix(LINE_CONTINUES) for piece in pieces[:-1]) == line
+
+
+def test_finish_flushes_an_unfinished_line_before_run_finished(home: Path) -> None:
+    context = RunSpec(load_settings(), None, "test", "partial", "default").new_context()
+    context.start()
+    context.log_output("stderr", "no line break yet")
+    context.log_output("stdout", "progress 10%\rprogress 50%\rprogress 100%\r\n")
+    context.finish()
+    types = list(get_run_db().sql("SELECT type FROM events WHERE run_uid = ? ORDER BY position",
+                                  [context.uid]).type)
+    assert types == ["run_started", "log", "run_finished"]
+    assert _lines(context.uid) == [("stdout", "progress 100%"), ("stderr", "no line break yet")]
+
+
+def test_output_after_the_run_finished_is_dropped_with_a_note(home: Path,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    context = RunSpec(load_settings(), None, "test", "late", "default").new_context()
+    context.start()
+    context.finish()
+    context.log_output("stdout", "too late\n")
+    context.log_output("stdout", "later still\n")
+    assert capfd.readouterr().err.count("console output written after its end is not logged") == 1
+    assert _lines(context.uid) == []
+
+
+def test_log_output_refuses_an_unknown_stream(home: Path) -> None:
+    context = RunSpec(load_settings(), None, "test", "bad", "default").new_context()
+    with pytest.raises(ValueError, match="'stdin'"):
+        context.log_output("stdin", "x")
+    with pytest.raises(TypeError, match="bytes"):
+        context.log_output("stdout", b"x")  # type: ignore[arg-type]
+
+
+def test_each_thread_s_output_goes_to_its_own_run(home: Path) -> None:
+    spec = RunSpec(load_settings(), None, "test", "threaded", "default")
+    contexts = [spec.new_context() for _ in range(2)]
+    barrier = threading.Barrier(3)
+
+    def job(index: int) -> None:
+        context = contexts[index]
+        context.start()
+        with capture_console(context, fd_level=False):
+            barrier.wait()
+            for i in range(200):
+                print(f"run {index} line {i}")
+            barrier.wait()
+        context.finish()
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    print("from the main thread: no run")
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    for index, context in enumerate(contexts):
+        assert _texts(context.uid) == [f"run {index} line {i}" for i in range(200)]
+    assert sys.stdout.__class__.__name__ != "_Tee"  # restored once the last capture ended
