@@ -1,9 +1,11 @@
-"""RunObject: what `function.run()` returns."""
+"""RunObject: what `function.run()` returns, with MLRun's views of it (`status`, `metadata`, `spec`,
+`output()`, `uid()`, `state()`, `to_dict()`, `logs()`) over the same fields."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from producers.context import RunContext
@@ -11,6 +13,14 @@ from producers.data_item import DataItem
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+
+class CallableText(str):
+    """A str that also answers a call with itself: `run.uid` is Runbus's attribute and `run.uid()`
+    MLRun's method, both the same text (likewise `run.state`)."""
+
+    def __call__(self) -> str:
+        return str(self)
 
 
 @dataclass
@@ -26,13 +36,21 @@ class RunObject:
     error: str | None = None
     traceback: str | None = None
     iteration: int = 0
+    handler: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("uid", "state") and isinstance(value, str):
+            value = CallableText(value)
+        super().__setattr__(name, value)
 
     @classmethod
     def from_context(cls, context: RunContext) -> RunObject:
         """The run as its context logged it (secret values masked, as in the log)."""
         return cls(context.uid, context.name, context.project, context.state, dict(context.results),
                    dict(context.artifacts), dict(context.labels), context.logged_parameters,
-                   context.error, context.traceback, context.iteration)
+                   context.error, context.traceback, context.iteration, context.handler,
+                   {key: context.mask_secrets(uri) for key, uri in context.inputs.items()})
 
     @classmethod
     def from_record(cls, record: dict[str, Any], store_root: str | None = None) -> RunObject:
@@ -44,12 +62,20 @@ class RunObject:
                    dict(record["results"]), artifacts, dict(record["labels"]), dict(record["params"]),
                    record["error"] if isinstance(record["error"], str) else None,
                    record["traceback"] if isinstance(record["traceback"], str) else None,
-                   int(record["iteration"]))
+                   int(record["iteration"]), str(record.get("handler") or ""), dict(record.get("inputs") or {}))
 
     @property
     def outputs(self) -> dict[str, Any]:
         """Results and artifact URIs in one mapping, as MLRun's run.outputs."""
         return {**self.results, **{key: item.uri for key, item in self.artifacts_by_key.items()}}
+
+    def output(self, key: str) -> Any:
+        """MLRun's run.output(key): the result `key` (a handler's return value is 'return'), else
+        the URI of the artifact `key`, else None."""
+        if key in self.results:
+            return self.results[key]
+        item = self.artifacts_by_key.get(key)
+        return item.uri if item is not None else None
 
     @property
     def artifacts(self) -> list[dict[str, Any]]:
@@ -61,6 +87,59 @@ class RunObject:
             known = ", ".join(self.artifacts_by_key) or "none"
             raise KeyError(f"run {self.uid} has no artifact {key!r} (artifacts: {known})")
         return self.artifacts_by_key[key]
+
+    # MLRun's views ------------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> SimpleNamespace:
+        """MLRun's run.metadata: uid, name, project, labels, iteration (a snapshot)."""
+        return SimpleNamespace(uid=str(self.uid), name=self.name, project=self.project, labels=dict(self.labels),
+                               iteration=self.iteration)
+
+    @property
+    def spec(self) -> SimpleNamespace:
+        """MLRun's run.spec: parameters, inputs, handler (a snapshot)."""
+        return SimpleNamespace(parameters=dict(self.parameters), inputs=dict(self.inputs), handler=self.handler)
+
+    @property
+    def status(self) -> SimpleNamespace:
+        """MLRun's run.status: state, results, error, artifacts (MLRun-shaped dicts: kind,
+        metadata.key, spec.target_path...) and iterations (a header row, then a row per
+        iteration; empty for a run that has none). A snapshot."""
+        return SimpleNamespace(state=str(self.state), results=dict(self.results), error=self.error,
+                               artifacts=[self._mlrun_artifact(item) for item in self.artifacts_by_key.values()],
+                               iterations=self._iterations())
+
+    def _mlrun_artifact(self, item: DataItem) -> dict[str, Any]:
+        link = item.meta.get("link_iteration")
+        return {"kind": item.kind,
+                "metadata": {"key": item.key, "project": self.project, "iter": link or self.iteration,
+                             "tree": str(self.uid), "labels": dict(item.labels)},
+                "spec": {"target_path": item.uri, "format": item.format, "size": item.size, "hash": item.sha256,
+                         "db_key": item.meta.get("db_key") or item.key},
+                "status": {"state": "created"}}
+
+    def _iterations(self) -> list[list[Any]]:
+        table = self.artifacts_by_key.get("iteration_results")
+        if table is None:
+            return []
+        from engine.sweep.summary import iterations_rows  # pandas and the sweep code only when asked
+
+        return iterations_rows(table.as_df())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run in MLRun's shape: {'metadata': ..., 'spec': ..., 'status': ...}."""
+        return {"metadata": vars(self.metadata), "spec": vars(self.spec),
+                "status": {**vars(self.status), "traceback": self.traceback}}
+
+    def logs(self, watch: bool = True, offset: int = 0) -> str:
+        """Print the run's console output as the log holds it (from `offset`) and return it.
+        MLRun's `watch` is accepted: a run object is made when its run has ended."""
+        from engine.api import get_run_db
+
+        _state, text = get_run_db().get_log(str(self.uid), offset)
+        print(text, end="" if text.endswith("\n") or not text else "\n")
+        return text
 
     def show(self, console: Console | None = None) -> None:
         """Print a summary of the run (state, params, results, labels, artifacts, error) as plain

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from producers.artifact_store import check_artifact_key
+from producers.data_item import DataItem
 
 
 class Artifact:
@@ -165,6 +166,18 @@ class ModelArtifact(Artifact):
             self.labels.setdefault("framework", framework)
 
 
+class LinkArtifact(Artifact):
+    """A logged artifact of another run (MLRun links a sweep's best iteration's artifacts to its
+    parent), logged again under its key: the same stored body, kind, format, labels and meta, plus
+    `link_iteration` in the meta. The body is read from the content store, verified."""
+
+    def __init__(self, target: DataItem, iteration: int | None = None, **kwargs: Any) -> None:
+        meta = {**target.meta, "link_iteration": iteration} if iteration is not None else dict(target.meta)
+        super().__init__(target.key, local_path=target.local(), format=target.format,
+                         labels={**target.labels, **kwargs.pop("labels", {})}, meta=meta, **kwargs)
+        self.kind = target.kind
+
+
 def _suffix(path: str | None) -> str | None:
     return PurePosixPath(path).suffix.lstrip(".").lower() or None if path else None
 
@@ -184,5 +197,5 @@ def _as_frame(key: str, body: Any, df: pd.DataFrame | None,
     return None
 
 
-__all__ = ["Artifact", "ChartArtifact", "DatasetArtifact", "ModelArtifact", "PlotArtifact",
+__all__ = ["Artifact", "ChartArtifact", "DatasetArtifact", "LinkArtifact", "ModelArtifact", "PlotArtifact",
            "TableArtifact"]

@@ -21,10 +21,10 @@ from engine.secrets import from_environment
 from engine.sweep.iteration import IterationOutcome, run_iteration, run_iteration_in_driver
 from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
-from engine.sweep.summary import iteration_table, parallel_coordinates
+from engine.sweep.summary import record_iterations
 from engine.sweep.watcher import ChildWatcher
-from producers.artifacts import PlotArtifact, TableArtifact
 from producers.context import RunContext
+from producers.data_item import DataItem
 
 # How long a finished iteration's events may take to show up on the bus after its task returned.
 _EVENTS_GRACE_S = 60.0
@@ -33,20 +33,25 @@ _TERMINAL = ("completed", "error", "aborted")
 
 @dataclass
 class SweepState:
-    """Each requested iteration's params; the finished ones' (state, params, results); what is left."""
+    """Each requested iteration's params; the finished ones' (state, params, results) and runs; what
+    is left; where on the bus this driver began."""
 
     params: dict[int, dict[str, Any]] = field(default_factory=dict)
     done: dict[int, tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
     pending: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    uids: dict[int, str] = field(default_factory=dict)  # each finished iteration's run
+    positions: dict[int, int] = field(default_factory=dict)  # the bus when the sweep (or its resume) began
+    resumed: bool = False
 
 
 def run_sweep(spec: RunSpec, sweep: SweepSpec) -> RunContext:
     """Start a parent run, request every iteration, run them and complete the parent."""
     parent = RunSpec(**{**spec.__dict__, "extra": {**spec.extra, "sweep": sweep.describe()}}).new_context()
+    positions = services(spec.settings).bus.end_offsets()
     parent.start()
     requests = list(enumerate(sweep.param_sets(), start=1))
     parent.request_iterations(requests)
-    return _execute(parent, spec, sweep, SweepState(params=dict(requests), pending=requests))
+    return _execute(parent, spec, sweep, SweepState(params=dict(requests), pending=requests, positions=positions))
 
 
 def resume_sweep(parent_uid: str, quiet: bool = False, trust: bool = False) -> RunContext:
@@ -83,12 +88,13 @@ def resume_sweep(parent_uid: str, quiet: bool = False, trust: bool = False) -> R
         request = json.loads(payload)
         requests[request["iteration"]] = {k: json.loads(v) for k, v in request["params"].items()}
     _settle_orphans(svc, parent_uid)
-    state = SweepState(params=requests)
+    state = SweepState(params=requests, positions=svc.bus.end_offsets(), resumed=True)
     children = db.sql("SELECT uid, iteration, state FROM runs WHERE parent_uid = ? AND state IN "
                       "('completed', 'error', 'aborted') ORDER BY started_at", [parent_uid])
     for child in children.itertuples():
         results = db.read_run(child.uid)["results"]
         state.done[child.iteration] = (child.state, requests.get(child.iteration, {}), results)
+        state.uids[child.iteration] = child.uid
     state.pending = [(i, params) for i, params in sorted(requests.items()) if i not in state.done]
     parent = spec.new_context(uid=parent_uid)  # a stream of its own: no seq taken from the dead driver
     parent.parent_uid = None
@@ -134,6 +140,8 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
         return parent
     spec = pool.prepare(spec)
     execute_iteration = run_iteration_in_driver if pool.in_driver else run_iteration
+    if isinstance(spec.handler, CommandJob):
+        execute_iteration = _run_command_iteration
     # Tight windows only where results steer dispatch; otherwise keep every worker busy.
     window = sweep.parallel_runs or (pool.capacity if (stop or sweep.max_errors) else max(1, len(state.pending)))
     inflight: dict[Any, int] = {}
@@ -154,6 +162,7 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
                     outcome = _outcome(value, iteration)
                     results = outcome.results if outcome.results is not None else _results_on_bus(watcher, outcome)
                     state.done[iteration] = (outcome.state, state.params[iteration], results)
+                    state.uids[iteration] = outcome.uid
                     failed += outcome.state != "completed"
                     if outcome.state == "completed":
                         best.offer(iteration, results)
@@ -203,19 +212,73 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
 
 
 def _complete(parent: RunContext, state: SweepState, selector: Selector | None) -> RunContext:
-    # the table and plot are Runbus's own bodies, made from params and results: secrets masked
-    table = iteration_table(state.done).map(lambda v: parent.mask_secrets(v) if isinstance(v, str) else v)
-    table.columns = [parent.mask_secrets(str(column)) for column in table.columns]
     best = None
     if selector is not None:
         best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})
-    if best is not None:
-        parent.log_result("best_iteration", best)
-        parent.log_results({k: v for k, v in state.done[best][2].items() if k != "return"})
-    parent.log_artifact(TableArtifact("iteration_results", df=table, visible=True))
-    parent.log_artifact(PlotArtifact("parallel_coordinates",
-                                     body=parallel_coordinates(table, best, f"sweep {parent.name}")))
+    artifacts = _artifacts_of(parent, state, best) if best is not None else []
+    record_iterations(parent, state.done, best, artifacts)
     failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
     error = f"{failed} of {len(state.done)} iterations failed" if failed else None
     parent.finish(error=error)
     return parent
+
+
+def _artifacts_of(parent: RunContext, state: SweepState, iteration: int) -> list[DataItem]:
+    """The artifacts iteration `iteration` logged, from the bus since the sweep (or its resume)
+    began, or from the projection for an iteration that ended before a resume."""
+    uid = state.uids.get(iteration)
+    if not uid:
+        return []
+    svc = services()
+    root = str(svc.artifact_store.root)
+    found: dict[str, dict[str, Any]] = {}
+    positions = dict(state.positions)
+    while True:
+        records = svc.bus.read(positions, 10_000)
+        for record in records:
+            positions[record.partition] = record.offset + 1
+            try:
+                events = svc.codec.decode_all(record.value)
+            except ValueError:  # not an event: the projection quarantines it
+                continue
+            found.update((e.payload["key"], e.payload) for e in events if e.run_uid == uid and e.type == "artifact")
+        if not records:
+            break
+    if not found and state.resumed:
+        return [_item(a, root) for a in svc.run_db().read_run(uid)["artifacts"]]
+    return [_item({**a, "meta": _json_meta(a["meta"])}, root) for a in found.values()]
+
+
+def _item(artifact: dict[str, Any], root: str) -> DataItem:
+    return DataItem(artifact["key"], artifact["uri"], artifact["format"], artifact["kind"], artifact["sha256"],
+                    artifact["size"], dict(artifact["labels"] or {}), dict(artifact["meta"] or {}), root)
+
+
+def _json_meta(text: str | None) -> dict[str, Any]:
+    try:
+        meta = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+@dataclass(frozen=True)
+class CommandJob:
+    """A command (+ args) that stands where a RunSpec's handler goes: each run runs it in a
+    subprocess (engine.runtimes.command), sweep iterations included."""
+
+    command: str
+    args: tuple[str, ...] | list[str] = ()
+
+    def run(self, spec: RunSpec) -> RunContext:
+        """Run the command as the run `spec` describes; the ended context."""
+        from engine.runtimes.command import run_command  # it imports engine.task, which is light; this is not
+
+        return run_command(self.command, list(self.args), spec)
+
+
+def _run_command_iteration(spec: RunSpec) -> IterationOutcome:
+    """A sweep iteration of a command: its results are read from the bus (its own process logged them)."""
+    assert isinstance(spec.handler, CommandJob)
+    context = spec.handler.run(spec)
+    return IterationOutcome(spec.iteration, context.uid, context.state)

@@ -1,18 +1,60 @@
-"""The parent's record of a sweep: the iteration_results table and a parallel-coordinates plot."""
+"""The parent's record of its iterations (a sweep's, or a run's child contexts): best_iteration and
+the best iteration's results and artifacts, the iteration_results table, a parallel-coordinates plot.
+
+Importing this module installs `record_iterations` as the step RunContext calls when a run with
+child contexts finishes (producers cannot import the engine).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from producers.artifacts import LinkArtifact, PlotArtifact, TableArtifact
+from producers.context import RunContext, install_iterations_recorder
+from producers.data_item import DataItem
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+Iterations = Mapping[int, tuple[str, dict[str, Any], dict[str, Any]]]  # iteration -> (state, params, results)
+OWN_ARTIFACTS = ("iteration_results", "parallel_coordinates")
 
-def iteration_table(iterations: Mapping[int, tuple[str, dict[str, Any], dict[str, Any]]]) -> pd.DataFrame:
+
+def record_iterations(parent: RunContext, iterations: Iterations, best: int | None,
+                      best_artifacts: Sequence[DataItem] = ()) -> None:
+    """Log on `parent` what MLRun's parent of iterations holds: with a `best` iteration (counted
+    from 1), `best_iteration`, its results and its artifacts (the same stored bodies, under their
+    own keys, except keys the parent logged itself); then the iteration_results table and the
+    parallel-coordinates plot. Finishes nothing."""
+    # the table and plot are Runbus's own bodies, made from params and results: secrets masked
+    table = iteration_table(iterations).map(lambda v: parent.mask_secrets(v) if isinstance(v, str) else v)
+    table.columns = [parent.mask_secrets(str(column)) for column in table.columns]
+    if best is not None:
+        parent.log_result("best_iteration", best)
+        parent.log_results({k: v for k, v in iterations[best][2].items() if k != "return"})
+        own = {*parent.artifacts, *OWN_ARTIFACTS}
+        for item in best_artifacts:
+            if item.key not in own:
+                parent.log_artifact(LinkArtifact(item, best))
+    parent.log_artifact(TableArtifact("iteration_results", df=table, visible=True))
+    parent.log_artifact(PlotArtifact("parallel_coordinates",
+                                     body=parallel_coordinates(table, best, f"sweep {parent.name}")))
+
+
+def iterations_rows(table: pd.DataFrame) -> list[list[Any]]:
+    """An iteration_results table as MLRun's `status.iterations`: a header row (state, iter,
+    param.*, output.*), then one row per iteration; a missing value is None."""
+    first = [column for column in ("state", "iter") if column in table.columns]
+    ordered = table[first + [c for c in table.columns if c not in first]]
+    plain = ordered.astype(object).where(ordered.notna(), None)
+    return [list(map(str, plain.columns)), *plain.values.tolist()]
+
+
+def iteration_table(iterations: Iterations) -> pd.DataFrame:
     """One row per iteration: iter, state, param.<name>... (sweep order), output.<result>... (by name)."""
     outputs = sorted({key for _, _, results in iterations.values() for key in results if key != "return"})
     rows = []
@@ -53,3 +95,6 @@ def parallel_coordinates(table: pd.DataFrame, best_iteration: int | None, title:
     axes.set_title(title)
     axes.set_ylabel("scaled value")
     return figure
+
+
+install_iterations_recorder(record_iterations)

@@ -113,7 +113,7 @@ def test_a_handler_loaded_from_a_file(home: Path, tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text("def handler(context, n=1):\n    context.log_result('double', n * 2)\n")
 
-    run = new_function(command=str(script)).run(params={"n": 21})
+    run = new_function(command=str(script)).run(params={"n": 21}, handler="handler")
 
     assert run.results == {"double": 42}
     assert get_run_db().read_run(run.uid)["handler"] == f"{script}:handler"

@@ -63,7 +63,7 @@ def test_seed_sweep_gives_the_same_answer_on_a_dask_local_cluster(home: Path) ->
 def test_a_handler_from_a_script_file_runs_on_dask(home: Path, tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text("def handler(context, p=0):\n    context.log_result('sq', p * p)\n")
-    run = new_function(command=str(script)).run(hyperparams={"p": [1, -3, 2]}, selector="max.sq")
+    run = new_function(command=str(script)).run(handler="handler", hyperparams={"p": [1, -3, 2]}, selector="max.sq")
     assert run.results["best_iteration"] == 2
     dask_run = new_function(command="dask://").run(handler=f"{script}:handler", hyperparams={"p": [1, -3, 2]},
                                                    selector="max.sq")

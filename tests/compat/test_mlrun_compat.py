@@ -1,0 +1,434 @@
+"""MLRun code with only the import lines changed: MLRun's documented local-run patterns, each as
+MLRun users write them, checked against MLRun's behaviour (best_iteration counted from 1, the
+iterations header row, output('return') for a handler's return value...).
+
+Where MLRun would say `import mlrun` / `from mlrun import ...`, these import from `engine`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from engine import NewRun, get_run_db, new_function, new_task, run_function
+from engine.rerun import UntrustedRun, rerun
+from engine.run import RunObject
+from engine.task import HyperParamOptions
+from tests.support import handlers
+
+TRAIN = '''
+def train(context, p1=1, p2="xx"):
+    context.log_result("accuracy", p1 * 2)
+    context.log_result("loss", p1 * 3)
+    context.set_label("category", "tests")
+    context.log_artifact("model.txt", body=b"abc is 123", labels={"framework": "xgboost"})
+    return "my resp"
+'''
+
+MYCLS = '''
+class MyCls:
+    def __init__(self, context, a1=1):
+        self.context = context
+        self.a1 = a1
+
+    def mtd(self, context, x=1):
+        context.log_result("a1", self.a1)
+        context.log_result("product", self.a1 * x)
+        return self.context is context
+'''
+
+
+def _seed_with_model(context, p1=1):
+    context.log_result("loss", p1 * 3)
+    context.log_artifact("model", body=f"model for p1={p1}".encode())
+
+
+@pytest.fixture
+def train_py(tmp_path: Path) -> Path:
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    return script
+
+
+# new_function ----------------------------------------------------------------------------------
+
+def test_new_function_takes_the_name_first_and_runs_a_handler_of_its_command_file(home: Path, train_py: Path) -> None:
+    fn = new_function("trainer", command=str(train_py))
+    assert fn.name == "trainer" and fn.command == str(train_py)
+
+    run = fn.run(handler="train", params={"p1": 5}, local=True)
+
+    assert run.state() == "completed" and run.metadata.name == "trainer"
+    assert run.status.results == {"accuracy": 10, "loss": 15, "return": "my resp"}
+    assert get_run_db().read_run(run.uid())["handler"] == f"{train_py}:train"
+
+
+@pytest.mark.parametrize("kind", ["", "local", "job", "handler", None])
+def test_kinds_that_run_locally(home: Path, train_py: Path, kind: str | None) -> None:
+    fn = new_function("trainer", "proj", "v1", kind, str(train_py), "mlrun/mlrun")
+    assert fn.project == "proj" and fn.tag == "v1" and fn.image == "mlrun/mlrun"
+    run = fn.run(handler="train", params={"p1": 2}, local=True, watch=False, out_path="/tmp/out",
+                 artifact_path="/tmp/art", workdir=str(train_py.parent))
+    assert run.state() == "completed" and run.output("accuracy") == 4
+    assert run.metadata.project == "proj"
+
+
+def test_kind_dask_is_the_dask_runtime_and_an_unknown_kind_is_refused_by_name(home: Path) -> None:
+    assert new_function("sweeper", kind="dask").runtime == "dask://"
+    assert new_function(command="dask://scheduler:8786").runtime == "dask://scheduler:8786"
+    with pytest.raises(ValueError, match="function kind 'nuclio' is not supported"):
+        new_function("serving", kind="nuclio")
+    with pytest.raises(ValueError, match="kind 'job' runs locally"):
+        new_function(kind="job", command="dask://")
+
+
+def test_a_schedule_is_refused_rather_than_ignored(home: Path) -> None:
+    with pytest.raises(ValueError, match="schedule"):
+        new_function().run(NewRun(handler=handlers.seed_like), schedule="0 * * * *")
+
+
+# run_function ----------------------------------------------------------------------------------
+
+def test_run_function_with_hyperparams_and_selector(home: Path, train_py: Path) -> None:
+    fn = new_function("trainer", command=str(train_py), kind="job")
+    run = run_function(fn, handler="train", params={"p2": "yy"}, hyperparams={"p1": [5, 2, 3]},
+                       selector="min.loss", local=True)
+
+    assert run.state() == "completed"
+    assert run.output("best_iteration") == 2  # counted from 1: p1=2 has the lowest loss
+    assert run.status.results["loss"] == 6 and run.status.results["accuracy"] == 4
+    children = get_run_db().list_runs(parent=run.uid())
+    assert sorted(children.iteration) == [1, 2, 3]
+
+
+def test_run_function_by_the_name_of_a_function_made_here(home: Path, train_py: Path) -> None:
+    new_function("by-name-trainer", command=str(train_py))
+    run = run_function("by-name-trainer", handler="train", params={"p1": 3}, inputs={},
+                       hyper_param_options=HyperParamOptions(selector="max.accuracy"),
+                       hyperparams={"p1": [1, 3]})
+    assert run.output("best_iteration") == 2 and run.output("accuracy") == 6
+    with pytest.raises(ValueError, match="function 'nobody' was not made by new_function"):
+        run_function("nobody")
+
+
+def test_run_function_takes_a_base_task_labels_and_returns(home: Path) -> None:
+    task = new_task(name="based", params={"p1": 4}).set_label("team", "a")
+    run = run_function(new_function(), handler=handlers.seed_like, base_task=task, labels={"stage": "dev"},
+                       returns=["reply"])
+    assert run.metadata.name == "based" and run.metadata.labels == {"team": "a", "stage": "dev"}
+    assert run.output("reply") == "my resp" and run.output("return") is None  # MLRun: returns name it
+
+
+# the task --------------------------------------------------------------------------------------
+
+def test_new_task_takes_mlruns_keywords_and_has_metadata_and_spec_views(home: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("a\n1\n")
+    task = new_task(name="demo", project="proj", handler=handlers.seed_like, params={"p1": 5},
+                    inputs={"data": str(data)}, outputs=["accuracy"], in_path="/in", out_path="/out",
+                    artifact_path="/art", secrets=[{"kind": "inline", "source": {"TOKEN": "s3cr3t-value"}}],
+                    returns=None)
+
+    assert task.metadata.name == "demo" and task.metadata.project == "proj"
+    assert task.spec.parameters == {"p1": 5} and task.spec.inputs == {"data": str(data)}
+    assert task.spec.handler is handlers.seed_like and task.spec.output_path == "/out"
+    assert task.spec.param_file is None and task.spec.hyperparams == {}
+
+    task.metadata.name = "renamed"
+    task.metadata.labels["owner"] = "me"
+    task.spec.parameters["p1"] = 2
+    task.spec.inputs = {"other": str(data)}
+    assert task.name == "renamed" and task.labels == {"owner": "me"} and task.params == {"p1": 2}
+    assert task.inputs == {"other": str(data)}
+
+    run = new_function().run(task)
+    assert run.metadata.name == "renamed" and run.spec.parameters == {"p1": 2}
+    assert run.spec.inputs == {"other": data.resolve().as_uri()}
+    assert run.spec.handler == "tests.support.handlers:seed_like"
+
+
+def test_task_spec_writes_hyperparams_selector_and_param_file_through(home: Path, tmp_path: Path) -> None:
+    task = new_task(handler=handlers.seed_like)
+    task.spec.hyperparams = {"p1": [5, 2, 3]}
+    task.spec.selector = "min.loss"
+    assert task.hyper_params == {"p1": [5, 2, 3]} and task.hyper_options["selector"] == "min.loss"
+    run = new_function().run(task)
+    assert run.output("best_iteration") == 2
+
+    task.spec.param_file = str(tmp_path / "params.json")
+    assert task.param_file == str(tmp_path / "params.json")
+    with pytest.raises(ValueError, match="hyperparams and param_file cannot be used together"):
+        new_function().run(task)
+
+
+def test_task_to_dict_is_mlruns_shape_and_holds_no_secret_value(home: Path) -> None:
+    task = (new_task(name="demo", handler=handlers.seed_like, params={"p1": 5}, selector="max.accuracy")
+            .with_secrets("inline", {"TOKEN": "s3cr3t-value"}).set_label("type", "demo"))
+    as_dict = task.to_dict()
+    assert as_dict["metadata"] == {"name": "demo", "project": None, "labels": {"type": "demo"}}
+    assert as_dict["spec"]["parameters"] == {"p1": 5} and as_dict["spec"]["handler"] == "seed_like"
+    assert as_dict["spec"]["hyper_param_options"] == {"selector": "max.accuracy"}
+    assert "s3cr3t-value" not in json.dumps(as_dict) and "TOKEN" in json.dumps(as_dict)
+
+
+def test_with_param_file_csv_is_one_iteration_a_row(home: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.csv"
+    params.write_text("p1,p2\n5,a\n2,b\n3,c\n")
+    task = NewRun(handler=handlers.seed_like).with_param_file(str(params), "min.loss")
+    assert task.spec.param_file == str(params)
+
+    run = new_function().run(task)
+
+    assert run.state() == "completed" and run.output("best_iteration") == 2
+    assert run.status.iterations[0] == ["state", "iter", "param.p1", "param.p2", "output.accuracy", "output.loss"]
+    assert run.status.iterations[1:] == [["completed", 1, 5, "a", 10, 15], ["completed", 2, 2, "b", 4, 6],
+                                         ["completed", 3, 3, "c", 6, 9]]
+
+
+def test_with_param_file_json_dict_of_lists_is_a_grid(home: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"p1": [1, 2], "p2": ["a", "b", "c"]}))
+    run = new_function().run(NewRun(handler=handlers.seed_like).with_param_file(str(params), "max.accuracy"))
+    assert len(run.status.iterations) == 1 + 6
+    assert run.output("best_iteration") == 4  # the first iteration with p1=2 (a tie goes to the earliest)
+
+
+def test_with_param_file_json_list_of_dicts_is_one_iteration_a_dict(home: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps([{"p1": 7}, {"p1": 1, "p2": "z"}]))
+    run = new_function().run(NewRun(handler=handlers.seed_like).with_param_file(str(params), "min.loss"))
+    assert [row[:3] for row in run.status.iterations[1:]] == [["completed", 1, 7], ["completed", 2, 1]]
+    assert run.output("best_iteration") == 2
+
+
+def test_with_param_file_refuses_a_strategy_the_file_cannot_give(home: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.csv"
+    params.write_text("p1\n1\n")
+    with pytest.raises(ValueError, match=f"param_file '{params}': strategy 'grid' needs a JSON file"):
+        new_function().run(NewRun(handler=handlers.seed_like).with_param_file(str(params), strategy="grid"))
+
+
+# the run object --------------------------------------------------------------------------------
+
+def test_run_status_metadata_spec_and_outputs(home: Path, train_py: Path) -> None:
+    run = new_function("trainer", command=str(train_py)).run(
+        new_task(params={"p1": 5}, labels={"type": "demo"}), handler="train")
+
+    assert run.status.state == "completed" and run.status.error is None
+    assert run.status.results == {"accuracy": 10, "loss": 15, "return": "my resp"}
+    assert run.output("accuracy") == 10 and run.output("return") == "my resp"
+    assert run.output("model.txt") == run.artifact("model.txt").url and run.output("missing") is None
+    assert run.outputs == {"accuracy": 10, "loss": 15, "return": "my resp", "model.txt": run.output("model.txt")}
+    [model] = run.status.artifacts
+    assert model["kind"] == "artifact" and model["metadata"]["key"] == "model.txt"
+    assert model["metadata"]["tree"] == run.uid() and model["spec"]["target_path"] == run.output("model.txt")
+    assert run.metadata.uid == run.uid() and run.metadata.iteration == 0
+    assert run.metadata.labels == {"type": "demo", "category": "tests"}
+    assert run.spec.parameters == {"p1": 5} and run.spec.handler == f"{train_py}:train"
+    assert run.status.iterations == []  # not a sweep
+    as_dict = run.to_dict()
+    assert as_dict["metadata"]["uid"] == run.uid() and as_dict["status"]["results"]["loss"] == 15
+    json.dumps(as_dict)  # plain data
+
+
+def test_uid_and_state_are_both_attributes_and_mlruns_methods(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.seed_like))
+    assert run.uid() == run.uid and run.state() == run.state == "completed"
+    assert isinstance(run.uid(), str) and type(run.uid()) is str and len(run.uid) == 32
+    assert get_run_db().read_run(run.uid)["uid"] == run.uid()  # usable where a str is
+    same = RunObject.from_record(get_run_db().read_run(run.uid))
+    assert same.uid() == run.uid() and same.state() == "completed" and same.spec.handler == run.spec.handler
+
+
+def test_an_error_run_has_its_error_in_status(home: Path) -> None:
+    run = new_function().run(NewRun(handler=handlers.scored, params={"x": 1, "fail_on": 1}))
+    assert run.state() == "error" and "bad x=1" in run.status.error
+
+
+def test_data_items_have_url_and_meta(home: Path) -> None:
+    def handler(context):
+        context.log_model("model", body=b"weights", framework="sklearn", metrics={"acc": 0.9},
+                          artifact_path="/ignored", db_key="my-model", tag="v1")
+        context.log_dataset("data", pd.DataFrame({"a": [1, 2]}), db_key="my-data")
+
+    run = new_function().run(NewRun(handler=handler))
+    model = run.artifact("model")
+    assert model.url == model.uri and model.get() == b"weights"
+    assert model.meta["metrics"] == {"acc": 0.9} and model.meta["db_key"] == "my-model" and model.meta["tag"] == "v1"
+    assert run.artifact("data").meta["db_key"] == "my-data" and run.artifact("data").as_df().a.tolist() == [1, 2]
+    assert run.status.artifacts[1]["spec"]["db_key"] == "my-data"
+
+
+def test_a_sweep_parent_holds_the_best_iterations_artifacts(home: Path) -> None:
+    task = NewRun(handler=_seed_with_model).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
+    run = new_function().run(task)
+    assert run.output("best_iteration") == 2
+    assert run.artifact("model").get() == b"model for p1=2"
+    assert run.artifact("model").meta["link_iteration"] == 2
+    assert {a["metadata"]["key"] for a in run.status.artifacts} == {"model", "iteration_results",
+                                                                    "parallel_coordinates"}
+    record = get_run_db().read_run(run.uid)  # in the log too, not only in this object
+    assert {a["key"] for a in record["artifacts"]} >= {"model"}
+
+
+# child contexts --------------------------------------------------------------------------------
+
+def _children_handler(context, values=(4, 9, 2)):
+    best = None
+    for value in values:
+        with context.get_child_context(x=value) as child:
+            child.log_result("score", value)
+            child.log_artifact("model", body=f"model {value}".encode())
+            if best is None or value > best:
+                child.mark_as_best()
+                best = value
+    context.log_result("count", len(values))
+
+
+def test_child_contexts_give_the_parent_best_iteration_results_and_iterations(home: Path) -> None:
+    run = new_function().run(NewRun(handler=_children_handler))
+
+    assert run.state() == "completed", run.status.error
+    assert run.output("best_iteration") == 2  # the second child (x=9), counted from 1
+    assert run.output("score") == 9 and run.output("count") == 3
+    assert run.status.iterations == [["state", "iter", "param.x", "output.score"], ["completed", 1, 4, 4],
+                                     ["completed", 2, 9, 9], ["completed", 3, 2, 2]]
+    assert run.artifact("model").get() == b"model 9"
+    children = get_run_db().list_runs(parent=run.uid()).sort_values("iteration")
+    assert children.iteration.tolist() == [1, 2, 3] and set(children.state) == {"completed"}
+
+
+def test_a_child_that_raises_is_an_error_and_an_open_child_ends_with_its_parent(home: Path) -> None:
+    def handler(context):
+        try:
+            with context.get_child_context(x=1):
+                raise RuntimeError("child failed")
+        except RuntimeError:
+            pass
+        context.get_child_context(x=2).log_result("left", "open")
+
+    run = new_function().run(NewRun(handler=handler))
+    assert run.state() == "completed" and "best_iteration" not in run.status.results
+    assert [row[:3] for row in run.status.iterations[1:]] == [["error", 1, 1], ["completed", 2, 2]]
+    child = get_run_db().read_run(get_run_db().list_runs(parent=run.uid(), sort_by="iteration").uid[0])
+    assert child["state"] == "error" and "child failed" in child["error"]
+
+
+def test_only_a_child_can_be_best_and_a_child_has_no_children(home: Path) -> None:
+    def handler(context):
+        with pytest.raises(ValueError, match="only a child can be marked as best"):
+            context.mark_as_best()
+        with context.get_child_context() as child, pytest.raises(ValueError, match="cannot have children"):
+            child.get_child_context()
+
+    assert new_function().run(NewRun(handler=handler)).state() == "completed"
+
+
+def test_set_annotation_is_accepted(home: Path) -> None:
+    def handler(context):
+        context.set_annotation("owner", "me")
+        return context.annotations
+
+    assert new_function().run(NewRun(handler=handler)).output("return") == {"owner": "me"}
+
+
+# handlers by string ----------------------------------------------------------------------------
+
+def test_a_module_function_handler(home: Path) -> None:
+    run = new_function().run(handler="json.dumps", params={"obj": [1, 2]})
+    assert run.output("return") == "[1, 2]" and run.spec.handler == "json:dumps"
+    assert new_function().run(handler="tests.support.handlers.seed_like").output("accuracy") == 2
+
+
+def test_a_class_method_handler_with_init_args(home: Path, tmp_path: Path) -> None:
+    script = tmp_path / "mycls.py"
+    script.write_text(MYCLS)
+    fn = new_function("mycls", command=str(script), kind="job")
+
+    run = fn.run(handler="MyCls::mtd", params={"_init_args": {"a1": 7}, "x": 3}, local=True)
+
+    assert run.state() == "completed", run.status.error
+    assert run.status.results == {"a1": 7, "product": 21, "return": True}  # the constructor got the context
+    assert run.spec.handler == f"{script}:MyCls::mtd"
+    again = rerun(run.uid())  # this home's own, unchanged code: no trust needed
+    assert again.status.results == run.status.results
+    script.write_text(MYCLS.replace("self.a1 * x", "self.a1 * x * 100"))
+    with pytest.raises(UntrustedRun, match="changed since the run"):
+        rerun(run.uid())
+
+
+def test_a_class_method_handler_names_what_is_missing(home: Path, tmp_path: Path) -> None:
+    script = tmp_path / "mycls.py"
+    script.write_text(MYCLS)
+    with pytest.raises(LookupError, match="has no method 'nope'"):
+        new_function(command=str(script)).run(handler="MyCls::nope")
+    with pytest.raises(LookupError, match="has no class 'Other'"):
+        new_function(command=str(script)).run(handler="Other::mtd")
+
+
+# names -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, field", [
+    (lambda: new_function("a/b"), "function name"),
+    (lambda: new_function("ok", project="p/q"), "project"),
+    (lambda: new_task(name="a/b"), "run name"),
+    (lambda: new_task(name="   "), "run name"),
+    (lambda: new_function().run(NewRun(handler=handlers.seed_like), name="x/y"), "run name"),
+])
+def test_names_with_a_slash_or_blank_are_refused_naming_the_field(home: Path, call, field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field} "):
+        call()
+
+
+# commands --------------------------------------------------------------------------------------
+
+JOB = '''
+import argparse
+from engine import get_or_create_ctx
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--xyz", type=int, default=0)
+parser.add_argument("--tag", default="none")
+args = parser.parse_args()
+context = get_or_create_ctx("job")
+print("xyz is", args.xyz)
+context.log_result("xyz_squared", args.xyz ** 2)
+context.log_result("tag", args.tag)
+'''
+
+
+@pytest.fixture
+def job_py(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # the script imports engine
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    return script
+
+
+def test_a_command_with_params_in_argv_runs_as_one_run(home: Path, job_py: Path) -> None:
+    fn = new_function("job", command=f"{job_py} --xyz {{xyz}}", args=["--tag", "{tag}"])
+    run = fn.run(params={"xyz": 7, "tag": "t1"}, local=True)
+    assert run.state() == "completed", run.status.error
+    assert run.status.results == {"xyz_squared": 49, "tag": "t1"}
+    assert run.metadata.name == "job" and run.spec.parameters == {"xyz": 7, "tag": "t1"}
+
+
+def test_a_command_file_without_a_handler_runs_as_a_script(home: Path, job_py: Path) -> None:
+    run = new_function(command=str(job_py), kind="job").run()
+    assert run.state() == "completed" and run.output("xyz_squared") == 0 and run.metadata.name == "job"
+    failing = job_py.parent / "fails.py"
+    failing.write_text("import sys\nsys.exit(3)\n")
+    run = new_function(command=str(failing)).run()
+    assert run.state() == "error" and "exited with code 3" in run.status.error
+
+
+def test_a_sweep_over_a_command(home: Path, job_py: Path) -> None:
+    run = run_function(new_function(command=f"{job_py} --xyz {{xyz}}"), hyperparams={"xyz": [2, -5, 3]},
+                       selector="max.xyz_squared")
+    assert run.state() == "completed", run.status.error
+    assert run.output("best_iteration") == 2 and run.output("xyz_squared") == 25
+    assert [row[:3] for row in run.status.iterations[1:]] == [["completed", 1, 2], ["completed", 2, -5],
+                                                              ["completed", 3, 3]]
