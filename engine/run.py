@@ -14,6 +14,8 @@ from producers.data_item import DataItem
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from projections.query import RunDB
+
 
 class CallableText(str):
     """A str that also answers a call with itself: `run.uid` is Runbus's attribute and `run.uid()`
@@ -132,12 +134,15 @@ class RunObject:
         return {"metadata": vars(self.metadata), "spec": vars(self.spec),
                 "status": {**vars(self.status), "traceback": self.traceback}}
 
-    def logs(self, watch: bool = True, offset: int = 0) -> str:
-        """Print the run's console output as the log holds it (from `offset`) and return it.
-        MLRun's `watch` is accepted: a run object is made when its run has ended."""
-        from engine.api import get_run_db
+    def logs(self, watch: bool = True, db: RunDB | None = None, offset: int = 0) -> str:
+        """Print the run's console output as the log holds it (from character `offset`, through
+        `db` or `get_run_db()`) and return it. MLRun's `watch` is accepted: a run object is made
+        when its run has ended."""
+        if db is None:
+            from engine.api import get_run_db
 
-        _state, text = get_run_db().get_log(str(self.uid), offset)
+            db = get_run_db()
+        _state, text = db.get_log(str(self.uid), offset)
         print(text, end="" if text.endswith("\n") or not text else "\n")
         return text
 

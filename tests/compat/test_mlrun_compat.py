@@ -432,3 +432,49 @@ def test_a_sweep_over_a_command(home: Path, job_py: Path) -> None:
     assert run.output("best_iteration") == 2 and run.output("xyz_squared") == 25
     assert [row[:3] for row in run.status.iterations[1:]] == [["completed", 1, 2], ["completed", 2, -5],
                                                               ["completed", 3, 3]]
+
+
+def test_run_logs_prints_and_returns_the_runs_console_output(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def handler(context):
+        print("hello from the handler")
+        context.logger.info("a logger line")
+
+    run = new_function().run(NewRun(handler=handler))
+    capsys.readouterr()
+
+    text = run.logs()
+
+    assert "hello from the handler\n" in text and "a logger line" in text
+    assert capsys.readouterr().out.strip() == text.strip()
+    assert get_run_db().get_log(run.uid()) == ("completed", text)
+    assert run.logs(db=get_run_db(), offset=len(text)) == ""
+
+
+KIDS = '''
+from engine import get_or_create_ctx
+
+context = get_or_create_ctx("kids")
+for value in (1, 3, 2):
+    with context.get_child_context(x=value) as child:
+        child.log_result("score", value)
+        if value == 3:
+            child.mark_as_best()
+'''
+
+
+@pytest.mark.xfail(strict=True, reason="a script's context has no iteration recorder until engine/runspec.py "
+                                       "imports engine.sweep.summary (a file helper C does not own)")
+def test_child_contexts_in_a_script_of_its_own(home: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "kids.py"
+    script.write_text(KIDS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    parent = get_run_db().list_runs(name="kids", parent=None)
+    parent = parent[parent.iteration == 0].uid.iloc[0]
+    run = RunObject.from_record(get_run_db().read_run(parent))
+    assert run.output("best_iteration") == 2 and run.output("score") == 3
