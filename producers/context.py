@@ -65,6 +65,7 @@ class RunContext:
 
     _children: list[ChildContext] | None = None  # made by get_child_context, on first use
     _best_child: int | None = None
+    _annotations: dict[str, Any] | None = None  # made by set_annotation, on first use
 
     def __init__(self, writer: BackgroundWriter, artifact_store: ArtifactStore, *, uid: str,
                  name: str, project: str = "default", handler: str = "", runtime: str = "local",
@@ -347,9 +348,15 @@ class RunContext:
     def set_annotation(self, key: str, value: Any, replace: bool = True) -> None:
         """MLRun's run annotation: kept on this context (`annotations`), not in the log (Runbus
         records labels, which runs are filtered by; an annotation is not one)."""
-        annotations = self.__dict__.setdefault("annotations", {})
-        if replace or key not in annotations:
-            annotations[key] = value
+        if self._annotations is None:
+            self._annotations = {}
+        if replace or key not in self._annotations:
+            self._annotations[key] = value
+
+    @property
+    def annotations(self) -> dict[str, Any]:
+        """The annotations set on this context (MLRun's run annotations; not logged)."""
+        return dict(self._annotations or {})
 
     # child iterations (MLRun's get_child_context) ----------------------------------------------
 

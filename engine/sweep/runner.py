@@ -237,6 +237,8 @@ def _artifacts_of(parent: RunContext, state: SweepState, iteration: int) -> list
         records = svc.bus.read(positions, 10_000)
         for record in records:
             positions[record.partition] = record.offset + 1
+            if record.key != uid:  # a run's records are keyed by its uid: decode only the iteration's
+                continue
             try:
                 events = svc.codec.decode_all(record.value)
             except ValueError:  # not an event: the projection quarantines it

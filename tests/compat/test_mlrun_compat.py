@@ -262,7 +262,7 @@ def test_data_items_have_url_and_meta(home: Path) -> None:
     assert run.status.artifacts[1]["spec"]["db_key"] == "my-data"
 
 
-def test_a_sweep_parent_holds_the_best_iterations_artifacts(home: Path) -> None:
+def test_a_sweep_parent_holds_the_best_iterations_artifacts(bus_home: Path) -> None:
     task = NewRun(handler=_seed_with_model).with_hyper_params({"p1": [5, 2, 3]}, "min.loss")
     run = new_function().run(task)
     assert run.output("best_iteration") == 2
