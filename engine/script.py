@@ -31,6 +31,7 @@ from typing import Any
 from engine.loader import code_mac
 from engine.runspec import RunSpec
 from engine.settings import Settings, load_settings
+from producers.console import capture_console
 from producers.context import RunContext, RunFinishedError
 from producers.spill import make_private_folder
 
@@ -191,11 +192,7 @@ def _join(record: Mapping[str, Any], settings: Settings, params: Mapping[str, An
 
 
 def _capture(context: ScriptContext) -> Any:
-    """Enter console capture for the run (helper module producers.console); None without it."""
-    try:
-        from producers.console import capture_console
-    except ImportError:
-        return None
+    """Enter fd-level console capture for the run: its stdout and stderr, and its children's."""
     capture = capture_console(context, fd_level=True)
     capture.__enter__()
     return capture
@@ -264,6 +261,8 @@ def _install_hooks() -> None:
     previous_hook = sys.excepthook
 
     def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if not isinstance(exc, Terminated):
+            previous_hook(kind, exc, tb)  # first: the traceback is then in the run's console log too
         context = _current
         if context is not None:
             try:
@@ -272,7 +271,6 @@ def _install_hooks() -> None:
                 traceback.print_exc()
         if isinstance(exc, Terminated):
             _die_by(signal.SIGTERM, context)
-        previous_hook(kind, exc, tb)
 
     sys.excepthook = excepthook
     previous_exit = sys.exit

@@ -80,14 +80,14 @@ def run_command(command: str, args: list[str] | None, spec: RunSpec) -> RunConte
     try:
         returncode, stderr_tail = _run(argv, context, spec, handover)
     except BaseException as exc:  # Ctrl-C (the child was terminated) or a command that cannot start
-        _flush_output(context)
+        context.flush_output()
         context.finish(error=exc, state=None if isinstance(exc, Exception) else "aborted")
         if isinstance(exc, Exception):
             return context
         raise
     finally:
         handover.unlink(missing_ok=True)
-    _flush_output(context)
+    context.flush_output()
     context.finish(error=_verdict(returncode, stderr_tail))
     return context
 
@@ -121,7 +121,7 @@ def _pump(pipe: IO[bytes] | None, stream: str, echo: IO[str], context: RunContex
     """Copy the child's `stream` to `echo` and (with `capture`) into the run, until it closes."""
     assert pipe is not None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
-    log_output = getattr(context, "log_output", None) if capture else None
+    log_output = context.log_output if capture else None
     partial = ""
     with pipe:
         while True:
@@ -173,12 +173,6 @@ def _verdict(returncode: int, stderr_tail: list[str]) -> str | None:
         message = f"command exited with code {returncode}"
     tail = "\n".join(stderr_tail).strip()
     return f"{message}\n{tail}" if tail else message
-
-
-def _flush_output(context: RunContext) -> None:
-    flush = getattr(context, "flush_output", None)
-    if flush is not None:
-        flush()
 
 
 def _template(token: str, params: Mapping[str, Any], command: str) -> str:

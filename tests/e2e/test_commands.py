@@ -113,6 +113,28 @@ def test_the_error_masks_the_runs_secrets_in_the_commands_stderr(home: Path, tmp
     assert "hunter2" not in get_run_db().sql("SELECT string_agg(payload, '') AS p FROM events").p[0]
 
 
+def test_the_commands_output_is_kept_in_the_runs_log(bus_home: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    script = _script(tmp_path, """
+        import subprocess, sys
+        print('epoch 1')
+        print('a warning', file=sys.stderr)
+        subprocess.run([sys.executable, '-c', 'print("from its own child")'], check=True)
+        print('no newline at the end', end='')
+    """)
+    context = run_command(str(script), None, _spec())
+    state, text = get_run_db().get_log(context.uid)
+    assert state == "completed"
+    assert sorted(text.splitlines()) == sorted(["epoch 1", "a warning", "from its own child",
+                                                "no newline at the end"])
+    streams = get_run_db().sql("SELECT stream, text FROM logs WHERE uid = ? ORDER BY line_no", [context.uid])
+    assert dict(zip(streams.text, streams.stream, strict=True))["a warning"] == "stderr"
+
+    monkeypatch.setenv("RUNBUS_CAPTURE_CONSOLE", "0")
+    quiet = run_command(str(script), None, RunSpec(load_settings(), None, "job.py", "quiet", "default"))
+    assert get_run_db().get_log(quiet.uid) == ("completed", "")
+
+
 def test_the_commands_output_reaches_the_launchers_terminal(home: Path, tmp_path: Path) -> None:
     child = _script(tmp_path, "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
     launcher = _script(tmp_path, f"""

@@ -39,9 +39,13 @@ def _runs():
 
 def test_a_script_whose_only_runbus_line_is_get_or_create_ctx_is_a_run(bus_home: Path, tmp_path: Path) -> None:
     script = _script(tmp_path, """
+        import logging, subprocess, sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('train', params={'lr': 0.1}, labels={'team': 'vision'})
         print('training with', ctx.get_param('lr'))
+        logging.basicConfig()
+        logging.getLogger('trainer').warning('a warning from logging')
+        subprocess.run([sys.executable, '-c', 'print("from a child process")'], check=True)
         for step in range(3):
             ctx.log_metric('loss', 1.0 / (step + 1), step=step)
         ctx.log_result('accuracy', 0.93)
@@ -60,6 +64,32 @@ def test_a_script_whose_only_runbus_line_is_get_or_create_ctx_is_a_run(bus_home:
     assert get_run_db().sql("SELECT value FROM metrics ORDER BY step").value.tolist() == [1.0, 0.5, 1.0 / 3]
     listed = subprocess.run([RUNBUS, "runs"], capture_output=True, text=True, timeout=120, env=_env())
     assert listed.returncode == 0 and runs.uid[0][:8] in listed.stdout and "completed" in listed.stdout
+    state, text = get_run_db().get_log(runs.uid[0])
+    assert state == "completed"
+    # (the Kafka client logs there too; and stdout piped is block-buffered: no order across streams)
+    expected = {"training with 0.1", "WARNING:trainer:a warning from logging", "from a child process"}
+    assert expected <= set(text.splitlines())
+
+
+def test_the_console_log_holds_the_traceback_and_can_be_turned_off(home: Path, tmp_path: Path) -> None:
+    script = _script(tmp_path, """
+        from engine import get_or_create_ctx
+        ctx = get_or_create_ctx('job')
+        print('before the failure')
+        raise RuntimeError('the failure')
+    """)
+    assert _run(script).returncode == 1
+    uid = _runs().uid[0]
+    state, text = get_run_db().get_log(uid)
+    lines = text.splitlines()  # stdout piped is block-buffered: it may reach its fd after stderr
+    assert state == "error" and "before the failure" in lines
+    assert lines[lines.index("Traceback (most recent call last):") + 3] == "RuntimeError: the failure"
+
+    script.write_text("from engine import get_or_create_ctx\nget_or_create_ctx('quiet')\nprint('not kept')\n")
+    done = _run(script, RUNBUS_CAPTURE_CONSOLE="0")
+    assert done.returncode == 0 and "not kept" in done.stdout
+    quiet = get_run_db().sql("SELECT uid FROM runs WHERE name = 'quiet'").uid[0]
+    assert get_run_db().get_log(quiet) == ("completed", "")
 
 
 @pytest.mark.parametrize(("body", "state", "error"), [
