@@ -237,9 +237,12 @@ def run_function(function: Function | str, handler: Handler | None = None, name:
                  watch: bool = True, local: bool | None = None, verbose: bool | None = None,
                  selector: str | None = None, project_object: Any = None, auto_build: bool | None = None,
                  schedule: Any = None, artifact_path: str | None = None, notifications: Any = None,
-                 returns: Iterable[str] | None = None, **options: Any) -> RunObject:
+                 returns: Iterable[str] | None = None, builder_env: Mapping[str, str] | None = None,
+                 reset_on_run: bool | None = None, **options: Any) -> RunObject:
     """MLRun's `run_function`: run `function` (a Function, or the name of one made by
-    `new_function` in this process) with these arguments; returns the ended run."""
+    `new_function` in this process) with these arguments; returns the ended run. `options` are
+    sweep options (`parallel_runs`, `stop_condition`...); `project_object`, `auto_build`,
+    `notifications`, `builder_env` and `reset_on_run` are accepted and unused."""
     if isinstance(function, str):
         if function not in _functions:
             known = ", ".join(sorted(_functions)) or "none"
