@@ -27,6 +27,8 @@ app = typer.Typer(help="Runbus: experiment tracking as an event log.", no_args_i
                   pretty_exceptions_enable=False, add_completion=False)
 console = plain_console()
 errors = plain_console(stderr=True)
+LOG_LINES_PER_READ = 10_000  # `runbus logs` reads a run's lines in pages of this many
+LOG_POLL_S = 0.5  # how often `runbus logs --follow` looks for new lines
 
 
 def json_text(value: Any) -> str:
@@ -129,8 +131,14 @@ def run(
             raise typer.BadParameter("--hyper and --runtime need a handler: FILE.py:HANDLER")
         from engine.run import RunObject
         from engine.runtimes.command import run_script
+        from engine.script import Terminated
 
-        _finish(RunObject.from_context(run_script(target, args or [], task)))
+        try:
+            context = run_script(target, args or [], task)
+        except Terminated:
+            errors.print("runbus: terminated by SIGTERM: the script was stopped and its run recorded aborted")
+            raise typer.Exit(128 + signal.SIGTERM) from None
+        _finish(RunObject.from_context(context))
         return
     if hyper:
         values = {k: [_parse_value(x) for x in v.split(",")] for k, v in _pairs(hyper, "hyper").items()}
@@ -196,6 +204,32 @@ def show(uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of 
     """Show one run: state, params, results, labels, artifacts, last metric values."""
     record = services().run_db().read_run(uid)
     sys.stdout.write(json_text(record) + "\n")
+
+
+@app.command()
+def logs(
+    uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="print new lines as they come, until the "
+                                                               "run ends")] = False,
+) -> None:
+    """Print a run's console output (stdout, stderr and its logger, in order); control characters in it
+    are shown as escapes. With --follow, wait for more until the run is no longer running."""
+    db = services().run_db()
+    after, full = 0, uid
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            full, state, lines = db.log_lines(full, after, LOG_LINES_PER_READ)
+            if len(lines):
+                sys.stdout.write("".join(neutral(text) + "\n" for text in lines.text))
+                sys.stdout.flush()
+                after = int(lines.line_no.iloc[-1])
+            if len(lines) < LOG_LINES_PER_READ and (not follow or state != "running"):
+                return
+            if len(lines) < LOG_LINES_PER_READ:
+                time.sleep(LOG_POLL_S)
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

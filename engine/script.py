@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -293,6 +293,20 @@ def _at_exit() -> None:
         _end(context, exit_code=_exit_code[0] if _exit_code else None)
     except Exception as exc:
         print(f"runbus: run {context.uid} could not be ended at exit: {exc}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active (in the main thread, when the program has no SIGTERM handler of its own),
+    SIGTERM raises `Terminated` here, so what is under way can record `aborted` as it unwinds."""
+    if threading.current_thread() is not threading.main_thread() or not _user_has_no_handler(signal.SIGTERM):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _user_has_no_handler(signum: int) -> bool:

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from engine.bootstrap import services
 from engine.runspec import RunSpec
-from engine.script import HANDOVER_ENV, script_code_ref, write_handover
+from engine.script import HANDOVER_ENV, script_code_ref, sigterm_raises, write_handover
 from engine.secrets import resolve_all
 from engine.task import RunTemplate
 from producers.artifact_store import file_sha256
@@ -66,7 +66,8 @@ def run_command(command: str, args: list[str] | None, spec: RunSpec) -> RunConte
 
     Exit code 0 is `completed`; another code is `error` naming it, with the last lines of the
     command's stderr; death by a signal is `error` naming the signal. Ctrl-C here terminates the
-    command and records `aborted`, then is raised.
+    command and records `aborted`, then is raised; so does SIGTERM (as engine.script.Terminated)
+    when this process has no SIGTERM handler of its own.
     """
     argv = command_argv(command, args, spec.params)
     script = Path(argv[1]).resolve() if argv[0] == sys.executable and len(argv) > 1 else None
@@ -106,7 +107,8 @@ def _run(argv: list[str], context: RunContext, spec: RunSpec, handover: Path) ->
     for reader in readers:
         reader.start()
     try:
-        returncode = process.wait()
+        with sigterm_raises():  # a launcher stopped by SIGTERM (Slurm, Kubernetes) stops its command too
+            returncode = process.wait()
     except BaseException:
         _stop(process)
         raise

@@ -200,3 +200,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_sigterm_to_runbus_run_stops_the_script_and_records_aborted(home: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    child = _script(tmp_path, f"""
+        import os, time
+        open({str(pid_file)!r}, 'w').write(str(os.getpid()))
+        time.sleep(600)
+    """)
+    process = subprocess.Popen([RUNBUS, "run", str(child)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the script started")
+    child_pid = int(pid_file.read_text())
+    process.terminate()  # as Slurm or Kubernetes stop a job
+    assert process.wait(60) == 128 + signal.SIGTERM
+    assert "terminated by SIGTERM" in process.stderr.read()
+    row = get_run_db().sql("SELECT state, error FROM runs").iloc[0]
+    assert row.state == "aborted" and "terminated by SIGTERM" in row.error
+    assert not _alive(child_pid)
