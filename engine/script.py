@@ -31,6 +31,7 @@ from typing import Any
 from engine.loader import code_mac
 from engine.runspec import RunSpec
 from engine.settings import Settings, load_settings
+from engine.task import check_name
 from producers.console import capture_console
 from producers.context import RunContext, RunFinishedError
 from producers.spill import make_private_folder
@@ -164,6 +165,8 @@ def script_code_ref(path: Path, reference: str, home: Path) -> str | None:
 
 def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Mapping[str, Any],
            settings: Settings, capture_output: bool | None) -> ScriptContext:
+    check_name("name", name)  # as MLRun does: names go into paths and URIs
+    check_name("project", project)
     script = _script_path()
     reference = str(script) if script else "<stdin>"
     spec = RunSpec(settings, None, reference, name, project or settings.project, runtime="script",

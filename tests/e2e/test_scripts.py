@@ -201,3 +201,11 @@ def test_kill_9_leaves_the_run_lost(home: Path, tmp_path: Path, monkeypatch: pyt
     process.kill()
     process.wait(60)
     wait_until(lambda: _runs().state.tolist() == ["lost"], "the silent run reads lost")
+
+
+def test_a_run_name_is_checked_as_mlrun_does_before_anything_starts(home: Path) -> None:
+    from engine import get_or_create_ctx
+
+    with pytest.raises(ValueError, match="name 'team/train' must not contain '/'"):
+        get_or_create_ctx("team/train")
+    assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 0
