@@ -174,7 +174,7 @@ def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepSt
     svc.writer.flush()
     if not pool.in_driver:  # in-process iterations cannot outlive the driver
         _settle_lost(svc, watcher)
-    return _complete(parent, state, selector)
+    return _complete(parent, state, selector, svc)
 
 
 def _results_on_bus(watcher: ChildWatcher, outcome: IterationOutcome) -> dict[str, Any]:
@@ -211,11 +211,11 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
     svc.writer.flush()
 
 
-def _complete(parent: RunContext, state: SweepState, selector: Selector | None) -> RunContext:
+def _complete(parent: RunContext, state: SweepState, selector: Selector | None, svc: Services) -> RunContext:
     best = None
     if selector is not None:
         best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})
-    artifacts = _artifacts_of(parent, state, best) if best is not None else []
+    artifacts = _artifacts_of(svc, state, best) if best is not None else []
     record_iterations(parent, state.done, best, artifacts)
     failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
     error = f"{failed} of {len(state.done)} iterations failed" if failed else None
@@ -223,13 +223,12 @@ def _complete(parent: RunContext, state: SweepState, selector: Selector | None) 
     return parent
 
 
-def _artifacts_of(parent: RunContext, state: SweepState, iteration: int) -> list[DataItem]:
+def _artifacts_of(svc: Services, state: SweepState, iteration: int) -> list[DataItem]:
     """The artifacts iteration `iteration` logged, from the bus since the sweep (or its resume)
     began, or from the projection for an iteration that ended before a resume."""
     uid = state.uids.get(iteration)
     if not uid:
         return []
-    svc = services()
     root = str(svc.artifact_store.root)
     found: dict[str, dict[str, Any]] = {}
     positions = dict(state.positions)

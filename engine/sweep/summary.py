@@ -7,6 +7,7 @@ child contexts finishes (producers cannot import the engine).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +39,13 @@ def record_iterations(parent: RunContext, iterations: Iterations, best: int | No
         parent.log_results({k: v for k, v in iterations[best][2].items() if k != "return"})
         own = {*parent.artifacts, *OWN_ARTIFACTS}
         for item in best_artifacts:
-            if item.key not in own:
+            if item.key in own:
+                continue
+            try:
                 parent.log_artifact(LinkArtifact(item, best))
+            except (OSError, ValueError, TypeError) as exc:  # e.g. a remote worker's body, not in this store
+                warnings.warn(f"run {parent.uid}: artifact {item.key!r} of iteration {best} is not linked: {exc}",
+                              stacklevel=2)
     parent.log_artifact(TableArtifact("iteration_results", df=table, visible=True))
     parent.log_artifact(PlotArtifact("parallel_coordinates",
                                      body=parallel_coordinates(table, best, f"sweep {parent.name}")))

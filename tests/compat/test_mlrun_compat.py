@@ -478,3 +478,15 @@ def test_child_contexts_in_a_script_of_its_own(home: Path, tmp_path: Path) -> No
     parent = parent[parent.iteration == 0].uid.iloc[0]
     run = RunObject.from_record(get_run_db().read_run(parent))
     assert run.output("best_iteration") == 2 and run.output("score") == 3
+
+
+def test_a_best_artifact_whose_body_is_gone_is_not_linked_and_the_parent_still_ends(home: Path) -> None:
+    def handler(context):
+        with context.get_child_context(x=1) as child:
+            child.log_result("score", 1)
+            Path(child.log_artifact("model", body=b"a body that goes away").local()).unlink()
+            child.mark_as_best()
+
+    with pytest.warns(UserWarning, match="artifact 'model' of iteration 1 is not linked"):
+        run = new_function().run(NewRun(handler=handler))
+    assert run.state() == "completed" and run.output("best_iteration") == 1 and run.output("model") is None
