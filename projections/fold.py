@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS, STREAMS
 from producers.values import MAX_TIMESTAMP_S, numeric_or_none
 from schemas import Event
 
@@ -87,11 +88,43 @@ def _json_problem(what: str, text: str) -> str:
     return f"{what} is not JSON DuckDB can store: {printable(text)[:80]!r}"
 
 
+def _log_problem(lines: Any) -> str | None:
+    """Why a log event's lines cannot be folded into `logs` (the bounds a RunContext keeps), or None."""
+    if not isinstance(lines, list):
+        return f"log lines is a {type(lines).__name__}, not a list"
+    if len(lines) > EVENT_MAX_LINES:
+        return f"log event holds {len(lines)} lines, more than {EVENT_MAX_LINES}"
+    total = 0
+    for number, line in enumerate(lines):
+        if not isinstance(line, dict):
+            return f"log line {number} is a {type(line).__name__}, not a record"
+        ts, stream, text = line.get("ts"), line.get("stream"), line.get("text")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not _is_time(ts):
+            return _time_problem(f"log line {number} ts", ts)  # type: ignore[arg-type]
+        if stream not in STREAMS:
+            return f"log line {number} stream {printable(stream)[:40]!r} is not one of {', '.join(sorted(STREAMS))}"
+        if not isinstance(text, str):
+            return f"log line {number} text is a {type(text).__name__}, not a string"
+        if len(text) > LINE_MAX_CHARS:
+            return f"log line {number} is {len(text)} characters long, more than {LINE_MAX_CHARS}"
+        total += len(text)
+        if total > EVENT_MAX_CHARS:
+            return f"log event holds more than {EVENT_MAX_CHARS} characters of text"
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"log line {number} text is not valid UTF-8 (lone surrogate)"
+    return None
+
+
 def _payload_problem(event: Event) -> str | None:
     """Why a field of the payload cannot be folded into its table, or None (messages are only
     made for a problem: this runs for every event)."""
     p = event.payload
     kind = event.type
+    if kind == "log":
+        return _log_problem(p.get("lines"))
     if kind == "metric":
         ok = _is_time(p["timestamp"])
         return None if ok else _time_problem(f"metric {printable(p['key'])!r} timestamp", p["timestamp"])
@@ -159,6 +192,8 @@ class TableBatch:
     labels: dict[tuple[str, str], str] = field(default_factory=dict)
     artifacts: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     metrics: list[tuple[str, str, int | None, float, float]] = field(default_factory=list)
+    logs: list[tuple[str, str, int, float, str]] = field(default_factory=list)
+    log_lines: dict[str, int] = field(default_factory=dict)  # lines in `logs` of each run, as loaded
     events: list[tuple[Any, ...]] = field(default_factory=list)
     dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
     conflicts: list[tuple[Any, ...]] = field(default_factory=list)
@@ -251,6 +286,16 @@ def _heartbeat(batch: TableBatch, event: Event) -> None:
         batch.update_run(event.run_uid, heartbeat_interval_s=interval)
 
 
+def _log(batch: TableBatch, event: Event) -> None:
+    """Lines numbered from 1 per run, in the order the log holds them (whatever stream wrote them)."""
+    uid = event.run_uid
+    number = batch.log_lines.get(uid, 0)
+    for line in event.payload["lines"]:
+        number += 1
+        batch.logs.append((uid, line["stream"], number, line["ts"], line["text"]))
+    batch.log_lines[uid] = number
+
+
 def _ignore(batch: TableBatch, event: Event) -> None:
     """Events kept only in the events table (sweep requests)."""
 
@@ -265,7 +310,7 @@ FOLDS: dict[str, Callable[[TableBatch, Event], None]] = {
     "run_finished": _run_finished,
     "heartbeat": _heartbeat,
     "iteration_requested": _ignore,
-    "log": _ignore,
+    "log": _log,
 }
 
 

@@ -342,6 +342,7 @@ class Projector:
         indices = range(len(plan.apply)) if only is None else only
         chosen = [i for i in indices if i not in skipped]
         self._load_runs(batch, list({plan.apply[i][1].run_uid for i in chosen}))
+        self._load_log_lines(batch, list({plan.apply[i][1].run_uid for i in chosen if plan.apply[i][1].type == "log"}))
         position = self._next_position()
         accepted = []
         for index in chosen:
@@ -363,6 +364,7 @@ class Projector:
         con.execute("BEGIN")
         try:
             write_batch(con, batch)
+            _write_logs(con, batch)
             for projection in self.user_projections:
                 if accepted:
                     projection.apply(con, accepted)
@@ -416,6 +418,14 @@ class Projector:
             batch.states[uid] = state
             batch.owners[uid] = stream
 
+    def _load_log_lines(self, batch: TableBatch, uids: list[str]) -> None:
+        """How many lines each run's log holds so far (its next line number), into the batch."""
+        if not uids:
+            return
+        rows = self.con.execute("SELECT uid, lines FROM log_progress WHERE uid IN "
+                                "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
+        batch.log_lines.update(dict(rows))
+
     def _last_seqs(self, uids: list[str]) -> dict[tuple[str, str], int]:
         if not uids:
             return {}
@@ -426,6 +436,25 @@ class Projector:
     def _next_position(self) -> int:
         row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'next_position'").fetchone()
         return int(row[0]) if row else 0
+
+
+def _write_logs(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
+    """The batch's console lines into `logs`, and each run's line count (inside the transaction)."""
+    if not batch.logs:
+        return
+    columns = list(zip(*batch.logs, strict=True))
+    lines = pa.table({"uid": columns[0], "stream": columns[1], "line_no": columns[2], "ts": columns[3],
+                      "text": columns[4]})
+    counts = pa.table({"uid": list(batch.log_lines), "lines": list(batch.log_lines.values())})
+    con.register("_logs", lines)
+    con.register("_log_progress", counts)
+    try:
+        con.execute("INSERT INTO logs SELECT uid, stream, line_no, to_timestamp(ts), text FROM _logs")
+        con.execute("INSERT OR REPLACE INTO log_progress SELECT * FROM _log_progress")
+    finally:
+        for name in ("_logs", "_log_progress"):
+            with suppress(duckdb.Error):  # an aborted transaction refuses it too
+                con.unregister(name)
 
 
 def _refusal(event: Event, occupant: str | None, started: tuple[str, str] | None) -> str | None:

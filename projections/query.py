@@ -334,6 +334,37 @@ class RunDB:
             run["metrics"] = dict(zip(last.key.tolist(), last.value.tolist(), strict=True))
             return run
 
+    def get_log(self, uid: str, offset: int = 0) -> tuple[str, str]:
+        """(state, text), as MLRun's get_log: the run's state and its console output from character
+        `offset` on. The text is the run's lines (stdout, stderr and its logger, in the order they
+        were logged), each ending with "\n"; a caller that follows the log adds len(text) to
+        `offset`. `uid` may be a unique prefix (KeyError naming it otherwise)."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"get_log: offset must be a character count (an int >= 0), not {offset!r}")
+        with self.reader() as fetch:
+            full_uid = resolve_uid(fetch, uid)
+            state = str(fetch("SELECT state FROM runs WHERE uid = ?", [full_uid]).state.iloc[0])
+            rows = fetch("""
+                SELECT text, ends FROM (
+                    SELECT line_no, text, sum(length(text) + 1) OVER (ORDER BY line_no) AS ends
+                    FROM logs WHERE uid = ?)
+                WHERE ends > ? ORDER BY line_no""", [full_uid, offset])
+        if rows.empty:
+            return state, ""
+        text = "".join(line + "\n" for line in rows.text)
+        start = int(rows.ends.iloc[0]) - len(rows.text.iloc[0]) - 1  # where the first line begins
+        return state, text[max(0, offset - start):]
+
+    def log_lines(self, uid: str, after: int = 0, limit: int = 10_000) -> tuple[str, str, pd.DataFrame]:
+        """(full uid, state, lines): the run's log lines numbered above `after` (line_no, stream,
+        ts, text), at most `limit` of them, for a reader that follows the log line by line."""
+        with self.reader() as fetch:
+            full_uid = resolve_uid(fetch, uid)
+            state = str(fetch("SELECT state FROM runs WHERE uid = ?", [full_uid]).state.iloc[0])
+            lines = fetch("SELECT line_no, stream, ts, text FROM logs WHERE uid = ? AND line_no > ? "
+                          "ORDER BY line_no LIMIT ?", [full_uid, int(after), int(limit)])
+        return full_uid, state, lines
+
 
 def _cutoff(as_of: int | datetime | str | None) -> tuple[str, list[Any]]:
     if isinstance(as_of, bool):

@@ -18,14 +18,14 @@ from __future__ import annotations
 import duckdb
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 4
+PROJECTION_VERSION = 5
 
 # A running run counts as lost after this many of its heartbeat intervals without an event.
 LOST_AFTER_HEARTBEATS = 3
 
-PUBLIC_TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "events",
+PUBLIC_TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "logs", "events",
                  "dead_letters", "conflicts", "duplicates")
-INTERNAL_TABLES = ("run_rows", "run_progress", "run_starts", "positions", "projection_meta")
+INTERNAL_TABLES = ("run_rows", "run_progress", "run_starts", "log_progress", "positions", "projection_meta")
 
 # The columns of the public `runs` table, in order (the query layer and the UI rely on them).
 RUN_COLUMNS = ("uid", "parent_uid", "iteration", "project", "name", "state", "handler", "runtime",
@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS artifacts (
     uid VARCHAR, key VARCHAR, kind VARCHAR, uri VARCHAR, sha256 VARCHAR, size BIGINT,
     format VARCHAR, labels JSON, meta JSON, PRIMARY KEY (uid, key)
 );
+CREATE TABLE IF NOT EXISTS logs (
+    uid VARCHAR, stream VARCHAR, line_no BIGINT, ts TIMESTAMPTZ, text VARCHAR, PRIMARY KEY (uid, line_no)
+);
 CREATE TABLE IF NOT EXISTS events (
     position BIGINT, partition INTEGER, "offset" BIGINT, event_id VARCHAR, run_uid VARCHAR,
     seq BIGINT, type VARCHAR, ts TIMESTAMPTZ, payload JSON, stream VARCHAR
@@ -83,6 +86,7 @@ CREATE OR REPLACE VIEW result_history AS
     FROM events WHERE type = 'result';
 CREATE TABLE IF NOT EXISTS run_progress (uid VARCHAR, stream VARCHAR, last_seq BIGINT, PRIMARY KEY (uid, stream));
 CREATE TABLE IF NOT EXISTS run_starts (uid VARCHAR PRIMARY KEY, stream VARCHAR, event_id VARCHAR);
+CREATE TABLE IF NOT EXISTS log_progress (uid VARCHAR PRIMARY KEY, lines BIGINT);
 CREATE TABLE IF NOT EXISTS positions (partition INTEGER PRIMARY KEY, next_offset BIGINT);
 CREATE TABLE IF NOT EXISTS projection_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """

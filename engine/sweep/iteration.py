@@ -22,11 +22,12 @@ class IterationOutcome:
 
 
 def run_iteration(spec: RunSpec) -> IterationOutcome:
-    """Execute one iteration in a worker; its events go straight from here to the bus, flushed
-    before it returns, and only its uid and state go back to the driver."""
+    """Execute one iteration in a worker; its events (its console output too, unless the settings
+    turn capture off) go straight from here to the bus, flushed before it returns, and only its uid
+    and state go back to the driver."""
     handler = cloudpickle.loads(spec.handler) if isinstance(spec.handler, bytes) else spec.handler
     context = spec.new_context()
-    local.execute(handler, context)
+    local.execute(handler, context, capture_console=spec.settings.capture_console)
     return IterationOutcome(spec.iteration, context.uid, context.state)
 
 
@@ -34,5 +35,5 @@ def run_iteration_in_driver(spec: RunSpec) -> IterationOutcome:
     """Execute one iteration in the driver's process; the driver flushes once when the sweep ends
     (a crash loses at most the writer's last interval, as for any run)."""
     context = spec.new_context()
-    local.execute(spec.handler, context, flush=False)
+    local.execute(spec.handler, context, flush=False, capture_console=spec.settings.capture_console)
     return IterationOutcome(spec.iteration, context.uid, context.state, dict(context.results))

@@ -20,6 +20,7 @@ from projections.database import ProjectionBusy
 from projections.remote import ARROW_STREAM, error_payload, frame_to_arrow
 
 MAX_JSON_ROWS = 10_000
+MAX_LOG_LINES = 2000  # console lines one poll of a run's log returns
 
 
 def frame_json(frame: pd.DataFrame, limit: int = MAX_JSON_ROWS) -> dict[str, Any]:
@@ -76,5 +77,20 @@ def api_routes(store: HeldRunDB) -> list[Route]:
                 for row in rows}
         return JSONResponse({"total": total, "runs": runs})
 
+    def log(request: Request) -> Response:
+        """The run page's poll of a run's console: {"state", "lines": [[line_no, stream, text], ...],
+        "more"} for the lines numbered above ?after= (at most MAX_LOG_LINES; "more" when there are)."""
+        try:
+            after = int(request.query_params.get("after", "0"))
+        except ValueError:
+            return JSONResponse({"error": "after must be a line number", "type": "ValueError"}, status_code=400)
+        try:
+            _, state, lines = store.log_lines(request.path_params["uid"], after, MAX_LOG_LINES)
+        except KeyError as exc:
+            return JSONResponse(error_payload(exc), status_code=404)
+        rows = [[int(n), str(stream), str(text)]
+                for n, stream, text in zip(lines.line_no, lines.stream, lines.text, strict=True)]
+        return JSONResponse({"state": state, "lines": rows, "more": len(rows) == MAX_LOG_LINES})
+
     return [Route("/api/sql", sql, methods=["POST"]), Route("/api/catch_up", catch_up, methods=["POST"]),
-            Route("/api/ping", ping), Route("/api/runs/live", live)]
+            Route("/api/ping", ping), Route("/api/runs/live", live), Route("/api/runs/{uid}/log", log)]

@@ -15,6 +15,7 @@ from projections.query import Query
 
 MAX_POINTS = 1000   # per metric series drawn; longer series are thinned evenly
 MAX_EVENTS = 300    # raw events listed on a run page
+MAX_LOG_LINES = 2000  # console lines a run page shows (the last ones; the page appends new ones)
 Series = dict[str, tuple[list[float], list[float]]]
 
 
@@ -32,6 +33,8 @@ class RunView:
     reruns: list[dict[str, Any]]
     events: list[dict[str, Any]] = field(default_factory=list)
     events_total: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)  # the last MAX_LOG_LINES lines, in order
+    log_total: int = 0
 
     @property
     def is_sweep(self) -> bool:
@@ -69,12 +72,22 @@ def run_view(fetch: Query, uid: str, with_events: bool = True) -> RunView:
         children=[r for r in related if r["rel"] == "child"],
         rerun_of=next((r for r in related if r["rel"] == "rerun_of"), None),
         reruns=[r for r in related if r["rel"] == "rerun"])
+    view.log, view.log_total = log_tail(fetch, uid)
     if with_events:
         events = fetch("SELECT position, seq, type, ts, payload, count(*) OVER () AS total FROM events "
                        "WHERE run_uid = ? ORDER BY seq LIMIT ?", [uid, MAX_EVENTS])
         view.events = events.drop(columns="total").to_dict("records")
         view.events_total = int(events.total.iloc[0]) if len(events) else 0
     return view
+
+
+def log_tail(fetch: Query, uid: str, limit: int = MAX_LOG_LINES) -> tuple[list[dict[str, Any]], int]:
+    """The run's last `limit` console lines (line_no, stream, ts, text), oldest first, and how many
+    lines its log holds."""
+    lines = fetch("SELECT line_no, stream, ts, text, (SELECT count(*) FROM logs WHERE uid = ?) AS total "
+                  "FROM logs WHERE uid = ? ORDER BY line_no DESC LIMIT ?", [uid, uid, limit])
+    total = int(lines.total.iloc[0]) if len(lines) else 0
+    return lines.drop(columns="total").iloc[::-1].to_dict("records"), total
 
 
 def _missing(value: Any) -> bool:
