@@ -13,9 +13,10 @@ from typing import BinaryIO
 import fastavro
 
 from engine.settings import load_settings
-from engine.transfer import TransferReport, all_values, append_new, decoded_events
+from engine.transfer import TransferReport, append_new
 from producers.artifact_store import ArtifactStore, ArtifactUnavailable, is_sha256
 from producers.bus import Bus
+from producers.subscription import Subscription
 from schemas import Event, EventCodec
 
 IMPORTED_FROM = "imported_from"  # key of run_started's extra marking a run that came from an export file
@@ -29,7 +30,7 @@ def selected_events(bus: Bus, codec: EventCodec, run_uids: Sequence[str] = ()) -
     """Every decodable event, or those of the runs whose uid starts with one of `run_uids` (and
     their iterations)."""
     wanted: set[str] = set()
-    for event in decoded_events(all_values(bus), codec):
+    for event in Subscription.whole_log(bus, codec).events():
         if run_uids:
             if event.type == "run_started" and (
                     any(event.run_uid.startswith(u) for u in run_uids) or event.payload["parent_uid"] in wanted):

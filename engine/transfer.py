@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from producers.bus import Bus
-from schemas import DecodeError, Event, EventCodec
+from producers.subscription import Subscription
+from schemas import Event, EventCodec
 
 _BATCH = 10_000
 _EVENTS_PER_RECORD = 500
@@ -19,33 +20,9 @@ class TransferReport:
     undecodable: int
 
 
-def all_values(bus: Bus) -> Iterable[bytes]:
-    """Every record's bytes, from offset 0 to the end as it was when reading began."""
-    positions: dict[int, int] = {}
-    end = bus.end_offsets()
-    while any(positions.get(p, 0) < offset for p, offset in end.items()):
-        records = bus.read(positions, _BATCH, timeout=1.0)
-        if not records:
-            return
-        for record in records:
-            positions[record.partition] = record.offset + 1
-            yield record.value
-
-
-def decoded_events(values: Iterable[bytes], codec: EventCodec, undecodable: list[int] | None = None
-                   ) -> Iterator[Event]:
-    """The events of the records, in order; records that do not decode are counted and skipped."""
-    for value in values:
-        try:
-            yield from codec.decode_all(value)
-        except DecodeError:
-            if undecodable is not None:
-                undecodable[0] += 1
-
-
 def event_ids(bus: Bus, codec: EventCodec) -> set[str]:
     """The ids of every event on `bus`."""
-    return {event.event_id for event in decoded_events(all_values(bus), codec)}
+    return {event.event_id for event in Subscription.whole_log(bus, codec).events()}
 
 
 def append_new(events: Iterable[Event], target: Bus, codec: EventCodec,
@@ -79,6 +56,6 @@ def append_new(events: Iterable[Event], target: Bus, codec: EventCodec,
 
 def push(source: Bus, target: Bus, codec: EventCodec) -> TransferReport:
     """Copy every event of `source` that `target` lacks; pushing twice copies nothing new."""
-    undecodable = [0]
-    copied, skipped = append_new(decoded_events(all_values(source), codec, undecodable), target, codec)
-    return TransferReport(copied, skipped, undecodable[0])
+    subscription = Subscription.whole_log(source, codec)
+    copied, skipped = append_new(subscription.events(), target, codec)
+    return TransferReport(copied, skipped, subscription.undecodable)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producers.bus import Bus
+from producers.subscription import Subscription
 from schemas import EventCodec
 
 
@@ -30,22 +31,18 @@ class ChildWatcher:
     """Reads the bus from `positions` and keeps the runs whose parent is `parent_uid`."""
 
     def __init__(self, bus: Bus, codec: EventCodec, parent_uid: str, positions: dict[int, int]) -> None:
-        self.bus, self.codec, self.parent_uid = bus, codec, parent_uid
-        self.positions = dict(positions)
+        self.parent_uid = parent_uid
+        # records that are not events concern the projector (its dead letters), not the sweep
+        self._subscription = Subscription(bus, codec, positions)
         self.children: dict[str, ChildRun] = {}
 
     def poll(self, timeout: float = 0.0) -> None:
         while True:
-            records = self.bus.read(self.positions, 10_000, timeout)
-            for record in records:
-                self.positions[record.partition] = record.offset + 1
-                try:
-                    events = self.codec.decode_all(record.value)
-                except ValueError:  # not an event (DecodeError), or an unknown event type
-                    continue
-                for event in events:
+            deliveries = self._subscription.poll(10_000, timeout)
+            for delivery in deliveries:
+                for event in delivery.events:
                     self._apply(event.run_uid, event.type, event.payload)
-            if len(records) < 10_000:
+            if len(deliveries) < 10_000:
                 return
             timeout = 0.0
 

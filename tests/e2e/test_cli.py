@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.polling import line_within
+
 RUNBUS = str(Path(sys.executable).parent / "runbus")
 
 JOB = """
@@ -94,7 +96,7 @@ def test_tail_prints_events_of_a_run_that_is_still_going(cli) -> None:
     tail = subprocess.Popen([RUNBUS, "tail", "--type", "metric"], cwd=cli.cwd, env=cli.env,
                             stdout=subprocess.PIPE, text=True)
     try:
-        first = tail.stdout.readline()
+        first = line_within(tail.stdout, "the tail printed a metric")
         assert "metric" in first and "tick" in first
         assert job.poll() is None  # the run is still going while its events are shown
         (cli.cwd / "stop").touch()

@@ -20,6 +20,7 @@ from projections import Projector, open_projection
 from projections.database import close_all
 from tests.support import handlers
 from tests.support.crash import kill_projector_mid_stream
+from tests.support.polling import line_within
 from tests.support.tables import WHERE_IT_SITS, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,7 +225,7 @@ def test_tail_shows_events_of_a_run_that_is_still_going(bus_home: Path, tmp_path
     # the job logs until the test says stop: a tail that starts late still sees it going
     job = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path)
     try:
-        line = tail.stdout.readline()
+        line = line_within(tail.stdout, "the tail printed a result")
         assert "result" in line and '"key": "i"' in line
         assert job.poll() is None
         (tmp_path / "stop").touch()

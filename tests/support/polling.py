@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import IO, TypeVar
 
 T = TypeVar("T")
 
@@ -19,3 +21,13 @@ def wait_until(probe: Callable[[], T], what: str, timeout_s: float = 60.0, every
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not true after {timeout_s:g}s (last: {value!r})")
         time.sleep(every_s)
+
+
+def line_within(stream: IO[str], what: str, timeout_s: float = 60.0) -> str:
+    """The next line of `stream` (a pipe); AssertionError naming `what` when none comes in time."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout_s)
+    except queue.Empty:
+        raise AssertionError(f"{what}: no line after {timeout_s:g}s") from None

@@ -1,0 +1,79 @@
+"""Reading the bus as events: the one loop every consumer uses (projector, sweep watcher, tail,
+push, export). It reads from positions, decodes each record, and hands over every record once:
+with its events, or with the reason its bytes are not events (the consumer decides what a dead
+letter becomes; none is skipped unseen)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from producers.bus.base import Bus, BusRecord
+from schemas import Event, EventCodec
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One bus record: its events in order, or (`events` empty) why it does not decode."""
+
+    record: BusRecord
+    events: list[Event] = field(default_factory=list)
+    error: str | None = None
+
+
+class Subscription:
+    """Records of `bus` from `positions` on (every partition from 0 when absent).
+
+    With `until` (end offsets, e.g. `bus.end_offsets()`), reading stops there: a snapshot of the log
+    as it was, even while writers go on appending.
+    """
+
+    def __init__(self, bus: Bus, codec: EventCodec, positions: Mapping[int, int] | None = None,
+                 until: Mapping[int, int] | None = None) -> None:
+        self.bus, self.codec = bus, codec
+        self.positions: dict[int, int] = dict(positions or {})
+        self.until = dict(until) if until is not None else None
+        self.undecodable = 0
+
+    @classmethod
+    def whole_log(cls, bus: Bus, codec: EventCodec) -> Subscription:
+        """From offset 0 to the end the bus has now."""
+        return cls(bus, codec, until=bus.end_offsets())
+
+    def caught_up(self) -> bool:
+        """True when a bounded subscription has read up to `until`."""
+        return self.until is not None and all(self.positions.get(p, 0) >= end for p, end in self.until.items())
+
+    def poll(self, max_records: int = 10_000, timeout: float = 0.0) -> list[Delivery]:
+        """The next records (waiting up to `timeout` for the first), decoded; positions advance past them."""
+        if self.caught_up():
+            return []
+        records = self.bus.read(self.positions, max_records, timeout)
+        if self.until is not None:
+            records = [r for r in records if r.offset < self.until.get(r.partition, 0)]
+        deliveries = []
+        for record in records:
+            self.positions[record.partition] = record.offset + 1
+            deliveries.append(self._decode(record))
+        return deliveries
+
+    def _decode(self, record: BusRecord) -> Delivery:
+        try:
+            return Delivery(record, self.codec.decode_all(record.value))
+        except Exception as exc:  # untrusted bytes: whatever fails to decode is the consumer's dead letter
+            self.undecodable += 1
+            return Delivery(record, error=f"{type(exc).__name__}: {exc}")
+
+    def deliveries(self, batch: int = 10_000, timeout: float = 1.0) -> Iterator[Delivery]:
+        """Every delivery up to `until` (or until the bus has nothing new for `timeout`)."""
+        while not self.caught_up():
+            found = self.poll(batch, timeout)
+            if not found:
+                return
+            yield from found
+
+    def events(self, batch: int = 10_000) -> Iterator[Event]:
+        """The events of `deliveries()`, in order; records that do not decode are counted in
+        `undecodable`."""
+        for delivery in self.deliveries(batch):
+            yield from delivery.events
