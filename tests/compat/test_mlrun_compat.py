@@ -490,3 +490,13 @@ def test_a_best_artifact_whose_body_is_gone_is_not_linked_and_the_parent_still_e
     with pytest.warns(UserWarning, match="artifact 'model' of iteration 1 is not linked"):
         run = new_function().run(NewRun(handler=handler))
     assert run.state() == "completed" and run.output("best_iteration") == 1 and run.output("model") is None
+
+
+@pytest.mark.dask
+def test_kind_dask_runs_the_sweep_on_dask_and_links_the_best_model(home: Path) -> None:
+    fn = new_function("sweeper", kind="dask")
+    run = run_function(fn, handler=_seed_with_model, hyperparams={"p1": [5, 2, 3]}, selector="min.loss")
+    assert run.state() == "completed", run.status.error
+    assert run.output("best_iteration") == 2 and run.artifact("model").get() == b"model for p1=2"
+    children = get_run_db().list_runs(parent=run.uid())
+    assert set(children.runtime) == {"dask://"}
