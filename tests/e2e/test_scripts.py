@@ -41,8 +41,9 @@ def test_a_script_whose_only_runbus_line_is_get_or_create_ctx_is_a_run(bus_home:
     script = _script(tmp_path, """
         import logging, subprocess, sys
         from engine import get_or_create_ctx
-        ctx = get_or_create_ctx('train', params={'lr': 0.1}, labels={'team': 'vision'})
-        print('training with', ctx.get_param('lr'))
+        ctx = get_or_create_ctx('train')
+        print('training with', ctx.get_param('lr', 0.1))  # a default is recorded as a param
+        ctx.set_label('team', 'vision')
         logging.basicConfig()
         logging.getLogger('trainer').warning('a warning from logging')
         subprocess.run([sys.executable, '-c', 'print("from a child process")'], check=True)
@@ -209,3 +210,18 @@ def test_a_run_name_is_checked_as_mlrun_does_before_anything_starts(home: Path) 
     with pytest.raises(ValueError, match="name 'team/train' must not contain '/'"):
         get_or_create_ctx("team/train")
     assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 0
+
+
+@pytest.mark.parametrize("call", [
+    "get_or_create_ctx('train', params={'lr': 0.1}, labels={'team': 'vision'})",
+    "get_or_create_ctx('', spec={'metadata': {'name': 'train', 'labels': {'team': 'vision'}},"
+    " 'spec': {'parameters': {'lr': 0.1}}})",  # MLRun's run dict
+    "start_run('train', params={'lr': 0.1}, labels={'team': 'vision'})",
+])
+def test_params_and_labels_given_at_the_call(home: Path, tmp_path: Path, call: str) -> None:
+    done = _run(_script(tmp_path, f"from engine import get_or_create_ctx, start_run\nctx = {call}\n"
+                                  "ctx.log_result('lr_seen', ctx.parameters['lr'])\n"))
+    assert done.returncode == 0, done.stderr
+    record = get_run_db().read_run(_runs().uid[0])
+    assert (record["name"], record["params"], record["results"]) == ("train", {"lr": 0.1}, {"lr_seen": 0.1})
+    assert record["labels"]["team"] == "vision"
