@@ -23,6 +23,7 @@ import pytest
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import services
 from engine.reaper import mark_lost, reap
+from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS
 from projections.database import close_all
 from tests.support import foreign
 from tests.support.foreign import PLACEHOLDER, append, envelope, finished, metric, result, started
@@ -64,7 +65,21 @@ POISONS: dict[str, Callable[[str], dict[str, Any]]] = {
         "labels": {}, "meta": "{"}),
     "result value that is empty": lambda uid: envelope(uid, 2, "result", result("r", "")),
     "run state that does not exist": lambda uid: envelope(uid, 2, "run_finished", finished(state="pwned")),
+    "log line of 4 MB": lambda uid: envelope(uid, 2, "log", _log("x" * 4_000_000)),
+    "log line one character over the bound": lambda uid: envelope(uid, 2, "log", _log("y" * (LINE_MAX_CHARS + 1))),
+    "log event with more lines than the bound": lambda uid: envelope(
+        uid, 2, "log", {"lines": _log("z")["lines"] * (EVENT_MAX_LINES + 1)}),
+    "log event with more text than the bound": lambda uid: envelope(
+        uid, 2, "log", {"lines": _log("w" * LINE_MAX_CHARS)["lines"] * (EVENT_MAX_CHARS // LINE_MAX_CHARS + 1)}),
+    "log line from a stream that does not exist": lambda uid: envelope(uid, 2, "log", _log("a", stream="<b>x</b>")),
+    "log line time NaN": lambda uid: envelope(uid, 2, "log", _log("a", ts=math.nan)),
+    "log line time in nanoseconds": lambda uid: envelope(uid, 2, "log", _log("a", ts=time.time_ns())),
 }
+
+
+def _log(text: str, stream: str = "stdout", ts: float | None = None) -> dict[str, Any]:
+    """A log payload of one line."""
+    return {"lines": [{"ts": time.time() if ts is None else ts, "stream": stream, "text": text}]}
 
 
 def _foreign_run(uid: str, poison: dict[str, Any]) -> list[dict[str, Any]]:
@@ -139,6 +154,20 @@ def test_runs_sql_rebuild_and_a_restart_keep_working_after_every_poison(bus_home
     assert sorted(zip(records.partition, records.offset, map(bytes, records.raw), strict=True)) == sorted(
         (r.partition, r.offset, r.value) for r in undecodable)
     assert get_run_db().sql("SELECT count(*) AS n FROM dead_letters").n[0] == dead
+
+
+def test_foreign_log_lines_are_numbered_per_run_across_records_streams_and_batches(bus_home: Path) -> None:
+    uid = _uid()
+    bus = services().bus
+    append(bus, uid, [envelope(uid, 0, "run_started", started()), envelope(uid, 1, "log", {"lines": [
+        {"ts": 1.0e9, "stream": "stdout", "text": "one"}, {"ts": 1.0e9, "stream": "stderr", "text": "two"}]})])
+    append(bus, uid, [envelope(uid, 0, "log", _log("three", stream="logger"), stream="other")])
+    assert get_run_db().get_log(uid) == ("running", "one\ntwo\nthree\n")
+    append(bus, uid, [envelope(uid, 2, "log", _log("four <script>")), envelope(uid, 3, "run_finished", finished())])
+    assert get_run_db().get_log(uid[:12], offset=len("one\ntwo\nth")) == ("completed", "ree\nfour <script>\n")
+    lines = get_run_db().sql("SELECT line_no, stream, text FROM logs WHERE uid = ? ORDER BY line_no", [uid])
+    assert lines.values.tolist() == [[1, "stdout", "one"], [2, "stderr", "two"], [3, "logger", "three"],
+                                     [4, "stdout", "four <script>"]]
 
 
 def test_an_exact_duplicate_is_skipped_and_recorded(bus_home: Path) -> None:
