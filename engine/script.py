@@ -253,14 +253,15 @@ def _end(context: ScriptContext, exc: BaseException | None = None, exit_code: An
 
 
 def _install_hooks() -> None:
-    """Once per process: end the open run at interpreter exit, on an uncaught exception, on SIGTERM."""
+    """End the open run at interpreter exit, on an uncaught exception, on SIGTERM (hooks installed once)."""
     global _hooks_installed
+    # (re)registered after the writer of this run registered its own atexit close (atexit runs
+    # last-in first-out): the run's last events are emitted while the writer still takes them
+    atexit.unregister(_at_exit)
+    atexit.register(_at_exit)
     if _hooks_installed:
         return
     _hooks_installed = True
-    # registered after the writer's own atexit close (atexit runs last-in first-out): the run's
-    # last events are emitted while the writer still takes them
-    atexit.register(_at_exit)
     previous_hook = sys.excepthook
 
     def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
