@@ -41,10 +41,11 @@ class Function:
 
     def __init__(self, name: str | None = None, project: str | None = None, tag: str | None = None,
                  kind: str | None = None, command: str | None = None, image: str | None = None,
-                 args: Sequence[str] | None = None, handler: Handler | None = None, **spec: Any) -> None:
+                 args: Sequence[str] | None = None, handler: Handler | None = None, **options: Any) -> None:
         self.name = check_name("function name", name or None)
         self.project = check_name("project", project or None)
-        self.tag, self.image, self.spec = tag or None, image or None, dict(spec)
+        self.tag, self.image = tag or None, image or None
+        self.options = dict(options)  # MLRun's mode, source, requirements...: kept, unused locally
         self.kind = kind or ""
         if self.kind not in KINDS:
             raise ValueError(f"function kind {self.kind!r} is not supported (supported: "

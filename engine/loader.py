@@ -81,6 +81,9 @@ def _locate(reference: str, command: str | None = None) -> tuple[str, str, str |
     location, sep, name = base.rpartition(":")
     if not sep:
         location, name = "", base
+        if base.endswith(".py") and not command:
+            raise HandlerNotFound(f"handler {reference!r} names a file, not a function in it: "
+                                  f"'{base}:function' (or run the file as a command)")
         if command:
             location = command
         elif "." in base:
