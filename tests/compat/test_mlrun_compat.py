@@ -500,3 +500,17 @@ def test_kind_dask_runs_the_sweep_on_dask_and_links_the_best_model(home: Path) -
     assert run.output("best_iteration") == 2 and run.artifact("model").get() == b"model for p1=2"
     children = get_run_db().list_runs(parent=run.uid())
     assert set(children.runtime) == {"dask://"}
+
+
+def test_a_child_with_parent_params_and_a_task_from_a_base(home: Path) -> None:
+    def handler(context, p1=0, p2="xx"):
+        with context.get_child_context(with_parent_params=True, p2="child") as child:
+            child.log_result("seen", [child.parameters["p1"], child.parameters["p2"]])
+
+    base = new_task(name="base", params={"p1": 3}, labels={"team": "a"})
+    task = new_task(base=base, handler=handler, params={"p2": "parent"})
+    assert base.params == {"p1": 3}  # the base is copied, not changed
+    run = new_function().run(task)
+    assert run.metadata.name == "base" and run.spec.parameters == {"p1": 3, "p2": "parent"}
+    child = get_run_db().list_runs(parent=run.uid()).uid[0]
+    assert get_run_db().read_run(child)["results"] == {"seen": [3, "child"]}
