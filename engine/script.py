@@ -55,6 +55,14 @@ class ScriptContext(RunContext):
     _depth: int = 0
     _console: Any = None
 
+    def flush_events(self) -> None:
+        """Wait until everything this process logged is on the bus (EventsNotWritten says why not)."""
+        self._writer.sync(f"the events of run {self.uid}")
+
+    def stop_heartbeats(self) -> None:
+        """This process stops speaking for the run (a joined run's launcher still does)."""
+        self._writer.untrack(self.uid)
+
     def __enter__(self) -> ScriptContext:
         self._depth += 1
         return self
@@ -118,23 +126,22 @@ def current_context() -> ScriptContext | None:
 
 # the handover between a launcher and the script it runs ---------------------------------------------
 
-def write_handover(context: RunContext, settings: Settings) -> Path:
-    """Write what a launched script needs to join `context`'s run to a new file readable by its owner
-    only (in RUNBUS_HOME/handover, 0700); the launcher names it in RUNBUS_RUN_HANDOVER and removes it
-    when the script ends.
+def write_handover(context: RunContext, spec: RunSpec) -> Path:
+    """Write what a launched script needs to join `context`'s run (started from `spec`) to a new
+    file readable by its owner only (in RUNBUS_HOME/handover, 0700); the launcher names it in
+    RUNBUS_RUN_HANDOVER and removes it when the script ends.
 
     A file rather than environment variables because the run's secrets are in it: a process's
     environment is inherited by everything it starts and is what crash reporters and debug dumps
     print; argv is readable by every user (/proc/PID/cmdline). The file is the owner's alone."""
-    folder = settings.home / "handover"
+    folder = spec.settings.home / "handover"
     make_private_folder(folder)
     fd, path = tempfile.mkstemp(dir=folder, prefix="run-", suffix=".json")  # mode 0600
     record = {
         "uid": context.uid, "name": context.name, "project": context.project, "handler": context.handler,
         "runtime": context.runtime, "params": context.parameters, "inputs": context.inputs,
-        "input_digests": dict(context._input_digests), "secrets": dict(context._secrets),
-        "labels": context.labels, "parent_uid": context.parent_uid, "iteration": context.iteration,
-        "code_ref": context.code_ref}
+        "input_digests": spec.input_digests, "secrets": spec.secrets, "labels": context.labels,
+        "parent_uid": context.parent_uid, "iteration": context.iteration, "code_ref": context.code_ref}
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         json.dump(record, out)
     return Path(path)
@@ -232,9 +239,9 @@ def _end(context: ScriptContext, exc: BaseException | None = None, exit_code: An
             console.__exit__(None, None, None)
     if not context.owns_run:
         try:
-            context._writer.sync(f"the events of run {context.uid}")
+            context.flush_events()
         finally:
-            context._writer.untrack(context.uid)
+            context.stop_heartbeats()
         return
     if context.state != "running":
         return
@@ -322,11 +329,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
-def _die_by(signum: signal.Signals, context: RunContext | None) -> None:
+def _die_by(signum: signal.Signals, context: ScriptContext | None) -> None:
     """End the process by `signum`, as it would have without Runbus (the parent sees the signal)."""
     if context is not None:
         with contextlib.suppress(Exception):
-            context._writer.sync(f"the events of run {context.uid}")
+            context.flush_events()
     sys.stdout.flush()
     sys.stderr.flush()
     signal.signal(signum, signal.SIG_DFL)

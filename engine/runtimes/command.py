@@ -77,7 +77,7 @@ def run_command(command: str, args: list[str] | None, spec: RunSpec) -> RunConte
     spec = replace(spec, runtime="command", code_ref=code_ref, extra={**spec.extra, "command": argv})
     context = spec.new_context()
     context.start()
-    handover = write_handover(context, spec.settings)
+    handover = write_handover(context, spec)
     try:
         returncode, stderr_tail = _run(argv, context, spec, handover)
     except BaseException as exc:  # Ctrl-C (the child was terminated) or a command that cannot start

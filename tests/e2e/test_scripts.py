@@ -192,7 +192,7 @@ def test_kill_9_leaves_the_run_lost(home: Path, tmp_path: Path, monkeypatch: pyt
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('job')
         ctx.log_result('step', 1)
-        ctx._writer.sync('the first events')
+        ctx.flush_events()
         open({str(ready)!r}, 'w').close()
         time.sleep(600)
     """)
