@@ -232,19 +232,22 @@ def _artifacts_of(svc: Services, state: SweepState, iteration: int) -> list[Data
     root = str(svc.artifact_store.root)
     found: dict[str, dict[str, Any]] = {}
     positions = dict(state.positions)
-    while True:
+    until = svc.bus.end_offsets()  # the log as it is now: writers going on do not keep this reading
+    # not producers.subscription: it decodes every record, and only this iteration's are needed
+    while any(positions.get(partition, 0) < end for partition, end in until.items()):
         records = svc.bus.read(positions, 10_000)
+        if not records:
+            break
         for record in records:
             positions[record.partition] = record.offset + 1
-            if record.key != uid:  # a run's records are keyed by its uid: decode only the iteration's
+            # a run's records are keyed by its uid: decode only the iteration's
+            if record.offset >= until.get(record.partition, 0) or record.key != uid:
                 continue
             try:
                 events = svc.codec.decode_all(record.value)
             except ValueError:  # not an event: the projection quarantines it
                 continue
             found.update((e.payload["key"], e.payload) for e in events if e.run_uid == uid and e.type == "artifact")
-        if not records:
-            break
     if not found and state.resumed:
         return [_item(a, root) for a in svc.run_db().read_run(uid)["artifacts"]]
     return [_item({**a, "meta": _json_meta(a["meta"])}, root) for a in found.values()]
