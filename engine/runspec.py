@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from engine.bootstrap import services
 from engine.settings import Settings
+from engine.sweep.summary import record_iterations
 from producers.context import RunContext
 
 C = TypeVar("C", bound=RunContext)
@@ -41,7 +42,7 @@ class RunSpec:
             project=self.project, handler=self.handler_ref, runtime=self.runtime, params=self.params,
             inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,
             labels=self.labels, parent_uid=self.parent_uid, iteration=self.iteration,
-            code_ref=self.code_ref, extra=self.extra)
+            code_ref=self.code_ref, extra=self.extra, iterations_recorder=record_iterations)
 
     def for_iteration(self, parent_uid: str, iteration: int, params: dict[str, Any]) -> RunSpec:
         return replace(self, parent_uid=parent_uid, iteration=iteration,

@@ -49,15 +49,9 @@ class RunFinishedError(RuntimeError):
 # iteration -> (state, params, results) of a run's child iterations
 Iterations = Mapping[int, tuple[str, dict[str, Any], dict[str, Any]]]
 # logs a parent's iterations (best_iteration, the best's results and artifacts, the table): the
-# engine's step (engine.sweep.summary installs it), shared with its hyper-param sweeps
+# engine's step (engine.sweep.summary.record_iterations, given by whoever makes the context),
+# shared with its hyper-param sweeps
 IterationsRecorder = Callable[["RunContext", Iterations, "int | None", Sequence[DataItem]], None]
-_iterations_recorder: IterationsRecorder | None = None
-
-
-def install_iterations_recorder(recorder: IterationsRecorder) -> None:
-    """Set the step that records a run's child iterations when the run finishes."""
-    global _iterations_recorder
-    _iterations_recorder = recorder
 
 
 class RunContext:
@@ -73,7 +67,8 @@ class RunContext:
                  input_digests: Mapping[str, str] | None = None,
                  secrets: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
                  parent_uid: str | None = None, iteration: int = 0, code_ref: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None,
+                 iterations_recorder: IterationsRecorder | None = None) -> None:
         self._writer = writer
         self._store = artifact_store
         # this context's own stream of the run's events: a resumed run, or the reaper writing
@@ -107,6 +102,7 @@ class RunContext:
         self._input_digests = check_text_map("input digest", input_digests)
         self.labels: dict[str, str] = check_text_map("label", labels, self._redact)
         # what the engine describes the run with (a sweep's hyperparams): masked like the params
+        self._iterations_recorder = iterations_recorder
         self._extra = {self._redact(check_key("extra", k)): to_json("extra", k, v, self._redact or None)[0]
                        for k, v in (extra or {}).items()}
         self.results: dict[str, Any] = {}
@@ -369,8 +365,8 @@ class RunContext:
         and with a best child, best_iteration and that child's results and artifacts."""
         if self.iteration != 0:
             raise ValueError(f"run {self.uid} is iteration {self.iteration}: an iteration cannot have children")
-        if _iterations_recorder is None:
-            raise RuntimeError("get_child_context needs the engine's iteration recorder: import engine.sweep.summary")
+        if self._iterations_recorder is None:
+            raise RuntimeError(f"run {self.uid} was made without an iterations recorder: it cannot have children")
         with self._emit_lock:
             if self._finished:
                 raise RunFinishedError(f"run {self.uid} has finished ({self.state}): no child can start")
@@ -380,7 +376,8 @@ class RunContext:
                 handler=self.handler, runtime=self.runtime,
                 params={**(self.parameters if with_parent_params else {}), **params}, inputs=self.inputs,
                 input_digests=self._input_digests, secrets=self._secrets, labels=self.labels,
-                parent_uid=self.uid, iteration=len(children) + 1, code_ref=self.code_ref)
+                parent_uid=self.uid, iteration=len(children) + 1, code_ref=self.code_ref,
+                iterations_recorder=self._iterations_recorder)
             child._parent = self
             children.append(child)
         child.start()
@@ -404,8 +401,8 @@ class RunContext:
         best = self._best_child
         artifacts = list(children[best - 1].artifacts.values()) if best else []
         try:
-            assert _iterations_recorder is not None  # checked when the first child was made
-            _iterations_recorder(self, iterations, best, artifacts)
+            assert self._iterations_recorder is not None  # checked when the first child was made
+            self._iterations_recorder(self, iterations, best, artifacts)
         except Exception as exc:
             return error if error is not None else exc
         return error

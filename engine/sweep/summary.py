@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from producers.artifacts import LinkArtifact, PlotArtifact, TableArtifact
-from producers.context import RunContext, install_iterations_recorder
+from producers.context import RunContext
 from producers.data_item import DataItem
 
 if TYPE_CHECKING:
@@ -103,4 +103,3 @@ def parallel_coordinates(table: pd.DataFrame, best_iteration: int | None, title:
     return figure
 
 
-install_iterations_recorder(record_iterations)

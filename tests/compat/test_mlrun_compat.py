@@ -462,8 +462,6 @@ for value in (1, 3, 2):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="a script's context has no iteration recorder until engine/runspec.py "
-                                       "imports engine.sweep.summary (a file helper C does not own)")
 def test_child_contexts_in_a_script_of_its_own(home: Path, tmp_path: Path) -> None:
     import os
     import subprocess
