@@ -1,9 +1,9 @@
 """Console output of runs: buffered into `log` events, and captured from stdout and stderr.
 
-`RunOutput` is a run's buffer (RunContext.log_output writes into it): the caller only appends the
-text to a queue; the text is cut into lines, masked and sent as one `log` event per batch on the
-writer's thread (every flush interval), or by the caller once the queue holds more than
-`_QUEUED_CHARS` characters, which also waits for room in the writer (memory stays bounded).
+`RunOutput` is a run's buffer (RunContext.log_output writes into it): a writer only appends the text
+to a queue; the text is cut into lines, masked and sent as `log` events (one per batch of lines) on
+the writer's thread every flush interval, or by a writer whose queue is full, which then also waits
+for room in the writer (memory stays bounded).
 
 `capture_console(context, fd_level=...)` copies this process's stdout and stderr into a run while
 still writing them to the terminal:
@@ -27,7 +27,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -37,10 +36,11 @@ if TYPE_CHECKING:
 STREAMS = frozenset({"stdout", "stderr", "logger"})
 LINE_MAX_CHARS = 8 * 1024  # a longer line is split into pieces; all but the last end with LINE_CONTINUES
 LINE_CONTINUES = " [line continues]"
-EVENT_MAX_LINES = 1000  # lines in one log event
-EVENT_MAX_CHARS = 64 * 1024  # characters of text in one log event (a line is at most LINE_MAX_CHARS)
-_QUEUED_CHARS = 64 * 1024  # text queued by writers before the writing thread cuts it into lines itself
-_QUEUED_WRITES = 2000
+EVENT_MAX_LINES = 4096  # lines in one log event
+EVENT_MAX_CHARS = 64 * 1024  # characters in the chunks of one log event, a line break after each line
+_QUEUED_WRITES = 1024  # pieces a stream's queue holds before the writing thread sends them itself
+_BIG_WRITE = 16 * 1024  # a piece this long is sent at once by the thread that wrote it
+_ORDER = ("stdout", "stderr", "logger")
 FD_DRAIN_S = 2.0  # how long leaving an fd-level capture waits for children that still hold the pipe
 
 
@@ -61,11 +61,19 @@ def _note(message: str) -> None:
 class RunOutput:
     """A run's console output on its way to the log as `log` events (thread-safe).
 
-    Lines are split on "\\n" ("\\r\\n" counts as one line break); a carriage return inside a line
-    keeps what a terminal shows (the text after the last "\\r", as a progress bar leaves it). A line
-    longer than LINE_MAX_CHARS is split into pieces that end with LINE_CONTINUES, nothing is cut
-    away. Secret values are masked in the joined text, so a value written in several pieces (or
-    across a line break) is masked too. Lone surrogates (undecodable bytes) become backslash escapes.
+    Writers only append the text to the stream's queue; lines are cut, masked and sent (one `log`
+    event per batch) on the writer's thread every flush interval, or by the writer of a queue that
+    holds more than _QUEUED_WRITES pieces (or a piece of more than _BIG_WRITE characters), which also
+    waits for room in the writer: memory stays bounded. A line's `ts` is when its batch was cut (at
+    most a flush interval after it was written); within a batch, the lines of each stream keep their
+    order, and stdout comes before stderr and the logger.
+
+    Lines are split on "\n" ("\r\n" counts as one line break); a carriage return inside a line keeps
+    what a terminal shows (the text after the last "\r", as a progress bar leaves it). A line longer
+    than LINE_MAX_CHARS is split into pieces that end with LINE_CONTINUES: nothing is cut away.
+    Secret values are masked in the text of the batch as a whole, so a value written in several
+    pieces (or across a line break) is masked too. Lone surrogates (undecodable bytes) become
+    backslash escapes.
     """
 
     def __init__(self, emit: Callable[[dict[str, Any], float, int], None], redact: Any,
@@ -75,201 +83,204 @@ class RunOutput:
         self._writer = writer
         self._key = key
         self._what = what
-        self._queue: deque[tuple[float, str, str]] = deque()
-        self._queued_chars = 0  # approximate (updated without a lock): only decides when to cut lines
+        # appended to by writers, taken from the front under the lock: each list operation is atomic
+        self.queues: dict[str, list[str]] = {stream: [] for stream in _ORDER}
+        self._partial = dict.fromkeys(_ORDER, "")  # each stream's unfinished line (unmasked)
         self._lock = threading.Lock()
-        self._partial: dict[str, list[str]] = {}  # stream -> pieces of its unfinished line
-        self._partial_chars: dict[str, int] = {}
         self._ticking = False
-        self._closed = False
+        self.closed = False
         self._noted = False
 
     def write(self, stream: str, text: str) -> None:
         """Queue `text` (any part of a line) of `stream`; after `close` it is dropped with a note."""
-        if self._closed:
-            self._dropped(text)
+        if self.closed:
+            self.dropped(text)
             return
-        self._queue.append((time.time(), stream, text))
-        self._queued_chars += len(text)
+        queue = self.queues[stream]
+        queue.append(text)
         if not self._ticking:
-            self._ticking = True
-            self._writer.every_interval(self._key, self.tick)
-        if self._queued_chars > _QUEUED_CHARS or len(self._queue) > _QUEUED_WRITES:
-            with self._lock:
-                self._send(self._lines())
+            self.start_ticking()
+        if len(queue) > _QUEUED_WRITES or len(text) > _BIG_WRITE:
+            self.overflow()
+
+    def start_ticking(self) -> None:
+        """Have the writer's thread send the complete lines every flush interval (until `close`)."""
+        self._ticking = True
+        self._writer.every_interval(self._key, self.tick)
+
+    def overflow(self) -> None:
+        """Send what is queued now, in the writing thread (which waits for room in the writer)."""
+        with self._lock:
+            if not self.closed:
+                self._send(self._take(final=False))
 
     def tick(self) -> None:
         """Send the complete lines queued so far (on the writer thread: never waits for the lock)."""
-        if self._closed:
+        if self.closed:
             self._writer.stop_interval(self._key)
             return
-        if not self._queue or not self._lock.acquire(blocking=False):
+        if not any(self.queues.values()) or not self._lock.acquire(blocking=False):
             return
         try:
-            self._send(self._lines())
+            self._send(self._take(final=False))
         finally:
             self._lock.release()
 
     def flush(self) -> None:
         """Send everything queued, an unfinished line as a line of its own (nothing after `close`)."""
         with self._lock:
-            if self._closed:
-                self._queue.clear()
-                return
-            self._send(self._lines() + self._unfinished())
+            if not self.closed:
+                self._send(self._take(final=True))
 
     def close(self) -> None:
         """Flush, then drop (with a note) whatever is written later."""
         try:
             self.flush()
         finally:
-            self._closed = True
+            self.closed = True
             self._writer.stop_interval(self._key)
+            for queue in self.queues.values():
+                queue.clear()
 
-    # under self._lock -----------------------------------------------------------------------------
-
-    def _lines(self) -> list[tuple[float, str, str, bool]]:
-        """The queued text as raw lines: (ts, stream, text, continues on the next line)."""
-        lines: list[tuple[float, str, str, bool]] = []
-        queue = self._queue
-        self._queued_chars = 0
-        while queue:
-            ts, stream, text = queue.popleft()
-            pieces = self._partial.setdefault(stream, [])
-            if "\n" not in text:
-                pieces.append(text)
-                self._partial_chars[stream] = self._partial_chars.get(stream, 0) + len(text)
-                if self._partial_chars[stream] > LINE_MAX_CHARS + self._redact.longest_match:
-                    self._cut_long(ts, stream, lines)
-                continue
-            parts = text.split("\n")
-            pieces.append(parts[0])
-            lines.append((ts, stream, _shown("".join(pieces)), False))
-            lines.extend((ts, stream, _shown(part), False) for part in parts[1:-1])
-            pieces.clear()
-            self._partial_chars[stream] = len(parts[-1])
-            if parts[-1]:
-                pieces.append(parts[-1])
-                if len(parts[-1]) > LINE_MAX_CHARS + self._redact.longest_match:
-                    self._cut_long(ts, stream, lines)
-        return lines
-
-    def _cut_long(self, ts: float, stream: str, lines: list[tuple[float, str, str, bool]]) -> None:
-        """Send the head of an unfinished line that has grown too long (after dropping what a
-        carriage return overwrote); keep its tail, long enough that a secret value written across
-        the cut is still masked whole."""
-        text = "".join(self._partial[stream])
-        overwritten = text.rfind("\r", 0, len(text) - 1)  # a trailing "\r" may start a "\r\n"
-        text = text[overwritten + 1:]
-        cut = 0
-        if len(text) > LINE_MAX_CHARS + self._redact.longest_match:
-            cut = self._redact.cut_point(text, len(text) - self._redact.longest_match)
-            if cut > 0:
-                lines.append((ts, stream, _escaped(text[:cut]), True))
-        self._partial[stream] = [text[cut:]]
-        self._partial_chars[stream] = len(text) - cut
-
-    def _unfinished(self) -> list[tuple[float, str, str, bool]]:
-        now = time.time()
-        lines = [(now, stream, _shown("".join(pieces)), False)
-                 for stream, pieces in self._partial.items() if "".join(pieces)]
-        self._partial.clear()
-        self._partial_chars.clear()
-        return lines
-
-    def _send(self, raw: list[tuple[float, str, str, bool]]) -> None:
-        if not raw:
-            return
-        batch: list[dict[str, Any]] = []
-        chars = 0
-        for ts, stream, text in self._masked(raw):
-            if batch and (len(batch) >= EVENT_MAX_LINES or chars + len(text) > EVENT_MAX_CHARS):
-                self._emit({"lines": batch}, batch[0]["ts"], chars)
-                batch, chars = [], 0
-            batch.append({"ts": ts, "stream": stream, "text": text})
-            chars += len(text)
-        self._emit({"lines": batch}, batch[0]["ts"], chars)
-
-    def _masked(self, raw: list[tuple[float, str, str, bool]]) -> Iterator[tuple[float, str, str]]:
-        """Mask runs of consecutive lines of one stream joined (a secret may span a line break),
-        then split lines longer than LINE_MAX_CHARS."""
-        start = 0
-        while start < len(raw):
-            end = start + 1
-            while end < len(raw) and raw[end][1] == raw[start][1] and not raw[end - 1][3]:
-                end += 1
-            group = raw[start:end]
-            if self._redact:
-                masked = self._redact("\n".join(line[2] for line in group)).split("\n")
-                if len(masked) != len(group):  # a mask joined lines: they take the group's last time
-                    group = [(group[-1][0], group[-1][1], text, False) for text in masked[:-1]] + [
-                        (group[-1][0], group[-1][1], masked[-1], group[-1][3])]
-                else:
-                    group = [(ts, stream, text, continues)
-                             for (ts, stream, _, continues), text in zip(group, masked, strict=True)]
-            for ts, stream, text, continues in group:
-                yield from ((ts, stream, piece) for piece in _pieces(text, continues))
-            start = end
-
-    def _dropped(self, text: str) -> None:
+    def dropped(self, text: str) -> None:
+        """Output that came after the run's end: say so once on stderr."""
         if not self._noted and text.strip():
             self._noted = True
             _note(f"{self._what} has finished: console output written after its end is not logged")
 
+    # under self._lock -----------------------------------------------------------------------------
 
-def _shown(line: str) -> str:
-    """What a terminal shows of a raw line: no trailing "\\r", only the text after the last "\\r";
-    lone surrogates as backslash escapes."""
-    if "\r" in line:
-        line = line.rstrip("\r")
-        line = line[line.rfind("\r") + 1:]
-    return _escaped(line)
+    def _take(self, final: bool) -> list[tuple[str, str, bool]]:
+        """The queued text as blocks of complete lines: (stream, lines joined by "\n", whether the
+        last line continues in the next block). With `final`, unfinished lines count as complete."""
+        blocks: list[tuple[str, str, bool]] = []
+        for stream in _ORDER:
+            queue = self.queues[stream]
+            count = len(queue)
+            if not count and not (final and self._partial[stream]):
+                continue
+            pieces = queue[:count]
+            del queue[:count]  # what another thread appended meanwhile stays for the next time
+            data = self._partial[stream] + _joined(pieces)
+            if final:
+                self._partial[stream] = ""
+                if data:
+                    blocks.append((stream, data[:-1] if data.endswith("\n") else data, False))
+                continue
+            end = data.rfind("\n")
+            if end >= 0:
+                blocks.append((stream, data[:end], False))
+            partial = data[end + 1:]
+            if len(partial) > LINE_MAX_CHARS + self._redact.longest_match:
+                partial = self._cut_long(stream, partial, blocks)
+            self._partial[stream] = partial
+        return blocks
+
+    def _cut_long(self, stream: str, text: str, blocks: list[tuple[str, str, bool]]) -> str:
+        """Send the head of an unfinished line that has grown too long (after dropping what a
+        carriage return overwrote); returns its tail, long enough that a secret value written
+        across the cut is still masked whole."""
+        overwritten = text.rfind("\r", 0, len(text) - 1)  # a trailing "\r" may start a "\r\n"
+        text = text[overwritten + 1:]
+        if len(text) <= LINE_MAX_CHARS + self._redact.longest_match:
+            return text
+        cut = self._redact.cut_point(text, len(text) - self._redact.longest_match)
+        if cut > 0:
+            blocks.append((stream, text[:cut], True))
+        return text[cut:]
+
+    def _send(self, blocks: list[tuple[str, str, bool]]) -> None:
+        """One `log` event per EVENT_MAX_LINES lines or EVENT_MAX_CHARS characters: a chunk per
+        stream's run of lines."""
+        if not blocks:
+            return
+        now = time.time()
+        chunks: list[dict[str, Any]] = []
+        lines = chars = 0
+        for stream, block, continues in blocks:
+            texts = _lines_of(self._redact(block) if self._redact else block, continues)
+            size = sum(map(len, texts)) + len(texts)
+            if lines + len(texts) <= EVENT_MAX_LINES and chars + size <= EVENT_MAX_CHARS:  # the usual case
+                chunks.append({"ts": now, "stream": stream, "text": "\n".join(texts)})
+                lines, chars = lines + len(texts), chars + size
+                continue
+            start = 0
+            for index, text in enumerate(texts):
+                if lines >= EVENT_MAX_LINES or chars + len(text) + 1 > EVENT_MAX_CHARS:
+                    if index > start:
+                        chunks.append({"ts": now, "stream": stream, "text": "\n".join(texts[start:index])})
+                    self._emit({"chunks": chunks}, now, chars)
+                    chunks, lines, chars, start = [], 0, 0, index
+                lines += 1
+                chars += len(text) + 1
+            chunks.append({"ts": now, "stream": stream, "text": "\n".join(texts[start:])})
+        self._emit({"chunks": chunks}, now, chars)
 
 
-def _escaped(text: str) -> str:
-    """`text` with lone surrogates (from undecodable bytes) as backslash escapes."""
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+def _joined(pieces: list[Any]) -> str:
+    """The pieces as one string (a stream that took bytes or other objects: as text)."""
+    try:
+        return "".join(pieces)
+    except TypeError:
+        return "".join(p if isinstance(p, str) else p.decode("utf-8", "backslashreplace")
+                       if isinstance(p, (bytes, bytearray)) else str(p) for p in pieces)
 
 
-def _pieces(text: str, continues: bool) -> list[str]:
-    """`text` in pieces of at most LINE_MAX_CHARS; every piece but the last of a finished line
-    ends with LINE_CONTINUES."""
-    if len(text) <= LINE_MAX_CHARS and not continues:
-        return [text]
+def _lines_of(block: str, continues: bool) -> list[str]:
+    """The lines of a (masked) block as the log keeps them: what a terminal shows of each (no
+    "\r", only the text after a line's last "\r"), lone surrogates as backslash escapes, lines
+    longer than LINE_MAX_CHARS in pieces that end with LINE_CONTINUES (the last one too when the
+    line `continues` in the next block)."""
+    if not block.isascii():
+        block = block.encode("utf-8", "backslashreplace").decode("utf-8")
+    lines = block.split("\n")
+    if "\r" in block:
+        lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines]
+    if not continues and max(map(len, lines)) <= LINE_MAX_CHARS:
+        return lines
     size = LINE_MAX_CHARS - len(LINE_CONTINUES)
-    pieces = [text[i:i + size] + LINE_CONTINUES for i in range(0, len(text), size)] or [LINE_CONTINUES]
-    if not continues:
-        pieces[-1] = pieces[-1][:-len(LINE_CONTINUES)]
-    return pieces
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        last_continues = continues and index == len(lines) - 1
+        if len(line) <= LINE_MAX_CHARS and not last_continues:
+            out.append(line)
+            continue
+        pieces = [line[i:i + size] + LINE_CONTINUES for i in range(0, len(line), size)] or [LINE_CONTINUES]
+        if not last_continues:
+            pieces[-1] = pieces[-1][:-len(LINE_CONTINUES)]
+        out.extend(pieces)
+    return out
 
 
 # Python-level capture ------------------------------------------------------------------------------
 
-# thread ident -> where that thread's writes to sys.stdout / sys.stderr also go
-_targets: dict[int, Callable[[str, str], None]] = {}
+# stream -> thread ident -> that run's queue for the stream: where the thread's writes to
+# sys.stdout / sys.stderr also go; and the RunOutput of each routed queue (by id)
+_routes: dict[str, dict[int, list[str]]] = {"stdout": {}, "stderr": {}}
+_owners: dict[int, RunOutput] = {}
+_get_ident = threading.get_ident
 _install_lock = threading.Lock()
 _installed: list[_Tee] = []
 _users = 0
 
 
 class _Tee:
-    """Stands in for sys.stdout or sys.stderr: writes to the original, then to the writing thread's run."""
+    """Stands in for sys.stdout or sys.stderr: writes to the original, then queues the text for the
+    writing thread's run (a cheap append: the run's RunOutput does the rest elsewhere)."""
 
     def __init__(self, original: IO[str], stream: str) -> None:
         self._original = original
         self._stream = stream
-        self._failed = False
+        self._routes = _routes[stream]
 
     def write(self, text: str) -> int:
+        # the hot path of every print: kept to an append and two length checks
         written = self._original.write(text)
-        target = _targets.get(threading.get_ident())
-        if target is not None and type(text) is str and text:
-            try:
-                target(self._stream, text)
-            except Exception as exc:  # the program's print must go on; say once why the run misses it
-                if not self._failed:
-                    self._failed = True
-                    _note(f"console output is not logged: {type(exc).__name__}: {exc}")
+        queue = self._routes.get(_get_ident())
+        if queue is not None:
+            queue.append(text)
+            if len(queue) > _QUEUED_WRITES or len(text) > _BIG_WRITE:
+                _overflow(queue)
         return written
 
     def writelines(self, lines: Any) -> None:
@@ -281,6 +292,28 @@ class _Tee:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._original, name)
+
+
+_failed: list[str] = []
+
+
+def _overflow(queue: list[str]) -> None:
+    """Send a full queue from the printing thread; the program's print goes on whatever happens."""
+    output = _owners.get(id(queue))
+    if output is None:  # no longer routed
+        queue.clear()
+        return
+    if output.closed:
+        for queue in output.queues.values():
+            queue.clear()
+        output.dropped("output")
+        return
+    try:
+        output.overflow()
+    except Exception as exc:  # say once why the run misses some of its output
+        if not _failed:
+            _failed.append(str(exc))
+            _note(f"console output is not logged: {type(exc).__name__}: {exc}")
 
 
 def _handlers() -> list[logging.StreamHandler[Any]]:
@@ -330,18 +363,28 @@ def _uninstall() -> None:
 
 
 @contextlib.contextmanager
-def _python_capture(target: Callable[[str, str], None]) -> Iterator[None]:
-    ident = threading.get_ident()
+def _python_capture(output: RunOutput) -> Iterator[None]:
+    ident = _get_ident()
     _install()
-    previous = _targets.get(ident)
-    _targets[ident] = target
+    previous = {stream: routes.get(ident) for stream, routes in _routes.items()}
+    with _install_lock:
+        for stream, routes in _routes.items():
+            routes[ident] = output.queues[stream]
+            _owners[id(output.queues[stream])] = output
+    output.start_ticking()
     try:
         yield
     finally:
-        if previous is None:
-            _targets.pop(ident, None)
-        else:
-            _targets[ident] = previous
+        with _install_lock:
+            for stream, routes in _routes.items():
+                if previous[stream] is None:
+                    routes.pop(ident, None)
+                else:
+                    routes[ident] = previous[stream]  # type: ignore[assignment]
+            routed = {id(queue) for routes in _routes.values() for queue in routes.values()}
+            for stream in _routes:
+                if id(output.queues[stream]) not in routed:
+                    _owners.pop(id(output.queues[stream]), None)
         _uninstall()
 
 
@@ -349,13 +392,14 @@ def _python_capture(target: Callable[[str, str], None]) -> Iterator[None]:
 def uncaptured() -> Iterator[None]:
     """While active, this thread's writes to sys.stdout and sys.stderr reach only the terminal
     (a run's logger, whose lines the run already has, uses it). fd-level capture still sees them."""
-    ident = threading.get_ident()
-    target = _targets.pop(ident, None)
+    ident = _get_ident()
+    taken = {stream: routes.pop(ident, None) for stream, routes in _routes.items()}
     try:
         yield
     finally:
-        if target is not None:
-            _targets[ident] = target
+        for stream, route in taken.items():
+            if route is not None:
+                _routes[stream][ident] = route
 
 
 # fd-level capture ----------------------------------------------------------------------------------
@@ -459,9 +503,11 @@ def capture_console(context: RunContext, *, fd_level: bool) -> Iterator[None]:
     the calling thread. On exit the streams are restored and the run's buffered output is flushed.
     """
     use_fds = fd_level and _has_fd(sys.stdout, 1) and _has_fd(sys.stderr, 2)
-    capture = _fd_capture if use_fds else _python_capture
+    output = getattr(context, "_output", None)
+    if not use_fds and not isinstance(output, RunOutput):
+        raise TypeError(f"capture_console needs a RunContext, not {type(context).__name__}")
     try:
-        with capture(context.log_output):
+        with _fd_capture(context.log_output) if use_fds else _python_capture(output):  # type: ignore[arg-type]
             yield
     finally:
         context.flush_output()

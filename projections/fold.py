@@ -88,33 +88,34 @@ def _json_problem(what: str, text: str) -> str:
     return f"{what} is not JSON DuckDB can store: {printable(text)[:80]!r}"
 
 
-def _log_problem(lines: Any) -> str | None:
-    """Why a log event's lines cannot be folded into `logs` (the bounds a RunContext keeps), or None."""
-    if not isinstance(lines, list):
-        return f"log lines is a {type(lines).__name__}, not a list"
-    if len(lines) > EVENT_MAX_LINES:
-        return f"log event holds {len(lines)} lines, more than {EVENT_MAX_LINES}"
-    total = 0
-    for number, line in enumerate(lines):
-        if not isinstance(line, dict):
-            return f"log line {number} is a {type(line).__name__}, not a record"
-        ts, stream, text = line.get("ts"), line.get("stream"), line.get("text")
+def _log_problem(chunks: Any) -> str | None:
+    """Why a log event's chunks cannot be folded into `logs` (the bounds a RunContext keeps), or None."""
+    if not isinstance(chunks, list):
+        return f"log chunks is a {type(chunks).__name__}, not a list"
+    lines = chars = 0
+    for number, chunk in enumerate(chunks):
+        if not isinstance(chunk, dict):
+            return f"log chunk {number} is a {type(chunk).__name__}, not a record"
+        ts, stream, text = chunk.get("ts"), chunk.get("stream"), chunk.get("text")
         if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not _is_time(ts):
-            return _time_problem(f"log line {number} ts", ts)  # type: ignore[arg-type]
+            return _time_problem(f"log chunk {number} ts", ts)  # type: ignore[arg-type]
         if stream not in STREAMS:
-            return f"log line {number} stream {printable(stream)[:40]!r} is not one of {', '.join(sorted(STREAMS))}"
+            return f"log chunk {number} stream {printable(stream)[:40]!r} is not one of {', '.join(sorted(STREAMS))}"
         if not isinstance(text, str):
-            return f"log line {number} text is a {type(text).__name__}, not a string"
-        if len(text) > LINE_MAX_CHARS:
-            return f"log line {number} is {len(text)} characters long, more than {LINE_MAX_CHARS}"
-        total += len(text)
-        if total > EVENT_MAX_CHARS:
+            return f"log chunk {number} text is a {type(text).__name__}, not a string"
+        chars += len(text) + 1
+        if chars > EVENT_MAX_CHARS:
             return f"log event holds more than {EVENT_MAX_CHARS} characters of text"
+        lines += text.count("\n") + 1
+        if lines > EVENT_MAX_LINES:
+            return f"log event holds more than {EVENT_MAX_LINES} lines"
+        if len(text) > LINE_MAX_CHARS and max(map(len, text.split("\n"))) > LINE_MAX_CHARS:
+            return f"log chunk {number} holds a line longer than {LINE_MAX_CHARS} characters"
         if not text.isascii():
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                return f"log line {number} text is not valid UTF-8 (lone surrogate)"
+                return f"log chunk {number} text is not valid UTF-8 (lone surrogate)"
     return None
 
 
@@ -124,7 +125,7 @@ def _payload_problem(event: Event) -> str | None:
     p = event.payload
     kind = event.type
     if kind == "log":
-        return _log_problem(p.get("lines"))
+        return _log_problem(p.get("chunks"))
     if kind == "metric":
         ok = _is_time(p["timestamp"])
         return None if ok else _time_problem(f"metric {printable(p['key'])!r} timestamp", p["timestamp"])
@@ -290,9 +291,12 @@ def _log(batch: TableBatch, event: Event) -> None:
     """Lines numbered from 1 per run, in the order the log holds them (whatever stream wrote them)."""
     uid = event.run_uid
     number = batch.log_lines.get(uid, 0)
-    for line in event.payload["lines"]:
-        number += 1
-        batch.logs.append((uid, line["stream"], number, line["ts"], line["text"]))
+    rows = batch.logs
+    for chunk in event.payload["chunks"]:
+        stream, ts = chunk["stream"], chunk["ts"]
+        for text in chunk["text"].split("\n"):
+            number += 1
+            rows.append((uid, stream, number, ts, text))
     batch.log_lines[uid] = number
 
 

@@ -67,19 +67,22 @@ POISONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "run state that does not exist": lambda uid: envelope(uid, 2, "run_finished", finished(state="pwned")),
     "log line of 4 MB": lambda uid: envelope(uid, 2, "log", _log("x" * 4_000_000)),
     "log line one character over the bound": lambda uid: envelope(uid, 2, "log", _log("y" * (LINE_MAX_CHARS + 1))),
-    "log event with more lines than the bound": lambda uid: envelope(
-        uid, 2, "log", {"lines": _log("z")["lines"] * (EVENT_MAX_LINES + 1)}),
+    "log line over the bound among short ones": lambda uid: envelope(
+        uid, 2, "log", _log("a\n" + "y" * (LINE_MAX_CHARS + 1) + "\nb")),
+    "log event with more lines than the bound": lambda uid: envelope(uid, 2, "log", _log("\n" * EVENT_MAX_LINES)),
+    "log event with more chunks than the bound": lambda uid: envelope(
+        uid, 2, "log", {"chunks": _log("z")["chunks"] * (EVENT_MAX_LINES + 1)}),
     "log event with more text than the bound": lambda uid: envelope(
-        uid, 2, "log", {"lines": _log("w" * LINE_MAX_CHARS)["lines"] * (EVENT_MAX_CHARS // LINE_MAX_CHARS + 1)}),
-    "log line from a stream that does not exist": lambda uid: envelope(uid, 2, "log", _log("a", stream="<b>x</b>")),
-    "log line time NaN": lambda uid: envelope(uid, 2, "log", _log("a", ts=math.nan)),
-    "log line time in nanoseconds": lambda uid: envelope(uid, 2, "log", _log("a", ts=time.time_ns())),
+        uid, 2, "log", {"chunks": _log("w" * LINE_MAX_CHARS)["chunks"] * (EVENT_MAX_CHARS // LINE_MAX_CHARS + 1)}),
+    "log chunk from a stream that does not exist": lambda uid: envelope(uid, 2, "log", _log("a", stream="<b>x</b>")),
+    "log chunk time NaN": lambda uid: envelope(uid, 2, "log", _log("a", ts=math.nan)),
+    "log chunk time in nanoseconds": lambda uid: envelope(uid, 2, "log", _log("a", ts=time.time_ns())),
 }
 
 
 def _log(text: str, stream: str = "stdout", ts: float | None = None) -> dict[str, Any]:
-    """A log payload of one line."""
-    return {"lines": [{"ts": time.time() if ts is None else ts, "stream": stream, "text": text}]}
+    """A log payload of one chunk (lines joined by "\\n")."""
+    return {"chunks": [{"ts": time.time() if ts is None else ts, "stream": stream, "text": text}]}
 
 
 def _foreign_run(uid: str, poison: dict[str, Any]) -> list[dict[str, Any]]:
@@ -159,15 +162,16 @@ def test_runs_sql_rebuild_and_a_restart_keep_working_after_every_poison(bus_home
 def test_foreign_log_lines_are_numbered_per_run_across_records_streams_and_batches(bus_home: Path) -> None:
     uid = _uid()
     bus = services().bus
-    append(bus, uid, [envelope(uid, 0, "run_started", started()), envelope(uid, 1, "log", {"lines": [
+    append(bus, uid, [envelope(uid, 0, "run_started", started()), envelope(uid, 1, "log", {"chunks": [
         {"ts": 1.0e9, "stream": "stdout", "text": "one"}, {"ts": 1.0e9, "stream": "stderr", "text": "two"}]})])
     append(bus, uid, [envelope(uid, 0, "log", _log("three", stream="logger"), stream="other")])
     assert get_run_db().get_log(uid) == ("running", "one\ntwo\nthree\n")
-    append(bus, uid, [envelope(uid, 2, "log", _log("four <script>")), envelope(uid, 3, "run_finished", finished())])
-    assert get_run_db().get_log(uid[:12], offset=len("one\ntwo\nth")) == ("completed", "ree\nfour <script>\n")
+    append(bus, uid, [envelope(uid, 2, "log", _log("four <script>\n\nsix")),
+                      envelope(uid, 3, "run_finished", finished())])
+    assert get_run_db().get_log(uid[:12], offset=len("one\ntwo\nth")) == ("completed", "ree\nfour <script>\n\nsix\n")
     lines = get_run_db().sql("SELECT line_no, stream, text FROM logs WHERE uid = ? ORDER BY line_no", [uid])
     assert lines.values.tolist() == [[1, "stdout", "one"], [2, "stderr", "two"], [3, "logger", "three"],
-                                     [4, "stdout", "four <script>"]]
+                                     [4, "stdout", "four <script>"], [5, "stdout", ""], [6, "stdout", "six"]]
 
 
 def test_an_exact_duplicate_is_skipped_and_recorded(bus_home: Path) -> None:

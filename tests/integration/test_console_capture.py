@@ -12,11 +12,12 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from engine import get_run_db
+from engine import NewRun, get_run_db, new_function
 from engine.runspec import RunSpec
 from engine.settings import load_settings
 from producers.console import LINE_CONTINUES, LINE_MAX_CHARS, capture_console
@@ -48,10 +49,9 @@ def _run_script(tmp_path: Path, body: str, **env: str) -> tuple[str, subprocess.
 
 
 def _lines(uid: str) -> list[tuple[str, str]]:
-    """(stream, text) of every line in the run's log events, in order."""
-    frame = get_run_db().sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'log' ORDER BY position",
-                             [uid])
-    return [(line["stream"], line["text"]) for payload in frame.payload for line in json.loads(payload)["lines"]]
+    """(stream, text) of every line of the run's log, in order."""
+    frame = get_run_db().sql("SELECT stream, text FROM logs WHERE uid = ? ORDER BY line_no", [uid])
+    return list(zip(frame.stream, frame.text, strict=True))
 
 
 def _texts(uid: str, stream: str | None = None) -> list[str]:
@@ -137,6 +137,7 @@ def test_secrets_are_masked_even_when_written_in_pieces(bus_home: Path, tmp_path
     assert ("stdout", "token: ***.") in lines
     assert ("logger", "[warning] again ***") in lines
     assert "hunter2" not in json.dumps(lines)
+    assert not get_run_db().sql("SELECT event_id FROM events WHERE contains(payload::VARCHAR, 'hunter2')").size
     assert "hunter2-secret" in done.stdout  # the terminal shows what the program wrote
 
 
@@ -211,3 +212,35 @@ def test_each_thread_s_output_goes_to_its_own_run(home: Path) -> None:
     for index, context in enumerate(contexts):
         assert _texts(context.uid) == [f"run {index} line {i}" for i in range(200)]
     assert sys.stdout.__class__.__name__ != "_Tee"  # restored once the last capture ended
+
+
+def _chatty(context, x: int = 0) -> None:
+    for step in range(40):
+        print(f"x={x} step {step}")
+        time.sleep(0.001)  # let the other iterations' threads print in between
+    context.log_result("score", x)
+
+
+def test_a_threaded_sweep_keeps_each_iteration_s_prints_in_its_own_run(home: Path) -> None:
+    parent = new_function().run(NewRun(handler=_chatty), hyperparams={"x": [1, 2, 3]}, selector="max.score",
+                                parallel_runs=3, quiet=True)
+    children = get_run_db().list_runs(parent=parent.uid)
+    assert len(children) == 3
+    for uid, x in zip(children.uid, children.iteration, strict=True):
+        state, text = get_run_db().get_log(uid)
+        assert state == "completed"
+        assert text.splitlines() == [f"x={x} step {step}" for step in range(40)]
+
+
+def _prints_and_logs(context) -> None:
+    print("printed")
+    context.logger.info("logged")
+
+
+def test_capture_is_off_with_the_setting(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    on = new_function().run(NewRun(handler=_prints_and_logs, name="on")).uid
+    monkeypatch.setenv("RUNBUS_CAPTURE_CONSOLE", "0")
+    off = new_function().run(NewRun(handler=_prints_and_logs, name="off")).uid
+    assert get_run_db().get_log(on) == ("completed", "printed\n[info] logged\n")
+    # the run's own logger still writes to the run's log: it is a call on the run, not console output
+    assert get_run_db().get_log(off) == ("completed", "[info] logged\n")

@@ -23,8 +23,8 @@ SAMPLES = {
                      "return_value": None, "duration_s": 1.25},
     "heartbeat": {"interval_s": 10.0},
     "iteration_requested": {"iteration": 2, "params": {"p1": "2"}},
-    "log": {"lines": [{"ts": 1.5, "stream": "stdout", "text": "epoch 1"},
-                      {"ts": 1.75, "stream": "stderr", "text": "warning: \u00e9"}]},
+    "log": {"chunks": [{"ts": 1.5, "stream": "stdout", "text": "epoch 1\nepoch 2"},
+                       {"ts": 1.75, "stream": "stderr", "text": "warning: \u00e9"}]},
 }
 
 
