@@ -244,3 +244,12 @@ def test_capture_is_off_with_the_setting(home: Path, monkeypatch: pytest.MonkeyP
     assert get_run_db().get_log(on) == ("completed", "printed\n[info] logged\n")
     # the run's own logger still writes to the run's log: it is a call on the run, not console output
     assert get_run_db().get_log(off) == ("completed", "[info] logged\n")
+
+
+def test_a_dask_iteration_keeps_its_prints(home: Path) -> None:
+    parent = new_function(command="dask://").run(NewRun(handler=_chatty), hyperparams={"x": [1, 2]},
+                                                 selector="max.score", quiet=True)
+    children = get_run_db().list_runs(parent=parent.uid)
+    assert sorted(children.iteration) == [1, 2]
+    for uid, x in zip(children.uid, children.iteration, strict=True):
+        assert get_run_db().get_log(uid)[1].splitlines() == [f"x={x} step {step}" for step in range(40)]
