@@ -3,13 +3,17 @@ the run page (Chromium), which follows a running run and shows log text as text.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import Browser, expect
 
 from engine import NewRun, get_run_db, new_function
@@ -103,6 +107,18 @@ def test_the_logs_tab_follows_a_running_run_and_shows_markup_as_text(home: Path,
     process, url = start_ui(home, _env(), tmp_path / "ui.log")
     context = browser.new_context()
     try:
+        db = get_run_db()
+        assert db._server() is not None and "first line" in db.get_log(uid)[1]  # routed through the UI
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the API needs the token or the UI's own page
+            urllib.request.urlopen(f"{url}/api/runs/{uid}/log", timeout=30)
+        assert refused.value.code == 403
+        token = (home / "ui.token").read_text()
+        request = urllib.request.Request(f"{url}/api/runs/{uid[:10]}/log?after=1",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            polled = json.loads(answer.read())
+        assert polled["state"] == "running" and polled["lines"][0] == [
+            2, "stdout", "<script>window.pwned = 1</script><b>bold?</b>"]
         page = context.new_page()
         page.set_default_timeout(20_000)
         page.goto(f"{url}/runs/{uid}")
