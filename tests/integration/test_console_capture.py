@@ -20,7 +20,8 @@ import pytest
 from engine import NewRun, get_run_db, new_function
 from engine.runspec import RunSpec
 from engine.settings import load_settings
-from producers.console import LINE_CONTINUES, LINE_MAX_CHARS, capture_console
+from producers.console import LINE_CONTINUES, LINE_MAX_CHARS, RunOutput, capture_console
+from producers.redact import Redactor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -253,3 +254,26 @@ def test_a_dask_iteration_keeps_its_prints(home: Path) -> None:
     assert sorted(children.iteration) == [1, 2]
     for uid, x in zip(children.uid, children.iteration, strict=True):
         assert get_run_db().get_log(uid)[1].splitlines() == [f"x={x} step {step}" for step in range(40)]
+
+
+def test_a_secret_across_the_cut_of_an_endless_line_is_still_masked() -> None:
+    """A line that never ends is sent in pieces as it grows; a secret written across a piece's end
+    must be masked whole wherever the cut falls (the offsets cover the first cut)."""
+    secret = "hunter2-secret"
+
+    class Writer:
+        def every_interval(self, key: str, tick: object) -> None: ...
+        def stop_interval(self, key: str) -> None: ...
+
+    for offset in range(LINE_MAX_CHARS - 100, LINE_MAX_CHARS + 200):
+        chunks: list[dict] = []
+        output = RunOutput(lambda payload, ts, chars, into=chunks: into.extend(payload["chunks"]), Redactor([secret]),
+                           Writer(), "key", "run")
+        text = "a" * offset + secret + "b" * (2 * LINE_MAX_CHARS)
+        for start in range(0, len(text), 100):  # written in small pieces, no line break
+            output.write("stdout", text[start:start + 100])
+            output.tick()  # as the writer's thread does between writes
+        output.close()
+        pieces = "\n".join(chunk["text"] for chunk in chunks).split("\n")
+        assert len(pieces) > 2 and "hunter" not in "".join(pieces), offset
+        assert "".join(p.removesuffix(LINE_CONTINUES) for p in pieces) == text.replace(secret, "***"), offset
