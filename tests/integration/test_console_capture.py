@@ -277,3 +277,25 @@ def test_a_secret_across_the_cut_of_an_endless_line_is_still_masked() -> None:
         pieces = "\n".join(chunk["text"] for chunk in chunks).split("\n")
         assert len(pieces) > 2 and "hunter" not in "".join(pieces), offset
         assert "".join(p.removesuffix(LINE_CONTINUES) for p in pieces) == text.replace(secret, "***"), offset
+
+
+def test_fd_level_capture_without_file_descriptors_falls_back_to_the_python_level(home: Path,
+                                                                                 tmp_path: Path) -> None:
+    """As in Jupyter, whose sys.stdout has no fileno(): the calling thread is captured."""
+    uid, done = _run_script(tmp_path, """
+        import io
+        from producers.console import capture_console
+
+        class NotebookStream(io.StringIO):
+            def fileno(self):
+                raise io.UnsupportedOperation("fileno")
+
+        shown = sys.stdout = NotebookStream()
+        with capture_console(ctx, fd_level=True):
+            print("in a notebook cell")
+        assert sys.stdout is shown
+        ctx.finish()
+        sys.__stdout__.write("SHOWN " + shown.getvalue())
+    """)
+    assert _texts(uid) == ["in a notebook cell"]
+    assert "SHOWN in a notebook cell" in done.stdout
