@@ -100,7 +100,7 @@ class Function:
             return RunObject.from_context(run_sweep(spec, sweep))
         if self.runtime == "local":
             context = spec.new_context()
-            local_runtime.execute(spec.handler, context)
+            local_runtime.execute(spec.handler, context, capture_console=spec.settings.capture_console)
             return RunObject.from_context(context)
         return self._run_on_pool(spec)
 

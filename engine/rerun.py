@@ -62,7 +62,7 @@ def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = Fals
                    {k: v for k, v in values.items() if k in started["secret_keys"]}, started["labels"],
                    code_ref, extra={"rerun_of": record["uid"]})
     context = spec.new_context()
-    local.execute(handler, context)
+    local.execute(handler, context, capture_console=spec.settings.capture_console)
     return RunObject.from_context(context)
 
 

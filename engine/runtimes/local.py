@@ -7,7 +7,6 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from engine.settings import load_settings
 from producers.console import capture_console as console_capture
 from producers.context import RunContext
 
@@ -26,19 +25,17 @@ def call_handler(handler: Callable[..., Any], context: RunContext) -> Any:
 
 
 def execute(handler: Callable[..., Any], context: RunContext, flush: bool = True,
-            capture_console: bool | None = None) -> RunContext:
+            capture_console: bool = True) -> RunContext:
     """Run the handler and record how it ended: completed, error (with traceback) or aborted.
 
     `sys.exit()` in the handler ends the handler, not the caller: exit code 0 (or None) is
     'completed', any other is 'error'. Ctrl-C (and any other BaseException) is 'aborted', then raised.
     With `flush`, every event of the run is on the bus when this returns (EventsNotWritten says
     why when they are not: they are then kept in the spill file, or still queued).
-    With `capture_console` (None: RUNBUS_CAPTURE_CONSOLE, on by default) what the handler's thread
+    With `capture_console` (the caller passes its settings' RUNBUS_CAPTURE_CONSOLE) what the handler's thread
     prints, logs and warns while it runs is also kept in the run's log (Python level: the calling
     thread only, so concurrent runs in threads each keep their own).
     """
-    if capture_console is None:
-        capture_console = load_settings().capture_console
     context.start()
     try:
         with console_capture(context, fd_level=False) if capture_console else contextlib.nullcontext():
