@@ -28,6 +28,8 @@ class Settings:
     kafka_partitions: int = 6
     projections: tuple[str, ...] = ()
     capture_console: bool = True
+    projection: str = "service"
+    projection_idle_s: float = 300.0
 
     @property
     def db_path(self) -> Path:
@@ -69,7 +71,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     RUNBUS_FLUSH_TIMEOUT (how long a run's end waits for the bus), RUNBUS_HEARTBEAT_INTERVAL,
     RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
     RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas),
-    RUNBUS_CAPTURE_CONSOLE (0 turns off keeping a run's stdout and stderr as log events)."""
+    RUNBUS_CAPTURE_CONSOLE (0 turns off keeping a run's stdout and stderr as log events),
+    RUNBUS_PROJECTION ('service': reads go to the home's projection service, the one writer of the
+    projection; 'inprocess': this process folds and reads the file itself), RUNBUS_PROJECTION_IDLE
+    (seconds without a request after which the projection service exits)."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
     return Settings(
@@ -86,7 +91,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
         projections=tuple(p.strip() for p in (env.get("RUNBUS_PROJECTIONS") or "").split(",") if p.strip()),
         capture_console=_flag(env, "RUNBUS_CAPTURE_CONSOLE", True),
+        projection=_choice(env, "RUNBUS_PROJECTION", ("service", "inprocess")),
+        projection_idle_s=_number(env, "RUNBUS_PROJECTION_IDLE", 300.0),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first when unset)."""
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return choices[0]
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -6,10 +6,10 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pandas as pd
@@ -142,14 +142,45 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str, params: Sequence
     A refusal raises ReadOnlyError; any other DuckDB error keeps its class. Either way the
     message is one line naming the statement.
     """
-    check_read_only(query)
-    seal(con)
+    with read_only_session(con, timeout_s) as fetch:  # the session checks the statement first
+        return fetch(query, params)
+
+
+@contextmanager
+def read_only_session(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S) -> Iterator[Query]:
+    """One snapshot of the database behind `con`: yields `query(sql, params=None) -> DataFrame`,
+    every statement answered on one cursor inside one READ ONLY transaction (so several statements
+    see the same state while another cursor writes), rolled back at the end. Each statement is
+    treated as `read_only_query` treats it; after a failed one the session goes on in a new
+    transaction (DuckDB aborts the failed one)."""
+    session = con.cursor()  # before anything else: another thread may be using `con` (the projector)
+    seal(session)
+
+    def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        check_read_only(query)
+        try:
+            return _read_only_statement(session, query, params, timeout_s)
+        except BaseException:
+            with suppress(duckdb.Error):
+                session.execute("ROLLBACK")
+            session.execute("BEGIN TRANSACTION READ ONLY")
+            raise
+
+    try:
+        session.execute("BEGIN TRANSACTION READ ONLY")
+        yield fetch
+    finally:
+        with suppress(duckdb.Error):  # a statement may have ended the transaction itself
+            session.execute("ROLLBACK")
+        session.close()
+
+
+def _read_only_statement(session: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None,
+                         timeout_s: float) -> pd.DataFrame:
     shown = " ".join(query.split())[:120]
-    session = con.cursor()
     deadline = threading.Timer(timeout_s, session.interrupt)
     deadline.daemon = True
     try:
-        session.execute("BEGIN TRANSACTION READ ONLY")
         deadline.start()
         return session.execute(query, list(params or [])).df()
     except duckdb.InterruptException:
@@ -166,9 +197,6 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str, params: Sequence
         raise from_user_statement(_one_line(exc, shown)) from None
     finally:
         deadline.cancel()
-        with suppress(duckdb.Error):  # a statement may have ended the transaction itself
-            session.execute("ROLLBACK")
-        session.close()
 
 
 def _one_line(exc: duckdb.Error, statement: str) -> duckdb.Error:
@@ -188,19 +216,32 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
 
 
+class SnapshotSource(Protocol):
+    """Where a RunDB's reads are answered when this process does not fold the projection itself
+    (the projection service's client, projections.client.ServiceClient)."""
+
+    def snapshot(self, as_of: int | datetime | str | None = None) -> AbstractContextManager[Query]:
+        """One consistent read session that sees every event on the bus when it began."""
+
+    def catch_up(self) -> int:
+        """Wait until everything on the bus now is folded; the records folded meanwhile."""
+
+
 class RunDB:
     """Runs, params, results, metrics, labels and artifacts as projected from the bus."""
 
     def __init__(self, bus: Bus, db_path: str | os.PathLike[str], codec: EventCodec | None = None,
                  lock_timeout_s: float = 60.0, user_projections: Sequence[UserProjection] = (),
-                 as_of: int | datetime | str | None = None) -> None:
-        """`as_of`: answer from the tables as they were at that events.position (an int) or time."""
+                 as_of: int | datetime | str | None = None, *, source: SnapshotSource | None = None) -> None:
+        """`as_of`: answer from the tables as they were at that events.position (an int) or time.
+        `source`: answer every read there (the projection service); None: fold in this process."""
         self.bus = bus
         self.db_path = db_path
         self.codec = codec or EventCodec()
         self.lock_timeout_s = lock_timeout_s
         self.user_projections = list(user_projections)
         self.as_of = as_of
+        self.source = source
 
     def _projector(self, con: duckdb.DuckDBPyConnection) -> Projector:
         return Projector(self.bus, con, self.codec, user_projections=self.user_projections)
@@ -230,9 +271,15 @@ class RunDB:
     def reader(self) -> Iterator[Query]:
         """One read session: yields `query(sql, params=None) -> DataFrame` over one caught-up view.
 
-        Every read of the API goes through here. While a UI server holds the file, the queries are
-        sent to it; otherwise the file is opened (locked) for the duration of the block.
+        Every read of the API goes through here, and every query of one block sees the same state.
+        With a `source` (the projection service) the block is one session there; otherwise, while
+        a UI server holds the file, the queries are sent to it; otherwise the file is opened
+        (locked) for the duration of the block.
         """
+        if self.source is not None:
+            with self.source.snapshot(self.as_of) as fetch:
+                yield fetch
+            return
         server = self._server()
         if server is not None:
             def remote_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
@@ -241,10 +288,7 @@ class RunDB:
 
             yield remote_query
             return
-        with self.connection() as con:
-            def local_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-                return read_only_query(con, query, params)
-
+        with self.connection() as con, read_only_session(con) as local_query:
             yield local_query
 
     @contextmanager
@@ -262,6 +306,9 @@ class RunDB:
             past.close()
 
     def catch_up(self) -> int:
+        """Fold (or wait until the service has folded) everything on the bus now; records folded."""
+        if self.source is not None:
+            return self.source.catch_up()
         server = self._server()
         if server is not None:
             return server.catch_up()

@@ -163,9 +163,10 @@ def error_from_payload(data: bytes) -> Exception:
 
 def _error_class(name: str) -> type[Exception]:
     from projections.database import ProjectionBusy
-    from projections.query import ReadOnlyError
+    from projections.query import QueryTimeout, ReadOnlyError
 
-    known: dict[str, type[Exception]] = {"ReadOnlyError": ReadOnlyError, "ProjectionBusy": ProjectionBusy}
+    known: dict[str, type[Exception]] = {"ReadOnlyError": ReadOnlyError, "ProjectionBusy": ProjectionBusy,
+                                         "QueryTimeout": QueryTimeout}
     known.update({n: getattr(builtins, n) for n in _BUILTIN_ERRORS})
     if name in known:
         return known[name]

@@ -1,0 +1,85 @@
+"""The projection service's process: `python -m engine.projection_service [--follow] [--sql-read-dir DIR]`.
+
+Its composition root: settings are read once, the bus and the service are built from them. Readers
+start it on demand (`start_service`); `runbus project --follow` runs it in the foreground without
+the idle exit. A second service for the same home exits at once, quietly (status 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.settings import Settings, load_settings
+from producers.bus import Bus
+from producers.spill import make_private_folder
+from projections.client import ServiceClient
+from projections.service import ProjectionService, ServiceAddress
+
+SQL_READ_DIRS = "RUNBUS_SERVICE_SQL_READ_DIRS"  # what the starting reader asked for (os.pathsep-separated)
+
+
+def build_service(settings: Settings, bus: Bus, *, follow: bool = False,
+                  readable_dirs: Sequence[str] = ()) -> ProjectionService:
+    """The projection service of `settings.home` over `bus` (exits when idle unless `follow`)."""
+    from engine.bootstrap import load_user_projections
+    from projections.database import configure
+    from schemas import EventCodec
+
+    make_private_folder(settings.home)
+    configure(0.0, settings.heartbeat_interval_s)
+    return ProjectionService(bus, settings.db_path, ServiceAddress.of(settings.home), EventCodec(),
+                             load_user_projections(settings.projections),
+                             idle_s=None if follow else settings.projection_idle_s,
+                             wait_timeout_s=settings.db_timeout_s, readable_dirs=readable_dirs)
+
+
+def start_service(settings: Settings, readable_dirs: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Launch a service process for `settings.home`, detached (its own session), logging to
+    RUNBUS_HOME/projection.log; returns at once."""
+    address = ServiceAddress.of(settings.home)
+    make_private_folder(settings.home)
+    env = {**os.environ, "RUNBUS_HOME": str(settings.home), "RUNBUS_BUS": settings.bus_url,
+           SQL_READ_DIRS: os.pathsep.join(readable_dirs)}
+    fd = os.open(address.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "engine.projection_service"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
+    finally:
+        os.close(fd)
+
+
+def service_client(settings: Settings, bus: Bus, readable_dirs: Sequence[str] = ()) -> ServiceClient:
+    """A client of `settings.home`'s projection service that starts one when none answers."""
+    dirs = [str(Path(d).resolve()) for d in readable_dirs]
+    return ServiceClient(ServiceAddress.of(settings.home), bus, lambda: start_service(settings, dirs),
+                         settings.db_timeout_s, dirs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.projection_service")
+    parser.add_argument("--follow", action="store_true", help="never exit when idle")
+    parser.add_argument("--sql-read-dir", action="append", default=[])
+    args = parser.parse_args(argv)
+    readable = [*args.sql_read_dir, *filter(None, os.environ.get(SQL_READ_DIRS, "").split(os.pathsep))]
+    settings = load_settings()
+    from engine.bootstrap import make_bus
+
+    bus = make_bus(settings.bus_url, settings)
+    service = build_service(settings, bus, follow=args.follow, readable_dirs=readable)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: service.shutdown())
+    try:
+        service.run()
+    finally:
+        bus.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Reading a home's projection through its projection service (see projections.service).
+
+A reader never opens the DuckDB file: it connects to the service's socket, sends the bus end
+offsets it sees (so the answer includes everything appended before the request: read your
+writes), and reads the frames of one snapshot. When no service answers (none yet, or one that
+was killed left its socket behind) the client has one started with `start` and waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from multiprocessing.connection import Client, Connection
+from subprocess import Popen
+from typing import Any
+
+import pandas as pd
+
+from producers.bus import Bus
+from projections.database import ProjectionBusy
+from projections.query import Query, check_read_only
+from projections.remote import arrow_to_frame, error_from_payload
+from projections.service import FRAME, JSON, ServiceAddress, read_key
+
+_POLL_S = 0.05
+
+
+class ServiceClient:
+    """The reads of a RunDB, answered by the projection service of `address.home`.
+
+    `start()` launches a service process for the home and returns at once; the client polls the
+    socket until `timeout_s`, and starts another only once that one has ended (it found a service
+    that was exiting). None: a missing service is an error.
+    """
+
+    def __init__(self, address: ServiceAddress, bus: Bus, start: Callable[[], Popen[bytes]] | None = None,
+                 timeout_s: float = 60.0, readable_dirs: Sequence[str] = ()) -> None:
+        self.address = address
+        self.bus = bus
+        self.start = start
+        self.timeout_s = timeout_s
+        self.readable_dirs = list(readable_dirs)
+
+    @contextmanager
+    def snapshot(self, as_of: int | datetime | str | None = None) -> Iterator[Query]:
+        """One read session: `query(sql, params=None) -> DataFrame`, every statement answered from
+        the same state, which includes every event on the bus when the block began."""
+        wanted = self.bus.end_offsets()
+        request = {"op": "session", "wait_for": {str(p): end for p, end in wanted.items()},
+                   "as_of": _plain(as_of) if as_of is not None else None, "readable_dirs": self.readable_dirs}
+        conn = self._open(request)
+        try:
+            def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+                check_read_only(query)  # the service refuses it too; this saves a round trip
+                try:
+                    conn.send_bytes(json.dumps({"sql": query, "params": [_plain(v) for v in params or []]}).encode())
+                    answer = _receive(conn)
+                except (EOFError, OSError) as exc:
+                    raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
+                                         f"a query ({type(exc).__name__}; see {self.address.log})") from None
+                return _frame(answer)
+
+            yield fetch
+        finally:
+            conn.close()
+
+    def catch_up(self) -> int:
+        """Wait until the service has folded everything on the bus now; the records it folded meanwhile."""
+        return int(self._call({"op": "catch_up"})["applied"])
+
+    def rebuild(self) -> int:
+        """Have the service drop its tables and fold the whole log again; the records folded."""
+        return int(self._call({"op": "rebuild"})["applied"])
+
+    def ping(self) -> dict[str, Any]:
+        """The service's pid, home, folded positions and readable directories (started if needed)."""
+        return self._call({"op": "ping"})
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        conn = self._open(request, answered=False)
+        try:
+            answer = _receive(conn)
+        finally:
+            conn.close()
+        if answer[:1] != JSON:
+            raise RuntimeError(f"the projection service answered {answer[:40]!r} to {request['op']}")
+        return dict(json.loads(answer[1:]))
+
+    def _open(self, request: dict[str, Any], answered: bool = True) -> Connection:
+        """A connection to the service that accepted `request` (and, if `answered`, said ok)."""
+        deadline = time.monotonic() + self.timeout_s
+        started: Popen[bytes] | None = None
+        while True:
+            try:
+                conn = self._connect()
+                conn.send_bytes(json.dumps(request).encode())
+                if not answered:
+                    return conn
+                try:
+                    answer = _receive(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                if answer[:1] == JSON and json.loads(answer[1:]).get("ok"):
+                    return conn
+                conn.close()
+                raise _error(answer)
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError):
+                # no service, a dead one's socket, or one that is exiting (idle): have one started
+                if self.start is None:
+                    raise ProjectionBusy(f"no projection service answers for {self.address.home} "
+                                         f"(socket {self.address.socket})") from None
+                if started is None or started.poll() is not None:
+                    started = self.start()
+            if time.monotonic() > deadline:
+                raise ProjectionBusy(f"the projection service of {self.address.home} did not answer within "
+                                     f"{self.timeout_s:g}s (see {self.address.log}); set RUNBUS_DB_TIMEOUT "
+                                     f"to wait longer")
+            time.sleep(_POLL_S)
+
+    def _connect(self) -> Connection:
+        key = read_key(self.address.key)
+        if key is None:
+            raise FileNotFoundError(self.address.key)
+        return Client(str(self.address.socket), family="AF_UNIX", authkey=key)
+
+
+def _receive(conn: Connection) -> bytes:
+    return conn.recv_bytes()
+
+
+def _frame(answer: bytes) -> pd.DataFrame:
+    if answer[:1] == FRAME:
+        return arrow_to_frame(answer[1:])
+    raise _error(answer)
+
+
+def _error(answer: bytes) -> Exception:
+    if answer[:1] == JSON:
+        return error_from_payload(answer[1:])
+    return RuntimeError(f"the projection service answered {answer[:40]!r}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON for query parameters: numbers and text as they are, numpy scalars as numbers, anything
+    else (times) as ISO text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value.item() if hasattr(value, "item") else str(value)

@@ -1,0 +1,441 @@
+"""The projection service: the one writer of a home's projection, answering readers over a socket.
+
+One process per home holds the DuckDB file for its lifetime. A thread folds the bus continuously
+(and judges silent runs); every connection is served on a thread of its own, on a cursor of its
+own inside a READ ONLY transaction (`read_only_session`), so readers never fold, never wait on one
+another and never wait on the folding thread (DuckDB's MVCC). A reader sends the bus end offsets
+it saw; its session opens once the projection has folded up to them (read your writes).
+
+The socket is a Unix domain socket in the home (0700; the socket and the key are 0600), spoken
+with `multiprocessing.connection` and an authkey kept in an owner-only key file, and only
+`send_bytes`/`recv_bytes` (never pickles). Requests are small JSON objects; answers are one tagged
+message each: Arrow IPC for a frame, JSON for anything else (an error names its class from a fixed
+allow-list, see `projections.remote.error_from_payload`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from filelock import FileLock, Timeout
+
+from producers.bus import Bus
+from projections.database import ProjectionBusy, is_unreadable, open_projection
+from projections.projector import Projector
+from projections.query import _cutoff, read_only_session, seal
+from projections.remote import error_payload, frame_to_arrow
+from projections.replay import stored_events
+from projections.user import UserProjection
+from schemas import EventCodec
+
+FRAME, JSON = b"A", b"J"
+"""The tag that starts every answer: an Arrow IPC stream, or a JSON object ({"error", "type"} on failure)."""
+_MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
+_AS_OF_CACHE = 4
+_JUDGE_EVERY_S = 1.0
+_log = logging.getLogger("runbus.projection")
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    """Where a home's projection service listens and keeps its key, lock and log."""
+
+    home: Path
+    socket: Path
+    key: Path
+    lock: Path
+    log: Path
+
+    @classmethod
+    def of(cls, home: str | os.PathLike[str]) -> ServiceAddress:
+        """The service files of `home`. The socket is `projection.sock` in the home unless that path
+        is too long for a socket address; then it lives in a private (0700) folder of this user
+        under the temp directory, named by a hash of the home."""
+        home = Path(home).resolve()
+        sock = home / "projection.sock"
+        if len(os.fsencode(sock)) > _MAX_SOCKET_PATH:
+            folder = Path(tempfile.gettempdir()) / f"runbus-{os.getuid()}"
+            folder.mkdir(mode=0o700, exist_ok=True)
+            found = folder.lstat()
+            if found.st_uid != os.getuid() or found.st_mode & 0o077 or not folder.is_dir() or folder.is_symlink():
+                raise PermissionError(f"{folder} must be a folder owned by this user and private (0700)")
+            sock = folder / (hashlib.sha256(os.fsencode(home)).hexdigest()[:24] + ".sock")
+        return cls(home, sock, home / "projection.key", home / "projection.lock", home / "projection.log")
+
+
+def read_key(path: Path) -> bytes | None:
+    """The service's authkey, or None when there is none yet (or it is not owner-only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        found = os.fstat(fd)
+        if found.st_uid != os.getuid() or found.st_mode & 0o077:
+            return None
+        return os.read(fd, 256).strip() or None
+    finally:
+        os.close(fd)
+
+
+def ensure_key(path: Path) -> bytes:
+    """The home's authkey, made (owner-only, atomically) when there is none."""
+    found = read_key(path)
+    if found is not None:
+        return found
+    key = secrets.token_hex(32).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return key
+
+
+def send_json(conn: Connection, payload: Mapping[str, Any]) -> None:
+    conn.send_bytes(JSON + json.dumps(payload, default=str).encode())
+
+
+class _PastProjections:
+    """Projections of the events up to a cutoff (`as_of`), built once and kept (a few, newest used)."""
+
+    def __init__(self, live: duckdb.DuckDBPyConnection, make_projector: Callable[[duckdb.DuckDBPyConnection],
+                 Projector], size: int = _AS_OF_CACHE) -> None:
+        self.live = live
+        self.make_projector = make_projector
+        self.size = size
+        self.lock = threading.Lock()
+        self.built: OrderedDict[tuple[str, tuple[Any, ...]], tuple[duckdb.DuckDBPyConnection, int]] = OrderedDict()
+
+    def get(self, as_of: int | datetime | str) -> duckdb.DuckDBPyConnection:
+        where, params = _cutoff(as_of)
+        key = (where, tuple(params))
+        with self.lock:
+            found = self.built.get(key)
+            if found is not None and self._still_valid(where, params, found[1]):
+                self.built.move_to_end(key)
+                return found[0]
+            newest = self._newest_position()
+            past = duckdb.connect(":memory:")
+            replay = self.make_projector(past)
+            for chunk in stored_events(self.live, where, params):
+                replay.apply_events(chunk)
+            seal(past)
+            self.built[key] = (past, newest)
+            self.built.move_to_end(key)
+            while len(self.built) > self.size:
+                self.built.popitem(last=False)  # closed when its last session ends
+            return past
+
+    def _newest_position(self) -> int:
+        cursor = self.live.cursor()
+        try:
+            return int(cursor.execute("SELECT coalesce(max(position), -1) FROM events").fetchone()[0])  # type: ignore[index]
+        finally:
+            cursor.close()
+
+    def _still_valid(self, where: str, params: Sequence[Any], built_at: int) -> bool:
+        """No event folded since the past was built falls before its cutoff."""
+        cursor = self.live.cursor()
+        try:
+            late = cursor.execute(f"SELECT count(*) FROM events WHERE position > ? AND {where}",
+                                  [built_at, *params]).fetchone()
+        finally:
+            cursor.close()
+        return late is not None and late[0] == 0
+
+
+class ProjectionService:
+    """The one writer of a projection file and the server of its readers (see the module doc)."""
+
+    def __init__(self, bus: Bus, db_path: str | os.PathLike[str], address: ServiceAddress,
+                 codec: EventCodec | None = None, user_projections: Sequence[UserProjection] = (), *,
+                 idle_s: float | None = 300.0, wait_timeout_s: float = 60.0,
+                 readable_dirs: Sequence[str] = (), fold_wait_s: float = 0.1,
+                 batch_size: int = 50_000) -> None:
+        """`idle_s`: exit after that long with no request (None: never). `wait_timeout_s`: how long
+        a reader's session waits for the fold to reach the offsets it sent."""
+        self.bus = bus
+        self.db_path = Path(db_path)
+        self.address = address
+        self.codec = codec or EventCodec()
+        self.user_projections = list(user_projections)
+        self.idle_s = idle_s
+        self.wait_timeout_s = wait_timeout_s
+        self.readable_dirs = [str(Path(d).resolve()) for d in readable_dirs]
+        self.fold_wait_s = fold_wait_s
+        self.batch_size = batch_size
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.fold_gate = threading.Event()  # cleared: the folding thread pauses between batches (tests)
+        self.fold_gate.set()
+        self._progress = threading.Condition()
+        self._positions: dict[int, int] = {}
+        self._failure: BaseException | None = None
+        self._fold_lock = threading.Lock()  # the folding thread's turn, or a rebuild's
+        self._active = 0
+        self._last_request = time.monotonic()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._projector: Projector | None = None
+        self._past: _PastProjections | None = None
+        self._listener: Listener | None = None
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Serve until stopped (`stop`, idle, or a failure of the projection); False at once when
+        another service already holds this home."""
+        lock = FileLock(str(self.address.lock), thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            with open_projection(self.db_path, self.wait_timeout_s, linger_s=0) as con:
+                self._serve(con)
+                if self._failure is not None:
+                    raise self._failure  # damage: open_projection moves the file aside
+            return True
+        finally:
+            self.ready.set()
+            lock.release()
+
+    def _serve(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+        self._projector = self._make_projector(con)
+        seal(con, self.readable_dirs)
+        self._positions = self._projector.positions()
+        self._past = _PastProjections(con, self._make_projector)
+        key = ensure_key(self.address.key)
+        with contextlib.suppress(FileNotFoundError):
+            self.address.socket.unlink()  # left by a service that was killed: we hold the lock now
+        self._listener = Listener(str(self.address.socket), family="AF_UNIX", authkey=key)
+        try:
+            os.chmod(self.address.socket, 0o600)
+            threads = [threading.Thread(target=self._fold, name="runbus-fold", daemon=True)]
+            if self.idle_s is not None:
+                threads.append(threading.Thread(target=self._exit_when_idle, name="runbus-idle", daemon=True))
+            for thread in threads:
+                thread.start()
+            self.ready.set()
+            self._accept()
+        finally:
+            self.stop.set()
+            self._close_listener()
+            self.fold_gate.set()
+            with self._fold_lock:  # the folding thread is done with the connection
+                pass
+
+    def shutdown(self) -> None:
+        """Stop serving (safe from a signal handler or another thread); `run` returns soon after."""
+        self.stop.set()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # closing a listening socket does not wake a thread blocked in accept() on Linux: a
+            # connection does (its handshake fails, and the accepting loop sees `stop`)
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as wake:
+                wake.settimeout(1.0)
+                wake.connect(str(self.address.socket))
+            with contextlib.suppress(OSError):
+                listener.close()  # removes the socket file
+            with contextlib.suppress(FileNotFoundError):
+                self.address.socket.unlink()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            listener = self._listener
+            if listener is None:
+                return
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError):
+                if self.stop.is_set() or self._listener is None:
+                    return
+                continue  # a client that went away or failed the handshake
+            except Exception as exc:  # AuthenticationError and kin: refuse that client only
+                _log.warning("runbus: a client of the projection service was refused: %s", exc)
+                continue
+            self._touch(+1)
+            threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
+
+    def _touch(self, delta: int) -> None:
+        with self._progress:
+            self._active += delta
+            self._last_request = time.monotonic()
+
+    def _exit_when_idle(self) -> None:
+        assert self.idle_s is not None
+        while not self.stop.wait(min(1.0, self.idle_s / 4)):
+            with self._progress:
+                idle = self._active == 0 and time.monotonic() - self._last_request >= self.idle_s
+            if idle:
+                self.stop.set()
+                self._close_listener()  # unblocks accept()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._progress:
+            if self._failure is None:
+                self._failure = exc
+            self._progress.notify_all()
+        self.stop.set()
+        self._close_listener()
+
+    # -- folding ------------------------------------------------------------------------------
+
+    def _make_projector(self, con: duckdb.DuckDBPyConnection) -> Projector:
+        return Projector(self.bus, con, self.codec, self.batch_size, self.user_projections)
+
+    def _fold(self) -> None:
+        assert self._projector is not None
+        judged = 0.0
+        try:
+            while not self.stop.is_set():
+                self.fold_gate.wait()
+                with self._fold_lock:
+                    if self.stop.is_set():
+                        return
+                    consumed = self._projector.run_once(self.fold_wait_s)
+                    if consumed == 0 or time.monotonic() - judged > _JUDGE_EVERY_S:
+                        self._projector.judge_silent_runs()
+                        judged = time.monotonic()
+                    self._publish(self._projector.positions())
+        except BaseException as exc:  # readers are told, the service ends
+            _log.error("runbus: the projection service stopped folding: %s", exc)
+            self._fail(exc)
+
+    def _publish(self, positions: dict[int, int]) -> None:
+        with self._progress:
+            self._positions = positions
+            self._progress.notify_all()
+
+    def positions(self) -> dict[int, int]:
+        """The bus positions folded so far."""
+        with self._progress:
+            return dict(self._positions)
+
+    def wait_for(self, wanted: Mapping[int, int], timeout_s: float | None = None) -> None:
+        """Return once every partition is folded up to `wanted`; ProjectionBusy naming how far
+        behind the projection is after `timeout_s` (default: the service's wait timeout)."""
+        deadline = time.monotonic() + (self.wait_timeout_s if timeout_s is None else timeout_s)
+        with self._progress:
+            while True:
+                if self._failure is not None:
+                    raise ProjectionBusy(f"the projection service of {self.address.home} stopped: "
+                                         f"{_first_line(self._failure)}")
+                behind = sum(max(0, end - self._positions.get(p, 0)) for p, end in wanted.items())
+                if behind == 0:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ProjectionBusy(
+                        f"the projection of {self.address.home} is still {behind} records behind the bus "
+                        f"after {self.wait_timeout_s:g}s; set RUNBUS_DB_TIMEOUT to wait longer")
+                self._progress.wait(remaining)
+
+    def rebuild(self) -> int:
+        """Drop every table and fold the whole log again; returns the records folded."""
+        assert self._projector is not None
+        with self._fold_lock:
+            count = self._projector.rebuild()
+            self._publish(self._projector.positions())
+        return count
+
+    # -- readers ------------------------------------------------------------------------------
+
+    def _serve_client(self, conn: Connection) -> None:
+        try:
+            request = json.loads(conn.recv_bytes())
+            op = request.get("op") if isinstance(request, dict) else None
+            if op == "session":
+                self._session(conn, request)
+            elif op == "catch_up":
+                before = sum(self.positions().values())
+                self.wait_for(self.bus.end_offsets())
+                send_json(conn, {"applied": sum(self.positions().values()) - before})
+            elif op == "rebuild":
+                send_json(conn, {"applied": self.rebuild()})
+            elif op == "ping":
+                send_json(conn, {"pid": os.getpid(), "home": str(self.address.home),
+                                 "positions": self.positions(), "readable_dirs": self.readable_dirs})
+            else:
+                raise ValueError(f"the projection service has no operation {op!r}")
+        except (EOFError, OSError):
+            pass  # the client went away
+        except Exception as exc:  # the client gets it, in one line
+            self._answer_error(conn, exc)
+        finally:
+            conn.close()
+            self._touch(-1)
+
+    def _answer_error(self, conn: Connection, exc: BaseException) -> None:
+        if is_unreadable(exc):
+            self._fail(exc)
+        with contextlib.suppress(OSError, EOFError):
+            send_json(conn, error_payload(exc))
+
+    def _session(self, conn: Connection, request: dict[str, Any]) -> None:
+        """One reader's snapshot: statements are answered until the client closes."""
+        wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
+        if sorted(wanted_dirs) != sorted(self.readable_dirs):
+            raise ValueError(f"the projection service of {self.address.home} lets SQL read "
+                             f"{self.readable_dirs or 'no files'}, not {wanted_dirs or 'no files'}: stop it "
+                             f"(it exits when idle) or ask for the same directories")
+        self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()})
+        as_of = request.get("as_of")
+        assert self._con is not None and self._past is not None
+        db = self._con if as_of is None else self._past.get(as_of)
+        with read_only_session(db, float(request.get("timeout_s") or 60.0)) as fetch:
+            send_json(conn, {"ok": True})
+            while True:
+                try:
+                    statement = json.loads(conn.recv_bytes())
+                except EOFError:
+                    return
+                self._touch(0)
+                try:
+                    frame = fetch(str(statement["sql"]), statement.get("params") or [])
+                except Exception as exc:  # answered, the session goes on
+                    self._answer_error(conn, exc)
+                    continue
+                conn.send_bytes(FRAME + frame_to_arrow(frame))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def serving_in_thread(service: ProjectionService) -> Iterator[ProjectionService]:
+    """Run `service` on a thread for the block (tests and single-process use); stopped after."""
+    thread = threading.Thread(target=service.run, name="runbus-projection-service", daemon=True)
+    thread.start()
+    service.ready.wait()
+    try:
+        yield service
+    finally:
+        service.shutdown()
+        thread.join(timeout=30)

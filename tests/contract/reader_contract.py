@@ -1,0 +1,121 @@
+"""The reader contract: every way of reading the projection (folding in-process, the projection
+service) answers the same API the same way. Test modules subclass `ReaderContract` and provide the
+`reader` fixture: a factory `reader(as_of=None) -> RunDB` over the test's home."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from engine import NewRun, new_function
+from engine.bootstrap import services
+from projections.query import ReadOnlyError, RunDB
+
+Reader = Callable[..., RunDB]
+
+
+def _train(context, acc=0.0, lr=0.1):
+    context.log_result("accuracy", acc)
+    context.log_metric("loss", 1.0 - acc, step=0)
+    context.log_metric("loss", 0.5 - acc / 2, step=1)
+    print(f"trained with lr={lr}")
+
+
+def record(name: str, acc: float, lr: float, team: str) -> str:
+    task = NewRun(handler=_train, name=name, params={"acc": acc, "lr": lr}).set_label("team", team)
+    return new_function().run(task).uid
+
+
+class ReaderContract:
+    """Behaviour every reader shows. Subclasses provide the `reader` fixture."""
+
+    @pytest.fixture
+    def runs(self, home: Path) -> list[str]:
+        uids = [record(name, acc, lr, team)
+                for name, acc, lr, team in (("a", 0.5, 0.1, "x"), ("b", 0.9, 0.01, "y"), ("a", 0.7, 0.001, "y"))]
+        services().writer.flush()
+        return uids
+
+    def test_sql_answers_with_the_dtypes_of_a_local_query(self, runs: list[str], reader: Reader) -> None:
+        frame = reader().sql("SELECT uid, started_at, 1.5::DOUBLE AS x, 2::BIGINT AS n FROM runs ORDER BY uid")
+        assert sorted(frame.uid) == sorted(runs)
+        assert str(frame.started_at.dtype).startswith("datetime64") and frame.started_at.dt.tz is not None
+        assert frame.x.dtype == "float64" and frame.n.dtype == "int64"
+
+    def test_sql_takes_parameters(self, runs: list[str], reader: Reader) -> None:
+        frame = reader().sql("SELECT uid FROM runs WHERE name = ? AND started_at > ?::TIMESTAMPTZ",
+                             ["a", "2000-01-01"])
+        assert set(frame.uid) == {runs[0], runs[2]}
+
+    def test_list_runs_filters_and_sorts(self, runs: list[str], reader: Reader) -> None:
+        db = reader()
+        assert list(db.list_runs(name="a", labels={"team": "y"}).uid) == [runs[2]]
+        assert list(db.list_runs(sort_by="-result.accuracy").uid) == [runs[1], runs[2], runs[0]]
+        assert list(db.list_runs(sort_by="param.lr", limit=2).uid) == [runs[2], runs[1]]
+
+    def test_read_run_gives_everything_known_by_a_unique_prefix(self, runs: list[str], reader: Reader) -> None:
+        found = reader().read_run(runs[1][:10])
+        assert found["uid"] == runs[1] and found["state"] == "completed"
+        assert found["params"] == {"acc": 0.9, "lr": 0.01}
+        assert found["results"] == {"accuracy": 0.9}
+        assert found["metrics"] == {"loss": pytest.approx(0.05)}
+        assert found["labels"]["team"] == "y"
+
+    def test_get_log_returns_the_state_and_the_text_from_an_offset(self, runs: list[str], reader: Reader) -> None:
+        state, text = reader().get_log(runs[0])
+        assert state == "completed" and "trained with lr=0.1\n" in text
+        assert reader().get_log(runs[0], offset=len(text)) == ("completed", "")
+
+    def test_one_reader_block_is_one_snapshot(self, runs: list[str], reader: Reader) -> None:
+        """A run recorded (and seen by another read) during a reader block is not seen inside it."""
+        db = reader()
+        with db.reader() as fetch:
+            before = fetch("SELECT count(*) AS n FROM runs").n[0]
+            new = record("late", 0.1, 0.2, "z")
+            services().writer.flush()
+            assert new in set(reader().sql("SELECT uid FROM runs").uid)  # folded, visible outside
+            assert fetch("SELECT count(*) AS n FROM runs").n[0] == before == 3
+        assert len(reader().sql("SELECT uid FROM runs")) == 4
+
+    def test_as_of_answers_from_the_past_and_the_same_twice(self, runs: list[str], reader: Reader) -> None:
+        first_end = reader().sql("SELECT max(position) AS p FROM events WHERE run_uid = ?", [runs[0]]).p[0]
+        for _ in range(2):
+            past = reader(as_of=int(first_end))
+            assert list(past.sql("SELECT uid FROM runs").uid) == [runs[0]]
+            assert past.read_run(runs[0])["results"] == {"accuracy": 0.5}
+        assert len(reader(as_of="2000-01-01").sql("SELECT uid FROM runs")) == 0
+        with pytest.raises(ValueError, match=r"neither an events\.position nor a time"):
+            reader(as_of="yesterday-ish").sql("SELECT 1")
+
+    @pytest.mark.parametrize("statement", ["DELETE FROM runs", "DROP TABLE runs", "CREATE TABLE t (x INT)",
+                                           "SELECT 1; DELETE FROM runs", "ATTACH 'other.db'",
+                                           "COPY runs TO 'out.csv'", "SET threads = 1"])
+    def test_writes_are_refused_as_read_only(self, runs: list[str], reader: Reader, statement: str) -> None:
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            reader().sql(statement)
+        assert len(reader().sql("SELECT uid FROM runs")) == 3
+
+    def test_a_write_hidden_in_a_select_is_refused(self, runs: list[str], reader: Reader) -> None:
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            reader().sql("SELECT * FROM read_csv('/etc/passwd')")
+
+    def test_errors_keep_their_class_and_a_one_line_message(self, runs: list[str], reader: Reader) -> None:
+        db = reader()
+        with pytest.raises(duckdb.BinderException) as binder:
+            db.sql("SELECT no_such_column FROM runs")
+        assert "no_such_column" in str(binder.value) and "\n" not in str(binder.value)
+        with pytest.raises(ValueError, match="SQL does not parse"):
+            db.sql("SELEC 1")
+        with pytest.raises(KeyError, match="no run with uid 'zzzz'"):
+            db.read_run("zzzz")
+        with pytest.raises(duckdb.ConversionException):
+            db.sql("SELECT 'x'::INTEGER")
+
+    def test_a_failed_statement_leaves_the_block_usable(self, runs: list[str], reader: Reader) -> None:
+        with reader().reader() as fetch:
+            with pytest.raises(duckdb.BinderException):
+                fetch("SELECT nope FROM runs")
+            assert fetch("SELECT count(*) AS n FROM runs").n[0] == 3
