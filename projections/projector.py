@@ -73,6 +73,7 @@ class _Plan:
     """What becomes of each event of a batch, decided before anything is folded."""
 
     apply: list[tuple[BusRecord, Event, str]] = field(default_factory=list)  # with its payload JSON
+    positions: list[int] = field(default_factory=list)  # events.position of each event in `apply`
     dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
     conflicts: list[tuple[Any, ...]] = field(default_factory=list)
     duplicates: list[tuple[Any, ...]] = field(default_factory=list)
@@ -85,6 +86,39 @@ def _dead_letter(record: BusRecord, error: str, received: float, event: Event | 
                 if event is not None else (None,) * 5)
     key = None if record.key is None else printable(record.key)
     return (record.partition, record.offset, key, printable(error), record.value, received, *identity)
+
+
+# events.position = (record offset << 24) | (partition << 16) | the event's index in its record: where
+# the event sits on the bus, so every rebuild (and every projector) gives it the same position, and
+# `as_of=<position>` is the same cut of the log (each run's events are a prefix: a run's records share
+# a key, so a partition). Records of partition >= 256 or events past the 65,536th of a record have no
+# position: dead letters with that reason (the writer puts at most 500 events in a record).
+_INDEX_BITS, _PARTITION_BITS = 16, 8
+_UNPLACEABLE = (f"no events.position for it: partition >= {1 << _PARTITION_BITS} or more than "
+                f"{1 << _INDEX_BITS} events in its record")
+
+
+def event_position(partition: int, offset: int, index: int) -> int | None:
+    """The events.position of the `index`-th event of the record at (partition, offset), or None
+    when it cannot have one (see _UNPLACEABLE)."""
+    if not (0 <= partition < 1 << _PARTITION_BITS and 0 <= index < 1 << _INDEX_BITS and offset >= 0):
+        return None
+    return (offset << (_INDEX_BITS + _PARTITION_BITS)) | (partition << _INDEX_BITS) | index
+
+
+def _with_positions(decoded: list[tuple[BusRecord, Event]]) -> Iterator[tuple[BusRecord, Event, int | None]]:
+    """Each event with its position: the one stored with it (replayed from the events table), or
+    from its record's place and its index in the record (the record's events come together, in order)."""
+    index, last = 0, None
+    for record, event in decoded:
+        stored = getattr(record, "position", None)
+        if stored is not None:
+            yield record, event, stored
+            continue
+        place = (record.partition, record.offset)
+        index = index + 1 if place == last else 0
+        last = place
+        yield record, event, event_position(record.partition, record.offset, index)
 
 
 def _describe(exc: BaseException) -> str:
@@ -240,11 +274,13 @@ class Projector:
     def _classify(self, decoded: list[tuple[BusRecord, Event]], received: float) -> _Plan:
         plan = _Plan()
         valid = []
-        for record, event in decoded:
-            problem = identity_problem(event)
+        position_of: dict[int, int] = {}  # id(event) -> its events.position
+        for record, event, position in _with_positions(decoded):
+            problem = identity_problem(event) or (position is None and _UNPLACEABLE)
             if problem:  # cannot even be stored under its own name
                 plan.dead_letters.append(_dead_letter(record, problem, received))
             else:
+                position_of[id(event)] = position
                 valid.append((record, event))
         last_seq = self._last_seqs(list({event.run_uid for _, event in valid}))
         replayed = [event for _, event in valid if event.seq <= last_seq.get((event.run_uid, event.stream), -1)]
@@ -281,6 +317,7 @@ class Projector:
                 plan.dead_letters.append(_dead_letter(record, problem, received, event))
             else:
                 plan.apply.append((record, event, payload_json))  # type: ignore[arg-type]
+                plan.positions.append(position_of[id(event)])
         return plan
 
     def _stored_occupants(self, events: list[Event]) -> dict[Key, str]:
@@ -343,7 +380,6 @@ class Projector:
         chosen = [i for i in indices if i not in skipped]
         self._load_runs(batch, list({plan.apply[i][1].run_uid for i in chosen}))
         self._load_log_lines(batch, list({plan.apply[i][1].run_uid for i in chosen if plan.apply[i][1].type == "log"}))
-        position = self._next_position()
         accepted = []
         for index in chosen:
             record, event, payload_json = plan.apply[index]
@@ -353,10 +389,8 @@ class Projector:
                 skipped[index] = _describe(exc)
                 continue
             accepted.append(event)
-            batch.events.append((position, record.partition, record.offset, event.event_id,
+            batch.events.append((plan.positions[index], record.partition, record.offset, event.event_id,
                                  event.run_uid, event.seq, event.type, event.ts, payload_json, event.stream))
-            position += 1
-        batch.next_position = position
         return accepted
 
     def _write(self, batch: TableBatch, accepted: list[Event], commit: bool) -> None:
@@ -432,10 +466,6 @@ class Projector:
         rows = self.con.execute("SELECT uid, stream, last_seq FROM run_progress WHERE uid IN "
                                 "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
         return {(uid, stream): seq for uid, stream, seq in rows}
-
-    def _next_position(self) -> int:
-        row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'next_position'").fetchone()
-        return int(row[0]) if row else 0
 
 
 def _write_logs(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -12,6 +13,13 @@ from producers.bus import BusRecord
 from schemas import Event
 
 _CHUNK = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord(BusRecord):
+    """The address of a folded event's record, with the events.position the event was stored at."""
+
+    position: int = 0
 
 
 def stored_events(con: duckdb.DuckDBPyConnection, where: str = "TRUE",
@@ -24,6 +32,6 @@ def stored_events(con: duckdb.DuckDBPyConnection, where: str = "TRUE",
         f'SELECT position, partition, "offset", event_id, run_uid, seq, type, epoch(ts), payload, stream '
         f"FROM events WHERE {where} ORDER BY position", list(params))
     while rows := cursor.fetchmany(_CHUNK):
-        yield [(BusRecord(partition, offset, run_uid, b"", ts),
+        yield [(StoredRecord(partition, offset, run_uid, b"", ts, position),
                 Event(event_id, run_uid, seq, kind, ts, "", 0, json.loads(payload), stream=stream))
-               for _, partition, offset, event_id, run_uid, seq, kind, ts, payload, stream in rows]
+               for position, partition, offset, event_id, run_uid, seq, kind, ts, payload, stream in rows]

@@ -11,20 +11,42 @@ time it catches up, that is before every read through the query API and on every
 Every record read from the bus is accounted for: an event is applied (`events`), skipped as an exact
 duplicate (`duplicates`), refused because another event holds its place (`conflicts`), or
 quarantined with its error (`dead_letters`, which also holds records that do not decode).
+
+`runs_wide` is the layout runs are filtered and sorted on: one row a run, the public `runs` columns
+followed by one DOUBLE column per numeric param and result key ("param.<key>", "result.<key>"),
+added with ALTER TABLE the first time a key has a numeric value, so a filter on params and results
+reads one table instead of joining key/value rows. `runs_wide_columns` says which key has which
+column: a key whose name DuckDB could not tell from an existing column (names are
+case-insensitive), an unprintable or very long key, and the keys beyond `MAX_VALUE_COLUMNS` have
+none and are queried through `params`/`results`. It is written by `write_runs_wide` in the
+transaction that writes the batch, from the tables just written, so it always agrees with them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Sequence
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
 import duckdb
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 5
+PROJECTION_VERSION = 6
+
+# At most this many param/result columns in runs_wide; later keys are queried through params/results.
+MAX_VALUE_COLUMNS = 500
+MAX_COLUMN_KEY_CHARS = 120
+VALUE_TABLES = {"param": "params", "result": "results"}  # value column kind -> key/value table
 
 # A running run counts as lost after this many of its heartbeat intervals without an event.
 LOST_AFTER_HEARTBEATS = 3
 
-PUBLIC_TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "logs", "events",
-                 "dead_letters", "conflicts", "duplicates")
+PUBLIC_TABLES = ("runs", "runs_wide", "runs_wide_columns", "params", "results", "metrics", "labels",
+                 "artifacts", "logs", "events", "dead_letters", "conflicts", "duplicates")
 INTERNAL_TABLES = ("run_rows", "run_progress", "run_starts", "log_progress", "positions", "projection_meta")
 
 # The columns of the public `runs` table, in order (the query layer and the UI rely on them).
@@ -42,6 +64,9 @@ _RUN_DDL = """
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS runs ({_RUN_DDL}
 );
+CREATE TABLE IF NOT EXISTS runs_wide ({_RUN_DDL}
+);
+CREATE TABLE IF NOT EXISTS runs_wide_columns (kind VARCHAR, key VARCHAR, "column" VARCHAR PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS run_rows ({_RUN_DDL}, stream VARCHAR, heartbeat_interval_s DOUBLE
 );
 CREATE TABLE IF NOT EXISTS params (
@@ -103,6 +128,107 @@ def judged_state(rows: str = "r", now: str = "?", fallback: str = "?") -> str:
     return (f"CASE WHEN {rows}.state = 'running' AND {now} - epoch({rows}.last_event_at) > "
             f"{LOST_AFTER_HEARTBEATS} * coalesce({rows}.heartbeat_interval_s, {fallback}) "
             f"THEN 'lost' ELSE {rows}.state END")
+
+
+def quoted(name: str) -> str:
+    """`name` as a DuckDB quoted identifier (any character allowed, quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def value_columns(con: duckdb.DuckDBPyConnection | Any) -> dict[tuple[str, str], str]:
+    """(kind, key) -> its runs_wide column, for the keys that have one. `con` may be a connection or
+    a `query(sql) -> DataFrame` function."""
+    sql = 'SELECT kind, key, "column" FROM runs_wide_columns'
+    if isinstance(con, duckdb.DuckDBPyConnection):
+        rows: Iterable[Sequence[Any]] = con.execute(sql).fetchall()
+    else:
+        rows = con(sql).itertuples(index=False)
+    return {(kind, key): column for kind, key, column in rows}
+
+
+def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: dict[str, list[Any]], staged: list[str]) -> None:
+    con.register(name, pa.table(columns))
+    staged.append(name)
+
+
+def write_runs_wide(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
+    """Bring runs_wide up to date with a batch already written to runs/params/results (inside the
+    caller's transaction): the runs the batch touched get their `runs` columns again, and their
+    params and results changed by the batch (all of them for a run started in it) their columns."""
+    touched = batch.new_runs.keys() | batch.run_updates.keys() | batch.labelled_runs
+    old_values = [(uid, kind, key, num) for kind, rows in (("param", batch.params), ("result", batch.results))
+                  for (uid, key), (_, num) in rows.items() if uid not in batch.new_runs]
+    if not touched and not old_values:
+        return
+    staged: list[str] = []
+    try:
+        _stage(con, "_wide_new", {"uid": list(batch.new_runs)}, staged)
+        _stage(con, "_wide_old", dict(zip(("uid", "kind", "key", "num"),
+                                          map(list, zip(*old_values, strict=True)) if old_values else ([],) * 4,
+                                          strict=True)), staged)
+        values = """
+            SELECT uid, kind, key, num FROM _wide_old
+            UNION ALL SELECT uid, 'param', key, value_num FROM params WHERE uid IN (SELECT uid FROM _wide_new)
+            UNION ALL SELECT uid, 'result', key, value_num FROM results WHERE uid IN (SELECT uid FROM _wide_new)"""
+        keys = con.execute(f"SELECT kind, key, bool_or(num IS NOT NULL) FROM ({values}) GROUP BY ALL "
+                           "ORDER BY kind, key").fetchall()
+        columns = _ensure_value_columns(con, [(kind, key) for kind, key, numeric in keys if numeric])
+        if touched:
+            _stage(con, "_wide_touched", {"uid": list(touched)}, staged)
+            names = ", ".join(RUN_COLUMNS)
+            con.execute(f"INSERT OR REPLACE INTO runs_wide ({names}) SELECT {names} FROM runs "
+                        "WHERE uid IN (SELECT uid FROM _wide_touched)")
+        chosen = [(kind, key, columns[(kind, key)]) for kind, key, _ in keys if (kind, key) in columns]
+        if chosen:
+            _update_values(con, values, chosen, staged)
+    finally:
+        for name in staged:
+            with suppress(duckdb.Error):  # an aborted transaction refuses it too
+                con.unregister(name)
+
+
+def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
+                          wanted: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The columns of the wanted (kind, key) pairs, adding those a key may have (see the module
+    docstring); pairs that cannot have one are left out."""
+    known = value_columns(con)
+    taken = {column.lower() for column in known.values()}
+    for kind, key in wanted:
+        if (kind, key) in known or len(known) >= MAX_VALUE_COLUMNS:
+            continue
+        column = f"{kind}.{key}"
+        if len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable() or column.lower() in taken:
+            continue
+        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {quoted(column)} DOUBLE")
+        con.execute('INSERT INTO runs_wide_columns VALUES (?, ?, ?)', [kind, key, column])
+        known[(kind, key)] = column
+        taken.add(column.lower())
+    return known
+
+
+def _update_values(con: duckdb.DuckDBPyConnection, values: str, chosen: Sequence[tuple[str, str, str]],
+                   staged: list[str]) -> None:
+    """Set the chosen columns from the values query (uid, kind, key, num), one pivot, one UPDATE;
+    a run keeps a column the values do not name."""
+    _stage(con, "_wide_columns", {"kind": [k for k, _, _ in chosen], "key": [k for _, k, _ in chosen],
+                                  "idx": list(range(len(chosen)))}, staged)
+    pivot = ", ".join(f"max(v.num) FILTER (WHERE c.idx = {i}) AS v{i}, bool_or(c.idx = {i}) AS h{i}"
+                      for i in range(len(chosen)))
+    sets = ", ".join(f"{quoted(column)} = CASE WHEN p.h{i} THEN p.v{i} ELSE runs_wide.{quoted(column)} END"
+                     for i, (_, _, column) in enumerate(chosen))
+    con.execute(f"""
+        UPDATE runs_wide SET {sets} FROM (
+            SELECT v.uid, {pivot} FROM ({values}) v JOIN _wide_columns c ON c.kind = v.kind AND c.key = v.key
+            GROUP BY v.uid) p
+        WHERE runs_wide.uid = p.uid""")
+
+
+def refresh_wide_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> None:
+    """Judge the runs still running in `run_rows` at `now` in runs_wide, as `runs` is judged."""
+    con.execute(f"""
+        UPDATE runs_wide SET state = j.state FROM (
+            SELECT r.uid, {judged_state("r")} AS state FROM run_rows r WHERE r.state = 'running') j
+        WHERE runs_wide.uid = j.uid AND runs_wide.state IS DISTINCT FROM j.state""", [now, fallback_interval_s])
 
 
 def drop_tables(con: duckdb.DuckDBPyConnection) -> None:

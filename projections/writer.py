@@ -124,8 +124,6 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
             con.execute("INSERT OR REPLACE INTO run_progress SELECT * FROM _progress")
         if stage("_positions", ("partition", "next_offset"), list(batch.positions.items())):
             con.execute("INSERT OR REPLACE INTO positions SELECT * FROM _positions")
-        con.execute("INSERT OR REPLACE INTO projection_meta VALUES ('next_position', ?)",
-                    [str(batch.next_position)])
     finally:
         for name in staged:
             with contextlib.suppress(duckdb.Error):  # an aborted transaction refuses it too

@@ -70,6 +70,20 @@ def test_as_of_positions_equal_tables_of_a_truncated_log(bus_home: Path, tmp_pat
         assert snapshot(con) == live_before  # the live projection was only read
 
 
+def test_positions_are_where_events_sit_on_the_bus_so_a_rebuild_gives_the_same(bus_home: Path) -> None:
+    for uid in _record(4):  # folded a run at a time, as a live projector does
+        get_run_db().read_run(uid)
+    positions = "SELECT event_id, position FROM events ORDER BY event_id"
+    live = get_run_db().sql(positions)
+    with duckdb.connect(":memory:") as con:  # every record already there: read in another order on Kafka
+        Projector(services().bus, con).catch_up()
+        rebuilt = con.execute(positions).fetchdf()
+    assert len(live) > 20 and live.equals(rebuilt)
+    placed = get_run_db().sql('SELECT count(*) AS n FROM events '
+                              'WHERE position >> 24 <> "offset" OR (position >> 16) & 255 <> partition')
+    assert placed.n[0] == 0
+
+
 def test_as_of_a_time_shows_a_result_before_it_was_overwritten(bus_home: Path) -> None:
     def two_values(context):
         context.log_result("accuracy", 0.1)
