@@ -32,7 +32,7 @@ def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:
     svc = services()
     svc.writer.flush()
     return EngineRunDB(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
-                       svc.user_projections, as_of)
+                       svc.user_projections, as_of, source=svc.reads())
 
 
 def resume(parent_uid: str, trust: bool = False) -> RunObject:

@@ -4,8 +4,9 @@ Nothing else in Runbus constructs infrastructure."""
 from __future__ import annotations
 
 import importlib
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -24,6 +25,7 @@ from projections.user import UserProjection
 from schemas import EventCodec
 
 if TYPE_CHECKING:
+    from projections.client import ServiceClient
     from projections.query import RunDB
 
 
@@ -76,12 +78,26 @@ class Services:
     writer: BackgroundWriter
     artifact_store: ArtifactStore
     user_projections: list[UserProjection]
+    _reads: ServiceClient | None = field(default=None, repr=False)
 
     def run_db(self, as_of: int | datetime | str | None = None) -> RunDB:
+        """The query API: answered by the home's projection service (RUNBUS_PROJECTION=service)
+        or folded in this process (inprocess)."""
         from projections.query import RunDB
 
         return RunDB(self.bus, self.settings.db_path, self.codec, self.settings.db_timeout_s,
-                     self.user_projections, as_of)
+                     self.user_projections, as_of, source=self.reads())
+
+    def reads(self) -> ServiceClient | None:
+        """Where this process's reads are answered: the projection service's client, or None
+        (RUNBUS_PROJECTION=inprocess: this process folds the file itself)."""
+        if self.settings.projection == "inprocess":
+            return None
+        if self._reads is None:
+            from engine.projection_service import service_client
+
+            self._reads = service_client(self.settings, self.bus)
+        return self._reads
 
     def projector(self, con: duckdb.DuckDBPyConnection, batch_size: int = 50_000) -> Projector:
         return Projector(self.bus, con, self.codec, batch_size, self.user_projections)
@@ -123,6 +139,17 @@ def services(settings: Settings | None = None) -> Services:
                              load_user_projections(settings.projections))
             _services[settings] = found
         return found
+
+
+def _forget_services_in_child() -> None:
+    # a forked child builds services of its own: the parent's writer thread does not exist in
+    # it, and a bus connection must not be shared between processes
+    global _lock
+    _lock = threading.Lock()
+    _services.clear()
+
+
+os.register_at_fork(after_in_child=_forget_services_in_child)
 
 
 def reset_services() -> None:

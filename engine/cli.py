@@ -138,7 +138,10 @@ def run(
         except Terminated:
             errors.print("runbus: terminated by SIGTERM: the script was stopped and its run recorded aborted")
             raise typer.Exit(128 + signal.SIGTERM) from None
-        _finish(RunObject.from_context(context))
+        from engine.bootstrap import services
+
+        svc = services()  # the run as the log holds it: the script's own process logged its results
+        _finish(RunObject.from_record(svc.run_db().read_run(context.uid), str(svc.artifact_store.root)))
         return
     if hyper:
         values = {k: [_parse_value(x) for x in v.split(",")] for k, v in _pairs(hyper, "hyper").items()}
@@ -309,24 +312,30 @@ def import_cmd(
 @app.command()
 def project(
     rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False,
-    follow: Annotated[bool, typer.Option(help="keep folding new events until Ctrl-C / SIGTERM")] = False,
+    follow: Annotated[bool, typer.Option(help="run the projection service in the foreground (it never exits "
+                                              "when idle) until Ctrl-C / SIGTERM")] = False,
 ) -> None:
     """Bring the DuckDB projection up to date with the bus (or keep it so with --follow)."""
-    from projections import open_projection
-
     svc = services()
     if follow:
-        _follow(svc)
+        _follow_as_service(svc) if svc.settings.projection == "service" else _follow(svc)
         return
     started = time.perf_counter()
-    with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
-        projector = svc.projector(con)
-        count = projector.rebuild() if rebuild else projector.catch_up()
+    source = svc.reads()
+    if source is not None:  # the projection service folds; this waits for it (or has it rebuild)
+        count = source.rebuild() if rebuild else source.catch_up()
+    else:
+        from projections import open_projection
+
+        with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
+            projector = svc.projector(con)
+            count = projector.rebuild() if rebuild else projector.catch_up()
     console.print(f"{'rebuilt from' if rebuild else 'applied'} {count} records "
                   f"in {time.perf_counter() - started:.2f}s")
 
 
 def _follow(svc: Any) -> None:
+    """RUNBUS_PROJECTION=inprocess: fold in turns, releasing the file between them."""
     import threading
 
     from engine.follow import follow
@@ -345,6 +354,36 @@ def _follow(svc: Any) -> None:
     console.print(f"projector following {svc.bus.url} into {svc.settings.db_path} (Ctrl-C to stop)")
     total = follow(svc, stop, report)
     console.print(f"projector stopped after {total} events")
+
+
+def _follow_as_service(svc: Any) -> None:
+    """The projection service of this home in the foreground: a service a reader started is asked
+    to stop first (it exits once its sessions end), then this one takes the home."""
+    import threading
+
+    from engine.projection_service import build_service, service_client
+
+    service = build_service(svc.settings, svc.bus, follow=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: service.shutdown())
+    stopped = service_client(svc.settings, svc.bus).stop()
+    if stopped is not None:
+        console.print(f"asked the projection service running as pid {stopped} to stop", highlight=False)
+    last = [time.monotonic(), -1]
+
+    def report() -> None:
+        while not service.stop.wait(1.0):
+            folded = sum(service.positions().values())
+            if folded != last[1] and (time.monotonic() - last[0] > 2 or last[1] < 0):
+                console.print(f"projector: at {folded} records", highlight=False)
+                last[:] = [time.monotonic(), folded]
+
+    threading.Thread(target=report, daemon=True).start()
+    console.print(f"projector following {svc.bus.url} into {svc.settings.db_path} (Ctrl-C to stop)")
+    if not service.run(lock_timeout_s=svc.settings.db_timeout_s):
+        raise RuntimeError(f"another projection service kept {svc.settings.home} for more than "
+                           f"{svc.settings.db_timeout_s:g}s")
+    console.print(f"projector stopped at {sum(service.positions().values())} records")
 
 
 @app.command()
@@ -431,7 +470,7 @@ def ui(
         "--sql-read-dir", help="let SQL read (never write) files under this directory, as "
                                "read_csv('readonly:///DIR/file.csv'); repeatable")] = None,
 ) -> None:
-    """Serve the read-only web UI; while it runs, other processes' queries go through it."""
+    """Serve the read-only web UI (a client of the home's projection service, like every reader)."""
     from engine.ui.server import serve
 
     serve(host, port, token=token, readable_dirs=[str(d.resolve()) for d in sql_read_dir or []])

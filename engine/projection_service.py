@@ -21,6 +21,8 @@ from producers.spill import make_private_folder
 from projections.client import ServiceClient
 from projections.service import ProjectionService, ServiceAddress
 
+# a service started as another exits waits this long for it before leaving quietly
+LOCK_WAIT_S = 5.0
 SQL_READ_DIRS = "RUNBUS_SERVICE_SQL_READ_DIRS"  # what the starting reader asked for (os.pathsep-separated)
 
 
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.shutdown())
     try:
-        service.run()
+        service.run(lock_timeout_s=LOCK_WAIT_S)
     finally:
         bus.close()
     return 0

@@ -28,7 +28,7 @@ class Settings:
     kafka_partitions: int = 6
     projections: tuple[str, ...] = ()
     capture_console: bool = True
-    projection: str = "service"
+    projection: str = "inprocess"
     projection_idle_s: float = 300.0
 
     @property
@@ -91,7 +91,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
         projections=tuple(p.strip() for p in (env.get("RUNBUS_PROJECTIONS") or "").split(",") if p.strip()),
         capture_console=_flag(env, "RUNBUS_CAPTURE_CONSOLE", True),
-        projection=_choice(env, "RUNBUS_PROJECTION", ("service", "inprocess")),
+        projection=_choice(env, "RUNBUS_PROJECTION", ("inprocess", "service")),
         projection_idle_s=_number(env, "RUNBUS_PROJECTION_IDLE", 300.0),
     )
 

@@ -75,6 +75,24 @@ class ServiceClient:
         """Have the service drop its tables and fold the whole log again; the records folded."""
         return int(self._call({"op": "rebuild"})["applied"])
 
+    def stop(self) -> int | None:
+        """Ask a running service to exit once its sessions end; its pid, or None when none runs."""
+        key = read_key(self.address.key)
+        if key is None:
+            return None
+        try:
+            conn = Client(str(self.address.socket), family="AF_UNIX", authkey=key)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        try:
+            conn.send_bytes(json.dumps({"op": "stop"}).encode())
+            answer = _receive(conn)
+        except (EOFError, OSError):
+            return None
+        finally:
+            conn.close()
+        return int(json.loads(answer[1:])["pid"]) if answer[:1] == JSON else None
+
     def ping(self) -> dict[str, Any]:
         """The service's pid, home, folded positions and readable directories (started if needed)."""
         return self._call({"op": "ping"})

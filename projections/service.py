@@ -202,13 +202,14 @@ class ProjectionService:
 
     # -- lifetime -----------------------------------------------------------------------------
 
-    def run(self) -> bool:
-        """Serve until stopped (`stop`, idle, or a failure of the projection); False at once when
-        another service already holds this home."""
+    def run(self, lock_timeout_s: float = 0.0) -> bool:
+        """Serve until stopped (`stop`, idle, a `stop` request, or a failure of the projection);
+        False when another service holds this home for longer than `lock_timeout_s`."""
         lock = FileLock(str(self.address.lock), thread_local=False)
         try:
-            lock.acquire(timeout=0)
+            lock.acquire(timeout=lock_timeout_s)
         except Timeout:
+            self.ready.set()
             return False
         try:
             with open_projection(self.db_path, self.wait_timeout_s, linger_s=0) as con:
@@ -243,6 +244,8 @@ class ProjectionService:
             self.stop.set()
             self._close_listener()
             self.fold_gate.set()
+            with self._progress:  # sessions under way finish before the file is closed (bounded)
+                self._progress.wait_for(lambda: self._active == 0, timeout=self.wait_timeout_s)
             with self._fold_lock:  # the folding thread is done with the connection
                 pass
 
@@ -285,6 +288,7 @@ class ProjectionService:
         with self._progress:
             self._active += delta
             self._last_request = time.monotonic()
+            self._progress.notify_all()
 
     def _exit_when_idle(self) -> None:
         assert self.idle_s is not None
@@ -377,6 +381,9 @@ class ProjectionService:
                 send_json(conn, {"applied": sum(self.positions().values()) - before})
             elif op == "rebuild":
                 send_json(conn, {"applied": self.rebuild()})
+            elif op == "stop":
+                send_json(conn, {"pid": os.getpid()})
+                self.shutdown()
             elif op == "ping":
                 send_json(conn, {"pid": os.getpid(), "home": str(self.address.home),
                                  "positions": self.positions(), "readable_dirs": self.readable_dirs})
@@ -399,10 +406,10 @@ class ProjectionService:
     def _session(self, conn: Connection, request: dict[str, Any]) -> None:
         """One reader's snapshot: statements are answered until the client closes."""
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
-        if sorted(wanted_dirs) != sorted(self.readable_dirs):
+        if not set(wanted_dirs) <= set(self.readable_dirs):
             raise ValueError(f"the projection service of {self.address.home} lets SQL read "
-                             f"{self.readable_dirs or 'no files'}, not {wanted_dirs or 'no files'}: stop it "
-                             f"(it exits when idle) or ask for the same directories")
+                             f"{self.readable_dirs or 'no files'}, not {wanted_dirs}: it was started by "
+                             f"another reader; stop it (it exits when idle) to start one that does")
         self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()})
         as_of = request.get("as_of")
         assert self._con is not None and self._past is not None

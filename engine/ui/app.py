@@ -31,7 +31,7 @@ from engine.ui.pages import ServerLinks, render
 from engine.ui.previews import body_path, media_type
 from engine.ui.runs_query import PAGE_SIZES, STATES, RunsQuery, fetch_runs
 from engine.ui.sections import compare_charts, run_context, sweep_context
-from engine.ui.store import HeldRunDB
+from engine.ui.store import UIStore
 from projections.query import resolve_uid
 
 MAX_SQL_ROWS = 1000
@@ -54,8 +54,8 @@ def not_found(message: str) -> HTMLResponse:
     return page("error.html", 404, title="Not found", message=message, nav="")
 
 
-def create_app(store: HeldRunDB, host: str = "127.0.0.1", token: str | None = None) -> Starlette:
-    """The read-only UI over a projection this process holds.
+def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None) -> Starlette:
+    """The read-only UI over `store` (the projection service's client, or a connection held here).
 
     Bound to loopback, it answers requests addressed to `host` or to loopback names (a page of
     another site that rebinds its name to this address is refused). Bound beyond loopback it needs

@@ -1,4 +1,8 @@
-"""`runbus ui`: hold the projection for the server's lifetime and serve the app on it.
+"""`runbus ui`: serve the app over the home's projection.
+
+With RUNBUS_PROJECTION=service the UI is one more client of the projection service (it holds no
+file, nothing routes through it); it keeps its access token in ui.token (0600) for API clients and
+says where it listens in ui.json. With RUNBUS_PROJECTION=inprocess it holds the file itself:
 
 Start-up order matters: the port is bound first (a clash fails before anything is announced),
 then `ui.json` announces the server, then the file is locked, opened and caught up, then requests
@@ -19,7 +23,7 @@ import uvicorn
 
 from engine.bootstrap import Services, services
 from engine.ui.app import create_app, is_loopback
-from engine.ui.store import HeldRunDB
+from engine.ui.store import HeldRunDB, ServedRunDB
 from projections import open_projection
 from projections.query import READ_ONLY_SCHEME
 from projections.remote import announce, find_server, withdraw, write_token
@@ -62,6 +66,9 @@ def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None
     port = sock.getsockname()[1]
     # uvicorn re-raises the signal that stopped it once it is done; make SIGTERM unwind (and clean up)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    if svc.settings.projection == "service":
+        _serve_as_client(sock, host, port, svc, token, wide, readable_dirs)
+        return
     write_token(db_path, token)  # before the announcement: a client that finds one finds both
     announce(db_path, host, port)
     try:
@@ -76,6 +83,33 @@ def serve(host: str = "127.0.0.1", port: int = 8765, svc: Services | None = None
                 server.run(sockets=[sock])
             finally:
                 withdraw(db_path)  # before the file is released: new queries wait for the lock, not us
+    except KeyboardInterrupt:
+        pass
+    finally:
+        withdraw(db_path)
+        sock.close()
+
+
+def _serve_as_client(sock: socket.socket, host: str, port: int, svc: Services, token: str, wide: bool,
+                     readable_dirs: Sequence[str]) -> None:
+    """Serve the app on `sock` with every read a session of the projection service."""
+    from engine.projection_service import service_client
+
+    db_path = svc.settings.db_path
+    try:
+        client = service_client(svc.settings, svc.bus, readable_dirs)
+        if not set(client.readable_dirs) <= set(client.ping()["readable_dirs"]):
+            client.stop()  # started by a reader that did not opt in to those files: the next request starts one
+        store = ServedRunDB(svc, client)
+        store.sql("SELECT 1")  # the service answers (and reads the same directories)
+        write_token(db_path, token)
+        # ui.json only says where the UI listens: a RunDB routes nothing through it in this mode
+        announce(db_path, host, port)
+        app = create_app(store, host, token)
+        for line in startup_lines(host, port, svc, wide, readable_dirs):
+            print(line, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,4 +1,9 @@
-"""The projection as the UI server holds it: open for the server's lifetime, one request at a time."""
+"""The projection as the UI server reads it.
+
+`ServedRunDB` is what `runbus ui` uses with RUNBUS_PROJECTION=service: every read is a session of
+the home's projection service, which the UI shares with every other reader (it holds no file).
+`HeldRunDB` reads a connection this process holds itself (RUNBUS_PROJECTION=inprocess, tests).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,22 @@ import duckdb
 
 from engine.bootstrap import Services
 from projections import Projector, RunDB
-from projections.query import seal
+from projections.query import SnapshotSource, seal
 from projections.remote import RemoteProjection
+
+
+class ServedRunDB(RunDB):
+    """A RunDB whose every read is answered by `source` (the projection service's client)."""
+
+    def __init__(self, svc: Services, source: SnapshotSource, as_of: int | datetime | str | None = None) -> None:
+        super().__init__(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
+                         svc.user_projections, as_of, source=source)
+        self.services = svc
+
+    def at(self, as_of: int | datetime | str | None) -> ServedRunDB:
+        """The same service, answering as of an events.position or a time (None: now)."""
+        assert self.source is not None
+        return ServedRunDB(self.services, self.source, as_of)
 
 
 class HeldRunDB(RunDB):
@@ -51,3 +70,7 @@ class HeldRunDB(RunDB):
     def catch_up(self) -> int:
         with self._lock:
             return self._held_projector.catch_up()
+
+
+UIStore = ServedRunDB | HeldRunDB
+"""What the UI app reads: either store answers `reader()`, `at()`, `sql()`, `log_lines()`, `catch_up()`."""
