@@ -113,13 +113,7 @@ class RunObject:
                                iterations=self._iterations())
 
     def _mlrun_artifact(self, item: DataItem) -> dict[str, Any]:
-        link = item.meta.get("link_iteration")
-        return {"kind": item.kind,
-                "metadata": {"key": item.key, "project": self.project, "iter": link or self.iteration,
-                             "tree": str(self.uid), "labels": dict(item.labels)},
-                "spec": {"target_path": item.uri, "format": item.format, "size": item.size, "hash": item.sha256,
-                         "db_key": item.meta.get("db_key") or item.key},
-                "status": {"state": "created"}}
+        return item.mlrun_dict(self.project, self.iteration, str(self.uid))
 
     def _iterations(self) -> list[list[Any]]:
         table = self.artifacts_by_key.get("iteration_results")
@@ -127,7 +121,15 @@ class RunObject:
             return []
         from engine.sweep.summary import iterations_rows  # pandas and the sweep code only when asked
 
-        return iterations_rows(table.as_df())
+        header, *rows = iterations_rows(table.as_df())
+        for column in range(len(header)):
+            cells = [row[column] for row in rows]
+            # a column with a missing cell is read as floats: 1 comes back as 1.0 (the CSV writes
+            # it so), and whole numbers there were ints when logged far more often than not
+            if None in cells and all(type(cell) is float and cell.is_integer() for cell in cells if cell is not None):
+                for row in rows:
+                    row[column] = None if row[column] is None else int(row[column])
+        return [header, *rows]
 
     def to_dict(self) -> dict[str, Any]:
         """The run in MLRun's shape: {'metadata': ..., 'spec': ..., 'status': ...}."""
@@ -135,15 +137,18 @@ class RunObject:
                 "status": {**vars(self.status), "traceback": self.traceback}}
 
     def logs(self, watch: bool = True, db: RunDB | None = None, offset: int = 0) -> str:
-        """Print the run's console output as the log holds it (from character `offset`, through
-        `db` or `get_run_db()`) and return it. MLRun's `watch` is accepted: a run object is made
-        when its run has ended."""
+        """Print the run's console output (from character `offset`, through `db` or `get_run_db()`)
+        with terminal control characters shown as escapes, as `runbus logs` prints it, and return
+        it as the log holds it. MLRun's `watch` is accepted: a run object is made when its run has
+        ended."""
+        from engine.terminal import neutral
+
         if db is None:
             from engine.api import get_run_db
 
             db = get_run_db()
         _state, text = db.get_log(str(self.uid), offset)
-        print(text, end="" if text.endswith("\n") or not text else "\n")
+        print(neutral(text), end="" if text.endswith("\n") or not text else "\n")
         return text
 
     def show(self, console: Console | None = None) -> None:

@@ -88,7 +88,7 @@ class RunContext:
             check_text("run", what, text)
         # a name (like every key) is masked too: a secret value has no business in either
         self.uid, self.name, self.project = uid, self._redact(name), project
-        self.handler, self.runtime = handler, runtime
+        self.handler, self.runtime = self._redact(handler), runtime  # a command line may hold a secret
         self.parent_uid, self.iteration, self.code_ref = parent_uid, iteration, code_ref
         self.parameters: dict[str, Any] = {}
         self._logged_params: dict[str, Any] = {}
@@ -214,11 +214,66 @@ class RunContext:
         """The secret's value (never logged); `default` when the run was given no such key."""
         return self._secrets.get(key, default)
 
-    def get_input(self, key: str) -> DataItem:
+    def get_input(self, key: str, url: str = "") -> DataItem:
+        """The input `key` as a DataItem (MLRun's get_input); when the run was not given `key`, a
+        DataItem for `url` (not recorded as an input of the run), else KeyError naming the key."""
         if key not in self.inputs:
+            if url:
+                return DataItem(key, url, kind="input")
             known = ", ".join(sorted(self.inputs)) or "none"
             raise KeyError(f"input {key!r} was not given to this run (inputs: {known})")
         return DataItem(key, self.inputs[key], sha256=self._input_digests.get(key), kind="input")
+
+    # MLRun's context members ------------------------------------------------------------------
+
+    def get_dataitem(self, url: str) -> DataItem:
+        """MLRun's get_dataitem: a DataItem for `url` (a path or file:// URI), keyed by the url."""
+        return DataItem(url, url, kind="input")
+
+    @property
+    def artifact_path(self) -> str:
+        """MLRun's artifact_path: the artifact store's root as a file:// URI. Runbus keeps bodies
+        by content there; calls that take an `artifact_path` (log_model, log_dataset) accept it."""
+        return self._store.root.as_uri()
+
+    out_path = artifact_path  # MLRun's older name for the same
+
+    def is_logging_worker(self) -> bool:
+        """MLRun's is_logging_worker: True (a Runbus run is never one of several workers of a job)."""
+        return True
+
+    def commit(self, message: str = "", completed: bool = False) -> None:
+        """MLRun's commit: push what the run logged so far (its console output too) to the bus,
+        waiting at most the writer's flush_timeout_s (EventsNotWritten says why they are not
+        there). `message` is kept as the annotation 'message', as MLRun does. `completed` ends
+        nothing: the runtime, or the script's end, finishes the run (once); on a finished run there
+        is nothing left to push."""
+        if message:
+            self.set_annotation("message", message)
+        if self._finished:
+            return
+        self.flush_output()
+        self._writer.sync(f"the events of run {self.uid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run in MLRun's shape, as this context has logged it so far (plain JSON data, secret
+        values masked as in the log; the secrets are never in it): metadata (uid, name, project,
+        labels, iteration), spec (parameters, inputs, handler), status (state, results, error,
+        artifacts as MLRun's artifact dicts)."""
+        return json.loads(json.dumps({
+            "metadata": {"uid": self.uid, "name": self.name, "project": self._redact(self.project),
+                         "labels": dict(self.labels), "iteration": self.iteration},
+            "spec": {"parameters": self.logged_parameters,
+                     "inputs": {self._redact(k): self._redact(v) for k, v in self.inputs.items()},
+                     "handler": self._redact(self.handler)},
+            "status": {"state": self.state, "results": dict(self.results), "error": self.error,
+                       "artifacts": [item.mlrun_dict(self._redact(self.project), self.iteration, self.uid)
+                                     for item in list(self.artifacts.values())]},
+        }))
+
+    def to_json(self) -> str:
+        """`to_dict()` as JSON text (MLRun's to_json)."""
+        return json.dumps(self.to_dict())
 
     # results, metrics, labels ----------------------------------------------------------------
 

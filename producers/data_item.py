@@ -61,6 +61,18 @@ class DataItem:
         """The file suffix of the key, or else of the URI (MLRun's DataItem.suffix): '.csv'."""
         return PurePosixPath(self.key).suffix or PurePosixPath(urlparse(self.uri).path).suffix
 
+    def mlrun_dict(self, project: str, iteration: int, tree: str) -> dict[str, Any]:
+        """The item as MLRun's artifact dict (kind, metadata {key, project, iter, tree, labels},
+        spec {target_path, format, size, hash, db_key}, status) of the run `tree` (its uid) at
+        `iteration`; a best iteration's artifact linked to a sweep's parent names its own iteration."""
+        return {"kind": self.kind,
+                "metadata": {"key": self.key, "project": project,
+                             "iter": self.meta.get("link_iteration") or iteration, "tree": tree,
+                             "labels": dict(self.labels)},
+                "spec": {"target_path": self.uri, "format": self.format, "size": self.size, "hash": self.sha256,
+                         "db_key": self.meta.get("db_key") or self.key},
+                "status": {"state": "created"}}
+
     def local(self) -> str:
         if self.is_logged:
             return str(self._store().verified_path(self.key, self.sha256))

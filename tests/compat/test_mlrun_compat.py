@@ -512,3 +512,210 @@ def test_a_child_with_parent_params_and_a_task_from_a_base(home: Path) -> None:
     assert run.metadata.name == "base" and run.spec.parameters == {"p1": 3, "p2": "parent"}
     child = get_run_db().list_runs(parent=run.uid()).uid[0]
     assert get_run_db().read_run(child)["results"] == {"seen": [3, "child"]}
+
+
+# inputs as handler arguments -------------------------------------------------------------------
+
+@pytest.fixture
+def data_csv(tmp_path: Path) -> Path:
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n1,x\n2,y\n3,z\n")
+    return data
+
+
+def test_an_input_is_passed_to_the_argument_of_its_name_as_a_data_item(home: Path, data_csv: Path) -> None:
+    def train(context, dataset, label_column="b"):
+        context.log_result("kind", type(dataset).__name__)
+        context.log_result("url", dataset.url)
+        context.log_result("labels", dataset.as_df()[label_column].tolist())
+
+    run = run_function(new_function(), handler=train, inputs={"dataset": str(data_csv)})
+
+    assert run.state() == "completed", run.status.error
+    assert run.status.results == {"kind": "DataItem", "url": data_csv.resolve().as_uri(), "labels": ["x", "y", "z"]}
+
+
+FRAMES = '''
+from __future__ import annotations
+
+
+def train(context, table: pandas.DataFrame, other: DataFrame | None = None):
+    context.log_result("types", [type(table).__name__, type(other).__name__])
+'''
+
+
+def test_an_input_annotated_as_a_dataframe_is_passed_as_one(home: Path, data_csv: Path, tmp_path: Path) -> None:
+    def train(context, table: pd.DataFrame, raw=None):
+        context.log_result("type", type(table).__name__)
+        context.log_result("sum", int(table.a.sum()))
+
+    run = new_function().run(handler=train, inputs={"table": str(data_csv)})
+    assert run.status.results == {"type": "DataFrame", "sum": 6}, run.status.error
+
+    script = tmp_path / "frames.py"  # annotations as text naming what the module never imported
+    script.write_text(FRAMES)
+    run = new_function(command=str(script)).run(handler="train", inputs={"table": str(data_csv),
+                                                                         "other": str(data_csv)})
+    assert run.output("types") == ["DataFrame", "DataFrame"], run.status.error
+
+
+def test_inputs_bind_as_mlrun_binds_them(home: Path, data_csv: Path) -> None:
+    def train(context, path="", shared=0, **rest):
+        context.log_result("path", path)  # no annotation and a str default: the local path
+        context.log_result("shared", shared)  # a param wins over the input of its name
+        context.log_result("rest", sorted(f"{key}:{type(value).__name__}" for key, value in rest.items()))
+        context.log_result("unbound", context.get_input("extra").url)
+
+    def strict(context, dataset=None):
+        context.log_result("extra", context.get_input("extra").as_df().shape[0])
+
+    run = new_function().run(handler=train, params={"shared": 7, "p": 1},
+                             inputs={"path": str(data_csv), "shared": str(data_csv), "extra": str(data_csv)})
+    assert run.state() == "completed", run.status.error
+    assert run.output("path") == str(data_csv.resolve()) and run.output("shared") == 7
+    assert run.output("rest") == ["extra:DataItem", "p:int"]
+    run = new_function().run(handler=strict, inputs={"extra": str(data_csv)})  # no argument named 'extra'
+    assert run.state() == "completed" and run.output("extra") == 3, run.status.error
+
+
+def test_each_sweep_iteration_gets_its_inputs_as_arguments(home: Path, data_csv: Path) -> None:
+    def train(context, dataset: pd.DataFrame, scale=1):
+        context.log_result("total", int(dataset.a.sum()) * scale)
+
+    run = run_function(new_function(), handler=train, inputs={"dataset": str(data_csv)},
+                       hyperparams={"scale": [1, 3, 2]}, selector="max.total")
+    assert run.state() == "completed", run.status.error
+    assert run.output("best_iteration") == 2 and run.output("total") == 18
+
+
+# MLRun's context members -----------------------------------------------------------------------
+
+def test_context_paths_get_input_with_a_url_and_cheap_members(home: Path, data_csv: Path) -> None:
+    from engine.bootstrap import services
+
+    def handler(context):
+        context.log_model("model", body=b"weights", artifact_path=context.artifact_path)
+        context.log_result("paths", [context.artifact_path, context.out_path])
+        context.log_result("rows", len(context.get_input("data", url=str(data_csv)).as_df()))
+        context.log_result("by_url", len(context.get_dataitem(data_csv.as_uri()).as_df()))
+        context.log_result("worker", context.is_logging_worker())
+        with pytest.raises(KeyError, match="input 'missing' was not given"):
+            context.get_input("missing")
+
+    run = new_function().run(NewRun(handler=handler))
+    root = services().artifact_store.root.as_uri()
+    assert run.state() == "completed", run.status.error
+    assert run.output("paths") == [root, root] and run.artifact("model").get() == b"weights"
+    assert run.output("rows") == 3 and run.output("by_url") == 3 and run.output("worker") is True
+
+
+def test_context_to_dict_is_mlruns_shape_without_secrets(home: Path, data_csv: Path) -> None:
+    seen = []
+
+    def handler(context, p1=0, note=""):
+        context.set_label("owner", "me")
+        context.log_result("echo", note)
+        context.log_artifact("model", body=b"m")
+        seen.append(context.to_dict())
+
+    task = (NewRun(name="shape", handler=handler, params={"p1": 5, "note": "key s3cr3t-value"},
+                   inputs={"data": str(data_csv)}).with_secrets("inline", {"TOKEN": "s3cr3t-value"}))
+    run = new_function().run(task)
+
+    [as_dict] = seen
+    assert as_dict["metadata"] == {"uid": run.uid(), "name": "shape", "project": run.metadata.project,
+                                   "labels": {"owner": "me"}, "iteration": 0}
+    assert as_dict["spec"] == {"parameters": {"p1": 5, "note": "key ***"},
+                               "inputs": {"data": data_csv.resolve().as_uri()}, "handler": run.spec.handler}
+    assert as_dict["status"]["state"] == "running" and as_dict["status"]["results"] == {"echo": "key ***"}
+    assert as_dict["status"]["artifacts"] == run.status.artifacts
+    assert "s3cr3t-value" not in json.dumps(as_dict)
+
+
+COMMITS = '''
+import json, sys, time
+from pathlib import Path
+from engine import get_or_create_ctx
+
+folder = Path(sys.argv[1])
+context = get_or_create_ctx("committer")
+context.log_result("before", 1)
+context.log_model("model", body=b"weights", artifact_path=context.artifact_path)
+context.commit("checkpoint", completed=False)
+(folder / "committed").write_text(json.dumps({"uid": context.uid, "out_path": context.out_path}))
+deadline = time.time() + 120
+while not (folder / "go").exists() and time.time() < deadline:
+    time.sleep(0.05)
+context.log_result("rows", len(context.get_input("data", url=str(folder / "data.csv")).as_df()))
+context.commit(completed=True)
+context.log_result("after", context.to_dict()["status"]["state"])
+'''
+
+
+def test_commit_in_a_script_puts_what_was_logged_on_the_bus_and_ends_nothing(home: Path, tmp_path: Path,
+                                                                              data_csv: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from engine.bootstrap import services
+    from tests.support.polling import wait_until
+
+    script = tmp_path / "commits.py"
+    script.write_text(COMMITS)
+    # the writer's own interval would send the events a minute later: only commit() sends them now
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "RUNBUS_FLUSH_INTERVAL": "60"}
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_until(lambda: (tmp_path / "committed").exists() or process.poll() is not None, "the commit")
+        committed = json.loads((tmp_path / "committed").read_text())
+        record = get_run_db().read_run(committed["uid"])
+        assert record["state"] == "running" and record["results"] == {"before": 1}
+        assert [a["key"] for a in record["artifacts"]] == ["model"]
+        assert committed["out_path"] == services().artifact_store.root.as_uri()
+    finally:
+        (tmp_path / "go").touch()
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    run = RunObject.from_record(get_run_db().read_run(committed["uid"]))
+    assert run.state() == "completed" and run.status.results == {"before": 1, "rows": 3, "after": "running"}
+
+
+# run.logs() and status.iterations ----------------------------------------------------------------
+
+def test_run_logs_prints_control_characters_as_runbus_logs_does(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    def handler(context):
+        print("\x1b]0;pwned\x07\x1b[2Jcleared\tand tabbed")
+
+    run = new_function().run(NewRun(handler=handler))
+    capsys.readouterr()
+
+    text = run.logs()
+
+    printed = capsys.readouterr().out
+    assert "\x1b]0;pwned\x07\x1b[2Jcleared\tand tabbed\n" in text  # returned as the log holds it
+    assert "\x1b" not in printed and "\x07" not in printed and "\\x1b]0;pwned\\x07\\x1b[2Jcleared\t" in printed
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # `runbus logs` sets its own
+    try:
+        shown = CliRunner().invoke(app, ["logs", run.uid()])  # in this process: it holds the projection
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    assert shown.exit_code == 0, shown.output
+    assert printed == shown.output
+
+
+def test_iterations_keep_ints_when_another_iteration_has_no_output(home: Path) -> None:
+    run = run_function(new_function(), handler=handlers.scored, params={"fail_on": 2},
+                       hyperparams={"x": [1, 2, 3]}, selector="max.score")
+    header, *rows = run.status.iterations
+    score = header.index("output.score")
+    assert [row[score] for row in rows] == [1, None, 3]
+    assert [type(row[score]) for row in rows] == [int, type(None), int]
+    assert [row[header.index("param.x")] for row in rows] == [1, 2, 3]
