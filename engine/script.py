@@ -14,11 +14,13 @@ its own and never ends the run: the launcher does, from the exit code.
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -28,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from engine.bootstrap import services
 from engine.loader import code_mac
 from engine.runspec import RunSpec
 from engine.settings import Settings, load_settings
@@ -48,20 +51,72 @@ class Terminated(BaseException):
 class ScriptContext(RunContext):
     """A RunContext that is also a context manager and knows whether this process owns its run.
 
-    `owns_run` is False for a script that joined the run of the Runbus process that launched it:
-    leaving it flushes what the script logged and ends nothing."""
+    `owns_run` is False for a script that joined the run of the Runbus process that launched it,
+    and in a process forked from the owner: leaving it flushes what the process logged and ends
+    nothing. `owner_pid` is the process that made the context. In a forked child the first call
+    joins the run on a stream and a writer of the child's own (the parent's writer thread does not
+    exist there), so what the child logs is delivered."""
 
     owns_run: bool = True
+    owner_pid: int = 0
+    settings: Settings | None = None
     _depth: int = 0
     _console: Any = None
+    _handover: Path | None = None  # the handover file of a run this process owns (for its children)
+    _forked = False  # inherited by a forked child and not yet joined there
 
     def flush_events(self) -> None:
         """Wait until everything this process logged is on the bus (EventsNotWritten says why not)."""
+        if self._forked:
+            return  # a forked child that logged nothing: what is queued is the parent's to write
         self._writer.sync(f"the events of run {self.uid}")
 
     def stop_heartbeats(self) -> None:
         """This process stops speaking for the run (a joined run's launcher still does)."""
-        self._writer.untrack(self.uid)
+        if not self._forked:
+            self._writer.untrack(self.uid)
+
+    def log_output(self, stream: str, text: str) -> None:
+        if self._forked:
+            self._join_in_child()
+        super().log_output(stream, text)
+
+    def flush_output(self) -> None:
+        if not self._forked:  # what a forked child holds buffered is its parent's to send
+            super().flush_output()
+
+    def _logger_line(self, level: int, text: str) -> None:
+        if self._forked:
+            self._join_in_child()
+        super()._logger_line(level, text)
+
+    def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None, *,
+              last: bool = False, text_chars: int = 0) -> None:
+        if self._forked:
+            self._join_in_child()
+        super()._emit(event_type, payload, ts, last=last, text_chars=text_chars)
+
+    def _join_in_child(self) -> None:
+        """In a forked child: become a joined context of the same run, on this process's own stream
+        and writer (the same identity, params, secrets; what the parent logged stays in view)."""
+        with _lock:
+            if not self._forked:
+                return
+            svc = services(self.settings)
+            kept = self.results, self.artifacts, self._metric_keys
+            RunContext.__init__(self, svc.writer, svc.artifact_store, uid=self.uid, name=self.name,
+                                project=self.project, handler=self.handler, runtime=self.runtime,
+                                params=self.parameters, inputs=self.inputs, input_digests=self._input_digests,
+                                secrets=self._secrets, labels=self.labels, parent_uid=self.parent_uid,
+                                iteration=self.iteration, code_ref=self.code_ref,
+                                iterations_recorder=self._iterations_recorder)
+            self.results, self.artifacts, self._metric_keys = kept
+            self.owner_pid = os.getpid()
+            self._forked = False
+            self.resume()
+            _flush_when_worker_ends(self)
+            atexit.unregister(_at_exit)  # after the new writer's own atexit close (last in, first out)
+            atexit.register(_at_exit)
 
     def __enter__(self) -> ScriptContext:
         self._depth += 1
@@ -103,8 +158,9 @@ def get_or_create_ctx(name: str = "", event: Any = None, spec: Mapping[str, Any]
         params = {**parameters, **(params or {})}
         labels = {**metadata.get("labels", {}), **(labels or {})}
         handover = os.environ.get(HANDOVER_ENV) if with_env else None
-        if handover:
-            context = _join(read_handover(Path(handover)), settings, params, labels)
+        record = read_handover(Path(handover), settings.home) if handover else None
+        if record is not None:
+            context = _join(record, settings, params, labels)
         else:
             context = _start(name or metadata.get("name") or _script_name(), project or metadata.get("project"),
                              params, labels, settings, capture_output)
@@ -134,8 +190,7 @@ def write_handover(context: RunContext, spec: RunSpec) -> Path:
     A file rather than environment variables because the run's secrets are in it: a process's
     environment is inherited by everything it starts and is what crash reporters and debug dumps
     print; argv is readable by every user (/proc/PID/cmdline). The file is the owner's alone."""
-    folder = spec.settings.home / "handover"
-    make_private_folder(folder)
+    folder = handover_folder(spec.settings.home, fix=True)
     fd, path = tempfile.mkstemp(dir=folder, prefix="run-", suffix=".json")  # mode 0600
     record = {
         "uid": context.uid, "name": context.name, "project": context.project, "handler": context.handler,
@@ -147,15 +202,56 @@ def write_handover(context: RunContext, spec: RunSpec) -> Path:
     return Path(path)
 
 
-def read_handover(path: Path) -> dict[str, Any]:
-    """The run a launcher handed over in `path`; ValueError names the file when it cannot be used."""
+def handover_folder(home: Path, fix: bool = False) -> Path:
+    """RUNBUS_HOME/handover, resolved, checked to be a folder of this user's with mode 0700 (with
+    `fix`, made if missing and a group/other mode bit removed); ValueError names it otherwise."""
+    folder = home.resolve() / "handover"
+    if fix:
+        make_private_folder(folder)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{HANDOVER_ENV}={str(path)!r}: cannot read the launcher's run: {exc}") from None
+        found = os.lstat(folder)
+    except OSError as exc:
+        raise ValueError(f"handover folder {str(folder)!r} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+        raise ValueError(f"handover folder {str(folder)!r} is not a folder owned by this user (uid {os.getuid()})")
+    if stat.S_IMODE(found.st_mode) != 0o700:
+        if not fix:
+            raise ValueError(f"handover folder {str(folder)!r} has mode {stat.S_IMODE(found.st_mode):o}, "
+                             f"not 700: others could place or read handovers there")
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def read_handover(path: Path, home: Path) -> dict[str, Any] | None:
+    """The run a launcher handed over in `path`, trusted only when it is a regular file of this
+    user's, with no group/other mode bit, in `home`'s handover folder (see `handover_folder`).
+    None (with a warning on stderr) when the file is gone: its launcher ended (a detached child
+    outlived it), so the caller runs a run of its own. ValueError names the file otherwise."""
+    where = f"{HANDOVER_ENV}={str(path)!r}"
+    folder = handover_folder(home)
+    if Path(os.path.realpath(path.parent)) != folder:
+        raise ValueError(f"{where}: not a file of the handover folder {str(folder)!r}: not trusted")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        print(f"runbus: {where} no longer exists (the process that launched this one has ended): "
+              f"this process starts a run of its own", file=sys.stderr)
+        return None
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read the launcher's run: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        found = os.fstat(handle.fileno())  # of the very file read: no swap between check and read
+        if not stat.S_ISREG(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+            raise ValueError(f"{where}: not trusted: a handover must be a regular file owned by this "
+                             f"user (uid {os.getuid()}) with mode 600 (it is mode {stat.S_IMODE(found.st_mode):o}, "
+                             f"owner uid {found.st_uid})")
+        try:
+            record = json.loads(handle.read().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{where}: cannot read the launcher's run: {exc}") from None
     missing = [key for key in _HANDOVER_KEYS if key not in record] if isinstance(record, dict) else ["uid"]
     if missing:
-        raise ValueError(f"{HANDOVER_ENV}={str(path)!r}: the handover has no {missing[0]!r}")
+        raise ValueError(f"{where}: the handover has no {missing[0]!r}")
     return record
 
 
@@ -180,7 +276,13 @@ def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Ma
                    params=dict(params), labels={k: str(v) for k, v in labels.items()},
                    code_ref=script_code_ref(script, reference, settings.home) if script else None)
     context = spec.new_context(context_class=ScriptContext)
+    context.settings, context.owner_pid = settings, os.getpid()
     context.start()
+    # on the bus before the script goes on: an os._exit or kill -9 right after still leaves a run
+    context.flush_events()
+    # the processes the script starts (spawn workers re-importing __main__, scripts it runs) join it
+    context._handover = write_handover(context, spec)
+    os.environ[HANDOVER_ENV] = str(context._handover)
     if settings.capture_console and capture_output is not False:
         context._console = _capture(context)
     return context
@@ -192,13 +294,37 @@ def _join(record: Mapping[str, Any], settings: Settings, params: Mapping[str, An
                    record["params"], record["inputs"], record["input_digests"], record["secrets"],
                    record["labels"], record["code_ref"], record["parent_uid"], record["iteration"])
     context = spec.new_context(uid=record["uid"], context_class=ScriptContext)
-    context.owns_run = False
+    context.settings, context.owner_pid, context.owns_run = settings, os.getpid(), False
     context.resume()  # its own stream; run_started is the launcher's
     for key, value in params.items():
         context.get_param(key, value)
     for key, value in labels.items():
         context.set_label(key, value, replace=False)
+    _flush_when_worker_ends(context)
     return context
+
+
+def _flush_when_worker_ends(context: ScriptContext) -> None:
+    """Flush a joined context's events when its multiprocessing worker ends: multiprocessing ends
+    it with os._exit, which skips atexit hooks, but runs its own finalizers first."""
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None:
+        return
+    mp_util.Finalize(None, _flush_quietly, args=(context,), exitpriority=0)
+    # a spawn worker joins while it imports __main__, before the worker clears the finalizers
+    # (and then runs the after-fork hooks)
+    mp_util.register_after_fork(context, _flush_when_worker_ends)
+
+
+def _flush_quietly(context: ScriptContext) -> None:
+    """Put what this process logged for a run it does not own on the bus (bounded), saying on
+    stderr when it cannot; its heartbeats stop."""
+    try:
+        context.flush_events()
+    except Exception as exc:
+        print(f"runbus: the events of run {context.uid} could not be written: {exc}", file=sys.stderr)
+    finally:
+        context.stop_heartbeats()
 
 
 def _capture(context: ScriptContext) -> Any:
@@ -232,17 +358,18 @@ def _script_name() -> str:
 # ending the run -------------------------------------------------------------------------------------
 
 def _end(context: ScriptContext, exc: BaseException | None = None, exit_code: Any = None) -> None:
-    """End the run as `exc` (or the process's exit code) says; a joined run is only flushed."""
+    """End the run as `exc` (or the process's exit code) says; a joined run (or one a forked child
+    inherited) is only flushed."""
+    if not context.owns_run or context.owner_pid != os.getpid():
+        _flush_quietly(context)
+        return
     if context._console is not None:
         console, context._console = context._console, None
         with contextlib.suppress(Exception):
             console.__exit__(None, None, None)
-    if not context.owns_run:
-        try:
-            context.flush_events()
-        finally:
-            context.stop_heartbeats()
-        return
+    if context._handover is not None:
+        _withdraw_handover(context._handover)
+        context._handover = None
     if context.state != "running":
         return
     state = None
@@ -257,6 +384,29 @@ def _end(context: ScriptContext, exc: BaseException | None = None, exit_code: An
         error = f"the script exited with {exit_code!r}"
     with contextlib.suppress(RunFinishedError):
         context.finish(error=error, state=state)
+
+
+def _withdraw_handover(path: Path) -> None:
+    """The run ends: processes started from now on start runs of their own."""
+    if os.environ.get(HANDOVER_ENV) == str(path):
+        del os.environ[HANDOVER_ENV]
+    path.unlink(missing_ok=True)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child never ends (nor waits to end) the parent's run: it does not own it, and the
+    context it inherited joins the run on the child's first call (ScriptContext._join_in_child)."""
+    global _lock
+    _lock = threading.RLock()  # another thread may have held it at the fork
+    context = _current
+    if context is None:
+        return
+    # its console capture (the parent's) is left alone: leaving it in a child does nothing
+    context.owns_run, context._handover = False, None
+    context._forked = context.state == "running"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _install_hooks() -> None:
@@ -284,16 +434,27 @@ def _install_hooks() -> None:
             _die_by(signal.SIGTERM, context)
 
     sys.excepthook = excepthook
-    previous_exit = sys.exit
-
-    def exit(status: Any = None) -> None:  # stands in for sys.exit, remembering the status
-        _exit_code[:] = [status]
-        previous_exit(status)
-
-    exit.__doc__ = previous_exit.__doc__
-    sys.exit = exit
+    sys.exit = _RememberingExit(sys.exit)  # type: ignore[assignment]
+    for name in ("exit", "quit"):  # the builtins site adds (they raise SystemExit themselves)
+        if hasattr(builtins, name):
+            setattr(builtins, name, _RememberingExit(getattr(builtins, name)))
     if threading.current_thread() is threading.main_thread() and _user_has_no_handler(signal.SIGTERM):
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class _RememberingExit:
+    """Stands in for sys.exit, exit or quit, remembering the status for the atexit hook."""
+
+    def __init__(self, original: Any) -> None:
+        self._original = original
+        self.__doc__ = original.__doc__
+
+    def __call__(self, status: Any = None) -> None:
+        _exit_code[:] = [status]
+        self._original(status)
+
+    def __repr__(self) -> str:
+        return repr(self._original)  # what the REPL shows for `exit`
 
 
 def _at_exit() -> None:
@@ -313,7 +474,7 @@ def sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or not _user_has_no_handler(signal.SIGTERM):
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
@@ -321,21 +482,31 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def _user_has_no_handler(signum: int) -> bool:
-    return signal.getsignal(signum) in (signal.SIG_DFL, None)
+    return signal.getsignal(signum) in (signal.SIG_DFL, None, _on_sigterm)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    # raised in the main thread, so the run ends (aborted) as the stack unwinds, with no lock held
+    raise Terminated("terminated by SIGTERM")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    # raised in the main thread, so the run ends (aborted) as the stack unwinds, with no lock held
-    raise Terminated("terminated by SIGTERM")
+    """The run's owner records `aborted` as the stack unwinds; a process that joined the run (a
+    launched script, a multiprocessing worker, a forked child) flushes what it logged and dies
+    by SIGTERM at once, as it would without Runbus (no traceback: a pool's workers end so)."""
+    context = _current
+    if context is not None and context.owns_run and context.owner_pid == os.getpid():
+        _raise_terminated(signum, frame)
+    _die_by(signal.SIGTERM, context)
 
 
 def _die_by(signum: signal.Signals, context: ScriptContext | None) -> None:
     """End the process by `signum`, as it would have without Runbus (the parent sees the signal)."""
     if context is not None:
-        with contextlib.suppress(Exception):
-            context.flush_events()
-    sys.stdout.flush()
-    sys.stderr.flush()
+        _flush_quietly(context)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,22 @@ class EventsNotWritten(BusError):
 
 class _GiveUp(Exception):
     """close() stopped waiting for the bus: keep the batch in the spill file."""
+
+
+_writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+
+def _orphan_writers_in_child() -> None:
+    """A forked child has none of its parent's writer threads: their writers refuse events there
+    (with an error rather than queueing them for nobody) and their exit hooks do nothing."""
+    for writer in list(_writers):
+        writer._closed = True
+        writer._closed_why = (f"the event writer of process {writer._pid} cannot be used in its forked child "
+                              f"{os.getpid()}: the child needs a writer of its own")
+        atexit.unregister(writer.close)
+
+
+os.register_at_fork(after_in_child=_orphan_writers_in_child)
 
 
 class _FlushMarker:
@@ -93,6 +110,7 @@ class BackgroundWriter:
         self._wake = threading.Event()
         self._give_up = threading.Event()
         self._closed = False
+        self._closed_why = "the event writer is closed"
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -111,6 +129,7 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="runbus-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
+        _writers.add(self)
 
     # -- job threads ------------------------------------------------------------------------------
 
@@ -124,7 +143,7 @@ class BackgroundWriter:
         `max_pending_text`). With `wait`, a full queue makes the caller wait for room afterwards
         (see `wait_for_room`)."""
         if self._closed:
-            raise RuntimeError("the event writer is closed")
+            raise RuntimeError(self._closed_why)
         if event_type not in RECORD_OF_TYPE:
             raise ValueError(f"unknown event type {event_type!r}")
         item = (run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream, text_chars)
@@ -176,6 +195,8 @@ class BackgroundWriter:
         """Block until every event queued before this call is on the bus; False on timeout.
 
         EventsNotWritten when some of them could not be appended (kept in the spill file instead)."""
+        if self._closed and not self._thread.is_alive():
+            raise EventsNotWritten(self._closed_why)
         marker = _FlushMarker(self._problems)
         self._pending.append(marker)
         self._wake.set()

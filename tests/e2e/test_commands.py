@@ -219,3 +219,29 @@ def test_sigterm_to_runbus_run_stops_the_script_and_records_aborted(home: Path, 
     row = get_run_db().sql("SELECT state, error FROM runs").iloc[0]
     assert row.state == "aborted" and "terminated by SIGTERM" in row.error
     assert not _alive(child_pid)
+
+
+def test_a_secret_in_the_command_line_is_masked_wherever_the_command_is_recorded(home: Path, tmp_path: Path) -> None:
+    from engine import new_function, new_task
+
+    script = _script(tmp_path, "import sys\nprint('got', len(sys.argv[1]), 'characters')\n")
+    run = new_function(command=f"{script} s3cr3t-value").run(
+        new_task(name="seccmd").with_secrets("inline", {"PASSWORD": "s3cr3t-value"}))
+    assert run.state == "completed"
+    row = _row(run.uid)
+    assert row.handler == f"{script} ***"
+    payloads = get_run_db().sql("SELECT string_agg(payload, '') AS p FROM events").p[0]
+    assert "s3cr3t" not in payloads and "***" in payloads
+
+
+def test_runbus_run_prints_the_run_as_the_log_holds_it(home: Path, tmp_path: Path) -> None:
+    script = _script(tmp_path, """
+        from engine import get_or_create_ctx
+        ctx = get_or_create_ctx('train')
+        ctx.log_result('epochs_seen', ctx.get_param('epochs', 3))  # a param the script itself adds
+    """, "train.py")
+    done = subprocess.run([RUNBUS, "run", str(script), "--param", "lr=0.1"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert '{"epochs_seen": 3}' in done.stdout
+    assert '"epochs": 3' in done.stdout and '"lr": 0.1' in done.stdout

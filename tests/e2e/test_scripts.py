@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -98,6 +100,8 @@ def test_the_console_log_holds_the_traceback_and_can_be_turned_off(home: Path, t
     ("ctx = get_or_create_ctx('job')\nctx.log_result('x', 1)", "completed", None),
     ("ctx = get_or_create_ctx('job')\nsys.exit(0)", "completed", None),
     ("ctx = get_or_create_ctx('job')\nsys.exit(3)", "error", "exited with 3"),
+    ("ctx = get_or_create_ctx('job')\nexit(3)", "error", "exited with 3"),  # the builtins site adds
+    ("ctx = get_or_create_ctx('job')\nquit(3)", "error", "exited with 3"),
     ("ctx = get_or_create_ctx('job')\n1 / 0", "error", "ZeroDivisionError: division by zero"),
     # the with form
     ("with get_or_create_ctx('job') as ctx:\n    ctx.log_result('x', 1)", "completed", None),
@@ -225,3 +229,134 @@ def test_params_and_labels_given_at_the_call(home: Path, tmp_path: Path, call: s
     record = get_run_db().read_run(_runs().uid[0])
     assert (record["name"], record["params"], record["results"]) == ("train", {"lr": 0.1}, {"lr_seen": 0.1})
     assert record["labels"]["team"] == "vision"
+
+
+def _events(kind: str):
+    return get_run_db().sql("SELECT run_uid, stream FROM events WHERE type = ?", [kind])
+
+
+def test_a_forked_child_joins_the_run_and_never_ends_it(home: Path, tmp_path: Path) -> None:
+    done = _run(_script(tmp_path, """
+        import os, sys
+        from engine import get_or_create_ctx
+        ctx = get_or_create_ctx('rawfork')
+        pid = os.fork()
+        if pid == 0:  # a forked worker that logs through the context it inherited and ends normally
+            ctx.log_metric('from_child', 7, step=1)
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        ctx.log_result('parent_result', 42)  # the run is still the parent's to log into and to end
+    """), RUNBUS_FLUSH_TIMEOUT="5")
+    assert done.returncode == 0, done.stderr
+    runs = _runs()
+    assert runs.state.tolist() == ["completed"], done.stderr
+    assert get_run_db().read_run(runs.uid[0])["results"] == {"parent_result": 42}
+    metrics = get_run_db().sql("SELECT key, value FROM metrics").to_dict("records")
+    assert metrics == [{"key": "from_child", "value": 7.0}]
+    # the child wrote on a stream of its own; only the stream of run_started ended the run
+    assert _events("run_finished").stream.tolist() == _events("run_started").stream.tolist()
+    assert _events("metric").stream[0] != _events("run_started").stream[0]
+
+
+def test_fork_pool_workers_log_into_the_run(home: Path, tmp_path: Path) -> None:
+    done = _run(_script(tmp_path, """
+        import multiprocessing as mp
+        from engine import get_or_create_ctx
+        ctx = get_or_create_ctx('mp')
+        def square(x):
+            ctx.log_metric('square', x * x, step=x)
+            return x * x
+        if __name__ == '__main__':
+            with mp.get_context('fork').Pool(2) as pool:  # leaving the block terminates the workers
+                assert pool.map(square, range(4)) == [0, 1, 4, 9]
+            ctx.log_result('after_pool', 1)
+    """))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _runs().state.tolist() == ["completed"]
+    metrics = get_run_db().sql("SELECT step, value FROM metrics ORDER BY step")
+    assert metrics.value.tolist() == [0.0, 1.0, 4.0, 9.0]
+
+
+def test_spawned_workers_and_child_scripts_join_the_scripts_run(home: Path, tmp_path: Path) -> None:
+    _script(tmp_path, """
+        from engine import get_or_create_ctx
+        get_or_create_ctx('child').log_result('from_child_script', 1)
+    """, "child.py")
+    done = _run(_script(tmp_path, """
+        import multiprocessing as mp, subprocess, sys
+        from engine import get_or_create_ctx
+        ctx = get_or_create_ctx('train')  # a spawn worker runs this again as it imports the script
+        def square(x):
+            ctx.log_metric('square', x * x, step=x)
+            return x * x
+        if __name__ == '__main__':
+            with mp.get_context('spawn').Pool(2) as pool:
+                assert pool.map(square, range(4)) == [0, 1, 4, 9]
+            subprocess.run([sys.executable, 'child.py'], check=True)
+            ctx.log_result('done', 1)
+    """))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr  # the pool's SIGTERM ends its workers quietly
+    runs = _runs()
+    assert runs[["name", "state"]].to_dict("records") == [{"name": "train", "state": "completed"}]
+    assert get_run_db().read_run(runs.uid[0])["results"] == {"from_child_script": 1, "done": 1}
+    assert get_run_db().sql("SELECT value FROM metrics ORDER BY step").value.tolist() == [0.0, 1.0, 4.0, 9.0]
+    assert len(_events("run_finished")) == 1
+    assert not list((home / "handover").iterdir())  # the run's handover went with it
+
+
+def test_run_started_is_on_the_bus_when_get_or_create_ctx_returns(home: Path, tmp_path: Path) -> None:
+    done = _run(_script(tmp_path, "import os\nfrom engine import get_or_create_ctx\n"
+                                  "get_or_create_ctx('job')\nos._exit(0)\n"))
+    assert done.returncode == 0, done.stderr
+    assert _runs().name.tolist() == ["job"]  # running until its silence reads lost
+
+
+def _handover_record(uid: str) -> str:
+    return json.dumps({"uid": uid, "name": "victim", "project": "default", "handler": "x.py", "runtime": "command",
+                       "params": {}, "inputs": {}, "input_digests": {}, "secrets": {}, "labels": {},
+                       "parent_uid": None, "iteration": 0, "code_ref": None})
+
+
+@pytest.mark.parametrize("case", ["group_readable", "outside_the_folder", "symlink_out_of_the_folder",
+                                  "folder_open_to_others"])
+def test_a_handover_is_trusted_only_from_the_users_private_folder(home: Path, tmp_path: Path, case: str) -> None:
+    folder = home / "handover"
+    folder.mkdir(parents=True, mode=0o700)
+    outside = tmp_path / "evil.json"
+    outside.write_text(_handover_record("a" * 32))
+    outside.chmod(0o600)
+    handover = folder / "run-evil.json"
+    if case == "group_readable":
+        handover.write_text(_handover_record("a" * 32))
+        handover.chmod(0o644)
+    elif case == "outside_the_folder":
+        handover = outside
+    elif case == "symlink_out_of_the_folder":
+        handover.symlink_to(outside)
+    else:
+        handover.write_text(_handover_record("a" * 32))
+        handover.chmod(0o600)
+        folder.chmod(0o755)
+    done = _run(_script(tmp_path, "from engine import get_or_create_ctx\n"
+                                  "get_or_create_ctx('job').set_label('owner', 'attacker')\n"),
+                RUNBUS_RUN_HANDOVER=str(handover))
+    assert done.returncode != 0
+    assert "RUNBUS_RUN_HANDOVER" in done.stderr or "handover folder" in done.stderr
+    assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 0
+
+
+def test_a_handover_whose_launcher_has_ended_warns_and_the_script_runs_its_own(home: Path, tmp_path: Path) -> None:
+    folder = home / "handover"
+    folder.mkdir(parents=True, mode=0o755)  # made under someone's umask: a run that hands over makes it private
+    script = _script(tmp_path, "from engine import get_or_create_ctx\nget_or_create_ctx('late').log_result('x', 1)\n")
+    first = _run(script)
+    assert first.returncode == 0, first.stderr
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    done = _run(script, RUNBUS_RUN_HANDOVER=str(folder / "run-gone.json"))
+    assert done.returncode == 0, done.stderr
+    assert "run-gone.json" in done.stderr and "no longer exists" in done.stderr
+    runs = _runs()
+    assert runs[["name", "state"]].to_dict("records") == [{"name": "late", "state": "completed"}] * 2
