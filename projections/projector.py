@@ -34,7 +34,14 @@ from producers.bus import Bus, BusRecord
 from projections.database import connection_is_prepared, fallback_heartbeat_interval_s, mark_prepared
 from projections.fold import TableBatch, check_event, fold, identity_problem, printable
 from projections.replay import stored_events
-from projections.tables import PROJECTION_VERSION, create_tables, drop_tables, stored_version
+from projections.tables import (
+    PROJECTION_VERSION,
+    create_tables,
+    drop_tables,
+    refresh_wide_judgement,
+    stored_version,
+    write_runs_wide,
+)
 from projections.user import UserProjection
 from projections.writer import refresh_judgement, write_batch
 from schemas import Event, EventCodec
@@ -186,7 +193,9 @@ class Projector:
     def judge_silent_runs(self, now: float | None = None) -> None:
         """Show as 'lost' the running runs silent for 3 of their heartbeat intervals (at `now`),
         and as 'running' again those that spoke since."""
-        refresh_judgement(self.con, time.time() if now is None else now, fallback_heartbeat_interval_s())
+        moment, fallback = time.time() if now is None else now, fallback_heartbeat_interval_s()
+        refresh_judgement(self.con, moment, fallback)
+        refresh_wide_judgement(self.con, moment, fallback)
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
         """Drop every table (user projections' too) and fold the whole log again."""
@@ -398,6 +407,7 @@ class Projector:
         con.execute("BEGIN")
         try:
             write_batch(con, batch)
+            write_runs_wide(con, batch)
             _write_logs(con, batch)
             for projection in self.user_projections:
                 if accepted:

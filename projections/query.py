@@ -19,11 +19,10 @@ from projections.database import from_user_statement, open_projection
 from projections.projector import Projector
 from projections.remote import RemoteProjection, find_server
 from projections.replay import stored_events
+from projections.run_query import RunFilter, RunOrder, find_runs, label_filters
 from projections.user import UserProjection
 from schemas import EventCodec
 
-_SORTABLE = ("uid", "parent_uid", "iteration", "project", "name", "state", "started_at",
-             "finished_at", "duration_s")
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 READ_ONLY_SCHEME = "readonly"
 QUERY_TIMEOUT_S = 60.0
@@ -264,7 +263,8 @@ class RunDB:
             yield con
 
     def _server(self) -> RemoteProjection | None:
-        """The live UI server holding the file (announced in ui.json beside it), if any."""
+        """The live UI server holding the file (announced in ui.json beside it), if any
+        (RUNBUS_PROJECTION=inprocess only: with the projection service nothing routes through the UI)."""
         return find_server(self.db_path, self.lock_timeout_s)
 
     @contextmanager
@@ -274,7 +274,7 @@ class RunDB:
         Every read of the API goes through here, and every query of one block sees the same state.
         With a `source` (the projection service) the block is one session there; otherwise, while
         a UI server holds the file, the queries are sent to it; otherwise the file is opened
-        (locked) for the duration of the block.
+        (locked) and folded for the duration of the block.
         """
         if self.source is not None:
             with self.source.snapshot(self.as_of) as fetch:
@@ -330,36 +330,13 @@ class RunDB:
 
         `labels` is a mapping or a list of "key" / "key=value" strings. `sort_by` is a runs
         column, or `result.<key>` / `param.<key>`; prefix it with '-' for descending order.
+        The query is `projections.run_query`'s, the one the UI's runs page uses.
         """
-        where, args = [], []
-        for column, value in (("name", name), ("project", project), ("state", state),
-                              ("parent_uid", parent)):
-            if value is not None:
-                where.append(f"r.{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("r.started_at >= ?::TIMESTAMPTZ")
-            args.append(str(since))
-        if until is not None:
-            where.append("r.started_at < ?::TIMESTAMPTZ")
-            args.append(str(until))
-        if not iterations:
-            where.append("r.iteration = 0")
-        for key, value in _label_filters(labels):
-            if value is None:
-                where.append("EXISTS (SELECT 1 FROM labels l WHERE l.uid = r.uid AND l.key = ?)")
-                args.append(key)
-            else:
-                where.append("EXISTS (SELECT 1 FROM labels l WHERE l.uid = r.uid AND l.key = ? "
-                             "AND l.value = ?)")
-                args.extend([key, value])
-        order, join = _order_clause(sort_by, args)
-        query = (f"SELECT r.* FROM runs r {join}"
-                 f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {order}")
-        if limit is not None:
-            query += f" LIMIT {int(limit)}"
+        run_filter = RunFilter(name=name, project=project, labels=label_filters(labels), state=state,
+                               since=since, until=until, parent=parent, top_level=not iterations)
+        order = RunOrder.parse(sort_by)
         with self.reader() as fetch:
-            return fetch(query, args)
+            return find_runs(fetch, run_filter, order, limit)
 
     def read_run(self, uid: str) -> dict[str, Any]:
         """Everything known about one run; `uid` may be a unique prefix."""
@@ -437,35 +414,3 @@ def resolve_uid(fetch: Query, uid: str) -> str:
     if len(matches) > 1:
         raise KeyError(f"uid prefix {uid!r} matches more than one run; give more characters")
     return matches[0]
-
-
-def _label_filters(labels: Mapping[str, str] | Sequence[str] | None) -> list[tuple[str, str | None]]:
-    if labels is None:
-        return []
-    if isinstance(labels, Mapping):
-        return [(str(k), str(v)) for k, v in labels.items()]
-    if isinstance(labels, str):
-        labels = [labels]
-    pairs: list[tuple[str, str | None]] = []
-    for item in labels:
-        key, sep, value = item.partition("=")
-        pairs.append((key, value if sep else None))
-    return pairs
-
-
-def _order_clause(sort_by: str | None, args: list[Any]) -> tuple[str, str]:
-    if not sort_by:
-        return "r.started_at DESC", ""
-    descending = sort_by.startswith("-")
-    column = sort_by.lstrip("-")
-    direction = "DESC" if descending else "ASC"
-    if column.startswith(("result.", "param.")):
-        table = "results" if column.startswith("result.") else "params"
-        key = column.split(".", 1)[1]
-        args.insert(0, key)
-        return (f"s.value_num {direction} NULLS LAST, s.value {direction}",
-                f"LEFT JOIN {table} s ON s.uid = r.uid AND s.key = ? ")
-    if column not in _SORTABLE:
-        raise ValueError(f"cannot sort by {column!r}: use one of {', '.join(_SORTABLE)}, "
-                         f"result.<key> or param.<key>")
-    return f"r.{column} {direction}", ""

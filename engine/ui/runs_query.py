@@ -1,22 +1,22 @@
-"""The runs page's query: filters, sort and one page of rows in a few set-based SQL statements
-(a count, one LIMIT/OFFSET page, the page's values), so it stays fast with 100k runs."""
+"""The runs page's query string (filters, sort, page) and what the page shows; the runs are found
+by projections.run_query, the one run query the API uses too."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlencode
 
 from projections.query import Query
+from projections.run_query import STATES, RunFilter, RunOrder, RunQuery, ValueFilter, label_filters
 
-STATES = ("running", "completed", "error", "aborted", "lost")
+__all__ = ["PAGE_SIZES", "STATES", "RunsPage", "RunsQuery", "conditions", "fetch_runs", "page_values", "run_row"]
+
 PAGE_SIZES = (25, 50, 100, 200)
-RUN_COLUMNS = {"name": "r.name", "iteration": "r.iteration", "state": "r.state",
-               "started_at": "r.started_at", "duration_s": "r.duration_s", "uid": "r.uid"}
-_VALUE_FILTER = re.compile(r"^\s*(result|param)\.(.+?)\s*(<=|>=|!=|=|<|>|~)\s*(.*?)\s*$")
+_PAGE_COLUMNS = ("uid", "name", "iteration", "parent_uid", "state", "labels", "started_at", "duration_s",
+                 "finished_at", "extra")
 _AUTO_RESULTS, _AUTO_PARAMS = 6, 4
 
 
@@ -70,6 +70,18 @@ class RunsQuery:
         """Sort by `column`; the second click on the same column reverses the order."""
         return self.link(sort=f"-{column}" if self.sort == column else column, page=1)
 
+    def run_filter(self) -> RunFilter:
+        """The page's filters; ValueError names a `where` term that does not parse."""
+        labels = label_filters([part.strip() for part in self.label.split(",") if part.strip()])
+        values = tuple(ValueFilter.parse(part.strip()) for part in self.where.split(";") if part.strip())
+        return RunFilter(name_contains=self.name or None, state=self.state or None, parent=self.parent or None,
+                         labels=tuple((k.strip(), None if v is None else v.strip()) for k, v in labels),
+                         values=values, since=self.since or None, until=self.until or None, top_level=self.top)
+
+    def run_order(self) -> RunOrder:
+        """The page's sort; ValueError names a column that cannot be sorted on."""
+        return RunOrder.parse(self.sort)
+
     def value_columns(self) -> list[str]:
         return [c.strip() for c in self.columns.split(",") if c.strip().startswith(("result.", "param."))]
 
@@ -89,91 +101,18 @@ class RunsPage:
 
 
 def conditions(query: RunsQuery) -> tuple[list[str], list[Any]]:
-    """WHERE terms and their arguments; ValueError names a filter that does not parse."""
-    where: list[str] = []
-    args: list[Any] = []
-    if query.name:
-        where.append("contains(lower(r.name), lower(?))")  # literal: % and _ are no wildcards
-        args.append(query.name)
-    if query.state:
-        where.append("r.state = ?")
-        args.append(query.state)
-    if query.parent:
-        where.append("r.parent_uid = ?")
-        args.append(query.parent)
-    if query.top:
-        where.append("r.iteration = 0")
-    if query.since:
-        where.append("r.started_at >= ?::TIMESTAMPTZ")
-        args.append(query.since)
-    if query.until:
-        where.append("r.started_at < ?::TIMESTAMPTZ")
-        args.append(query.until)
-    for item in filter(None, (part.strip() for part in query.label.split(","))):
-        key, sep, value = item.partition("=")
-        where.append("r.uid IN (SELECT uid FROM labels WHERE key = ?" + (" AND value = ?)" if sep else ")"))
-        args.extend([key.strip(), value.strip()] if sep else [key.strip()])
-    for item in filter(None, (part.strip() for part in query.where.split(";"))):
-        term, term_args = _value_filter(item)
-        where.append(term)
-        args.extend(term_args)
-    return where, args
-
-
-def _value_filter(text: str) -> tuple[str, list[Any]]:
-    match = _VALUE_FILTER.match(text)
-    if not match:
-        raise ValueError(f"filter {text!r} must look like 'result.<key> <op> <value>' or "
-                         f"'param.<key> <op> <value>' with op one of = != < <= > >= ~")
-    kind, key, op, raw = match.groups()
-    table = "results" if kind == "result" else "params"
-    number = _number(raw)
-    if op == "~":
-        return (f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND contains(lower(value->>'$'), lower(?)))",
-                [key, raw])
-    if number is not None:
-        sql_op = "<>" if op == "!=" else op
-        return f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND value_num {sql_op} ?)", [key, number]
-    if op not in ("=", "!="):
-        raise ValueError(f"filter {text!r}: {op} needs a number")
-    text_value = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
-    sql_op = "<>" if op == "!=" else "="
-    return f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND (value->>'$') {sql_op} ?)", [key, text_value]
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def order_by(query: RunsQuery) -> tuple[str, str, list[Any]]:
-    """(join, ORDER BY terms, join arguments) for the query's sort."""
-    descending = query.sort.startswith("-")
-    column = query.sort.lstrip("-")
-    direction = "DESC" if descending else "ASC"
-    if column.startswith(("result.", "param.")):
-        table = "results" if column.startswith("result.") else "params"
-        return (f"LEFT JOIN {table} s ON s.uid = r.uid AND s.key = ?",
-                f"s.value_num {direction} NULLS LAST, s.value {direction} NULLS LAST, r.started_at DESC, r.uid",
-                [column.split(".", 1)[1]])
-    if column not in RUN_COLUMNS:
-        raise ValueError(f"cannot sort by {column!r}: use one of {', '.join(RUN_COLUMNS)}, "
-                         f"result.<key> or param.<key>")
-    return "", f"{RUN_COLUMNS[column]} {direction} NULLS LAST, r.uid", []
+    """WHERE terms over `runs r` and their arguments (params and results read from their key/value
+    tables); ValueError names a filter that does not parse."""
+    return RunQuery(query.run_filter(), RunOrder(), {}).conditions()
 
 
 def fetch_runs(fetch: Query, query: RunsQuery) -> RunsPage:
     """One page of runs with their labels and the value columns shown."""
-    where, args = conditions(query)
-    join, order, join_args = order_by(query)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    total = int(fetch(f"SELECT count(*) AS n FROM runs r{clause}", args).n[0])
-    frame = fetch(
-        f"SELECT r.uid, r.name, r.iteration, r.parent_uid, r.state, r.labels, r.started_at, r.duration_s, "
-        f"r.finished_at, r.extra FROM runs r {join}{clause} ORDER BY {order} LIMIT ? OFFSET ?",
-        [*join_args, *args, query.size, (query.page - 1) * query.size])
+    run_query = RunQuery.build(fetch, query.run_filter(), query.run_order())
+    count_sql, count_args = run_query.count()
+    total = int(fetch(count_sql, count_args).n[0])
+    page_sql, page_args = run_query.select(_PAGE_COLUMNS, query.size, (query.page - 1) * query.size)
+    frame = fetch(page_sql, page_args)
     rows = [run_row(record) for record in frame.to_dict("records")]
     values = page_values(fetch, [row["uid"] for row in rows])
     for row in rows:
