@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -133,24 +132,6 @@ def test_push_copies_an_embedded_log_to_kafka_once(home: Path, kafka_bootstrap: 
             assert con.execute("SELECT count(*) FROM runs WHERE state = 'completed'").fetchone()[0] == 3
     finally:
         kafka.close()
-
-
-def test_the_follower_keeps_queries_fresh_and_stops_on_sigterm(kafka_home: Path) -> None:
-    env = {**os.environ}
-    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(2.0)
-        new_function().run(NewRun(handler=_metrics_job(50), name="while-following"))
-        listed = subprocess.run([RUNBUS, "runs", "--format", "csv"], env=env, capture_output=True, text=True,
-                                timeout=60)
-        assert listed.returncode == 0, listed.stderr
-        assert "while-following" in listed.stdout
-    finally:
-        follower.send_signal(signal.SIGTERM)
-        out, err = follower.communicate(timeout=30)
-    assert follower.returncode == 0, err
-    assert "projector stopped" in out
 
 
 @pytest.mark.dask

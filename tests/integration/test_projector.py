@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from engine.bootstrap import services
 from projections import Projector, open_projection
 from projections.database import close_all
 from tests.support.crash import kill_projector_mid_stream, resume_and_compare
+from tests.support.polling import line_within
 from tests.support.producers import SEQ_BREAKS, produce_from_processes
 from tests.support.tables import snapshot
 
@@ -101,18 +101,26 @@ def test_four_processes_logging_at_once_lose_nothing_and_keep_order(home: Path) 
 
 
 def test_a_second_process_waits_for_the_projection_instead_of_failing(home: Path) -> None:
+    """RUNBUS_PROJECTION=inprocess: a reader finding the file held waits on its lock (the lock's
+    own log says so) and answers once it is released, instead of failing."""
     _record_runs(1, 5)
     svc = services()
     svc.writer.flush()
-    code = ("from engine import get_run_db; "
-            "print(get_run_db().sql('select count(*) as n from runs').n[0])")
+    code = ("import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.WARNING); "
+            "logging.getLogger('filelock').setLevel(logging.DEBUG); "
+            "from engine import get_run_db; db = get_run_db(); "
+            "print(db.sql('select count(*) as n from runs').n[0], flush=True)")
     with open_projection(svc.settings.db_path):
         child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env={**os.environ})
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=1.5)
-        assert child.poll() is None  # still waiting for its turn, not crashed
-    out, err = child.communicate(timeout=60)
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "RUNBUS_PROJECTION": "inprocess", "RUNBUS_DB_TIMEOUT": "300"})
+        assert child.stderr is not None
+        waiting = ""
+        while "not acquired" not in waiting:  # the child reached the lock and waits on it
+            waiting = line_within(child.stderr, "the child waits for the projection's lock")
+            assert waiting, "the child ended without waiting for the lock"
+        assert child.poll() is None
+    out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err
     assert out.strip() == "1"
 

@@ -1,0 +1,267 @@
+"""The projection service as its readers see it: read your writes from any process, readers that
+do not wait for one another or for the fold, one service per home, idle exit, replacement of a
+killed service, and owner-only files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+from engine.bootstrap import make_bus, reset_services, services
+from engine.projection_service import build_service
+from producers.bus import Bus
+from projections.client import ServiceClient
+from projections.query import RunDB
+from projections.service import ProjectionService, ServiceAddress, serving_in_thread
+from tests.support.foreign import append, envelope, finished, started
+from tests.support.polling import line_within, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+
+@pytest.fixture
+def service_home(bus_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """`bus_home` read through its projection service; the service is stopped afterwards."""
+    monkeypatch.setenv("RUNBUS_PROJECTION", "service")
+    monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", "30")
+    reset_services()
+    yield bus_home
+    _client().stop()
+
+
+def _client() -> ServiceClient:
+    svc = services()
+    return ServiceClient(ServiceAddress.of(svc.settings.home), svc.bus, start=None, timeout_s=30)
+
+
+def _say(context, word="hi"):
+    context.log_result("word", word)
+
+
+def _child(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env or {**os.environ},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_another_process_sees_a_run_the_moment_run_returned(service_home: Path) -> None:
+    uid = new_function().run(NewRun(handler=_say, name="here")).uid
+    seen = _child(f"from engine import get_run_db; print(get_run_db().read_run({uid!r})['state'])")
+    assert seen.returncode == 0, seen.stderr
+    assert seen.stdout.strip() == "completed"
+
+    made = _child("from engine import NewRun, new_function\n"
+                  "def job(context):\n    context.log_result('word', 'there')\n"
+                  "print(new_function().run(NewRun(handler=job, name='there')).uid)")
+    assert made.returncode == 0, made.stderr
+    assert get_run_db().read_run(made.stdout.strip())["results"] == {"word": "there"}, (made.stdout, get_run_db().sql("SELECT run_uid, type FROM events").values.tolist())
+
+
+def _foreign_run(bus: Bus, uid: str) -> None:
+    append(bus, uid, [envelope(uid, 0, "run_started", started(name=uid)),
+                      envelope(uid, 1, "run_finished", finished())])
+
+
+InThread = tuple[Bus, ServiceClient, ProjectionService]
+
+
+@pytest.fixture
+def in_thread(home: Path) -> Iterator[InThread]:
+    """A projection service on a thread of this process (on a bus of its own), folding one record
+    per batch; the bus to append to and a client of the service."""
+    svc = services()
+    bus = make_bus(svc.settings.bus_url, svc.settings)
+    service = build_service(svc.settings, bus)
+    service.batch_size = 1
+    with serving_in_thread(service):
+        yield svc.bus, ServiceClient(service.address, svc.bus, start=None, timeout_s=30), service
+    bus.close()
+
+
+def test_a_reader_waits_for_the_fold_of_what_was_on_the_bus_when_it_asked(in_thread: InThread) -> None:
+    bus, client, service_of = in_thread
+    service_of.fold_gate.clear()  # the fold pauses before its next batch
+    _foreign_run(bus, "appended-before-the-query")
+    answers: list[object] = []
+    reader = threading.Thread(target=lambda: answers.append(
+        RunDB(bus, "", source=client).read_run("appended-before-the-query")["state"]))
+    reader.start()
+    wait_until(lambda: service_of._active >= 1, "the reader's session is open on the service")
+    assert not answers  # it waits for the fold instead of answering without the run
+    service_of.fold_gate.set()
+    reader.join(60)
+    assert answers == ["completed"]
+
+
+class _SeenBefore:
+    """The bus as a reader saw it before the backlog was appended (its end offsets then)."""
+
+    def __init__(self, offsets: dict[int, int]) -> None:
+        self.offsets = offsets
+
+    def end_offsets(self) -> dict[int, int]:
+        return dict(self.offsets)
+
+
+def test_two_readers_answer_at_once_while_a_backlog_is_being_folded(in_thread: InThread) -> None:
+    bus, client, service = in_thread
+    _foreign_run(bus, "first")
+    client.catch_up()
+    seen = bus.end_offsets()
+    service.fold_gate.clear()
+    for i in range(60):
+        _foreign_run(bus, f"backlog-{i}")
+    end = bus.end_offsets()
+    service.fold_gate.set()
+    wait_until(lambda: sum(service.positions().values()) > sum(seen.values()), "the fold is into the backlog")
+    service.fold_gate.clear()  # paused in the middle of the backlog
+    behind = sum(end.values()) - sum(service.positions().values())
+    assert behind > 0, "the backlog was folded before the readers could ask: make it longer"
+
+    early = ServiceClient(client.address, _SeenBefore(seen), start=None, timeout_s=30)  # type: ignore[arg-type]
+    with early.snapshot() as first:
+        assert "first" in set(first("SELECT uid FROM runs").uid)
+        answered: list[int] = []
+
+        def second_reader() -> None:
+            with early.snapshot() as second:
+                answered.append(len(second("SELECT uid FROM runs")))
+
+        other = threading.Thread(target=second_reader)
+        other.start()
+        other.join(60)
+        assert answered, "the second reader waited for the first"  # the first still holds its session
+        assert "first" in set(first("SELECT uid FROM runs").uid)
+    assert sum(end.values()) - sum(service.positions().values()) == behind  # still folding the backlog
+    service.fold_gate.set()
+    client.catch_up()
+    assert len(RunDB(bus, "", source=client).sql("SELECT uid FROM runs")) == 61
+
+
+def test_the_ui_and_a_cli_query_answer_at_the_same_time(service_home: Path, tmp_path: Path) -> None:
+    from tests.e2e.test_ui import start_ui, stop
+
+    uid = new_function().run(NewRun(handler=_say, name="shown")).uid
+    ui, url = start_ui(service_home, {**os.environ}, tmp_path / "ui.log")
+    try:
+        token = (service_home / "ui.token").read_text()
+        answers: dict[str, object] = {}
+
+        def ask_ui() -> None:
+            body = json.dumps({"sql": "SELECT uid FROM runs"}).encode()
+            request = urllib.request.Request(url + "/api/sql", data=body,
+                                             headers={"Authorization": f"Bearer {token}",
+                                                      "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answers["ui"] = [row[0] for row in json.loads(response.read())["rows"]]
+
+        asking = threading.Thread(target=ask_ui)
+        asking.start()
+        cli = subprocess.run([RUNBUS, "sql", "SELECT uid FROM runs", "--format", "json"], env={**os.environ},
+                             capture_output=True, text=True, timeout=120)
+        asking.join(60)
+        assert cli.returncode == 0, cli.stderr
+        assert [row["uid"] for row in json.loads(cli.stdout)] == [uid]
+        assert answers["ui"] == [uid]
+        assert _client().ping()["pid"] not in (ui.pid, os.getpid())  # neither holds the file
+    finally:
+        stop(ui)
+
+
+def _service_process(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "engine.projection_service"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_only_one_service_per_home(service_home: Path) -> None:
+    env = {**os.environ}
+    first, second = _service_process(env), _service_process(env)
+    try:
+        survivor = wait_until(lambda: [p for p in (first, second) if p.poll() is not None],
+                              "one of two services for the same home exits")
+        assert len(survivor) == 1 and survivor[0].returncode == 0, survivor[0].stdout.read()  # type: ignore[union-attr]
+        running = second if survivor[0] is first else first
+        assert _client().ping()["pid"] == running.pid
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+
+
+def test_an_idle_service_exits_and_removes_its_socket(service_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", "1")
+    reset_services()
+    get_run_db().sql("SELECT 1")
+    address = ServiceAddress.of(services().settings.home)
+    pid = _client().ping()["pid"]
+    wait_until(lambda: not address.socket.exists(), "the idle service's socket is gone", timeout_s=60)
+    wait_until(lambda: not _alive(pid), "the idle service's process is gone", timeout_s=60)
+
+
+def test_a_killed_service_is_replaced_by_the_next_reader(service_home: Path) -> None:
+    uid = new_function().run(NewRun(handler=_say, name="kept")).uid
+    assert get_run_db().read_run(uid)["state"] == "completed"  # a reader started the service
+    address = ServiceAddress.of(services().settings.home)
+    killed = _client().ping()["pid"]
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: not _alive(killed), "the service is gone")
+    assert address.socket.exists()  # left behind: the next reader must see it is stale
+    assert get_run_db().read_run(uid)["state"] == "completed"
+    assert _client().ping()["pid"] != killed
+
+
+def test_the_socket_and_the_key_are_owner_only(service_home: Path) -> None:
+    get_run_db().sql("SELECT 1")
+    address = ServiceAddress.of(services().settings.home)
+    for path in (address.socket, address.key):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(address.socket.parent.stat().st_mode) == 0o700
+
+
+def test_the_follower_is_the_service_that_answers_and_stops_on_sigterm(service_home: Path) -> None:
+    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        assert "projector following" in line_within(follower.stdout, "the follower starts")  # type: ignore[arg-type]
+        wait_until(lambda: _client_pid_or_none() == follower.pid, "the follower serves the home")
+        new_function().run(NewRun(handler=_say, name="while-following"))
+        listed = subprocess.run([RUNBUS, "runs", "--format", "csv"], env={**os.environ}, capture_output=True,
+                                text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert "while-following" in listed.stdout
+        assert _client().ping()["pid"] == follower.pid  # answered by the follower, not a service of its own
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    assert "projector stopped" in out
+
+
+def _client_pid_or_none() -> int | None:
+    try:
+        return int(_client().ping()["pid"])
+    except Exception:  # not serving yet
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (our child, not yet reaped) is gone for this purpose
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
