@@ -38,6 +38,7 @@ from projections.tables import (
     PROJECTION_VERSION,
     create_tables,
     drop_tables,
+    has_running_runs,
     refresh_wide_judgement,
     stored_version,
     write_runs_wide,
@@ -193,6 +194,8 @@ class Projector:
     def judge_silent_runs(self, now: float | None = None) -> None:
         """Show as 'lost' the running runs silent for 3 of their heartbeat intervals (at `now`),
         and as 'running' again those that spoke since."""
+        if not has_running_runs(self.con):
+            return  # at 100k runs each refresh below scans the runs table: skip it when none can change
         moment, fallback = time.time() if now is None else now, fallback_heartbeat_interval_s()
         refresh_judgement(self.con, moment, fallback)
         refresh_wide_judgement(self.con, moment, fallback)

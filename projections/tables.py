@@ -223,6 +223,12 @@ def _update_values(con: duckdb.DuckDBPyConnection, values: str, chosen: Sequence
         WHERE runs_wide.uid = p.uid""")
 
 
+def has_running_runs(con: duckdb.DuckDBPyConnection) -> bool:
+    """True when some run is running as folded: only those can be judged lost (the others' public
+    state is set when they are written), so a catch-up with none has no judgement to refresh."""
+    return con.execute("SELECT EXISTS (SELECT 1 FROM run_rows WHERE state = 'running')").fetchone() == (True,)
+
+
 def refresh_wide_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> None:
     """Judge the runs still running in `run_rows` at `now` in runs_wide, as `runs` is judged."""
     con.execute(f"""
