@@ -38,6 +38,7 @@ from engine.task import check_name
 from producers.console import capture_console
 from producers.context import RunContext, RunFinishedError
 from producers.spill import make_private_folder
+from producers.writer import EventsNotWritten
 
 HANDOVER_ENV = "RUNBUS_RUN_HANDOVER"
 _HANDOVER_KEYS = ("uid", "name", "project", "handler", "runtime", "params", "inputs", "input_digests",
@@ -279,7 +280,10 @@ def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Ma
     context.settings, context.owner_pid = settings, os.getpid()
     context.start()
     # on the bus before the script goes on: an os._exit or kill -9 right after still leaves a run
-    context.flush_events()
+    try:
+        context.flush_events()
+    except EventsNotWritten as exc:  # queued or in the spill file: delivered later; the job goes on
+        print(f"runbus: run {context.uid} started, but its start is not on the bus yet: {exc}", file=sys.stderr)
     # the processes the script starts (spawn workers re-importing __main__, scripts it runs) join it
     context._handover = write_handover(context, spec)
     os.environ[HANDOVER_ENV] = str(context._handover)
