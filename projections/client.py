@@ -9,6 +9,8 @@ was killed left its socket behind) the client has one started with `start` and w
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from projections.remote import arrow_to_frame, error_from_payload
 from projections.service import FRAME, JSON, ServiceAddress, read_key
 
 _POLL_S = 0.05
+_KEEP_IDLE = 2  # connections kept between sessions (a UI serves a few requests at once)
 
 
 class ServiceClient:
@@ -43,6 +46,10 @@ class ServiceClient:
         self.start = start
         self.timeout_s = timeout_s
         self.readable_dirs = list(readable_dirs)
+        # connections between sessions, kept for the next one (saves the connect and handshake)
+        self._idle: list[Connection] = []
+        self._idle_lock = threading.Lock()
+        self._pid = os.getpid()
 
     @contextmanager
     def snapshot(self, as_of: int | datetime | str | None = None) -> Iterator[Query]:
@@ -52,20 +59,42 @@ class ServiceClient:
         request = {"op": "session", "wait_for": {str(p): end for p, end in wanted.items()},
                    "as_of": _plain(as_of) if as_of is not None else None, "readable_dirs": self.readable_dirs}
         conn = self._open(request)
-        try:
-            def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-                check_read_only(query)  # the service refuses it too; this saves a round trip
-                try:
-                    conn.send_bytes(json.dumps({"sql": query, "params": [_plain(v) for v in params or []]}).encode())
-                    answer = _receive(conn)
-                except (EOFError, OSError) as exc:
-                    raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
-                                         f"a query ({type(exc).__name__}; see {self.address.log})") from None
-                return _frame(answer)
+        pending = False  # a statement sent whose answer was not read: the connection cannot serve on
 
+        def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+            nonlocal pending
+            check_read_only(query)  # the service refuses it too; this saves a round trip
+            try:
+                pending = True
+                conn.send_bytes(json.dumps({"sql": query, "params": [_plain(v) for v in params or []]}).encode())
+                answer = _receive(conn)
+                pending = False
+            except (EOFError, OSError) as exc:
+                raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
+                                     f"a query ({type(exc).__name__}; see {self.address.log})") from None
+            return _frame(answer)
+
+        try:
             yield fetch
         finally:
+            self._end_session(conn, pending)
+
+    def _end_session(self, conn: Connection, broken: bool) -> None:
+        if not broken:
+            try:
+                conn.send_bytes(b'{"end": true}')
+            except (EOFError, OSError):
+                broken = True
+        if broken:
             conn.close()
+        else:
+            self._keep(conn)
+
+    def _pooled(self) -> Connection | None:
+        with self._idle_lock:
+            if os.getpid() != self._pid:  # a forked child: those connections are its parent's
+                self._idle, self._pid = [], os.getpid()
+            return self._idle.pop() if self._idle else None
 
     def catch_up(self) -> int:
         """Wait until the service has folded everything on the bus now; the records it folded meanwhile."""
@@ -111,6 +140,18 @@ class ServiceClient:
         """A connection to the service that accepted `request` (and, if `answered`, said ok)."""
         deadline = time.monotonic() + self.timeout_s
         started: Popen[bytes] | None = None
+        pooled = self._pooled() if answered else None
+        if pooled is not None:
+            try:
+                pooled.send_bytes(json.dumps(request).encode())
+                answer = _receive(pooled)
+            except (EOFError, OSError):
+                pooled.close()  # the service that kept it has exited: connect afresh
+            else:
+                if answer[:1] == JSON and json.loads(answer[1:]).get("ok"):
+                    return pooled
+                self._keep(pooled)
+                raise _error(answer)
         while True:
             try:
                 conn = self._connect()
@@ -124,7 +165,7 @@ class ServiceClient:
                     raise
                 if answer[:1] == JSON and json.loads(answer[1:]).get("ok"):
                     return conn
-                conn.close()
+                self._keep(conn)
                 raise _error(answer)
             except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError):
                 # no service, a dead one's socket, or one that is exiting (idle): have one started
@@ -138,6 +179,14 @@ class ServiceClient:
                                      f"{self.timeout_s:g}s (see {self.address.log}); set RUNBUS_DB_TIMEOUT "
                                      f"to wait longer")
             time.sleep(_POLL_S)
+
+    def _keep(self, conn: Connection) -> None:
+        """Keep a connection between requests (a refused session leaves it so) for the next session."""
+        with self._idle_lock:
+            if len(self._idle) < _KEEP_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _connect(self) -> Connection:
         key = read_key(self.address.key)

@@ -281,7 +281,6 @@ class ProjectionService:
             except Exception as exc:  # AuthenticationError and kin: refuse that client only
                 _log.warning("runbus: a client of the projection service was refused: %s", exc)
                 continue
-            self._touch(+1)
             threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
 
     def _touch(self, delta: int) -> None:
@@ -370,32 +369,48 @@ class ProjectionService:
     # -- readers ------------------------------------------------------------------------------
 
     def _serve_client(self, conn: Connection) -> None:
+        """The requests of one connection, one after another, until the client closes it (a client
+        keeps its connection for its next session). Only a request under way counts as activity."""
         try:
-            request = json.loads(conn.recv_bytes())
-            op = request.get("op") if isinstance(request, dict) else None
-            if op == "session":
-                self._session(conn, request)
-            elif op == "catch_up":
-                before = sum(self.positions().values())
-                self.wait_for(self.bus.end_offsets())
-                send_json(conn, {"applied": sum(self.positions().values()) - before})
-            elif op == "rebuild":
-                send_json(conn, {"applied": self.rebuild()})
-            elif op == "stop":
-                send_json(conn, {"pid": os.getpid()})
-                self.shutdown()
-            elif op == "ping":
-                send_json(conn, {"pid": os.getpid(), "home": str(self.address.home),
-                                 "positions": self.positions(), "readable_dirs": self.readable_dirs})
-            else:
-                raise ValueError(f"the projection service has no operation {op!r}")
-        except (EOFError, OSError):
-            pass  # the client went away
-        except Exception as exc:  # the client gets it, in one line
-            self._answer_error(conn, exc)
+            while not self.stop.is_set():
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):
+                    return  # the client went away
+                self._touch(+1)
+                try:
+                    if not self._handle(conn, json.loads(message)):
+                        return
+                except (EOFError, OSError):
+                    return
+                except Exception as exc:  # the client gets it, in one line
+                    self._answer_error(conn, exc)
+                finally:
+                    self._touch(-1)
         finally:
             conn.close()
-            self._touch(-1)
+
+    def _handle(self, conn: Connection, request: Any) -> bool:
+        """Answer one request; False when the connection is done."""
+        op = request.get("op") if isinstance(request, dict) else None
+        if op == "session":
+            return self._session(conn, request)
+        if op == "catch_up":
+            before = sum(self.positions().values())
+            self.wait_for(self.bus.end_offsets())
+            send_json(conn, {"applied": sum(self.positions().values()) - before})
+        elif op == "rebuild":
+            send_json(conn, {"applied": self.rebuild()})
+        elif op == "stop":
+            send_json(conn, {"pid": os.getpid()})
+            self.shutdown()
+            return False
+        elif op == "ping":
+            send_json(conn, {"pid": os.getpid(), "home": str(self.address.home),
+                             "positions": self.positions(), "readable_dirs": self.readable_dirs})
+        else:
+            raise ValueError(f"the projection service has no operation {op!r}")
+        return True
 
     def _answer_error(self, conn: Connection, exc: BaseException) -> None:
         if is_unreadable(exc):
@@ -403,8 +418,9 @@ class ProjectionService:
         with contextlib.suppress(OSError, EOFError):
             send_json(conn, error_payload(exc))
 
-    def _session(self, conn: Connection, request: dict[str, Any]) -> None:
-        """One reader's snapshot: statements are answered until the client closes."""
+    def _session(self, conn: Connection, request: dict[str, Any]) -> bool:
+        """One reader's snapshot: statements are answered until the client ends the session
+        ({"end": true}: True, the connection serves on) or closes the connection (False)."""
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
             raise ValueError(f"the projection service of {self.address.home} lets SQL read "
@@ -420,7 +436,9 @@ class ProjectionService:
                 try:
                     statement = json.loads(conn.recv_bytes())
                 except EOFError:
-                    return
+                    return False
+                if statement.get("end"):
+                    return True
                 self._touch(0)
                 try:
                     frame = fetch(str(statement["sql"]), statement.get("params") or [])
