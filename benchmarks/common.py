@@ -29,7 +29,7 @@ class Sizes:
     children: int = 1_000
     query_runs: tuple[int, ...] = (1_000, 10_000, 100_000)
     mlflow_query_runs: tuple[int, ...] = (1_000, 10_000)  # building MLflow runs costs ~15-20 ms each
-    queries: int = 15
+    queries: int = 21
     events: int = 1_000_000
     producers: int = 4
     sweep_iterations: int = 1_000

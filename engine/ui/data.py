@@ -12,6 +12,7 @@ import pandas as pd
 from engine.sweep.summary import iteration_table
 from engine.ui.previews import artifact_item
 from projections.query import Query
+from projections.run_query import RunFilter, RunOrder, find_runs
 
 MAX_POINTS = 1000   # per metric series drawn; longer series are thinned evenly
 MAX_EVENTS = 300    # raw events listed on a run page
@@ -140,7 +141,8 @@ def sweep_view(fetch: Query, uid: str, store_root: str | Path) -> SweepView:
         raise KeyError(f"no run with uid {uid!r}")
     record = parent[0]
     extra = json.loads(record["extra"] or "{}")
-    children = fetch("SELECT uid, iteration, state FROM runs WHERE parent_uid = ? ORDER BY iteration", [uid])
+    children = find_runs(fetch, RunFilter(parent=uid), RunOrder("iteration", descending=False),
+                         columns=("uid", "iteration", "state"))
     best = fetch("SELECT value_num FROM results WHERE uid = ? AND key = 'best_iteration'", [uid]).value_num
     artifact = fetch("SELECT key, kind, uri, sha256, size, format, labels, meta FROM artifacts "
                      "WHERE uid = ? AND key = 'iteration_results'", [uid]).to_dict("records")
