@@ -214,3 +214,11 @@ def test_list_runs_and_the_runs_page_use_the_same_query(four: tuple[_Projection,
     assert [row["uid"] for row in page.rows] == ["u2", "u0", "u3"] and page.total == 3
     assert projection.find(RunFilter(values=(ValueFilter.parse("result.loss > 0.2"),), labels=(("team", None),)),
                            sort="-result.loss") == ["u2", "u0", "u3"]
+
+
+def test_the_runs_page_sorts_on_every_column_list_runs_sorts_on(four: tuple[_Projection, list[str]]) -> None:
+    projection, _ = four
+    for column in (*SORTABLE_RUN_COLUMNS, "result.loss", "param.opt"):
+        for sort in (column, f"-{column}"):
+            page = fetch_runs(projection.fetch, RunsQuery.from_params({"sort": sort}))
+            assert [row["uid"] for row in page.rows] == projection.find(sort=sort), sort
