@@ -236,10 +236,13 @@ class ProjectionService:
             threads = [threading.Thread(target=self._fold, name="runbus-fold", daemon=True)]
             if self.idle_s is not None:
                 threads.append(threading.Thread(target=self._exit_when_idle, name="runbus-idle", daemon=True))
+            # accept() on its own thread: a listening socket closed under a blocked accept() does not
+            # always wake it (the wake-up connection needs the socket's path, which may be gone)
+            threads.append(threading.Thread(target=self._accept, name="runbus-accept", daemon=True))
             for thread in threads:
                 thread.start()
             self.ready.set()
-            self._accept()
+            self.stop.wait()
         finally:
             self.stop.set()
             self._close_listener()
@@ -268,6 +271,12 @@ class ProjectionService:
                 self.address.socket.unlink()
 
     def _accept(self) -> None:
+        try:
+            self._accept_until_stopped()
+        finally:
+            self.stop.set()  # a service that no longer accepts ends
+
+    def _accept_until_stopped(self) -> None:
         while not self.stop.is_set():
             listener = self._listener
             if listener is None:

@@ -65,7 +65,8 @@ def test_another_process_sees_a_run_the_moment_run_returned(service_home: Path) 
                   "def job(context):\n    context.log_result('word', 'there')\n"
                   "print(new_function().run(NewRun(handler=job, name='there')).uid)")
     assert made.returncode == 0, made.stderr
-    assert get_run_db().read_run(made.stdout.strip())["results"] == {"word": "there"}, (made.stdout, get_run_db().sql("SELECT run_uid, type FROM events").values.tolist())
+    events = get_run_db().sql("SELECT run_uid, type FROM events").values.tolist()
+    assert get_run_db().read_run(made.stdout.strip())["results"] == {"word": "there"}, (made.stdout, events)
 
 
 def _foreign_run(bus: Bus, uid: str) -> None:
@@ -207,6 +208,18 @@ def test_an_idle_service_exits_and_removes_its_socket(service_home: Path, monkey
     address = ServiceAddress.of(services().settings.home)
     pid = _client().ping()["pid"]
     wait_until(lambda: not address.socket.exists(), "the idle service's socket is gone", timeout_s=60)
+    wait_until(lambda: not _alive(pid), "the idle service's process is gone", timeout_s=60)
+
+
+def test_an_idle_service_exits_even_when_its_socket_file_was_removed(service_home: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when the home is deleted under it (a test's temporary folder): nothing can connect to wake
+    its accept(), and it must still exit."""
+    monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", "1")
+    reset_services()
+    get_run_db().sql("SELECT 1")
+    pid = _client().ping()["pid"]
+    ServiceAddress.of(services().settings.home).socket.unlink()
     wait_until(lambda: not _alive(pid), "the idle service's process is gone", timeout_s=60)
 
 
