@@ -117,7 +117,10 @@ def send_json(conn: Connection, payload: Mapping[str, Any]) -> None:
 
 
 class _PastProjections:
-    """Projections of the events up to a cutoff (`as_of`), built once and kept (a few, newest used)."""
+    """Projections of the events up to a cutoff (`as_of`), built once and kept (a few, newest used).
+
+    A kept one is used again while no event folded since it was built falls before its cutoff (on
+    Kafka a lagging partition can still bring events below a position or time cutoff)."""
 
     def __init__(self, live: duckdb.DuckDBPyConnection, make_projector: Callable[[duckdb.DuckDBPyConnection],
                  Projector], size: int = _AS_OF_CACHE) -> None:
@@ -125,44 +128,50 @@ class _PastProjections:
         self.make_projector = make_projector
         self.size = size
         self.lock = threading.Lock()
-        self.built: OrderedDict[tuple[str, tuple[Any, ...]], tuple[duckdb.DuckDBPyConnection, int]] = OrderedDict()
+        self.built: OrderedDict[tuple[str, tuple[Any, ...]],
+                                tuple[duckdb.DuckDBPyConnection, dict[int, int]]] = OrderedDict()
 
     def get(self, as_of: int | datetime | str) -> duckdb.DuckDBPyConnection:
         where, params = _cutoff(as_of)
         key = (where, tuple(params))
         with self.lock:
             found = self.built.get(key)
-            if found is not None and self._still_valid(where, params, found[1]):
+            if found is not None and not self._late_events(where, params, found[1]):
                 self.built.move_to_end(key)
                 return found[0]
-            newest = self._newest_position()
+            # positions first: an event folded meanwhile is in the past and also counts as late
+            # (a needless rebuild next time, never a stale answer)
+            folded = self._folded_positions()
             past = duckdb.connect(":memory:")
             replay = self.make_projector(past)
             for chunk in stored_events(self.live, where, params):
                 replay.apply_events(chunk)
             seal(past)
-            self.built[key] = (past, newest)
+            self.built[key] = (past, folded)
             self.built.move_to_end(key)
             while len(self.built) > self.size:
                 self.built.popitem(last=False)  # closed when its last session ends
             return past
 
-    def _newest_position(self) -> int:
+    def _folded_positions(self) -> dict[int, int]:
         cursor = self.live.cursor()
         try:
-            return int(cursor.execute("SELECT coalesce(max(position), -1) FROM events").fetchone()[0])  # type: ignore[index]
+            return dict(cursor.execute("SELECT partition, next_offset FROM positions").fetchall())
         finally:
             cursor.close()
 
-    def _still_valid(self, where: str, params: Sequence[Any], built_at: int) -> bool:
-        """No event folded since the past was built falls before its cutoff."""
+    def _late_events(self, where: str, params: Sequence[Any], folded: dict[int, int]) -> bool:
+        """Whether an event folded after `folded` (bus positions) falls before the cutoff."""
+        since = ['(partition = ? AND "offset" >= ?)' for _ in folded]
+        since.append(f"partition NOT IN ({', '.join('?' for _ in folded)})" if folded else "TRUE")
+        args: list[Any] = [value for pair in folded.items() for value in pair] + list(folded)
         cursor = self.live.cursor()
         try:
-            late = cursor.execute(f"SELECT count(*) FROM events WHERE position > ? AND {where}",
-                                  [built_at, *params]).fetchone()
+            late = cursor.execute(f"SELECT count(*) FROM events WHERE ({' OR '.join(since)}) AND {where}",
+                                  [*args, *params]).fetchone()
         finally:
             cursor.close()
-        return late is not None and late[0] == 0
+        return late is None or late[0] > 0
 
 
 class ProjectionService:
