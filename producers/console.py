@@ -13,35 +13,41 @@ still writing them to the terminal:
   that hold the original sys.stdout or sys.stderr (configured before the capture) are pointed at the
   tee while any capture is active; warnings are printed to sys.stderr and so are captured too.
   Writes that bypass sys.stdout (to its .buffer, to fd 1, by C code or a child process) are not.
-- fd level (a script-level run): fds 1 and 2 are pipes read by a thread that copies everything to
-  the original fds and into the run: every thread, C code and child processes are captured.
+- fd level (a script-level run): fds 1 and 2 are pipes read by a relay process (producers/relay.py)
+  that writes everything to the original files and sends it back to a thread of this process, which
+  hands it to the run: every thread, C code and child processes are captured, and what the relay
+  read reaches the terminal even when this process crashes or is killed (the relay ends when the
+  last writer of its pipes is gone). fds 1 and 2 that are the same file or terminal share one pipe:
+  the program's exact order, logged as the stream "console".
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import io
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from producers.context import RunContext
 
-STREAMS = frozenset({"stdout", "stderr", "logger"})
+STREAMS = frozenset({"stdout", "stderr", "console", "logger"})
 LINE_MAX_CHARS = 8 * 1024  # a longer line is split into pieces; all but the last end with LINE_CONTINUES
 LINE_CONTINUES = " [line continues]"
 EVENT_MAX_LINES = 4096  # lines in one log event
 EVENT_MAX_CHARS = 64 * 1024  # characters in the chunks of one log event, a line break after each line
 _QUEUED_WRITES = 1024  # pieces a stream's queue holds before the writing thread sends them itself
 _BIG_WRITE = 16 * 1024  # a piece this long is sent at once by the thread that wrote it
-_ORDER = ("stdout", "stderr", "logger")
-FD_DRAIN_S = 2.0  # how long leaving an fd-level capture waits for children that still hold the pipe
+_ORDER = ("stdout", "stderr", "console", "logger")
 
 
 class _Writer(Protocol):
@@ -58,6 +64,18 @@ def _note(message: str) -> None:
             stream.flush()
 
 
+_outputs: weakref.WeakSet[RunOutput] = weakref.WeakSet()
+
+
+def _unlock_outputs() -> None:
+    """In a forked child: a lock some thread of the parent held at the fork would never be released."""
+    for output in list(_outputs):
+        output._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_outputs)
+
+
 class RunOutput:
     """A run's console output on its way to the log as `log` events (thread-safe).
 
@@ -65,8 +83,8 @@ class RunOutput:
     event per batch) on the writer's thread every flush interval, or by the writer of a queue that
     holds more than _QUEUED_WRITES pieces (or a piece of more than _BIG_WRITE characters), which also
     waits for room in the writer: memory stays bounded. A line's `ts` is when its batch was cut (at
-    most a flush interval after it was written); within a batch, the lines of each stream keep their
-    order, and stdout comes before stderr and the logger.
+    most a flush interval after it was written); lines keep the order in which they were completed,
+    across streams too.
 
     Lines are split on "\n" ("\r\n" counts as one line break); a carriage return inside a line keeps
     what a terminal shows (the text after the last "\r", as a progress bar leaves it). A line longer
@@ -83,10 +101,13 @@ class RunOutput:
         self._writer = writer
         self._key = key
         self._what = what
-        # appended to by writers, taken from the front under the lock: each list operation is atomic
-        self.queues: dict[str, list[str]] = {stream: [] for stream in _ORDER}
+        # appended to by writers (stdout's text as it is, another stream's as (stream, text): the
+        # order of writes across streams is kept), taken from the front under the lock: each list
+        # operation is atomic
+        self.queue: list[Any] = []
         self._partial = dict.fromkeys(_ORDER, "")  # each stream's unfinished line (unmasked)
         self._lock = threading.Lock()
+        _outputs.add(self)
         self._ticking = False
         self.closed = False
         self._noted = False
@@ -96,8 +117,8 @@ class RunOutput:
         if self.closed:
             self.dropped(text)
             return
-        queue = self.queues[stream]
-        queue.append(text)
+        queue = self.queue
+        queue.append(text if stream == "stdout" else (stream, text))
         if not self._ticking:
             self.start_ticking()
         if len(queue) > _QUEUED_WRITES or len(text) > _BIG_WRITE:
@@ -119,7 +140,7 @@ class RunOutput:
         if self.closed:
             self._writer.stop_interval(self._key)
             return
-        if not any(self.queues.values()) or not self._lock.acquire(blocking=False):
+        if not self.queue or not self._lock.acquire(blocking=False):
             return
         try:
             self._send(self._take(final=False))
@@ -139,8 +160,7 @@ class RunOutput:
         finally:
             self.closed = True
             self._writer.stop_interval(self._key)
-            for queue in self.queues.values():
-                queue.clear()
+            self.queue.clear()
 
     def dropped(self, text: str) -> None:
         """Output that came after the run's end: say so once on stderr."""
@@ -151,22 +171,16 @@ class RunOutput:
     # under self._lock -----------------------------------------------------------------------------
 
     def _take(self, final: bool) -> list[tuple[str, str, bool]]:
-        """The queued text as blocks of complete lines: (stream, lines joined by "\n", whether the
-        last line continues in the next block). With `final`, unfinished lines count as complete."""
+        """The queued text as blocks of complete lines, in the order the lines were completed:
+        (stream, lines joined by "\n", whether the last line continues in the next block). With
+        `final`, unfinished lines count as complete."""
+        queue = self.queue
+        count = len(queue)
+        pieces = queue[:count]
+        del queue[:count]  # what another thread appended meanwhile stays for the next time
         blocks: list[tuple[str, str, bool]] = []
-        for stream in _ORDER:
-            queue = self.queues[stream]
-            count = len(queue)
-            if not count and not (final and self._partial[stream]):
-                continue
-            pieces = queue[:count]
-            del queue[:count]  # what another thread appended meanwhile stays for the next time
-            data = self._partial[stream] + _joined(pieces)
-            if final:
-                self._partial[stream] = ""
-                if data:
-                    blocks.append((stream, data[:-1] if data.endswith("\n") else data, False))
-                continue
+        for stream, data in _by_stream(pieces):
+            data = self._partial[stream] + data
             end = data.rfind("\n")
             if end >= 0:
                 blocks.append((stream, data[:end], False))
@@ -174,6 +188,11 @@ class RunOutput:
             if len(partial) > LINE_MAX_CHARS + self._redact.longest_match:
                 partial = self._cut_long(stream, partial, blocks)
             self._partial[stream] = partial
+        if final:
+            for stream, partial in self._partial.items():
+                if partial:
+                    blocks.append((stream, partial, False))
+                    self._partial[stream] = ""
         return blocks
 
     def _cut_long(self, stream: str, text: str, blocks: list[tuple[str, str, bool]]) -> str:
@@ -199,22 +218,64 @@ class RunOutput:
         lines = chars = 0
         for stream, block, continues in blocks:
             texts = _lines_of(self._redact(block) if self._redact else block, continues)
-            size = sum(map(len, texts)) + len(texts)
-            if lines + len(texts) <= EVENT_MAX_LINES and chars + size <= EVENT_MAX_CHARS:  # the usual case
-                chunks.append({"ts": now, "stream": stream, "text": "\n".join(texts)})
-                lines, chars = lines + len(texts), chars + size
+            body, count = "\n".join(texts), len(texts)
+            if lines + count <= EVENT_MAX_LINES and chars + len(body) + 1 <= EVENT_MAX_CHARS:  # the usual case
+                chunks.append({"ts": now, "stream": stream, "text": body})
+                lines, chars = lines + count, chars + len(body) + 1
                 continue
-            start = 0
-            for index, text in enumerate(texts):
-                if lines >= EVENT_MAX_LINES or chars + len(text) + 1 > EVENT_MAX_CHARS:
-                    if index > start:
-                        chunks.append({"ts": now, "stream": stream, "text": "\n".join(texts[start:index])})
+            start, end = 0, len(body)
+            while start <= end:  # cut the body at line breaks into pieces that fill the events
+                cut = _fitting(body, start, EVENT_MAX_CHARS - chars, EVENT_MAX_LINES - lines)
+                if cut >= start:
+                    chunks.append({"ts": now, "stream": stream, "text": body[start:cut]})
+                    lines += body.count("\n", start, cut) + 1
+                    chars += cut - start + 1
+                    start = cut + 1
+                if start <= end:
                     self._emit({"chunks": chunks}, now, chars)
-                    chunks, lines, chars, start = [], 0, 0, index
-                lines += 1
-                chars += len(text) + 1
-            chunks.append({"ts": now, "stream": stream, "text": "\n".join(texts[start:])})
+                    chunks, lines, chars = [], 0, 0
         self._emit({"chunks": chunks}, now, chars)
+
+
+def _fitting(body: str, start: int, room_chars: int, room_lines: int) -> int:
+    """Where the longest run of whole lines of `body` from `start` that holds at most `room_lines`
+    lines and `room_chars` characters (a line break after each) ends: the index of the line break
+    after it (len(body) for the last line), or start - 1 when not even one line fits."""
+    end = len(body)
+    if end - start + 1 <= room_chars:
+        cut = end
+    else:
+        cut = body.rfind("\n", start, start + room_chars)
+        if cut < 0:
+            return start - 1
+    if room_lines <= 0:
+        return start - 1
+    if body.count("\n", start, cut) + 1 > room_lines:
+        cut = start - 1
+        for _ in range(room_lines):
+            cut = body.find("\n", cut + 1)
+    return cut
+
+
+def _by_stream(pieces: list[Any]) -> list[tuple[str, str]]:
+    """Queued pieces as (stream, text) runs of consecutive writes of one stream."""
+    if not pieces:
+        return []
+    try:
+        return [("stdout", "".join(pieces))]  # the usual case: only stdout
+    except TypeError:
+        pass
+    runs: list[tuple[str, str]] = []
+    current, texts = "", []
+    for piece in pieces:
+        stream, text = piece if type(piece) is tuple else ("stdout", piece)
+        if stream != current and texts:
+            runs.append((current, _joined(texts)))
+            texts = []
+        current = stream
+        texts.append(text)
+    runs.append((current, _joined(texts)))
+    return runs
 
 
 def _joined(pieces: list[Any]) -> str:
@@ -254,9 +315,9 @@ def _lines_of(block: str, continues: bool) -> list[str]:
 
 # Python-level capture ------------------------------------------------------------------------------
 
-# stream -> thread ident -> that run's queue for the stream: where the thread's writes to
+# stream -> thread ident -> that run's queue (RunOutput.queue): where the thread's writes to
 # sys.stdout / sys.stderr also go; and the RunOutput of each routed queue (by id)
-_routes: dict[str, dict[int, list[str]]] = {"stdout": {}, "stderr": {}}
+_routes: dict[str, dict[int, list[Any]]] = {"stdout": {}, "stderr": {}}
 _owners: dict[int, RunOutput] = {}
 _get_ident = threading.get_ident
 _install_lock = threading.Lock()
@@ -265,7 +326,7 @@ _users = 0
 
 
 class _Tee:
-    """Stands in for sys.stdout or sys.stderr: writes to the original, then queues the text for the
+    """Stands in for sys.stdout: writes to the original, then queues the text for the
     writing thread's run (a cheap append: the run's RunOutput does the rest elsewhere)."""
 
     def __init__(self, original: IO[str], stream: str) -> None:
@@ -294,18 +355,30 @@ class _Tee:
         return getattr(self._original, name)
 
 
+class _StderrTee(_Tee):
+    """The tee of sys.stderr: queues its text marked as stderr's (RunOutput.queue's convention)."""
+
+    def write(self, text: str) -> int:
+        written = self._original.write(text)
+        queue = self._routes.get(_get_ident())
+        if queue is not None:
+            queue.append(("stderr", text))
+            if len(queue) > _QUEUED_WRITES or len(text) > _BIG_WRITE:
+                _overflow(queue)
+        return written
+
+
 _failed: list[str] = []
 
 
-def _overflow(queue: list[str]) -> None:
+def _overflow(queue: list[Any]) -> None:
     """Send a full queue from the printing thread; the program's print goes on whatever happens."""
     output = _owners.get(id(queue))
     if output is None:  # no longer routed
         queue.clear()
         return
     if output.closed:
-        for queue in output.queues.values():
-            queue.clear()
+        output.queue.clear()
         output.dropped("output")
         return
     try:
@@ -333,7 +406,7 @@ def _install() -> None:
         for name in ("stdout", "stderr"):
             original = getattr(sys, name)
             if original is not None:
-                tee = _Tee(original, name)
+                tee = (_StderrTee if name == "stderr" else _Tee)(original, name)
                 setattr(sys, name, tee)
                 _installed.append(tee)
                 tees[id(original)] = tee
@@ -368,9 +441,9 @@ def _python_capture(output: RunOutput) -> Iterator[None]:
     _install()
     previous = {stream: routes.get(ident) for stream, routes in _routes.items()}
     with _install_lock:
-        for stream, routes in _routes.items():
-            routes[ident] = output.queues[stream]
-            _owners[id(output.queues[stream])] = output
+        for routes in _routes.values():
+            routes[ident] = output.queue
+        _owners[id(output.queue)] = output
     output.start_ticking()
     try:
         yield
@@ -382,9 +455,8 @@ def _python_capture(output: RunOutput) -> Iterator[None]:
                 else:
                     routes[ident] = previous[stream]  # type: ignore[assignment]
             routed = {id(queue) for routes in _routes.values() for queue in routes.values()}
-            for stream in _routes:
-                if id(output.queues[stream]) not in routed:
-                    _owners.pop(id(output.queues[stream]), None)
+            if id(output.queue) not in routed:
+                _owners.pop(id(output.queue), None)
         _uninstall()
 
 
@@ -404,61 +476,127 @@ def uncaptured() -> Iterator[None]:
 
 # fd-level capture ----------------------------------------------------------------------------------
 
-class _FdPump:
-    """fd `fd` redirected into a pipe; a thread copies the pipe to the original fd and to `target`."""
+RELAY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
+PIPE_BYTES = 1 << 20  # the capture pipes' size (Linux's default limit for a user)
+SYNC_TIMEOUT_S = 5.0  # how long leaving an fd-level capture waits for the relay to forward what it holds
+_STREAM_CODES = {0: "console", 1: "stdout", 2: "stderr"}
+_FINAL = (0xFFFFFFFF).to_bytes(4, "big")
+_ACK = 255
+_inherited: list[int] = []  # fds a forked child must not keep (the back-channel's and control's ends)
 
-    def __init__(self, fd: int, stream: str, target: Callable[[str, str], None]) -> None:
-        self.fd = fd
-        self.stream = stream
+
+def _close_inherited() -> None:
+    for fd in _inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _inherited.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+def _same_file(first: int, second: int) -> bool:
+    """Whether two fds are the same file or terminal (`> f 2>&1`, a tty)."""
+    a, b = os.fstat(first), os.fstat(second)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class _RelayCapture:
+    """fds 1 and 2 redirected into pipes that only a relay process (producers/relay.py) reads: it
+    writes every chunk to the original file and sends it back over a pipe, where a thread hands it
+    to `target`. When fds 1 and 2 are the same file or terminal, one pipe carries both (the
+    program's exact order) and its text goes to `target` as the stream "console"."""
+
+    def __init__(self, target: Callable[[str, str], None]) -> None:
         self.target: Callable[[str, str], None] | None = target
-        self.saved = os.dup(fd)
-        read_end, write_end = os.pipe()
+        self.acked = threading.Event()
+        merged = _same_file(1, 2)
+        pipes = [(os.pipe(), (1, 2), 0)] if merged else [(os.pipe(), (1,), 1), (os.pipe(), (2,), 2)]
+        for (_, write), _, _ in pipes:
+            with contextlib.suppress(OSError, AttributeError):  # room for bursts while the relay pauses
+                fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        control_read, self.control = os.pipe()
+        self.back, back_write = os.pipe()
+        child_fds = [read for (read, _), _, _ in pipes] + [control_read, back_write]
+        sources = ",".join(f"{read}:{fds[0]}:{code}" for (read, _), fds, code in pipes)
         try:
-            os.dup2(write_end, fd)
-        finally:
-            os.close(write_end)
-        self._read_end = read_end
-        self._failed = False
-        self.thread = threading.Thread(target=self._pump, name=f"runbus-capture-{stream}", daemon=True)
+            self.process = subprocess.Popen([sys.executable, "-I", "-S", RELAY_PATH, sources, str(control_read),
+                                             str(back_write)], stdin=subprocess.DEVNULL, pass_fds=child_fds,
+                                            process_group=0)  # Ctrl-C to the script's group misses it
+        except BaseException:
+            for fd in child_fds + [self.control, self.back] + [write for (_, write), _, _ in pipes]:
+                os.close(fd)
+            raise
+        for fd in child_fds:
+            os.close(fd)
+        # reaped as soon as it ends (it outlives the capture while children hold the pipes)
+        threading.Thread(target=self.process.wait, name="runbus-relay-reaper", daemon=True).start()
+        _inherited.extend((self.control, self.back))
+        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
+        for (_, write), fds, _ in pipes:
+            for fd in fds:
+                os.dup2(write, fd)
+            os.close(write)
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self._receive, name="runbus-console", daemon=True)
         self.thread.start()
 
-    def restore(self) -> None:
-        """Point the fd back at the original (the pipe ends once no child holds it any more)."""
-        os.dup2(self.saved, self.fd)
+    def close(self) -> None:
+        """Have the relay forward what it holds (waiting at most SYNC_TIMEOUT_S), then point fds 1
+        and 2 back at the originals; the relay goes on copying to them what children still write.
+        In a forked child (which holds the pipes as any child does) it does nothing."""
+        if os.getpid() != self.pid:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                os.write(self.control, _FINAL)
+            if not self.acked.wait(SYNC_TIMEOUT_S):
+                _note(f"the console relay did not answer within {SYNC_TIMEOUT_S:.0f} s: "
+                      "the run's log may miss its last output")
+        finally:
+            self.target = None
+            for fd, saved in self.saved.items():
+                os.dup2(saved, fd)
+                os.close(saved)
+            with contextlib.suppress(ValueError):
+                _inherited.remove(self.control)
+            os.close(self.control)
 
-    def _pump(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
-        terminal = True
+    def _receive(self) -> None:
+        """Turn the relay's frames into `target` calls until it closes the back-channel."""
+        decoders = {code: codecs.getincrementaldecoder("utf-8")(errors="backslashreplace") for code in _STREAM_CODES}
+        buffer = b""
+        failed = False
         try:
             while True:
-                data = os.read(self._read_end, 65536)
-                if terminal:
-                    terminal = _write_all(self.saved, data)
-                text = decoder.decode(data, final=not data)
-                target = self.target
-                if text and target is not None:
-                    try:
-                        target(self.stream, text)
-                    except Exception as exc:  # keep reading: a writer blocked on a full pipe never ends
-                        if not self._failed:
-                            self._failed = True
-                            _note(f"{self.stream} is not logged: {type(exc).__name__}: {exc}")
+                data = os.read(self.back, 1 << 20)
                 if not data:
                     return
+                buffer += data
+                start = 0
+                while len(buffer) - start >= 5:
+                    size = int.from_bytes(buffer[start + 1:start + 5], "big")
+                    if len(buffer) - start - 5 < size:
+                        break
+                    code, payload = buffer[start], buffer[start + 5:start + 5 + size]
+                    start += 5 + size
+                    if code == _ACK:
+                        if payload == _FINAL:
+                            self.acked.set()
+                        continue
+                    target = self.target
+                    text = decoders[code].decode(payload)
+                    if text and target is not None and not failed:
+                        try:
+                            target(_STREAM_CODES[code], text)
+                        except Exception as exc:  # keep reading: the relay waits for us
+                            failed = True
+                            _note(f"console output is not logged: {type(exc).__name__}: {exc}")
+                buffer = buffer[start:]
         finally:
-            os.close(self._read_end)
-            os.close(self.saved)
-
-
-def _write_all(fd: int, data: bytes) -> bool:
-    """Write `data` to `fd`; False once the fd is gone (a closed terminal): stop writing there."""
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        return False
-    return True
+            with contextlib.suppress(ValueError):
+                _inherited.remove(self.back)
+            os.close(self.back)
 
 
 def _flush_python_streams() -> None:
@@ -475,23 +613,14 @@ def _has_fd(stream: Any, fd: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _fd_capture(target: Callable[[str, str], None]) -> Iterator[None]:
+def _start_relay(target: Callable[[str, str], None]) -> _RelayCapture | None:
+    """fd-level capture, or None (with a note) when the relay process cannot start."""
     _flush_python_streams()
-    pumps: list[_FdPump] = []
     try:
-        for fd, stream in ((1, "stdout"), (2, "stderr")):
-            pumps.append(_FdPump(fd, stream, target))
-        yield
-    finally:
-        _flush_python_streams()
-        for pump in pumps:
-            pump.restore()
-        deadline = time.monotonic() + FD_DRAIN_S
-        for pump in pumps:
-            pump.thread.join(max(0.0, deadline - time.monotonic()))
-            # a child still holds the pipe: its later output reaches only the terminal
-            pump.target = None
+        return _RelayCapture(target)
+    except OSError as exc:
+        _note(f"console capture falls back to the Python level: cannot start {RELAY_PATH}: {exc}")
+        return None
 
 
 @contextlib.contextmanager
@@ -499,15 +628,22 @@ def capture_console(context: RunContext, *, fd_level: bool) -> Iterator[None]:
     """Copy this process's stdout and stderr into `context`'s log while active (see the module doc).
 
     `fd_level` captures at the file-descriptor level (all threads, C code, child processes); where
-    sys.stdout or sys.stderr has no file descriptor (Jupyter) it falls back to the Python level for
-    the calling thread. On exit the streams are restored and the run's buffered output is flushed.
+    sys.stdout or sys.stderr has no file descriptor (Jupyter), or the relay process cannot start, it
+    falls back to the Python level for the calling thread. On exit the streams are restored and the
+    run's buffered output is flushed.
     """
     use_fds = fd_level and _has_fd(sys.stdout, 1) and _has_fd(sys.stderr, 2)
+    relay = _start_relay(context.log_output) if use_fds else None
     output = getattr(context, "_output", None)
-    if not use_fds and not isinstance(output, RunOutput):
+    if relay is None and not isinstance(output, RunOutput):
         raise TypeError(f"capture_console needs a RunContext, not {type(context).__name__}")
     try:
-        with _fd_capture(context.log_output) if use_fds else _python_capture(output):  # type: ignore[arg-type]
+        with contextlib.nullcontext() if relay is not None else _python_capture(output):  # type: ignore[arg-type]
             yield
     finally:
-        context.flush_output()
+        try:
+            if relay is not None:
+                _flush_python_streams()
+                relay.close()
+        finally:
+            context.flush_output()

@@ -299,3 +299,17 @@ def test_fd_level_capture_without_file_descriptors_falls_back_to_the_python_leve
     """)
     assert _texts(uid) == ["in a notebook cell"]
     assert "SHOWN in a notebook cell" in done.stdout
+
+
+def test_fd_level_capture_falls_back_to_the_python_level_when_the_relay_cannot_start(home: Path,
+                                                                                    tmp_path: Path) -> None:
+    uid, done = _run_script(tmp_path, """
+        from producers.console import capture_console
+        sys.executable = "/nonexistent/python"  # the relay process is started with it
+        with capture_console(ctx, fd_level=True):
+            print("still captured")
+        ctx.finish()
+    """)
+    assert _texts(uid) == ["still captured"]
+    assert "console capture falls back to the Python level" in done.stderr
+    assert "still captured" in done.stdout
