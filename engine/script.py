@@ -68,9 +68,19 @@ class ScriptContext(RunContext):
 
     def flush_events(self) -> None:
         """Wait until everything this process logged is on the bus (EventsNotWritten says why not)."""
+        global _main_thread_flushing, _sigterm_deferred
         if self._forked:
             return  # a forked child that logged nothing: what is queued is the parent's to write
-        self._writer.sync(f"the events of run {self.uid}")
+        in_main = threading.current_thread() is threading.main_thread()
+        outer = _main_thread_flushing
+        _main_thread_flushing = outer or in_main
+        try:
+            self._writer.sync(f"the events of run {self.uid}")
+        finally:
+            _main_thread_flushing = outer
+        if in_main and not outer and _sigterm_deferred:  # a SIGTERM came during the flush
+            _sigterm_deferred = False
+            _die_by(signal.SIGTERM, self)
 
     def stop_heartbeats(self) -> None:
         """This process stops speaking for the run (a joined run's launcher still does)."""
@@ -133,6 +143,10 @@ class ScriptContext(RunContext):
 _lock = threading.RLock()
 _current: ScriptContext | None = None
 _exit_code: list[Any] = []  # what sys.exit() was last called with (atexit cannot learn it otherwise)
+# a SIGTERM handler that flushed while the main thread was flushing would wait for a lock that
+# thread holds: the signal waits for the end of that flush instead
+_main_thread_flushing = False
+_sigterm_deferred = False
 _hooks_installed = False
 
 
@@ -498,9 +512,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """The run's owner records `aborted` as the stack unwinds; a process that joined the run (a
     launched script, a multiprocessing worker, a forked child) flushes what it logged and dies
     by SIGTERM at once, as it would without Runbus (no traceback: a pool's workers end so)."""
+    global _sigterm_deferred
     context = _current
     if context is not None and context.owns_run and context.owner_pid == os.getpid():
         _raise_terminated(signum, frame)
+    if _main_thread_flushing:
+        _sigterm_deferred = True
+        return
     _die_by(signal.SIGTERM, context)
 
 

@@ -68,7 +68,27 @@ def _orphan_writers_in_child() -> None:
         atexit.unregister(writer.close)
 
 
-os.register_at_fork(after_in_child=_orphan_writers_in_child)
+_paused: list[threading.Lock] = []
+
+
+def _pause_appends() -> None:
+    _paused[:] = [writer._appending for writer in list(_writers)]
+    for lock in _paused:
+        lock.acquire()
+
+
+def _resume_appends() -> None:
+    for lock in _paused:
+        lock.release()
+    _paused.clear()
+
+
+def _resume_appends_in_child() -> None:
+    _resume_appends()
+    _orphan_writers_in_child()
+
+
+os.register_at_fork(before=_pause_appends, after_in_parent=_resume_appends, after_in_child=_resume_appends_in_child)
 
 
 class _FlushMarker:
@@ -111,6 +131,9 @@ class BackgroundWriter:
         self._give_up = threading.Event()
         self._closed = False
         self._closed_why = "the event writer is closed"
+        # held while the bus appends (its C code runs without the GIL): a fork waits for it, so no
+        # child starts with a copy of the bus library's locks held by a thread it does not have
+        self._appending = threading.Lock()
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -259,7 +282,8 @@ class BackgroundWriter:
         if self._spill.folder is None:
             return
         try:
-            self.delivered_spill = deliver_spill(self._spill.folder, self.bus)
+            with self._appending:
+                self.delivered_spill = deliver_spill(self._spill.folder, self.bus)
         except Exception as exc:  # the bus refuses still: the files stay for the next start
             log.warning("spill files in %s are not delivered yet: %s", self._spill.folder, exc)
 
@@ -388,7 +412,8 @@ class BackgroundWriter:
         try:
             while True:
                 try:
-                    self.bus.append(batch)
+                    with self._appending:
+                        self.bus.append(batch)
                     self._last_error = None
                     return
                 except BusRefused:
@@ -423,7 +448,8 @@ class BackgroundWriter:
             return
         self._next_spill_retry = time.monotonic() + _SPILL_RETRY_S
         try:
-            delivered = self._spill.redeliver(self.bus)
+            with self._appending:
+                delivered = self._spill.redeliver(self.bus)
         except Exception as exc:
             log.warning("the bus still refuses the spill: %s", exc)
             return

@@ -235,7 +235,7 @@ def _events(kind: str):
     return get_run_db().sql("SELECT run_uid, stream FROM events WHERE type = ?", [kind])
 
 
-def test_a_forked_child_joins_the_run_and_never_ends_it(home: Path, tmp_path: Path) -> None:
+def test_a_forked_child_joins_the_run_and_never_ends_it(bus_home: Path, tmp_path: Path) -> None:
     done = _run(_script(tmp_path, """
         import os, sys
         from engine import get_or_create_ctx
@@ -258,7 +258,7 @@ def test_a_forked_child_joins_the_run_and_never_ends_it(home: Path, tmp_path: Pa
     assert _events("metric").stream[0] != _events("run_started").stream[0]
 
 
-def test_fork_pool_workers_log_into_the_run(home: Path, tmp_path: Path) -> None:
+def test_fork_pool_workers_log_into_the_run(bus_home: Path, tmp_path: Path) -> None:
     done = _run(_script(tmp_path, """
         import multiprocessing as mp
         from engine import get_or_create_ctx
@@ -278,7 +278,7 @@ def test_fork_pool_workers_log_into_the_run(home: Path, tmp_path: Path) -> None:
     assert metrics.value.tolist() == [0.0, 1.0, 4.0, 9.0]
 
 
-def test_spawned_workers_and_child_scripts_join_the_scripts_run(home: Path, tmp_path: Path) -> None:
+def test_spawned_workers_and_child_scripts_join_the_scripts_run(bus_home: Path, tmp_path: Path) -> None:
     _script(tmp_path, """
         from engine import get_or_create_ctx
         get_or_create_ctx('child').log_result('from_child_script', 1)
@@ -303,7 +303,7 @@ def test_spawned_workers_and_child_scripts_join_the_scripts_run(home: Path, tmp_
     assert get_run_db().read_run(runs.uid[0])["results"] == {"from_child_script": 1, "done": 1}
     assert get_run_db().sql("SELECT value FROM metrics ORDER BY step").value.tolist() == [0.0, 1.0, 4.0, 9.0]
     assert len(_events("run_finished")) == 1
-    assert not list((home / "handover").iterdir())  # the run's handover went with it
+    assert not list((bus_home / "handover").iterdir())  # the run's handover went with it
 
 
 def test_run_started_is_on_the_bus_when_get_or_create_ctx_returns(home: Path, tmp_path: Path) -> None:
