@@ -562,6 +562,15 @@ class _RelayCapture:
                 _inherited.remove(self.control)
             os.close(self.control)
 
+    def _flush_decoders(self, decoders: dict[int, codecs.IncrementalDecoder]) -> None:
+        """Hand on what is left of a character cut by the end (as an escape)."""
+        target = self.target
+        for code, decoder in decoders.items():
+            text = decoder.decode(b"", final=True)
+            if text and target is not None:
+                with contextlib.suppress(Exception):
+                    target(_STREAM_CODES[code], text)
+
     def _receive(self) -> None:
         """Turn the relay's frames into `target` calls until it closes the back-channel."""
         decoders = {code: codecs.getincrementaldecoder("utf-8")(errors="backslashreplace") for code in _STREAM_CODES}
@@ -582,6 +591,7 @@ class _RelayCapture:
                     start += 5 + size
                     if code == _ACK:
                         if payload == _FINAL:
+                            self._flush_decoders(decoders)
                             self.acked.set()
                         continue
                     target = self.target
@@ -594,6 +604,7 @@ class _RelayCapture:
                             _note(f"console output is not logged: {type(exc).__name__}: {exc}")
                 buffer = buffer[start:]
         finally:
+            self.acked.set()  # the relay is gone (or done): nothing more will come
             with contextlib.suppress(ValueError):
                 _inherited.remove(self.back)
             os.close(self.back)
