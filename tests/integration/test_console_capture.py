@@ -313,3 +313,17 @@ def test_fd_level_capture_falls_back_to_the_python_level_when_the_relay_cannot_s
     assert _texts(uid) == ["still captured"]
     assert "console capture falls back to the Python level" in done.stderr
     assert "still captured" in done.stdout
+
+
+def test_lines_of_different_streams_keep_the_order_they_were_written_in(home: Path) -> None:
+    context = RunSpec(load_settings(), None, "test", "order", "default").new_context()
+    context.start()
+    context.log_output("stdout", "first\n")
+    context.log_output("stderr", "second\n")
+    context.log_output("stdout", "third\nhalf ")
+    context.logger.info("fourth")
+    context.log_output("stderr", "fifth\n")
+    context.log_output("stdout", "a line\n")  # completed after the stderr line that came between
+    context.finish()  # one batch: nothing was sent before
+    assert _lines(context.uid) == [("stdout", "first"), ("stderr", "second"), ("stdout", "third"),
+                                   ("logger", "[info] fourth"), ("stderr", "fifth"), ("stdout", "half a line")]
