@@ -3,7 +3,7 @@
 (function () {
   var POLL_MS = 1000;
   var KEEP_LINES = 20000;  // lines kept on the page; older ones are dropped as new ones arrive
-  var STREAMS = {stdout: 1, stderr: 1, logger: 1};
+  var STREAMS = {stdout: 1, stderr: 1, console: 1, logger: 1};
   document.querySelectorAll("section.run").forEach(function (section) {
     var nav = section.querySelector("[data-tabs]");
     var pre = section.querySelector("pre[data-log]");
