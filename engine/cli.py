@@ -434,23 +434,21 @@ def tail(
     from_start: Annotated[bool, typer.Option("--from-start", help="print the log from its start")] = False,
 ) -> None:
     """Print events as they arrive, until Ctrl-C."""
-    from schemas import DecodeError
+    from producers.subscription import Subscription
 
     svc = services()
     wanted = set(types.split(",")) if types else None
-    positions = {} if from_start else svc.bus.end_offsets()
+    subscription = Subscription(svc.bus, svc.codec, {} if from_start else svc.bus.end_offsets())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
-            for record in svc.bus.read(positions, 1000, timeout=1.0):
-                positions[record.partition] = record.offset + 1
-                try:
-                    events = svc.codec.decode_all(record.value)
-                except DecodeError as exc:
+            for delivery in subscription.poll(1000, timeout=1.0):
+                if delivery.error is not None:
+                    record = delivery.record
                     console.print(Text(f"undecodable record at {record.partition}:{record.offset}: ", style="red")
-                                  + literal(one_line(exc)))
+                                  + literal(delivery.error))
                     continue
-                for event in events:
+                for event in delivery.events:
                     if (run_uid and not event.run_uid.startswith(run_uid)) or (wanted and event.type not in wanted):
                         continue
                     stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))

@@ -26,6 +26,7 @@ from engine.bootstrap import services
 from tests.e2e.test_ui import RUNBUS
 from tests.hostile.test_ui_cross_site import recorded_ui
 from tests.support import foreign
+from tests.support.polling import line_within
 
 MARKUP = "bad[/red]markup"
 LINK = "[link=http://evil.example]click[/link]"
@@ -190,3 +191,18 @@ def test_sweep_progress_prints_the_best_value_literally(monkeypatch: pytest.Monk
     with SweepProgress(3) as progress:
         progress.update(1, 0, 2, MARKUP)
     assert MARKUP in capsys.readouterr().err
+
+
+def test_tail_names_a_record_that_is_not_events_and_goes_on(home: Path, cli) -> None:
+    foreign.append(services().bus, "junk", b"\x00not avro \x1b[2J\x1b]8;;http://evil.example\x07")
+    new_function().run(NewRun(handler=hostile, name="after-junk"))
+    tail = subprocess.Popen([RUNBUS, "tail", "--from-start", "--type", "run_started"], cwd=home,
+                            env={**os.environ, "RUNBUS_HOME": str(home)}, stdout=subprocess.PIPE, text=True)
+    try:
+        first = line_within(tail.stdout, "tail named the undecodable record")
+        second = line_within(tail.stdout, "tail went on to the run after it")
+    finally:
+        tail.terminate()
+        tail.wait(10)
+    assert first.startswith("undecodable record at 0:0:") and "run_started" in second and "after-junk" in second
+    assert_literal(first + second)
