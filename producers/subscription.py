@@ -5,7 +5,7 @@ letter becomes; none is skipped unseen)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from producers.bus.base import Bus, BusRecord
@@ -25,14 +25,16 @@ class Subscription:
     """Records of `bus` from `positions` on (every partition from 0 when absent).
 
     With `until` (end offsets, e.g. `bus.end_offsets()`), reading stops there: a snapshot of the log
-    as it was, even while writers go on appending.
+    as it was, even while writers go on appending. With `keys`, only records with one of those keys
+    (a run's records are keyed by its uid) are decoded and delivered; the others are passed over.
     """
 
     def __init__(self, bus: Bus, codec: EventCodec, positions: Mapping[int, int] | None = None,
-                 until: Mapping[int, int] | None = None) -> None:
+                 until: Mapping[int, int] | None = None, keys: Collection[str] | None = None) -> None:
         self.bus, self.codec = bus, codec
         self.positions: dict[int, int] = dict(positions or {})
         self.until = dict(until) if until is not None else None
+        self.keys = set(keys) if keys is not None else None
         self.undecodable = 0
 
     @classmethod
@@ -45,7 +47,8 @@ class Subscription:
         return self.until is not None and all(self.positions.get(p, 0) >= end for p, end in self.until.items())
 
     def poll(self, max_records: int = 10_000, timeout: float = 0.0) -> list[Delivery]:
-        """The next records (waiting up to `timeout` for the first), decoded; positions advance past them."""
+        """The next records (waiting up to `timeout` for the first), decoded; positions advance past them
+        (and past the records `keys` passes over)."""
         if self.caught_up():
             return []
         records = self.bus.read(self.positions, max_records, timeout)
@@ -54,7 +57,8 @@ class Subscription:
         deliveries = []
         for record in records:
             self.positions[record.partition] = record.offset + 1
-            deliveries.append(self._decode(record))
+            if self.keys is None or record.key in self.keys:
+                deliveries.append(self._decode(record))
         return deliveries
 
     def _decode(self, record: BusRecord) -> Delivery:
@@ -67,8 +71,9 @@ class Subscription:
     def deliveries(self, batch: int = 10_000, timeout: float = 1.0) -> Iterator[Delivery]:
         """Every delivery up to `until` (or until the bus has nothing new for `timeout`)."""
         while not self.caught_up():
+            before = dict(self.positions)
             found = self.poll(batch, timeout)
-            if not found:
+            if not found and self.positions == before:
                 return
             yield from found
 

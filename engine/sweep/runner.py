@@ -25,6 +25,7 @@ from engine.sweep.summary import record_iterations
 from engine.sweep.watcher import ChildWatcher
 from producers.context import RunContext
 from producers.data_item import DataItem
+from producers.subscription import Subscription
 
 # How long a finished iteration's events may take to show up on the bus after its task returned.
 _EVENTS_GRACE_S = 60.0
@@ -231,23 +232,12 @@ def _artifacts_of(svc: Services, state: SweepState, iteration: int) -> list[Data
         return []
     root = str(svc.artifact_store.root)
     found: dict[str, dict[str, Any]] = {}
-    positions = dict(state.positions)
-    until = svc.bus.end_offsets()  # the log as it is now: writers going on do not keep this reading
-    # not producers.subscription: it decodes every record, and only this iteration's are needed
-    while any(positions.get(partition, 0) < end for partition, end in until.items()):
-        records = svc.bus.read(positions, 10_000)
-        if not records:
-            break
-        for record in records:
-            positions[record.partition] = record.offset + 1
-            # a run's records are keyed by its uid: decode only the iteration's
-            if record.offset >= until.get(record.partition, 0) or record.key != uid:
-                continue
-            try:
-                events = svc.codec.decode_all(record.value)
-            except ValueError:  # not an event: the projection quarantines it
-                continue
-            found.update((e.payload["key"], e.payload) for e in events if e.run_uid == uid and e.type == "artifact")
+    # the log as it is now (writers going on do not keep this reading); a run's records are keyed
+    # by its uid: only the iteration's are decoded
+    subscription = Subscription(svc.bus, svc.codec, state.positions, until=svc.bus.end_offsets(), keys={uid})
+    for event in subscription.events():
+        if event.run_uid == uid and event.type == "artifact":
+            found[event.payload["key"]] = event.payload
     if not found and state.resumed:
         return [_item(a, root) for a in svc.run_db().read_run(uid)["artifacts"]]
     return [_item({**a, "meta": _json_meta(a["meta"])}, root) for a in found.values()]
