@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from engine.runspec import RunSpec
 from engine.runtimes.command import command_argv, run_command
 from engine.settings import load_settings
 from tests.support.polling import wait_until
+from tests.support.scripts import write_script
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBUS = str(Path(sys.executable).parent / "runbus")
@@ -28,12 +28,6 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _spec(params: dict | None = None, secrets: dict | None = None, name: str = "cmd") -> RunSpec:
     return RunSpec(load_settings(), None, "job.py", name, "default", params=params or {}, secrets=secrets or {})
-
-
-def _script(folder: Path, body: str, name: str = "job.py") -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(body))
-    return path
 
 
 def _row(uid: str):
@@ -54,7 +48,7 @@ def test_a_placeholder_without_a_param_is_refused_before_any_run_starts(home: Pa
 
 
 def test_the_scripts_own_context_logs_into_the_launchers_run(bus_home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('a name the launcher overrides', params={'epochs': 3})
@@ -90,7 +84,7 @@ def test_the_scripts_own_context_logs_into_the_launchers_run(bus_home: Path, tmp
 ])
 def test_the_exit_code_decides_the_state(home: Path, tmp_path: Path, body: str, state: str,
                                          error: str | None) -> None:
-    script = _script(tmp_path, body)
+    script = write_script(tmp_path, body)
     context = run_command(str(script), None, _spec())
     row = _row(context.uid)
     assert (context.state, row.state) == (state, state)
@@ -101,7 +95,7 @@ def test_the_exit_code_decides_the_state(home: Path, tmp_path: Path, body: str, 
 
 
 def test_the_error_masks_the_runs_secrets_in_the_commands_stderr(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import sys
         from engine import get_or_create_ctx
         print('login failed with', get_or_create_ctx('job').get_secret('TOKEN'), file=sys.stderr)
@@ -115,7 +109,7 @@ def test_the_error_masks_the_runs_secrets_in_the_commands_stderr(home: Path, tmp
 
 def test_the_commands_output_is_kept_in_the_runs_log(bus_home: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import subprocess, sys
         print('epoch 1')
         print('a warning', file=sys.stderr)
@@ -136,8 +130,8 @@ def test_the_commands_output_is_kept_in_the_runs_log(bus_home: Path, tmp_path: P
 
 
 def test_the_commands_output_reaches_the_launchers_terminal(home: Path, tmp_path: Path) -> None:
-    child = _script(tmp_path, "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
-    launcher = _script(tmp_path, f"""
+    child = write_script(tmp_path, "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
+    launcher = write_script(tmp_path, f"""
         from engine.runspec import RunSpec
         from engine.runtimes.command import run_command
         from engine.settings import load_settings
@@ -151,12 +145,12 @@ def test_the_commands_output_reaches_the_launchers_terminal(home: Path, tmp_path
 
 def test_ctrl_c_in_the_launcher_stops_the_command_and_records_aborted(home: Path, tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
-    child = _script(tmp_path, f"""
+    child = write_script(tmp_path, f"""
         import os, time
         open({str(pid_file)!r}, 'w').write(str(os.getpid()))
         time.sleep(600)
     """)
-    launcher = _script(tmp_path, f"""
+    launcher = write_script(tmp_path, f"""
         from engine.runspec import RunSpec
         from engine.runtimes.command import run_command
         from engine.settings import load_settings
@@ -173,7 +167,7 @@ def test_ctrl_c_in_the_launcher_stops_the_command_and_records_aborted(home: Path
 
 
 def test_runbus_run_runs_a_script_file_as_a_command(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('ignored')
@@ -188,7 +182,7 @@ def test_runbus_run_runs_a_script_file_as_a_command(home: Path, tmp_path: Path) 
     assert (record["name"], record["state"], record["params"]) == ("job", "completed", {"p": 5})
     assert record["results"] == {"args": ["--flag", "x"]}
 
-    failed = subprocess.run([RUNBUS, "run", str(_script(tmp_path, "raise SystemExit(4)", "bad.py"))],
+    failed = subprocess.run([RUNBUS, "run", str(write_script(tmp_path, "raise SystemExit(4)", "bad.py"))],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert failed.returncode == 1
     assert "command exited with code 4" in failed.stderr
@@ -204,7 +198,7 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_to_runbus_run_stops_the_script_and_records_aborted(home: Path, tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
-    child = _script(tmp_path, f"""
+    child = write_script(tmp_path, f"""
         import os, time
         open({str(pid_file)!r}, 'w').write(str(os.getpid()))
         time.sleep(600)
@@ -224,7 +218,7 @@ def test_sigterm_to_runbus_run_stops_the_script_and_records_aborted(home: Path, 
 def test_a_secret_in_the_command_line_is_masked_wherever_the_command_is_recorded(home: Path, tmp_path: Path) -> None:
     from engine import new_function, new_task
 
-    script = _script(tmp_path, "import sys\nprint('got', len(sys.argv[1]), 'characters')\n")
+    script = write_script(tmp_path, "import sys\nprint('got', len(sys.argv[1]), 'characters')\n")
     run = new_function(command=f"{script} s3cr3t-value").run(
         new_task(name="seccmd").with_secrets("inline", {"PASSWORD": "s3cr3t-value"}))
     assert run.state == "completed"
@@ -235,7 +229,7 @@ def test_a_secret_in_the_command_line_is_masked_wherever_the_command_is_recorded
 
 
 def test_runbus_run_prints_the_run_as_the_log_holds_it(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('train')
         ctx.log_result('epochs_seen', ctx.get_param('epochs', 3))  # a param the script itself adds

@@ -9,13 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 from engine import get_run_db
 from tests.support.polling import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.scripts import script_env, write_script
 
 # stdout and stderr interleaved, unbuffered, from Python, raw fd writes and a child process
 INTERLEAVED = """
@@ -32,21 +30,11 @@ INTERLEAVED = """
 """
 
 
-def _script(folder: Path, body: str, name: str = "job.py") -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(body))
-    return path
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
-
-
 def _run_into(script: Path, output: Path, **extra: str) -> int:
     """Run `script` as `python script > output 2>&1`; its exit code (the relay may still be writing)."""
     with output.open("wb") as file:
         return subprocess.run([sys.executable, str(script)], stdout=file, stderr=subprocess.STDOUT, timeout=120,
-                              cwd=script.parent, env=_env(**extra)).returncode
+                              cwd=script.parent, env=script_env(**extra)).returncode
 
 
 def _lines_in(path: Path) -> list[str]:
@@ -60,7 +48,7 @@ def _only_run() -> tuple[str, str]:
 
 
 def test_output_into_one_file_is_byte_identical_to_the_uncaptured_run(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, INTERLEAVED)
+    script = write_script(tmp_path, INTERLEAVED)
     assert _run_into(script, tmp_path / "plain", RUNBUS_CAPTURE_CONSOLE="0", PYTHONUNBUFFERED="1") == 0
     assert _run_into(script, tmp_path / "captured", PYTHONUNBUFFERED="1") == 0
     expected = (tmp_path / "plain").read_bytes()
@@ -75,7 +63,7 @@ def test_output_into_one_file_is_byte_identical_to_the_uncaptured_run(home: Path
 
 
 def test_a_segfault_s_fatal_error_reaches_the_file(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import ctypes, faulthandler
         faulthandler.enable()
         from engine import get_or_create_ctx
@@ -93,7 +81,7 @@ def test_a_segfault_s_fatal_error_reaches_the_file(home: Path, tmp_path: Path) -
 
 
 def test_everything_printed_before_a_kill_9_reaches_the_file(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import os, sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('k9')
@@ -110,7 +98,7 @@ def test_everything_printed_before_a_kill_9_reaches_the_file(home: Path, tmp_pat
 
 def test_a_child_left_running_keeps_printing_after_the_script_exited(home: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ticks"
-    script = _script(tmp_path, f"""
+    script = write_script(tmp_path, f"""
         import subprocess, sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('daemon')
@@ -131,7 +119,7 @@ def test_a_child_left_running_keeps_printing_after_the_script_exited(home: Path,
 
 
 def test_the_log_holds_everything_printed_before_the_run_ended(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import os, subprocess, sys, threading
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('everything')
@@ -146,7 +134,7 @@ def test_the_log_holds_everything_printed_before_the_run_ended(home: Path, tmp_p
         print('the last line, no line break', end='')
     """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env=_env())
+                          cwd=tmp_path, env=script_env())
     assert done.returncode == 0, done.stderr
     uid, state = _only_run()
     assert state == "completed"
@@ -160,7 +148,7 @@ def test_the_log_holds_everything_printed_before_the_run_ended(home: Path, tmp_p
 
 
 def test_ctrl_c_to_the_script_s_process_group_leaves_its_output_whole(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import os, signal, time
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('interrupted')
@@ -173,7 +161,7 @@ def test_ctrl_c_to_the_script_s_process_group_leaves_its_output_whole(home: Path
     output = tmp_path / "out"
     with output.open("wb") as file:
         process = subprocess.run([sys.executable, str(script)], stdout=file, stderr=subprocess.STDOUT,
-                                 timeout=120, cwd=tmp_path, env=_env(), start_new_session=True)
+                                 timeout=120, cwd=tmp_path, env=script_env(), start_new_session=True)
     assert process.returncode != 0
     wait_until(lambda: "KeyboardInterrupt" in output.read_text(), "the traceback in the file")
     lines = _lines_in(output)
@@ -184,11 +172,11 @@ def test_ctrl_c_to_the_script_s_process_group_leaves_its_output_whole(home: Path
 
 
 def test_a_terminal_gets_the_program_s_exact_order(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, INTERLEAVED)
+    script = write_script(tmp_path, INTERLEAVED)
     controller, terminal = os.openpty()
     try:
         process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.DEVNULL, stdout=terminal,
-                                   stderr=terminal, cwd=tmp_path, env=_env(PYTHONUNBUFFERED="1"))
+                                   stderr=terminal, cwd=tmp_path, env=script_env(PYTHONUNBUFFERED="1"))
     finally:
         os.close(terminal)
     shown = b""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -15,24 +14,14 @@ import pytest
 
 from engine import get_run_db
 from tests.support.polling import wait_until
+from tests.support.scripts import script_env, write_script
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNBUS = str(Path(sys.executable).parent / "runbus")
-
-
-def _script(folder: Path, body: str, name: str = "train.py") -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(body))
-    return path
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 
 
 def _run(script: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          cwd=script.parent, env=_env(**extra))
+                          cwd=script.parent, env=script_env(**extra))
 
 
 def _runs():
@@ -40,7 +29,7 @@ def _runs():
 
 
 def test_a_script_whose_only_runbus_line_is_get_or_create_ctx_is_a_run(bus_home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         import logging, subprocess, sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('train')
@@ -65,7 +54,7 @@ def test_a_script_whose_only_runbus_line_is_get_or_create_ctx_is_a_run(bus_home:
     assert record["params"] == {"lr": 0.1} and record["results"] == {"accuracy": 0.93}
     assert record["labels"]["team"] == "vision"
     assert get_run_db().sql("SELECT value FROM metrics ORDER BY step").value.tolist() == [1.0, 0.5, 1.0 / 3]
-    listed = subprocess.run([RUNBUS, "runs"], capture_output=True, text=True, timeout=120, env=_env())
+    listed = subprocess.run([RUNBUS, "runs"], capture_output=True, text=True, timeout=120, env=script_env())
     assert listed.returncode == 0 and runs.uid[0][:8] in listed.stdout and "completed" in listed.stdout
     state, text = get_run_db().get_log(runs.uid[0])
     assert state == "completed"
@@ -75,7 +64,7 @@ def test_a_script_whose_only_runbus_line_is_get_or_create_ctx_is_a_run(bus_home:
 
 
 def test_the_console_log_holds_the_traceback_and_can_be_turned_off(home: Path, tmp_path: Path) -> None:
-    script = _script(tmp_path, """
+    script = write_script(tmp_path, """
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('job')
         print('before the failure')
@@ -112,7 +101,7 @@ def test_the_console_log_holds_the_traceback_and_can_be_turned_off(home: Path, t
 ])
 def test_how_the_script_ends_decides_the_state(home: Path, tmp_path: Path, body: str, state: str,
                                                error: str | None) -> None:
-    done = _run(_script(tmp_path, "import sys\nfrom engine import get_or_create_ctx, start_run\n" + body))
+    done = _run(write_script(tmp_path, "import sys\nfrom engine import get_or_create_ctx, start_run\n" + body))
     assert done.returncode != 0 or state == "completed"
     runs = _runs()
     assert runs.state.tolist() == [state], done.stderr
@@ -125,7 +114,7 @@ def test_how_the_script_ends_decides_the_state(home: Path, tmp_path: Path, body:
 
 
 def test_the_with_form_ends_its_run_and_a_later_call_starts_another(home: Path, tmp_path: Path) -> None:
-    done = _run(_script(tmp_path, """
+    done = _run(write_script(tmp_path, """
         from engine import get_or_create_ctx, start_run
         for lr in (0.1, 0.2):
             with start_run('sweep-by-hand', params={'lr': lr}) as ctx:
@@ -145,9 +134,9 @@ def test_ctrl_c_aborts_the_run(home: Path, tmp_path: Path, with_form: bool) -> N
     body = f"ctx = get_or_create_ctx('job')\nopen({str(ready)!r}, 'w').close()\ntime.sleep(600)\n"
     if with_form:
         body = "with get_or_create_ctx('job') as ctx:\n" + textwrap.indent(body.split("\n", 1)[1], "    ")
-    process = subprocess.Popen([sys.executable, str(_script(tmp_path, "import time\nfrom engine import "
+    process = subprocess.Popen([sys.executable, str(write_script(tmp_path, "import time\nfrom engine import "
                                                                       "get_or_create_ctx\n" + body))],
-                               env=_env(), stderr=subprocess.DEVNULL)
+                               env=script_env(), stderr=subprocess.DEVNULL)
     wait_until(ready.exists, "the script opened its run")
     process.send_signal(signal.SIGINT)
     assert process.wait(60) != 0
@@ -158,14 +147,14 @@ def test_ctrl_c_aborts_the_run(home: Path, tmp_path: Path, with_form: bool) -> N
 
 def test_sigterm_aborts_the_run_and_the_script_still_dies_by_it(home: Path, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    script = _script(tmp_path, f"""
+    script = write_script(tmp_path, f"""
         import time
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('job')
         open({str(ready)!r}, 'w').close()
         time.sleep(600)
     """)
-    process = subprocess.Popen([sys.executable, str(script)], env=_env(), stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, str(script)], env=script_env(), stderr=subprocess.PIPE)
     wait_until(ready.exists, "the script opened its run")
     process.terminate()
     assert process.wait(60) == -signal.SIGTERM
@@ -175,7 +164,7 @@ def test_sigterm_aborts_the_run_and_the_script_still_dies_by_it(home: Path, tmp_
 
 
 def test_a_script_with_its_own_sigterm_handler_keeps_it(home: Path, tmp_path: Path) -> None:
-    done = _run(_script(tmp_path, """
+    done = _run(write_script(tmp_path, """
         import os, signal
         from engine import get_or_create_ctx
         signal.signal(signal.SIGTERM, lambda *_: print('my handler'))
@@ -191,7 +180,7 @@ def test_a_script_with_its_own_sigterm_handler_keeps_it(home: Path, tmp_path: Pa
 def test_kill_9_leaves_the_run_lost(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.2")
     ready = tmp_path / "ready"
-    script = _script(tmp_path, f"""
+    script = write_script(tmp_path, f"""
         import time
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('job')
@@ -200,7 +189,7 @@ def test_kill_9_leaves_the_run_lost(home: Path, tmp_path: Path, monkeypatch: pyt
         open({str(ready)!r}, 'w').close()
         time.sleep(600)
     """)
-    process = subprocess.Popen([sys.executable, str(script)], env=_env())
+    process = subprocess.Popen([sys.executable, str(script)], env=script_env())
     wait_until(ready.exists, "the script logged")
     assert _runs().state.tolist() == ["running"]
     process.kill()
@@ -223,7 +212,7 @@ def test_a_run_name_is_checked_as_mlrun_does_before_anything_starts(home: Path) 
     "start_run('train', params={'lr': 0.1}, labels={'team': 'vision'})",
 ])
 def test_params_and_labels_given_at_the_call(home: Path, tmp_path: Path, call: str) -> None:
-    done = _run(_script(tmp_path, f"from engine import get_or_create_ctx, start_run\nctx = {call}\n"
+    done = _run(write_script(tmp_path, f"from engine import get_or_create_ctx, start_run\nctx = {call}\n"
                                   "ctx.log_result('lr_seen', ctx.parameters['lr'])\n"))
     assert done.returncode == 0, done.stderr
     record = get_run_db().read_run(_runs().uid[0])
@@ -236,7 +225,7 @@ def _events(kind: str):
 
 
 def test_a_forked_child_joins_the_run_and_never_ends_it(bus_home: Path, tmp_path: Path) -> None:
-    done = _run(_script(tmp_path, """
+    done = _run(write_script(tmp_path, """
         import os, sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('rawfork')
@@ -259,7 +248,7 @@ def test_a_forked_child_joins_the_run_and_never_ends_it(bus_home: Path, tmp_path
 
 
 def test_fork_pool_workers_log_into_the_run(bus_home: Path, tmp_path: Path) -> None:
-    done = _run(_script(tmp_path, """
+    done = _run(write_script(tmp_path, """
         import multiprocessing as mp
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('mp')
@@ -279,11 +268,11 @@ def test_fork_pool_workers_log_into_the_run(bus_home: Path, tmp_path: Path) -> N
 
 
 def test_spawned_workers_and_child_scripts_join_the_scripts_run(bus_home: Path, tmp_path: Path) -> None:
-    _script(tmp_path, """
+    write_script(tmp_path, """
         from engine import get_or_create_ctx
         get_or_create_ctx('child').log_result('from_child_script', 1)
     """, "child.py")
-    done = _run(_script(tmp_path, """
+    done = _run(write_script(tmp_path, """
         import multiprocessing as mp, subprocess, sys
         from engine import get_or_create_ctx
         ctx = get_or_create_ctx('train')  # a spawn worker runs this again as it imports the script
@@ -307,7 +296,7 @@ def test_spawned_workers_and_child_scripts_join_the_scripts_run(bus_home: Path, 
 
 
 def test_run_started_is_on_the_bus_when_get_or_create_ctx_returns(home: Path, tmp_path: Path) -> None:
-    done = _run(_script(tmp_path, "import os\nfrom engine import get_or_create_ctx\n"
+    done = _run(write_script(tmp_path, "import os\nfrom engine import get_or_create_ctx\n"
                                   "get_or_create_ctx('job')\nos._exit(0)\n"))
     assert done.returncode == 0, done.stderr
     assert _runs().name.tolist() == ["job"]  # running until its silence reads lost
@@ -339,7 +328,7 @@ def test_a_handover_is_trusted_only_from_the_users_private_folder(home: Path, tm
         handover.write_text(_handover_record("a" * 32))
         handover.chmod(0o600)
         folder.chmod(0o755)
-    done = _run(_script(tmp_path, "from engine import get_or_create_ctx\n"
+    done = _run(write_script(tmp_path, "from engine import get_or_create_ctx\n"
                                   "get_or_create_ctx('job').set_label('owner', 'attacker')\n"),
                 RUNBUS_RUN_HANDOVER=str(handover))
     assert done.returncode != 0
@@ -350,7 +339,8 @@ def test_a_handover_is_trusted_only_from_the_users_private_folder(home: Path, tm
 def test_a_handover_whose_launcher_has_ended_warns_and_the_script_runs_its_own(home: Path, tmp_path: Path) -> None:
     folder = home / "handover"
     folder.mkdir(parents=True, mode=0o755)  # made under someone's umask: a run that hands over makes it private
-    script = _script(tmp_path, "from engine import get_or_create_ctx\nget_or_create_ctx('late').log_result('x', 1)\n")
+    script = write_script(tmp_path, "from engine import get_or_create_ctx\n"
+                                    "get_or_create_ctx('late').log_result('x', 1)\n")
     first = _run(script)
     assert first.returncode == 0, first.stderr
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
