@@ -28,7 +28,7 @@ class Settings:
     kafka_partitions: int = 6
     projections: tuple[str, ...] = ()
     capture_console: bool = True
-    projection: str = "inprocess"
+    projection: str = "service"
     projection_idle_s: float = 300.0
 
     @property
@@ -72,8 +72,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     RUNBUS_DASK_WORKERS, RUNBUS_KAFKA_TOPIC, RUNBUS_KAFKA_PARTITIONS,
     RUNBUS_PROJECTIONS (user projections: "module:Class" separated by commas),
     RUNBUS_CAPTURE_CONSOLE (0 turns off keeping a run's stdout and stderr as log events),
-    RUNBUS_PROJECTION ('service': reads go to the home's projection service, the one writer of the
-    projection; 'inprocess': this process folds and reads the file itself), RUNBUS_PROJECTION_IDLE
+    RUNBUS_PROJECTION ('service', the default: reads go to the home's projection service, the one
+    writer of the projection; 'inprocess': this process folds and reads the file itself, for
+    single-process use), RUNBUS_PROJECTION_IDLE
     (seconds without a request after which the projection service exits)."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
@@ -91,7 +92,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         kafka_partitions=int(_number(env, "RUNBUS_KAFKA_PARTITIONS", 6, int)),
         projections=tuple(p.strip() for p in (env.get("RUNBUS_PROJECTIONS") or "").split(",") if p.strip()),
         capture_console=_flag(env, "RUNBUS_CAPTURE_CONSOLE", True),
-        projection=_choice(env, "RUNBUS_PROJECTION", ("inprocess", "service")),
+        projection=_choice(env, "RUNBUS_PROJECTION", ("service", "inprocess")),
         projection_idle_s=_number(env, "RUNBUS_PROJECTION_IDLE", 300.0),
     )
 

@@ -19,6 +19,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("RUNBUS_HOME", str(runbus_home))
     monkeypatch.delenv("RUNBUS_BUS", raising=False)
     monkeypatch.setenv("RUNBUS_FLUSH_INTERVAL", "0.05")
+    monkeypatch.setenv("RUNBUS_PROJECTION", "inprocess")  # until the fixture stops each home's service
     reset_services()
     yield runbus_home
     reset_services()
