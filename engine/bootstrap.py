@@ -118,26 +118,31 @@ _lock = threading.Lock()
 _services: dict[Settings, Services] = {}
 
 
+def bootstrap(settings: Settings | None = None) -> Services:
+    """New services built from `settings` (the environment's when None); the caller closes them."""
+    settings = settings or load_settings()
+    make_private_folder(settings.home)  # a home this creates is readable by its owner only
+    make_private_folder(settings.artifact_root)
+    configure_projection(settings.db_linger_s, settings.heartbeat_interval_s)
+    codec = EventCodec()
+    bus = make_bus(settings.bus_url, settings)
+    # the writer delivers what earlier writers on this bus kept in the spill folder
+    return Services(settings, codec, bus,
+                    BackgroundWriter(bus, codec, settings.flush_interval_s,
+                                     heartbeat_interval_s=settings.heartbeat_interval_s,
+                                     spill_dir=settings.spill_dir,
+                                     flush_timeout_s=settings.flush_timeout_s),
+                    ArtifactStore(settings.artifact_root),
+                    load_user_projections(settings.projections))
+
+
 def services(settings: Settings | None = None) -> Services:
     """The process's services for the current settings (built once per distinct settings)."""
     settings = settings or load_settings()
     with _lock:
         found = _services.get(settings)
         if found is None:
-            make_private_folder(settings.home)  # a home this creates is readable by its owner only
-            make_private_folder(settings.artifact_root)
-            configure_projection(settings.db_linger_s, settings.heartbeat_interval_s)
-            codec = EventCodec()
-            bus = make_bus(settings.bus_url, settings)
-            # the writer delivers what earlier writers on this bus kept in the spill folder
-            found = Services(settings, codec, bus,
-                             BackgroundWriter(bus, codec, settings.flush_interval_s,
-                                              heartbeat_interval_s=settings.heartbeat_interval_s,
-                                              spill_dir=settings.spill_dir,
-                                              flush_timeout_s=settings.flush_timeout_s),
-                             ArtifactStore(settings.artifact_root),
-                             load_user_projections(settings.projections))
-            _services[settings] = found
+            found = _services[settings] = bootstrap(settings)
         return found
 
 
