@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import duckdb
@@ -31,6 +32,7 @@ import orjson
 import pyarrow as pa
 
 from producers.bus import Bus, BusRecord
+from producers.subscription import Delivery, Subscription
 from projections.database import connection_is_prepared, fallback_heartbeat_interval_s, mark_prepared
 from projections.fold import TableBatch, check_event, fold, identity_problem, printable
 from projections.replay import stored_events
@@ -167,14 +169,18 @@ class Projector:
         return dict(self.con.execute("SELECT partition, next_offset FROM positions").fetchall())
 
     def run_once(self, timeout: float = 0.0) -> int:
-        """Fold one batch of new records; returns how many records it consumed."""
-        positions = self.positions()
+        """Fold one batch of new records (waiting up to `timeout` for the first); returns how many
+        records it consumed. Reading starts at the positions the last commit stored, whatever an
+        earlier call read and failed to commit."""
+        subscription = Subscription(self.bus, self.codec, self.positions())
         wanted = max(1, min(self.batch_size, int(self.events_per_batch / self._events_per_record)))
-        records = self.bus.read(positions, wanted, timeout)
-        if records:
-            events = self._apply(records, positions)
-            self._events_per_record = max(1.0, events / len(records))
-        return len(records)
+        with _gc_paused():  # decoding allocates the batch's events too
+            deliveries = subscription.poll(wanted, timeout)
+            if not deliveries:
+                return 0
+            events = self._fold_deliveries(deliveries, subscription.positions)
+        self._events_per_record = max(1.0, events / len(deliveries))
+        return len(deliveries)
 
     def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> int:
         """Fold everything appended up to now; returns the number of records consumed."""
@@ -243,22 +249,17 @@ class Projector:
         self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES (?, ?)",
                          [f"user:{projection.name}", str(projection.version)])
 
-    def _apply(self, records: list[BusRecord], positions: dict[int, int]) -> int:
-        with _gc_paused():
-            return self._decode_and_fold(records, positions)
-
-    def _decode_and_fold(self, records: list[BusRecord], positions: dict[int, int]) -> int:
-        """Fold the records' events in one transaction; returns how many events they held."""
-        decoded = []
+    def _fold_deliveries(self, deliveries: list[Delivery], positions: dict[int, int]) -> int:
+        """Fold the deliveries' events in one transaction that also stores `positions` (past them);
+        a record that does not decode is one dead letter with its reason. Returns the events held."""
+        decoded: list[tuple[BusRecord, Event]] = []
         undecodable = []
         received = time.time()
-        for record in records:
-            try:
-                decoded.extend((record, event) for event in self.codec.decode_all(record.value))
-            except Exception as exc:  # untrusted bytes: whatever fails to decode is a dead letter
-                undecodable.append(_dead_letter(record, str(exc), received))
-        for record in records:
-            positions[record.partition] = record.offset + 1
+        for delivery in deliveries:
+            if delivery.error is None:
+                decoded.extend(zip(repeat(delivery.record), delivery.events))
+            else:
+                undecodable.append(_dead_letter(delivery.record, delivery.error, received))
         self._fold_and_commit(decoded, positions, undecodable, received)
         return len(decoded)
 
