@@ -1,4 +1,13 @@
-"""The bus contract: every backend's test module subclasses `BusContract`."""
+"""The bus contract: every backend's test module subclasses `BusContract`.
+
+An append that fails (the bus raised) may have stored part of its batch: none of it on the embedded
+log (one SQLite transaction), any of its records on Kafka (each partition's records are acknowledged
+on their own; a refused record does not stop the others). What a failed append stored is read like
+any other record, in batch order per key, and the bus goes on: a later append lands after it. A
+retry of the whole batch (the writer's) therefore stores that part twice; consumers tell the copies
+apart by event id (the projector records the second one as a duplicate: tests/contract/projector_contract.py).
+`PartialAppend` makes a real backend store part of a batch and then fail, on every backend.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +15,12 @@ import multiprocessing
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from producers.bus import Bus, BusRecord
+import pytest
+
+from producers.bus import Bus, BusError, BusRecord
 
 
 def read_all(bus: Bus, expected: int, timeout: float = 30.0) -> list[BusRecord]:
@@ -22,6 +34,56 @@ def read_all(bus: Bus, expected: int, timeout: float = 30.0) -> list[BusRecord]:
             positions[record.partition] = record.offset + 1
         records.extend(batch)
     return records
+
+
+class PartialAppend(Bus):
+    """Fault injector over a real bus: each of the next `failures` appends stores its first `stored`
+    records on `inner` (really: they are on the log), then raises BusError, as a connection lost
+    mid-batch does. Everything else goes straight to `inner`."""
+
+    def __init__(self, inner: Bus, stored: int, failures: int = 1) -> None:
+        self.inner, self.stored, self.failures = inner, stored, failures
+        self.url = inner.url
+        self.topic = getattr(inner, "topic", None)  # a writer's spill file is kept per bus and topic
+
+    def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
+        if self.failures <= 0:
+            self.inner.append(records)
+            return
+        self.failures -= 1
+        self.inner.append(records[:self.stored])
+        raise BusError(f"{self.url}: append of {len(records)} records failed after storing "
+                       f"{min(self.stored, len(records))}")
+
+    def partitions(self) -> list[int]:
+        return self.inner.partitions()
+
+    def end_offsets(self) -> dict[int, int]:
+        return self.inner.end_offsets()
+
+    def read(self, positions: Mapping[int, int], max_records: int = 10_000,
+             timeout: float = 0.0) -> list[BusRecord]:
+        return self.inner.read(positions, max_records, timeout)
+
+    def commit(self, group: str, positions: Mapping[int, int]) -> None:
+        self.inner.commit(group, positions)
+
+    def committed(self, group: str) -> dict[int, int]:
+        return self.inner.committed(group)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _per_key(records: Sequence[BusRecord]) -> dict[str | None, list[bytes]]:
+    found: dict[str | None, list[bytes]] = {}
+    for record in records:
+        found.setdefault(record.key, []).append(record.value)
+    return found
+
+
+def _per_key_of(records: Sequence[tuple[str | None, bytes]]) -> dict[str | None, list[bytes]]:
+    return _per_key([BusRecord(0, 0, key, value, 0.0) for key, value in records])
 
 
 def _append_from_process(bus_factory: object, writer: int, count: int) -> None:
@@ -126,6 +188,28 @@ class BusContract(ABC):
             writer, seq = record.value.decode().split(":")
             per_writer.setdefault(writer, []).append(int(seq))
         assert all(seqs == list(range(self.events_per_process)) for seqs in per_writer.values())
+
+    def test_an_append_that_stored_part_of_its_batch_raises_and_its_retry_stores_the_batch_after_it(
+            self) -> None:
+        bus = self.make_bus()
+        bus.append([("before", b"0")])
+        batch = [(f"run-{i % 3}", f"{i % 3}:{i // 3}".encode()) for i in range(12)]
+        flaky = PartialAppend(bus, stored=5)
+        with pytest.raises(BusError, match="after storing 5"):
+            flaky.append(batch)
+        stored = read_all(bus, 1 + 5)
+        assert sum(bus.end_offsets().values()) == 6
+        assert _per_key(stored) == _per_key_of([("before", b"0"), *batch[:5]])
+
+        flaky.append(batch)  # the writer's retry: the whole batch again
+        bus.append([("after", b"1")])
+        records = read_all(bus, 1 + 5 + 12 + 1)
+        assert sum(bus.end_offsets().values()) == 19
+        # per key: the stored part, then the whole batch, then what came later
+        assert _per_key(records) == _per_key_of([("before", b"0"), *batch[:5], *batch, ("after", b"1")])
+        for partition in bus.partitions():  # offsets grow by one, no gap left by the failure
+            offsets = [r.offset for r in records if r.partition == partition]
+            assert offsets == list(range(len(offsets)))
 
     def make_bus_same(self, bus: Bus) -> Bus:
         """Another handle on the same bus (as a second producer would open it)."""

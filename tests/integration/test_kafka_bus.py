@@ -6,8 +6,9 @@ from collections.abc import Iterator
 import pytest
 
 from producers.bus import Bus, BusError
+from producers.bus.base import BusRefused
 from producers.bus.kafka import KafkaBus
-from tests.contract.bus_contract import BusContract
+from tests.contract.bus_contract import BusContract, read_all
 from tests.kafka_support import unique_topic
 
 pytestmark = pytest.mark.kafka
@@ -46,3 +47,18 @@ def test_the_topic_is_created_with_the_requested_partitions(kafka_bootstrap: str
     with KafkaBus(kafka_bootstrap, topic=unique_topic(), partitions=5) as bus:
         assert bus.partitions() == [0, 1, 2, 3, 4]
         assert bus.end_offsets() == {p: 0 for p in range(5)}
+
+
+def test_an_append_with_a_record_over_the_size_limit_raises_bus_refused_and_stores_none_after_it(
+        kafka_bootstrap: str) -> None:
+    """A real partial append: the producer refuses the oversized record at send, the append raises
+    BusRefused, and what it stored is some of the records before it, in batch order (the bus
+    contract); the bus goes on."""
+    with KafkaBus(kafka_bootstrap, topic=unique_topic(), partitions=1) as bus:
+        too_large = b"x" * (9 * 1024 * 1024)
+        with pytest.raises(BusRefused, match="append of 4 records failed"):
+            bus.append([("k", b"1"), ("k", b"2"), ("k", too_large), ("k", b"3")])
+        bus.append([("k", b"4")])
+        values = [r.value for r in read_all(bus, sum(bus.end_offsets().values()))]
+        assert values[-1] == b"4"
+        assert values[:-1] in ([], [b"1"], [b"1", b"2"])
