@@ -1,22 +1,30 @@
-"""The projector: exactly-once folding, crash recovery, rebuilds and dead letters."""
+"""The projector: its exactly-once contract (tests/contract/projector_contract.py) on the embedded,
+in-memory and Kafka buses, and the engine's use of it (many producers, the file held, damage)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from engine import NewRun, get_run_db, new_function
 from engine.bootstrap import services
-from projections import Projector, open_projection
+from producers.bus import Bus
+from producers.bus.embedded import EmbeddedBus
+from producers.bus.kafka import KafkaBus
+from producers.bus.memory import MemoryBus
+from projections import open_projection
 from projections.database import close_all
-from tests.support.crash import kill_projector_mid_stream, resume_and_compare
+from tests.contract.projector_contract import ProjectorContract
+from tests.kafka_support import unique_topic
 from tests.support.polling import line_within
 from tests.support.producers import SEQ_BREAKS, produce_from_processes
-from tests.support.tables import snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,56 +45,6 @@ def _record_runs(count: int, epochs: int) -> list[str]:
         run = new_function().run(NewRun(handler=_train, name=f"run{i}", params={"epochs": epochs, "name": f"m{i}"}))
         uids.append(run.uid)
     return uids
-
-
-def test_rebuild_equals_incremental_folding(home: Path) -> None:
-    for _ in range(3):
-        _record_runs(2, 50)
-        get_run_db().catch_up()  # fold a little at a time
-    svc = services()
-    with open_projection(svc.settings.db_path) as con:
-        incremental = snapshot(con)
-        Projector(svc.bus, con).rebuild()
-        rebuilt = snapshot(con)
-    assert len(incremental["runs"]) == 6 and len(incremental["metrics"]) == 300
-    assert rebuilt == incremental
-
-
-def test_a_projector_killed_mid_batch_resumes_without_loss_or_doubles(home: Path, tmp_path: Path) -> None:
-    _record_runs(10, 2000)
-    svc = services()
-    svc.writer.flush()
-    kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=2, batches=5)
-    resumed, clean = resume_and_compare(svc.bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
-    assert len(resumed["metrics"]) == 10 * 2000
-    assert resumed == clean
-
-
-def test_records_appended_twice_are_applied_once(home: Path) -> None:
-    _record_runs(1, 20)
-    svc = services()
-    svc.writer.flush()
-    records = svc.bus.read({}, 10_000)
-    svc.bus.append([(r.key, r.value) for r in records])  # e.g. a push or an import repeated
-    db = get_run_db()
-    assert db.sql("SELECT count(*) AS n FROM metrics").n[0] == 20
-    events = sum(len(services().codec.decode_all(r.value)) for r in records)
-    assert db.sql("SELECT count(*) AS n FROM events").n[0] == events
-
-
-def test_garbage_bytes_go_to_dead_letters_and_the_projector_moves_on(home: Path) -> None:
-    _record_runs(1, 5)
-    svc = services()
-    svc.writer.flush()
-    svc.bus.append([("junk", b"\x00\xffnot an event")])
-    _record_runs(1, 5)
-
-    db = get_run_db()
-    dead = db.sql("SELECT key, error, raw FROM dead_letters")
-    assert list(dead.key) == ["junk"]
-    assert "bad marker" in dead.error[0]
-    assert bytes(dead.raw[0]) == b"\x00\xffnot an event"
-    assert db.sql("SELECT count(*) AS n FROM runs WHERE state = 'completed'").n[0] == 2
 
 
 def test_four_processes_logging_at_once_lose_nothing_and_keep_order(home: Path) -> None:
@@ -163,3 +121,25 @@ def test_damage_found_in_a_data_block_fails_once_then_the_projection_is_rebuilt(
             assert "Corrupt database file" in str(exc)
             assert any(p.name.startswith(path.name + ".corrupt-") for p in path.parent.iterdir())
     assert answers[-1] == [[sum(range(60_000)), 60_000]]
+
+
+class TestProjectorOnTheEmbeddedBus(ProjectorContract):
+    @pytest.fixture
+    def bus_factory(self, tmp_path: Path) -> Callable[[], Bus]:
+        return functools.partial(EmbeddedBus, tmp_path / "log.sqlite")
+
+
+class TestProjectorOnTheMemoryBus(ProjectorContract):
+    shared_across_processes = False
+
+    @pytest.fixture
+    def bus_factory(self) -> Callable[[], Bus]:
+        bus = MemoryBus(partitions=3)
+        return lambda: bus
+
+
+@pytest.mark.kafka
+class TestProjectorOnKafka(ProjectorContract):
+    @pytest.fixture
+    def bus_factory(self, kafka_bootstrap: str) -> Callable[[], Bus]:
+        return functools.partial(KafkaBus, kafka_bootstrap, topic=unique_topic(), partitions=3)
