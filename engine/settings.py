@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, KafkaSecurityError, Secret
+
 
 class SettingsError(ValueError):
     """A RUNBUS_* variable has a value Runbus cannot use."""
@@ -30,6 +32,7 @@ class Settings:
     capture_console: bool = True
     projection: str = "service"
     projection_idle_s: float = 300.0
+    kafka_security: KafkaSecurity = PLAINTEXT
 
     @property
     def db_path(self) -> Path:
@@ -75,7 +78,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     RUNBUS_PROJECTION ('service', the default: reads go to the home's projection service, the one
     writer of the projection; 'inprocess': this process folds and reads the file itself, for
     single-process use), RUNBUS_PROJECTION_IDLE
-    (seconds without a request after which the projection service exits)."""
+    (seconds without a request after which the projection service exits), and Kafka's security
+    (see `kafka_security`)."""
     env = os.environ if env is None else env
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
     return Settings(
@@ -94,7 +98,49 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         capture_console=_flag(env, "RUNBUS_CAPTURE_CONSOLE", True),
         projection=_choice(env, "RUNBUS_PROJECTION", ("service", "inprocess")),
         projection_idle_s=_number(env, "RUNBUS_PROJECTION_IDLE", 300.0),
+        kafka_security=kafka_security(env),
     )
+
+
+# The variable of each KafkaSecurity field (the password's is one of two).
+KAFKA_SECURITY_VARIABLES = {
+    "protocol": "RUNBUS_KAFKA_SECURITY_PROTOCOL", "mechanism": "RUNBUS_KAFKA_SASL_MECHANISM",
+    "user": "RUNBUS_KAFKA_USER", "password": "RUNBUS_KAFKA_PASSWORD", "ca_file": "RUNBUS_KAFKA_CA_FILE",
+    "cert_file": "RUNBUS_KAFKA_CERT_FILE", "key_file": "RUNBUS_KAFKA_KEY_FILE"}
+
+
+def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
+    """How every Kafka client of this process connects: RUNBUS_KAFKA_SECURITY_PROTOCOL (PLAINTEXT,
+    the default; SSL, SASL_PLAINTEXT, SASL_SSL), RUNBUS_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256,
+    SCRAM-SHA-512), RUNBUS_KAFKA_USER, the password in RUNBUS_KAFKA_PASSWORD or in the file named by
+    RUNBUS_KAFKA_PASSWORD_FILE (one of them; the file's final newline is not part of it), and for TLS
+    RUNBUS_KAFKA_CA_FILE (the CA that signs the brokers' certificates; default: the system's),
+    RUNBUS_KAFKA_CERT_FILE and RUNBUS_KAFKA_KEY_FILE (a client certificate, PEM). SettingsError names
+    the variable of a value or combination that cannot work."""
+    def text(field: str) -> str | None:
+        return (env.get(KAFKA_SECURITY_VARIABLES[field]) or "").strip() or None
+
+    def path(field: str) -> str | None:
+        raw = text(field)
+        return None if raw is None else str(Path(raw).expanduser().resolve())
+
+    names = dict(KAFKA_SECURITY_VARIABLES)
+    try:
+        password = None
+        if env.get("RUNBUS_KAFKA_PASSWORD") and env.get("RUNBUS_KAFKA_PASSWORD_FILE"):
+            raise SettingsError("RUNBUS_KAFKA_PASSWORD and RUNBUS_KAFKA_PASSWORD_FILE are both set: set one")
+        if env.get("RUNBUS_KAFKA_PASSWORD_FILE"):
+            names["password"] = "RUNBUS_KAFKA_PASSWORD_FILE"
+            password = Secret.from_file(str(Path(env["RUNBUS_KAFKA_PASSWORD_FILE"].strip()).expanduser().resolve()))
+        elif env.get("RUNBUS_KAFKA_PASSWORD"):
+            password = Secret.from_env("RUNBUS_KAFKA_PASSWORD", env)
+        mechanism = text("mechanism")
+        return KafkaSecurity(protocol=(text("protocol") or "PLAINTEXT").upper(),
+                             mechanism=None if mechanism is None else mechanism.upper(), user=text("user"),
+                             password=password, ca_file=path("ca_file"), cert_file=path("cert_file"),
+                             key_file=path("key_file"))
+    except KafkaSecurityError as exc:
+        raise SettingsError(exc.explain(names)) from None
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:

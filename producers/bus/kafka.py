@@ -5,6 +5,11 @@ idempotent producer (acks=all) and return once every record is acknowledged. Rea
 without a group that is assigned every partition and seeks to the positions it is given; committed
 positions are stored as the group's offsets through the admin API, so no group membership is needed.
 Clients are created lazily and again after a fork.
+
+Every client connects as `security` says (KafkaSecurity: SASL, TLS). What retrying cannot fix is
+BusRefused, with its cause in one line: a refused login or certificate within moments (kafka-python
+alone retries both until the bootstrap times out, without saying why), and a missing ACL with the
+operations the user's ACLs do allow on the topic.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,22 +28,31 @@ from kafka.codec import has_lz4
 from kafka.consumer import KafkaConsumer
 from kafka.errors import (
     AuthorizationError,
+    IllegalSaslStateError,
     InvalidRecordError,
     InvalidTopicError,
     KafkaConfigurationError,
+    KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
     PolicyViolationError,
     RecordListTooLargeError,
     SaslAuthenticationFailedError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
     UnsupportedVersionError,
 )
 from kafka.net.compat import KafkaNetClient
+from kafka.net.inet import create_connection
+from kafka.net.manager import KafkaConnectionManager
+from kafka.net.selector import NetworkSelector
+from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 from kafka.producer import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from producers.bus.base import Bus, BusError, BusRecord, BusRefused
+from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity
 
 T = TypeVar("T")
 
@@ -61,6 +76,79 @@ _FLUSH_GRACE_S = 5.0
 _REFUSALS = (AuthorizationError, SaslAuthenticationFailedError, MessageSizeTooLargeError,
              RecordListTooLargeError, InvalidRecordError, InvalidTopicError, PolicyViolationError,
              UnsupportedVersionError, KafkaConfigurationError)
+_LOGIN_REFUSALS = (SaslAuthenticationFailedError, UnsupportedSaslMechanismError, IllegalSaslStateError)
+
+
+def _certificate_refused(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed a TLS handshake (kafka-python wraps it in its own error)."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _final(exc: BaseException | None) -> bool:
+    """A connection failure the next attempt cannot mend: a refused login or certificate."""
+    return isinstance(exc, _LOGIN_REFUSALS) or _certificate_refused(exc) is not None
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _LastWords:
+    """A transport that hands on the bytes it read together with the end of the stream.
+
+    kafka-python 3.0 drops them, and a broker that refuses a login sends its answer and closes the
+    connection at once: the answer (why) was lost and the login retried as a broken connection. The
+    next read sees the end of the stream again."""
+
+    def _sock_recv(self) -> tuple[bytes, Exception | None]:
+        data, error = super()._sock_recv()  # type: ignore[misc]
+        return (data, None) if data and error is not None else (data, error)
+
+
+class _TCPTransport(_LastWords, KafkaTCPTransport):
+    pass
+
+
+class _SSLTransport(_LastWords, KafkaSSLTransport):
+    pass
+
+
+class _Connections(KafkaConnectionManager):
+    """kafka-python's connection manager, made to give up on a refused login or certificate.
+
+    kafka-python 3.0 keeps a node's authentication failure so that the next attempt raises it
+    (`_auth_failures`), but a refused SASL login reaches it only through the connection's init
+    future, and a refused certificate as a retriable KafkaConnectionError: both are retried until
+    the bootstrap times out, reported as 'Unable to bootstrap'. Here both are kept as that node's
+    failure, and the last failure of any kind is kept for the message."""
+
+    last_failure: BaseException | None = None
+
+    async def _build_transport(self, node: Any, timeout_at: float | None = None) -> KafkaTCPTransport:
+        # kafka-python's own, with the transports above
+        sock = await create_connection(self._net, node.host, node.port, self.config["socket_options"],
+                                       proxy_url=self.config["proxy_url"], timeout_at=timeout_at)
+        if self.ssl_enabled:
+            ssl_config = {key: value for key, value in self.config.items() if key.startswith("ssl_")}
+            transport: KafkaTCPTransport = _SSLTransport(self._net, sock, host=node.host, **ssl_config)
+        else:
+            transport = _TCPTransport(self._net, sock, host=node.host)
+        try:
+            await transport.handshake()
+        except Exception as exc:
+            raise KafkaConnectionError(f"Handshake failed: {exc}") from exc
+        return transport
+
+    async def _connect(self, node: Any, conn: Any, **kwargs: Any) -> None:
+        await super()._connect(node, conn, **kwargs)
+        if conn.init_future.failed():
+            self.last_failure = conn.init_future.exception
+            if _final(self.last_failure):
+                self._auth_failures[node.node_id] = self.last_failure
 
 
 class KafkaBus(Bus):
@@ -68,14 +156,19 @@ class KafkaBus(Bus):
 
     def __init__(self, bootstrap: str, topic: str = "runbus-events", partitions: int = 6,
                  connect_timeout_s: float = 10.0, client_id: str | None = None,
-                 replication: int = 1) -> None:
-        """Check that a broker answers and create the topic if it is missing; BusError otherwise."""
+                 replication: int = 1, security: KafkaSecurity = PLAINTEXT) -> None:
+        """Check that a broker answers and create the topic if it is missing (a user the ACLs do
+        not let create it may use it when it exists); BusRefused when the broker refuses the
+        login, its certificate is not trusted or the ACLs refuse, BusError otherwise."""
         self.bootstrap, self.topic, self.url = bootstrap, topic, f"kafka://{bootstrap}"
+        self.security = security
         self._timeout_ms = int(connect_timeout_s * 1000)
         self._common: dict[str, Any] = {
             "bootstrap_servers": bootstrap.split(","), "bootstrap_timeout_ms": self._timeout_ms,
             "request_timeout_ms": max(self._timeout_ms, 30_000), "client_id": client_id or f"runbus-{os.getpid()}",
-            "reconnect_backoff_max_ms": 1000}  # the default (30 s) stalls recovery after a broker restart
+            "reconnect_backoff_max_ms": 1000,  # the default (30 s) stalls recovery after a broker restart
+            **security.client_config()}
+        self._create_refused: BaseException | None = None
         self._lock, self._read_lock = threading.Lock(), threading.Lock()
         self._reset_clients()
         try:
@@ -96,19 +189,52 @@ class KafkaBus(Bus):
 
     def _open(self, cls: Callable[..., T], **config: Any) -> T:
         """A client of `cls`; its IO thread is stopped if it cannot bootstrap (kafka-python leaks it)."""
-        made: list[KafkaNetClient] = []
+        made: list[tuple[KafkaNetClient, _Connections]] = []
 
         def net_client(**kwargs: Any) -> KafkaNetClient:
-            made.append(KafkaNetClient(**kwargs))
-            return made[-1]
+            net = NetworkSelector(**kwargs)
+            connections = _Connections(net, **kwargs)
+            made.append((KafkaNetClient(net=net, manager=connections, **kwargs), connections))
+            return made[-1][0]
 
         try:
             return cls(**self._common, **config, kafka_client=net_client)
         except Exception as exc:
-            for client in made:
+            for client, _ in made:
                 client.close()
-            raise BusError(f"Kafka brokers at {self.bootstrap} did not answer within "
-                           f"{self._timeout_ms / 1000:g}s: {exc}") from exc
+            last = next((c.last_failure for _, c in reversed(made) if c.last_failure is not None), None)
+            raise self._not_connected(exc, exc if _final(exc) else last) from exc
+
+    def _not_connected(self, exc: Exception, cause: BaseException | None) -> BusError:
+        """Why no client could connect, in one line."""
+        where = f"Kafka at {self.bootstrap}"
+        if isinstance(cause, _LOGIN_REFUSALS):
+            return BusRefused(f"{where} refused the login of {self.security.describe()}: {_one_line(cause)}")
+        refused = _certificate_refused(cause)
+        if refused is not None:
+            return BusRefused(f"{where}: the broker's TLS certificate fails verification against "
+                              f"{self.security.trusted()}: {_one_line(refused.verify_message or refused)}")
+        last = f" (last connection error: {_one_line(cause)})" if cause is not None and cause is not exc else ""
+        return BusError(f"Kafka brokers at {self.bootstrap} did not answer within {self._timeout_ms / 1000:g}s "
+                        f"over {self.security.protocol}: {_one_line(exc)}{last}")
+
+    def _refused(self, what: str, exc: BaseException) -> BusRefused:
+        """The ACLs refuse `what`: say so with the operations they do allow this user on the topic."""
+        allowed = self._allowed_operations()
+        may = "" if allowed is None else f"; on topic {self.topic!r} its ACLs allow {', '.join(allowed) or 'nothing'}"
+        return BusRefused(f"Kafka at {self.bootstrap}: {self.security.describe()} may not {what} "
+                          f"({_one_line(exc)}){may}")
+
+    def _allowed_operations(self) -> list[str] | None:
+        """What the broker says this user may do on the topic (None when it cannot be asked)."""
+        try:
+            (info,) = self._admin().describe_topics([self.topic])
+        except Exception:  # only for a message: the refusal itself is what matters
+            return None
+        if info.get("error_code") == TopicAuthorizationFailedError.errno:
+            return []
+        operations = info.get("authorized_operations")
+        return sorted(operations) if isinstance(operations, list) else None
 
     def _client(self, name: str, cls: Callable[..., T], config: Mapping[str, Any]) -> T:
         with self._lock:
@@ -135,6 +261,8 @@ class KafkaBus(Bus):
         while True:
             try:
                 return fn()
+            except AuthorizationError as exc:
+                raise self._refused(what, exc) from exc
             except KafkaError as exc:
                 if not getattr(exc, "retriable", False) or time.monotonic() >= deadline:
                     raise BusError(f"Kafka at {self.bootstrap}: cannot {what}: {exc}") from exc
@@ -145,8 +273,13 @@ class KafkaBus(Bus):
         spec = {self.topic: {"num_partitions": partitions, "replication_factor": replication}}
 
         def create() -> None:
-            with contextlib.suppress(TopicAlreadyExistsError):
+            try:
                 self._admin().create_topics(spec, timeout_ms=self._timeout_ms)
+            except TopicAlreadyExistsError:
+                pass
+            except TopicAuthorizationFailedError as exc:
+                self._create_refused = exc  # a user who may not create it may use it: partitions() tells
+                return
             self._admin().wait_for_topics([self.topic], timeout_ms=self._timeout_ms)
 
         self._call(f"create topic {self.topic!r} ({partitions} partitions, replication {replication})", create)
@@ -171,13 +304,28 @@ class KafkaBus(Bus):
             failed = exc
         if failed is not None:
             self._drop("_producer_client")  # an idempotent producer may be unusable after a failure
+            what = f"write {len(records)} records to topic {self.topic!r} (it needs WRITE)"
+            if isinstance(failed, AuthorizationError):
+                raise self._refused(what, failed)
+            if not isinstance(failed, _REFUSALS) and not getattr(failed, "retriable", False):
+                # kafka-python reports a refused producer id (ClusterAuthorizationFailed) as a bare
+                # KafkaError: the broker's own list of what this user may do decides
+                allowed = self._allowed_operations()
+                if allowed is not None and "WRITE" not in allowed:
+                    raise self._refused(what, failed)
             kind = BusRefused if isinstance(failed, _REFUSALS) else BusError
             raise kind(f"Kafka at {self.bootstrap}, topic {self.topic!r}: append of {len(records)} records "
-                       f"failed: {failed}")
+                       f"failed: {_one_line(failed)}")
 
     def partitions(self) -> list[int]:
         (info,) = self._call("describe topic", lambda: self._admin().describe_topics([self.topic]))
+        if info.get("error_code") == TopicAuthorizationFailedError.errno:
+            raise self._refused(f"describe topic {self.topic!r} (it needs DESCRIBE)",
+                                TopicAuthorizationFailedError(self.topic))
         if info.get("error_code") or not info.get("partitions"):
+            if self._create_refused is not None:
+                raise BusRefused(f"Kafka topic {self.topic!r} on {self.bootstrap} does not exist and "
+                                 f"{self.security.describe()} may not create it (it needs CREATE)")
             raise BusError(f"Kafka topic {self.topic!r} on {self.bootstrap} is unknown or has no partitions")
         self._parts = sorted(p["partition_index"] for p in info["partitions"])
         return list(self._parts)
@@ -210,6 +358,8 @@ class KafkaBus(Bus):
                 wait_ms = max(_MIN_POLL_MS, int((deadline - time.monotonic()) * 1000))
                 try:
                     fetched = consumer.poll(timeout_ms=wait_ms, max_records=max_records)
+                except AuthorizationError as exc:
+                    raise self._refused(f"read topic {self.topic!r} (it needs READ)", exc) from exc
                 except KafkaError as exc:
                     raise BusError(f"Kafka at {self.bootstrap}: read failed: {exc}") from exc
                 if fetched:
