@@ -5,7 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # The test broker has its own port and state folder so `make test` never stops a broker
-# started with `make kafka-up`.
+# started with `make kafka-up`. KAFKA_SECURE=1 make kafka-up|kafka-down|kafka-logs: the secured
+# broker (SASL_SSL, SCRAM users, ACLs; see kafka/kafka.sh) on port 9096, state kafka/.state-secure.
+KAFKA_SECURE    ?= 0
+ifeq ($(KAFKA_SECURE),1)
+KAFKA_PORT      ?= 9096
+endif
 KAFKA_PORT      ?= 9092
 TEST_KAFKA_PORT ?= 19092
 TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19093 \
@@ -46,13 +51,13 @@ bench: install
 
 # kafka-up keeps the broker's data across down/up; the test broker starts empty every time.
 kafka-up:
-	RUNBUS_KAFKA_KEEP_DATA=1 RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh up
+	RUNBUS_KAFKA_SECURE=$(KAFKA_SECURE) RUNBUS_KAFKA_KEEP_DATA=1 RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh up
 
 kafka-down:
-	RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh down
+	RUNBUS_KAFKA_SECURE=$(KAFKA_SECURE) RUNBUS_KAFKA_PORT=$(KAFKA_PORT) bash kafka/kafka.sh down
 
 kafka-logs:
-	bash kafka/kafka.sh logs
+	RUNBUS_KAFKA_SECURE=$(KAFKA_SECURE) bash kafka/kafka.sh logs
 
 clean:
 	rm -rf $(VENV) .runbus kafka/.state kafka/.state-test

@@ -20,7 +20,7 @@
 #   RUNBUS_KAFKA_KEEP_DATA=1      'up' keeps the existing storage (restart) instead of a fresh one
 #   RUNBUS_KAFKA_HEAP_OPTS        broker heap                     (default "-Xms256m -Xmx512m")
 #   JAVA_HOME / RUNBUS_KAFKA_JAVA java binary (needs Java 17+)
-#   RUNBUS_KAFKA_SECURE=1         a secured broker (below); ports default to 9094/9095 and the
+#   RUNBUS_KAFKA_SECURE=1         a secured broker (below); ports default to 9096/9097 and the
 #                                 state dir to <repo>/kafka/.state-secure
 #
 # The secured broker (RUNBUS_KAFKA_SECURE=1) speaks SASL_SSL only: TLS with a certificate for
@@ -39,8 +39,8 @@ SCRIPT_DIR="$(cd -- "$(dirname -- "$(readlink -f -- "${BASH_SOURCE[0]}")")" && p
 KAFKA_VERSION="${RUNBUS_KAFKA_VERSION:-4.1.2}"
 SECURE="${RUNBUS_KAFKA_SECURE:-0}"
 if [[ "$SECURE" == 1 ]]; then
-    PORT="${RUNBUS_KAFKA_PORT:-9094}"
-    CONTROLLER_PORT="${RUNBUS_KAFKA_CONTROLLER_PORT:-9095}"
+    PORT="${RUNBUS_KAFKA_PORT:-9096}"
+    CONTROLLER_PORT="${RUNBUS_KAFKA_CONTROLLER_PORT:-9097}"
     DEFAULT_STATE="$SCRIPT_DIR/.state-secure"
 else
     PORT="${RUNBUS_KAFKA_PORT:-9092}"
