@@ -2,8 +2,9 @@
 
 A reader never opens the DuckDB file: it connects to the service's socket, sends the bus end
 offsets it sees (so the answer includes everything appended before the request: read your
-writes), and reads the frames of one snapshot. When no service answers (none yet, or one that
-was killed left its socket behind) the client has one started with `start` and waits for it.
+writes), and reads the answers of one snapshot as Arrow IPC, converted by `projections.wire`.
+When no service answers (none yet, or one that was killed left its socket behind) the client has
+one started with `start` and waits for it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import pandas as pd
 
 from producers.bus import Bus
 from projections.database import ProjectionBusy
-from projections.query import Query, check_read_only
-from projections.remote import arrow_to_frame, error_from_payload
+from projections.errors import error_from_payload
+from projections.query import Query, Statement, check_read_only
 from projections.service import FRAME, JSON, ServiceAddress, read_key
+from projections.wire import from_ipc, to_frame
 
 _POLL_S = 0.05
 _KEEP_IDLE = 2  # connections kept between sessions (a UI serves a few requests at once)
@@ -51,14 +53,42 @@ class ServiceClient:
         self._idle_lock = threading.Lock()
         self._pid = os.getpid()
 
+    def _reading(self, op: str, as_of: int | datetime | str | None) -> dict[str, Any]:
+        """A request for a snapshot that includes every event on the bus now."""
+        wanted = self.bus.end_offsets()
+        return {"op": op, "wait_for": {str(p): end for p, end in wanted.items()},
+                "as_of": _plain(as_of) if as_of is not None else None, "readable_dirs": self.readable_dirs}
+
+    def answer(self, statements: Sequence[Statement], as_of: int | datetime | str | None = None) -> list[pd.DataFrame]:
+        """The answers to `statements` (sql, params), all from one snapshot that includes every
+        event on the bus now: one request, whose answers arrive together. The first failing
+        statement's error is raised."""
+        for query, _ in statements:
+            check_read_only(query)  # the service refuses it too; this saves a round trip
+        request = self._reading("answer", as_of)
+        request["statements"] = [{"sql": query, "params": [_plain(v) for v in params or []]}
+                                 for query, params in statements]
+        conn = self._open(request)
+        frames: list[pd.DataFrame] = []
+        while len(frames) < len(statements):
+            try:
+                answer = _receive(conn)
+            except (EOFError, OSError) as exc:
+                conn.close()
+                raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
+                                     f"a query ({type(exc).__name__}; see {self.address.log})") from None
+            if answer[:1] != FRAME:
+                self._keep(conn)  # the service answers no more for this request: the connection serves on
+                raise _error(answer)
+            frames.append(_frame(answer))
+        self._keep(conn)
+        return frames
+
     @contextmanager
     def snapshot(self, as_of: int | datetime | str | None = None) -> Iterator[Query]:
         """One read session: `query(sql, params=None) -> DataFrame`, every statement answered from
         the same state, which includes every event on the bus when the block began."""
-        wanted = self.bus.end_offsets()
-        request = {"op": "session", "wait_for": {str(p): end for p, end in wanted.items()},
-                   "as_of": _plain(as_of) if as_of is not None else None, "readable_dirs": self.readable_dirs}
-        conn = self._open(request)
+        conn = self._open(self._reading("session", as_of))
         pending = False  # a statement sent whose answer was not read: the connection cannot serve on
 
         def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
@@ -201,7 +231,7 @@ def _receive(conn: Connection) -> bytes:
 
 def _frame(answer: bytes) -> pd.DataFrame:
     if answer[:1] == FRAME:
-        return arrow_to_frame(answer[1:])
+        return to_frame(from_ipc(memoryview(answer)[1:]))
     raise _error(answer)
 
 

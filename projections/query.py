@@ -1,4 +1,10 @@
-"""The query API: catch the projection up with the bus, then answer from DuckDB."""
+"""The query API (`RunDB`) and the read-only machinery every SQL surface runs statements through.
+
+A RunDB answers from the home's projection service (`source`, the default) or, in a process that
+uses the projection alone (RUNBUS_PROJECTION=inprocess), by locking the file, folding what is new
+and answering itself. Either way a statement runs in a READ ONLY transaction on a sealed database
+and its Arrow answer becomes a DataFrame through `projections.wire.to_frame`.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +19,20 @@ from typing import Any, Protocol
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from producers.bus import Bus
 from projections.database import from_user_statement, open_projection
+from projections.errors import QueryTimeout, ReadOnlyError
 from projections.projector import Projector
-from projections.remote import RemoteProjection, find_server
 from projections.replay import stored_events
 from projections.run_query import RunFilter, RunOrder, find_runs, label_filters
 from projections.user import UserProjection
+from projections.wire import to_frame
 from schemas import EventCodec
+
+__all__ = ["QueryTimeout", "ReadOnlyError", "RunDB", "check_read_only", "read_only_query", "read_only_session",
+           "read_only_tables", "resolve_uid", "seal"]
 
 _READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 READ_ONLY_SCHEME = "readonly"
@@ -30,10 +41,10 @@ QUERY_TIMEOUT_S = 60.0
 
 Query = Callable[..., pd.DataFrame]
 """`query(sql, params=None) -> DataFrame`: one read-only query in a `RunDB.reader()` session."""
-
-
-class ReadOnlyError(ValueError):
-    """A statement that would change the projection or touch a file."""
+TableQuery = Callable[..., pa.Table]
+"""`query(sql, params=None) -> pyarrow.Table`: the same, answered as Arrow (`read_only_tables`)."""
+Statement = tuple[str, "Sequence[Any] | None"]
+"""(sql, params) of one statement of a batch (`RunDB.answer`)."""
 
 
 def check_read_only(query: str) -> duckdb.Statement:
@@ -81,10 +92,6 @@ def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> N
                     "SET autoload_known_extensions = false", "SET allow_community_extensions = false",
                     "SET enable_external_access = false", "SET lock_configuration = true"):
         con.execute(setting)
-
-
-class QueryTimeout(ValueError):
-    """A user statement ran longer than its bound and was interrupted."""
 
 
 class ReadOnlyFileError(PermissionError):
@@ -147,7 +154,15 @@ def read_only_query(con: duckdb.DuckDBPyConnection, query: str, params: Sequence
 
 @contextmanager
 def read_only_session(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S) -> Iterator[Query]:
-    """One snapshot of the database behind `con`: yields `query(sql, params=None) -> DataFrame`,
+    """One snapshot of the database behind `con`: yields `query(sql, params=None) -> DataFrame`
+    (see `read_only_tables`)."""
+    with read_only_tables(con, timeout_s) as fetch_table:
+        yield lambda query, params=None: to_frame(fetch_table(query, params))
+
+
+@contextmanager
+def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S) -> Iterator[TableQuery]:
+    """One snapshot of the database behind `con`: yields `query(sql, params=None) -> pyarrow.Table`,
     every statement answered on one cursor inside one READ ONLY transaction (so several statements
     see the same state while another cursor writes), rolled back at the end. Each statement is
     treated as `read_only_query` treats it; after a failed one the session goes on in a new
@@ -155,7 +170,7 @@ def read_only_session(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_T
     session = con.cursor()  # before anything else: another thread may be using `con` (the projector)
     seal(session)
 
-    def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+    def fetch(query: str, params: Sequence[Any] | None = None) -> pa.Table:
         check_read_only(query)
         try:
             return _read_only_statement(session, query, params, timeout_s)
@@ -175,13 +190,15 @@ def read_only_session(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_T
 
 
 def _read_only_statement(session: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None,
-                         timeout_s: float) -> pd.DataFrame:
+                         timeout_s: float) -> pa.Table:
     shown = " ".join(query.split())[:120]
     deadline = threading.Timer(timeout_s, session.interrupt)
     deadline.daemon = True
     try:
         deadline.start()
-        return session.execute(query, list(params or [])).df()
+        # a relation answers in Arrow without the copy a DB-API result makes
+        return session.sql(query, params=list(params)).to_arrow_table() if params else \
+            session.sql(query).to_arrow_table()
     except duckdb.InterruptException:
         raise QueryTimeout(f"the query ran longer than {timeout_s:g}s and was stopped (in {shown!r})") from None
     except (duckdb.TransactionException, duckdb.PermissionException) as exc:
@@ -222,6 +239,10 @@ class SnapshotSource(Protocol):
     def snapshot(self, as_of: int | datetime | str | None = None) -> AbstractContextManager[Query]:
         """One consistent read session that sees every event on the bus when it began."""
 
+    def answer(self, statements: Sequence[Statement], as_of: int | datetime | str | None = None) -> list[pd.DataFrame]:
+        """The answers to `statements`, all from one snapshot that sees every event on the bus
+        now, in one request; the first failing statement's error is raised."""
+
     def catch_up(self) -> int:
         """Wait until everything on the bus now is folded; the records folded meanwhile."""
 
@@ -231,9 +252,12 @@ class RunDB:
 
     def __init__(self, bus: Bus, db_path: str | os.PathLike[str], codec: EventCodec | None = None,
                  lock_timeout_s: float = 60.0, user_projections: Sequence[UserProjection] = (),
-                 as_of: int | datetime | str | None = None, *, source: SnapshotSource | None = None) -> None:
+                 as_of: int | datetime | str | None = None, *, source: SnapshotSource | None = None,
+                 readable_dirs: Sequence[str] = ()) -> None:
         """`as_of`: answer from the tables as they were at that events.position (an int) or time.
-        `source`: answer every read there (the projection service); None: fold in this process."""
+        `source`: answer every read there (the projection service); None: fold in this process.
+        `readable_dirs` (folding in this process only; the service has its own): SQL may read,
+        never write, the files under them as `readonly:///<dir>/<file>`."""
         self.bus = bus
         self.db_path = db_path
         self.codec = codec or EventCodec()
@@ -241,6 +265,7 @@ class RunDB:
         self.user_projections = list(user_projections)
         self.as_of = as_of
         self.source = source
+        self.readable_dirs = [str(Path(d).resolve()) for d in readable_dirs]
 
     def _projector(self, con: duckdb.DuckDBPyConnection) -> Projector:
         return Projector(self.bus, con, self.codec, user_projections=self.user_projections)
@@ -257,39 +282,37 @@ class RunDB:
 
     @contextmanager
     def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The projection file, locked, opened and caught up with the bus."""
+        """The projection file, locked, opened (sealed) and caught up with the bus."""
         with open_projection(self.db_path, self.lock_timeout_s) as con:
-            self._projector(con).catch_up()
+            projector = self._projector(con)  # prepares the tables, which a sealed database refuses
+            if self.readable_dirs:
+                seal(con, self.readable_dirs)
+            projector.catch_up()
             yield con
-
-    def _server(self) -> RemoteProjection | None:
-        """The live UI server holding the file (announced in ui.json beside it), if any
-        (RUNBUS_PROJECTION=inprocess only: with the projection service nothing routes through the UI)."""
-        return find_server(self.db_path, self.lock_timeout_s)
 
     @contextmanager
     def reader(self) -> Iterator[Query]:
         """One read session: yields `query(sql, params=None) -> DataFrame` over one caught-up view.
 
-        Every read of the API goes through here, and every query of one block sees the same state.
-        With a `source` (the projection service) the block is one session there; otherwise, while
-        a UI server holds the file, the queries are sent to it; otherwise the file is opened
-        (locked) and folded for the duration of the block.
+        Every query of one block sees the same state. With a `source` (the projection service)
+        the block is one session there, each query a round trip; otherwise the file is opened
+        (locked) and folded for the duration of the block. A fixed list of statements is cheaper
+        through `answer` (one request).
         """
         if self.source is not None:
             with self.source.snapshot(self.as_of) as fetch:
                 yield fetch
             return
-        server = self._server()
-        if server is not None:
-            def remote_query(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-                check_read_only(query)  # the server runs it read-only too; this saves a round trip
-                return server.query(query, params, self.as_of)
-
-            yield remote_query
-            return
         with self.connection() as con, read_only_session(con) as local_query:
             yield local_query
+
+    def answer(self, statements: Sequence[Statement]) -> list[pd.DataFrame]:
+        """The answers to `statements` (sql, params), all from one snapshot: one request to the
+        projection service, or one session here. The first failing statement's error is raised."""
+        if self.source is not None:
+            return self.source.answer(statements, self.as_of)
+        with self.reader() as fetch:
+            return [fetch(query, params) for query, params in statements]
 
     @contextmanager
     def _as_of_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -309,16 +332,12 @@ class RunDB:
         """Fold (or wait until the service has folded) everything on the bus now; records folded."""
         if self.source is not None:
             return self.source.catch_up()
-        server = self._server()
-        if server is not None:
-            return server.catch_up()
         with open_projection(self.db_path, self.lock_timeout_s) as con:
             return self._projector(con).catch_up()
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run a read-only SQL query over the projection tables."""
-        with self.reader() as fetch:
-            return fetch(query, params)
+        return self.answer([(query, params)])[0]
 
     def list_runs(self, name: str | None = None, project: str | None = None,
                   labels: Mapping[str, str] | Sequence[str] | None = None,
@@ -339,24 +358,29 @@ class RunDB:
             return find_runs(fetch, run_filter, order, limit)
 
     def read_run(self, uid: str) -> dict[str, Any]:
-        """Everything known about one run; `uid` may be a unique prefix."""
-        with self.reader() as fetch:
-            full_uid = resolve_uid(fetch, uid)
-            run: dict[str, Any] = fetch("SELECT * FROM runs WHERE uid = ?", [full_uid]).iloc[0].to_dict()
-            for column in ("labels", "inputs", "extra", "return_value"):
-                if isinstance(run.get(column), str):
-                    run[column] = json.loads(run[column])
-            for table in ("params", "results"):
-                rows = fetch(f"SELECT key, value FROM {table} WHERE uid = ? ORDER BY key", [full_uid])
-                run[table] = {key: json.loads(value) for key, value in zip(rows.key, rows.value, strict=True)}
-            run["artifacts"] = [
-                {**row, "labels": json.loads(row["labels"]), "meta": json.loads(row["meta"])}
-                for row in fetch("SELECT key, kind, uri, sha256, size, format, labels, meta "
-                                 "FROM artifacts WHERE uid = ? ORDER BY key", [full_uid]).to_dict("records")]
-            last = fetch("SELECT key, arg_max(value, rowid) AS value FROM metrics "
-                         "WHERE uid = ? GROUP BY key ORDER BY key", [full_uid])
-            run["metrics"] = dict(zip(last.key.tolist(), last.value.tolist(), strict=True))
-            return run
+        """Everything known about one run, from one snapshot; `uid` may be a unique prefix."""
+        # one request: every statement names the run by the prefix, the first says what it matches
+        run_uids = _MATCHING_UIDS.format(column="uid")
+        matches, runs, params, results, artifacts, last = self.answer([
+            (_MATCHES, [uid]),
+            (f"SELECT * FROM runs WHERE {run_uids}", [uid]),
+            (f"SELECT key, value FROM params WHERE {run_uids} ORDER BY key", [uid]),
+            (f"SELECT key, value FROM results WHERE {run_uids} ORDER BY key", [uid]),
+            (f"SELECT key, kind, uri, sha256, size, format, labels, meta FROM artifacts WHERE {run_uids} "
+             "ORDER BY key", [uid]),
+            (f"SELECT key, arg_max(value, rowid) AS value FROM metrics WHERE {run_uids} GROUP BY key ORDER BY key",
+             [uid])])
+        _one_match(matches.uid.tolist(), uid)
+        run: dict[str, Any] = runs.iloc[0].to_dict()
+        for column in ("labels", "inputs", "extra", "return_value"):
+            if isinstance(run.get(column), str):
+                run[column] = json.loads(run[column])
+        for table, rows in (("params", params), ("results", results)):
+            run[table] = {key: json.loads(value) for key, value in zip(rows.key, rows.value, strict=True)}
+        run["artifacts"] = [{**row, "labels": json.loads(row["labels"]), "meta": json.loads(row["meta"])}
+                            for row in artifacts.to_dict("records")]
+        run["metrics"] = dict(zip(last.key.tolist(), last.value.tolist(), strict=True))
+        return run
 
     def get_log(self, uid: str, offset: int = 0) -> tuple[str, str]:
         """(state, text), as MLRun's get_log: the run's state and its console output from character
@@ -365,14 +389,16 @@ class RunDB:
         `offset`. `uid` may be a unique prefix (KeyError naming it otherwise)."""
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"get_log: offset must be a character count (an int >= 0), not {offset!r}")
-        with self.reader() as fetch:
-            full_uid = resolve_uid(fetch, uid)
-            state = str(fetch("SELECT state FROM runs WHERE uid = ?", [full_uid]).state.iloc[0])
-            rows = fetch("""
-                SELECT text, ends FROM (
+        run_uids = _MATCHING_UIDS.format(column="uid")
+        matches, states, rows = self.answer([
+            (_MATCHES, [uid]),
+            (f"SELECT state FROM runs WHERE {run_uids}", [uid]),
+            (f"""SELECT text, ends FROM (
                     SELECT line_no, text, sum(length(text) + 1) OVER (ORDER BY line_no) AS ends
-                    FROM logs WHERE uid = ?)
-                WHERE ends > ? ORDER BY line_no""", [full_uid, offset])
+                    FROM logs WHERE {run_uids})
+                WHERE ends > ? ORDER BY line_no""", [uid, offset])])
+        _one_match(matches.uid.tolist(), uid)
+        state = str(states.state.iloc[0])
         if rows.empty:
             return state, ""
         text = "".join(line + "\n" for line in rows.text)
@@ -406,9 +432,18 @@ def _cutoff(as_of: int | datetime | str | None) -> tuple[str, list[Any]]:
     return "ts <= ?::TIMESTAMPTZ", [moment.isoformat()]
 
 
+_MATCHES = "SELECT uid FROM runs WHERE starts_with(uid, ?) LIMIT 2"
+# a statement of a batch that reads one run by a uid prefix (when the prefix matches several, the
+# batch's answer is refused by `_one_match`)
+_MATCHING_UIDS = "{column} IN (SELECT uid FROM runs WHERE starts_with(uid, ?) LIMIT 2)"
+
+
 def resolve_uid(fetch: Query, uid: str) -> str:
     """The full uid of the run whose uid starts with `uid`; KeyError if none or several."""
-    matches = fetch("SELECT uid FROM runs WHERE starts_with(uid, ?) LIMIT 2", [uid]).uid.tolist()
+    return _one_match(fetch(_MATCHES, [uid]).uid.tolist(), uid)
+
+
+def _one_match(matches: list[str], uid: str) -> str:
     if not matches:
         raise KeyError(f"no run with uid {uid!r}")
     if len(matches) > 1:

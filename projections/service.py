@@ -2,15 +2,21 @@
 
 One process per home holds the DuckDB file for its lifetime. A thread folds the bus continuously
 (and judges silent runs); every connection is served on a thread of its own, on a cursor of its
-own inside a READ ONLY transaction (`read_only_session`), so readers never fold, never wait on one
+own inside a READ ONLY transaction (`read_only_tables`), so readers never fold, never wait on one
 another and never wait on the folding thread (DuckDB's MVCC). A reader sends the bus end offsets
 it saw; its session opens once the projection has folded up to them (read your writes).
 
 The socket is a Unix domain socket in the home (0700; the socket and the key are 0600), spoken
 with `multiprocessing.connection` and an authkey kept in an owner-only key file, and only
-`send_bytes`/`recv_bytes` (never pickles). Requests are small JSON objects; answers are one tagged
-message each: Arrow IPC for a frame, JSON for anything else (an error names its class from a fixed
-allow-list, see `projections.remote.error_from_payload`).
+`send_bytes`/`recv_bytes` (never pickles). Requests are small JSON objects; answers are tagged
+messages: Arrow IPC for a statement's answer (DuckDB's Arrow table as it is: nothing is converted
+in the service), JSON for anything else (an error names its class from a fixed allow-list, see
+`projections.errors.error_from_payload`).
+
+Requests: {"op": "session", ...} opens a snapshot that answers statements sent one at a time
+until {"end": true} (a `with db.reader()` block); {"op": "answer", "statements": [...], ...}
+answers a fixed list of statements from one snapshot in one exchange (`RunDB.answer`: `sql`,
+`read_run`); "catch_up", "rebuild", "stop" and "ping" are one answer each.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ from filelock import FileLock, Timeout
 
 from producers.bus import Bus
 from projections.database import ProjectionBusy, is_unreadable, open_projection
+from projections.errors import error_payload
 from projections.projector import Projector
-from projections.query import _cutoff, read_only_session, seal
-from projections.remote import error_payload, frame_to_arrow
+from projections.query import TableQuery, _cutoff, read_only_tables, seal
 from projections.replay import stored_events
 from projections.user import UserProjection
+from projections.wire import to_ipc
 from schemas import EventCodec
 
 FRAME, JSON = b"A", b"J"
@@ -413,6 +420,9 @@ class ProjectionService:
         op = request.get("op") if isinstance(request, dict) else None
         if op == "session":
             return self._session(conn, request)
+        if op == "answer":
+            self._answer(conn, request)
+            return True
         if op == "catch_up":
             before = sum(self.positions().values())
             self.wait_for(self.bus.end_offsets())
@@ -436,9 +446,10 @@ class ProjectionService:
         with contextlib.suppress(OSError, EOFError):
             send_json(conn, error_payload(exc))
 
-    def _session(self, conn: Connection, request: dict[str, Any]) -> bool:
-        """One reader's snapshot: statements are answered until the client ends the session
-        ({"end": true}: True, the connection serves on) or closes the connection (False)."""
+    @contextlib.contextmanager
+    def _snapshot(self, request: dict[str, Any]) -> Iterator[TableQuery]:
+        """The read-only session a reader's request asks for, once the fold has reached the bus
+        offsets it sent (answered {"ok": true} before the block runs)."""
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
             raise ValueError(f"the projection service of {self.address.home} lets SQL read "
@@ -448,7 +459,30 @@ class ProjectionService:
         as_of = request.get("as_of")
         assert self._con is not None and self._past is not None
         db = self._con if as_of is None else self._past.get(as_of)
-        with read_only_session(db, float(request.get("timeout_s") or 60.0)) as fetch:
+        with read_only_tables(db, float(request.get("timeout_s") or 60.0)) as fetch:
+            yield fetch
+
+    def _answer(self, conn: Connection, request: dict[str, Any]) -> None:
+        """Statements of one snapshot, sent together: {"ok": true}, then each statement's answer
+        in order, up to and including the first that fails."""
+        statements = request.get("statements")
+        if not isinstance(statements, list) or not all(isinstance(s, dict) for s in statements):
+            raise ValueError('an "answer" request needs "statements": [{"sql": ..., "params": [...]}, ...]')
+        with self._snapshot(request) as fetch:
+            send_json(conn, {"ok": True})
+            for statement in statements:
+                self._touch(0)
+                try:
+                    table = fetch(str(statement["sql"]), statement.get("params") or [])
+                except Exception as exc:
+                    self._answer_error(conn, exc)
+                    return
+                conn.send_bytes(FRAME + to_ipc(table))
+
+    def _session(self, conn: Connection, request: dict[str, Any]) -> bool:
+        """One reader's snapshot: statements are answered until the client ends the session
+        ({"end": true}: True, the connection serves on) or closes the connection (False)."""
+        with self._snapshot(request) as fetch:
             send_json(conn, {"ok": True})
             while True:
                 try:
@@ -459,11 +493,11 @@ class ProjectionService:
                     return True
                 self._touch(0)
                 try:
-                    frame = fetch(str(statement["sql"]), statement.get("params") or [])
+                    table = fetch(str(statement["sql"]), statement.get("params") or [])
                 except Exception as exc:  # answered, the session goes on
                     self._answer_error(conn, exc)
                     continue
-                conn.send_bytes(FRAME + frame_to_arrow(frame))
+                conn.send_bytes(FRAME + to_ipc(table))
 
 
 def _first_line(exc: BaseException) -> str:

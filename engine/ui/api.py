@@ -1,4 +1,5 @@
-"""The UI server's JSON API: SQL for other processes (the routed RunDB) and live run updates."""
+"""The UI server's JSON API: SQL for API clients (with the token in ui.token) and the pages' live
+updates (run states and counts, log lines)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.ui.pages import fmt_value, run_duration
-from engine.ui.runs_query import RunsQuery, conditions, page_values
-from engine.ui.store import HeldRunDB
+from engine.ui.runs_page import RunsQuery, page_values
+from engine.ui.store import UIStore
 from projections.database import ProjectionBusy
-from projections.remote import ARROW_STREAM, error_payload, frame_to_arrow
+from projections.errors import error_payload
+from projections.run_query import count_runs
+from projections.wire import to_ipc
 
 MAX_JSON_ROWS = 10_000
 MAX_LOG_LINES = 2000  # console lines one poll of a run's log returns
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
 def frame_json(frame: pd.DataFrame, limit: int = MAX_JSON_ROWS) -> dict[str, Any]:
@@ -30,7 +35,7 @@ def frame_json(frame: pd.DataFrame, limit: int = MAX_JSON_ROWS) -> dict[str, Any
     return {"columns": [str(c) for c in frame.columns], "rows": split["data"], "total": len(frame)}
 
 
-def api_routes(store: HeldRunDB) -> list[Route]:
+def api_routes(store: UIStore) -> list[Route]:
     async def sql(request: Request) -> Response:
         """POST {"sql", "params"?, "as_of"?} -> the frame (Arrow stream if asked for, else JSON)."""
         try:
@@ -46,11 +51,9 @@ def api_routes(store: HeldRunDB) -> list[Route]:
         except (ValueError, LookupError, TypeError, duckdb.Error) as exc:
             return JSONResponse(error_payload(exc), status_code=400)
         if ARROW_STREAM in request.headers.get("accept", ""):
-            return Response(frame_to_arrow(frame), media_type=ARROW_STREAM)
+            table = pa.Table.from_pandas(frame, preserve_index=False)  # pandas metadata: the dtypes come back
+            return Response(to_ipc(table), media_type=ARROW_STREAM)
         return JSONResponse(frame_json(frame))
-
-    def catch_up(request: Request) -> Response:
-        return JSONResponse({"applied": store.catch_up()})
 
     def ping(request: Request) -> Response:
         return JSONResponse({"ok": True, "pid": os.getpid(), "db_path": str(store.db_path)})
@@ -60,13 +63,12 @@ def api_routes(store: HeldRunDB) -> list[Route]:
         query = RunsQuery.from_params(request.query_params)
         uids = request.query_params.getlist("live")[:500]
         try:
-            where, args = conditions(query)
+            run_filter = query.run_filter()
         except ValueError as exc:
             return JSONResponse(error_payload(exc), status_code=400)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
         try:
             with store.reader() as fetch:
-                total = int(fetch(f"SELECT count(*) AS n FROM runs r{clause}", args).n[0])
+                total = count_runs(fetch, run_filter)
                 rows = fetch("SELECT uid, state, started_at, duration_s FROM runs WHERE uid IN "
                              "(SELECT unnest(?::VARCHAR[]))", [uids]).to_dict("records") if uids else []
                 values = page_values(fetch, [row["uid"] for row in rows])
@@ -92,5 +94,5 @@ def api_routes(store: HeldRunDB) -> list[Route]:
                 for n, stream, text in zip(lines.line_no, lines.stream, lines.text, strict=True)]
         return JSONResponse({"state": state, "lines": rows, "more": len(rows) == MAX_LOG_LINES})
 
-    return [Route("/api/sql", sql, methods=["POST"]), Route("/api/catch_up", catch_up, methods=["POST"]),
-            Route("/api/ping", ping), Route("/api/runs/live", live), Route("/api/runs/{uid}/log", log)]
+    return [Route("/api/sql", sql, methods=["POST"]), Route("/api/ping", ping), Route("/api/runs/live", live),
+            Route("/api/runs/{uid}/log", log)]

@@ -29,7 +29,7 @@ from engine.ui.api import api_routes
 from engine.ui.data import compare_view, run_view, sweep_view
 from engine.ui.pages import ServerLinks, render
 from engine.ui.previews import body_path, media_type
-from engine.ui.runs_query import PAGE_SIZES, STATES, RunsQuery, fetch_runs
+from engine.ui.runs_page import PAGE_SIZES, STATES, RunsQuery, fetch_runs
 from engine.ui.sections import compare_charts, run_context, sweep_context
 from engine.ui.store import UIStore
 from projections.query import resolve_uid

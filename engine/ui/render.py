@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from engine.ui.pages import render
-from engine.ui.runs_query import run_row
+from engine.ui.runs_page import run_row
 
 
 def run_html(run: Any) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from engine.ui.data import run_view, sweep_view
 from engine.ui.pages import ReportLinks, render
-from engine.ui.runs_query import page_values, run_row
+from engine.ui.runs_page import page_values, run_row
 from engine.ui.sections import run_context, sweep_context
 from projections.query import Query, RunDB, resolve_uid
 

@@ -1,8 +1,9 @@
 """The projection as the UI server reads it.
 
-`ServedRunDB` is what `runbus ui` uses with RUNBUS_PROJECTION=service: every read is a session of
-the home's projection service, which the UI shares with every other reader (it holds no file).
-`HeldRunDB` reads a connection this process holds itself (RUNBUS_PROJECTION=inprocess, tests).
+`ServedRunDB` is what `runbus ui` uses: every read is a session of the home's projection service
+(RUNBUS_PROJECTION=service), or (inprocess) the file locked, opened and folded for the request and
+released after the linger time, as any in-process reader does. The UI holds no file either way.
+`HeldRunDB` reads a connection the caller holds (tests that serve the app in their own process).
 """
 
 from __future__ import annotations
@@ -17,25 +18,25 @@ import duckdb
 from engine.bootstrap import Services
 from projections import Projector, RunDB
 from projections.query import SnapshotSource, seal
-from projections.remote import RemoteProjection
 
 
 class ServedRunDB(RunDB):
-    """A RunDB whose every read is answered by `source` (the projection service's client)."""
+    """A RunDB over `svc`'s home whose reads are answered by `source` (the projection service's
+    client), or by this process folding the file per request when `source` is None."""
 
-    def __init__(self, svc: Services, source: SnapshotSource, as_of: int | datetime | str | None = None) -> None:
+    def __init__(self, svc: Services, source: SnapshotSource | None, as_of: int | datetime | str | None = None,
+                 *, readable_dirs: Sequence[str] = ()) -> None:
         super().__init__(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
-                         svc.user_projections, as_of, source=source)
+                         svc.user_projections, as_of, source=source, readable_dirs=readable_dirs)
         self.services = svc
 
     def at(self, as_of: int | datetime | str | None) -> ServedRunDB:
-        """The same service, answering as of an events.position or a time (None: now)."""
-        assert self.source is not None
-        return ServedRunDB(self.services, self.source, as_of)
+        """The same reads, answered as of an events.position or a time (None: now)."""
+        return ServedRunDB(self.services, self.source, as_of, readable_dirs=self.readable_dirs)
 
 
 class HeldRunDB(RunDB):
-    """A RunDB over a connection this process keeps open; every read folds new events first.
+    """A RunDB over a connection the caller keeps open; every read folds new events first.
 
     The database is sealed once the projector has prepared it: SQL reads no file outside
     `readable_dirs` (none unless the user opted in), writes none, changes no setting.
@@ -58,9 +59,6 @@ class HeldRunDB(RunDB):
         """The same held file, answering as of an events.position or a time (None: now)."""
         return HeldRunDB(self.services, self._con, as_of, _shared=self)
 
-    def _server(self) -> RemoteProjection | None:
-        return None  # this process is the server
-
     @contextmanager
     def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._lock:
@@ -73,4 +71,4 @@ class HeldRunDB(RunDB):
 
 
 UIStore = ServedRunDB | HeldRunDB
-"""What the UI app reads: either store answers `reader()`, `at()`, `sql()`, `log_lines()`, `catch_up()`."""
+"""What the UI app reads: either store answers `reader()`, `answer()`, `at()`, `sql()`, `log_lines()`, `catch_up()`."""

@@ -4,6 +4,7 @@ service) answers the same API the same way. Test modules subclass `ReaderContrac
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -13,7 +14,7 @@ import duckdb
 import pytest
 
 from engine import NewRun, new_function
-from engine.bootstrap import services
+from engine.api import session
 from projections.query import ReadOnlyError, RunDB
 from tests.support.foreign import append, envelope, started
 
@@ -25,6 +26,13 @@ def _train(context, acc=0.0, lr=0.1):
     context.log_metric("loss", 1.0 - acc, step=0)
     context.log_metric("loss", 0.5 - acc / 2, step=1)
     print(f"trained with lr={lr}")
+
+
+def _count_up(context, steps=0):
+    for k in range(1, steps + 1):
+        context.log_result(f"r{k}", "logged")  # text: no runs_wide column per key
+        context.log_metric("m", k)
+        time.sleep(0.002)
 
 
 def _iso(seconds: float) -> str:
@@ -43,7 +51,7 @@ class ReaderContract:
     def runs(self, home: Path) -> list[str]:
         uids = [record(name, acc, lr, team)
                 for name, acc, lr, team in (("a", 0.5, 0.1, "x"), ("b", 0.9, 0.01, "y"), ("a", 0.7, 0.001, "y"))]
-        services().writer.flush()
+        session().services.writer.flush()
         return uids
 
     def test_sql_answers_with_the_dtypes_of_a_local_query(self, runs: list[str], reader: Reader) -> None:
@@ -82,10 +90,33 @@ class ReaderContract:
         with db.reader() as fetch:
             before = fetch("SELECT count(*) AS n FROM runs").n[0]
             new = record("late", 0.1, 0.2, "z")
-            services().writer.flush()
+            session().services.writer.flush()
             assert new in set(reader().sql("SELECT uid FROM runs").uid)  # folded, visible outside
             assert fetch("SELECT count(*) AS n FROM runs").n[0] == before == 3
         assert len(reader().sql("SELECT uid FROM runs")) == 4
+
+    def test_read_run_is_one_snapshot_while_the_run_is_being_written(self, home: Path, reader: Reader) -> None:
+        """The run logs result r<k>, then metric m = k, over and over; every read_run must see a
+        state the log passed through: as many results as m, or one more (results are read before
+        metrics, so reads from different moments would show m ahead of the results)."""
+        done: list[str] = []
+        job = threading.Thread(target=lambda: done.append(
+            new_function().run(NewRun(handler=_count_up, name="counting", params={"steps": 400})).uid))
+        job.start()
+        db = reader()
+        reads = 0
+        try:
+            while not done:
+                found = db.sql("SELECT uid FROM runs WHERE name = 'counting'")
+                if found.empty:
+                    continue
+                run = db.read_run(found.uid[0])
+                shown, logged = int(run["metrics"].get("m", 0)), len(run["results"])
+                assert logged in (shown, shown + 1), (logged, shown)
+                reads += 1
+        finally:
+            job.join(120)
+        assert reads > 0 and db.read_run(done[0])["metrics"]["m"] == 400
 
     def test_as_of_answers_from_the_past_and_the_same_twice(self, runs: list[str], reader: Reader) -> None:
         first_end = reader().sql("SELECT max(position) AS p FROM events WHERE run_uid = ?", [runs[0]]).p[0]
@@ -103,7 +134,7 @@ class ReaderContract:
         cutoff that reached the bus later (a producer that was cut off from it, a lagging partition)."""
         cutoff = time.time()
         assert len(reader(as_of=_iso(cutoff)).sql("SELECT uid FROM runs")) == 3
-        append(services().bus, "late-comer", [envelope("late-comer", 0, "run_started", started(name="late"),
+        append(session().services.bus, "late-comer", [envelope("late-comer", 0, "run_started", started(name="late"),
                                                        ts=cutoff - 60)])
         assert "late-comer" in set(reader(as_of=_iso(cutoff)).sql("SELECT uid FROM runs").uid)
 

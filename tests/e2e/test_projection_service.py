@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import make_bus, reset_services, services
+from engine.api import close_session, session
+from engine.bootstrap import make_bus
 from engine.projection_service import build_service
 from producers.bus import Bus
 from projections.client import ServiceClient
@@ -36,13 +37,13 @@ def service_home(bus_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     """`bus_home` read through its projection service; the service is stopped afterwards."""
     monkeypatch.setenv("RUNBUS_PROJECTION", "service")
     monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", "30")
-    reset_services()
+    close_session()
     yield bus_home
     _client().stop()
 
 
 def _client() -> ServiceClient:
-    svc = services()
+    svc = session().services
     return ServiceClient(ServiceAddress.of(svc.settings.home), svc.bus, start=None, timeout_s=30)
 
 
@@ -81,7 +82,7 @@ InThread = tuple[Bus, ServiceClient, ProjectionService]
 def in_thread(home: Path) -> Iterator[InThread]:
     """A projection service on a thread of this process (on a bus of its own), folding one record
     per batch; the bus to append to and a client of the service."""
-    svc = services()
+    svc = session().services
     bus = make_bus(svc.settings.bus_url, svc.settings)
     service = build_service(svc.settings, bus)
     service.batch_size = 1
@@ -203,9 +204,9 @@ def test_only_one_service_per_home(service_home: Path) -> None:
 
 def test_an_idle_service_exits_and_removes_its_socket(service_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", "1")
-    reset_services()
+    close_session()
     get_run_db().sql("SELECT 1")
-    address = ServiceAddress.of(services().settings.home)
+    address = ServiceAddress.of(session().services.settings.home)
     pid = _client().ping()["pid"]
     wait_until(lambda: not address.socket.exists(), "the idle service's socket is gone", timeout_s=60)
     wait_until(lambda: not _alive(pid), "the idle service's process is gone", timeout_s=60)
@@ -216,17 +217,17 @@ def test_an_idle_service_exits_even_when_its_socket_file_was_removed(service_hom
     """As when the home is deleted under it (a test's temporary folder): nothing can connect to wake
     its accept(), and it must still exit."""
     monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", "1")
-    reset_services()
+    close_session()
     get_run_db().sql("SELECT 1")
     pid = _client().ping()["pid"]
-    ServiceAddress.of(services().settings.home).socket.unlink()
+    ServiceAddress.of(session().services.settings.home).socket.unlink()
     wait_until(lambda: not _alive(pid), "the idle service's process is gone", timeout_s=60)
 
 
 def test_a_killed_service_is_replaced_by_the_next_reader(service_home: Path) -> None:
     uid = new_function().run(NewRun(handler=_say, name="kept")).uid
     assert get_run_db().read_run(uid)["state"] == "completed"  # a reader started the service
-    address = ServiceAddress.of(services().settings.home)
+    address = ServiceAddress.of(session().services.settings.home)
     killed = _client().ping()["pid"]
     os.kill(killed, signal.SIGKILL)
     wait_until(lambda: not _alive(killed), "the service is gone")
@@ -237,7 +238,7 @@ def test_a_killed_service_is_replaced_by_the_next_reader(service_home: Path) -> 
 
 def test_the_socket_and_the_key_are_owner_only(service_home: Path) -> None:
     get_run_db().sql("SELECT 1")
-    address = ServiceAddress.of(services().settings.home)
+    address = ServiceAddress.of(session().services.settings.home)
     for path in (address.socket, address.key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(address.socket.parent.stat().st_mode) == 0o700

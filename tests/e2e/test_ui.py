@@ -20,12 +20,16 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services
+from engine.api import close_session
 from engine.loader import load_handler
 from engine.run import RunObject
 from engine.ui.render import runs_table_html
 from engine.ui.report import write_report
+from producers.bus.memory import MemoryBus
 from projections import ProjectionBusy, open_projection
+from projections.client import ServiceClient
+from projections.service import ServiceAddress
+from tests.support.polling import wait_until
 from tests.support.ui_seed import curves, seed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +94,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
         patch.setenv("RUNBUS_HOME", str(home))
         patch.delenv("RUNBUS_BUS", raising=False)
         patch.setenv("RUNBUS_FLUSH_INTERVAL", "0.05")
-        reset_services()
+        close_session()
         uids = seed()
         env = {**os.environ, "RUNBUS_DB_TIMEOUT": "10"}
         process, url = start_ui(home, env, base / "ui.log")
@@ -98,7 +102,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
             yield UI(home, url, uids, env)
         finally:
             stop(process)
-            reset_services()
+            stop_service(home)
+            close_session()
 
 
 @pytest.fixture
@@ -232,9 +237,9 @@ def test_compare_highlights_differences_and_overlays_curves(ui: UI, page: Page) 
     shot(page, "compare")
 
 
-def test_queries_from_other_processes_go_through_the_ui(ui: UI) -> None:
+def test_queries_from_other_processes_answer_while_the_ui_serves(ui: UI) -> None:
     with pytest.raises(ProjectionBusy), open_projection(ui.home / "runbus.duckdb", timeout_s=0.5):
-        pass  # only the UI process holds the file
+        pass  # the projection service holds the file: every reader, the UI too, is its client
     listed = subprocess.run([RUNBUS, "runs", "--format", "json", "--limit", "100"], env=ui.env,
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
@@ -304,21 +309,56 @@ def test_a_running_run_updates_without_a_reload(ui: UI, page: Page) -> None:
         assert job.wait(timeout=60) == 0
 
 
-def test_the_ui_withdraws_and_releases_the_file_when_stopped(tmp_path: Path) -> None:
+def _open_files(pid: int) -> set[Path]:
+    """The files process `pid` has open now (Linux /proc)."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            found.add(Path(os.readlink(fd)))
+        except OSError:
+            continue  # closed meanwhile
+    return found
+
+
+def stop_service(home: Path) -> None:
+    """Stop the projection service of `home`, if one runs, and wait until it has released the file."""
+    pid = ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None, timeout_s=10).stop()
+    if pid is not None:
+        wait_until(lambda: not Path(f"/proc/{pid}").exists() or (home / "runbus.duckdb").resolve()
+                   not in _open_files(pid), f"the projection service {pid} released the file")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads open files from /proc")
+@pytest.mark.parametrize("projection", ["service", "inprocess"])
+def test_the_ui_holds_no_file_and_withdraws_when_stopped(tmp_path: Path, projection: str) -> None:
+    """The UI is one reader among others: while it serves, it holds no DuckDB file (the projection
+    service does, or nobody between requests) and another process's query answers; one UI per
+    home; once stopped its ui.json and ui.token are gone."""
     home = tmp_path / "home"
-    env = {**os.environ, "RUNBUS_HOME": str(home)}
+    env = {**os.environ, "RUNBUS_HOME": str(home), "RUNBUS_PROJECTION": projection,
+           "RUNBUS_PROJECTION_IDLE": "60", "RUNBUS_DB_TIMEOUT": "5"}
     env.pop("RUNBUS_BUS", None)
+    db_file = home.resolve() / "runbus.duckdb"
     process, url = start_ui(home, env, tmp_path / "ui.log")
-    announced = json.loads((home / "ui.json").read_text())
-    assert announced["pid"] == process.pid and url.endswith(f":{announced['port']}")
-    second = subprocess.run([RUNBUS, "ui", "--port", str(free_port())], env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert second.returncode == 1 and "a runbus ui already serves" in second.stderr
-    assert json.loads((home / "ui.json").read_text())["pid"] == process.pid
-    stop(process)
+    try:
+        announced = json.loads((home / "ui.json").read_text())
+        assert announced["pid"] == process.pid and url.endswith(f":{announced['port']}")
+        wait_until(lambda: db_file not in _open_files(process.pid), "the UI holds no projection file")
+        if projection == "service":
+            holder = ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None, timeout_s=10).ping()["pid"]
+            assert db_file in _open_files(int(holder))
+        listed = subprocess.run([RUNBUS, "runs"], env=env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr  # answered while the UI serves, without stopping it
+        second = subprocess.run([RUNBUS, "ui", "--port", str(free_port())], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1 and "a runbus ui already serves" in second.stderr
+        assert json.loads((home / "ui.json").read_text())["pid"] == process.pid
+    finally:
+        stop(process)
+        stop_service(home)
     assert process.returncode == 0
-    assert not (home / "ui.json").exists()
-    with open_projection(home / "runbus.duckdb", timeout_s=5, linger_s=0) as con:
+    assert not (home / "ui.json").exists() and not (home / "ui.token").exists()
+    with open_projection(db_file, timeout_s=5, linger_s=0) as con:
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
@@ -339,6 +379,6 @@ def test_the_ui_serves_the_embedded_and_the_kafka_projection_alike(bus_home: Pat
         with urllib.request.urlopen(f"{url}/runs?name=on-the-bus", timeout=30) as response:
             page = response.read().decode()
         assert f'data-uid="{run.uid}"' in page and "completed" in page
-        assert get_run_db().read_run(run.uid)["params"] == {"lr": 0.2}  # through the UI
+        assert get_run_db().read_run(run.uid)["params"] == {"lr": 0.2}  # while the UI serves
     finally:
         stop(process)

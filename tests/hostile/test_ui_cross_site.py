@@ -32,7 +32,7 @@ from playwright.sync_api import Browser, expect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import NewRun, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 from engine.ui.app import create_app
 from engine.ui.store import HeldRunDB
 from projections import open_projection
@@ -118,7 +118,7 @@ def seeded(home: Path) -> Path:
 @pytest.fixture
 def served(seeded: Path, home: Path, tmp_path: Path) -> Iterator[Served]:
     """`runbus ui` in its own process over the seeded home."""
-    reset_services()
+    close_session()
     process, url = start_ui(home, {**os.environ, "RUNBUS_DB_TIMEOUT": "10"}, tmp_path / "ui.log")
     try:
         yield Served(url, (home / "ui.token").read_text())
@@ -160,7 +160,7 @@ class Recorder:
 def recorded_ui(token: str) -> Iterator[tuple[Served, Recorder]]:
     """The UI app (engine.ui.app, on a held projection as `runbus ui` builds it) served by uvicorn
     in this process on a free loopback port, its answers recorded."""
-    svc = services()
+    svc = session().services
     with open_projection(svc.settings.db_path, linger_s=0) as con:
         recorder = Recorder(create_app(HeldRunDB(svc, con), "127.0.0.1", token))
         with served_in_thread(recorder) as url:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.ui.runs_query import RunsQuery, fetch_runs
+from engine.ui.runs_page import RunsQuery, fetch_runs
 from producers.bus.memory import MemoryBus
 from projections.projector import Projector
 from projections.query import read_only_query

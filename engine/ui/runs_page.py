@@ -1,5 +1,5 @@
-"""The runs page's query string (filters, sort, page) and what the page shows; the runs are found
-by projections.run_query, the one run query the API uses too."""
+"""The runs page: its query string (filters, sort, page) and what it shows. The runs are found and
+counted by projections.run_query, the one run query `RunDB.list_runs` uses too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from projections.query import Query
 from projections.run_query import STATES, RunFilter, RunOrder, RunQuery, ValueFilter, label_filters
 
-__all__ = ["PAGE_SIZES", "STATES", "RunsPage", "RunsQuery", "conditions", "fetch_runs", "page_values", "run_row"]
+__all__ = ["PAGE_SIZES", "STATES", "RunsPage", "RunsQuery", "fetch_runs", "page_values", "run_row"]
 
 PAGE_SIZES = (25, 50, 100, 200)
 _PAGE_COLUMNS = ("uid", "name", "iteration", "parent_uid", "state", "labels", "started_at", "duration_s",
@@ -98,12 +98,6 @@ class RunsPage:
     @property
     def pages(self) -> int:
         return max(1, -(-self.total // self.query.size))
-
-
-def conditions(query: RunsQuery) -> tuple[list[str], list[Any]]:
-    """WHERE terms over `runs r` and their arguments (params and results read from their key/value
-    tables); ValueError names a filter that does not parse."""
-    return RunQuery(query.run_filter(), RunOrder(), {}).conditions()
 
 
 def fetch_runs(fetch: Query, query: RunsQuery) -> RunsPage:

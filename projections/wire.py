@@ -1,0 +1,77 @@
+"""Query answers as Arrow: the one conversion to pandas every reader uses, and the IPC bytes the
+projection service sends answers in.
+
+DuckDB answers a statement as an Arrow table; a local read converts it here, and a read through
+the service gets the same table as an Arrow IPC stream and converts it here too, so both give
+the same frame. The conversion keeps the dtypes DuckDB's own `.df()` gives: integer and boolean
+columns with nulls as pandas' nullable dtypes, decimals (e.g. `sum()` of integers) as float64,
+dates as datetime64, a string column holding only nulls as objects (None).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+
+_NULLABLE: dict[pa.DataType, pd.api.extensions.ExtensionDtype] = {
+    pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """The DataFrame of a query's Arrow answer, with the dtypes (and the names: a repeated column
+    name gets a suffix, `a`, `a_1`) DuckDB's `.df()` gives."""
+    if len(set(table.column_names)) < table.num_columns:
+        table = table.rename_columns(_unique(table.column_names))
+    if not any(_needs_care(column) for column in table.columns):
+        return table.to_pandas()
+    return pd.DataFrame({name: _series(column) for name, column in zip(table.column_names, table.columns,
+                                                                       strict=True)})
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        unique.append(name if count == 0 else f"{name}_{count}")
+    return unique
+
+
+def _needs_care(column: pa.ChunkedArray) -> bool:
+    kind = column.type
+    if pa.types.is_decimal(kind) or pa.types.is_date(kind) or (_is_text(kind) and column.null_count == len(column)):
+        return True
+    return column.null_count > 0 and kind in _NULLABLE
+
+
+def _series(column: pa.ChunkedArray) -> pd.Series:
+    kind = column.type
+    if pa.types.is_decimal(kind):
+        return column.cast(pa.float64()).to_pandas()
+    if pa.types.is_date(kind):
+        return column.cast(pa.timestamp("us")).to_pandas()
+    if column.null_count and kind in _NULLABLE:
+        return column.to_pandas(types_mapper=_NULLABLE.get)
+    if _is_text(kind) and column.null_count == len(column):
+        return pd.Series([None] * len(column), dtype=object)
+    return column.to_pandas()
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    """`table` as the bytes of an Arrow IPC stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes | memoryview) -> pa.Table:
+    """The table an Arrow IPC stream holds."""
+    return pa.ipc.open_stream(data).read_all()
