@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.common import Outcome, fresh_home, median
 from engine import NewRun, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 
 
 def child(context: Any, p1: int = 0, p2: float = 0.0, p3: str = "") -> None:
@@ -25,14 +25,14 @@ def hyperparams(children: int) -> dict[str, list[Any]]:
 def measure_once(children: int) -> float:
     """Milliseconds per child run, from run() until the sweep (parent included) has completed."""
     fresh_home()
-    services()
+    session()  # build the bus and writer before the clock starts
     began = time.perf_counter()
     run = new_function().run(NewRun(handler=child, name="bench-children"), hyperparams=hyperparams(children),
                              strategy="list", selector="max.accuracy", quiet=True)
     elapsed = time.perf_counter() - began
     if run.state != "completed":
         raise RuntimeError(f"sweep ended {run.state}: {run.error}")
-    reset_services()
+    close_session()
     return elapsed * 1000 / children
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.bootstrap import reset_services
+from engine.api import close_session
 from projections import database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ _homes: list[Path] = []
 
 def drop_homes() -> None:
     """Close everything open on the benchmark homes made so far and delete them (1M events ~ 250 MB)."""
-    reset_services()
+    close_session()
     close_all = getattr(database, "close_all", None)
     if close_all is not None:
         close_all()

@@ -8,18 +8,18 @@ from typing import Any
 
 from benchmarks.common import Outcome, fresh_home, median
 from engine import NewRun, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 
 
 def measure_once(points: int, chunk: int) -> tuple[float, float]:
     """(median us per call in the job's thread, us per point until flushed to the log)."""
     fresh_home()
-    services()  # build the bus and writer before the clock starts
+    session()  # build the bus and writer before the clock starts
     chunks: list[float] = []
     durable: list[float] = []
 
     def job(context: Any) -> None:
-        writer = services().writer
+        writer = session().services.writer
         began = time.perf_counter_ns()
         for start in range(0, points, chunk):
             chunk_began = time.perf_counter_ns()
@@ -32,7 +32,7 @@ def measure_once(points: int, chunk: int) -> tuple[float, float]:
     run = new_function().run(NewRun(handler=job, name="bench-log-metric"))
     if run.state != "completed":
         raise RuntimeError(f"log_metric job ended {run.state}: {run.error}")
-    reset_services()
+    close_session()
     return median(chunks), durable[0]
 
 

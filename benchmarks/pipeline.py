@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.common import ROOT, Outcome, fresh_home, median, runbus_environment
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 from projections import database
 
 
@@ -31,11 +31,11 @@ def _metrics_job(count: int) -> Any:
 
 def _produce(environment: dict[str, str], count: int, ready: Any, go: EventType) -> None:
     os.environ.update(environment)
-    services()  # connect to the bus before the clock starts
+    session()  # connect to the bus before the clock starts
     ready.put(os.getpid())
     go.wait()
     run = new_function().run(NewRun(handler=_metrics_job(count), name="producer"))
-    reset_services()
+    close_session()
     if run.state != "completed":
         raise SystemExit(f"producer run ended {run.state}: {run.error}")
 
@@ -55,7 +55,7 @@ def _close_projection() -> None:
 def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, float]:
     """One measurement: events/s end to end, producing time, the follower's peak RSS."""
     fresh_home(bus_url)
-    services()  # this process's bus (creates the Kafka topic) before anything starts
+    session()  # this process's bus (creates the Kafka topic) before anything starts
     follower = _child("follow")
     assert follower.stdout is not None and follower.stdin is not None
     if follower.stdout.readline().strip() != "ready":
@@ -119,5 +119,5 @@ def run(events: int, producers: int, repeat: int, kafka: str | None) -> Outcome:
         outcome.figures["e2e_kafka_produce_events_per_s"] = events / median(s["produce_s"] for s in kafka_samples)
         outcome.figures["projector_rss_mb_kafka"] = median(s["projector_rss_mb"] for s in kafka_samples)
         outcome.details["kafka"] = kafka_samples
-    reset_services()
+    close_session()
     return outcome

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.profiling import profiled
-from engine.bootstrap import services
+from engine.api import session
 from engine.follow import follow
 from projections import open_projection
 
@@ -35,7 +35,7 @@ def _maxrss_mb() -> float:
 
 
 def run_follow() -> dict[str, float]:
-    svc = services()
+    svc = session().services
     with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
         svc.projector(con)  # create the tables before the producers start
     producers_done = threading.Event()
@@ -56,7 +56,7 @@ def run_follow() -> dict[str, float]:
 
 
 def run_rebuild() -> dict[str, float]:
-    svc = services()
+    svc = session().services
     with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
         began = time.perf_counter()
         events = svc.projector(con).rebuild()
@@ -69,7 +69,7 @@ def main() -> None:
     with profiled(f"projector-{mode}"):
         result = run_follow() if mode == "follow" else run_rebuild()
     print(json.dumps(result), flush=True)
-    services().close()
+    session().services.close()
 
 
 if __name__ == "__main__":

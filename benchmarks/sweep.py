@@ -11,7 +11,7 @@ from distributed import Client, LocalCluster
 
 from benchmarks.common import Outcome, fresh_home
 from engine import NewRun, new_function
-from engine.bootstrap import reset_services
+from engine.api import close_session
 
 
 def trivial(context: Any, x: int = 0) -> int:
@@ -38,7 +38,7 @@ def sweep_vs_map(iterations: int = 1_000, workers: int = 2) -> dict[str, float]:
         sweep_s = time.perf_counter() - began
         if run.state != "completed":
             raise RuntimeError(f"the sweep ended {run.state}: {run.error}")
-    reset_services()
+    close_session()
     return {"sweep_s": sweep_s, "client_map_s": bare_s, "sweep_over_map": sweep_s / bare_s}
 
 

@@ -1,11 +1,27 @@
 """Composition root: builds the bus, writer, artifact store and query API from settings.
-Nothing else in Runbus constructs infrastructure."""
+Nothing else in Runbus constructs infrastructure.
+
+The rule: each process entry point reads its settings once, builds its Services with `bootstrap()`
+and passes them down explicitly; it closes them when it ends. There is no module-level locator
+and no registry of handles. The entry points:
+
+- the CLI: one typer callback builds the command's Services and closes them at exit
+  (engine.cli); `runbus ui` hands them to `engine.ui.server.serve(svc=...)`;
+- the projection service process (engine.projection_service.main);
+- a Dask worker: the worker plugin builds the worker's Services at setup, and each iteration
+  sent to the worker runs with them (engine.runtimes.dask);
+- the library API (MLRun's names take no handle): the one process-level session of engine.api,
+  built on first use and rebuilt in a forked child. Only the library's entry points call
+  `engine.api.session()` (new_function, run_function, get_run_db, resume, get_or_create_ctx, and
+  a forked child's first call on an inherited script run); what they create (functions, run
+  specs' contexts, sweeps, EngineRunDB with its rerun/resume) carries its Services from then on.
+
+Everything below an entry point takes a `Services` (or the parts it needs) as an argument.
+"""
 
 from __future__ import annotations
 
 import importlib
-import os
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -114,18 +130,16 @@ class Services:
         self.bus.close()
 
 
-_lock = threading.Lock()
-_services: dict[Settings, Services] = {}
-
-
-def bootstrap(settings: Settings | None = None) -> Services:
-    """New services built from `settings` (the environment's when None); the caller closes them."""
+def bootstrap(settings: Settings | None = None, *, bus: Bus | None = None) -> Services:
+    """New services built from `settings` (the environment's when None); the caller closes them.
+    `bus`: use this bus (e.g. producers.bus.memory.MemoryBus in unit tests) instead of the one
+    RUNBUS_BUS names; it is closed with the services."""
     settings = settings or load_settings()
     make_private_folder(settings.home)  # a home this creates is readable by its owner only
     make_private_folder(settings.artifact_root)
     configure_projection(settings.db_linger_s, settings.heartbeat_interval_s)
     codec = EventCodec()
-    bus = make_bus(settings.bus_url, settings)
+    bus = bus if bus is not None else make_bus(settings.bus_url, settings)
     # the writer delivers what earlier writers on this bus kept in the spill folder
     return Services(settings, codec, bus,
                     BackgroundWriter(bus, codec, settings.flush_interval_s,
@@ -136,30 +150,17 @@ def bootstrap(settings: Settings | None = None) -> Services:
                     load_user_projections(settings.projections))
 
 
-def services(settings: Settings | None = None) -> Services:
-    """The process's services for the current settings (built once per distinct settings)."""
-    settings = settings or load_settings()
-    with _lock:
-        found = _services.get(settings)
-        if found is None:
-            found = _services[settings] = bootstrap(settings)
-        return found
+# --- transitional: callers in files other helpers own still import these; removed once they pass
+# their services explicitly (do not add calls) ---------------------------------------------------
+def services() -> Services:
+    """Transitional: the library session's services (engine.api.session)."""
+    from engine.api import session
 
-
-def _forget_services_in_child() -> None:
-    # a forked child builds services of its own: the parent's writer thread does not exist in
-    # it, and a bus connection must not be shared between processes
-    global _lock
-    _lock = threading.Lock()
-    _services.clear()
-
-
-os.register_at_fork(after_in_child=_forget_services_in_child)
+    return session().services
 
 
 def reset_services() -> None:
-    """Close every cached service (tests and long-lived processes that change settings)."""
-    with _lock:
-        for found in _services.values():
-            found.close()
-        _services.clear()
+    """Transitional: close the library session (engine.api.close_session)."""
+    from engine.api import close_session
+
+    close_session()

@@ -1,4 +1,9 @@
-"""The `runbus` command line."""
+"""The `runbus` command line.
+
+Its composition root is `_build_services`: the typer callback builds the command's Services once
+from the environment's settings and closes them when the command ends; every command takes them
+from its context (`_svc(ctx)`) and passes them down.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from engine.bootstrap import services
+from engine.bootstrap import Services, bootstrap
 from engine.terminal import json_escaped, literal, neutral, plain_console
 
 if TYPE_CHECKING:  # the commands import what they use: `project --follow` stays small
@@ -29,6 +34,22 @@ console = plain_console()
 errors = plain_console(stderr=True)
 LOG_LINES_PER_READ = 10_000  # `runbus logs` reads a run's lines in pages of this many
 LOG_POLL_S = 0.5  # how often `runbus logs --follow` looks for new lines
+
+
+@app.callback()
+def _build_services(ctx: typer.Context) -> None:
+    # the command's services, built once from the environment and closed when the command ends
+    svc = bootstrap()
+    ctx.obj = svc
+    ctx.call_on_close(svc.close)
+
+
+def _svc(ctx: typer.Context) -> Services:
+    """The services the callback built for this command."""
+    found = ctx.find_object(Services)
+    if found is None:
+        raise RuntimeError(f"runbus {ctx.command_path}: no services were built for the command")
+    return found
 
 
 def json_text(value: Any) -> str:
@@ -97,6 +118,7 @@ def _is_missing(value: Any) -> bool:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="FILE.py:HANDLER, module:handler, or a script FILE.py")],
     args: Annotated[list[str] | None, typer.Argument(help="the script's own arguments (after --)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="key=value (JSON values parsed)")] = None,
@@ -115,8 +137,10 @@ def run(
 ) -> None:
     """Run a handler once (or a sweep with --hyper) and print its results. A script FILE.py (no
     :HANDLER) runs in a subprocess as one run, with ARGS; its get_or_create_ctx joins that run."""
-    from engine.function import new_function
+    from engine.function import Function
     from engine.task import RunTemplate
+
+    svc = _svc(ctx)
 
     task = RunTemplate(handler=target, name=name,
                        params={k: _parse_value(v) for k, v in _pairs(param, "param").items()},
@@ -134,25 +158,24 @@ def run(
         from engine.script import Terminated
 
         try:
-            context = run_script(target, args or [], task)
+            context = run_script(svc, target, args or [], task)
         except Terminated:
             errors.print("runbus: terminated by SIGTERM: the script was stopped and its run recorded aborted")
             raise typer.Exit(128 + signal.SIGTERM) from None
-        from engine.bootstrap import services
-
-        svc = services()  # the run as the log holds it: the script's own process logged its results
+        # the run as the log holds it: the script's own process logged its results
         _finish(RunObject.from_record(svc.run_db().read_run(context.uid), str(svc.artifact_store.root)))
         return
     if hyper:
         values = {k: [_parse_value(x) for x in v.split(",")] for k, v in _pairs(hyper, "hyper").items()}
         task.with_hyper_params(values, selector, strategy, max_iterations=max_iterations,
                                stop_condition=stop_condition, parallel_runs=parallel_runs, quiet=quiet)
-    result = new_function(command=runtime).run(task)
+    result = Function(command=runtime, svc=svc).run(task)
     _finish(result)
 
 
 @app.command()
 def resume(
+    ctx: typer.Context,
     parent_uid: Annotated[str, typer.Argument(help="uid (or prefix) of the sweep's parent run")],
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     trust: Annotated[bool, typer.Option(help="run the handler and runtime the log names even when they "
@@ -164,7 +187,7 @@ def resume(
     from engine.sweep.runner import resume_sweep
 
     try:
-        resumed = resume_sweep(parent_uid, quiet=quiet, trust=trust)
+        resumed = resume_sweep(_svc(ctx), parent_uid, quiet=quiet, trust=trust)
     except UntrustedRun as exc:
         errors.print(literal(f"error: {exc}"))
         raise typer.Exit(2) from None
@@ -180,6 +203,7 @@ def _finish(result: RunObject) -> None:
 
 @app.command()
 def runs(
+    ctx: typer.Context,
     name: Annotated[str | None, typer.Option(help="only runs with this name")] = None,
     label: Annotated[list[str] | None, typer.Option(help="key or key=value")] = None,
     state: Annotated[str | None, typer.Option(help="running, completed, error, ...")] = None,
@@ -188,8 +212,8 @@ def runs(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """List runs, newest first."""
-    frame = services().run_db().list_runs(name=name, project=project, labels=label, state=state,
-                                          limit=limit)
+    frame = _svc(ctx).run_db().list_runs(name=name, project=project, labels=label, state=state,
+                                         limit=limit)
     columns = ["uid", "name", "iteration", "state", "labels", "started_at", "duration_s"]
     shown = frame[columns].copy()
     if fmt == "table":
@@ -203,21 +227,22 @@ def runs(
 
 
 @app.command()
-def show(uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")]) -> None:
+def show(ctx: typer.Context, uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")]) -> None:
     """Show one run: state, params, results, labels, artifacts, last metric values."""
-    record = services().run_db().read_run(uid)
+    record = _svc(ctx).run_db().read_run(uid)
     sys.stdout.write(json_text(record) + "\n")
 
 
 @app.command()
 def logs(
+    ctx: typer.Context,
     uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="print new lines as they come, until the "
                                                                "run ends")] = False,
 ) -> None:
     """Print a run's console output (stdout, stderr and its logger, in order); control characters in it
     are shown as escapes. With --follow, wait for more until the run is no longer running."""
-    db = services().run_db()
+    db = _svc(ctx).run_db()
     after, full = 0, uid
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -237,16 +262,18 @@ def logs(
 
 @app.command()
 def sql(
+    ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="a read-only SQL query over the projection tables")],
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
     as_of: Annotated[str | None, typer.Option("--as-of", help="an events.position or a time (UTC if no zone)")] = None,
 ) -> None:
     """Run read-only SQL over runs, params, results, metrics, labels, artifacts, events."""
-    print_frame(services().run_db(as_of).sql(query), fmt)
+    print_frame(_svc(ctx).run_db(as_of).sql(query), fmt)
 
 
 @app.command()
 def rerun(
+    ctx: typer.Context,
     uid: Annotated[str, typer.Argument(help="the run to execute again (uid or unique prefix)")],
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="override: key=value")] = None,
     strict: Annotated[bool, typer.Option(help="fail when an input changed since the run")] = False,
@@ -262,7 +289,7 @@ def rerun(
     sources = [SecretSource("file", str(secrets))] if secrets else []
     overrides = {k: _parse_value(v) for k, v in _pairs(param, "param").items()}
     try:
-        result = rerun_run(uid, overrides, strict, sources, trust=trust)
+        result = rerun_run(_svc(ctx), uid, overrides, strict, sources, trust=trust)
     except UntrustedRun as exc:
         errors.print(Text("error: ", style="red") + literal(one_line(exc)))
         raise typer.Exit(2) from None
@@ -271,6 +298,7 @@ def rerun(
 
 @app.command("export")
 def export_cmd(
+    ctx: typer.Context,
     run: Annotated[list[str] | None, typer.Option("--run", help="only this run (and its iterations)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
     with_artifacts: Annotated[Path | None, typer.Option(help="also write the artifact bodies to this .tar.gz")] = None,
@@ -278,7 +306,7 @@ def export_cmd(
     """Write events as an Avro object container file."""
     from engine.archive import bundle_artifacts, export_events, selected_events
 
-    svc = services()
+    svc = _svc(ctx)
     svc.writer.flush()
     events = selected_events(svc.bus, svc.codec, run or [])
     if out is None:
@@ -295,13 +323,14 @@ def export_cmd(
 
 @app.command("import")
 def import_cmd(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="an Avro file written by runbus export")],
     artifacts: Annotated[Path | None, typer.Option(help="the .tar.gz written by export --with-artifacts")] = None,
 ) -> None:
     """Append the file's events to the current bus; events already there are skipped."""
     from engine.archive import import_events, unpack_artifacts
 
-    svc = services()
+    svc = _svc(ctx)
     if artifacts:
         console.print(f"stored {unpack_artifacts(artifacts, svc.artifact_store)} artifact bodies")
     with file.open("rb") as source:
@@ -311,12 +340,13 @@ def import_cmd(
 
 @app.command()
 def project(
+    ctx: typer.Context,
     rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False,
     follow: Annotated[bool, typer.Option(help="run the projection service in the foreground (it never exits "
                                               "when idle) until Ctrl-C / SIGTERM")] = False,
 ) -> None:
     """Bring the DuckDB projection up to date with the bus (or keep it so with --follow)."""
-    svc = services()
+    svc = _svc(ctx)
     if follow:
         _follow_as_service(svc) if svc.settings.projection == "service" else _follow(svc)
         return
@@ -388,6 +418,7 @@ def _follow_as_service(svc: Any) -> None:
 
 @app.command()
 def push(
+    ctx: typer.Context,
     to: Annotated[str | None, typer.Option("--to", help="target bus URL, e.g. kafka://host:9092")] = None,
     source: Annotated[str | None, typer.Option("--from", help="source bus URL (default: RUNBUS_BUS)")] = None,
     spill: Annotated[bool, typer.Option("--spill", help="deliver the events this home's writers could "
@@ -398,7 +429,7 @@ def push(
     from engine.bootstrap import make_bus
     from engine.transfer import push as push_events
 
-    svc = services()
+    svc = _svc(ctx)
     if spill:
         delivered = svc.deliver_spill()
         console.print(f"delivered {delivered.records} bus records from {delivered.files} spill file(s) to "
@@ -418,17 +449,19 @@ def push(
 
 @app.command()
 def reap(
+    ctx: typer.Context,
     silent: Annotated[float | None, typer.Option(help="seconds without events (default: 3 heartbeats)")] = None,
 ) -> None:
     """Mark runs whose heartbeats stopped (their process died) as 'lost'."""
     from engine.reaper import reap as reap_runs
 
-    lost = reap_runs(services(), silent)
+    lost = reap_runs(_svc(ctx), silent)
     console.print(literal(f"marked {len(lost)} run(s) lost" + (": " + ", ".join(lost) if lost else "")))
 
 
 @app.command()
 def tail(
+    ctx: typer.Context,
     run_uid: Annotated[str | None, typer.Option("--run", help="only this run's events")] = None,
     types: Annotated[str | None, typer.Option("--type", help="comma-separated event types")] = None,
     from_start: Annotated[bool, typer.Option("--from-start", help="print the log from its start")] = False,
@@ -436,7 +469,7 @@ def tail(
     """Print events as they arrive, until Ctrl-C."""
     from producers.subscription import Subscription
 
-    svc = services()
+    svc = _svc(ctx)
     wanted = set(types.split(",")) if types else None
     subscription = Subscription(svc.bus, svc.codec, {} if from_start else svc.bus.end_offsets())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -460,6 +493,7 @@ def tail(
 
 @app.command()
 def ui(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 8765,
     token: Annotated[str | None, typer.Option(envvar="RUNBUS_UI_TOKEN", show_envvar=True,
@@ -471,11 +505,12 @@ def ui(
     """Serve the read-only web UI (a client of the home's projection service, like every reader)."""
     from engine.ui.server import serve
 
-    serve(host, port, token=token, readable_dirs=[str(d.resolve()) for d in sql_read_dir or []])
+    serve(host, port, svc=_svc(ctx), token=token, readable_dirs=[str(d.resolve()) for d in sql_read_dir or []])
 
 
 @app.command()
 def report(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")],
     limit: Annotated[int, typer.Option(help="the newest this many runs")] = 100,
     run: Annotated[list[str] | None, typer.Option("--run", help="only this run (and its iterations)")] = None,
@@ -483,7 +518,7 @@ def report(
     """Write one self-contained HTML report: runs table, run pages, charts, sweeps."""
     from engine.ui.report import write_report
 
-    svc = services()
+    svc = _svc(ctx)
     svc.writer.flush()
     count = write_report(svc.run_db(), out, svc.settings.artifact_root, limit, run or None)
     console.print(f"wrote {out} ({count} runs)")

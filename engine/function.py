@@ -2,7 +2,8 @@
 
 `fn.run(task)` runs a handler in-process (kinds '', 'local', 'job', 'handler') or on Dask (kind
 'dask', command 'dask://...'); a function with a command and no handler runs the command in a
-subprocess (engine.runtimes.command).
+subprocess (engine.runtimes.command). A Function records through the services it was made with
+(`new_function`: the library session's, see engine.api).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.bootstrap import services
+from engine.bootstrap import Services
 from engine.loader import describe_handler, load_handler
 from engine.run import RunObject
 from engine.runspec import RunSpec
@@ -31,7 +32,6 @@ LOCAL_KINDS = ("", "local", "job", "handler")
 KINDS = (*LOCAL_KINDS, "dask")
 # MLRun's hyper-param options with no Runbus meaning: dropped when unset, refused when set
 _MLRUN_ONLY_OPTIONS = ("dask_cluster_uri", "teardown_dask")
-_functions: dict[str, Function] = {}  # by name, for run_function('name')
 
 Handler = Callable[..., Any] | str
 
@@ -41,7 +41,9 @@ class Function:
 
     def __init__(self, name: str | None = None, project: str | None = None, tag: str | None = None,
                  kind: str | None = None, command: str | None = None, image: str | None = None,
-                 args: Sequence[str] | None = None, handler: Handler | None = None, **options: Any) -> None:
+                 args: Sequence[str] | None = None, handler: Handler | None = None, *, svc: Services,
+                 **options: Any) -> None:
+        self.svc = svc
         self.name = check_name("function name", name or None)
         self.project = check_name("project", project or None)
         self.tag, self.image = tag or None, image or None
@@ -94,32 +96,32 @@ class Function:
         spec = self._spec(task, handler, name, project)
         if isinstance(spec.handler, CommandJob):
             if sweep is not None:
-                return self._finished(run_sweep(spec, sweep))
-            return self._finished(spec.handler.run(spec))
+                return self._finished(run_sweep(self.svc, spec, sweep))
+            return self._finished(spec.handler.run(self.svc, spec))
         if sweep is not None:
-            return RunObject.from_context(run_sweep(spec, sweep))
+            return RunObject.from_context(run_sweep(self.svc, spec, sweep))
         if self.runtime == "local":
-            context = spec.new_context()
+            context = spec.new_context(self.svc)
             local_runtime.execute(spec.handler, context, capture_console=spec.settings.capture_console)
             return RunObject.from_context(context)
         return self._run_on_pool(spec)
 
     def _run_on_pool(self, spec: RunSpec) -> RunObject:
-        pool = open_pool(self.runtime, 1, spec.settings)
+        pool = open_pool(self.svc, self.runtime, 1)
         try:
             outcome = pool.submit(run_iteration, pool.prepare(spec)).result()
         finally:
             pool.close()
-        svc = services(spec.settings)
+        svc = self.svc
         return RunObject.from_record(svc.run_db().read_run(outcome.uid), str(svc.artifact_store.root))
 
     def _finished(self, context: RunContext) -> RunObject:
         """The run as the log holds it: a command's own process logged its results, not this one."""
-        svc = services()
+        svc = self.svc
         return RunObject.from_record(svc.run_db().read_run(context.uid), str(svc.artifact_store.root))
 
     def _spec(self, task: RunTemplate, handler: Handler | None, name: str | None, project: str | None) -> RunSpec:
-        svc = services()
+        svc = self.svc
         chosen = handler or task.handler or self.handler
         inputs = {key: _as_uri(path) for key, path in task.inputs.items()}
         if chosen is None and self.command and self.runtime == "local":
@@ -220,13 +222,17 @@ def new_function(name: str | None = None, project: str | None = None, tag: str |
     handler in-process), 'file.py' (where a handler name is looked up; with no handler, the script
     runs as a command), 'job.py --lr {lr}' (a command with params in argv, like `args`) or
     'dask://[host:port]'. `image`, `mode`, `source` and `requirements` are kept on the function and
-    do not change a local run (as in MLRun); `runtime` (a function spec) and `kfp` are refused."""
+    do not change a local run (as in MLRun); `runtime` (a function spec) and `kfp` are refused.
+    A library entry point: the function records through the process's library session."""
+    from engine.api import session
+
     if runtime is not None or kfp:
         raise ValueError(f"new_function: {'runtime' if runtime is not None else 'kfp'} is not supported")
-    function = Function(name, project, tag, kind, command, image, args, handler, mode=mode, source=source,
-                        requirements=requirements, requirements_file=requirements_file)
+    library = session()
+    function = Function(name, project, tag, kind, command, image, args, handler, svc=library.services, mode=mode,
+                        source=source, requirements=requirements, requirements_file=requirements_file)
     if function.name:
-        _functions[function.name] = function
+        library.functions[function.name] = function
     return function
 
 
@@ -243,13 +249,17 @@ def run_function(function: Function | str, handler: Handler | None = None, name:
     """MLRun's `run_function`: run `function` (a Function, or the name of one made by
     `new_function` in this process) with these arguments; returns the ended run. `options` are
     sweep options (`parallel_runs`, `stop_condition`...); `project_object`, `auto_build`,
-    `notifications`, `builder_env` and `reset_on_run` are accepted and unused."""
+    `notifications`, `builder_env` and `reset_on_run` are accepted and unused. A library entry
+    point: a function named by a string is looked up in the library session."""
     if isinstance(function, str):
-        if function not in _functions:
-            known = ", ".join(sorted(_functions)) or "none"
+        from engine.api import session
+
+        functions = session().functions
+        if function not in functions:
+            known = ", ".join(sorted(functions)) or "none"
             raise ValueError(f"function {function!r} was not made by new_function(name=...) in this process "
                              f"(known: {known})")
-        function = _functions[function]
+        function = functions[function]
     task = base_task.copy() if base_task is not None else RunTemplate()
     task.outputs += list(outputs or [])
     if selector:

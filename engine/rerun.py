@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.archive import IMPORTED_FROM
-from engine.bootstrap import services
+from engine.bootstrap import Services
 from engine.loader import code_mac, describe_handler, handler_source, load_handler, parse_code_ref
 from engine.run import RunObject
 from engine.runspec import RunSpec
@@ -33,16 +33,16 @@ class UntrustedRun(ValueError):
     """A recorded run's handler is not known to be this home's own code; running it needs --trust."""
 
 
-def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = False,
+def rerun(svc: Services, uid: str, params: Mapping[str, Any] | None = None, strict: bool = False,
           secrets: Sequence[SecretSource] = (), trust: bool = False) -> RunObject:
-    """Execute run `uid` again in this process; the new run records `rerun_of`.
+    """Execute run `uid` again in this process, read and recorded through `svc`; the new run
+    records `rerun_of`.
 
     Without `trust`, raises UntrustedRun (before loading anything) unless the handler is this
     home's own code, unchanged (`check_handler_trusted`). Inputs are checked against their recorded
     sha256: a change is a warning, or InputChanged with `strict`. Secret values come from
     `secrets`, then the environment, by recorded key.
     """
-    svc = services()
     db = svc.run_db()
     record = db.read_run(uid)
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
@@ -61,18 +61,17 @@ def rerun(uid: str, params: Mapping[str, Any] | None = None, strict: bool = Fals
                    {**recorded_params, **(params or {})}, started["inputs"], started["input_digests"],
                    {k: v for k, v in values.items() if k in started["secret_keys"]}, started["labels"],
                    code_ref, extra={"rerun_of": record["uid"]})
-    context = spec.new_context()
+    context = spec.new_context(svc)
     local.execute(handler, context, capture_console=spec.settings.capture_console)
     return RunObject.from_context(context)
 
 
-def check_handler_trusted(started: Mapping[str, Any], trust: bool = False, run_uid: str = "",
-                          home: Path | None = None) -> None:
-    """Raise UntrustedRun unless `trust` or the run_started payload `started` names a handler this
-    Runbus home may load (see `handler_distrust`). Nothing of the handler is run by this check."""
+def check_handler_trusted(started: Mapping[str, Any], trust: bool, run_uid: str, home: Path) -> None:
+    """Raise UntrustedRun unless `trust` or the run_started payload `started` names a handler the
+    Runbus home `home` may load (see `handler_distrust`). Nothing of the handler is run by this check."""
     if trust:
         return
-    reason = handler_distrust(started, home or services().settings.home)
+    reason = handler_distrust(started, home)
     if reason:
         raise UntrustedRun(f"run {run_uid or '?'}: will not load handler {started.get('handler')!r}: {reason}; "
                            f"pass --trust (trust=True) to run it anyway")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.bootstrap import services
 from engine.settings import Settings
 from engine.sweep.summary import record_iterations
 from producers.context import RunContext
+
+if TYPE_CHECKING:
+    from engine.bootstrap import Services
 
 C = TypeVar("C", bound=RunContext)
 
@@ -34,9 +36,10 @@ class RunSpec:
     iteration: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def new_context(self, uid: str | None = None, context_class: type[C] = RunContext) -> C:  # type: ignore[assignment]
-        """A context (of `context_class`) writing through this process's services for `settings`."""
-        svc = services(self.settings)
+    def new_context(self, svc: Services, uid: str | None = None,
+                    context_class: type[C] = RunContext) -> C:  # type: ignore[assignment]
+        """A context (of `context_class`) writing through `svc` (this process's services, built from
+        `settings` by its entry point)."""
         return context_class(
             svc.writer, svc.artifact_store, uid=uid or uuid.uuid4().hex, name=self.name,
             project=self.project, handler=self.handler_ref, runtime=self.runtime, params=self.params,

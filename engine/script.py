@@ -30,10 +30,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from engine.bootstrap import services
+from engine.bootstrap import Services
 from engine.loader import code_mac
 from engine.runspec import RunSpec
-from engine.settings import Settings, load_settings
 from engine.task import check_name
 from producers.console import capture_console
 from producers.context import RunContext, RunFinishedError
@@ -56,11 +55,10 @@ class ScriptContext(RunContext):
     and in a process forked from the owner: leaving it flushes what the process logged and ends
     nothing. `owner_pid` is the process that made the context. In a forked child the first call
     joins the run on a stream and a writer of the child's own (the parent's writer thread does not
-    exist there), so what the child logs is delivered."""
+    exist there; the child's library session is built for it), so what the child logs is delivered."""
 
     owns_run: bool = True
     owner_pid: int = 0
-    settings: Settings | None = None
     _depth: int = 0
     _console: Any = None
     _handover: Path | None = None  # the handover file of a run this process owns (for its children)
@@ -110,10 +108,12 @@ class ScriptContext(RunContext):
     def _join_in_child(self) -> None:
         """In a forked child: become a joined context of the same run, on this process's own stream
         and writer (the same identity, params, secrets; what the parent logged stays in view)."""
+        from engine.api import session  # the child's first call: the library's entry in this process
+
         with _lock:
             if not self._forked:
                 return
-            svc = services(self.settings)
+            svc = session().services
             kept = self.results, self.artifacts, self._metric_keys
             RunContext.__init__(self, svc.writer, svc.artifact_store, uid=self.uid, name=self.name,
                                 project=self.project, handler=self.handler, runtime=self.runtime,
@@ -154,7 +154,7 @@ def get_or_create_ctx(name: str = "", event: Any = None, spec: Mapping[str, Any]
                       with_env: bool = True, rundb: str = "", project: str = "",
                       upload_artifacts: bool = False, labels: Mapping[str, Any] | None = None,
                       params: Mapping[str, Any] | None = None, capture_output: bool | None = None,
-                      settings: Settings | None = None) -> ScriptContext:
+                      ) -> ScriptContext:
     """The process's open run, or a new one named `name` (started), as MLRun's `get_or_create_ctx`.
 
     With `with_env` (the default), a script launched by Runbus joins the launcher's run and gets
@@ -162,23 +162,27 @@ def get_or_create_ctx(name: str = "", event: Any = None, spec: Mapping[str, Any]
     dict ({'metadata': {name, project, labels}, 'spec': {parameters}}) or its JSON. `capture_output`
     False keeps this run's console out of the log (default: RUNBUS_CAPTURE_CONSOLE). `event`,
     `rundb` and `upload_artifacts` are accepted for MLRun code and ignored: the bus comes from
-    RUNBUS_BUS, and artifacts are always stored.
+    RUNBUS_BUS, and artifacts are always stored. A library entry point: the run records through
+    the process's library session (engine.api).
     """
     global _current
     with _lock:
         if _current is not None and (not _current.owns_run or _current.state == "running"):
             return _current
-        settings = settings or load_settings()
+        from engine.api import session
+
+        svc = session().services
+        settings = svc.settings
         metadata, parameters = _mlrun_spec(spec)
         params = {**parameters, **(params or {})}
         labels = {**metadata.get("labels", {}), **(labels or {})}
         handover = os.environ.get(HANDOVER_ENV) if with_env else None
         record = read_handover(Path(handover), settings.home) if handover else None
         if record is not None:
-            context = _join(record, settings, params, labels)
+            context = _join(svc, record, params, labels)
         else:
-            context = _start(name or metadata.get("name") or _script_name(), project or metadata.get("project"),
-                             params, labels, settings, capture_output)
+            context = _start(svc, name or metadata.get("name") or _script_name(), project or metadata.get("project"),
+                             params, labels, capture_output)
         _current = context
         _install_hooks()
         return context
@@ -281,8 +285,9 @@ def script_code_ref(path: Path, reference: str, home: Path) -> str | None:
 
 # building the context ------------------------------------------------------------------------------
 
-def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Mapping[str, Any],
-           settings: Settings, capture_output: bool | None) -> ScriptContext:
+def _start(svc: Services, name: str, project: str | None, params: Mapping[str, Any], labels: Mapping[str, Any],
+           capture_output: bool | None) -> ScriptContext:
+    settings = svc.settings
     check_name("name", name)  # as MLRun does: names go into paths and URIs
     check_name("project", project)
     script = _script_path()
@@ -290,8 +295,8 @@ def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Ma
     spec = RunSpec(settings, None, reference, name, project or settings.project, runtime="script",
                    params=dict(params), labels={k: str(v) for k, v in labels.items()},
                    code_ref=script_code_ref(script, reference, settings.home) if script else None)
-    context = spec.new_context(context_class=ScriptContext)
-    context.settings, context.owner_pid = settings, os.getpid()
+    context = spec.new_context(svc, context_class=ScriptContext)
+    context.owner_pid = os.getpid()
     context.start()
     # on the bus before the script goes on: an os._exit or kill -9 right after still leaves a run
     try:
@@ -306,13 +311,13 @@ def _start(name: str, project: str | None, params: Mapping[str, Any], labels: Ma
     return context
 
 
-def _join(record: Mapping[str, Any], settings: Settings, params: Mapping[str, Any],
+def _join(svc: Services, record: Mapping[str, Any], params: Mapping[str, Any],
           labels: Mapping[str, Any]) -> ScriptContext:
-    spec = RunSpec(settings, None, record["handler"], record["name"], record["project"], record["runtime"],
+    spec = RunSpec(svc.settings, None, record["handler"], record["name"], record["project"], record["runtime"],
                    record["params"], record["inputs"], record["input_digests"], record["secrets"],
                    record["labels"], record["code_ref"], record["parent_uid"], record["iteration"])
-    context = spec.new_context(uid=record["uid"], context_class=ScriptContext)
-    context.settings, context.owner_pid, context.owns_run = settings, os.getpid(), False
+    context = spec.new_context(svc, uid=record["uid"], context_class=ScriptContext)
+    context.owner_pid, context.owns_run = os.getpid(), False
     context.resume()  # its own stream; run_started is the launcher's
     for key, value in params.items():
         context.get_param(key, value)

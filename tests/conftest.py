@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bootstrap import reset_services
+from engine.api import close_session
 
 pytest_plugins = ["tests.kafka_support", "tests.support.browser"]
 
@@ -20,9 +20,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("RUNBUS_BUS", raising=False)
     monkeypatch.setenv("RUNBUS_FLUSH_INTERVAL", "0.05")
     monkeypatch.setenv("RUNBUS_PROJECTION", "inprocess")  # until the fixture stops each home's service
-    reset_services()
+    close_session()
     yield runbus_home
-    reset_services()
+    close_session()
 
 
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
@@ -33,4 +33,4 @@ def bus_home(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.Mon
 
         use_fresh_topic(monkeypatch, request.getfixturevalue("kafka_bootstrap"))
     yield home
-    reset_services()
+    close_session()

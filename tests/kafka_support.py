@@ -62,9 +62,9 @@ def unique_topic(prefix: str = "runbus-test") -> str:
 
 def use_fresh_topic(monkeypatch: pytest.MonkeyPatch, bootstrap: str, partitions: int = 3) -> None:
     """Point RUNBUS_BUS at a new topic of the test broker and rebuild the services."""
-    from engine.bootstrap import reset_services
+    from engine.api import close_session
 
     monkeypatch.setenv("RUNBUS_BUS", f"kafka://{bootstrap}")
     monkeypatch.setenv("RUNBUS_KAFKA_TOPIC", unique_topic())
     monkeypatch.setenv("RUNBUS_KAFKA_PARTITIONS", str(partitions))
-    reset_services()
+    close_session()

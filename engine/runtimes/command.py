@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from engine.bootstrap import services
+from engine.bootstrap import Services
 from engine.runspec import RunSpec
 from engine.script import HANDOVER_ENV, script_code_ref, sigterm_raises, write_handover
 from engine.secrets import resolve_all
@@ -48,21 +48,21 @@ def command_argv(command: str, args: Sequence[str] | None, params: Mapping[str, 
     return argv
 
 
-def run_script(script: str, args: Sequence[str], task: RunTemplate) -> RunContext:
+def run_script(svc: Services, script: str, args: Sequence[str], task: RunTemplate) -> RunContext:
     """`runbus run script.py`: the script (with `args`) as a command run of `task`'s params,
-    inputs, labels and secrets, named after the task or the script."""
-    svc = services()
+    inputs, labels and secrets, named after the task or the script, recorded through `svc`."""
     inputs = {key: path if "://" in path else Path(path).resolve().as_uri() for key, path in task.inputs.items()}
     digests = {key: file_sha256(Path(path)) for key, path in task.inputs.items()
                if "://" not in path and Path(path).is_file()}
     spec = RunSpec(svc.settings, None, script, task.name or Path(script).stem, task.project or svc.settings.project,
                    params=dict(task.params), inputs=inputs, input_digests=digests,
                    secrets=resolve_all(task.secret_sources), labels=dict(task.labels))
-    return run_command(shlex.join([script]), list(args), spec)
+    return run_command(svc, shlex.join([script]), list(args), spec)
 
 
-def run_command(command: str, args: list[str] | None, spec: RunSpec) -> RunContext:
-    """Run `command` (+ `args`) in a subprocess as the run `spec` describes; returns the ended context.
+def run_command(svc: Services, command: str, args: list[str] | None, spec: RunSpec) -> RunContext:
+    """Run `command` (+ `args`) in a subprocess as the run `spec` describes, recorded through `svc`;
+    returns the ended context.
 
     Exit code 0 is `completed`; another code is `error` naming it, with the last lines of the
     command's stderr; death by a signal is `error` naming the signal. Ctrl-C here terminates the
@@ -75,7 +75,7 @@ def run_command(command: str, args: list[str] | None, spec: RunSpec) -> RunConte
     if code_ref is None and script is not None and script.is_file():
         code_ref = script_code_ref(script, spec.handler_ref, spec.settings.home)
     spec = replace(spec, runtime="command", code_ref=code_ref, extra={**spec.extra, "command": argv})
-    context = spec.new_context()
+    context = spec.new_context(svc)
     context.start()
     handover = write_handover(context, spec)
     try:

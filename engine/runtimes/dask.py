@@ -1,7 +1,8 @@
 """Dask runtime: a worker pool on a LocalCluster made for the run, or on an existing scheduler.
 
-Each worker process builds its own bus producer once (the worker plugin); iterations write their
-events straight to the bus from the worker, and only (iteration, uid, state) returns to the driver.
+Each worker process builds its own services once (the worker plugin: the worker's composition
+root); iterations run with them and write their events straight to the bus from the worker, and
+only (iteration, uid, state) returns to the driver.
 
 The cluster made for a run has its scheduler in this process and each worker in a process of its
 own started as `python -m dask spec` (distributed's SubprocessWorker), not by multiprocessing's
@@ -22,27 +23,39 @@ from dataclasses import replace
 from typing import Any
 
 import cloudpickle
-from distributed import Client, Scheduler, SpecCluster, WorkerPlugin, as_completed
+from distributed import Client, Scheduler, SpecCluster, WorkerPlugin, as_completed, get_worker
 from distributed.deploy.subprocess import SubprocessWorker
 
-from engine.bootstrap import reset_services, services
+from engine.bootstrap import Services, bootstrap
 from engine.runspec import RunSpec
 from engine.settings import Settings
 
 
 class RunbusWorkerPlugin(WorkerPlugin):
-    """Builds the worker process's bus producer once at start and flushes it at shutdown."""
+    """The worker process's composition root: builds its services from the driver's settings once
+    at start, and flushes and closes them at shutdown."""
 
     name = "runbus"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.services: Services | None = None
 
     def setup(self, worker: Any) -> None:
-        services(self.settings)
+        self.services = bootstrap(self.settings)
 
     def teardown(self, worker: Any) -> None:
-        reset_services()
+        if self.services is not None:
+            self.services.close()
+            self.services = None
+
+
+def on_worker(fn: Callable[[Services, RunSpec], Any], spec: RunSpec) -> Any:
+    """`fn(svc, spec)` in a worker, with the services its RunbusWorkerPlugin built."""
+    plugin = get_worker().plugins.get(RunbusWorkerPlugin.name)
+    if not isinstance(plugin, RunbusWorkerPlugin) or plugin.services is None:
+        raise RuntimeError(f"Dask worker {get_worker().address} has no runbus worker plugin set up")
+    return fn(plugin.services, spec)
 
 
 _WORKERS_READY_S = 120.0  # for the cluster's worker processes to start and join the scheduler
@@ -105,8 +118,9 @@ class DaskPool:
         finally:
             cloudpickle.unregister_pickle_by_value(module)
 
-    def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
-        future = self._client.submit(fn, arg, pure=False)
+    def submit(self, fn: Callable[[Services, RunSpec], Any], spec: RunSpec) -> Any:
+        """`fn(svc, spec)` on a worker, with the worker's services."""
+        future = self._client.submit(on_worker, fn, spec, pure=False)
         self._completed.add(future)
         return future
 

@@ -1,4 +1,8 @@
-"""Worker pools the sweep dispatches iterations to: threads in-process, or Dask."""
+"""Worker pools the sweep dispatches iterations to: threads in-process, or Dask.
+
+`submit(fn, spec)` calls `fn(svc, spec)` where the iteration runs, with that process's services:
+the driver's for threads in-process, the worker's (built by its worker plugin) on Dask.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from engine.runspec import RunSpec
-from engine.settings import Settings
 
 if TYPE_CHECKING:
+    from engine.bootstrap import Services
     from engine.runtimes.dask import DaskPool
 
 
@@ -18,16 +22,18 @@ class LocalPool:
 
     in_driver = True
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, svc: Services, workers: int = 1) -> None:
         self.capacity = workers
+        self._svc = svc
         self._executor = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbus-iteration")
 
     def prepare(self, spec: RunSpec) -> RunSpec:
         """Nothing to ship: the handler runs in this process."""
         return spec
 
-    def submit(self, fn: Callable[..., Any], arg: Any) -> Any:
-        return self._executor.submit(fn, arg)
+    def submit(self, fn: Callable[[Services, RunSpec], Any], spec: RunSpec) -> Any:
+        """`fn(svc, spec)` on a thread of this process, with the driver's services."""
+        return self._executor.submit(fn, self._svc, spec)
 
     def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
         """Block until at least one future is done; each done future with its result or exception."""
@@ -38,13 +44,14 @@ class LocalPool:
         self._executor.shutdown(wait=True)
 
 
-def open_pool(runtime: str, parallel_runs: int | None, settings: Settings) -> LocalPool | DaskPool:
-    """The pool for a function's runtime: 'local', 'dask://' or 'dask://host:port'."""
+def open_pool(svc: Services, runtime: str, parallel_runs: int | None) -> LocalPool | DaskPool:
+    """The pool for a function's runtime: 'local', 'dask://' or 'dask://host:port' (Dask workers
+    build services of their own from `svc.settings`)."""
     if runtime.startswith("dask://"):
         address = runtime.removeprefix("dask://") or None
         if address and "://" not in address:
             address = f"tcp://{address}"
         from engine.runtimes.dask import DaskPool  # distributed is slow to import; only Dask runs need it
 
-        return DaskPool(address, settings)
-    return LocalPool(parallel_runs or 1)
+        return DaskPool(address, svc.settings)
+    return LocalPool(svc, parallel_runs or 1)

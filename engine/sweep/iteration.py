@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from engine.runspec import RunSpec
 from engine.runtimes import local
+
+if TYPE_CHECKING:
+    from engine.bootstrap import Services
 
 
 @dataclass(frozen=True)
@@ -21,19 +24,19 @@ class IterationOutcome:
     results: dict[str, Any] | None = None
 
 
-def run_iteration(spec: RunSpec) -> IterationOutcome:
-    """Execute one iteration in a worker; its events (its console output too, unless the settings
-    turn capture off) go straight from here to the bus, flushed before it returns, and only its uid
-    and state go back to the driver."""
+def run_iteration(svc: Services, spec: RunSpec) -> IterationOutcome:
+    """Execute one iteration in a worker with the worker's services `svc`; its events (its console
+    output too, unless the settings turn capture off) go straight from here to the bus, flushed
+    before it returns, and only its uid and state go back to the driver."""
     handler = cloudpickle.loads(spec.handler) if isinstance(spec.handler, bytes) else spec.handler
-    context = spec.new_context()
+    context = spec.new_context(svc)
     local.execute(handler, context, capture_console=spec.settings.capture_console)
     return IterationOutcome(spec.iteration, context.uid, context.state)
 
 
-def run_iteration_in_driver(spec: RunSpec) -> IterationOutcome:
+def run_iteration_in_driver(svc: Services, spec: RunSpec) -> IterationOutcome:
     """Execute one iteration in the driver's process; the driver flushes once when the sweep ends
     (a crash loses at most the writer's last interval, as for any run)."""
-    context = spec.new_context()
+    context = spec.new_context(svc)
     local.execute(spec.handler, context, flush=False, capture_console=spec.settings.capture_console)
     return IterationOutcome(spec.iteration, context.uid, context.state, dict(context.results))

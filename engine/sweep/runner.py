@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.bootstrap import Services, services
+from engine.bootstrap import Services
 from engine.loader import load_handler
 from engine.progress import SweepProgress
 from engine.reaper import mark_lost, reap, running_runs
@@ -45,17 +45,18 @@ class SweepState:
     resumed: bool = False
 
 
-def run_sweep(spec: RunSpec, sweep: SweepSpec) -> RunContext:
-    """Start a parent run, request every iteration, run them and complete the parent."""
-    parent = RunSpec(**{**spec.__dict__, "extra": {**spec.extra, "sweep": sweep.describe()}}).new_context()
-    positions = services(spec.settings).bus.end_offsets()
+def run_sweep(svc: Services, spec: RunSpec, sweep: SweepSpec) -> RunContext:
+    """Start a parent run, request every iteration, run them and complete the parent (all with `svc`)."""
+    parent = RunSpec(**{**spec.__dict__, "extra": {**spec.extra, "sweep": sweep.describe()}}).new_context(svc)
+    positions = svc.bus.end_offsets()
     parent.start()
     requests = list(enumerate(sweep.param_sets(), start=1))
     parent.request_iterations(requests)
-    return _execute(parent, spec, sweep, SweepState(params=dict(requests), pending=requests, positions=positions))
+    return _execute(svc, parent, spec, sweep, SweepState(params=dict(requests), pending=requests,
+                                                         positions=positions))
 
 
-def resume_sweep(parent_uid: str, quiet: bool = False, trust: bool = False) -> RunContext:
+def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: bool = False) -> RunContext:
     """Run the iterations the log shows as requested but never finished, then complete the parent.
 
     The handler, runtime and params come from the log, which is not trusted: without `trust`,
@@ -63,7 +64,6 @@ def resume_sweep(parent_uid: str, quiet: bool = False, trust: bool = False) -> R
     unchanged code (`check_handler_trusted`) and the runtime runs on this machine (a scheduler
     address named by the log would receive the run's secrets).
     """
-    svc = services()
     db = svc.run_db()
     parent_row = db.read_run(parent_uid)
     if "sweep" not in parent_row["extra"]:
@@ -97,11 +97,11 @@ def resume_sweep(parent_uid: str, quiet: bool = False, trust: bool = False) -> R
         state.done[child.iteration] = (child.state, requests.get(child.iteration, {}), results)
         state.uids[child.iteration] = child.uid
     state.pending = [(i, params) for i, params in sorted(requests.items()) if i not in state.done]
-    parent = spec.new_context(uid=parent_uid)  # a stream of its own: no seq taken from the dead driver
+    parent = spec.new_context(svc, uid=parent_uid)  # a stream of its own: no seq taken from the dead driver
     parent.parent_uid = None
     parent.parameters = dict(parent_row["params"])
     parent.resume()
-    return _execute(parent, spec, sweep, state)
+    return _execute(svc, parent, spec, sweep, state)
 
 
 def _settle_orphans(svc: Services, parent_uid: str) -> None:
@@ -127,15 +127,14 @@ def _longest_interval(svc: Services, parent_uid: str) -> float:
     return float(found)
 
 
-def _execute(parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepState) -> RunContext:
-    svc = services(spec.settings)
+def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepState) -> RunContext:
     selector = Selector.parse(sweep.selector) if sweep.selector else None
     stop = StopCondition(sweep.stop_condition) if sweep.stop_condition else None
     watcher = ChildWatcher(svc.bus, svc.codec, parent.uid, svc.bus.end_offsets())
     failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
     stopping = _should_stop(state, sweep, stop, failed)
     try:
-        pool = open_pool(spec.runtime, sweep.parallel_runs, spec.settings)
+        pool = open_pool(svc, spec.runtime, sweep.parallel_runs)
     except Exception as exc:
         parent.finish(error=exc)
         return parent
@@ -264,15 +263,15 @@ class CommandJob:
     command: str
     args: tuple[str, ...] | list[str] = ()
 
-    def run(self, spec: RunSpec) -> RunContext:
-        """Run the command as the run `spec` describes; the ended context."""
+    def run(self, svc: Services, spec: RunSpec) -> RunContext:
+        """Run the command as the run `spec` describes, recorded through `svc`; the ended context."""
         from engine.runtimes.command import run_command  # it imports engine.task, which is light; this is not
 
-        return run_command(self.command, list(self.args), spec)
+        return run_command(svc, self.command, list(self.args), spec)
 
 
-def _run_command_iteration(spec: RunSpec) -> IterationOutcome:
+def _run_command_iteration(svc: Services, spec: RunSpec) -> IterationOutcome:
     """A sweep iteration of a command: its results are read from the bus (its own process logged them)."""
     assert isinstance(spec.handler, CommandJob)
-    context = spec.handler.run(spec)
+    context = spec.handler.run(svc, spec)
     return IterationOutcome(spec.iteration, context.uid, context.state)

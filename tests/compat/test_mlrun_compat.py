@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from engine import NewRun, get_run_db, new_function, new_task, run_function
-from engine.rerun import UntrustedRun, rerun
+from engine.rerun import UntrustedRun
 from engine.run import RunObject
 from engine.task import HyperParamOptions
 from tests.support import handlers
@@ -353,11 +353,11 @@ def test_a_class_method_handler_with_init_args(home: Path, tmp_path: Path) -> No
     assert run.state() == "completed", run.status.error
     assert run.status.results == {"a1": 7, "product": 21, "return": True}  # the constructor got the context
     assert run.spec.handler == f"{script}:MyCls::mtd"
-    again = rerun(run.uid())  # this home's own, unchanged code: no trust needed
+    again = get_run_db().rerun(run.uid())  # this home's own, unchanged code: no trust needed
     assert again.status.results == run.status.results
     script.write_text(MYCLS.replace("self.a1 * x", "self.a1 * x * 100"))
     with pytest.raises(UntrustedRun, match="changed since the run"):
-        rerun(run.uid())
+        get_run_db().rerun(run.uid())
 
 
 def test_a_class_method_handler_names_what_is_missing(home: Path, tmp_path: Path) -> None:
@@ -591,7 +591,7 @@ def test_each_sweep_iteration_gets_its_inputs_as_arguments(home: Path, data_csv:
 # MLRun's context members -----------------------------------------------------------------------
 
 def test_context_paths_get_input_with_a_url_and_cheap_members(home: Path, data_csv: Path) -> None:
-    from engine.bootstrap import services
+    from engine.api import session
 
     def handler(context):
         context.log_model("model", body=b"weights", artifact_path=context.artifact_path)
@@ -603,7 +603,7 @@ def test_context_paths_get_input_with_a_url_and_cheap_members(home: Path, data_c
             context.get_input("missing")
 
     run = new_function().run(NewRun(handler=handler))
-    root = services().artifact_store.root.as_uri()
+    root = session().services.artifact_store.root.as_uri()
     assert run.state() == "completed", run.status.error
     assert run.output("paths") == [root, root] and run.artifact("model").get() == b"weights"
     assert run.output("rows") == 3 and run.output("by_url") == 3 and run.output("worker") is True
@@ -658,7 +658,7 @@ def test_commit_in_a_script_puts_what_was_logged_on_the_bus_and_ends_nothing(hom
     import subprocess
     import sys
 
-    from engine.bootstrap import services
+    from engine.api import session
     from tests.support.polling import wait_until
 
     script = tmp_path / "commits.py"
@@ -673,7 +673,7 @@ def test_commit_in_a_script_puts_what_was_logged_on_the_bus_and_ends_nothing(hom
         record = get_run_db().read_run(committed["uid"])
         assert record["state"] == "running" and record["results"] == {"before": 1}
         assert [a["key"] for a in record["artifacts"]] == ["model"]
-        assert committed["out_path"] == services().artifact_store.root.as_uri()
+        assert committed["out_path"] == session().services.artifact_store.root.as_uri()
     finally:
         (tmp_path / "go").touch()
         _, stderr = process.communicate(timeout=120)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import get_run_db
+from engine.api import session
 from engine.runspec import RunSpec
 from engine.runtimes.command import command_argv, run_command
 from engine.settings import load_settings
@@ -43,7 +44,7 @@ def test_argv_is_templated_from_params_and_a_py_file_runs_with_this_python() -> 
 
 def test_a_placeholder_without_a_param_is_refused_before_any_run_starts(home: Path) -> None:
     with pytest.raises(ValueError, match=r"placeholder \{lr\} has no param 'lr'"):
-        run_command("train.py --lr {lr}", None, _spec({"other": 1}))
+        run_command(session().services, "train.py --lr {lr}", None, _spec({"other": 1}))
     assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 0
 
 
@@ -57,7 +58,8 @@ def test_the_scripts_own_context_logs_into_the_launchers_run(bus_home: Path, tmp
         ctx.log_metric('loss', 0.25, step=1)
         ctx.set_label('from', 'child')
     """)
-    context = run_command(f"{script} --lr {{lr}}", ["--seed", "7"], _spec({"lr": 0.01}, name="train"))
+    context = run_command(session().services, f"{script} --lr {{lr}}", ["--seed", "7"],
+                          _spec({"lr": 0.01}, name="train"))
 
     assert context.state == "completed"
     db = get_run_db()
@@ -85,7 +87,7 @@ def test_the_scripts_own_context_logs_into_the_launchers_run(bus_home: Path, tmp
 def test_the_exit_code_decides_the_state(home: Path, tmp_path: Path, body: str, state: str,
                                          error: str | None) -> None:
     script = write_script(tmp_path, body)
-    context = run_command(str(script), None, _spec())
+    context = run_command(session().services, str(script), None, _spec())
     row = _row(context.uid)
     assert (context.state, row.state) == (state, state)
     if error is None:
@@ -101,7 +103,7 @@ def test_the_error_masks_the_runs_secrets_in_the_commands_stderr(home: Path, tmp
         print('login failed with', get_or_create_ctx('job').get_secret('TOKEN'), file=sys.stderr)
         sys.exit(1)
     """)
-    context = run_command(str(script), None, _spec(secrets={"TOKEN": "hunter2-secret"}))
+    context = run_command(session().services, str(script), None, _spec(secrets={"TOKEN": "hunter2-secret"}))
     assert context.state == "error"
     assert "login failed with ***" in _row(context.uid).error
     assert "hunter2" not in get_run_db().sql("SELECT string_agg(payload, '') AS p FROM events").p[0]
@@ -116,7 +118,7 @@ def test_the_commands_output_is_kept_in_the_runs_log(bus_home: Path, tmp_path: P
         subprocess.run([sys.executable, '-c', 'print("from its own child")'], check=True)
         print('no newline at the end', end='')
     """)
-    context = run_command(str(script), None, _spec())
+    context = run_command(session().services, str(script), None, _spec())
     state, text = get_run_db().get_log(context.uid)
     assert state == "completed"
     assert sorted(text.splitlines()) == sorted(["epoch 1", "a warning", "from its own child",
@@ -125,17 +127,20 @@ def test_the_commands_output_is_kept_in_the_runs_log(bus_home: Path, tmp_path: P
     assert dict(zip(streams.text, streams.stream, strict=True))["a warning"] == "stderr"
 
     monkeypatch.setenv("RUNBUS_CAPTURE_CONSOLE", "0")
-    quiet = run_command(str(script), None, RunSpec(load_settings(), None, "job.py", "quiet", "default"))
+    quiet = run_command(session().services, str(script), None,
+                        RunSpec(load_settings(), None, "job.py", "quiet", "default"))
     assert get_run_db().get_log(quiet.uid) == ("completed", "")
 
 
 def test_the_commands_output_reaches_the_launchers_terminal(home: Path, tmp_path: Path) -> None:
     child = write_script(tmp_path, "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
     launcher = write_script(tmp_path, f"""
+        from engine.api import session
         from engine.runspec import RunSpec
         from engine.runtimes.command import run_command
         from engine.settings import load_settings
-        run_command({str(child)!r}, None, RunSpec(load_settings(), None, 'child.py', 'echo', 'default'))
+        run_command(session().services, {str(child)!r}, None,
+                    RunSpec(load_settings(), None, 'child.py', 'echo', 'default'))
     """, "launcher.py")
     done = subprocess.run([sys.executable, str(launcher)], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
@@ -151,10 +156,12 @@ def test_ctrl_c_in_the_launcher_stops_the_command_and_records_aborted(home: Path
         time.sleep(600)
     """)
     launcher = write_script(tmp_path, f"""
+        from engine.api import session
         from engine.runspec import RunSpec
         from engine.runtimes.command import run_command
         from engine.settings import load_settings
-        run_command({str(child)!r}, None, RunSpec(load_settings(), None, 'child.py', 'sleeper', 'default'))
+        run_command(session().services, {str(child)!r}, None,
+                    RunSpec(load_settings(), None, 'child.py', 'sleeper', 'default'))
     """, "launcher.py")
     process = subprocess.Popen([sys.executable, str(launcher)], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)

@@ -13,7 +13,7 @@ import duckdb
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 from engine.loader import load_handler
 from producers.bus.embedded import EmbeddedBus
 from projections import Projector, open_projection
@@ -46,13 +46,14 @@ def test_as_of_positions_equal_tables_of_a_truncated_log(bus_home: Path, tmp_pat
     db = get_run_db()
     order = db.sql('SELECT position, partition, "offset" FROM events ORDER BY position')
     records = order.groupby(["partition", "offset"]).position.max()  # a record may hold several events
-    raw = {(r.partition, r.offset): (r.key, r.value) for r in services().bus.read({}, 100_000, 1.0)}
+    bus = session().services.bus
+    raw = {(r.partition, r.offset): (r.key, r.value) for r in bus.read({}, 100_000, 1.0)}
     while len(raw) < len(records):  # Kafka hands out partitions a batch at a time
         positions = {}
         for (part, off) in raw:
             positions[part] = max(positions.get(part, 0), off + 1)
-        raw.update({(r.partition, r.offset): (r.key, r.value) for r in services().bus.read(positions, 100_000, 1.0)})
-    with open_projection(services().settings.db_path) as con:
+        raw.update({(r.partition, r.offset): (r.key, r.value) for r in bus.read(positions, 100_000, 1.0)})
+    with open_projection(session().services.settings.db_path) as con:
         live_before = snapshot(con)
 
     ends = sorted(records)  # positions at which a truncated log ends: the last event of a record
@@ -66,7 +67,7 @@ def test_as_of_positions_equal_tables_of_a_truncated_log(bus_home: Path, tmp_pat
         with get_run_db(as_of=cutoff).connection() as con:
             assert snapshot(con, WHERE_IT_SITS) == expected, f"as_of={cutoff}"
 
-    with open_projection(services().settings.db_path) as con:
+    with open_projection(session().services.settings.db_path) as con:
         assert snapshot(con) == live_before  # the live projection was only read
 
 
@@ -76,7 +77,7 @@ def test_positions_are_where_events_sit_on_the_bus_so_a_rebuild_gives_the_same(b
     positions = "SELECT event_id, position FROM events ORDER BY event_id"
     live = get_run_db().sql(positions)
     with duckdb.connect(":memory:") as con:  # every record already there: read in another order on Kafka
-        Projector(services().bus, con).catch_up()
+        Projector(session().services.bus, con).catch_up()
         rebuilt = con.execute(positions).fetchdf()
     assert len(live) > 20 and live.equals(rebuilt)
     placed = get_run_db().sql('SELECT count(*) AS n FROM events '
@@ -165,8 +166,8 @@ def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: 
     done = subprocess.run([RUNBUS, "export", "-o", str(export), "--with-artifacts", str(bodies)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    with open_projection(services().settings.db_path) as con:
-        services().projector(con).catch_up()
+    with open_projection(session().services.settings.db_path) as con:
+        session().services.projector(con).catch_up()
         original, original_marked = snapshot(con, IMPORT_MARKED), _marked_columns(con)
 
     other = {**env, "RUNBUS_HOME": str(tmp_path / "other-home"), "RUNBUS_BUS": ""}
@@ -175,7 +176,7 @@ def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: 
                                   capture_output=True, text=True, timeout=120)
         assert imported.returncode == 0, imported.stderr
     assert "imported 0 events" in imported.stdout
-    reset_services()
+    close_session()
     os.environ.update(RUNBUS_HOME=other["RUNBUS_HOME"], RUNBUS_BUS="")
     try:
         with get_run_db().connection() as con:
@@ -183,24 +184,24 @@ def test_export_then_import_into_an_empty_home_gives_identical_tables(bus_home: 
             assert _marked_columns(con) == _as_imported(original_marked, "events.avro")
         seed = get_run_db().list_runs(name="handler")
         from engine.run import RunObject
-        run = RunObject.from_record(get_run_db().read_run(seed.uid[0]), str(services().artifact_store.root))
+        run = RunObject.from_record(get_run_db().read_run(seed.uid[0]), str(session().services.artifact_store.root))
         assert run.artifact("model.txt").get() == b"abc is 123"
     finally:
-        reset_services()
+        close_session()
 
 
 def test_a_user_projection_survives_a_projector_sigkill_and_equals_its_rebuild(
         bus_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_PROJECTIONS", LEADERBOARD)
-    reset_services()
+    close_session()
     for i in range(30):
         new_function().run(NewRun(handler=_evolving, name=f"model{i % 3}", params={"rounds": 40}))
-    services().writer.flush()
+    session().services.writer.flush()
     db_path = tmp_path / "killed.duckdb"
     kill_projector_mid_stream(db_path, batch_size=2, batches=3)
 
     with duckdb.connect(str(db_path)) as con:
-        projector = services().projector(con)
+        projector = session().services.projector(con)
         projector.catch_up()
         board = con.execute("SELECT * FROM leaderboard ORDER BY ALL").fetchall()
         projector.rebuild()
@@ -212,7 +213,7 @@ def test_a_user_projection_survives_a_projector_sigkill_and_equals_its_rebuild(
 
 def test_a_projection_of_another_version_is_rebuilt_on_open(home: Path) -> None:
     _record(1)
-    path = services().settings.db_path
+    path = session().services.settings.db_path
     with get_run_db().connection():
         pass
     close_all()  # as when the process that built it ended
@@ -225,7 +226,7 @@ def test_a_projection_of_another_version_is_rebuilt_on_open(home: Path) -> None:
 
 
 def test_tail_shows_events_of_a_run_that_is_still_going(bus_home: Path, tmp_path: Path) -> None:
-    services()  # the Kafka topic exists before tail starts
+    session()  # the Kafka topic exists before tail starts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     tail = subprocess.Popen([RUNBUS, "tail", "--type", "result"], env=env, stdout=subprocess.PIPE, text=True)
     script = ("import os, time\nfrom engine import NewRun, new_function\n"

@@ -187,8 +187,8 @@ def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(bus_home:
 def test_an_iteration_whose_worker_dies_ends_lost(bus_home: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
-    from engine.bootstrap import reset_services
-    reset_services()
+    from engine.api import close_session
+    close_session()
     marker = tmp_path / "died"
     run = new_function(command="dask://").run(NewRun(handler=handlers.dies_once, params={"marker": str(marker)}),
                                                hyperparams={"x": [1, 2, 3]}, selector="max.score", quiet=True)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import services
+from engine.api import session
 from tests.e2e.test_ui import RUNBUS
 from tests.hostile.test_ui_cross_site import recorded_ui
 from tests.support import foreign
@@ -77,8 +77,9 @@ def test_runs_and_sql_print_names_and_labels_literally(home: Path, cli) -> None:
         new_function().run(NewRun(handler=hostile, name=name))
     for name in (MARKUP, LINK):
         uid = uuid.uuid4().hex
-        foreign.append(services().bus, uid, [foreign.envelope(uid, 0, "run_started", foreign.started(name=name)),
-                                             foreign.envelope(uid, 1, "run_finished", foreign.finished())])
+        foreign.append(session().services.bus, uid, [
+            foreign.envelope(uid, 0, "run_started", foreign.started(name=name)),
+            foreign.envelope(uid, 1, "run_finished", foreign.finished())])
     for terminal in ({}, {"FORCE_COLOR": "1", "TERM": "xterm-256color"}):
         for args in (("runs",), ("sql", "SELECT name, labels FROM runs ORDER BY name")):
             done = cli(*args, **terminal)
@@ -194,7 +195,7 @@ def test_sweep_progress_prints_the_best_value_literally(monkeypatch: pytest.Monk
 
 
 def test_tail_names_a_record_that_is_not_events_and_goes_on(home: Path, cli) -> None:
-    foreign.append(services().bus, "junk", b"\x00not avro \x1b[2J\x1b]8;;http://evil.example\x07")
+    foreign.append(session().services.bus, "junk", b"\x00not avro \x1b[2J\x1b]8;;http://evil.example\x07")
     new_function().run(NewRun(handler=hostile, name="after-junk"))
     tail = subprocess.Popen([RUNBUS, "tail", "--from-start", "--type", "run_started"], cwd=home,
                             env={**os.environ, "RUNBUS_HOME": str(home)}, stdout=subprocess.PIPE, text=True)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 from producers.bus.embedded import EmbeddedBus
 from producers.context import RunContext, RunFinishedError
 from producers.writer import BackgroundWriter, EventsNotWritten
@@ -192,7 +192,7 @@ def test_ctrl_c_in_a_handler_is_recorded_aborted_and_let_through(bus_home: Path)
 
 @pytest.mark.timeout(120)
 def test_a_full_writer_queue_with_heartbeats_on_does_not_deadlock(bus_home: Path) -> None:
-    svc = services()
+    svc = session().services
     # a queue of 50 events and a heartbeat due at every turn of the writer: the job waits for room
     # while the writer's heartbeat wants the run's emit lock
     writer = BackgroundWriter(svc.bus, svc.codec, flush_interval_s=0.001, max_pending=50,
@@ -227,7 +227,7 @@ class SlowEmbeddedBus(EmbeddedBus):
 def _run_behind_a_backlog(uid: str, metrics: int) -> Iterator[tuple[RunContext, BackgroundWriter]]:
     """A started run on a slow bus (appends of 100 events, each >= 50 ms) with `metrics` metrics queued,
     heartbeats every 50 ms; yields the run and its writer, both closed after the block."""
-    svc = services()
+    svc = session().services
     bus = SlowEmbeddedBus(svc.settings.log_path)
     writer = BackgroundWriter(bus, svc.codec, flush_interval_s=0.01, max_batch=100, heartbeat_interval_s=0.05)
     try:
@@ -297,17 +297,17 @@ def _bus_class(cls: type[EmbeddedBus]) -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine.bootstrap, "make_bus", lambda url, settings: cls(settings.log_path))
-        reset_services()
+        close_session()
         try:
             yield
         finally:
-            reset_services()
+            close_session()
 
 
 def _delivered_at_next_start(home: Path, uid: str) -> None:
     """A new writer on the home delivers the spill: everything is there, once, and the file is gone."""
-    reset_services()
-    services().writer.flush(60)
+    close_session()
+    session().services.writer.flush(60)
     _assert_everything_logged(uid)
     assert _spill_files(home) == []
 
@@ -335,7 +335,7 @@ def test_a_bus_refusing_for_good_ends_the_run_with_the_cause_and_the_next_start_
     # delivered again (a crash between append and delete): the same event ids, nothing doubled
     spill.write_bytes(kept)
     spill.chmod(0o600)
-    assert services().deliver_spill().records > 0
+    assert session().services.deliver_spill().records > 0
     events = _events(uids[0])
     assert get_run_db().sql("SELECT count(*) AS n FROM metrics WHERE uid = ?", [uids[0]]).n[0] == 50
     assert len(events) == len(events.drop_duplicates(["stream", "seq"]))
@@ -350,9 +350,9 @@ def _chattr(flag: str, path: Path) -> bool:
 
 @pytest.mark.timeout(120)
 def test_an_immutable_log_file_ends_the_run_with_the_cause_and_the_next_start_delivers(home: Path) -> None:
-    services()  # creates the log
+    session()  # creates the log
     log_file = home / "log.sqlite"
-    reset_services()
+    close_session()
     if not _chattr("+i", log_file):
         pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
     uids: list[str] = []
@@ -365,7 +365,7 @@ def test_an_immutable_log_file_ends_the_run_with_the_cause_and_the_next_start_de
         with pytest.raises(EventsNotWritten, match=r"readonly|read-only|Permission|Operation not permitted"):
             new_function().run(NewRun(handler=job))
         assert len(_spill_files(home)) == 1
-        reset_services()
+        close_session()
     finally:
         _chattr("-i", log_file)
     _delivered_at_next_start(home, uids[0])
@@ -394,7 +394,7 @@ def test_a_kafka_topic_refusing_large_records_ends_the_run_and_the_next_start_de
         with pytest.raises(EventsNotWritten, match=r"MessageSizeTooLarge|MESSAGE_TOO_LARGE"):
             new_function().run(NewRun(handler=job))
         assert len(_spill_files(home)) == 1
-        reset_services()
+        close_session()
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic,
                                             configs={"max.message.bytes": "8388608"})])
         _delivered_at_next_start(home, uids[0])
@@ -415,13 +415,13 @@ def test_a_bus_that_stays_away_bounds_the_wait_and_keeps_the_events_at_exit(
     with _bus_class(UnreachableBus):
         with pytest.raises(EventsNotWritten, match="ConnectionError: broker away"):  # bounded: pytest-timeout
             new_function().run(NewRun(handler=job))
-        reset_services()  # the process ends: what is still queued goes to the spill file
+        close_session()  # the process ends: what is still queued goes to the spill file
         assert len(_spill_files(home)) == 1
     _delivered_at_next_start(home, uids[0])
 
 
 def test_a_writer_never_drops_an_event_that_does_not_encode(home: Path) -> None:
-    svc = services()
+    svc = session().services
     # what no call lets through (the calls validate), handed to the writer directly: a bug
     svc.writer.emit("bug0", 0, "label", {"key": "k", "value": LONE})
     svc.writer.emit("bug0", 1, "label", {"key": "k", "value": "fine"})
@@ -435,7 +435,7 @@ def test_a_writer_never_drops_an_event_that_does_not_encode(home: Path) -> None:
 
 def test_the_writer_thread_keeps_no_lock_of_a_run_while_a_job_waits(bus_home: Path) -> None:
     """Heartbeats do not take the run's emit lock: a job thread holding it cannot stop them."""
-    svc = services()
+    svc = session().services
     writer = BackgroundWriter(svc.bus, svc.codec, flush_interval_s=0.01, heartbeat_interval_s=0.01)
     try:
         context = RunContext(writer, svc.artifact_store, uid="lock0", name="lock")
@@ -483,7 +483,7 @@ def test_runbus_push_spill_delivers_a_kept_spill_file_once(home: Path) -> None:
         done = subprocess.run(runbus, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert _spill_files(home) == []
-    reset_services()
+    close_session()
     _assert_everything_logged(uids[0])
     events = _events(uids[0])
     assert len(events) == len(events.drop_duplicates(["stream", "seq"]))
@@ -507,7 +507,7 @@ class _HandOverLock:
 
 
 def test_a_call_racing_with_finish_is_logged_before_run_finished_or_refused(home: Path) -> None:
-    svc = services()
+    svc = session().services
     context = RunContext(svc.writer, svc.artifact_store, uid="race0", name="race")
     lock = context._emit_lock = _HandOverLock()  # type: ignore[assignment]
     outcome: list[str] = []

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import services
+from engine.api import session
 from engine.reaper import mark_lost, reap
 from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS
 from projections.database import close_all
@@ -96,7 +96,7 @@ def test_a_poison_event_is_quarantined_and_the_rest_of_its_record_applied(bus_ho
     new_function().run(NewRun(handler=lambda context: context.log_result("x", 1), name="before"))
     uid = _uid()
     bad = POISONS[poison](uid)
-    record = append(services().bus, uid, _foreign_run(uid, bad))
+    record = append(session().services.bus, uid, _foreign_run(uid, bad))
     new_function().run(NewRun(handler=lambda context: context.log_result("x", 2), name="after"))
 
     db = get_run_db()
@@ -115,7 +115,7 @@ def test_a_poison_event_is_quarantined_and_the_rest_of_its_record_applied(bus_ho
 def test_a_run_started_that_cannot_be_folded_is_quarantined_with_its_identity(bus_home: Path) -> None:
     uid = _uid()
     bad = envelope(uid, 0, "run_started", started(extra={"spec": "{not json"}))
-    append(services().bus, uid, [bad, envelope(uid, 1, "result", result("ok", "1"))])
+    append(session().services.bus, uid, [bad, envelope(uid, 1, "result", result("ok", "1"))])
     db = get_run_db()
     dead = db.sql("SELECT event_id, seq, error FROM dead_letters")
     assert dead.event_id.tolist() == [bad["event_id"]] and "extra 'spec'" in dead.error[0]
@@ -136,7 +136,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_runs_sql_rebuild_and_a_restart_keep_working_after_every_poison(bus_home: Path) -> None:
-    bus = services().bus
+    bus = session().services.bus
     undecodable = _append_undecodable(bus, _uid())
     for make in POISONS.values():
         uid = _uid()
@@ -161,7 +161,7 @@ def test_runs_sql_rebuild_and_a_restart_keep_working_after_every_poison(bus_home
 
 def test_foreign_log_lines_are_numbered_per_run_across_records_streams_and_batches(bus_home: Path) -> None:
     uid = _uid()
-    bus = services().bus
+    bus = session().services.bus
     append(bus, uid, [envelope(uid, 0, "run_started", started()), envelope(uid, 1, "log", {"chunks": [
         {"ts": 1.0e9, "stream": "stdout", "text": "one"}, {"ts": 1.0e9, "stream": "stderr", "text": "two"}]})])
     append(bus, uid, [envelope(uid, 0, "log", _log("three", stream="logger"), stream="other")])
@@ -177,7 +177,7 @@ def test_foreign_log_lines_are_numbered_per_run_across_records_streams_and_batch
 def test_an_exact_duplicate_is_skipped_and_recorded(bus_home: Path) -> None:
     uid = _uid()
     events = _foreign_run(uid, envelope(uid, 2, "result", result("acc", "0.9")))
-    bus = services().bus
+    bus = session().services.bus
     append(bus, uid, events)
     assert get_run_db().sql("SELECT count(*) AS n FROM events").n[0] == 5  # the first copy is applied
     again = append(bus, uid, events)
@@ -193,7 +193,7 @@ def test_an_exact_duplicate_is_skipped_and_recorded(bus_home: Path) -> None:
 
 def test_a_different_event_at_an_applied_place_is_a_conflict_with_its_reason(bus_home: Path) -> None:
     uid = _uid()
-    bus = services().bus
+    bus = session().services.bus
     append(bus, uid, _foreign_run(uid, envelope(uid, 2, "result", result("acc", "0.9"))))
     get_run_db().catch_up()
     usurper = envelope(uid, 2, "result", result("acc", "0.1"))  # same run, stream and seq
@@ -216,7 +216,7 @@ def _state(uid: str) -> str:
 
 def test_a_run_marked_lost_that_speaks_again_ends_in_the_state_of_its_own_last_event(bus_home: Path) -> None:
     uid = _uid()
-    bus = services().bus
+    bus = session().services.bus
     append(bus, uid, [envelope(uid, 0, "run_started", started(interval_s=60.0))])
     append(bus, uid, [envelope(uid, 0, "run_finished", finished("lost"), stream="reaper-1")])
     assert _state(uid) == "lost"
@@ -238,7 +238,7 @@ def test_a_run_finished_from_another_stream_never_overwrites_the_runs_own_end(bu
     """Anyone who reaches the bus can write a run_finished about any run; only the run's own stream
     ends it, another stream's end is a verdict that counts only while the run is running."""
     uid = _uid()
-    bus = services().bus
+    bus = session().services.bus
     append(bus, uid, [envelope(uid, 0, "run_started", started(interval_s=60.0)),
                       envelope(uid, 1, "run_finished", finished(own_end))])
     append(bus, uid, [envelope(uid, 0, "run_finished", finished(foreign_end), stream="stranger", ts=0.0)])
@@ -249,9 +249,9 @@ def test_a_run_finished_from_another_stream_never_overwrites_the_runs_own_end(bu
 def test_a_live_job_marked_lost_keeps_everything_it_logs_and_ends_completed(
         bus_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.5")  # judged lost after 1.5 s of silence
-    from engine.bootstrap import reset_services
+    from engine.api import close_session
 
-    reset_services()
+    close_session()
     release = threading.Event()
     started_uid: list[str] = []
 
@@ -266,8 +266,8 @@ def test_a_live_job_marked_lost_keeps_everything_it_logs_and_ends_completed(
         _poll(lambda: started_uid, "the job to start")
         uid = started_uid[0]
         _poll(lambda: len(get_run_db().sql("SELECT uid FROM runs WHERE uid = ?", [uid])), "the run to show")
-        mark_lost(services(), uid, "judged dead by mistake")
-        services().writer.flush()
+        mark_lost(session().services, uid, "judged dead by mistake")
+        session().services.writer.flush()
         revived = ("SELECT count(*) AS n FROM events h, events l WHERE h.run_uid = ? AND l.run_uid = h.run_uid "
                    "AND l.type = 'run_finished' AND h.type = 'heartbeat' AND h.position > l.position")
         _poll(lambda: get_run_db().sql(revived, [uid]).n[0] > 0, "a heartbeat after the verdict")
@@ -283,10 +283,10 @@ def test_a_live_job_marked_lost_keeps_everything_it_logs_and_ends_completed(
 
 def test_lost_is_judged_by_the_runs_own_heartbeat_interval(bus_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.1")
-    from engine.bootstrap import reset_services
+    from engine.api import close_session
 
-    reset_services()
-    bus = services().bus
+    close_session()
+    bus = session().services.bus
     slow, fast, from_heartbeat = _uid(), _uid(), _uid()
     long_ago = time.time() - 100
     append(bus, slow, [envelope(slow, 0, "run_started", started("slow", interval_s=1000.0), ts=long_ago)])
@@ -295,7 +295,7 @@ def test_lost_is_judged_by_the_runs_own_heartbeat_interval(bus_home: Path, monke
                                  envelope(from_heartbeat, 1, "heartbeat", {"interval_s": 1000.0}, ts=long_ago)])
     states = dict(get_run_db().sql("SELECT name, state FROM runs").values.tolist())
     assert states == {"slow": "running", "fast": "lost", "beating": "running"}  # no reap ran
-    assert reap(services()) == [fast]
+    assert reap(session().services) == [fast]
     row = get_run_db().sql("SELECT state, error FROM runs WHERE uid = ?", [fast]).iloc[0]
     assert row.state == "lost" and "no heartbeat" in row.error
 
@@ -352,7 +352,7 @@ def test_a_damaged_projection_is_moved_aside_and_rebuilt_from_the_log(home: Path
                                                                       command: tuple[str, ...]) -> None:
     for i in range(3):
         new_function().run(NewRun(handler=lambda context: context.log_metric("m", 1.0), name=f"r{i}"))
-    db_path = services().settings.db_path
+    db_path = session().services.settings.db_path
     get_run_db().catch_up()
     close_all()
     DAMAGE[damage](db_path)

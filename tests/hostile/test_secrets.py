@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import services
+from engine.api import session
 from producers.context import RunContext
 
 SECRET = "s3cr3t-Tok3n_9f8e7d"
@@ -33,7 +33,7 @@ def _with_secret(task: Any, kind: str, tmp_path: Path) -> Any:
 
 def _raw_log(bus_home: Path) -> bytes:
     """Every byte the bus holds (the log file and its WAL on the embedded bus; the records on Kafka)."""
-    svc = services()
+    svc = session().services
     svc.writer.flush(30)
     if svc.settings.bus_url == "embedded":
         return b"".join(p.read_bytes() for p in bus_home.glob("log.sqlite*"))
@@ -162,10 +162,10 @@ def test_no_repr_of_a_task_or_run_spec_shows_a_secret_value(home: Path) -> None:
 
     task = NewRun(handler=print).with_secrets("inline", {"API_TOKEN": SECRET})
     # what a Dask worker is handed, and prints when the task fails
-    spec = RunSpec(services().settings, print, "builtins:print", name="x", project="p",
+    spec = RunSpec(session().services.settings, print, "builtins:print", name="x", project="p",
                    secrets={"API_TOKEN": SECRET})
 
-    for shown in (repr(spec), repr(task.secret_sources), repr(task), repr(spec.new_context())):
+    for shown in (repr(spec), repr(task.secret_sources), repr(task), repr(spec.new_context(session().services))):
         assert SECRET not in shown
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services
+from engine.api import close_session
 from projections import ReadOnlyError, database
 from tests.e2e.test_ui import RUNBUS, start_ui, stop
 from tests.support.handlers import seed_like
@@ -257,7 +257,7 @@ class Served:
 
 @pytest.fixture
 def served(arena: Arena, home: Path, tmp_path: Path) -> Iterator[Served]:
-    reset_services()  # the UI process takes the projection; this one only routes to it
+    close_session()  # the UI process takes the projection; this one only routes to it
     process, url = start_ui(home, {**os.environ, "RUNBUS_DB_TIMEOUT": "10"}, tmp_path / "ui.log")
     try:
         yield Served(url, (home / "ui.token").read_text())
@@ -289,7 +289,7 @@ def test_ui_reads_files_only_under_a_directory_the_user_opted_in_and_writes_none
     (shared / "data.csv").write_text("a,b\n1,2\n")
     (shared / "link.csv").symlink_to(tmp_path / "secret.csv")  # links lead out of the opted-in directory
     (shared / "sub").symlink_to(tmp_path)
-    reset_services()
+    close_session()
     process, url = start_ui(home, {**os.environ, "RUNBUS_DB_TIMEOUT": "10"}, tmp_path / "ui.log",
                             "--sql-read-dir", str(shared))
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from engine import NewRun, get_run_db, new_function
+from engine.api import session
 from engine.archive import (
     ArtifactNotBundled,
     bundle_artifacts,
@@ -37,11 +38,9 @@ from engine.archive import (
     selected_events,
     unpack_artifacts,
 )
-from engine.bootstrap import services
 from engine.loader import describe_handler, load_handler
-from engine.rerun import UntrustedRun, check_handler_trusted, rerun
+from engine.rerun import UntrustedRun, check_handler_trusted
 from engine.run import RunObject
-from engine.sweep.runner import resume_sweep
 from engine.transfer import append_new
 from engine.ui.app import create_app
 from engine.ui.report import report_html
@@ -70,7 +69,7 @@ def _record() -> str:
 
 def _exported(*uids: str) -> list[Event]:
     """The events an export of `uids` (every run when none) holds."""
-    svc = services()
+    svc = session().services
     svc.writer.flush()
     return export_events(selected_events(svc.bus, svc.codec, uids), svc.codec, io.BytesIO())
 
@@ -85,14 +84,14 @@ def _appended_as_new_run(events: list[Event], **started: object) -> str:
     """The events appended straight to the bus as another run (see `_as_new_run`), with `started`
     written over its run_started payload, as anyone who reaches the bus can; returns its uid."""
     uid, forged = _as_new_run(events, _started(**started))
-    svc = services()
+    svc = session().services
     append_new(forged, svc.bus, svc.codec)
     return uid
 
 
 def _import(events: list[Event], tmp_path: Path) -> None:
     """Write the events as an export file and import it, as `runbus import` does."""
-    svc = services()
+    svc = session().services
     path = tmp_path / f"hostile-{uuid.uuid4().hex[:8]}.avro"
     with path.open("wb") as out:
         export_events(events, svc.codec, out)
@@ -139,7 +138,7 @@ def hostile(bus_home: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
     for name, changes in HOSTILE_ADDRESSES.items():
         uids[name], forged = _as_new_run(events, _artifact("weights.csv", **changes))
         _import(forged, tmp_path)
-    store = services().artifact_store
+    store = session().services.artifact_store
     planted = _sha(b"a body nobody logged " + uuid.uuid4().bytes)
     (store.root / planted[:2]).mkdir(parents=True, exist_ok=True)
     (store.root / planted[:2] / planted).symlink_to(PASSWD)
@@ -156,7 +155,7 @@ def hostile(bus_home: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
 @contextmanager
 def _serving() -> Iterator[str]:
     """The UI app of engine.ui.app over this home, served by uvicorn on a free loopback port."""
-    svc = services()
+    svc = session().services
     with open_projection(svc.settings.db_path) as con, served_in_thread(create_app(HeldRunDB(svc, con))) as url:
         yield url
 
@@ -184,7 +183,7 @@ def test_artifact_route_and_run_page_never_serve_a_hostile_body(hostile: dict[st
 
 
 def test_report_shows_a_hostile_body_as_unavailable(hostile: dict[str, str]) -> None:
-    svc = services()
+    svc = session().services
     html, count = report_html(get_run_db(), svc.settings.artifact_root, uids=list(hostile.values()))
     assert count == len(hostile)
     assert SECRET_LINE.decode() not in html and "altered" not in html
@@ -193,7 +192,7 @@ def test_report_shows_a_hostile_body_as_unavailable(hostile: dict[str, str]) -> 
 
 @pytest.mark.parametrize("store_given", [True, False])
 def test_data_item_refuses_a_hostile_body_naming_its_key(hostile: dict[str, str], store_given: bool) -> None:
-    root = str(services().artifact_store.root) if store_given else None
+    root = str(session().services.artifact_store.root) if store_given else None
     for case, uid in hostile.items():
         run = RunObject.from_record(get_run_db().read_run(uid), root)
         item = run.artifact("weights.csv")
@@ -212,7 +211,7 @@ def test_an_artifact_logged_as_kind_input_is_still_read_from_the_store_only(home
 
 
 def test_export_with_artifacts_bundles_only_verified_store_bodies(hostile: dict[str, str], tmp_path: Path) -> None:
-    svc = services()
+    svc = session().services
     events = _exported()  # every run
     bundle = tmp_path / "bodies.tar.gz"
     with warnings.catch_warnings(record=True) as caught:
@@ -235,7 +234,7 @@ def test_export_with_artifacts_bundles_only_verified_store_bodies(hostile: dict[
 
 
 def test_an_imported_run_gets_its_bodies_from_the_bundle_verified_or_not_at_all(home: Path, tmp_path: Path) -> None:
-    store = services().artifact_store
+    store = session().services.artifact_store
     good, bad = b"bundled body", b"a body that is not what its name says"
     bundle = tmp_path / "bodies.tar.gz"
     with tarfile.open(bundle, "w:gz") as tar:
@@ -272,7 +271,7 @@ def test_rerun_of_an_imported_os_system_run_runs_nothing(bus_home: Path, tmp_pat
     _import(forged, tmp_path)
 
     with pytest.raises(UntrustedRun) as refused:
-        rerun(uid)
+        get_run_db().rerun(uid)
     message = str(refused.value)
     assert uid in message and "'os:system'" in message and "imported" in message and "--trust" in message
     assert not marker.exists()
@@ -295,7 +294,7 @@ def test_rerun_of_a_foreign_run_appended_to_the_bus_runs_nothing(bus_home: Path,
                                params={param: json.dumps(f"touch {marker}")}, code_ref=code_ref)
 
     with pytest.raises(UntrustedRun, match=f"run {uid}: will not load handler '{handler}'.*--trust"):
-        rerun(uid)
+        get_run_db().rerun(uid)
     assert not marker.exists()
 
 
@@ -304,55 +303,56 @@ def test_rerun_refuses_a_code_ref_signed_by_another_home(home: Path, tmp_path: P
     uid = _appended_as_new_run(_exported(_record()), handler="tests.support.handlers:seed_like",
                                code_ref=foreign_ref)
     with pytest.raises(UntrustedRun, match="not recorded by this Runbus home"):
-        rerun(uid)
+        get_run_db().rerun(uid)
 
 
 def test_with_trust_an_imported_run_of_a_local_handler_reruns(home: Path, tmp_path: Path) -> None:
     own = new_function().run(NewRun(handler=handlers.seed_like, params={"p1": 4}))
-    assert rerun(own.uid).results == {"accuracy": 8, "loss": 12, "return": "my resp"}  # this home's own run: no --trust
+    # this home's own run: no --trust
+    assert get_run_db().rerun(own.uid).results == {"accuracy": 8, "loss": 12, "return": "my resp"}
     uid, forged = _as_new_run(_exported(own.uid), lambda event: event)
     _import(forged, tmp_path)
 
     with pytest.raises(UntrustedRun, match="imported"):
-        rerun(uid)
-    again = rerun(uid, trust=True)
+        get_run_db().rerun(uid)
+    again = get_run_db().rerun(uid, trust=True)
     assert again.state == "completed" and again.results == {"accuracy": 8, "loss": 12, "return": "my resp"}
     assert get_run_db().read_run(again.uid)["extra"]["rerun_of"] == uid
-    assert rerun(again.uid).state == "completed"  # the rerun is this home's own run
+    assert get_run_db().rerun(again.uid).state == "completed"  # the rerun is this home's own run
 
 
 def test_a_file_handler_whose_source_changed_since_the_run_needs_trust(home: Path, tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text("def train(context, x=1):\n    context.log_result('x', x)\n")
     run = new_function().run(NewRun(handler=load_handler(f"{script}:train"), params={"x": 3}))
-    assert rerun(run.uid).results == {"x": 3}
+    assert get_run_db().rerun(run.uid).results == {"x": 3}
 
     script.write_text("def train(context, x=1):\n    context.log_result('x', x * 100)\n")
     with pytest.raises(UntrustedRun, match=f"its source {script} changed since the run.*--trust"):
-        rerun(run.uid)
-    assert rerun(run.uid, trust=True).state == "completed"
+        get_run_db().rerun(run.uid)
+    assert get_run_db().rerun(run.uid, trust=True).state == "completed"
 
     script.unlink()
     with pytest.raises(UntrustedRun, match="not loadable from a source file"):
-        rerun(run.uid)
+        get_run_db().rerun(run.uid)
 
 
 def test_rerun_refuses_a_run_that_recorded_no_code_digest(home: Path, tmp_path: Path) -> None:
     uid = _appended_as_new_run(_exported(_record()), handler="tests.support.handlers:seed_like", code_ref=None)
     with pytest.raises(UntrustedRun, match="recorded no code digest"):
-        rerun(uid)
-    assert rerun(uid, trust=True).state == "completed"
+        get_run_db().rerun(uid)
+    assert get_run_db().rerun(uid, trust=True).state == "completed"
 
 
 def test_a_sweep_resume_can_ask_the_same_question_before_loading_anything(home: Path, tmp_path: Path) -> None:
     """engine.sweep.runner's resume calls check_handler_trusted on the parent's run_started."""
     marker = tmp_path / "pwned"
     started = next(e.payload for e in _exported(_record()) if e.type == "run_started")
-    check_handler_trusted(started, run_uid="own")
+    check_handler_trusted(started, False, "own", home)
     forged = {**started, **_os_system(marker), "extra": {"sweep": "{}"}}
     with pytest.raises(UntrustedRun, match="run parent: will not load handler 'os:system'"):
-        check_handler_trusted(forged, run_uid="parent")
-    check_handler_trusted(forged, trust=True, run_uid="parent")  # trusting is the caller's decision
+        check_handler_trusted(forged, False, "parent", home)
+    check_handler_trusted(forged, True, "parent", home)  # trusting is the caller's decision
     assert not marker.exists()
 
 
@@ -370,7 +370,7 @@ def test_rerun_asks_for_trust_before_it_reads_any_input_the_log_names(home: Path
                                inputs={"data": "/dev/zero"}, input_digests={"data": "0" * 64})
 
     with pytest.raises(UntrustedRun, match="--trust"):
-        rerun(uid, strict=True)
+        get_run_db().rerun(uid, strict=True)
     assert not marker.exists()
 
 
@@ -387,7 +387,7 @@ def test_resume_of_a_foreign_sweep_loads_and_runs_nothing_without_trust(home: Pa
     marker = tmp_path / "pwned"
     uid = _forged_sweep(**_os_system(marker))
     with pytest.raises(UntrustedRun, match=f"run {uid}: will not load handler 'os:system'.*--trust"):
-        resume_sweep(uid)
+        get_run_db().resume(uid)
     cli = subprocess.run([str(Path(sys.executable).parent / "runbus"), "resume", uid],
                          env={**os.environ, "RUNBUS_HOME": str(home)}, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "--trust" in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
@@ -402,6 +402,6 @@ def test_resume_sends_nothing_to_a_scheduler_the_log_names_without_trust(home: P
         listener.settimeout(0.5)
         uid = _forged_sweep(runtime=f"dask://127.0.0.1:{listener.getsockname()[1]}")
         with pytest.raises(UntrustedRun, match=r"will not send the sweep to 'dask://127\.0\.0\.1"):
-            resume_sweep(uid)
+            get_run_db().resume(uid)
         with pytest.raises(TimeoutError):
             listener.accept()  # nobody connected

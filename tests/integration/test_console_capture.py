@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine import NewRun, get_run_db, new_function
+from engine.api import close_session, session
 from engine.runspec import RunSpec
 from engine.settings import load_settings
 from producers.console import LINE_CONTINUES, LINE_MAX_CHARS, RunOutput, capture_console
@@ -28,10 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # Starts a run (secret TOKEN) and writes its uid to argv[1]; the test's body follows, with `ctx`.
 PROLOGUE = """
 import sys
+from engine.api import close_session, session
 from engine.runspec import RunSpec
 from engine.settings import load_settings
 spec = RunSpec(load_settings(), None, "test", "console", "default", secrets={"TOKEN": "hunter2-secret"})
-ctx = spec.new_context()
+ctx = spec.new_context(session().services)
 ctx.start()
 open(sys.argv[1], "w").write(ctx.uid)
 """
@@ -143,7 +145,7 @@ def test_secrets_are_masked_even_when_written_in_pieces(bus_home: Path, tmp_path
 
 
 def test_a_long_line_is_split_into_marked_pieces(home: Path) -> None:
-    context = RunSpec(load_settings(), None, "test", "long", "default").new_context()
+    context = RunSpec(load_settings(), None, "test", "long", "default").new_context(session().services)
     context.start()
     line = "".join(chr(ord("a") + i % 26) for i in range(3 * LINE_MAX_CHARS))
     context.log_output("stdout", line[:100])
@@ -157,7 +159,7 @@ def test_a_long_line_is_split_into_marked_pieces(home: Path) -> None:
 
 
 def test_finish_flushes_an_unfinished_line_before_run_finished(home: Path) -> None:
-    context = RunSpec(load_settings(), None, "test", "partial", "default").new_context()
+    context = RunSpec(load_settings(), None, "test", "partial", "default").new_context(session().services)
     context.start()
     context.log_output("stderr", "no line break yet")
     context.log_output("stdout", "progress 10%\rprogress 50%\rprogress 100%\r\n")
@@ -170,7 +172,7 @@ def test_finish_flushes_an_unfinished_line_before_run_finished(home: Path) -> No
 
 def test_output_after_the_run_finished_is_dropped_with_a_note(home: Path,
                                                              capfd: pytest.CaptureFixture[str]) -> None:
-    context = RunSpec(load_settings(), None, "test", "late", "default").new_context()
+    context = RunSpec(load_settings(), None, "test", "late", "default").new_context(session().services)
     context.start()
     context.finish()
     context.log_output("stdout", "too late\n")
@@ -180,7 +182,7 @@ def test_output_after_the_run_finished_is_dropped_with_a_note(home: Path,
 
 
 def test_log_output_refuses_an_unknown_stream(home: Path) -> None:
-    context = RunSpec(load_settings(), None, "test", "bad", "default").new_context()
+    context = RunSpec(load_settings(), None, "test", "bad", "default").new_context(session().services)
     with pytest.raises(ValueError, match="'stdin'"):
         context.log_output("stdin", "x")
     with pytest.raises(TypeError, match="bytes"):
@@ -189,7 +191,7 @@ def test_log_output_refuses_an_unknown_stream(home: Path) -> None:
 
 def test_each_thread_s_output_goes_to_its_own_run(home: Path) -> None:
     spec = RunSpec(load_settings(), None, "test", "threaded", "default")
-    contexts = [spec.new_context() for _ in range(2)]
+    contexts = [spec.new_context(session().services) for _ in range(2)]
     barrier = threading.Barrier(3)
 
     def job(index: int) -> None:
@@ -241,6 +243,7 @@ def _prints_and_logs(context) -> None:
 def test_capture_is_off_with_the_setting(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     on = new_function().run(NewRun(handler=_prints_and_logs, name="on")).uid
     monkeypatch.setenv("RUNBUS_CAPTURE_CONSOLE", "0")
+    close_session()  # settings are read once, when the library session is built
     off = new_function().run(NewRun(handler=_prints_and_logs, name="off")).uid
     assert get_run_db().get_log(on) == ("completed", "printed\n[info] logged\n")
     # the run's own logger still writes to the run's log: it is a call on the run, not console output
@@ -316,7 +319,7 @@ def test_fd_level_capture_falls_back_to_the_python_level_when_the_relay_cannot_s
 
 
 def test_lines_of_different_streams_keep_the_order_they_were_written_in(home: Path) -> None:
-    context = RunSpec(load_settings(), None, "test", "order", "default").new_context()
+    context = RunSpec(load_settings(), None, "test", "order", "default").new_context(session().services)
     context.start()
     context.log_output("stdout", "first\n")
     context.log_output("stderr", "second\n")

@@ -14,7 +14,7 @@ import duckdb
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import reset_services, services
+from engine.api import close_session, session
 from engine.loader import load_handler
 from engine.transfer import event_ids
 from producers.bus.kafka import KafkaBus
@@ -33,7 +33,7 @@ def kafka_home(home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
     """RUNBUS_HOME with the bus on a fresh 3-partition topic of the test broker."""
     use_fresh_topic(monkeypatch, kafka_bootstrap)
     yield home
-    reset_services()
+    close_session()
 
 
 def _metrics_job(count: int, pause_every: int = 0, pause_s: float = 0.0):
@@ -69,7 +69,7 @@ def test_a_projector_killed_mid_stream_resumes_to_equal_a_rebuild(kafka_home: Pa
     for i in range(4):
         new_function().run(NewRun(handler=_metrics_job(5_000), name=f"r{i}"))
     kill_projector_mid_stream(tmp_path / "killed.duckdb", batch_size=2, batches=5)
-    resumed, rebuilt = resume_and_compare(services().bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
+    resumed, rebuilt = resume_and_compare(session().services.bus, tmp_path / "killed.duckdb", tmp_path / "clean.duckdb")
     assert len(resumed["metrics"]) == 20_000
     assert resumed == rebuilt
 
@@ -83,7 +83,7 @@ def _broker(action: str, keep_data: bool = False) -> None:
 @pytest.mark.skipif("RUNBUS_KAFKA_STATE" not in os.environ,
                     reason="restarting the broker needs the broker make test started (RUNBUS_KAFKA_STATE)")
 def test_a_broker_restart_while_a_job_logs_loses_and_doubles_nothing(kafka_home: Path) -> None:
-    services()  # create the topic while the broker is up
+    session()  # create the topic while the broker is up
     outcome: dict[str, object] = {}
     job = threading.Thread(target=lambda: outcome.update(
         run=new_function().run(NewRun(handler=_metrics_job(10_000, 500, 0.25), name="through-outage"))))
@@ -103,7 +103,7 @@ def test_a_broker_restart_while_a_job_logs_loses_and_doubles_nothing(kafka_home:
 
 def test_garbage_on_the_topic_goes_to_dead_letters(kafka_home: Path) -> None:
     new_function().run(NewRun(handler=_metrics_job(3), name="before"))
-    services().bus.append([("junk", b"\x00garbage")])
+    session().services.bus.append([("junk", b"\x00garbage")])
     new_function().run(NewRun(handler=_metrics_job(3), name="after"))
     db = get_run_db()
     assert db.sql("SELECT key FROM dead_letters").key.tolist() == ["junk"]
@@ -113,7 +113,7 @@ def test_garbage_on_the_topic_goes_to_dead_letters(kafka_home: Path) -> None:
 def test_push_copies_an_embedded_log_to_kafka_once(home: Path, kafka_bootstrap: str) -> None:
     for i in range(3):
         new_function().run(NewRun(handler=_metrics_job(100), name=f"offline{i}"))
-    services().writer.flush()
+    session().services.writer.flush()
     target = f"kafka://{kafka_bootstrap}"
     topic = unique_topic()
     env = {**os.environ, "RUNBUS_KAFKA_TOPIC": topic}
@@ -124,8 +124,8 @@ def test_push_copies_an_embedded_log_to_kafka_once(home: Path, kafka_bootstrap: 
 
     kafka = KafkaBus(kafka_bootstrap, topic=topic, partitions=6)
     try:
-        local_ids = event_ids(services().bus, services().codec)
-        assert event_ids(kafka, services().codec) == local_ids
+        local_ids = event_ids(session().services.bus, session().services.codec)
+        assert event_ids(kafka, session().services.codec) == local_ids
         with duckdb.connect(":memory:") as con:
             Projector(kafka, con).catch_up()
             assert con.execute("SELECT count(*) FROM metrics").fetchone()[0] == 300

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.bootstrap import make_bus, services
+from engine.api import session
+from engine.bootstrap import make_bus
 from engine.projection_service import build_service
 from projections.client import ServiceClient
 from projections.query import RunDB
@@ -18,7 +19,7 @@ from tests.contract.reader_contract import Reader, ReaderContract
 class TestInProcessReader(ReaderContract):
     @pytest.fixture
     def reader(self, home: Path) -> Reader:
-        svc = services()
+        svc = session().services
 
         def make(as_of=None) -> RunDB:
             return RunDB(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s, as_of=as_of)
@@ -29,7 +30,7 @@ class TestInProcessReader(ReaderContract):
 class TestServiceReader(ReaderContract):
     @pytest.fixture
     def reader(self, home: Path) -> Iterator[Reader]:
-        svc = services()
+        svc = session().services
         bus = make_bus(svc.settings.bus_url, svc.settings)  # the service's own, as in its process
         with serving_in_thread(build_service(svc.settings, bus)):
             client = ServiceClient(ServiceAddress.of(svc.settings.home), svc.bus, start=None, timeout_s=30)

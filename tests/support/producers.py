@@ -10,14 +10,14 @@ from typing import Any
 def _log_metrics(environment: dict[str, str], events: int) -> None:
     os.environ.update(environment)
     from engine import NewRun, new_function
-    from engine.bootstrap import reset_services
+    from engine.api import close_session
 
     def job(context: Any) -> None:
         for step in range(events):
             context.log_metric("m", step, step=step)
 
     new_function().run(NewRun(handler=job, name="producer"))
-    reset_services()
+    close_session()
 
 
 def produce_from_processes(processes: int, events: int, timeout_s: float = 300) -> None:

@@ -9,11 +9,11 @@ import sys
 
 import duckdb
 
-from engine.bootstrap import services
+from engine.api import session
 
 if __name__ == "__main__":
     db_path, batch_size = sys.argv[1], int(sys.argv[2])
-    projector = services().projector(duckdb.connect(db_path), batch_size)
+    projector = session().services.projector(duckdb.connect(db_path), batch_size)
     while projector.run_once(timeout=1.0):
         print("batch", flush=True)
     print("done", flush=True)
