@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,21 +83,25 @@ class World:
     def records(self) -> list[BusRecord]:
         """Every record on the bus now."""
         ends, positions, found = self.bus.end_offsets(), {}, []
+        deadline = time.monotonic() + 60
         while any(positions.get(p, 0) < end for p, end in ends.items()):
+            assert time.monotonic() < deadline, f"the bus did not serve up to {ends} within 60 s"
             for record in self.bus.read(positions, 10_000, timeout=1.0):
                 positions[record.partition] = record.offset + 1
                 found.append(record)
         return found
 
 
-def _project_in_steps(open_bus: Callable[[], Bus], db_path: str, batch_size: int, report: Connection) -> None:
-    """A projector process: folds `batch_size` records a transaction and reports each commit."""
+def _project_in_steps(open_bus: Callable[[], Bus], db_path: str, batch_size: int, control: Connection) -> None:
+    """A projector process: folds `batch_size` records a transaction, says so after each commit and
+    goes on only when told to (so the parent knows how far it can be when it kills it)."""
     bus = open_bus()
     with duckdb.connect(db_path) as con:
         projector = Projector(bus, con, CODEC, batch_size)
         while projector.run_once(timeout=1.0):
-            report.send("committed")
-    report.send("done")
+            control.send("committed")
+            if control.recv() != "go":
+                return
 
 
 class ProjectorContract:
@@ -145,16 +150,18 @@ class ProjectorContract:
     def test_a_killed_projector_process_resumes_to_equal_a_clean_fold(self, world: World) -> None:
         if not self.shared_across_processes:
             pytest.skip("this bus lives in one process: no projector process can be killed on it")
-        world.append_runs(runs=4, metrics=2_000, per_record=500)
+        world.append_runs(runs=4, metrics=2_000, per_record=500)  # 20 records, 10 batches of 2
         killed = world.folder / "killed.duckdb"
         context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=_project_in_steps, args=(world.open_bus, str(killed), 2, send))
+        control, child_end = context.Pipe()
+        child = context.Process(target=_project_in_steps, args=(world.open_bus, str(killed), 2, child_end))
         child.start()
         try:
             for _ in range(5):
-                assert receive.poll(120), "the projector process committed nothing"
-                assert receive.recv() == "committed"
+                assert control.poll(120), "the projector process committed nothing"
+                assert control.recv() == "committed"
+                control.send("go")
+            # now folding its 6th batch of 10, which it cannot get past: the kill lands in it or after its commit
         finally:
             os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
             child.join(60)
