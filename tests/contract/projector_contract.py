@@ -186,6 +186,7 @@ class ProjectorContract:
             assert writer.flush(120), "the writer's retry did not land"
         finally:
             writer.close(30)
+            flaky.close()  # the writer's own handle on the bus
         assert flaky.failures == 0, "the append never failed"
         stored_twice = 2 * 100  # the first two records (100 events each) went to the bus twice
         assert sum(world.bus.end_offsets().values()) == 6 + 2
