@@ -27,6 +27,9 @@ class Subscription:
     With `until` (end offsets, e.g. `bus.end_offsets()`), reading stops there: a snapshot of the log
     as it was, even while writers go on appending. With `keys`, only records with one of those keys
     (a run's records are keyed by its uid) are decoded and delivered; the others are passed over.
+    A consumer that stores its positions with what it made of the records (the projector: in the
+    DuckDB transaction of the batch) makes one from those positions for each batch, so a batch read
+    and not committed is read again.
     """
 
     def __init__(self, bus: Bus, codec: EventCodec, positions: Mapping[int, int] | None = None,
