@@ -31,6 +31,7 @@
 #   admin   super user (the broker itself, the controller listener, the ACL set-up)
 #   writer  topics runbus*: Write, Describe, Create                      (may write, not read)
 #   reader  topics runbus*: Read, Describe; consumer groups runbus*: Read, Describe
+#   runner  both (a job's process writes its events and reads its run back)
 # Certificates and passwords are made once per state dir and kept across 'up' and 'down'.
 set -euo pipefail
 
@@ -66,7 +67,7 @@ PIDFILE="$STATE/kafka.pid"
 DATA="$STATE/data"
 SEC="$STATE/secure"
 ADMIN_CONFIG="$SEC/admin.properties"
-SCRAM_USERS=(admin writer reader)
+SCRAM_USERS=(admin writer reader runner)
 
 if [[ -n "${RUNBUS_KAFKA_JAVA:-}" ]]; then JAVA="$RUNBUS_KAFKA_JAVA"
 elif [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then JAVA="$JAVA_HOME/bin/java"
@@ -361,8 +362,10 @@ format_storage() {
 # The users' ACLs (kept in the metadata log: added once, on fresh storage).
 add_acls() {
     [[ "$SECURE" == 1 ]] || return 0
-    acl --allow-principal User:writer --operation Write --operation Describe --operation Create --topic runbus
-    acl --allow-principal User:reader --operation Read --operation Describe --topic runbus --group runbus
+    acl --allow-principal User:writer --allow-principal User:runner \
+        --operation Write --operation Describe --operation Create --topic runbus
+    acl --allow-principal User:reader --allow-principal User:runner \
+        --operation Read --operation Describe --topic runbus --group runbus
 }
 
 acl() {
@@ -499,7 +502,7 @@ do_up() {
     if (( fresh )); then add_acls; fi
     say "ready on 127.0.0.1:$PORT (pid $pid, $((SECONDS - t0))s)"
     if [[ "$SECURE" == 1 ]]; then
-        say "SASL_SSL; the settings of each user: $SEC/{writer,reader,admin}.env (set -a; . FILE; set +a)"
+        say "SASL_SSL; the settings of each user: $SEC/{runner,writer,reader,admin}.env (set -a; . FILE; set +a)"
     fi
 }
 

@@ -1,8 +1,8 @@
 """The secured test broker: `KAFKA_SECURE=1`'s broker (kafka/kafka.sh), started by the tests on ports
 of their own, once per session, and stopped after.
 
-SASL_SSL, SCRAM users admin (super user), writer (may write topics runbus*, not read them) and reader
-(may read them, not write), a CA made for it. Fails, not skips, when RUNBUS_REQUIRE_KAFKA=1 and it
+SASL_SSL, SCRAM users admin (super user), writer (may write topics runbus*, not read them), reader
+(may read them, not write) and runner (both), a CA made for it. Fails, not skips, when RUNBUS_REQUIRE_KAFKA=1 and it
 cannot start.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
 from producers.bus.kafka_security import KafkaSecurity, Secret
 
@@ -37,8 +38,9 @@ class SecureBroker:
         secret = Secret(password) if password is not None else Secret.from_file(str(self.secrets / f"{user}.password"))
         return KafkaSecurity("SASL_SSL", mechanism, user, secret, str(ca_file or self.secrets / "ca.crt"))
 
-    def password(self, user: str) -> str:
-        return (self.secrets / f"{user}.password").read_text().strip()
+    def env(self, user: str) -> dict[str, str]:
+        """The RUNBUS_* settings of `user`, as kafka.sh writes them for people to source."""
+        return {key: value or "" for key, value in dotenv_values(self.secrets / f"{user}.env").items()}
 
     def admin_config(self) -> dict[str, object]:
         """kafka-python configuration of the super user."""

@@ -384,8 +384,16 @@ class KafkaBus(Bus):
         offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in positions.items()}
         if not offsets:
             return
-        errors = self._call("commit offsets", lambda: self._admin().alter_group_offsets(group, offsets))
-        failed = {tp.partition: err.__name__ for tp, err in errors.items() if err.errno != 0}
+
+        def alter() -> dict[int, str]:
+            errors = self._admin().alter_group_offsets(group, offsets)
+            failed = {tp.partition: err for tp, err in errors.items() if err.errno != 0}
+            for err in failed.values():  # per partition: a coordinator still loading, a refused ACL...
+                if err.retriable or issubclass(err, AuthorizationError):
+                    raise err(f"group {group!r}")
+            return {partition: err.__name__ for partition, err in failed.items()}
+
+        failed = self._call(f"commit offsets of group {group!r}", alter)
         if failed:
             raise BusError(f"Kafka at {self.bootstrap}: commit for group {group!r} failed: {failed}")
 

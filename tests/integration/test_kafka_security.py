@@ -291,3 +291,4 @@ def test_what_the_acls_refused_is_spilled_and_delivered_once_access_works(
         events = events_of(_read_until(reader, lambda got: len(events_of(got)) >= 200, "the 200 events"))
     assert sorted((e.run_uid, e.seq) for e in events) == sorted(
         ("run-a" if step % 2 else "run-b", step // 2) for step in range(200))
+
