@@ -25,7 +25,8 @@
 #
 # The secured broker (RUNBUS_KAFKA_SECURE=1) speaks SASL_SSL only: TLS with a certificate for
 # 127.0.0.1/localhost signed by a CA made locally with openssl, SCRAM-SHA-256 and -512 users
-# created when the storage is formatted, and Kafka's StandardAuthorizer (nothing is allowed
+# created when the storage is formatted (PLAIN takes the same users and passwords, from the
+# broker's configuration), and Kafka's StandardAuthorizer (nothing is allowed
 # without an ACL). In <state>/secure (owner-only): ca.crt (what clients trust), a password file
 # per user, and client.env with the RUNBUS_* settings of each user. Users and their ACLs:
 #   admin   super user (the broker itself, the controller listener, the ACL set-up)
@@ -199,10 +200,13 @@ listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 EOF
         return 0
     fi
-    local admin; admin="$(cat "$SEC/admin.password")"
+    local admin user plain_users=""
+    admin="$(cat "$SEC/admin.password")"
+    for user in "${SCRAM_USERS[@]}"; do plain_users+=" user_$user=\"$(cat "$SEC/$user.password")\""; done
     cat <<EOF
-# SASL_SSL on both listeners. Clients and the broker itself use SCRAM; the controller listener
-# uses PLAIN as admin, since SCRAM users live in the metadata the controller serves.
+# SASL_SSL on both listeners. Clients use SCRAM or PLAIN (the same users and passwords), the broker
+# itself SCRAM; the controller listener uses PLAIN as admin, since SCRAM users live in the metadata
+# the controller serves.
 listeners=SASL_SSL://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
 advertised.listeners=SASL_SSL://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
 inter.broker.listener.name=SASL_SSL
@@ -210,7 +214,8 @@ controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:SASL_SSL,SASL_SSL:SASL_SSL
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
 sasl.mechanism.controller.protocol=PLAIN
-listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$admin";
 listener.name.controller.sasl.enabled.mechanisms=PLAIN

@@ -38,6 +38,9 @@ class SecureBroker:
         secret = Secret(password) if password is not None else Secret.from_file(str(self.secrets / f"{user}.password"))
         return KafkaSecurity("SASL_SSL", mechanism, user, secret, str(ca_file or self.secrets / "ca.crt"))
 
+    def password(self, user: str) -> str:
+        return (self.secrets / f"{user}.password").read_text().strip()
+
     def env(self, user: str) -> dict[str, str]:
         """The RUNBUS_* settings of `user`, as kafka.sh writes them for people to source."""
         return {key: value or "" for key, value in dotenv_values(self.secrets / f"{user}.env").items()}

@@ -197,8 +197,10 @@ def _self_signed_ca(folder: Path, name: str = "other") -> Path:
 # -- the secured broker ----------------------------------------------------------------------------
 
 @pytest.mark.kafka
-@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
-def test_the_writer_writes_and_the_reader_reads_over_sasl_ssl(broker: SecureBroker, mechanism: str) -> None:
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_the_writer_writes_and_the_reader_reads_over_sasl_ssl(
+        broker: SecureBroker, mechanism: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # kafka-python's DEBUG lines hold PLAIN's request, password and all
     topic = _topic()
     records = [(f"run-{i % 3}", f"value {i}".encode()) for i in range(50)]
     with KafkaBus(broker.bootstrap, topic, partitions=3, security=broker.security("writer", mechanism=mechanism)) \
@@ -209,6 +211,8 @@ def test_the_writer_writes_and_the_reader_reads_over_sasl_ssl(broker: SecureBrok
         assert sorted((r.key, r.value) for r in read) == sorted(records)
         reader.commit("runbus-test-group", {0: 1})
         assert reader.committed("runbus-test-group") == {0: 1}
+    passwords = {broker.password(user) for user in ("writer", "reader")}
+    assert not [r for r in caplog.records if any(p in r.getMessage() for p in passwords)]
 
 
 @pytest.mark.kafka
