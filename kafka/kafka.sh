@@ -26,9 +26,9 @@
 # The secured broker (RUNBUS_KAFKA_SECURE=1) speaks SASL_SSL only: TLS with a certificate for
 # 127.0.0.1/localhost signed by a CA made locally with openssl, SCRAM-SHA-256 and -512 users
 # created when the storage is formatted (PLAIN takes the same users and passwords, from the
-# broker's configuration), and Kafka's StandardAuthorizer (nothing is allowed
-# without an ACL). In <state>/secure (owner-only): ca.crt (what clients trust), a password file
-# per user, and client.env with the RUNBUS_* settings of each user. Users and their ACLs:
+# broker's configuration), and Kafka's StandardAuthorizer (nothing is allowed without an ACL).
+# In <state>/secure (owner-only): ca.crt (what clients trust), <user>.password, and <user>.env
+# with the RUNBUS_* settings of that user. Users and their ACLs:
 #   admin   super user (the broker itself, the controller listener, the ACL set-up)
 #   writer  topics runbus*: Write, Describe, Create                      (may write, not read)
 #   reader  topics runbus*: Read, Describe; consumer groups runbus*: Read, Describe
@@ -539,7 +539,7 @@ do_logs() {
 }
 
 usage() {
-    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 cmd="${1:-}"
