@@ -1,27 +1,49 @@
-"""Workload 3: a query filtering on a param and a result, sorted by a result, over 1k/10k/100k runs.
+"""Workload 3: a query filtering on a param and a result, sorted by a result, over 1k/10k/100k runs,
+measured as a user meets it: from a second process, while `runbus ui` and the follower
+(`runbus project --follow`, the home's projection service) run on the same home.
 
-The runs go through the real pipeline: RunContext -> writer -> bus -> projector. The sizes are built
-incrementally in one home (1k, then 9k more, then 90k more) and each is queried before growing.
+This process writes the runs through the real pipeline (RunContext -> writer -> bus), in steps (1k,
+then 9k more, then 90k more), and waits until the service has folded them. For each size a new
+process (`python -m benchmarks.query --measure`) times, through `get_run_db()`:
 
-Beside each Runbus figure the same query runs on a bare DuckDB table holding the same runs (one row
-a run, params and results as columns, built here from the projection's runs/params/results), with
-the same number of repeats: what the query costs without Runbus. The query on the key/value tables
-(`params`/`results` joined to `runs`) is timed too, to show what the wide layout buys.
+- the query (`RunDB.sql`), and beside it the same query on a bare DuckDB table holding the same runs
+  (one row a run, params and results as columns, built from the projection's runs/params/results)
+  with the same repeats: what the query costs without Runbus;
+- the query on the key/value tables (`params`/`results` joined to `runs`): what the wide layout buys;
+- `list_runs(project=..., sort_by='-result.accuracy', limit=100)`;
+- at the smallest size, the query after 2 s of nothing (the service stays up; the client's
+  connection is kept).
+
+Every figure is the median of its repeats after one warm call. `python -m benchmarks.query` runs it
+alone; `python -m benchmarks --only query` as part of the suite.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pandas as pd
 
-from benchmarks.common import Outcome, fresh_home, median
-from engine import get_run_db
-from engine.bootstrap import reset_services, services
+from benchmarks.common import ROOT, Outcome, fresh_home, median
+from engine.bootstrap import Services, bootstrap
 from engine.runspec import RunSpec
+from engine.settings import load_settings
+from producers.bus.memory import MemoryBus
+from projections.client import ServiceClient
+from projections.database import ProjectionBusy
+from projections.query import RunDB
+from projections.service import ServiceAddress
 
 WIDE_QUERY = """
 SELECT uid, name, "result.accuracy" AS accuracy, "result.loss" AS loss
@@ -44,31 +66,33 @@ LIMIT 100
 """
 IDLE_S = 2.0  # the pause before each query of the idle figure
 IDLE_QUERIES = 5
+RUNBUS = str(Path(sys.executable).parent / "runbus")
 
 
 def _noop(context: Any) -> None:
     """The handler the benchmark runs are attributed to (never called)."""
 
 
-def produce(first: int, count: int) -> None:
+def produce(svc: Services, first: int, count: int) -> None:
     """`count` tiny finished runs: 3 params, 2 results, a label each."""
-    settings = services().settings
     for i in range(first, first + count):
-        spec = RunSpec(settings, _noop, "benchmarks.query:_noop", name=f"q{i}", project="bench",
+        spec = RunSpec(svc.settings, _noop, "benchmarks.query:_noop", name=f"q{i}", project="bench",
                        params={"p1": i % 10, "p2": (i % 1000) * 0.001, "p3": f"g{i % 5}"})
-        context = spec.new_context()
+        context = spec.new_context(svc)
         context.start()
         context.log_result("accuracy", (i * 7919 % 1000) / 1000)
         context.log_result("loss", (i * 104729 % 1000) / 1000)
         context.set_label("team", f"t{i % 3}")
         context.finish(flush=False)
-    services().writer.flush()
+    svc.writer.flush()
 
 
-def bare_table(path: Path) -> duckdb.DuckDBPyConnection:
+# -- the measuring process ---------------------------------------------------------------------
+
+
+def bare_table(db: RunDB, path: Path) -> duckdb.DuckDBPyConnection:
     """A plain DuckDB file holding the projection's runs as one table `bare`: the runs columns and
     one DOUBLE column per numeric param and result key, rows in start order."""
-    db = get_run_db()
     runs = db.sql("SELECT * FROM runs ORDER BY started_at")
     values = db.sql("SELECT 'param.' || key AS column, uid, value_num FROM params WHERE value_num IS NOT NULL "
                     "UNION ALL SELECT 'result.' || key, uid, value_num FROM results WHERE value_num IS NOT NULL")
@@ -83,7 +107,7 @@ def bare_table(path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _timed(call: Any, repeats: int) -> tuple[float, pd.DataFrame]:
+def _timed(call: Callable[[], pd.DataFrame], repeats: int) -> tuple[float, pd.DataFrame]:
     """(median ms of `repeats` calls after one warm call, the last result)."""
     result = call()
     times = []
@@ -94,10 +118,9 @@ def _timed(call: Any, repeats: int) -> tuple[float, pd.DataFrame]:
     return median(times), result
 
 
-def time_queries(queries: int, bare: duckdb.DuckDBPyConnection) -> dict[str, float]:
+def time_queries(db: RunDB, queries: int, bare: duckdb.DuckDBPyConnection) -> dict[str, float]:
     """Median ms of: the query through Runbus, the same on the bare table, the key/value form, and
     list_runs sorted by a result (same repeats each)."""
-    db = get_run_db()
     sql_ms, frame = _timed(lambda: db.sql(QUERY), queries)
     bare_query = WIDE_QUERY.format(table="bare")
     bare_ms, bare_frame = _timed(lambda: bare.execute(bare_query).df(), queries)
@@ -111,9 +134,8 @@ def time_queries(queries: int, bare: duckdb.DuckDBPyConnection) -> dict[str, flo
     return {"query": sql_ms, "bare": bare_ms, "kv": kv_ms, "list_runs": list_ms}
 
 
-def time_after_idle(pauses: int) -> float:
+def time_after_idle(db: RunDB, pauses: int) -> float:
     """Median ms of the query run after IDLE_S seconds of nothing."""
-    db = get_run_db()
     times = []
     for _ in range(pauses):
         time.sleep(IDLE_S)
@@ -123,43 +145,134 @@ def time_after_idle(pauses: int) -> float:
     return median(times)
 
 
+def measure(queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
+    """The figures of one size, in this (reading) process."""
+    from engine import get_run_db
+
+    db = get_run_db()
+    bare = bare_table(db, scratch / "bare.duckdb")
+    try:
+        figures = time_queries(db, queries, bare)
+    finally:
+        bare.close()
+    if idle_pauses:
+        figures["idle"] = time_after_idle(db, idle_pauses)
+    figures["load"] = os.getloadavg()[0]
+    return figures
+
+
+# -- the orchestrating process -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(probe: Callable[[], bool], what: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {process.returncode}")
+        try:
+            if probe():
+                return
+        except (OSError, ProjectionBusy):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: no answer within {timeout_s:g}s")
+
+
+def _ui_answers(url: str) -> bool:
+    with urllib.request.urlopen(url + "/runs", timeout=30) as response:
+        return response.status == 200
+
+
 def run(sizes: tuple[int, ...], queries: int) -> Outcome:
     home = fresh_home()
+    env = {**os.environ, "RUNBUS_HOME": str(home), "RUNBUS_PROJECTION": "service",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    svc = bootstrap(load_settings(env))
+    client = ServiceClient(ServiceAddress.of(home), svc.bus, start=None, timeout_s=600)
+    with (home / "follower.log").open("wb") as log:
+        follower = subprocess.Popen([RUNBUS, "project", "--follow"], env=env, stdout=log, stderr=log)
+    port = _free_port()
+    with (home / "ui.log").open("wb") as log:
+        ui = subprocess.Popen([RUNBUS, "ui", "--port", str(port)], env=env, stdout=log, stderr=log)
     outcome = Outcome()
-    built = 0
     builds: dict[str, dict[str, float]] = {}
-    for size in sorted(sizes):
-        began = time.perf_counter()
-        produce(built, size - built)
-        produced = time.perf_counter()
-        projected_events = get_run_db().catch_up()
-        projected = time.perf_counter()
-        runs = int(get_run_db().sql("SELECT count(*) AS n FROM runs WHERE project = 'bench'").n[0])
-        if runs != size:
-            raise RuntimeError(f"expected {size} runs in the projection, found {runs}")
-        builds[str(size)] = {"runs_added": size - built, "produce_s": produced - began,
-                             "project_s": projected - produced, "events": projected_events}
-        built = size
-        bare = bare_table(home / "bare.duckdb")
-        try:
-            figures = time_queries(queries, bare)
-        finally:
-            bare.close()
-        if size == min(sizes):
-            outcome.figures[f"query_idle_ms_{size}"] = time_after_idle(IDLE_QUERIES)
-        outcome.figures[f"query_ms_{size}"] = figures["query"]
-        outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]
-        outcome.figures[f"query_kv_ms_{size}"] = figures["kv"]
-        outcome.figures[f"list_runs_ms_{size}"] = figures["list_runs"]
-        print(f"query at {size:,} runs (median of {queries}): Runbus {figures['query']:.2f} ms, "
-              f"bare DuckDB table {figures['bare']:.2f} ms ({figures['query'] / figures['bare']:.2f}x), "
-              f"key/value tables {figures['kv']:.2f} ms; list_runs(sort_by='-result.accuracy', limit=100) "
-              f"{figures['list_runs']:.2f} ms", flush=True)
-    total_runs = max(sizes)
+    try:
+        _wait(lambda: bool(ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).ping()),
+              "runbus project --follow", follower)
+        _wait(lambda: _ui_answers(f"http://127.0.0.1:{port}"), "runbus ui", ui)
+        built = 0
+        for size in sorted(sizes):
+            began = time.perf_counter()
+            produce(svc, built, size - built)
+            produced = time.perf_counter()
+            folded = client.catch_up()
+            projected = time.perf_counter()
+            builds[str(size)] = {"runs_added": size - built, "produce_s": produced - began,
+                                 "project_s": projected - produced, "records": folded}
+            built = size
+            figures = _measure_in_child(env, queries, IDLE_QUERIES if size == min(sizes) else 0, home, size)
+            outcome.figures[f"query_ms_{size}"] = figures["query"]
+            outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]
+            outcome.figures[f"query_kv_ms_{size}"] = figures["kv"]
+            outcome.figures[f"list_runs_ms_{size}"] = figures["list_runs"]
+            if "idle" in figures:
+                outcome.figures[f"query_idle_ms_{size}"] = figures["idle"]
+            print(f"query at {size:,} runs (median of {queries}, from a second process, UI and follower "
+                  f"running, load {figures['load']:.1f}): Runbus {figures['query']:.2f} ms, bare DuckDB table "
+                  f"{figures['bare']:.2f} ms ({figures['query'] / figures['bare']:.2f}x), key/value tables "
+                  f"{figures['kv']:.2f} ms; list_runs(sort_by='-result.accuracy', limit=100) "
+                  f"{figures['list_runs']:.2f} ms"
+                  + (f"; after {IDLE_S:g} s idle {figures['idle']:.2f} ms" if "idle" in figures else ""),
+                  flush=True)
+    finally:
+        for process in (ui, follower):
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        svc.close()
     total_s = sum(b["produce_s"] + b["project_s"] for b in builds.values())
-    outcome.figures["query_build_ms_per_run"] = total_s * 1000 / total_runs
+    outcome.figures["query_build_ms_per_run"] = total_s * 1000 / max(sizes)
     outcome.details = {"query": " ".join(QUERY.split()), "kv_query": " ".join(KV_QUERY.split()),
-                       "builds": builds, "queries_per_size": queries,
+                       "builds": builds, "queries_per_size": queries, "measured_from": "a second process, "
+                       "with `runbus ui` and `runbus project --follow` running on the home",
                        "idle": {"pause_s": IDLE_S, "queries": IDLE_QUERIES, "runs": min(sizes)}}
-    reset_services()
     return outcome
+
+
+def _measure_in_child(env: dict[str, str], queries: int, idle_pauses: int, home: Path, size: int) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.query", "--measure", "--queries", str(queries),
+                           "--idle-pauses", str(idle_pauses), "--scratch", str(home)],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {size:,} runs failed: {done.stderr.strip()[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.query", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="1000,10000,100000", help="run counts (comma-separated)")
+    parser.add_argument("--queries", type=int, default=21, help="repeats per figure (the median is shown)")
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--idle-pauses", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.queries, args.idle_pauses, args.scratch)), flush=True)
+        return
+    sizes = tuple(int(part.replace("_", "")) for part in args.runs.split(",") if part.strip())
+    outcome = run(sizes, max(5, args.queries))
+    print(json.dumps(outcome.figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,9 +8,11 @@ and its Arrow answer becomes a DataFrame through `projections.wire.to_frame`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
@@ -161,14 +163,17 @@ def read_only_session(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_T
 
 
 @contextmanager
-def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S) -> Iterator[TableQuery]:
+def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S, *,
+                     sealed: bool = False) -> Iterator[TableQuery]:
     """One snapshot of the database behind `con`: yields `query(sql, params=None) -> pyarrow.Table`,
     every statement answered on one cursor inside one READ ONLY transaction (so several statements
     see the same state while another cursor writes), rolled back at the end. Each statement is
     treated as `read_only_query` treats it; after a failed one the session goes on in a new
-    transaction (DuckDB aborts the failed one)."""
+    transaction (DuckDB aborts the failed one). `sealed`: the caller sealed the database already
+    (the projection service, per request), so it is not checked again."""
     session = con.cursor()  # before anything else: another thread may be using `con` (the projector)
-    seal(session)
+    if not sealed:
+        seal(session)
 
     def fetch(query: str, params: Sequence[Any] | None = None) -> pa.Table:
         check_read_only(query)
@@ -192,10 +197,8 @@ def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TI
 def _read_only_statement(session: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None,
                          timeout_s: float) -> pa.Table:
     shown = " ".join(query.split())[:120]
-    deadline = threading.Timer(timeout_s, session.interrupt)
-    deadline.daemon = True
+    deadline = _DEADLINES.arm(session, timeout_s)
     try:
-        deadline.start()
         # a relation answers in Arrow without the copy a DB-API result makes
         return session.sql(query, params=list(params)).to_arrow_table() if params else \
             session.sql(query).to_arrow_table()
@@ -212,7 +215,55 @@ def _read_only_statement(session: duckdb.DuckDBPyConnection, query: str, params:
             raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
         raise from_user_statement(_one_line(exc, shown)) from None
     finally:
-        deadline.cancel()
+        _DEADLINES.disarm(deadline)
+
+
+class _Deadlines:
+    """One thread that interrupts the statements still running at their deadline (a timer thread
+    per statement would cost a thread start on every query)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread and the lock's holder are the parent's
+
+    def _reset(self) -> None:
+        self._changed = threading.Condition()
+        self._armed: dict[int, tuple[float, duckdb.DuckDBPyConnection]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._wake_at = float("inf")  # when the watching thread looks next
+
+    def arm(self, session: duckdb.DuckDBPyConnection, timeout_s: float) -> int:
+        """Interrupt `session` in `timeout_s` unless disarmed by then; the token to disarm it with."""
+        with self._changed:
+            token = next(self._tokens)
+            due = time.monotonic() + timeout_s
+            self._armed[token] = (due, session)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="runbus-query-deadlines", daemon=True)
+                self._thread.start()
+            if due < self._wake_at:  # otherwise the thread looks before this one is due anyway
+                self._changed.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._changed:
+            self._armed.pop(token, None)
+
+    def _watch(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for token, (due, session) in list(self._armed.items()):
+                    if due <= now:
+                        del self._armed[token]
+                        with suppress(duckdb.Error):
+                            session.interrupt()
+                self._wake_at = min((due for due, _ in self._armed.values()), default=now + 3600.0)
+                self._changed.wait(max(0.0, self._wake_at - now))
+
+
+_DEADLINES = _Deadlines()
 
 
 def _one_line(exc: duckdb.Error, statement: str) -> duckdb.Error:

@@ -459,7 +459,7 @@ class ProjectionService:
         as_of = request.get("as_of")
         assert self._con is not None and self._past is not None
         db = self._con if as_of is None else self._past.get(as_of)
-        with read_only_tables(db, float(request.get("timeout_s") or 60.0)) as fetch:
+        with read_only_tables(db, float(request.get("timeout_s") or 60.0), sealed=True) as fetch:
             yield fetch
 
     def _answer(self, conn: Connection, request: dict[str, Any]) -> None:

@@ -24,10 +24,21 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
     name gets a suffix, `a`, `a_1`) DuckDB's `.df()` gives."""
     if len(set(table.column_names)) < table.num_columns:
         table = table.rename_columns(_unique(table.column_names))
-    if not any(_needs_care(column) for column in table.columns):
-        return table.to_pandas()
-    return pd.DataFrame({name: _series(column) for name, column in zip(table.column_names, table.columns,
-                                                                       strict=True)})
+    nullable: list[int] = []
+    for i, column in enumerate(table.columns):
+        kind = column.type
+        if pa.types.is_decimal(kind):
+            table = table.set_column(i, table.field(i).with_type(pa.float64()), column.cast(pa.float64()))
+        elif pa.types.is_date(kind):
+            table = table.set_column(i, table.field(i).with_type(pa.timestamp("us")), column.cast(pa.timestamp("us")))
+        elif _is_text(kind) and column.null_count == len(column):  # objects, None (pyarrow's null type)
+            table = table.set_column(i, table.field(i).with_type(pa.null()), pa.nulls(len(column)))
+        elif column.null_count and kind in _NULLABLE:
+            nullable.append(i)
+    frame = table.to_pandas()
+    for i in nullable:  # integers and booleans with nulls: pandas' nullable dtypes, not floats/objects
+        frame.isetitem(i, table.column(i).to_pandas(types_mapper=_NULLABLE.get))
+    return frame
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -38,26 +49,6 @@ def _unique(names: list[str]) -> list[str]:
         seen[name] = count + 1
         unique.append(name if count == 0 else f"{name}_{count}")
     return unique
-
-
-def _needs_care(column: pa.ChunkedArray) -> bool:
-    kind = column.type
-    if pa.types.is_decimal(kind) or pa.types.is_date(kind) or (_is_text(kind) and column.null_count == len(column)):
-        return True
-    return column.null_count > 0 and kind in _NULLABLE
-
-
-def _series(column: pa.ChunkedArray) -> pd.Series:
-    kind = column.type
-    if pa.types.is_decimal(kind):
-        return column.cast(pa.float64()).to_pandas()
-    if pa.types.is_date(kind):
-        return column.cast(pa.timestamp("us")).to_pandas()
-    if column.null_count and kind in _NULLABLE:
-        return column.to_pandas(types_mapper=_NULLABLE.get)
-    if _is_text(kind) and column.null_count == len(column):
-        return pd.Series([None] * len(column), dtype=object)
-    return column.to_pandas()
 
 
 def _is_text(kind: pa.DataType) -> bool:
