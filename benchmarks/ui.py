@@ -1,14 +1,14 @@
 """UI benchmark: GET of the runs page with 100k runs in the projection.
 
-The runs go through the real pipeline (RunContext -> writer -> bus); `runbus ui` folds them when it
-starts, in its own process, and the page is then fetched over HTTP as a browser would.
+The runs go through the real pipeline (RunContext -> writer -> bus); `runbus ui` starts (its first
+request starts the home's projection service, which folds them) and the page is then fetched over
+HTTP as a browser would.
 `python -m benchmarks.ui [--runs N] [--repeat N]` prints the figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shutil
 import socket
@@ -21,9 +21,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from engine.bootstrap import reset_services, services
+from engine.bootstrap import Services, bootstrap
 from engine.runspec import RunSpec
-from producers.context import RunContext
+from engine.settings import load_settings
+from producers.bus.memory import MemoryBus
+from projections.client import ServiceClient
+from projections.service import ServiceAddress
 
 PAGES = {
     "runs page (newest first, 50 rows)": "/runs",
@@ -37,23 +40,18 @@ def _noop(context: Any) -> None:
     """The handler the benchmark runs are attributed to (never called)."""
 
 
-def produce(count: int) -> None:
+def produce(svc: Services, count: int) -> None:
     """`count` tiny finished runs (2 params, 2 results, a label each) through the writer and bus."""
-    settings = services().settings
-    no_flush = "flush" in inspect.signature(RunContext.finish).parameters
     for i in range(count):
-        spec = RunSpec(settings, _noop, "benchmarks.ui:_noop", name=f"r{i % 1000}", project="bench",
+        spec = RunSpec(svc.settings, _noop, "benchmarks.ui:_noop", name=f"r{i % 1000}", project="bench",
                        params={"p1": i % 10, "lr": (i % 100) * 0.001})
-        context = spec.new_context()
+        context = spec.new_context(svc)
         context.start()
         context.log_result("accuracy", (i * 7919 % 1000) / 1000)
         context.log_result("loss", (i * 104729 % 1000) / 1000)
         context.set_label("team", f"t{i % 3}")
-        if no_flush:
-            context.finish(flush=False)  # one flush at the end instead of one per run
-        else:
-            context.finish()
-    services().writer.flush()
+        context.finish(flush=False)  # one flush at the end instead of one per run
+    svc.writer.flush()
 
 
 def _free_port() -> int:
@@ -75,20 +73,20 @@ def runs_page_latency(runs: int = 100_000, repeat: int = 7) -> dict[str, float]:
     """Median milliseconds of GET for each page in PAGES, with `runs` runs projected; also the
     seconds to produce the runs and for the UI to fold them at start-up."""
     home = Path(tempfile.mkdtemp(prefix="runbus-bench-ui-"))
-    os.environ["RUNBUS_HOME"] = str(home)
-    os.environ.pop("RUNBUS_BUS", None)
-    reset_services()
+    env = {**os.environ, "RUNBUS_HOME": str(home), "RUNBUS_PROJECTION": "service", "RUNBUS_DB_TIMEOUT": "600"}
+    env.pop("RUNBUS_BUS", None)
+    svc = bootstrap(load_settings(env))
     began = time.perf_counter()
-    produce(runs)
+    produce(svc, runs)
     produced_s = time.perf_counter() - began
-    reset_services()
+    svc.close()
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "ui", "--port", str(port)],
-                              env={**os.environ, "RUNBUS_DB_TIMEOUT": "600"}, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "ui", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL)
     try:
         began = time.perf_counter()
-        _wait_for(base + "/api/ping", server)
+        _wait_for(base + "/runs", server)  # the first answer waits for the service to fold the runs
         folded_s = time.perf_counter() - began
         figures = {"runs": float(runs), "produce_s": produced_s, "ui_start_and_fold_s": folded_s}
         for label, path in PAGES.items():
@@ -98,6 +96,7 @@ def runs_page_latency(runs: int = 100_000, repeat: int = 7) -> dict[str, float]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).stop()
         shutil.rmtree(home, ignore_errors=True)
 
 
