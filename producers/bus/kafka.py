@@ -208,6 +208,9 @@ class KafkaBus(Bus):
     def _not_connected(self, exc: Exception, cause: BaseException | None) -> BusError:
         """Why no client could connect, in one line."""
         where = f"Kafka at {self.bootstrap}"
+        if isinstance(cause, IllegalSaslStateError):
+            return BusRefused(f"{where} takes no SASL login on this listener ({self.security.describe()}): "
+                              f"{_one_line(cause)}; is it a listener without SASL?")
         if isinstance(cause, _LOGIN_REFUSALS):
             return BusRefused(f"{where} refused the login of {self.security.describe()}: {_one_line(cause)}")
         refused = _certificate_refused(cause)

@@ -296,3 +296,11 @@ def test_what_the_acls_refused_is_spilled_and_delivered_once_access_works(
     assert sorted((e.run_uid, e.seq) for e in events) == sorted(
         ("run-a" if step % 2 else "run-b", step // 2) for step in range(200))
 
+
+
+@pytest.mark.kafka
+def test_a_sasl_login_to_a_listener_without_sasl_is_named(kafka_bootstrap: str) -> None:
+    security = KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512", "writer", Secret("a-password"))
+    refused, took = _refusal(lambda: KafkaBus(kafka_bootstrap, _topic(), security=security))
+    assert "takes no SASL login on this listener" in str(refused) and "\n" not in str(refused)
+    assert took < BOUND_S
