@@ -39,7 +39,10 @@ class Bus(ABC):
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
         """Durably append (key, value) records; returns once the bus holds all of them.
 
-        Raises BusRefused when retrying cannot help, any other error when it may."""
+        Raises BusRefused when retrying cannot help, any other error when it may. When it raises,
+        any of the batch's records may be stored (none on the embedded log): stored ones read in
+        batch order per key, and a retry of the whole batch stores them again after them, so
+        consumers deduplicate by event id (tests/contract/bus_contract.py)."""
 
     @abstractmethod
     def partitions(self) -> list[int]:
