@@ -44,6 +44,7 @@ from projections.client import ServiceClient
 from projections.database import ProjectionBusy
 from projections.query import RunDB
 from projections.service import ServiceAddress
+from projections.tables import RUN_COLUMNS
 
 WIDE_QUERY = """
 SELECT uid, name, "result.accuracy" AS accuracy, "result.loss" AS loss
@@ -62,6 +63,13 @@ JOIN results a ON a.uid = r.uid AND a.key = 'accuracy'
 JOIN results l ON l.uid = r.uid AND l.key = 'loss'
 WHERE p.value_num = 3 AND a.value_num > 0.5
 ORDER BY l.value_num ASC, r.uid
+LIMIT 100
+"""
+# list_runs(project='bench', sort_by='-result.accuracy', limit=100) as one query on the bare table
+BARE_LIST_QUERY = f"""
+SELECT {", ".join(RUN_COLUMNS)} FROM bare
+WHERE project = 'bench'
+ORDER BY "result.accuracy" DESC NULLS LAST, started_at DESC, uid
 LIMIT 100
 """
 IDLE_S = 2.0  # the pause before each query of the idle figure
@@ -120,18 +128,21 @@ def _timed(call: Callable[[], pd.DataFrame], repeats: int) -> tuple[float, pd.Da
 
 def time_queries(db: RunDB, queries: int, bare: duckdb.DuckDBPyConnection) -> dict[str, float]:
     """Median ms of: the query through Runbus, the same on the bare table, the key/value form, and
-    list_runs sorted by a result (same repeats each)."""
+    list_runs sorted by a result and its query on the bare table (same repeats each)."""
     sql_ms, frame = _timed(lambda: db.sql(QUERY), queries)
     bare_query = WIDE_QUERY.format(table="bare")
     bare_ms, bare_frame = _timed(lambda: bare.execute(bare_query).df(), queries)
     kv_ms, kv_frame = _timed(lambda: db.sql(KV_QUERY), queries)
-    list_ms, _ = _timed(lambda: db.list_runs(project="bench", sort_by="-result.accuracy", limit=100), queries)
+    list_ms, listed = _timed(lambda: db.list_runs(project="bench", sort_by="-result.accuracy", limit=100), queries)
+    bare_list_ms, bare_listed = _timed(lambda: bare.execute(BARE_LIST_QUERY).df(), queries)
+    if listed.uid.tolist() != bare_listed.uid.tolist():
+        raise RuntimeError("list_runs found other runs than its query on the bare table")
     if frame.empty:
         raise RuntimeError("the benchmark query matched no run")
     for name, other in (("bare", bare_frame), ("key/value", kv_frame)):
         if other.uid.tolist() != frame.uid.tolist():
             raise RuntimeError(f"the {name} query found other runs than the runs_wide query")
-    return {"query": sql_ms, "bare": bare_ms, "kv": kv_ms, "list_runs": list_ms}
+    return {"query": sql_ms, "bare": bare_ms, "kv": kv_ms, "list_runs": list_ms, "list_bare": bare_list_ms}
 
 
 def time_after_idle(db: RunDB, pauses: int) -> float:
@@ -221,13 +232,14 @@ def run(sizes: tuple[int, ...], queries: int) -> Outcome:
             outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]
             outcome.figures[f"query_kv_ms_{size}"] = figures["kv"]
             outcome.figures[f"list_runs_ms_{size}"] = figures["list_runs"]
+            outcome.figures[f"list_runs_bare_ms_{size}"] = figures["list_bare"]
             if "idle" in figures:
                 outcome.figures[f"query_idle_ms_{size}"] = figures["idle"]
             print(f"query at {size:,} runs (median of {queries}, from a second process, UI and follower "
                   f"running, load {figures['load']:.1f}): Runbus {figures['query']:.2f} ms, bare DuckDB table "
                   f"{figures['bare']:.2f} ms ({figures['query'] / figures['bare']:.2f}x), key/value tables "
                   f"{figures['kv']:.2f} ms; list_runs(sort_by='-result.accuracy', limit=100) "
-                  f"{figures['list_runs']:.2f} ms"
+                  f"{figures['list_runs']:.2f} ms (bare DuckDB table {figures['list_bare']:.2f} ms)"
                   + (f"; after {IDLE_S:g} s idle {figures['idle']:.2f} ms" if "idle" in figures else ""),
                   flush=True)
     finally:
