@@ -362,7 +362,6 @@ class KafkaBus(Bus):
                 try:
                     fetched = consumer.poll(timeout_ms=wait_ms, max_records=max_records)
                 except AuthorizationError as exc:
-                    self._drop("_consumer_client")  # kafka-python says it once: the next read must ask again
                     raise self._refused(f"read topic {self.topic!r} (it needs READ)", exc) from exc
                 except KafkaError as exc:
                     raise BusError(f"Kafka at {self.bootstrap}: read failed: {exc}") from exc
