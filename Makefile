@@ -60,4 +60,4 @@ kafka-logs:
 	RUNBUS_KAFKA_SECURE=$(KAFKA_SECURE) bash kafka/kafka.sh logs
 
 clean:
-	rm -rf $(VENV) .runbus kafka/.state kafka/.state-test
+	rm -rf $(VENV) .runbus kafka/.state kafka/.state-test kafka/.state-secure kafka/.state-test-secure
