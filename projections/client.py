@@ -87,16 +87,24 @@ class ServiceClient:
     @contextmanager
     def snapshot(self, as_of: int | datetime | str | None = None) -> Iterator[Query]:
         """One read session: `query(sql, params=None) -> DataFrame`, every statement answered from
-        the same state, which includes every event on the bus when the block began."""
-        conn = self._open(self._reading("session", as_of))
+        the same state, which includes every event on the bus when the block began. The session
+        is opened with its first statement, in one message (a block that asks nothing sends
+        nothing)."""
+        request = self._reading("session", as_of)
+        conn: Connection | None = None
         pending = False  # a statement sent whose answer was not read: the connection cannot serve on
 
         def fetch(query: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-            nonlocal pending
+            nonlocal conn, pending
             check_read_only(query)  # the service refuses it too; this saves a round trip
-            try:
+            statement = {"sql": query, "params": [_plain(v) for v in params or []]}
+            if conn is None:
+                conn = self._open({**request, "first": statement})  # raises what refused the session
                 pending = True
-                conn.send_bytes(json.dumps({"sql": query, "params": [_plain(v) for v in params or []]}).encode())
+            try:
+                if not pending:
+                    pending = True
+                    conn.send_bytes(json.dumps(statement).encode())
                 answer = _receive(conn)
                 pending = False
             except (EOFError, OSError) as exc:
@@ -107,7 +115,8 @@ class ServiceClient:
         try:
             yield fetch
         finally:
-            self._end_session(conn, pending)
+            if conn is not None:
+                self._end_session(conn, pending)
 
     def _end_session(self, conn: Connection, broken: bool) -> None:
         if not broken:
@@ -135,13 +144,14 @@ class ServiceClient:
         return int(self._call({"op": "rebuild"})["applied"])
 
     def stop(self) -> int | None:
-        """Ask a running service to exit once its sessions end; its pid, or None when none runs."""
+        """Ask a running service to exit once its sessions end; its pid, or None when none runs
+        (none, a killed one's socket, or one already exiting, which drops the connection)."""
         key = read_key(self.address.key)
         if key is None:
             return None
         try:
             conn = Client(str(self.address.socket), family="AF_UNIX", authkey=key)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError):
             return None
         try:
             conn.send_bytes(json.dumps({"op": "stop"}).encode())

@@ -13,10 +13,11 @@ messages: Arrow IPC for a statement's answer (DuckDB's Arrow table as it is: not
 in the service), JSON for anything else (an error names its class from a fixed allow-list, see
 `projections.errors.error_from_payload`).
 
-Requests: {"op": "session", ...} opens a snapshot that answers statements sent one at a time
-until {"end": true} (a `with db.reader()` block); {"op": "answer", "statements": [...], ...}
-answers a fixed list of statements from one snapshot in one exchange (`RunDB.answer`: `sql`,
-`read_run`); "catch_up", "rebuild", "stop" and "ping" are one answer each.
+Requests: {"op": "session", "first": <statement>, ...} opens a snapshot that answers its first
+statement, then statements sent one at a time until {"end": true} (a `with db.reader()` block);
+{"op": "answer", "statements": [...], ...} answers a fixed list of statements from one snapshot in
+one exchange (`RunDB.answer`: `sql`, `read_run`, `get_log`); "catch_up", "rebuild", "stop" and
+"ping" are one answer each.
 """
 
 from __future__ import annotations
@@ -484,20 +485,22 @@ class ProjectionService:
         ({"end": true}: True, the connection serves on) or closes the connection (False)."""
         with self._snapshot(request) as fetch:
             send_json(conn, {"ok": True})
+            statement = request.get("first")  # the block's first statement came with the request
             while True:
+                if isinstance(statement, dict):
+                    if statement.get("end"):
+                        return True
+                    self._touch(0)
+                    try:
+                        table = fetch(str(statement["sql"]), statement.get("params") or [])
+                    except Exception as exc:  # answered, the session goes on
+                        self._answer_error(conn, exc)
+                    else:
+                        conn.send_bytes(FRAME + to_ipc(table))
                 try:
                     statement = json.loads(conn.recv_bytes())
                 except EOFError:
                     return False
-                if statement.get("end"):
-                    return True
-                self._touch(0)
-                try:
-                    table = fetch(str(statement["sql"]), statement.get("params") or [])
-                except Exception as exc:  # answered, the session goes on
-                    self._answer_error(conn, exc)
-                    continue
-                conn.send_bytes(FRAME + to_ipc(table))
 
 
 def _first_line(exc: BaseException) -> str:
