@@ -1,4 +1,4 @@
-"""The web app's routes: each page reads one view of the held projection and renders a template.
+"""The web app's routes: each page reads one snapshot of the projection and renders a template.
 
 Every page of every site the user has open can send requests here, so (`AccessGuard`): GET
 changes nothing and runs no SQL; a request that runs SQL or reaches the API must carry the
@@ -55,7 +55,8 @@ def not_found(message: str) -> HTMLResponse:
 
 
 def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None) -> Starlette:
-    """The read-only UI over `store` (the projection service's client, or a connection held here).
+    """The read-only UI over `store` (see engine.ui.store: the projection service's sessions, the
+    file opened per request, or a connection the caller holds).
 
     Bound to loopback, it answers requests addressed to `host` or to loopback names (a page of
     another site that rebinds its name to this address is refused). Bound beyond loopback it needs
@@ -236,7 +237,7 @@ class AccessGuard:
         same_origin = site == "same-origin" or (site is None and origin == own)
         if (api or not safe) and not (bearer or same_origin or (safe and site == "none")):
             return _refuse(request, 403, "SQL and the API need the instance's token ('Authorization: Bearer', "
-                                         "from ui.token beside ui.json) or a request from the UI's own pages")
+                                         "from RUNBUS_HOME/ui.token) or a request from the UI's own pages")
         if api and not safe and _media_type(request) != "application/json":
             return _refuse(request, 415, "the API takes JSON bodies (Content-Type: application/json)")
         return None
