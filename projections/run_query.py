@@ -215,12 +215,6 @@ class RunQuery:
                              f"(value->>'$') {_SQL_OPERATORS[v.op]} ?)")
             sql.where_args.extend([v.key, v.text()])
 
-    def conditions(self) -> tuple[list[str], list[Any]]:
-        """The WHERE terms (over runs_wide as `r`; over `runs r` too when no value filter has a
-        column) and their arguments."""
-        sql = self._conditions()
-        return sql.where, sql.where_args
-
     def _order_by(self, sql: _Sql) -> str:
         direction = "DESC" if self.order.descending else "ASC"
         named = _value_key(self.order.column)
