@@ -6,6 +6,7 @@ uri) is never opened, and a body is handed out only when its bytes still hash to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -13,7 +14,8 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
@@ -60,6 +62,8 @@ class ArtifactStore:
         target = self._path(digest)
         if not self._holds(digest):
             self._write_atomically(target, lambda out: out.write(data))
+        else:
+            _touch(target)
         return StoredBody(target.as_uri(), digest, len(data))
 
     def put_file(self, path: str | os.PathLike[str]) -> StoredBody:
@@ -70,6 +74,8 @@ class ArtifactStore:
         target = self._path(digest)
         if not self._holds(digest):
             self._write_atomically(target, lambda out: _copy(source, out))
+        else:
+            _touch(target)
         return StoredBody(target.as_uri(), digest, source.stat().st_size)
 
     def put_stream(self, source: BinaryIO, expected_sha256: str | None = None) -> StoredBody:
@@ -91,9 +97,35 @@ class ArtifactStore:
             if not self._holds(found):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, target)
+            else:
+                _touch(target)
             return StoredBody(target.as_uri(), found, size)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def remove_unreferenced(self, referenced: Collection[str], older_than_s: float = 3600.0,
+                            now: float | None = None) -> list[str]:
+        """Remove the bodies whose sha256 is not in `referenced` and that were last stored more
+        than `older_than_s` ago; returns their digests, sorted.
+
+        The grace period spares a body a job has just stored (or stored again: storing a body the
+        store holds touches it) whose artifact event the caller's `referenced` could not know yet.
+        Files that are not bodies (partial writes, other names) are left alone."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        keep = set(referenced)
+        removed = []
+        for folder in self.root.glob("[0-9a-f][0-9a-f]"):
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for body in folder.iterdir():
+                digest = body.name
+                if not is_sha256(digest) or digest[:2] != folder.name or digest in keep:
+                    continue
+                status = body.lstat()
+                if stat.S_ISREG(status.st_mode) and status.st_mtime < cutoff:
+                    body.unlink(missing_ok=True)
+                    removed.append(digest)
+        return sorted(removed)
 
     def _not_regular(self, key: str, sha256: object) -> ArtifactUnavailable:
         return ArtifactUnavailable(f"artifact {key!r}: body {sha256} in the artifact store is not a regular file")
@@ -197,6 +229,12 @@ class _VerifiedBodies:
 
 
 _VERIFIED = _VerifiedBodies()
+
+
+def _touch(body: Path) -> None:
+    """Mark a body as stored now (see `ArtifactStore.remove_unreferenced`); a read-only store stays as it is."""
+    with contextlib.suppress(OSError):
+        os.utime(body)
 
 
 def _copy(source: Path, out: BinaryIO) -> None:

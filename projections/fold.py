@@ -14,6 +14,13 @@ A run's state follows these rules, whatever process wrote the event:
 - any other event (heartbeat, metric, ...) of a run marked 'lost' makes it 'running' again:
   the run was not dead, and ends in the state of its own last event.
 Events of a run not started yet (no run_started applied) touch no run row.
+
+Edits (run_deleted, run_restored, run_amended: `EDIT_TYPES`) are written by another process than
+the run's: they never revive a lost run nor move its last_event_at. An amendment sets and removes
+labels (in `labels` and runs.labels) and sets runs.note. A run_deleted or run_restored folds to
+nothing here: the projector applies it between the batch's events (see projections.projector).
+Events of a hidden run (deleted, or an iteration of a deleted run: `TableBatch.hidden`) are not
+folded, and a run_started whose parent is deleted hides its run.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from typing import Any
 import duckdb
 import orjson
 
+from producers.amendments import MAX_BY_CHARS, MAX_LABELS_CHARS, MAX_NOTE_CHARS
 from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS, STREAMS
 from producers.values import MAX_TIMESTAMP_S, numeric_or_none
 from schemas import Event
+from schemas.events import EDIT_TYPES
 
 # Times a TIMESTAMPTZ column holds and pandas (datetime64[ns]) can read: years 1678 to 2261.
 MIN_TS = -MAX_TIMESTAMP_S
@@ -119,6 +128,53 @@ def _log_problem(chunks: Any) -> str | None:
     return None
 
 
+def _text_problem(what: str, text: object, max_chars: int, empty: bool = True) -> str | None:
+    """Why `text` cannot be an edit's text field (not a string, empty when it may not be, too long,
+    not valid UTF-8), or None."""
+    if not isinstance(text, str):
+        return f"{what} is a {type(text).__name__}, not a string"
+    if not text and not empty:
+        return f"{what} is empty"
+    if len(text) > max_chars:
+        return f"{what} holds {len(text)} characters, at most {max_chars}"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{what} {printable(text)[:40]!r} is not valid UTF-8 (lone surrogate)"
+    return None
+
+
+def _edit_problem(event: Event) -> str | None:
+    """Why an edit's payload cannot be folded (the rules producers.amendments applies at the call)."""
+    p = event.payload
+    problem = _text_problem(f"{event.type} by", p.get("by"), MAX_BY_CHARS, empty=False)
+    if problem or event.type == "run_restored":
+        return problem
+    if event.type == "run_deleted":
+        return _text_problem("run_deleted reason", p.get("reason"), MAX_NOTE_CHARS)
+    note = p.get("note")
+    if note is not None and (problem := _text_problem("run_amended note", note, MAX_NOTE_CHARS)):
+        return problem
+    labels, removed = p.get("labels"), p.get("removed_labels")
+    if not isinstance(labels, dict) or not isinstance(removed, list):
+        return "run_amended labels is not a map or removed_labels not a list"
+    size = 0
+    for key, value in [*labels.items(), *((key, "") for key in removed)]:
+        if problem := (_text_problem("run_amended label key", key, MAX_LABELS_CHARS, empty=False)
+                       or _text_problem(f"run_amended label {printable(key)[:40]!r} value", value, MAX_LABELS_CHARS)):
+            return problem
+        size += len(key) + len(value)
+    if size > MAX_LABELS_CHARS:
+        return f"run_amended labels hold {size} characters, at most {MAX_LABELS_CHARS}"
+    both = sorted(set(labels) & set(removed))
+    if both:
+        return f"run_amended label {printable(both[0])[:40]!r} is both set and removed"
+    if not labels and not removed and note is None:
+        return "run_amended changes nothing"
+    return None
+
+
 def _payload_problem(event: Event) -> str | None:
     """Why a field of the payload cannot be folded into its table, or None (messages are only
     made for a problem: this runs for every event)."""
@@ -140,6 +196,8 @@ def _payload_problem(event: Event) -> str | None:
             return f"run_finished state {printable(p['state'])!r} is not one of {', '.join(sorted(RUN_STATES))}"
         value = p["return_value"]
         return None if value is None or is_storable_json(value) else _json_problem("return_value", value)
+    if kind in EDIT_TYPES:
+        return _edit_problem(event)
     if kind == "run_started":
         for field_name in ("params", "extra"):
             for key, value in p[field_name].items():
@@ -190,7 +248,7 @@ class TableBatch:
     owners: dict[str, str] = field(default_factory=dict)
     params: dict[tuple[str, str], tuple[str, float | None]] = field(default_factory=dict)
     results: dict[tuple[str, str], tuple[str, float | None]] = field(default_factory=dict)
-    labels: dict[tuple[str, str], str] = field(default_factory=dict)
+    labels: dict[tuple[str, str], str | None] = field(default_factory=dict)  # None: the label is removed
     artifacts: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     metrics: list[tuple[str, str, int | None, float, float]] = field(default_factory=list)
     logs: list[tuple[str, str, int, float, str]] = field(default_factory=list)
@@ -203,6 +261,9 @@ class TableBatch:
     run_progress: dict[tuple[str, str], int] = field(default_factory=dict)
     run_starts: dict[str, tuple[str, str]] = field(default_factory=dict)
     positions: dict[int, int] = field(default_factory=dict)
+    hidden: set[str] = field(default_factory=set)  # runs whose events are not folded (loaded, and hidden here)
+    deleted: set[str] = field(default_factory=set)  # the deleted runs among the parents of runs started here
+    newly_hidden: dict[str, str | None] = field(default_factory=dict)  # run -> parent, hidden by this batch
     next_position: int = 0
     judged_at: float = 0.0  # the clock the public runs.state judges silence by
     fallback_interval_s: float = 5.0
@@ -232,7 +293,7 @@ def _run_started(batch: TableBatch, event: Event) -> None:
         "return_value": None, "traceback": None, "inputs": json.dumps(p["inputs"]),
         "extra": json.dumps({k: json.loads(v) for k, v in p["extra"].items()}),
         "last_event_at": event.ts, "stream": event.stream,
-        "heartbeat_interval_s": _interval(p.get("heartbeat_interval_s")),
+        "heartbeat_interval_s": _interval(p.get("heartbeat_interval_s")), "note": None,
     }
     batch.new_runs[event.run_uid] = row
     batch.states[event.run_uid] = "running"
@@ -300,6 +361,19 @@ def _log(batch: TableBatch, event: Event) -> None:
     batch.log_lines[uid] = number
 
 
+def _run_amended(batch: TableBatch, event: Event) -> None:
+    p = event.payload
+    uid = event.run_uid
+    for key, value in p["labels"].items():
+        batch.labels[(uid, key)] = value
+    for key in p["removed_labels"]:
+        batch.labels[(uid, key)] = None
+    if p["labels"] or p["removed_labels"]:
+        batch.labelled_runs.add(uid)
+    if p["note"] is not None and uid in batch.states:
+        batch.update_run(uid, note=p["note"])
+
+
 def _ignore(batch: TableBatch, event: Event) -> None:
     """Events kept only in the events table (sweep requests)."""
 
@@ -315,6 +389,9 @@ FOLDS: dict[str, Callable[[TableBatch, Event], None]] = {
     "heartbeat": _heartbeat,
     "iteration_requested": _ignore,
     "log": _log,
+    "run_amended": _run_amended,
+    "run_deleted": _ignore,  # applied by the projector between events (see the module docstring)
+    "run_restored": _ignore,
 }
 
 
@@ -326,7 +403,18 @@ def _revive(batch: TableBatch, uid: str) -> None:
 
 def fold(batch: TableBatch, event: Event) -> None:
     """Apply one event (checked by `check_event`) to the batch; it also touches its run's
-    last_event_at, and revives a run marked lost unless it is a run_finished."""
+    last_event_at, and revives a run marked lost unless it is a run_finished. Events of a hidden
+    run are not applied."""
+    uid = event.run_uid
+    if uid in batch.hidden:
+        return
+    if event.type == "run_started" and event.payload["parent_uid"] in batch.deleted:
+        batch.hidden.add(uid)
+        batch.newly_hidden[uid] = event.payload["parent_uid"]
+        return
+    if event.type in EDIT_TYPES:
+        FOLDS[event.type](batch, event)
+        return
     if event.type not in ("run_started", "run_finished") and batch.states.get(event.run_uid) == "lost":
         _revive(batch, event.run_uid)
     FOLDS[event.type](batch, event)

@@ -14,7 +14,13 @@ The bus is untrusted, and the projector quarantines, never stops. Each event rea
   projector bisects it in transactions it rolls back until it has the events DuckDB refuses, then
   commits the rest. A record that does not decode is one dead letter.
 A dead-lettered event keeps its place, so its duplicate is a duplicate and another event at its
-place a conflict, whatever the batch boundaries.
+place a conflict, whatever the batch boundaries. An edit (run_deleted, run_restored, run_amended)
+of a run with no run_started before it is a dead letter ("not known").
+
+A run_deleted or run_restored ends a segment of its batch: the events before it are folded and
+written, then it is applied (the run and its iterations hidden, or folded again from `events`),
+then the events after it are folded, all in the batch's one transaction. So a rebuild, which
+batches the log differently, gives the same tables.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from producers.bus import Bus, BusRecord
 from producers.subscription import Delivery, Subscription
 from projections.database import connection_is_prepared, fallback_heartbeat_interval_s, mark_prepared
 from projections.fold import TableBatch, check_event, fold, identity_problem, printable
-from projections.replay import stored_events
+from projections.replay import events_of_runs, stored_events
 from projections.tables import (
     PROJECTION_VERSION,
     create_tables,
@@ -46,8 +52,11 @@ from projections.tables import (
     write_runs_wide,
 )
 from projections.user import UserProjection
-from projections.writer import refresh_judgement, write_batch
+from projections.writer import delete_run, hide_runs, refresh_judgement, undelete_run, write_batch
 from schemas import Event, EventCodec
+from schemas.events import EDIT_TYPES
+
+_TOMBSTONES = ("run_deleted", "run_restored")  # applied between the events of a batch
 
 # Errors that say the database or the machine is unwell, not an event: raised, never quarantined.
 _NOT_POISON = (duckdb.IOException, duckdb.FatalException, duckdb.InternalException,
@@ -172,6 +181,7 @@ class Projector:
         """Fold one batch of new records (waiting up to `timeout` for the first); returns how many
         records it consumed. Reading starts at the positions the last commit stored, whatever an
         earlier call read and failed to commit."""
+        self._follow_epoch()
         subscription = Subscription(self.bus, self.codec, self.positions())
         wanted = max(1, min(self.batch_size, int(self.events_per_batch / self._events_per_record)))
         with _gc_paused():  # decoding allocates the batch's events too
@@ -184,6 +194,7 @@ class Projector:
 
     def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> int:
         """Fold everything appended up to now; returns the number of records consumed."""
+        self._follow_epoch()
         target = self.bus.end_offsets()
         total = 0
         while True:
@@ -208,14 +219,40 @@ class Projector:
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
         """Drop every table (user projections' too) and fold the whole log again."""
+        self._reset()
+        return self.catch_up(on_progress)
+
+    def _reset(self) -> None:
+        """Drop every table (user projections' too) and create them empty, for the bus's epoch."""
+        epoch = self._bus_epoch()
         self.con.execute("BEGIN")
         self._drop_all()
         create_tables(self.con)
         for projection in self.user_projections:
             projection.create(self.con)
             self._set_user_version(projection)
+        if epoch is not None:
+            self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES ('bus_epoch', ?)", [epoch])
         self.con.execute("COMMIT")
-        return self.catch_up(on_progress)
+
+    def _bus_epoch(self) -> str | None:
+        """The bus's epoch (see EmbeddedBus.epoch), or None for a bus whose records are never rewritten."""
+        epoch = getattr(self.bus, "epoch", None)
+        return epoch() if callable(epoch) else None
+
+    def _follow_epoch(self) -> None:
+        """Start over (empty tables, positions 0) when the bus's records were rewritten (a purge)
+        since this projection folded them; a projection that folded nothing only records the epoch."""
+        epoch = self._bus_epoch()
+        if epoch is None:
+            return
+        row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'bus_epoch'").fetchone()
+        if (row[0] if row else "") == epoch:
+            return
+        if self.positions():
+            self._reset()
+        else:
+            self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES ('bus_epoch', ?)", [epoch])
 
     def apply_events(self, decoded: list[tuple[BusRecord, Event]]) -> None:
         """Fold already-decoded events (e.g. replayed from another projection); positions unchanged."""
@@ -298,7 +335,8 @@ class Projector:
         last_seq = self._last_seqs(list({event.run_uid for _, event in valid}))
         replayed = [event for _, event in valid if event.seq <= last_seq.get((event.run_uid, event.stream), -1)]
         occupants = self._stored_occupants(replayed)
-        starts = self._stored_starts([event.run_uid for _, event in valid if event.type == "run_started"])
+        starts = self._stored_starts([event.run_uid for _, event in valid
+                                      if event.type == "run_started" or event.type in EDIT_TYPES])
         conflicted = self._stored_conflicts(
             [event.event_id for _, event in valid if event.type == "run_started"] + [e.event_id for e in replayed])
         for record, event in valid:
@@ -326,6 +364,9 @@ class Projector:
             if event.seq > last_seq.get(stream, -1):
                 last_seq[stream] = plan.run_progress[stream] = event.seq
             payload_json, problem = check_event(event)
+            if event.type in EDIT_TYPES and event.run_uid not in starts:
+                payload_json, problem = None, (f"run {printable(event.run_uid)} is not known: "
+                                               f"no run_started before this {event.type}")
             if problem:
                 plan.dead_letters.append(_dead_letter(record, problem, received, event))
             else:
@@ -372,14 +413,62 @@ class Projector:
 
     def _commit(self, plan: _Plan, quarantined: dict[int, str], positions: dict[int, int],
                 received: float) -> None:
-        batch = self._new_batch(dead_letters=list(plan.dead_letters), conflicts=plan.conflicts,
-                                duplicates=plan.duplicates, run_progress=plan.run_progress,
-                                run_starts=plan.run_starts, positions=positions)
-        accepted = self._fold_into(batch, plan, quarantined)
-        for index, error in sorted(quarantined.items()):
-            record, event, _ = plan.apply[index]
-            batch.dead_letters.append(_dead_letter(record, error, received, event))
-        self._write(batch, accepted, commit=True)
+        bookkeeping = {"dead_letters": list(plan.dead_letters), "conflicts": plan.conflicts,
+                       "duplicates": plan.duplicates, "run_progress": plan.run_progress,
+                       "run_starts": plan.run_starts, "positions": positions}
+        self._apply(plan, quarantined, None, commit=True, bookkeeping=bookkeeping, received=received)
+
+    def _apply(self, plan: _Plan, skipped: dict[int, str], only: Sequence[int] | None, commit: bool,
+               bookkeeping: dict[str, Any] | None = None, received: float = 0.0) -> None:
+        """Fold and write the plan's events (those in `only`, all but `skipped`) in one transaction,
+        committed or rolled back; an event whose fold raises is added to `skipped`. Segments end at
+        each run_deleted/run_restored, applied once the events before it are written. The last
+        segment's batch carries `bookkeeping` (positions, progress, refused events) and the dead
+        letters of the skipped events."""
+        indices = range(len(plan.apply)) if only is None else only
+        segments = _segments(plan, [i for i in indices if i not in skipped])
+        con = self.con
+        con.execute("BEGIN")
+        try:
+            for number, segment in enumerate(segments):
+                last = number == len(segments) - 1
+                batch = self._new_batch(**bookkeeping) if last and bookkeeping else self._new_batch()
+                accepted = self._fold_into(batch, plan, skipped, only=segment)
+                if last and bookkeeping is not None:
+                    for index, error in sorted(skipped.items()):
+                        record, event, _ = plan.apply[index]
+                        batch.dead_letters.append(_dead_letter(record, error, received, event))
+                self._write(batch, accepted)
+                if segment and plan.apply[segment[-1]][1].type in _TOMBSTONES and segment[-1] not in skipped:
+                    self._apply_tombstone(plan.apply[segment[-1]][1], plan.positions[segment[-1]])
+        except BaseException:
+            with suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT" if commit else "ROLLBACK")
+
+    def _apply_tombstone(self, event: Event, position: int) -> None:
+        """Delete or restore the event's run (inside the batch's transaction)."""
+        if event.type == "run_deleted":
+            p = event.payload
+            delete_run(self.con, event.run_uid, event.ts, p["by"], p["reason"], position)
+        else:
+            self._refold(undelete_run(self.con, event.run_uid))
+
+    def _refold(self, uids: list[str]) -> None:
+        """Fold the runs' stored events again (they hold no rows now), as they were first folded
+        less the tombstones; user projections saw them once already and are not given them again."""
+        if not uids:
+            return
+        for chunk in events_of_runs(self.con, uids):
+            batch = self._new_batch()
+            self._load_runs(batch, uids)
+            self._load_log_lines(batch, uids)
+            self._load_hidden(batch, [event for _, event in chunk])
+            for _, event in chunk:
+                if event.type not in _TOMBSTONES:
+                    fold(batch, event)
+            self._write(batch, [])
 
     @staticmethod
     def _new_batch(**rows: Any) -> TableBatch:
@@ -393,6 +482,7 @@ class Projector:
         chosen = [i for i in indices if i not in skipped]
         self._load_runs(batch, list({plan.apply[i][1].run_uid for i in chosen}))
         self._load_log_lines(batch, list({plan.apply[i][1].run_uid for i in chosen if plan.apply[i][1].type == "log"}))
+        self._load_hidden(batch, [plan.apply[i][1] for i in chosen])
         accepted = []
         for index in chosen:
             record, event, payload_json = plan.apply[index]
@@ -406,28 +496,21 @@ class Projector:
                                  event.run_uid, event.seq, event.type, event.ts, payload_json, event.stream))
         return accepted
 
-    def _write(self, batch: TableBatch, accepted: list[Event], commit: bool) -> None:
+    def _write(self, batch: TableBatch, accepted: list[Event]) -> None:
+        """Write the batch's rows (inside the caller's transaction) and give user projections its events."""
         con = self.con
-        con.execute("BEGIN")
-        try:
-            write_batch(con, batch)
-            write_runs_wide(con, batch)
-            _write_logs(con, batch)
-            for projection in self.user_projections:
-                if accepted:
-                    projection.apply(con, accepted)
-        except BaseException:
-            with suppress(duckdb.Error):
-                con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT" if commit else "ROLLBACK")
+        write_batch(con, batch)
+        write_runs_wide(con, batch)
+        _write_logs(con, batch)
+        hide_runs(con, batch.newly_hidden)
+        for projection in self.user_projections:
+            if accepted:
+                projection.apply(con, accepted)
 
     def _probe(self, plan: _Plan, indices: Sequence[int]) -> BaseException | None:
         """The error writing only these events gives, in a transaction rolled back; None if none."""
-        batch = self._new_batch()
-        accepted = self._fold_into(batch, plan, {}, only=indices)
         try:
-            self._write(batch, accepted, commit=False)
+            self._apply(plan, {}, indices, commit=False)
         except Exception as exc:
             if isinstance(exc, _NOT_POISON):
                 raise
@@ -466,6 +549,19 @@ class Projector:
             batch.states[uid] = state
             batch.owners[uid] = stream
 
+    def _load_hidden(self, batch: TableBatch, events: Sequence[Event]) -> None:
+        """Which of the events' runs are hidden, and which parents of the runs they start are
+        deleted, into the batch."""
+        uids = list({event.run_uid for event in events})
+        parents = list({event.payload["parent_uid"] for event in events
+                        if event.type == "run_started" and event.payload["parent_uid"] is not None})
+        rows = self.con.execute(
+            "SELECT uid, false FROM hidden_runs WHERE uid IN (SELECT unnest(?::VARCHAR[])) "
+            "UNION ALL SELECT uid, true FROM deleted_runs WHERE uid IN (SELECT unnest(?::VARCHAR[]))",
+            [uids, parents]).fetchall()
+        for uid, deleted in rows:
+            (batch.deleted if deleted else batch.hidden).add(uid)
+
     def _load_log_lines(self, batch: TableBatch, uids: list[str]) -> None:
         """How many lines each run's log holds so far (its next line number), into the batch."""
         if not uids:
@@ -480,6 +576,18 @@ class Projector:
         rows = self.con.execute("SELECT uid, stream, last_seq FROM run_progress WHERE uid IN "
                                 "(SELECT unnest(?::VARCHAR[]))", [uids]).fetchall()
         return {(uid, stream): seq for uid, stream, seq in rows}
+
+
+def _segments(plan: _Plan, chosen: list[int]) -> list[list[int]]:
+    """`chosen` cut after each run_deleted/run_restored (at least one segment, maybe empty)."""
+    segments: list[list[int]] = [[]]
+    for index in chosen:
+        segments[-1].append(index)
+        if plan.apply[index][1].type in _TOMBSTONES:
+            segments.append([])
+    if len(segments) > 1 and not segments[-1]:
+        segments.pop()
+    return segments
 
 
 def _write_logs(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:

@@ -35,3 +35,21 @@ def stored_events(con: duckdb.DuckDBPyConnection, where: str = "TRUE",
         yield [(StoredRecord(partition, offset, run_uid, b"", ts, position),
                 Event(event_id, run_uid, seq, kind, ts, "", 0, json.loads(payload), stream=stream))
                for position, partition, offset, event_id, run_uid, seq, kind, ts, payload, stream in rows]
+
+
+def events_of_runs(con: duckdb.DuckDBPyConnection, uids: Sequence[str],
+                   chunk: int = _CHUNK) -> Iterator[list[tuple[BusRecord, Event]]]:
+    """Chunks of the stored events of the runs `uids`, in position order, read on `con` itself
+    (so inside the caller's transaction, seeing what it wrote), a page of `chunk` at a time."""
+    after = -1
+    while True:
+        rows = con.execute(
+            'SELECT position, partition, "offset", event_id, run_uid, seq, type, epoch(ts), payload, stream '
+            "FROM events WHERE run_uid IN (SELECT unnest(?::VARCHAR[])) AND position > ? "
+            "ORDER BY position LIMIT ?", [list(uids), after, chunk]).fetchall()
+        if not rows:
+            return
+        after = rows[-1][0]
+        yield [(StoredRecord(partition, offset, run_uid, b"", ts, position),
+                Event(event_id, run_uid, seq, kind, ts, "", 0, json.loads(payload), stream=stream))
+               for position, partition, offset, event_id, run_uid, seq, kind, ts, payload, stream in rows]

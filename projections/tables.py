@@ -20,6 +20,15 @@ column: a key whose name DuckDB could not tell from an existing column (names ar
 case-insensitive), an unprintable or very long key, and the keys beyond `MAX_VALUE_COLUMNS` have
 none and are queried through `params`/`results`. It is written by `write_runs_wide` in the
 transaction that writes the batch, from the tables just written, so it always agrees with them.
+
+Deleting and amending (events written about a run by another process, see producers.amendments):
+a run_deleted run, and its iterations (runs whose parent_uid it is), leave every table that holds
+rows folded from its events (`RUN_ROW_TABLES`, the `amendments` and `result_history` views) and are
+listed in `hidden_runs` (internal); the deleted run itself is in `deleted_runs`. Their events stay
+in `events`, and events that come later are stored there without being folded. A run_restored folds
+the run and its iterations again from `events`, in the transaction that applies it. `amendments`
+is the history of edits (labels set and removed, notes) of the runs shown; `runs.note` is the
+latest note. An iteration whose own tombstone still stands stays deleted when its parent is restored.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ if TYPE_CHECKING:
     from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 7
+PROJECTION_VERSION = 8  # 8: runs.note, deleted_runs, amendments, hidden_runs
 
 # At most this many param/result columns in runs_wide; later keys are queried through params/results.
 MAX_VALUE_COLUMNS = 500
@@ -46,20 +55,24 @@ VALUE_TABLES = {"param": "params", "result": "results"}  # value column kind -> 
 LOST_AFTER_HEARTBEATS = 3
 
 PUBLIC_TABLES = ("runs", "runs_wide", "runs_wide_columns", "params", "results", "metrics", "labels",
-                 "artifacts", "logs", "events", "dead_letters", "conflicts", "duplicates")
-INTERNAL_TABLES = ("run_rows", "run_progress", "run_starts", "log_progress", "positions", "projection_meta")
+                 "artifacts", "logs", "events", "dead_letters", "conflicts", "duplicates", "deleted_runs")
+INTERNAL_TABLES = ("run_rows", "run_progress", "run_starts", "log_progress", "positions", "projection_meta",
+                   "hidden_runs")
+# Every table holding rows of a run folded from its events (keyed by `uid`): a deleted run leaves them all.
+RUN_ROW_TABLES = ("run_rows", "runs", "runs_wide", "params", "results", "metrics", "labels", "artifacts",
+                  "logs", "log_progress")
 
 # The columns of the public `runs` table, in order (the query layer and the UI rely on them).
 RUN_COLUMNS = ("uid", "parent_uid", "iteration", "project", "name", "state", "handler", "runtime",
                "host", "labels", "started_at", "finished_at", "duration_s", "error",
-               "return_value", "traceback", "inputs", "extra", "last_event_at")
+               "return_value", "traceback", "inputs", "extra", "last_event_at", "note")
 
 _RUN_DDL = """
     uid VARCHAR PRIMARY KEY, parent_uid VARCHAR, iteration INTEGER, project VARCHAR,
     name VARCHAR, state VARCHAR, handler VARCHAR, runtime VARCHAR, host VARCHAR,
     labels JSON, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, duration_s DOUBLE,
     error VARCHAR, return_value JSON, traceback VARCHAR, inputs JSON, extra JSON,
-    last_event_at TIMESTAMPTZ"""
+    last_event_at TIMESTAMPTZ, note VARCHAR"""
 
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS runs ({_RUN_DDL}
@@ -105,10 +118,18 @@ CREATE TABLE IF NOT EXISTS duplicates (
     partition INTEGER, "offset" BIGINT, event_id VARCHAR, run_uid VARCHAR, stream VARCHAR,
     seq BIGINT, type VARCHAR, received_at TIMESTAMPTZ
 );
+CREATE TABLE IF NOT EXISTS deleted_runs (
+    uid VARCHAR PRIMARY KEY, deleted_at TIMESTAMPTZ, deleted_by VARCHAR, reason VARCHAR, position BIGINT
+);
+CREATE TABLE IF NOT EXISTS hidden_runs (uid VARCHAR PRIMARY KEY, parent_uid VARCHAR);
+CREATE OR REPLACE VIEW amendments AS
+    SELECT run_uid AS uid, position, ts, payload->>'$.by' AS amended_by, payload->'$.labels' AS labels,
+           payload->'$.removed_labels' AS removed_labels, payload->>'$.note' AS note
+    FROM events WHERE type = 'run_amended' AND run_uid NOT IN (SELECT uid FROM hidden_runs);
 CREATE OR REPLACE VIEW result_history AS
     SELECT run_uid AS uid, payload->>'$.key' AS key, (payload->>'$.value')::JSON AS value,
            TRY_CAST(payload->>'$.value' AS DOUBLE) AS value_num, position, ts
-    FROM events WHERE type = 'result';
+    FROM events WHERE type = 'result' AND run_uid NOT IN (SELECT uid FROM hidden_runs);
 CREATE TABLE IF NOT EXISTS run_progress (uid VARCHAR, stream VARCHAR, last_seq BIGINT, PRIMARY KEY (uid, stream));
 CREATE TABLE IF NOT EXISTS run_starts (uid VARCHAR PRIMARY KEY, stream VARCHAR, event_id VARCHAR);
 CREATE TABLE IF NOT EXISTS log_progress (uid VARCHAR PRIMARY KEY, lines BIGINT);
@@ -239,6 +260,7 @@ def refresh_wide_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_
 
 def drop_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("DROP VIEW IF EXISTS result_history")
+    con.execute("DROP VIEW IF EXISTS amendments")
     for table in PUBLIC_TABLES + INTERNAL_TABLES:
         con.execute(f"DROP TABLE IF EXISTS {table}")
 

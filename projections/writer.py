@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from projections.fold import TableBatch
-from projections.tables import RUN_COLUMNS, judged_state
+from projections.tables import RUN_COLUMNS, RUN_ROW_TABLES, judged_state
 
 _RUN_COLUMNS = (*RUN_COLUMNS, "stream", "heartbeat_interval_s")
 _TIME_COLUMNS = {"started_at", "finished_at", "last_event_at", "received_at"}
 _UPDATABLE = ("state", "finished_at", "duration_s", "error", "traceback", "return_value",
-              "last_event_at", "heartbeat_interval_s")
+              "last_event_at", "heartbeat_interval_s", "note")
 _DEAD_COLUMNS = ("partition", "offset", "key", "error", "raw", "received_at", "event_id", "run_uid",
                  "stream", "seq", "type")
 _CONFLICT_COLUMNS = ("partition", "offset", "event_id", "run_uid", "stream", "seq", "type", "reason",
@@ -91,14 +91,15 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
                 con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM _{table}")
         if stage("_labels", ("uid", "key", "value"),
                  [(uid, key, value) for (uid, key), value in batch.labels.items()]):
-            con.execute("INSERT OR REPLACE INTO labels SELECT * FROM _labels")
+            con.execute("DELETE FROM labels WHERE (uid, key) IN (SELECT (uid, key) FROM _labels WHERE value IS NULL)")
+            con.execute("INSERT OR REPLACE INTO labels SELECT * FROM _labels WHERE value IS NOT NULL")
         if batch.labelled_runs:
             stage("_labelled", ("uid",), [(uid,) for uid in batch.labelled_runs])
             con.execute("""
-                UPDATE run_rows SET labels = l.labels FROM (
+                UPDATE run_rows SET labels = coalesce(l.labels, '{}') FROM _labelled t LEFT JOIN (
                     SELECT uid, json_group_object(key, value) AS labels FROM labels
-                    WHERE uid IN (SELECT uid FROM _labelled) GROUP BY uid) l
-                WHERE run_rows.uid = l.uid""")
+                    WHERE uid IN (SELECT uid FROM _labelled) GROUP BY uid) l ON l.uid = t.uid
+                WHERE run_rows.uid = t.uid""")
         touched = batch.new_runs.keys() | batch.run_updates.keys() | batch.labelled_runs
         if stage("_touched", ("uid",), [(uid,) for uid in touched]):
             copy_runs(con, batch.judged_at, batch.fallback_interval_s, "r.uid IN (SELECT uid FROM _touched)")
@@ -128,3 +129,49 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
         for name in staged:
             with contextlib.suppress(duckdb.Error):  # an aborted transaction refuses it too
                 con.unregister(name)
+
+
+def _uids(con: duckdb.DuckDBPyConnection, sql: str, uids: Collection[str]) -> list[str]:
+    return [row[0] for row in con.execute(sql, [list(uids)]).fetchall()] if uids else []
+
+
+def hide_runs(con: duckdb.DuckDBPyConnection, parents: Mapping[str, str | None]) -> None:
+    """Hide runs (run -> its parent uid): list them in hidden_runs and remove their folded rows from
+    every table (`RUN_ROW_TABLES`); their events stay (inside the caller's transaction)."""
+    if not parents:
+        return
+    uids = list(parents)
+    con.execute("INSERT OR REPLACE INTO hidden_runs SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[])",
+                [uids, [parents[uid] for uid in uids]])
+    for table in RUN_ROW_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE uid IN (SELECT unnest(?::VARCHAR[]))", [uids])
+
+
+def delete_run(con: duckdb.DuckDBPyConnection, uid: str, ts: float, by: str, reason: str, position: int) -> None:
+    """Apply a tombstone (inside the caller's transaction): the run is listed in deleted_runs (its
+    first standing tombstone is kept) and it and its iterations are hidden."""
+    if con.execute("SELECT 1 FROM deleted_runs WHERE uid = ?", [uid]).fetchone():
+        return
+    con.execute("INSERT INTO deleted_runs VALUES (?, to_timestamp(?), ?, ?, ?)", [uid, ts, by, reason, position])
+    shown = con.execute("SELECT uid, parent_uid FROM run_rows WHERE uid = ? OR parent_uid = ?", [uid, uid]).fetchall()
+    hidden = dict(shown)
+    hidden.setdefault(uid, None)
+    known = _uids(con, "SELECT uid FROM hidden_runs WHERE uid IN (SELECT unnest(?::VARCHAR[]))", hidden)
+    for already in known:  # hidden already (by its parent's tombstone): keep its row as it is
+        hidden.pop(already)
+    hide_runs(con, hidden)
+
+
+def undelete_run(con: duckdb.DuckDBPyConnection, uid: str) -> list[str]:
+    """Lift a run's tombstone (inside the caller's transaction); returns the runs to fold again from
+    their events: the run and its iterations, except those still deleted themselves or by a parent.
+    Nothing when the run was not deleted."""
+    if not con.execute("DELETE FROM deleted_runs WHERE uid = ? RETURNING uid", [uid]).fetchall():
+        return []
+    shown = [row[0] for row in con.execute("""
+        SELECT h.uid FROM hidden_runs h WHERE (h.uid = $1 OR h.parent_uid = $1)
+        AND h.uid NOT IN (SELECT uid FROM deleted_runs)
+        AND (h.parent_uid IS NULL OR h.parent_uid NOT IN (SELECT uid FROM deleted_runs))""", [uid]).fetchall()]
+    if shown:
+        con.execute("DELETE FROM hidden_runs WHERE uid IN (SELECT unnest(?::VARCHAR[]))", [shown])
+    return sorted(shown)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# 3: the `log` event (console output). Each earlier version's expanded schema is in avro/history.
-SCHEMA_VERSION = 3
+# 3: the `log` event (console output). 4: run_deleted, run_restored, run_amended (written about a
+# run by another process). Each earlier version's expanded schema is in avro/history.
+SCHEMA_VERSION = 4
 
 # Event type name (the envelope's `type`) -> Avro record name of its payload.
 RECORD_OF_TYPE: dict[str, str] = {
@@ -20,9 +21,15 @@ RECORD_OF_TYPE: dict[str, str] = {
     "heartbeat": "runbus.Heartbeat",
     "iteration_requested": "runbus.IterationRequested",
     "log": "runbus.LogLines",
+    "run_deleted": "runbus.RunDeleted",
+    "run_restored": "runbus.RunRestored",
+    "run_amended": "runbus.RunAmended",
 }
 TYPE_OF_RECORD: dict[str, str] = {record: kind for kind, record in RECORD_OF_TYPE.items()}
 EVENT_TYPES: tuple[str, ...] = tuple(RECORD_OF_TYPE)
+# Events written about a run by someone else than the run (on a stream of their own): they change
+# what the projection shows of the run, never its state or the time it last spoke.
+EDIT_TYPES = frozenset({"run_deleted", "run_restored", "run_amended"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from producers.bus.base import Bus, BusError, BusRecord, BusRefused
@@ -19,6 +20,7 @@ CREATE TABLE IF NOT EXISTS log (
     value BLOB NOT NULL,
     ts    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS committed (
     grp TEXT NOT NULL, part INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (grp, part)
@@ -117,6 +119,52 @@ class EmbeddedBus(Bus):
     def committed(self, group: str) -> dict[int, int]:
         rows = self._conn().execute("SELECT part, next_offset FROM committed WHERE grp = ?", (group,))
         return dict(rows.fetchall())
+
+    def epoch(self) -> str:
+        """Changes each time records are rewritten (`blank_records`); "" for a log never rewritten.
+        A consumer that folded records stores it and starts over when it changes."""
+        try:
+            row = self._conn().execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a log made before epochs, opened where it cannot be changed
+                return ""
+            raise self._failure("read the epoch", exc) from exc
+        return row[0] if row else ""
+
+    def blank_records(self, keys: Collection[str], filler: bytes) -> int:
+        """Rewrite every record whose key is in `keys` (records are keyed by their run's uid) as
+        `filler` with no key, in one transaction that also changes the `epoch`; returns how many.
+
+        Offsets stay as they were (a deleted last record would let the next append reuse its
+        offset and consumers skip it), so `filler` should be a record consumers read as nothing
+        (an empty batch: EventCodec().encode_batch([])). The old bytes are overwritten on disk
+        (secure_delete, then the WAL is checkpointed and the file vacuumed, as far as other
+        connections allow)."""
+        wanted = sorted(set(keys))
+        try:
+            conn = self._conn()
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS purged_keys (key TEXT PRIMARY KEY)")
+                conn.execute("DELETE FROM purged_keys")
+                conn.executemany("INSERT INTO purged_keys VALUES (?)", [(key,) for key in wanted])
+                changed = conn.execute("UPDATE log SET key = NULL, value = ? WHERE key IN "
+                                       "(SELECT key FROM purged_keys)", (filler,)).rowcount
+                conn.execute("INSERT INTO meta VALUES ('epoch', ?) ON CONFLICT (key) DO UPDATE "
+                             "SET value = excluded.value", (uuid.uuid4().hex,))
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            with contextlib.suppress(sqlite3.OperationalError):  # busy: another connection reads
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.execute("VACUUM")
+            conn.execute("PRAGMA secure_delete=OFF")  # appends on this connection free nothing
+        except (sqlite3.Error, OSError) as exc:
+            raise self._failure(f"rewrite the records of {len(wanted)} keys", exc) from exc
+        return changed
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
