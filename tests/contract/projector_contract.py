@@ -25,6 +25,7 @@ import duckdb
 import pytest
 
 import projections.projector as projector_module
+from producers.amendments import amend_run, delete_runs, restore_runs
 from producers.bus import Bus, BusRecord
 from producers.writer import BackgroundWriter
 from projections import Projector
@@ -32,7 +33,7 @@ from projections.projector import event_position
 from schemas import EventCodec
 from tests.contract.bus_contract import PartialAppend
 from tests.support.foreign import accounting, envelope, finished, metric, result, started
-from tests.support.tables import snapshot
+from tests.support.tables import TABLES, snapshot
 
 CODEC = EventCodec()
 
@@ -238,3 +239,39 @@ class ProjectorContract:
         expected = sorted((event_position(r.partition, r.offset, index), event.event_id)
                           for r in world.records() for index, event in enumerate(CODEC.decode_all(r.value)))
         assert world.query("incremental", "SELECT position, event_id FROM events ORDER BY ALL") == expected
+
+    def test_deletes_restores_and_amendments_fold_alike_incrementally_and_in_one_rebuild(self, world: World) -> None:
+        """Edits from other processes interleave with the runs' own records, across partitions; a
+        deleted parent hides its iteration, a restore folds both again from the stored events."""
+        edit_tables = (*TABLES, "deleted_runs", "amendments", "runs_wide")
+        parent, child, other = (uuid.uuid4().hex for _ in range(3))
+
+        def own(uid: str, seq: int, kind: str, payload: dict[str, Any]) -> None:
+            world.bus.append([(uid, CODEC.encode_batch([envelope(uid, seq, kind, payload)]))])
+
+        path = world.folder / "incremental.duckdb"
+        with duckdb.connect(str(path)) as con:
+            projector = Projector(world.bus, con, CODEC, batch_size=1)
+            own(parent, 0, "run_started", started("parent", 1e9, params={"lr": "0.1"}))
+            own(other, 0, "run_started", started("other", 1e9))
+            own(child, 0, "run_started", started("child", parent_uid=parent, iteration=1))
+            amend_run(world.bus, CODEC, parent, by="alice", labels={"q": "good"}, note="look")
+            projector.catch_up()
+            delete_runs(world.bus, CODEC, [parent, other], by="alice", reason="bad")
+            own(child, 1, "result", result("loss", "0.5"))  # a job still running after the delete
+            own(parent, 1, "metric", metric("m", 1.0, step=1))
+            projector.catch_up()
+            assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+            restore_runs(world.bus, CODEC, [parent], by="bob")
+            amend_run(world.bus, CODEC, parent, by="bob", removed_labels=["q"])
+            own(child, 2, "run_finished", finished())
+            projector.catch_up()
+            incremental = snapshot(con, tables=edit_tables)
+            projector.rebuild()
+            rebuilt = snapshot(con, tables=edit_tables)
+        assert rebuilt == incremental
+        assert sorted(row[0] for row in world.query("incremental", "SELECT uid FROM runs")) == sorted([parent, child])
+        assert world.query("incremental", "SELECT uid, deleted_by FROM deleted_runs") == [(other, "alice")]
+        assert world.query("incremental", f"SELECT note, labels FROM runs WHERE uid = '{parent}'") == [("look", "{}")]
+        assert world.query("incremental", f"SELECT count(*) FROM metrics WHERE uid = '{parent}'") == [(1,)]
+        assert world.query("incremental", f"SELECT state FROM runs WHERE uid = '{child}'") == [("completed",)]
