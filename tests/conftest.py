@@ -1,4 +1,11 @@
-"""Shared fixtures: every test gets its own RUNBUS_HOME and fresh services."""
+"""Shared fixtures: every test gets its own RUNBUS_HOME and a fresh library session.
+
+Tests of user-facing behaviour (tests/e2e, tests/hostile, tests/compat) read through the default
+read path: the home's projection service, started on demand by the first reader and stopped when
+the test ends. The other folders keep the in-process mode until they are moved; a test about the
+in-process mode says so with `@pytest.mark.projection("inprocess")` (and a test elsewhere can ask
+for the service with `@pytest.mark.projection("service")`).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,45 @@ from pathlib import Path
 import pytest
 
 from engine.api import close_session
+from tests.support.projection_services import stop_projection_services
 
 pytest_plugins = ["tests.kafka_support", "tests.support.browser"]
 
+SERVICE_READ_PATH_FOLDERS = ("e2e", "hostile", "compat")
+# a service a test left behind (one it started for another home, say) exits after this idle time
+SERVICE_IDLE_S = "10"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "projection(mode): read the test's home through 'service' (the "
+                                       "projection service) or 'inprocess' (this process folds)")
+
+
+def projection_mode(request: pytest.FixtureRequest) -> str:
+    """The RUNBUS_PROJECTION a test runs with: its marker's, else its folder's."""
+    marker = request.node.get_closest_marker("projection")
+    if marker is not None:
+        return str(marker.args[0])
+    folder = Path(str(request.node.path)).parent.name
+    return "service" if folder in SERVICE_READ_PATH_FOLDERS else "inprocess"
+
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An empty RUNBUS_HOME on the embedded bus, used by the engine for this test."""
+def home(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty RUNBUS_HOME on the embedded bus, used by the engine for this test. The projection
+    services of homes under the test's folder are stopped (and waited for) at teardown."""
     runbus_home = tmp_path / "runbus-home"
     monkeypatch.setenv("RUNBUS_HOME", str(runbus_home))
     monkeypatch.delenv("RUNBUS_BUS", raising=False)
     monkeypatch.setenv("RUNBUS_FLUSH_INTERVAL", "0.05")
-    monkeypatch.setenv("RUNBUS_PROJECTION", "inprocess")  # until the fixture stops each home's service
+    monkeypatch.setenv("RUNBUS_PROJECTION", projection_mode(request))
+    monkeypatch.setenv("RUNBUS_PROJECTION_IDLE", SERVICE_IDLE_S)
     close_session()
-    yield runbus_home
-    close_session()
+    try:
+        yield runbus_home
+    finally:
+        close_session()
+        stop_projection_services(runbus_home, tmp_path)
 
 
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import get_run_db
+from tests.support.projection_services import SERVICE_MODULE
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.py"
@@ -33,13 +34,16 @@ def _unguarded_seed(folder: Path) -> Path:
 
 
 def _processes_of(home: Path) -> set[int]:
-    """Live processes (other than this one) whose environment names `home`: the script and its workers."""
+    """Live processes (other than this one) whose environment names `home`: the script and its workers
+    (not the home's projection service: it serves every reader of the home, and the fixture stops it)."""
     marker = f"RUNBUS_HOME={home}".encode()
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
+            if SERVICE_MODULE in (entry / "cmdline").read_bytes().split(b"\0"):
+                continue
             if marker in (entry / "environ").read_bytes().split(b"\0"):
                 found.add(int(entry.name))
         except OSError:  # gone, or not ours

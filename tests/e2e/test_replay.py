@@ -41,6 +41,7 @@ def _record(count: int = 3) -> list[str]:
             for i in range(count)]
 
 
+@pytest.mark.projection("inprocess")  # reads the tables through this process's own connection
 def test_as_of_positions_equal_tables_of_a_truncated_log(bus_home: Path, tmp_path: Path) -> None:
     _record(5)
     db = get_run_db()

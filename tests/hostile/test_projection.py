@@ -346,6 +346,7 @@ DAMAGE = {"truncated": _damage_truncate, "empty": _damage_empty, "garbage": _dam
           "broken header": _damage_header}
 
 
+@pytest.mark.projection("inprocess")  # damages the file between two opens of this process's own
 @pytest.mark.parametrize("damage", list(DAMAGE))
 @pytest.mark.parametrize("command", [("runs",), ("project", "--rebuild")])
 def test_a_damaged_projection_is_moved_aside_and_rebuilt_from_the_log(home: Path, damage: str,
