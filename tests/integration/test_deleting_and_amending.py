@@ -24,6 +24,7 @@ from producers.bus.embedded import EmbeddedBus
 from producers.bus.memory import MemoryBus
 from projections import Projector
 from projections.replay import stored_events
+from projections.tables import purgeable_runs, referenced_bodies
 from schemas import EventCodec
 from tests.support.foreign import append, envelope, finished, metric, result, started
 
@@ -254,18 +255,22 @@ def test_a_purge_blanks_the_deleted_runs_records_and_the_projection_starts_over(
     con = duckdb.connect(":memory:")
     try:
         gone, kept = Run(bus), Run(bus)
+        child = Run(bus, gone.uid, 1)
         gone.work()
         kept.work()
         delete_runs(bus, CODEC, [gone.uid], by="a")
         project(bus, con)
         end = bus.end_offsets()
         assert con.execute("SELECT count(*) FROM events WHERE run_uid = ?", [gone.uid]).fetchone()[0] > 0
+        assert purgeable_runs(con) == sorted([gone.uid, child.uid])
+        assert referenced_bodies(con) == {"0" * 64}  # kept's artifact
 
-        blanked = bus.blank_records([gone.uid], CODEC.encode_batch([]))
+        blanked = bus.blank_records(purgeable_runs(con), CODEC.encode_batch([]))
 
-        assert blanked == 6 and bus.end_offsets() == end  # offsets stay: no consumer skips a later append
-        assert not [r for r in bus.read({0: 0}) if r.key == gone.uid or gone.uid.encode() in r.value]
-        assert gone.uid.encode() not in (tmp_path / "log.sqlite").read_bytes()
+        assert blanked == 7 and bus.end_offsets() == end  # offsets stay: no consumer skips a later append
+        for uid in (gone.uid, child.uid):
+            assert not [r for r in bus.read({0: 0}) if r.key == uid or uid.encode() in r.value]
+            assert uid.encode() not in (tmp_path / "log.sqlite").read_bytes()
         kept.send("result", result("after", "1"))
         project(bus, con)  # the epoch changed: folded again from the start
         assert con.execute("SELECT count(*) FROM events WHERE run_uid = ?", [gone.uid]).fetchone() == (0,)
