@@ -14,7 +14,7 @@ import duckdb
 import pytest
 
 from engine import NewRun, get_run_db, new_function
-from engine.bootstrap import services
+from engine.api import session
 from producers.bus import Bus
 from producers.bus.embedded import EmbeddedBus
 from producers.bus.kafka import KafkaBus
@@ -62,7 +62,7 @@ def test_a_second_process_waits_for_the_projection_instead_of_failing(home: Path
     """RUNBUS_PROJECTION=inprocess: a reader finding the file held waits on its lock (the lock's
     own log says so) and answers once it is released, instead of failing."""
     _record_runs(1, 5)
-    svc = services()
+    svc = session().services
     svc.writer.flush()
     code = ("import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.WARNING); "
             "logging.getLogger('filelock').setLevel(logging.DEBUG); "
@@ -108,7 +108,7 @@ def test_damage_found_in_a_data_block_fails_once_then_the_projection_is_rebuilt(
     db = get_run_db()
     assert db.sql("SELECT count(*) AS n FROM metrics").n[0] == 60_000
     close_all()
-    path = services().settings.db_path
+    path = session().services.settings.db_path
     size = path.stat().st_size
     with path.open("r+b") as f:  # the middle of the file: metrics' data blocks, not the catalog
         f.seek(size // 2)
