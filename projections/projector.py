@@ -237,8 +237,7 @@ class Projector:
 
     def _bus_epoch(self) -> str | None:
         """The bus's epoch (see EmbeddedBus.epoch), or None for a bus whose records are never rewritten."""
-        epoch = getattr(self.bus, "epoch", None)
-        return epoch() if callable(epoch) else None
+        return self.bus.epoch()
 
     def _follow_epoch(self) -> None:
         """Start over (empty tables, positions 0) when the bus's records were rewritten (a purge)

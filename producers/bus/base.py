@@ -68,6 +68,12 @@ class Bus(ABC):
     def committed(self, group: str) -> dict[int, int]:
         """The positions last committed by `group` (empty if none)."""
 
+    def epoch(self) -> str | None:
+        """An id that changes whenever stored records are rewritten (a purge of the embedded log);
+        None for a bus whose records are never rewritten (Kafka, memory). A consumer that folded
+        records stores it and starts over when it changes."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         """Release connections; the bus must not be used afterwards."""
 
