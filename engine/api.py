@@ -9,11 +9,13 @@ carries the session's Services explicitly (see engine.bootstrap).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.bootstrap import Services, bootstrap
 from engine.run import RunObject
@@ -67,9 +69,28 @@ def _forget_session_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_session_in_child)
 
 
+@dataclass(frozen=True)
+class PurgeReport:
+    """What `EngineRunDB.purge` removed: the deleted runs (and the iterations they hid) whose bus
+    records were blanked (`log_rewritten`; False on a bus whose records cannot be rewritten, such
+    as Kafka, where they stay until the topic's retention removes them), and the artifact bodies
+    that no artifact event left in the log names."""
+
+    runs: list[str]
+    records: int
+    bodies: list[str]
+    log_rewritten: bool
+
+
+# each statement names the run by a uid prefix; the status tells a shown run from a deleted one
+_RUN_OR_DELETED = ("SELECT uid, 'shown' AS status FROM runs WHERE starts_with(uid, ?) UNION ALL "
+                   "SELECT uid, 'deleted' AS status FROM deleted_runs WHERE starts_with(uid, ?) LIMIT 3")
+_ARTIFACT_PAYLOADS = "SELECT payload FROM events WHERE type = 'artifact'"
+
+
 class EngineRunDB(RunDB):
-    """The query API plus the actions that execute runs (rerun, resume), with the services it was
-    made from."""
+    """The query API plus the actions that execute runs (rerun, resume) and edit them (delete,
+    restore, labels, note, purge), with the services it was made from."""
 
     def __init__(self, svc: Services, as_of: int | datetime | str | None = None) -> None:
         super().__init__(svc.bus, svc.settings.db_path, svc.codec, svc.settings.db_timeout_s,
@@ -88,6 +109,161 @@ class EngineRunDB(RunDB):
         from engine.sweep.runner import resume_sweep
 
         return RunObject.from_context(resume_sweep(self.services, parent_uid, trust=trust))
+
+    # -- edits: events about a run, written by this process (see producers.amendments) -----------
+
+    def principal(self) -> str:
+        """Who this process's edits say they are by: the Kafka SASL user on a Kafka bus that has
+        one configured, else the OS user."""
+        from producers.amendments import current_principal
+
+        security = self.services.settings.kafka_security
+        on_kafka = self.services.bus.url.startswith("kafka")
+        return current_principal(security.user if on_kafka else None)
+
+    def _resolve(self, uid: str, wanted: str) -> str:
+        """The full uid of the run `uid` names (a unique prefix), which must be `wanted` ("shown"
+        or "deleted"); KeyError naming it otherwise."""
+        if not isinstance(uid, str) or not uid:
+            raise KeyError(f"run uid must be non-empty text, got {uid!r}")
+        self.services.writer.flush()  # a run this process just recorded is found
+        found = self.sql(_RUN_OR_DELETED, [uid, uid])
+        matches = dict(zip(found.uid, found.status, strict=True))
+        if not matches:
+            raise KeyError(f"no run with uid {uid!r}")
+        if len(matches) > 1:
+            raise KeyError(f"uid prefix {uid!r} matches more than one run; give more characters")
+        full, status = next(iter(matches.items()))
+        if status != wanted:
+            raise KeyError(f"run {full!r} is deleted: restore it first" if status == "deleted"
+                           else f"run {full!r} is not deleted")
+        return str(full)
+
+    def delete_runs(self, uids: Iterable[str], reason: str = "") -> list[str]:
+        """Delete runs (uids or unique prefixes): a tombstone event each; the runs and their
+        iterations leave every table but `events` and are listed in `deleted_runs`, until
+        `restore_runs` or `purge`. All are checked before any is written; returns the full uids."""
+        from producers.amendments import delete_runs
+
+        full = [self._resolve(uid, "shown") for uid in _uid_list(uids)]
+        delete_runs(self.services.bus, self.services.codec, full, by=self.principal(), reason=reason)
+        return full
+
+    def restore_runs(self, uids: Iterable[str]) -> list[str]:
+        """Undo `delete_runs` for these deleted runs (not possible after a purge); returns the
+        full uids."""
+        from producers.amendments import restore_runs
+
+        full = [self._resolve(uid, "deleted") for uid in _uid_list(uids)]
+        restore_runs(self.services.bus, self.services.codec, full, by=self.principal())
+        return full
+
+    def delete_run(self, uid: str, reason: str = "") -> str:
+        """MLflow's name: `delete_runs([uid])`."""
+        return self.delete_runs([uid], reason)[0]
+
+    def restore_run(self, uid: str) -> str:
+        """MLflow's name: `restore_runs([uid])`."""
+        return self.restore_runs([uid])[0]
+
+    def set_labels(self, uid: str, labels: Mapping[str, Any] | None = None, remove: Iterable[str] = ()) -> str:
+        """Set labels (values through str()) and remove the keys in `remove` of a run, as one
+        amendment recording who and when (the `amendments` table); returns the full uid.
+        InvalidValue naming the key for a bad key or value."""
+        from producers.amendments import amend_run
+
+        full = self._resolve(uid, "shown")
+        amend_run(self.services.bus, self.services.codec, full, by=self.principal(), labels=labels or {},
+                  removed_labels=list(remove))
+        return full
+
+    def set_tag(self, uid: str, key: str, value: Any) -> str:
+        """MLflow's name: `set_labels(uid, {key: value})`."""
+        return self.set_labels(uid, {key: value})
+
+    def set_note(self, uid: str, text: str) -> str:
+        """Replace the run's note (runs.note) with `text`, as one amendment; returns the full uid."""
+        from producers.amendments import amend_run
+
+        full = self._resolve(uid, "shown")
+        amend_run(self.services.bus, self.services.codec, full, by=self.principal(), note=text)
+        return full
+
+    def purgeable(self) -> list[str]:
+        """The uids a purge would remove: deleted runs and the iterations they hide."""
+        from projections.tables import PURGEABLE_RUNS_SQL
+
+        self.services.writer.flush()
+        return [str(uid) for uid in self.sql(PURGEABLE_RUNS_SQL).uid]
+
+    def purge(self, older_than_s: float = 3600.0) -> PurgeReport:
+        """Remove deleted runs for good: on the embedded log their records (and their iterations')
+        are rewritten as empty records and the projection is rebuilt; then the artifact bodies
+        that no artifact event left in the log names, stored more than `older_than_s` ago, are
+        removed. On Kafka records cannot be rewritten: they stay (restorable) until the topic's
+        retention removes them, and so do the bodies they name."""
+        from producers.bus.embedded import EmbeddedBus
+
+        svc = self.services
+        uids = self.purgeable()
+        records = 0
+        rewritable = isinstance(svc.bus, EmbeddedBus)
+        if rewritable and uids:
+            records = svc.bus.blank_records(uids, svc.codec.encode_batch([]))
+            self._rebuild()
+        named = _named_bodies(self.sql(_ARTIFACT_PAYLOADS).payload)
+        bodies = svc.artifact_store.remove_unreferenced(named, older_than_s=older_than_s)
+        return PurgeReport(uids if rewritable else [], records, bodies, rewritable)
+
+    def _rebuild(self) -> None:
+        # the log changed under the projection (its epoch too): fold it again from the start,
+        # wherever the projection is folded (the home's service or this process)
+        if self.source is not None:
+            self.source.rebuild()  # type: ignore[attr-defined]
+            return
+        from projections import open_projection
+
+        with open_projection(self.db_path, self.lock_timeout_s) as con:
+            self.services.projector(con).rebuild()
+
+    def read_run(self, uid: str) -> dict[str, Any]:
+        """Everything known about one run (see RunDB.read_run), with `note` and `amendments`: the
+        history of its edits, oldest first (position, ts, amended_by, labels, removed_labels, note)."""
+        run = super().read_run(uid)
+        history = self.sql("SELECT position, ts, amended_by, labels, removed_labels, note FROM amendments "
+                           "WHERE uid = ? ORDER BY position", [run["uid"]])
+        run["amendments"] = [{**row, "labels": json.loads(row["labels"] or "{}"),
+                              "removed_labels": json.loads(row["removed_labels"] or "[]")}
+                             for row in history.to_dict("records")]
+        return run
+
+
+def _uid_list(uids: Iterable[str]) -> list[str]:
+    listed = [uids] if isinstance(uids, str) else list(uids)
+    if not listed:
+        raise ValueError("give at least one run uid")
+    return listed
+
+
+def _named_bodies(payloads: Iterable[str]) -> set[str]:
+    """Every sha256 an artifact event names (its body and its extra data's), as text."""
+    named: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            digest = value.get("sha256")
+            if isinstance(digest, str):
+                named.add(digest)
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    for payload in payloads:
+        if isinstance(payload, str):
+            walk(json.loads(payload))
+    return named
 
 
 def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:

@@ -228,8 +228,9 @@ def runs(
 
 @app.command()
 def show(ctx: typer.Context, uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")]) -> None:
-    """Show one run: state, params, results, labels, artifacts, last metric values."""
-    record = _svc(ctx).run_db().read_run(uid)
+    """Show one run: state, params, results, labels, note, artifacts, last metric values and the
+    history of its edits (amendments)."""
+    record = _editor(ctx).read_run(uid)
     sys.stdout.write(json_text(record) + "\n")
 
 
@@ -522,6 +523,90 @@ def report(
     svc.writer.flush()
     count = write_report(svc.run_db(), out, svc.settings.artifact_root, limit, run or None)
     console.print(f"wrote {out} ({count} runs)")
+
+
+def _editor(ctx: typer.Context) -> Any:
+    """The query API with edits (engine.api.EngineRunDB) over the command's services."""
+    from engine.api import EngineRunDB
+
+    return EngineRunDB(_svc(ctx))
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    uids: Annotated[list[str], typer.Argument(help="run uids (or unique prefixes)")],
+    reason: Annotated[str, typer.Option(help="why, recorded with the deletion")] = "",
+) -> None:
+    """Delete runs: they and their iterations leave every table (but events) until `runbus restore`;
+    `runbus purge` removes them for good."""
+    for uid in _editor(ctx).delete_runs(uids, reason=reason):
+        console.print(literal(f"deleted {uid}"))
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    uids: Annotated[list[str], typer.Argument(help="deleted run uids (or unique prefixes)")],
+) -> None:
+    """Bring deleted runs (and their iterations) back, until a purge removed them."""
+    for uid in _editor(ctx).restore_runs(uids):
+        console.print(literal(f"restored {uid}"))
+
+
+@app.command()
+def label(
+    ctx: typer.Context,
+    uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")],
+    pairs: Annotated[list[str] | None, typer.Argument(help="key=value labels to set")] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="a label key to remove (repeatable)")] = None,
+) -> None:
+    """Set (key=value) and remove (--remove KEY) a run's labels, recorded as an edit: who and when."""
+    if not pairs and not remove:
+        raise typer.BadParameter("give key=value labels to set or --remove KEY")
+    labels = _pairs(pairs, "label")
+    full = _editor(ctx).set_labels(uid, labels, remove or [])
+    changes = [f"{k}={v}" for k, v in labels.items()] + [f"-{k}" for k in remove or []]
+    console.print(literal(f"labelled {full}: {' '.join(changes)}"))
+
+
+@app.command()
+def note(
+    ctx: typer.Context,
+    uid: Annotated[str, typer.Argument(help="run uid or a unique prefix of it")],
+    text: Annotated[str, typer.Argument(help="the run's note from now on (\"\" clears it)")],
+) -> None:
+    """Set a run's note, recorded as an edit: who and when (the old note stays in the history)."""
+    full = _editor(ctx).set_note(uid, text)
+    console.print(literal(f"noted {full}"))
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    older_than: Annotated[float, typer.Option(help="remove only artifact bodies stored more than this "
+                                                   "many seconds ago (a job may be logging one now)")] = 3600.0,
+) -> None:
+    """Remove deleted runs for good: rewrite the embedded log without their records and remove the
+    artifact bodies no run references. On Kafka the records stay until the topic's retention."""
+    db = _editor(ctx)
+    uids = db.purgeable()
+    rewritable = db.services.bus.epoch() is not None
+    what = (f"{len(uids)} deleted run(s) and iteration(s) from {db.services.bus.url} for good" if rewritable
+            else "unreferenced artifact bodies (the bus keeps its records)")
+    if not yes and not typer.confirm(f"remove {what}?", default=False):
+        errors.print("nothing removed")
+        raise typer.Exit(1)
+    report = db.purge(older_than_s=older_than)
+    for uid in report.runs:
+        console.print(literal(f"purged {uid}"))
+    console.print(f"blanked {report.records} bus record(s) of {len(report.runs)} run(s); removed "
+                  f"{len(report.bodies)} artifact bod{'y' if len(report.bodies) == 1 else 'ies'}")
+    if not report.log_rewritten and uids:
+        console.print(literal(f"{db.services.bus.url}: records cannot be rewritten here: the {len(uids)} deleted "
+                              "run(s) stay in the topic (restorable, their bodies kept) until its retention "
+                              "removes them"))
 
 
 def one_line(exc: BaseException) -> str:

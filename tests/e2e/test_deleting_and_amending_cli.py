@@ -1,0 +1,179 @@
+"""Deleting, restoring, amending and purging runs through the command line, as a user does it, on
+the default read path (the home's projection service)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+JOB = """
+def train(context, lr=0.1):
+    context.log_result("accuracy", 0.5 + lr)
+    context.log_artifact("model", body=("model-body-" + repr(lr)).encode())
+"""
+PARAM = "0.918273645"  # a value that occurs nowhere else: grep the log's files for it
+
+
+@pytest.fixture
+def cli(home: Path, tmp_path: Path):
+    (tmp_path / "job.py").write_text(JOB)
+    env = dict(os.environ)  # the bus_home fixture may have set RUNBUS_BUS for Kafka
+
+    def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([RUNBUS, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120, input=stdin)
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    return run
+
+
+def runs(cli) -> dict[str, dict]:
+    return {row["uid"]: row for row in json.loads(cli("runs", "--format", "json").stdout)}
+
+
+def sweep(cli, lrs: str = f"0.1,{PARAM}") -> tuple[str, set[str]]:
+    """A sweep's parent uid and its iterations' uids."""
+    cli("run", "job.py:train", "--hyper", f"lr={lrs}", "--selector", "max.accuracy", "--quiet")
+    rows = runs(cli)
+    parent = next(uid for uid, row in rows.items() if row["iteration"] == 0 and row["name"] == "train"
+                  and any(other["iteration"] > 0 for other in rows.values()))
+    return parent, {uid for uid, row in rows.items() if uid != parent}
+
+
+def test_delete_hides_the_run_and_its_iterations_and_restore_brings_them_back(bus_home: Path, cli) -> None:
+    parent, iterations = sweep(cli)
+    cli("run", "job.py:train", "-p", "lr=0.3")
+    single = next(uid for uid in runs(cli) if uid != parent and uid not in iterations)
+
+    done = cli("delete", parent[:10], "--reason", "bad data")
+    assert done.stdout.split() == ["deleted", parent]
+    assert set(runs(cli)) == {single}
+    assert json.loads(cli("sql", f"SELECT count(*) AS n FROM results WHERE uid <> '{single}'", "--format",
+                          "json").stdout) == [{"n": 0}]
+    deleted = json.loads(cli("sql", "SELECT uid, deleted_by, reason FROM deleted_runs", "--format", "json").stdout)
+    assert deleted == [{"uid": parent, "deleted_by": getpass.getuser(), "reason": "bad data"}]
+
+    done = cli("restore", parent[:10])
+    assert done.stdout.split() == ["restored", parent]
+    assert set(runs(cli)) == {parent, single, *iterations}
+    assert json.loads(cli("sql", "SELECT count(*) AS n FROM deleted_runs", "--format", "json").stdout) == [{"n": 0}]
+
+
+def test_labels_and_notes_show_with_who_and_when_in_the_history(bus_home: Path, cli) -> None:
+    cli("run", "job.py:train", "--label", "stage=dev")
+    uid = next(iter(runs(cli)))
+    before = time.time()
+
+    assert cli("label", uid[:8], "team=vision", "owner=ana").stdout.strip() == f"labelled {uid}: team=vision owner=ana"
+    cli("label", uid[:8], "--remove", "stage")
+    cli("note", uid[:8], "retrained: <b>first</b>")
+    cli("note", uid[:8], "second thoughts")
+
+    shown = json.loads(cli("show", uid[:8]).stdout)
+    assert shown["labels"] == {"team": "vision", "owner": "ana"}
+    assert shown["note"] == "second thoughts"
+    history = shown["amendments"]
+    assert [(h["labels"], h["removed_labels"], h["note"]) for h in history] == [
+        ({"team": "vision", "owner": "ana"}, [], None), ({}, ["stage"], None),
+        ({}, [], "retrained: <b>first</b>"), ({}, [], "second thoughts")]
+    assert {h["amended_by"] for h in history} == {getpass.getuser()}
+    assert all(pd_time(h["ts"]) >= before - 1 for h in history)
+    assert [row["uid"] for row in json.loads(cli("runs", "--label", "team=vision", "--format", "json").stdout)] == [uid]
+
+
+def pd_time(text: str) -> float:
+    import pandas as pd
+
+    return pd.Timestamp(text).timestamp()
+
+
+def test_edits_of_unknown_runs_and_bad_values_fail_naming_them(bus_home: Path, cli) -> None:
+    cli("run", "job.py:train")
+    uid = next(iter(runs(cli)))
+
+    for args, named in ((("delete", "nosuchrun"), "nosuchrun"), (("restore", uid), uid),
+                        (("label", "nosuchrun", "a=b"), "nosuchrun"), (("note", "nosuchrun", "x"), "nosuchrun"),
+                        (("label", uid, "a=b", "--remove", "a"), "'a'"), (("label", uid, "--remove", ""), "label key"),
+                        (("label", uid, "novalue"), "novalue"), (("note", uid, "x" * 70_000), "note")):
+        done = cli(*args, check=False)
+        assert done.returncode != 0, args
+        message = done.stderr.strip()
+        assert named in message and ("\n" not in message or "Usage" in message), (args, message)
+
+    cli("delete", uid)
+    done = cli("label", uid, "a=b", check=False)
+    assert done.returncode == 1 and "is deleted: restore it first" in done.stderr
+    assert json.loads(cli("sql", "SELECT count(*) AS n FROM events WHERE type = 'run_amended'",
+                          "--format", "json").stdout) == [{"n": 0}]  # nothing was written for the refused edits
+
+
+def log_files(home: Path) -> list[Path]:
+    return [path for path in home.glob("log.sqlite*") if path.is_file()]
+
+
+def age_bodies(home: Path) -> None:
+    """The artifact bodies as if stored two hours ago (purge spares bodies stored in the last hour)."""
+    old = time.time() - 7200
+    for body in (home / "artifacts").glob("*/*"):
+        os.utime(body, (old, old))
+
+
+def test_purge_rewrites_the_embedded_log_and_removes_the_bodies_and_a_rebuild_agrees(home: Path, cli) -> None:
+    parent, iterations = sweep(cli)
+    cli("run", "job.py:train", "-p", "lr=0.4")
+    kept = next(uid for uid in runs(cli) if uid != parent and uid not in iterations)
+    bodies_before = {path.name for path in (home / "artifacts").glob("*/*")}
+    assert any(PARAM.encode() in path.read_bytes() for path in log_files(home))
+    cli("delete", parent)
+
+    refused = cli("purge", check=False, stdin="n\n")
+    assert refused.returncode != 0 and "for good?" in refused.stdout
+    assert any(PARAM.encode() in path.read_bytes() for path in log_files(home))  # nothing happened
+
+    age_bodies(home)
+    done = cli("purge", "--yes")
+    purged = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("purged ")}
+    assert purged == {parent, *iterations}
+    assert f"removed {len(bodies_before) - 1} artifact bodies" in done.stdout
+    assert not any(PARAM.encode() in path.read_bytes() for path in log_files(home))
+    bodies_after = {path.name for path in (home / "artifacts").glob("*/*")}
+    assert len(bodies_after) == 1 and bodies_after < bodies_before
+    kept_body = json.loads(cli("show", kept).stdout)["artifacts"][0]["sha256"]
+    assert bodies_after == {kept_body}
+
+    tables = "SELECT (SELECT count(*) FROM runs) AS runs, (SELECT count(*) FROM deleted_runs) AS deleted, " \
+             "(SELECT count(*) FROM events WHERE run_uid <> '{kept}') AS others"
+    expected = [{"runs": 1, "deleted": 0, "others": 0}]
+    assert json.loads(cli("sql", tables.format(kept=kept), "--format", "json").stdout) == expected
+    cli("project", "--rebuild")
+    assert json.loads(cli("sql", tables.format(kept=kept), "--format", "json").stdout) == expected
+    assert set(runs(cli)) == {kept}
+    assert "no run" in cli("restore", parent, check=False).stderr  # a purge cannot be undone
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("bus_home", ["kafka"], indirect=True)
+def test_purge_on_kafka_keeps_the_records_and_says_so(bus_home: Path, cli) -> None:
+    cli("run", "job.py:train", "-p", f"lr={PARAM}")
+    uid = next(iter(runs(cli)))
+    cli("delete", uid)
+    age_bodies(bus_home)
+
+    done = cli("purge", "--yes")
+    assert "records cannot be rewritten" in done.stdout and "retention" in done.stdout
+    assert "removed 0 artifact bodies" in done.stdout  # the deleted run can still be restored: its body stays
+    cli("restore", uid)
+    shown = json.loads(cli("show", uid).stdout)
+    assert shown["params"] == {"lr": float(PARAM)}
+    assert (bus_home / "artifacts" / shown["artifacts"][0]["sha256"][:2] / shown["artifacts"][0]["sha256"]).exists()
