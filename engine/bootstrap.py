@@ -60,7 +60,7 @@ def make_bus(url: str, settings: Settings) -> Bus:
         from producers.bus.kafka import KafkaBus
 
         return KafkaBus(url.removeprefix("kafka://"), topic=settings.kafka_topic,
-                        partitions=settings.kafka_partitions)
+                        partitions=settings.kafka_partitions, security=settings.kafka_security)
     raise SettingsError(f"RUNBUS_BUS={url!r} is not a bus URL: use 'embedded', "
                         f"'sqlite:///path/to/log.sqlite' or 'kafka://host:port'")
 

@@ -5,8 +5,10 @@ for a wrong password, an untrusted CA and a missing ACL, with nothing lost once 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from kafka.admin import (
     ResourceType,
 )
 
+from engine.bootstrap import bootstrap
 from engine.settings import SettingsError, load_settings
 from producers.bus.base import BusRecord, BusRefused
 from producers.bus.kafka import KafkaBus
@@ -306,3 +309,54 @@ def test_a_sasl_login_to_a_listener_without_sasl_is_named(kafka_bootstrap: str) 
     refused, took = _refusal(lambda: KafkaBus(kafka_bootstrap, _topic(), security=security))
     assert "takes no SASL login on this listener" in str(refused) and "\n" not in str(refused)
     assert took < BOUND_S
+
+
+# -- every process through the settings ---------------------------------------------------------------
+
+JOB = '''
+from engine import NewRun, new_function
+
+
+def handler(context, p1=1):
+    context.log_result("accuracy", p1 * 2)
+    for step in range(20):
+        context.log_metric("loss", 1.0 / (step + 1), step=step)
+
+
+new_function().run(NewRun(handler=handler, name="secure-run", params={"p1": 5}))
+new_function().run(NewRun(handler=handler, name="secure-sweep"), hyperparams={"p1": [1, 2, 3]},
+                   selector="max.accuracy")
+new_function(command="dask://").run(NewRun(handler=handler, name="secure-dask-sweep"),
+                                    hyperparams={"p1": [4, 6]}, selector="max.accuracy")
+'''
+
+
+@pytest.mark.kafka
+def test_runs_and_sweeps_of_the_runner_projected_by_the_reader_over_sasl_ssl(
+        broker: SecureBroker, tmp_path: Path) -> None:
+    """A job process (its Dask workers too) and a reading process, each configured only by the
+    RUNBUS_* settings kafka.sh writes for its user."""
+    topic = _topic()
+    (tmp_path / "job.py").write_text(JOB)
+    job_env = {**os.environ, **broker.env("runner"), "RUNBUS_KAFKA_TOPIC": topic,
+               "RUNBUS_HOME": str(tmp_path / "job-home"), "RUNBUS_PROJECTION": "inprocess",
+               "RUNBUS_DASK_WORKERS": "1"}
+    done = subprocess.run([sys.executable, str(tmp_path / "job.py")], env=job_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    settings = load_settings({**broker.env("reader"), "RUNBUS_KAFKA_TOPIC": topic,
+                              "RUNBUS_HOME": str(tmp_path / "reader-home"), "RUNBUS_PROJECTION": "inprocess"})
+    services = bootstrap(settings)
+    try:
+        db = services.run_db()
+        runs = db.list_runs()
+        assert sorted(runs.name[runs.iteration == 0]) == ["secure-dask-sweep", "secure-run", "secure-sweep"]
+        assert len(runs) == 3 + 3 + 2 and set(runs.state) == {"completed"}  # with the sweeps' iterations
+        best = db.sql("SELECT r.name, x.value_num FROM runs r JOIN results x USING (uid) "
+                      "WHERE x.key = 'accuracy' AND r.iteration = 0")
+        assert dict(zip(best.name, best.value_num, strict=True)) == {
+            "secure-dask-sweep": 12, "secure-run": 10, "secure-sweep": 6}
+        assert db.sql("SELECT count(*) AS n FROM metrics").n[0] == 20 * (1 + 3 + 2)
+    finally:
+        services.close()
