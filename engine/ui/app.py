@@ -32,6 +32,7 @@ from engine.ui.previews import body_path, media_type
 from engine.ui.runs_page import PAGE_SIZES, STATES, RunsQuery, fetch_runs
 from engine.ui.sections import compare_charts, run_context, sweep_context
 from engine.ui.store import UIStore
+from producers.bus import BusError
 from projections.query import resolve_uid
 
 MAX_SQL_ROWS = 1000
@@ -93,6 +94,21 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
             view = run_view(fetch, full)
         return page("run.html", title=f"{view.run['name']} {full[:8]}", nav="runs",
                     **run_context(view, store_root, _LINKS))
+
+    async def edit(request: Request) -> Response:
+        """POST (a form from the run page, through AccessGuard): set/remove labels or set the note,
+        written as an amendment event; then back to the run page (which shows it in its history)."""
+        fields = await _form(request)
+        if fields is None:
+            return page("error.html", 415, title="Not a form", nav="runs",
+                        message="an edit takes a form post (application/x-www-form-urlencoded)")
+        try:
+            full = await run_in_threadpool(_apply_edit, store, request.path_params["uid"], fields)
+        except KeyError as exc:
+            return not_found(str(exc.args[0]) if exc.args else "no such run")
+        except (ValueError, TypeError, BusError) as exc:
+            return page("error.html", 400, title="Edit refused", message=str(exc).splitlines()[0], nav="runs")
+        return RedirectResponse(_LINKS.run(full), status_code=303)
 
     def sweep(request: Request) -> Response:
         uid = request.path_params["uid"]
@@ -161,7 +177,8 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
     def home(request: Request) -> Response:
         return RedirectResponse("/runs")
 
-    routes = [Route("/", home), Route("/runs", runs), Route("/runs/{uid}", run), Route("/sweeps/{uid}", sweep),
+    routes = [Route("/", home), Route("/runs", runs), Route("/runs/{uid}", run),
+              Route("/runs/{uid}/edit", edit, methods=["POST"]), Route("/sweeps/{uid}", sweep),
               Route("/compare", compare), Route("/sql", sql, methods=["GET", "POST"]),
               Route("/artifacts/{uid}/{key:path}", artifact), *api_routes(store)]
     # beyond loopback the token, not the name the client used, is what lets a request in
@@ -169,6 +186,30 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
         {host, "127.0.0.1", "localhost", "::1", "[::1]"})
     return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
                                                 Middleware(AccessGuard, token=token, require_token=wide)])
+
+
+def _apply_edit(store: UIStore, uid: str, fields: dict[str, str]) -> str:
+    """Write the edit a run page's form asks for (what=labels: "set" as key=value words, "remove"
+    as keys; what=note: "note"); returns the run's full uid. KeyError for an unknown run,
+    ValueError/InvalidValue naming the field or key that is wrong."""
+    from engine.api import EngineRunDB
+
+    editor = EngineRunDB(store.services)
+    what = fields.get("what")
+    if what == "note":
+        return editor.set_note(uid, fields.get("note", ""))
+    if what != "labels":
+        raise ValueError(f"edit: 'what' must be labels or note, got {what!r}")
+    labels = {}
+    for word in fields.get("set", "").split():
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {word!r} must look like key=value")
+        labels[key] = value
+    removed = fields.get("remove", "").replace(",", " ").split()
+    if not labels and not removed:
+        raise ValueError("edit: give labels to set (key=value) or keys to remove")
+    return editor.set_labels(uid, labels, removed)
 
 
 def is_loopback(host: str) -> bool:

@@ -36,6 +36,7 @@ class RunView:
     events_total: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)  # the last MAX_LOG_LINES lines, in order
     log_total: int = 0
+    amendments: list[dict[str, Any]] = field(default_factory=list)  # edits of the run, oldest first
 
     @property
     def is_sweep(self) -> bool:
@@ -74,12 +75,24 @@ def run_view(fetch: Query, uid: str, with_events: bool = True) -> RunView:
         rerun_of=next((r for r in related if r["rel"] == "rerun_of"), None),
         reruns=[r for r in related if r["rel"] == "rerun"])
     view.log, view.log_total = log_tail(fetch, uid)
+    view.amendments = amendment_history(fetch, uid)
     if with_events:
         events = fetch("SELECT position, seq, type, ts, payload, count(*) OVER () AS total FROM events "
                        "WHERE run_uid = ? ORDER BY seq LIMIT ?", [uid, MAX_EVENTS])
         view.events = events.drop(columns="total").to_dict("records")
         view.events_total = int(events.total.iloc[0]) if len(events) else 0
     return view
+
+
+def amendment_history(fetch: Query, uid: str) -> list[dict[str, Any]]:
+    """The run's edits, oldest first: ts, amended_by, labels (set), removed_labels, note (None: kept)."""
+    rows = fetch("SELECT position, ts, amended_by, labels, removed_labels, note FROM amendments "
+                 "WHERE uid = ? ORDER BY position", [uid]).to_dict("records")
+    for row in rows:
+        row["labels"] = json.loads(row["labels"] or "{}")
+        row["removed_labels"] = json.loads(row["removed_labels"] or "[]")
+        row["note"] = None if _missing(row["note"]) else row["note"]
+    return rows
 
 
 def log_tail(fetch: Query, uid: str, limit: int = MAX_LOG_LINES) -> tuple[list[dict[str, Any]], int]:
