@@ -149,18 +149,3 @@ def bootstrap(settings: Settings | None = None, *, bus: Bus | None = None) -> Se
                     ArtifactStore(settings.artifact_root),
                     load_user_projections(settings.projections))
 
-
-# --- transitional: callers in files other helpers own still import these; removed once they pass
-# their services explicitly (do not add calls) ---------------------------------------------------
-def services() -> Services:
-    """Transitional: the library session's services (engine.api.session)."""
-    from engine.api import session
-
-    return session().services
-
-
-def reset_services() -> None:
-    """Transitional: close the library session (engine.api.close_session)."""
-    from engine.api import close_session
-
-    close_session()

@@ -22,9 +22,7 @@ ENGINE = Path(__file__).resolve().parents[2] / "engine"
 # the only places that build services, or take the library session
 ROOTS = {"bootstrap": {("cli.py", "_build_services"), ("runtimes/dask.py", "setup"), ("api.py", "session")},
          "session": {("function.py", "new_function"), ("function.py", "run_function"), ("api.py", "get_run_db"),
-                     ("script.py", "get_or_create_ctx"), ("script.py", "_join_in_child"),
-                     # transitional: the services() shim, until tests/integration/test_projector.py stops using it
-                     ("bootstrap.py", "services")}}
+                     ("script.py", "get_or_create_ctx"), ("script.py", "_join_in_child")}}
 
 
 def _calls(name: str) -> set[tuple[str, str]]:
@@ -52,6 +50,7 @@ def test_the_bootstrap_module_keeps_no_services() -> None:
     held = [key for key, value in vars(engine.bootstrap).items()
             if not key.startswith("__") and isinstance(value, (Services, dict, list))]
     assert held == []
+    assert not hasattr(engine.bootstrap, "services") and not hasattr(engine.bootstrap, "reset_services")
 
 
 @pytest.fixture
