@@ -6,7 +6,8 @@ import duckdb
 
 # Columns that legitimately differ between two foldings of the same log.
 _VOLATILE = {"dead_letters": ["received_at"]}
-TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "events", "dead_letters")
+TABLES = ("runs", "params", "results", "metrics", "labels", "artifacts", "events", "dead_letters", "deleted_runs",
+          "amendments")
 
 
 def snapshot(con: duckdb.DuckDBPyConnection, ignore: dict[str, list[str]] | None = None,
@@ -24,4 +25,5 @@ def snapshot(con: duckdb.DuckDBPyConnection, ignore: dict[str, list[str]] | None
 
 
 # Where a log was copied to another bus, records sit at other partitions and offsets.
-WHERE_IT_SITS = {"events": ["position", "partition", "offset"]}
+WHERE_IT_SITS = {"events": ["position", "partition", "offset"], "deleted_runs": ["position"],
+                 "amendments": ["position"]}

@@ -25,6 +25,10 @@ SAMPLES = {
     "iteration_requested": {"iteration": 2, "params": {"p1": "2"}},
     "log": {"chunks": [{"ts": 1.5, "stream": "stdout", "text": "epoch 1\nepoch 2"},
                        {"ts": 1.75, "stream": "stderr", "text": "warning: \u00e9"}]},
+    "run_deleted": {"by": "ana", "reason": "bad data: \u00e9"},
+    "run_restored": {"by": "ana"},
+    "run_amended": {"by": "User:ana", "labels": {"team": "vision"}, "removed_labels": ["stage"],
+                    "note": "retrained"},
 }
 
 
