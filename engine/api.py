@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.bootstrap import Services, bootstrap
@@ -219,12 +220,37 @@ class EngineRunDB(RunDB):
         # the log changed under the projection (its epoch too): fold it again from the start,
         # wherever the projection is folded (the home's service or this process)
         if self.source is not None:
-            self.source.rebuild()  # type: ignore[attr-defined]
+            self._drop_served_projection()
             return
         from projections import open_projection
 
         with open_projection(self.db_path, self.lock_timeout_s) as con:
             self.services.projector(con).rebuild()
+
+    def _drop_served_projection(self) -> None:
+        """Stop the home's projection service and, holding its lock (no service holds the file),
+        remove the projection's files: DuckDB keeps freed pages' old bytes, so a rebuild in place
+        would leave the purged runs' values on disk. The next read starts a service that folds
+        the log from its start."""
+        from filelock import FileLock, Timeout
+
+        from projections.service import ServiceAddress
+
+        settings = self.services.settings
+        self.source.stop()  # type: ignore[union-attr]
+        lock = FileLock(str(ServiceAddress.of(settings.home).lock), thread_local=False)
+        try:
+            lock.acquire(timeout=settings.db_timeout_s)
+        except Timeout:
+            raise TimeoutError(f"purge: the log is rewritten, but the projection service of {settings.home} did "
+                               f"not stop within {settings.db_timeout_s:g}s (a reader holds it): it folds the "
+                               "log again by itself; `runbus purge` again removes the bodies") from None
+        try:
+            path = Path(self.db_path)
+            for stale in (path, path.with_name(path.name + ".wal")):
+                stale.unlink(missing_ok=True)
+        finally:
+            lock.release()
 
     def read_run(self, uid: str) -> dict[str, Any]:
         """Everything known about one run (see RunDB.read_run), with `note` and `amendments`: the

@@ -147,6 +147,8 @@ def test_purge_rewrites_the_embedded_log_and_removes_the_bodies_and_a_rebuild_ag
     assert purged == {parent, *iterations}
     assert f"removed {len(bodies_before) - 1} artifact bodies" in done.stdout
     assert not any(PARAM.encode() in path.read_bytes() for path in log_files(home))
+    # nor in the projection's files: the projection was folded again into new ones
+    assert [path.name for path in home.rglob("*") if path.is_file() and PARAM.encode() in path.read_bytes()] == []
     bodies_after = {path.name for path in (home / "artifacts").glob("*/*")}
     assert len(bodies_after) == 1 and bodies_after < bodies_before
     kept_body = json.loads(cli("show", kept).stdout)["artifacts"][0]["sha256"]
