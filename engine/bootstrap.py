@@ -127,6 +127,8 @@ class Services:
     def close(self) -> None:
         """Flush (bounded by RUNBUS_FLUSH_TIMEOUT: what is left goes to the spill file) and close."""
         self.writer.close(self.settings.flush_timeout_s)
+        if self._reads is not None:
+            self._reads.close()
         self.bus.close()
 
 

@@ -135,6 +135,15 @@ class ServiceClient:
                 self._idle, self._pid = [], os.getpid()
             return self._idle.pop() if self._idle else None
 
+    def close(self) -> None:
+        """Close the connections kept between sessions (the service itself goes on serving)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+            mine = os.getpid() == self._pid
+        if mine:  # a forked child's list holds its parent's connections: leave them to the parent
+            for conn in idle:
+                conn.close()
+
     def catch_up(self) -> int:
         """Wait until the service has folded everything on the bus now; the records it folded meanwhile."""
         return int(self._call({"op": "catch_up"})["applied"])
