@@ -179,3 +179,32 @@ def test_purge_on_kafka_keeps_the_records_and_says_so(bus_home: Path, cli) -> No
     shown = json.loads(cli("show", uid).stdout)
     assert shown["params"] == {"lr": float(PARAM)}
     assert (bus_home / "artifacts" / shown["artifacts"][0]["sha256"][:2] / shown["artifacts"][0]["sha256"]).exists()
+
+
+@pytest.mark.projection("inprocess")
+def test_the_api_deletes_amends_and_purges_where_this_process_folds(home: Path, tmp_path: Path) -> None:
+    from engine import get_run_db, new_function
+
+    (tmp_path / "api_job.py").write_text(JOB)
+    function = new_function(name="train", command=str(tmp_path / "api_job.py"), handler="train")
+    doomed = function.run(params={"lr": float(PARAM)}).uid
+    kept = function.run(params={"lr": 0.2}).uid
+    db = get_run_db()
+
+    db.set_tag(kept, "team", "vision")
+    db.set_labels(kept, {"stage": 1})
+    db.set_note(kept, "kept for the paper")
+    assert db.delete_run(doomed[:12], reason="leak") == doomed
+    run = db.read_run(kept)
+    assert run["labels"] == {"team": "vision", "stage": "1"} and run["note"] == "kept for the paper"
+    assert [a["labels"] for a in run["amendments"]] == [{"team": "vision"}, {"stage": "1"}, {}]
+    assert db.purgeable() == [doomed]
+    with pytest.raises(KeyError, match="is deleted"):
+        db.set_note(doomed, "x")
+
+    age_bodies(home)
+    report = db.purge()
+    assert report.log_rewritten and report.runs == [doomed] and len(report.bodies) == 1
+    assert not any(PARAM.encode() in path.read_bytes() for path in log_files(home))
+    assert db.list_runs().uid.tolist() == [kept] and db.purgeable() == []
+    assert db.read_run(kept)["note"] == "kept for the paper"
