@@ -25,8 +25,10 @@ from engine.api import session
 from engine.reaper import mark_lost, reap
 from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS
 from projections.database import close_all
+from projections.service import ServiceAddress
 from tests.support import foreign
 from tests.support.foreign import PLACEHOLDER, append, envelope, finished, metric, result, started
+from tests.support.projection_services import stop_projection_services
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBUS = str(Path(sys.executable).parent / "runbus")
@@ -368,6 +370,26 @@ def test_a_damaged_projection_is_moved_aside_and_rebuilt_from_the_log(home: Path
     listed = _run_cli("runs", "--format", "csv")
     assert listed.returncode == 0 and listed.stdout.count("completed") == 3
     assert "moved it to" not in listed.stderr
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_projection_found_by_the_projection_service_is_moved_aside_and_rebuilt(
+        home: Path, tmp_path: Path, damage: str) -> None:
+    """The default read path: the service that opens a damaged file moves it aside (saying so in
+    its log) and folds the log again; the reader that started it gets every run."""
+    for i in range(3):
+        new_function().run(NewRun(handler=lambda context: context.log_metric("m", 1.0), name=f"r{i}"))
+    assert _run_cli("runs", "--format", "csv").stdout.count("completed") == 3
+    stop_projection_services(home, tmp_path)  # the service releases the file
+    db_path = session().services.settings.db_path
+    DAMAGE[damage](db_path)
+    db_path.with_name(db_path.name + ".wal").write_bytes(os.urandom(2000))
+    listed = _run_cli("runs", "--format", "csv")
+    assert listed.returncode == 0 and listed.stdout.count("completed") == 3, listed.stderr
+    aside = [p for p in db_path.parent.iterdir() if p.name.startswith(db_path.name + ".corrupt-")]
+    assert len(aside) == 2  # the file and its .wal
+    log = ServiceAddress.of(home).log.read_text()
+    assert sum("moved it to" in line and str(db_path) in line for line in log.splitlines()) == 1
 
 
 @pytest.mark.kafka
