@@ -120,12 +120,20 @@ def _log_problem(chunks: Any) -> str | None:
             return f"log event holds more than {EVENT_MAX_LINES} lines"
         if len(text) > LINE_MAX_CHARS and max(map(len, text.split("\n"))) > LINE_MAX_CHARS:
             return f"log chunk {number} holds a line longer than {LINE_MAX_CHARS} characters"
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"log chunk {number} text is not valid UTF-8 (lone surrogate)"
+        if not _is_utf8(text):
+            return f"log chunk {number} text is not valid UTF-8 (lone surrogate)"
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string holding a lone surrogate (it cannot be stored as UTF-8)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text_problem(what: str, text: object, max_chars: int, empty: bool = True) -> str | None:
@@ -137,11 +145,8 @@ def _text_problem(what: str, text: object, max_chars: int, empty: bool = True) -
         return f"{what} is empty"
     if len(text) > max_chars:
         return f"{what} holds {len(text)} characters, at most {max_chars}"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{what} {printable(text)[:40]!r} is not valid UTF-8 (lone surrogate)"
+    if not _is_utf8(text):
+        return f"{what} {printable(text)[:40]!r} is not valid UTF-8 (lone surrogate)"
     return None
 
 
