@@ -222,10 +222,9 @@ class EngineRunDB(RunDB):
         if self.source is not None:
             self._drop_served_projection()
             return
-        from projections import open_projection
+        from projections.database import discard_projection
 
-        with open_projection(self.db_path, self.lock_timeout_s) as con:
-            self.services.projector(con).rebuild()
+        discard_projection(self.db_path, self.lock_timeout_s)
 
     def _drop_served_projection(self) -> None:
         """Stop the home's projection service and, holding its lock (no service holds the file),

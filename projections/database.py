@@ -210,6 +210,26 @@ def open_projection(path: str | os.PathLike[str], timeout_s: float = 60.0,
         handle.release_later(linger)
 
 
+def discard_projection(path: str | os.PathLike[str], timeout_s: float = 60.0) -> None:
+    """Close this process's hold on the projection file and, under its lock, delete it and its
+    WAL: the next open folds the log from the start. (DuckDB keeps freed pages' old bytes, so
+    rebuilding in place would leave removed values on disk.)"""
+    path = Path(path).resolve()
+    handle = _handle(path)
+    with handle.use:
+        handle.close()
+        try:
+            handle.lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise ProjectionBusy(f"the projection {str(path)!r} was held by another process for more than "
+                                 f"{timeout_s:g}s; it was not discarded") from None
+        try:
+            for stale in (path, path.with_name(path.name + ".wal")):
+                stale.unlink(missing_ok=True)
+        finally:
+            handle.lock.release()
+
+
 def connection_is_prepared(con: duckdb.DuckDBPyConnection) -> bool:
     """True when the projector already checked the tables on this (reused) connection."""
     return any(h.con is con and h.prepared for h in list(_handles.values()))

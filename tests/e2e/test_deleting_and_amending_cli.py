@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from projections.database import close_all
+
 RUNBUS = str(Path(sys.executable).parent / "runbus")
 
 JOB = """
@@ -207,4 +209,6 @@ def test_the_api_deletes_amends_and_purges_where_this_process_folds(home: Path, 
     assert report.log_rewritten and report.runs == [doomed] and len(report.bodies) == 1
     assert not any(PARAM.encode() in path.read_bytes() for path in log_files(home))
     assert db.list_runs().uid.tolist() == [kept] and db.purgeable() == []
+    close_all()  # nor in the projection's files, once this process lets go of them
+    assert [path.name for path in home.rglob("*") if path.is_file() and PARAM.encode() in path.read_bytes()] == []
     assert db.read_run(kept)["note"] == "kept for the paper"
