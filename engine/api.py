@@ -251,17 +251,6 @@ class EngineRunDB(RunDB):
         finally:
             lock.release()
 
-    def read_run(self, uid: str) -> dict[str, Any]:
-        """Everything known about one run (see RunDB.read_run), with `note` and `amendments`: the
-        history of its edits, oldest first (position, ts, amended_by, labels, removed_labels, note)."""
-        run = super().read_run(uid)
-        history = self.sql("SELECT position, ts, amended_by, labels, removed_labels, note FROM amendments "
-                           "WHERE uid = ? ORDER BY position", [run["uid"]])
-        run["amendments"] = [{**row, "labels": json.loads(row["labels"] or "{}"),
-                              "removed_labels": json.loads(row["removed_labels"] or "[]")}
-                             for row in history.to_dict("records")]
-        return run
-
 
 def _uid_list(uids: Iterable[str]) -> list[str]:
     listed = [uids] if isinstance(uids, str) else list(uids)

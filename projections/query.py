@@ -409,10 +409,13 @@ class RunDB:
             return find_runs(fetch, run_filter, order, limit)
 
     def read_run(self, uid: str) -> dict[str, Any]:
-        """Everything known about one run, from one snapshot; `uid` may be a unique prefix."""
+        """Everything known about one run, from one snapshot; `uid` may be a unique prefix. With
+        the run's columns (`note` among them): params, results, artifacts, the last value of each
+        metric, and `amendments`, the history of its edits, oldest first (position, ts,
+        amended_by, labels, removed_labels, note)."""
         # one request: every statement names the run by the prefix, the first says what it matches
         run_uids = _MATCHING_UIDS.format(column="uid")
-        matches, runs, params, results, artifacts, last = self.answer([
+        matches, runs, params, results, artifacts, last, edits = self.answer([
             (_MATCHES, [uid]),
             (f"SELECT * FROM runs WHERE {run_uids}", [uid]),
             (f"SELECT key, value FROM params WHERE {run_uids} ORDER BY key", [uid]),
@@ -420,7 +423,9 @@ class RunDB:
             (f"SELECT key, kind, uri, sha256, size, format, labels, meta FROM artifacts WHERE {run_uids} "
              "ORDER BY key", [uid]),
             (f"SELECT key, arg_max(value, rowid) AS value FROM metrics WHERE {run_uids} GROUP BY key ORDER BY key",
-             [uid])])
+             [uid]),
+            (f"SELECT position, ts, amended_by, labels, removed_labels, note FROM amendments WHERE {run_uids} "
+             "ORDER BY position", [uid])])
         _one_match(matches.uid.tolist(), uid)
         run: dict[str, Any] = runs.iloc[0].to_dict()
         for column in ("labels", "inputs", "extra", "return_value"):
@@ -431,6 +436,9 @@ class RunDB:
         run["artifacts"] = [{**row, "labels": json.loads(row["labels"]), "meta": json.loads(row["meta"])}
                             for row in artifacts.to_dict("records")]
         run["metrics"] = dict(zip(last.key.tolist(), last.value.tolist(), strict=True))
+        run["amendments"] = [{**row, "labels": json.loads(row["labels"] or "{}"),
+                              "removed_labels": json.loads(row["removed_labels"] or "[]")}
+                             for row in edits.to_dict("records")]
         return run
 
     def get_log(self, uid: str, offset: int = 0) -> tuple[str, str]:
