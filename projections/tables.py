@@ -278,14 +278,8 @@ def stored_version(con: duckdb.DuckDBPyConnection) -> int | None:
 # the runs whose records go (every deleted run and every iteration hidden with its parent), and the
 # artifact bodies the runs shown still reference.
 PURGEABLE_RUNS_SQL = "SELECT uid FROM hidden_runs ORDER BY uid"
-REFERENCED_BODIES_SQL = "SELECT DISTINCT sha256 FROM artifacts WHERE sha256 IS NOT NULL ORDER BY sha256"
 
 
 def purgeable_runs(con: duckdb.DuckDBPyConnection) -> list[str]:
     """The uids whose bus records a purge removes: deleted runs and the iterations they hide."""
     return [row[0] for row in con.execute(PURGEABLE_RUNS_SQL).fetchall()]
-
-
-def referenced_bodies(con: duckdb.DuckDBPyConnection) -> set[str]:
-    """The sha256 of every artifact body a run shown references."""
-    return {row[0] for row in con.execute(REFERENCED_BODIES_SQL).fetchall()}
