@@ -499,14 +499,21 @@ def ui(
     port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 8765,
     token: Annotated[str | None, typer.Option(envvar="RUNBUS_UI_TOKEN", show_envvar=True,
                                               help="access token; required with a --host beyond loopback")] = None,
+    viewer_token: Annotated[str | None, typer.Option(envvar="RUNBUS_UI_VIEWER_TOKEN", show_envvar=True,
+                                                     help="a second token that may read but never edit")] = None,
+    public_name: Annotated[list[str] | None, typer.Option(
+        "--public-name", envvar="RUNBUS_UI_PUBLIC_NAME", show_envvar=True,
+        help="a host name a reverse proxy serves the UI under (repeatable); needs --token")] = None,
     sql_read_dir: Annotated[list[Path] | None, typer.Option(
         "--sql-read-dir", help="let SQL read (never write) files under this directory, as "
                                "read_csv('readonly:///DIR/file.csv'); repeatable")] = None,
 ) -> None:
-    """Serve the read-only web UI (a client of the home's projection service, like every reader)."""
+    """Serve the web UI: pages and read-only SQL, and edits of labels and notes (a client of the
+    home's projection service, like every reader)."""
     from engine.ui.server import serve
 
-    serve(host, port, svc=_svc(ctx), token=token, readable_dirs=[str(d.resolve()) for d in sql_read_dir or []])
+    serve(host, port, svc=_svc(ctx), token=token, readable_dirs=[str(d.resolve()) for d in sql_read_dir or []],
+          viewer_token=viewer_token, public_names=public_name or [])
 
 
 @app.command()

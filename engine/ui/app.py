@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
@@ -55,16 +56,21 @@ def not_found(message: str) -> HTMLResponse:
     return page("error.html", 404, title="Not found", message=message, nav="")
 
 
-def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None) -> Starlette:
+def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None,
+               viewer_token: str | None = None, public_names: Sequence[str] = ()) -> Starlette:
     """The read-only UI over `store` (see engine.ui.store: the projection service's sessions, the
     file opened per request, or a connection the caller holds).
 
     Bound to loopback, it answers requests addressed to `host` or to loopback names (a page of
     another site that rebinds its name to this address is refused). Bound beyond loopback it needs
     `token` on every request (ValueError without one). SQL and the API need `token` or a request
-    from the UI's own pages (see `AccessGuard`).
+    from the UI's own pages (see `AccessGuard`). `viewer_token` admits like `token` but only to
+    read: pages, SQL and the read API, never an edit. `public_names`: the names a reverse proxy
+    serves the UI under (they are let in, and every request then needs a token).
     """
-    wide = not is_loopback(host)
+    wide = not is_loopback(host) or bool(public_names)
+    if viewer_token is not None and (not viewer_token or viewer_token == token):
+        raise ValueError("the viewer token must be given and differ from the access token")
     if wide and not token:
         raise ValueError(f"serving on {host!r} reaches beyond this machine: an access token is required")
     store_root = store.services.settings.artifact_root
@@ -183,9 +189,10 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
               Route("/artifacts/{uid}/{key:path}", artifact), *api_routes(store)]
     # beyond loopback the token, not the name the client used, is what lets a request in
     hosts = ["*"] if wide and host in ("0.0.0.0", "::", "") else sorted(
-        {host, "127.0.0.1", "localhost", "::1", "[::1]"})
+        {host, "127.0.0.1", "localhost", "::1", "[::1]", *public_names})
     return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
-                                                Middleware(AccessGuard, token=token, require_token=wide)])
+                                                Middleware(AccessGuard, token=token, require_token=wide,
+                                                           viewer_token=viewer_token)])
 
 
 def _apply_edit(store: UIStore, uid: str, fields: dict[str, str]) -> str:
@@ -243,12 +250,16 @@ class AccessGuard:
       browser) or a same-origin request from the UI's own pages; API POST bodies must be JSON.
     - With `require_token` (served beyond loopback) every request needs the token;
       `?token=<token>` on any page sets the cookie and redirects to the page without it.
+    - The viewer token admits the same way but only to read: a request that carries it (and not
+      the access token) is refused any change (every POST but the read-only SQL ones).
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, require_token: bool) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, require_token: bool,
+                 viewer_token: str | None = None) -> None:
         self.app = app
         self.token = token
         self.require_token = require_token
+        self.viewer_token = viewer_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -267,8 +278,15 @@ class AccessGuard:
         navigation = safe and not api and request.headers.get("sec-fetch-mode") == "navigate"
         if (site in ("cross-site", "same-site") or (origin is not None and origin != own)) and not navigation:
             return _refuse(request, 403, "a request from another site's page is refused")
-        bearer = self._valid(request.headers.get("authorization", "").removeprefix(TOKEN_HEADER_PREFIX))
-        authorized = bearer or self._valid(request.cookies.get(_cookie_name(request)))
+        bearer_given = request.headers.get("authorization", "").removeprefix(TOKEN_HEADER_PREFIX)
+        cookie_given = request.cookies.get(_cookie_name(request))
+        bearer = self._valid(bearer_given)
+        full = bearer or self._valid(cookie_given)
+        viewer = not full and (self._viewer(bearer_given) or self._viewer(cookie_given))
+        if viewer and not safe and request.url.path not in _READ_ONLY_POSTS:
+            return _refuse(request, 403, "the viewer token reads only: editing needs the access token")
+        bearer = bearer or (viewer and self._viewer(bearer_given))
+        authorized = full or viewer
         given = request.query_params.get("token")
         if given is not None and safe:
             return self._admit(request, given)
@@ -284,15 +302,25 @@ class AccessGuard:
         return None
 
     def _valid(self, candidate: str | None) -> bool:
-        return bool(self.token and candidate) and hmac.compare_digest(str(candidate).encode(), self.token.encode())
+        return _matches(candidate, self.token)
+
+    def _viewer(self, candidate: str | None) -> bool:
+        return _matches(candidate, self.viewer_token)
 
     def _admit(self, request: Request, given: str) -> Response:
-        if not self._valid(given):
+        if not (self._valid(given) or self._viewer(given)):
             return _refuse(request, 401, "the access token given in the URL is not this runbus ui's")
         rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
         answer = RedirectResponse(request.url.path + ("?" + urlencode(rest) if rest else ""), status_code=303)
         answer.set_cookie(_cookie_name(request), given, httponly=True, samesite="strict", path="/")
         return answer
+
+
+_READ_ONLY_POSTS = frozenset({"/sql", "/api/sql"})  # POSTs that only read (SQL runs read-only)
+
+
+def _matches(candidate: str | None, token: str | None) -> bool:
+    return bool(token and candidate) and hmac.compare_digest(str(candidate).encode(), token.encode())
 
 
 def _cookie_name(request: Request) -> str:

@@ -41,18 +41,22 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8765, *, svc: Services, token: str | None = None,
-          readable_dirs: Sequence[str] = ()) -> None:
+          readable_dirs: Sequence[str] = (), viewer_token: str | None = None,
+          public_names: Sequence[str] = ()) -> None:
     """Serve the UI over `svc`'s home until Ctrl-C / SIGTERM.
 
     Beyond loopback `token` is required (every request must carry it). On loopback a random token
     is made when none is given; either way it is kept in ui.token (mode 0600) for API clients.
     SQL may read, never write, files under `readable_dirs` (none by default) as
-    `readonly:///<dir>/<file>`. One UI per home (ui.json and ui.token name one): a second one
+    `readonly:///<dir>/<file>`. `viewer_token`: a second token that reads but never edits.
+    `public_names`: the names a reverse proxy serves it under (a token is then required).
+    One UI per home (ui.json and ui.token name one): a second one
     fails naming the first.
     """
-    wide = not is_loopback(host)
+    wide = not is_loopback(host) or bool(public_names)
     if wide and not token:
-        raise ValueError(f"--host {host} reaches beyond this machine: give an access token with --token "
+        raise ValueError(f"--host {host}{' with --public-name' if public_names else ''} reaches beyond this "
+                         f"machine: give an access token with --token "
                          f"or RUNBUS_UI_TOKEN")
     token = token or secrets.token_urlsafe(32)
     home = svc.settings.home
@@ -68,7 +72,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765, *, svc: Services, token: st
         store.sql("SELECT 1")  # the projection answers (and reads the same directories)
         write_token(home, token)  # before the announcement: a client that finds one finds both
         announce(home, host, port)
-        app = create_app(store, host, token)
+        app = create_app(store, host, token, viewer_token, public_names)
         for line in startup_lines(host, port, svc, wide, readable_dirs):
             print(line, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))

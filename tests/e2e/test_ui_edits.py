@@ -118,3 +118,64 @@ def test_an_edit_with_a_bad_label_or_of_an_unknown_run_says_why(served, home: Pa
     assert post(f"{url}/runs/{uid}/edit", b"what=labels&set=novalue", headers) == 400
     assert post(f"{url}/runs/nosuchrun/edit", b"what=note&note=x", headers) == 404
     assert amendments(env) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_the_viewer_token_reads_pages_and_sql_but_never_edits(home: Path, tmp_path: Path, host: str) -> None:
+    (tmp_path / "job.py").write_text("def train(context):\n    context.log_result('accuracy', 0.9)\n")
+    env = {**os.environ, "RUNBUS_UI_TOKEN": "full-token-" + "x" * 20, "RUNBUS_UI_VIEWER_TOKEN": "viewer-" + "y" * 20}
+    subprocess.run([RUNBUS, "run", "job.py:train"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                   timeout=120)
+    uid = json.loads(runbus(env, "runs", "--format", "json"))[0]["uid"]
+    process, url = start_ui(home, env, tmp_path / "ui.log", host=host)
+    try:
+        viewer = {"Authorization": f"Bearer {env['RUNBUS_UI_VIEWER_TOKEN']}"}
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/runs/{uid}", headers=viewer), timeout=30) as page:
+            assert page.status == 200 and uid in page.read().decode()
+        sql = json.dumps({"sql": "SELECT count(*) AS n FROM runs"}).encode()
+        assert post(f"{url}/api/sql", sql, {**viewer, "Content-Type": "application/json"}) == 200
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        edit = b"what=note&note=by+a+viewer"
+        assert post(f"{url}/runs/{uid}/edit", edit, {**form, **viewer}) == 403
+        # in a browser: the viewer's cookie on the UI's own page still may not edit
+        assert post(f"{url}/runs/{uid}/edit", edit, {**form, "Sec-Fetch-Site": "same-origin",
+                                                     "Cookie": f"runbus_ui_{url.rsplit(':', 1)[1]}="
+                                                               f"{env['RUNBUS_UI_VIEWER_TOKEN']}"}) == 403
+        assert amendments(env) == []
+        full = {"Authorization": f"Bearer {env['RUNBUS_UI_TOKEN']}"}
+        assert post(f"{url}/runs/{uid}/edit", edit, {**form, **full}) == 200  # after 303
+        assert [a["note"] for a in amendments(env)] == ["by a viewer"]
+    finally:
+        stop(process)
+
+
+def test_behind_a_reverse_proxy_the_public_name_is_let_in_with_the_token_only(home: Path, tmp_path: Path) -> None:
+    """What a TLS proxy on this machine sends (Host: its public name, X-Forwarded-Proto: https):
+    pages and edits from the public origin work with the token, nothing works without it, and
+    another name is refused."""
+    (tmp_path / "job.py").write_text("def train(context):\n    context.log_result('accuracy', 0.9)\n")
+    env = {**os.environ, "RUNBUS_UI_TOKEN": "full-token-" + "x" * 20}
+    subprocess.run([RUNBUS, "run", "job.py:train"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                   timeout=120)
+    uid = json.loads(runbus(env, "runs", "--format", "json"))[0]["uid"]
+    process, url = start_ui(home, env, tmp_path / "ui.log", "--public-name", "runs.team.example")
+    try:
+        proxied = {"Host": "runs.team.example", "X-Forwarded-Proto": "https"}
+        token = {"Authorization": f"Bearer {env['RUNBUS_UI_TOKEN']}"}
+
+        def get(headers: dict[str, str]) -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/runs/{uid}", headers=headers),
+                                            timeout=30) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert get({**proxied, **token}) == 200
+        assert get(proxied) == 401  # a public name: every request needs the token
+        assert get({**proxied, **token, "Host": "evil.example"}) == 400
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": "https://runs.team.example"}
+        assert post(f"{url}/runs/{uid}/edit", b"what=note&note=via+proxy", {**proxied, **token, **form}) == 200
+        assert [a["note"] for a in amendments(env)] == ["via proxy"]
+    finally:
+        stop(process)
