@@ -87,6 +87,12 @@ class PurgeReport:
 _RUN_OR_DELETED = ("SELECT uid, 'shown' AS status FROM runs WHERE starts_with(uid, ?) UNION ALL "
                    "SELECT uid, 'deleted' AS status FROM deleted_runs WHERE starts_with(uid, ?) LIMIT 3")
 _ARTIFACT_PAYLOADS = "SELECT payload FROM events WHERE type = 'artifact'"
+# hidden runs with no recorded end that spoke lately: a purge now would leave what they log next
+_STILL_RUNNING = """
+    SELECT h.uid, epoch(now()) - max(epoch(e.ts)) AS silent_s FROM hidden_runs h JOIN events e ON e.run_uid = h.uid
+    GROUP BY h.uid HAVING count(*) FILTER (WHERE e.type = 'run_finished') = 0
+       AND epoch(now()) - max(epoch(e.ts)) < ? ORDER BY h.uid"""
+SILENT_HEARTBEATS = 3  # as the projection judges a silent run lost
 
 
 class EngineRunDB(RunDB):
@@ -201,12 +207,18 @@ class EngineRunDB(RunDB):
         """Remove deleted runs for good: on the embedded log their records (and their iterations')
         are rewritten as empty records and the projection is rebuilt; then the artifact bodies
         that no artifact event left in the log names, stored more than `older_than_s` ago, are
-        removed. On Kafka records cannot be rewritten: they stay (restorable) until the topic's
+        removed. A deleted run still running is refused (RuntimeError): what it logs after a purge
+        could not be deleted. On Kafka records cannot be rewritten: they stay (restorable) until the topic's
         retention removes them, and so do the bodies they name."""
         from producers.bus.embedded import EmbeddedBus
 
         svc = self.services
         uids = self.purgeable()
+        running = self.sql(_STILL_RUNNING, [SILENT_HEARTBEATS * svc.settings.heartbeat_interval_s])
+        if not running.empty:
+            uid, silent_s = running.uid.iloc[0], float(running.silent_s.iloc[0])
+            raise RuntimeError(f"purge: deleted run {uid} is still running (it spoke {silent_s:.0f}s ago): "
+                               f"stop it or wait until it ends; nothing was purged")
         records = 0
         rewritable = isinstance(svc.bus, EmbeddedBus)
         if rewritable and uids:

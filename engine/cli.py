@@ -610,6 +610,10 @@ def purge(
         console.print(literal(f"purged {uid}"))
     console.print(f"blanked {report.records} bus record(s) of {len(report.runs)} run(s); removed "
                   f"{len(report.bodies)} artifact bod{'y' if len(report.bodies) == 1 else 'ies'}")
+    if report.log_rewritten and report.runs:
+        console.print(literal("another home that projects this log (RUNBUS_BUS naming it) keeps its copy on disk "
+                              "until its projection files are removed (runbus.duckdb*): it folds the log again "
+                              "by itself, but DuckDB may keep freed pages' old bytes"))
     if not report.log_rewritten and uids:
         console.print(literal(f"{db.services.bus.url}: records cannot be rewritten here: the {len(uids)} deleted "
                               "run(s) stay in the topic (restorable, their bodies kept) until its retention "

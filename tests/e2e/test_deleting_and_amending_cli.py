@@ -212,3 +212,36 @@ def test_the_api_deletes_amends_and_purges_where_this_process_folds(home: Path, 
     close_all()  # nor in the projection's files, once this process lets go of them
     assert [path.name for path in home.rglob("*") if path.is_file() and PARAM.encode() in path.read_bytes()] == []
     assert db.read_run(kept)["note"] == "kept for the paper"
+
+
+def test_purge_refuses_a_deleted_run_that_is_still_running(home: Path) -> None:
+    """What a running run logs after a purge would fold as rows no delete can reach: refused."""
+    import threading
+
+    from engine import NewRun, get_run_db, new_function
+
+    started, release = threading.Event(), threading.Event()
+
+    def job(context):
+        context.log_result("before", 1)
+        started.set()
+        release.wait(60)
+        context.log_result("after", 2)
+
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(new_function().run(NewRun(handler=job, name="live"))))
+    worker.start()
+    try:
+        assert started.wait(60)
+        db = get_run_db()
+        uid = db.list_runs(name="live").uid.iloc[0]
+        db.delete_runs([uid])
+        with pytest.raises(RuntimeError, match=f"deleted run {uid} is still running.*nothing was purged"):
+            db.purge()
+        assert db.purgeable() == [uid]
+    finally:
+        release.set()
+        worker.join(60)
+    assert outcome and outcome[0].uid == uid
+    report = get_run_db().purge()
+    assert report.runs == [uid] and get_run_db().sql("SELECT count(*) AS n FROM results").n[0] == 0
