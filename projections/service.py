@@ -269,6 +269,12 @@ class ProjectionService:
             with self._fold_lock:  # the folding thread is done with the connection
                 pass
 
+    def pause_folding(self) -> None:
+        """Stop folding once the batch in flight is committed (tests); `fold_gate.set()` resumes."""
+        self.fold_gate.clear()
+        with self._fold_lock:  # the batch in flight ends and publishes its positions
+            pass
+
     def shutdown(self) -> None:
         """Stop serving (safe from a signal handler or another thread); `run` returns soon after."""
         self.stop.set()

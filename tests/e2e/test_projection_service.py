@@ -93,7 +93,7 @@ def in_thread(home: Path) -> Iterator[InThread]:
 
 def test_a_reader_waits_for_the_fold_of_what_was_on_the_bus_when_it_asked(in_thread: InThread) -> None:
     bus, client, service_of = in_thread
-    service_of.fold_gate.clear()  # the fold pauses before its next batch
+    service_of.pause_folding()  # the fold pauses before its next batch
     _foreign_run(bus, "appended-before-the-query")
     answers: list[object] = []
     reader = threading.Thread(target=lambda: answers.append(
@@ -121,13 +121,13 @@ def test_two_readers_answer_at_once_while_a_backlog_is_being_folded(in_thread: I
     _foreign_run(bus, "first")
     client.catch_up()
     seen = bus.end_offsets()
-    service.fold_gate.clear()
+    service.pause_folding()
     for i in range(60):
         _foreign_run(bus, f"backlog-{i}")
     end = bus.end_offsets()
     service.fold_gate.set()
     wait_until(lambda: sum(service.positions().values()) > sum(seen.values()), "the fold is into the backlog")
-    service.fold_gate.clear()  # paused in the middle of the backlog
+    service.pause_folding()  # in the middle of the backlog
     behind = sum(end.values()) - sum(service.positions().values())
     assert behind > 0, "the backlog was folded before the readers could ask: make it longer"
 
