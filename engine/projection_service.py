@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--follow", action="store_true", help="never exit when idle")
     parser.add_argument("--sql-read-dir", action="append", default=[])
     args = parser.parse_args(argv)
+    # the projection holds every run's data: its files (DuckDB's WAL, the locks) are the owner's
+    # only, even in a home folder that others may list
+    os.umask(0o077)
     readable = [*args.sql_read_dir, *filter(None, os.environ.get(SQL_READ_DIRS, "").split(os.pathsep))]
     settings = load_settings()
     from engine.bootstrap import make_bus

@@ -279,3 +279,16 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_services_files_are_its_owners_only_in_a_home_others_may_list(home: Path) -> None:
+    home.mkdir(mode=0o755, parents=True, exist_ok=True)
+    home.chmod(0o755)  # made by the user beforehand, listable by others
+    close_session()
+    new_function().run(NewRun(handler=_say, name="private"))
+    db = get_run_db()
+    assert "private" in set(db.sql("SELECT name FROM runs").name)
+    made = [path for path in home.iterdir() if path.name.startswith(("runbus.duckdb", "projection."))
+            and path.is_file()]
+    assert any(path.name == "runbus.duckdb" for path in made)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in made} == {path.name: "0o600" for path in made}
