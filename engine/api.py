@@ -93,6 +93,12 @@ _STILL_RUNNING = """
     GROUP BY h.uid HAVING count(*) FILTER (WHERE e.type = 'run_finished') = 0
        AND epoch(now()) - max(epoch(e.ts)) < ? ORDER BY h.uid"""
 SILENT_HEARTBEATS = 3  # as the projection judges a silent run lost
+# where the events of hidden runs sit on the bus: applied, and copies skipped as duplicates or conflicts
+_PLACED_EVENTS = """
+    SELECT DISTINCT "offset" FROM (
+        SELECT run_uid, "offset" FROM events UNION ALL SELECT run_uid, "offset" FROM duplicates
+        UNION ALL SELECT run_uid, "offset" FROM conflicts)
+    WHERE run_uid IN (SELECT uid FROM hidden_runs)"""
 
 
 class EngineRunDB(RunDB):
@@ -222,7 +228,9 @@ class EngineRunDB(RunDB):
         records = 0
         rewritable = isinstance(svc.bus, EmbeddedBus)
         if rewritable and uids:
-            records = svc.bus.blank_records(uids, svc.codec.encode_batch([]))
+            # by key, and where their events sit: a record on the bus may carry them under another key
+            placed = self.sql(_PLACED_EVENTS)
+            records = svc.bus.blank_records(uids, svc.codec.encode_batch([]), offsets=placed.offset.tolist())
             self._rebuild()
         named = _named_bodies(self.sql(_ARTIFACT_PAYLOADS).payload)
         bodies = svc.artifact_store.remove_unreferenced(named, older_than_s=older_than_s)

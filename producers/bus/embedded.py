@@ -131,8 +131,9 @@ class EmbeddedBus(Bus):
             raise self._failure("read the epoch", exc) from exc
         return row[0] if row else ""
 
-    def blank_records(self, keys: Collection[str], filler: bytes) -> int:
-        """Rewrite every record whose key is in `keys` (records are keyed by their run's uid) as
+    def blank_records(self, keys: Collection[str], filler: bytes, offsets: Collection[int] = ()) -> int:
+        """Rewrite every record whose key is in `keys` (records are keyed by their run's uid), and
+        those at `offsets` (where a consumer found events of those runs under another key), as
         `filler` with no key, in one transaction that also changes the `epoch`; returns how many.
 
         Offsets stay as they were (a deleted last record would let the next append reuse its
@@ -149,8 +150,13 @@ class EmbeddedBus(Bus):
                 conn.execute("CREATE TEMP TABLE IF NOT EXISTS purged_keys (key TEXT PRIMARY KEY)")
                 conn.execute("DELETE FROM purged_keys")
                 conn.executemany("INSERT INTO purged_keys VALUES (?)", [(key,) for key in wanted])
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS purged_offsets (pos INTEGER PRIMARY KEY)")
+                conn.execute("DELETE FROM purged_offsets")
+                conn.executemany("INSERT OR IGNORE INTO purged_offsets VALUES (?)",
+                                 [(int(offset) + 1,) for offset in offsets])
                 changed = conn.execute("UPDATE log SET key = NULL, value = ? WHERE key IN "
-                                       "(SELECT key FROM purged_keys)", (filler,)).rowcount
+                                       "(SELECT key FROM purged_keys) OR pos IN (SELECT pos FROM purged_offsets)",
+                                       (filler,)).rowcount
                 conn.execute("INSERT INTO meta VALUES ('epoch', ?) ON CONFLICT (key) DO UPDATE "
                              "SET value = excluded.value", (uuid.uuid4().hex,))
                 conn.execute("COMMIT")

@@ -245,3 +245,24 @@ def test_purge_refuses_a_deleted_run_that_is_still_running(home: Path) -> None:
     assert outcome and outcome[0].uid == uid
     report = get_run_db().purge()
     assert report.runs == [uid] and get_run_db().sql("SELECT count(*) AS n FROM results").n[0] == 0
+
+
+def test_purge_blanks_a_runs_events_found_under_another_key(home: Path) -> None:
+    """Anyone who can write to the bus can copy a run's record under another key: the purge goes by
+    where the projection found the run's events, not only by key, so the run does not come back."""
+    from engine import NewRun, get_run_db, new_function
+    from engine.api import session
+
+    uid = new_function().run(NewRun(handler=lambda context: context.log_result("tok", "KEYSENTINEL77"),
+                                    name="copied")).uid
+    bus = session().services.bus
+    copied = next(record for record in bus.read({0: 0}, 1000, 1.0) if record.key == uid and b"KEYSENTINEL77"
+                  in record.value)
+    bus.append([("someone-else", copied.value)])
+    db = get_run_db()
+    assert db.sql("SELECT count(*) AS n FROM duplicates").n[0] >= 1  # the copy was seen
+    db.delete_runs([uid])
+    report = db.purge()
+    assert report.runs == [uid]
+    assert get_run_db().sql("SELECT count(*) AS n FROM runs").n[0] == 0
+    assert b"KEYSENTINEL77" not in (home / "log.sqlite").read_bytes()
