@@ -15,7 +15,6 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.bootstrap import Services, bootstrap
@@ -253,6 +252,7 @@ class EngineRunDB(RunDB):
         the log from its start."""
         from filelock import FileLock, Timeout
 
+        from projections.database import remove_projection_files
         from projections.service import ServiceAddress
 
         settings = self.services.settings
@@ -265,9 +265,7 @@ class EngineRunDB(RunDB):
                                f"not stop within {settings.db_timeout_s:g}s (a reader holds it): it folds the "
                                "log again by itself; `runbus purge` again removes the bodies") from None
         try:
-            path = Path(self.db_path)
-            for stale in (path, path.with_name(path.name + ".wal")):
-                stale.unlink(missing_ok=True)
+            remove_projection_files(self.db_path)
         finally:
             lock.release()
 

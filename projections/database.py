@@ -224,10 +224,16 @@ def discard_projection(path: str | os.PathLike[str], timeout_s: float = 60.0) ->
             raise ProjectionBusy(f"the projection {str(path)!r} was held by another process for more than "
                                  f"{timeout_s:g}s; it was not discarded") from None
         try:
-            for stale in (path, path.with_name(path.name + ".wal")):
-                stale.unlink(missing_ok=True)
+            remove_projection_files(path)
         finally:
             handle.lock.release()
+
+
+def remove_projection_files(path: str | os.PathLike[str]) -> None:
+    """Delete the projection file and its WAL (the caller holds whatever keeps others off them)."""
+    path = Path(path)
+    for stale in (path, path.with_name(path.name + ".wal")):
+        stale.unlink(missing_ok=True)
 
 
 def connection_is_prepared(con: duckdb.DuckDBPyConnection) -> bool:
