@@ -28,7 +28,7 @@ from projections.database import from_user_statement, open_projection
 from projections.errors import QueryTimeout, ReadOnlyError
 from projections.projector import Projector
 from projections.replay import stored_events
-from projections.run_query import RunFilter, RunOrder, find_runs, label_filters
+from projections.run_query import RunFilter, RunOrder, ValueColumnCache, find_runs, label_filters
 from projections.user import UserProjection
 from projections.wire import to_frame
 from schemas import EventCodec
@@ -317,6 +317,7 @@ class RunDB:
         self.as_of = as_of
         self.source = source
         self.readable_dirs = [str(Path(d).resolve()) for d in readable_dirs]
+        self.remembered_columns = ValueColumnCache()
 
     def _projector(self, con: duckdb.DuckDBPyConnection) -> Projector:
         return Projector(self.bus, con, self.codec, user_projections=self.user_projections)
@@ -406,7 +407,7 @@ class RunDB:
                                since=since, until=until, parent=parent, top_level=not iterations)
         order = RunOrder.parse(sort_by)
         with self.reader() as fetch:
-            return find_runs(fetch, run_filter, order, limit)
+            return find_runs(fetch, run_filter, order, limit, cache=self.remembered_columns)
 
     def read_run(self, uid: str) -> dict[str, Any]:
         """Everything known about one run, from one snapshot; `uid` may be a unique prefix. With

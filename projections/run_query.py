@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import operator
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import duckdb
 import pandas as pd
 
 from projections.tables import RUN_COLUMNS, VALUE_TABLES, quoted
@@ -138,14 +140,43 @@ class _Sql:
         return f" WHERE {' AND '.join(self.where)}" if self.where else ""
 
 
+class ValueColumnCache:
+    """The runs_wide columns of (kind, key) pairs, remembered between the queries of one reader so a
+    filter or sort on a value does not look its column up each time. runs_wide only gains columns
+    until a rebuild, so a remembered column is right or gone; `find_runs` and `count_runs` retry a
+    query that used remembered columns once with the columns looked up again."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def columns_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str] | None:
+        """The columns of every key, or None when one of them is not remembered."""
+        with self._lock:
+            if all(key in self._known for key in keys):
+                return {key: self._known[key] for key in keys}
+        return None
+
+    def remember(self, columns: Mapping[tuple[str, str], str]) -> None:
+        with self._lock:
+            self._known.update(columns)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._known.clear()
+
+
 class RunQuery:
     """SQL for one filter and order over runs_wide, with the columns the keys named have."""
 
-    def __init__(self, run_filter: RunFilter, order: RunOrder, columns: Mapping[tuple[str, str], str]) -> None:
-        """`columns`: (kind, key) -> runs_wide column, for the keys the filter and order name."""
+    def __init__(self, run_filter: RunFilter, order: RunOrder, columns: Mapping[tuple[str, str], str],
+                 remembered: bool = False) -> None:
+        """`columns`: (kind, key) -> runs_wide column, for the keys the filter and order name.
+        `remembered`: they came from a ValueColumnCache (they may be gone after a rebuild)."""
         self.filter = run_filter
         self.order = order
         self.columns = dict(columns)
+        self.remembered = remembered
 
     @staticmethod
     def keys_named(run_filter: RunFilter, order: RunOrder) -> list[tuple[str, str]]:
@@ -155,15 +186,22 @@ class RunQuery:
         return [*keys, named] if named else keys
 
     @classmethod
-    def build(cls, fetch: Fetch, run_filter: RunFilter, order: RunOrder) -> RunQuery:
-        """The query, with the columns of its keys looked up through `fetch`."""
+    def build(cls, fetch: Fetch, run_filter: RunFilter, order: RunOrder,
+              cache: ValueColumnCache | None = None) -> RunQuery:
+        """The query, with the columns of its keys taken from `cache` when it remembers them all,
+        else looked up through `fetch` (and remembered in `cache`)."""
         keys = cls.keys_named(run_filter, order)
-        columns: dict[tuple[str, str], str] = {}
-        if keys:
-            frame = fetch('SELECT kind, key, "column" FROM runs_wide_columns WHERE '
-                          + " OR ".join(["(kind = ? AND key = ?)"] * len(keys)),
-                          [part for pair in keys for part in pair])
-            columns = {(kind, key): column for kind, key, column in frame.itertuples(index=False)}
+        if not keys:
+            return cls(run_filter, order, {})
+        remembered = cache.columns_of(keys) if cache is not None else None
+        if remembered is not None:
+            return cls(run_filter, order, remembered, remembered=True)
+        frame = fetch('SELECT kind, key, "column" FROM runs_wide_columns WHERE '
+                      + " OR ".join(["(kind = ? AND key = ?)"] * len(keys)),
+                      [part for pair in keys for part in pair])
+        columns = {(kind, key): column for kind, key, column in frame.itertuples(index=False)}
+        if cache is not None:
+            cache.remember(columns)
         return cls(run_filter, order, columns)
 
     def _conditions(self) -> _Sql:
@@ -264,14 +302,28 @@ def _count(value: Any, what: str) -> int:
     return number
 
 
+def _answered(fetch: Fetch, run_filter: RunFilter, order: RunOrder, cache: ValueColumnCache | None,
+              statement: Callable[[RunQuery], tuple[str, list[Any]]]) -> pd.DataFrame:
+    """The answer to the statement of the query; once more with its columns looked up when it
+    failed with remembered ones (a rebuild may have dropped them)."""
+    run_query = RunQuery.build(fetch, run_filter, order, cache)
+    try:
+        return fetch(*statement(run_query))
+    except duckdb.BinderException:  # a column that is not there (any other error is the answer)
+        if cache is None or not run_query.remembered:
+            raise
+    cache.forget()
+    return fetch(*statement(RunQuery.build(fetch, run_filter, order, cache)))
+
+
 def find_runs(fetch: Fetch, run_filter: RunFilter = RunFilter(), order: RunOrder = RunOrder(),
-              limit: int | None = None, offset: int = 0, columns: Sequence[str] = RUN_COLUMNS) -> pd.DataFrame:
-    """The matching runs (the given runs columns), sorted, one page of them when `limit` is given."""
-    query, args = RunQuery.build(fetch, run_filter, order).select(columns, limit, offset)
-    return fetch(query, args)
+              limit: int | None = None, offset: int = 0, columns: Sequence[str] = RUN_COLUMNS,
+              cache: ValueColumnCache | None = None) -> pd.DataFrame:
+    """The matching runs (the given runs columns), sorted, one page of them when `limit` is given.
+    `cache`: the reader's remembered value columns (see ValueColumnCache)."""
+    return _answered(fetch, run_filter, order, cache, lambda q: q.select(columns, limit, offset))
 
 
-def count_runs(fetch: Fetch, run_filter: RunFilter = RunFilter()) -> int:
+def count_runs(fetch: Fetch, run_filter: RunFilter = RunFilter(), cache: ValueColumnCache | None = None) -> int:
     """How many runs match."""
-    query, args = RunQuery.build(fetch, run_filter, RunOrder()).count()
-    return int(fetch(query, args).n[0])
+    return int(_answered(fetch, run_filter, RunOrder(), cache, lambda q: q.count()).n[0])

@@ -16,7 +16,15 @@ from engine.ui.runs_page import RunsQuery, fetch_runs
 from producers.bus.memory import MemoryBus
 from projections.projector import Projector
 from projections.query import read_only_query
-from projections.run_query import SORTABLE_RUN_COLUMNS, RunFilter, RunOrder, ValueFilter, count_runs, find_runs
+from projections.run_query import (
+    SORTABLE_RUN_COLUMNS,
+    RunFilter,
+    RunOrder,
+    ValueColumnCache,
+    ValueFilter,
+    count_runs,
+    find_runs,
+)
 from tests.support.foreign import CODEC, envelope, finished, started
 
 
@@ -222,3 +230,29 @@ def test_the_runs_page_sorts_on_every_column_list_runs_sorts_on(four: tuple[_Pro
         for sort in (column, f"-{column}"):
             page = fetch_runs(projection.fetch, RunsQuery.from_params({"sort": sort}))
             assert [row["uid"] for row in page.rows] == projection.find(sort=sort), sort
+
+
+def test_remembered_value_columns_answer_as_looked_up_ones_and_survive_a_rebuild(
+        four: tuple[_Projection, list[str]]) -> None:
+    projection, _ = four
+    cache = ValueColumnCache()
+    looked_up: list[str] = []
+
+    def fetch(sql: str, params: Any = None) -> pd.DataFrame:
+        if "runs_wide_columns" in sql:
+            looked_up.append(sql)
+        return projection.fetch(sql, params)
+
+    def find() -> list[str]:
+        return find_runs(fetch, RunFilter(values=(ValueFilter.parse("result.loss < 0.8"),)),
+                         RunOrder.parse("-result.loss"), cache=cache).uid.tolist()
+
+    assert find() == ["u0", "u3", "u1"]
+    assert find() == ["u0", "u3", "u1"]
+    assert len(looked_up) == 1  # the second query used the remembered column
+    # a rebuild that gives result.loss no column (the cap reached first) leaves a remembered column gone
+    projection.con.execute('ALTER TABLE runs_wide DROP COLUMN "result.loss"')
+    projection.con.execute("DELETE FROM runs_wide_columns WHERE key = 'loss'")
+    assert find() == ["u0", "u3", "u1"]  # retried with the key/value tables
+    assert len(looked_up) == 2
+    assert count_runs(fetch, RunFilter(values=(ValueFilter.parse("result.loss < 0.8"),)), cache=cache) == 3
