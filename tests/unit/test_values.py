@@ -84,7 +84,9 @@ def test_a_step_outside_int64_or_not_an_integer_is_refused(step: object) -> None
         to_step("metric", "m", step)
 
 
-@pytest.mark.parametrize("timestamp", [time.time_ns(), time.time() * 1000, math.nan, math.inf, -math.inf, 1e20, -1.0,
+@pytest.mark.parametrize("timestamp", [pytest.param(time.time_ns(), id="now-in-ns"),
+                                       pytest.param(time.time() * 1000, id="now-in-ms"),
+                                       math.nan, math.inf, -math.inf, 1e20, -1.0,
                                        9.21e9])  # 9.21e9: the projection could not hold it
 def test_a_metric_timestamp_outside_1970_to_2262_seconds_is_refused(timestamp: float) -> None:
     with pytest.raises(TypeError, match=r"metric 'm': timestamp .* between 1970 and 2262"):
