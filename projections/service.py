@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -36,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ FRAME, JSON = b"A", b"J"
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 _AS_OF_CACHE = 4
 _JUDGE_EVERY_S = 1.0
+HANDSHAKE_S = 10.0
+"""The longest a client's authentication may take (either side) before the connection is dropped."""
+_BACKLOG = 64  # connections waiting for accept(): readers that arrive together are not refused
 _log = logging.getLogger("runbus.projection")
 
 
@@ -122,6 +126,31 @@ def ensure_key(path: Path) -> bytes:
 
 def send_json(conn: Connection, payload: Mapping[str, Any]) -> None:
     conn.send_bytes(JSON + json.dumps(payload, default=str).encode())
+
+
+def bound_io(conn: Connection | socket.socket, seconds: float | None) -> None:
+    """Make every read and write of `conn` fail (BlockingIOError) after `seconds` without progress
+    (SO_RCVTIMEO / SO_SNDTIMEO; a blocking connect() waiting for a full backlog too); None: wait forever."""
+    whole = max(0.0, seconds or 0.0)
+    if seconds is not None and whole < 1e-6:
+        whole = 1e-6  # 0 would mean "forever"
+    timeval = struct.pack("ll", int(whole), int((whole % 1) * 1_000_000))
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the same socket: options are shared
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def peer_pid(conn: Connection) -> int | None:
+    """The pid of the process at the other end of a Unix socket connection, when the system says."""
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if peercred is None:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, struct.calcsize("3i")))[0]
+    except OSError:
+        return None
+    return int(pid) or None
 
 
 class _PastProjections:
@@ -216,6 +245,7 @@ class ProjectionService:
         self._projector: Projector | None = None
         self._past: _PastProjections | None = None
         self._listener: Listener | None = None
+        self._key = b""
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -247,7 +277,10 @@ class ProjectionService:
         key = ensure_key(self.address.key)
         with contextlib.suppress(FileNotFoundError):
             self.address.socket.unlink()  # left by a service that was killed: we hold the lock now
-        self._listener = Listener(str(self.address.socket), family="AF_UNIX", authkey=key)
+        self._key = key
+        # no authkey here: Listener.accept() would authenticate on the accepting thread, with no
+        # deadline, so one silent client would keep every other one out; each client's thread does it
+        self._listener = Listener(str(self.address.socket), family="AF_UNIX", backlog=_BACKLOG)
         try:
             os.chmod(self.address.socket, 0o600)
             threads = [threading.Thread(target=self._fold, name="runbus-fold", daemon=True)]
@@ -306,14 +339,30 @@ class ProjectionService:
                 return
             try:
                 conn = listener.accept()
-            except (OSError, EOFError):
+            except OSError:
                 if self.stop.is_set() or self._listener is None:
                     return
-                continue  # a client that went away or failed the handshake
-            except Exception as exc:  # AuthenticationError and kin: refuse that client only
-                _log.warning("runbus: a client of the projection service was refused: %s", exc)
-                continue
+                continue  # a client that went away before it was accepted
+            if self.stop.is_set():
+                conn.close()
+                return
             threading.Thread(target=self._serve_client, args=(conn,), daemon=True).start()
+
+    def _authenticated(self, conn: Connection) -> bool:
+        """Whether the client proved it holds the home's key within HANDSHAKE_S (the stdlib's
+        challenge, both ways, as Listener.accept does it); a client that fails or stalls is logged
+        once and dropped, on its own thread, while others are served."""
+        try:
+            bound_io(conn, HANDSHAKE_S)
+            deliver_challenge(conn, self._key)
+            answer_challenge(conn, self._key)
+            bound_io(conn, None)  # a session may rightly wait long for its reader's next statement
+        except Exception as exc:  # a timeout (BlockingIOError), EOF, a wrong digest or a garbled message
+            if not self.stop.is_set():  # else: the connection that wakes accept() at shutdown
+                _log.warning("runbus: a client of the projection service was dropped during its handshake "
+                             "(%s: %s)", type(exc).__name__, _first_line(exc))
+            return False
+        return True
 
     def _touch(self, delta: int) -> None:
         with self._progress:
@@ -404,6 +453,8 @@ class ProjectionService:
         """The requests of one connection, one after another, until the client closes it (a client
         keeps its connection for its next session). Only a request under way counts as activity."""
         try:
+            if not self._authenticated(conn):
+                return
             while not self.stop.is_set():
                 try:
                     message = conn.recv_bytes()
