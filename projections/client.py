@@ -5,18 +5,28 @@ offsets it sees (so the answer includes everything appended before the request: 
 writes), and reads the answers of one snapshot as Arrow IPC, converted by `projections.wire`.
 When no service answers (none yet, or one that was killed left its socket behind) the client has
 one started with `start` and waits for it.
+
+No wait is unbounded but a rebuild's: the connection and its handshake take at most
+min(timeout_s, HANDSHAKE_S); a session (or a catch-up) must open within timeout_s (the service's
+wait for the fold, RUNBUS_DB_TIMEOUT) plus a margin; each statement must be answered within the
+service's statement timeout (QUERY_TIMEOUT_S) plus a margin; the bytes of an answer must keep
+coming (no gap longer than the handshake bound). A service that is stopped (SIGSTOP) or hung
+makes the reader fail with ProjectionBusy, naming its pid, home and log, and the connection is
+closed. A rebuild waits as long as it takes: it folds the whole log, which may take minutes, and
+the caller asked for exactly that (Ctrl-C ends the wait).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from multiprocessing.connection import Client, Connection
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from subprocess import Popen
 from typing import Any
 
@@ -25,12 +35,14 @@ import pandas as pd
 from producers.bus import Bus
 from projections.database import ProjectionBusy
 from projections.errors import error_from_payload
-from projections.query import Query, Statement, check_read_only
-from projections.service import FRAME, JSON, ServiceAddress, read_key
+from projections.query import QUERY_TIMEOUT_S, Query, Statement, check_read_only
+from projections.service import FRAME, HANDSHAKE_S, JSON, ServiceAddress, bound_io, peer_pid, read_key
 from projections.wire import from_ipc, to_frame
 
 _POLL_S = 0.05
 _KEEP_IDLE = 2  # connections kept between sessions (a UI serves a few requests at once)
+_MARGIN_S = 5.0  # beyond the service's own deadline: its answer's way back on a loaded machine
+_GONE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError)
 
 
 class ServiceClient:
@@ -72,7 +84,7 @@ class ServiceClient:
         frames: list[pd.DataFrame] = []
         while len(frames) < len(statements):
             try:
-                answer = _receive(conn)
+                answer = self._receive(conn, self._statement_s, "a statement")
             except (EOFError, OSError) as exc:
                 conn.close()
                 raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
@@ -105,7 +117,7 @@ class ServiceClient:
                 if not pending:
                     pending = True
                     conn.send_bytes(json.dumps(statement).encode())
-                answer = _receive(conn)
+                answer = self._receive(conn, self._statement_s, "a statement")
                 pending = False
             except (EOFError, OSError) as exc:
                 raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
@@ -145,26 +157,25 @@ class ServiceClient:
                 conn.close()
 
     def catch_up(self) -> int:
-        """Wait until the service has folded everything on the bus now; the records it folded meanwhile."""
-        return int(self._call({"op": "catch_up"})["applied"])
+        """Wait until the service has folded everything on the bus now (at most timeout_s, plus a
+        margin); the records it folded meanwhile."""
+        return int(self._call({"op": "catch_up"}, self._open_s)["applied"])
 
     def rebuild(self) -> int:
-        """Have the service drop its tables and fold the whole log again; the records folded."""
-        return int(self._call({"op": "rebuild"})["applied"])
+        """Have the service drop its tables and fold the whole log again; the records folded. Waits
+        as long as the rebuild takes (no deadline: it is the wait the caller asked for)."""
+        return int(self._call({"op": "rebuild"}, None)["applied"])
 
     def stop(self) -> int | None:
         """Ask a running service to exit once its sessions end; its pid, or None when none runs
         (none, a killed one's socket, or one already exiting, which drops the connection)."""
-        key = read_key(self.address.key)
-        if key is None:
-            return None
         try:
-            conn = Client(str(self.address.socket), family="AF_UNIX", authkey=key)
-        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError):
+            conn = self._connect()
+        except _GONE:
             return None
         try:
             conn.send_bytes(json.dumps({"op": "stop"}).encode())
-            answer = _receive(conn)
+            answer = self._receive(conn, self._handshake_s, "a stop request")
         except (EOFError, OSError):
             return None
         finally:
@@ -173,12 +184,12 @@ class ServiceClient:
 
     def ping(self) -> dict[str, Any]:
         """The service's pid, home, folded positions and readable directories (started if needed)."""
-        return self._call({"op": "ping"})
+        return self._call({"op": "ping"}, self._open_s)
 
-    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, request: dict[str, Any], bound_s: float | None) -> dict[str, Any]:
         conn = self._open(request, answered=False)
         try:
-            answer = _receive(conn)
+            answer = self._receive(conn, bound_s, f"a {request['op']} request")
         finally:
             conn.close()
         if answer[:1] != JSON:
@@ -193,7 +204,7 @@ class ServiceClient:
         if pooled is not None:
             try:
                 pooled.send_bytes(json.dumps(request).encode())
-                answer = _receive(pooled)
+                answer = self._receive(pooled, self._open_s, "the opening of a session")
             except (EOFError, OSError):
                 pooled.close()  # the service that kept it has exited: connect afresh
             else:
@@ -208,7 +219,7 @@ class ServiceClient:
                 if not answered:
                     return conn
                 try:
-                    answer = _receive(conn)
+                    answer = self._receive(conn, self._open_s, "the opening of a session")
                 except BaseException:
                     conn.close()
                     raise
@@ -216,7 +227,7 @@ class ServiceClient:
                     return conn
                 self._keep(conn)
                 raise _error(answer)
-            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError):
+            except _GONE:
                 # no service, a dead one's socket, or one that is exiting (idle): have one started
                 if self.start is None:
                     raise ProjectionBusy(f"no projection service answers for {self.address.home} "
@@ -237,15 +248,66 @@ class ServiceClient:
                 return
         conn.close()
 
+    @property
+    def _handshake_s(self) -> float:
+        return min(self.timeout_s, HANDSHAKE_S)
+
+    @property
+    def _open_s(self) -> float:
+        return self.timeout_s + _MARGIN_S
+
+    @property
+    def _statement_s(self) -> float:
+        return QUERY_TIMEOUT_S + _MARGIN_S
+
     def _connect(self) -> Connection:
+        """An authenticated connection (the stdlib's challenge both ways, as `Client` does it), or
+        ProjectionBusy when the service does not take it within the handshake bound. The bound stays
+        on the socket: a read that gets no byte for that long fails (an answer stalled midway)."""
         key = read_key(self.address.key)
         if key is None:
             raise FileNotFoundError(self.address.key)
-        return Client(str(self.address.socket), family="AF_UNIX", authkey=key)
+        bound = self._handshake_s
+        with socket.socket(socket.AF_UNIX) as sock:
+            bound_io(sock, bound)  # also bounds a connect() that waits for a full backlog
+            try:
+                sock.connect(str(self.address.socket))
+            except BlockingIOError:
+                raise self._stalled(None, "a connection", bound) from None
+            conn = Connection(sock.detach())
+        try:
+            answer_challenge(conn, key)
+            deliver_challenge(conn, key)
+        except BlockingIOError:
+            pid = peer_pid(conn)
+            conn.close()
+            raise self._stalled(pid, "the handshake", bound) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
+    def _receive(self, conn: Connection, bound_s: float | None, what: str) -> bytes:
+        """The next message on `conn`, or ProjectionBusy (the connection closed) when none begins
+        within `bound_s` (None: no deadline) or it stalls midway."""
+        try:
+            if bound_s is None or conn.poll(bound_s):
+                return conn.recv_bytes()
+        except BlockingIOError:
+            pass
+        pid = peer_pid(conn)
+        conn.close()
+        raise self._stalled(pid, what, bound_s)
 
-def _receive(conn: Connection) -> bytes:
-    return conn.recv_bytes()
+    def _stalled(self, pid: int | None, what: str, bound_s: float | None) -> ProjectionBusy:
+        """The error of a reader whose service did not answer `what` in time."""
+        who = f"the projection service of {self.address.home}" + (f" (pid {pid})" if pid else "")
+        if what == "a statement":
+            advice = f"a statement is interrupted after {QUERY_TIMEOUT_S:g}s, so the service is stopped or hung"
+        else:
+            advice = "it is stopped or hung, or set RUNBUS_DB_TIMEOUT to wait longer"
+        return ProjectionBusy(f"{who} did not answer {what} within {bound_s or 0:g}s: {advice} "
+                              f"(see {self.address.log})")
 
 
 def _frame(answer: bytes) -> pd.DataFrame:

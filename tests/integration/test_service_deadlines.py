@@ -5,18 +5,23 @@ makes readers fail with ProjectionBusy instead of hanging."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from engine.api import session
+from engine import get_run_db
+from engine.api import close_session, session
 from engine.bootstrap import make_bus
-from engine.projection_service import build_service
+from engine.projection_service import build_service, service_client
 from projections.client import ServiceClient
-from projections.service import ProjectionService, serving_in_thread
+from projections.database import ProjectionBusy
+from projections.query import RunDB
+from projections.service import ProjectionService, ServiceAddress, serving_in_thread
 from tests.support.polling import wait_until
 
 
@@ -61,3 +66,55 @@ def test_a_client_that_connects_and_says_nothing_keeps_no_reader_out(
     dropped = [r for r in caplog.records if "dropped during its handshake" in r.getMessage()]
     assert len(dropped) == 1, [r.getMessage() for r in caplog.records]
 
+
+def _read_in_thread(read: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """`read()` on a thread; the list receives its answer or what it raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(read())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (this process started the service and has not reaped it) is gone for this purpose
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_reader_of_a_stopped_service_fails_instead_of_hanging(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_PROJECTION", "service")
+    close_session()
+    pid = int(service_client(session().services.settings, session().services.bus).ping()["pid"])  # started
+    address = ServiceAddress.of(session().services.settings.home)
+    monkeypatch.setenv("RUNBUS_DB_TIMEOUT", "3")  # the readers' (the running service read its own)
+    close_session()
+    pooled = get_run_db()
+    assert pooled.sql("SELECT 1 AS x").x.tolist() == [1]  # its connection is kept for the next query
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for what, db in (("a kept connection", pooled), ("a new connection", RunDB(
+                session().services.bus, "", source=service_client(session().services.settings,
+                                                                  session().services.bus)))):
+            thread, outcome = _read_in_thread(lambda db=db: db.sql("SELECT 2 AS x"))
+            thread.join(60)  # the test's own deadline: a reader that hangs fails here
+            assert not thread.is_alive(), f"a reader on {what} still waits for the stopped service after 60s"
+            [error] = outcome
+            assert isinstance(error, ProjectionBusy), (what, error)
+            assert f"pid {pid}" in str(error) and str(address.log) in str(error), str(error)
+            assert "RUNBUS_DB_TIMEOUT" in str(error), str(error)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(pid), "the killed service is gone")
