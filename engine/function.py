@@ -109,7 +109,8 @@ class Function:
     def _run_on_pool(self, spec: RunSpec) -> RunObject:
         pool = open_pool(self.svc, self.runtime, 1)
         try:
-            outcome = pool.submit(run_iteration, pool.prepare(spec)).result()
+            (future,) = pool.submit_all(run_iteration, [pool.prepare(spec)])
+            outcome = future.result()
         finally:
             pool.close()
         svc = self.svc

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -118,11 +118,12 @@ class DaskPool:
         finally:
             cloudpickle.unregister_pickle_by_value(module)
 
-    def submit(self, fn: Callable[[Services, RunSpec], Any], spec: RunSpec) -> Any:
-        """`fn(svc, spec)` on a worker, with the worker's services."""
-        future = self._client.submit(on_worker, fn, spec, pure=False)
-        self._completed.add(future)
-        return future
+    def submit_all(self, fn: Callable[[Services, RunSpec], Any], specs: Sequence[RunSpec]) -> list[Any]:
+        """`fn(svc, spec)` for each spec on a worker, with the worker's services, in one message to
+        the scheduler; their futures, in order."""
+        futures = list(self._client.map(on_worker, [fn] * len(specs), list(specs), pure=False))
+        self._completed.update(futures)
+        return futures
 
     def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
         """Block until at least one submitted future is done; each with its result or exception.

@@ -1,13 +1,13 @@
 """Worker pools the sweep dispatches iterations to: threads in-process, or Dask.
 
-`submit(fn, spec)` calls `fn(svc, spec)` where the iteration runs, with that process's services:
+`submit_all(fn, specs)` calls `fn(svc, spec)` for each spec where the iteration runs, with that process's services:
 the driver's for threads in-process, the worker's (built by its worker plugin) on Dask.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.runspec import RunSpec
@@ -31,9 +31,10 @@ class LocalPool:
         """Nothing to ship: the handler runs in this process."""
         return spec
 
-    def submit(self, fn: Callable[[Services, RunSpec], Any], spec: RunSpec) -> Any:
-        """`fn(svc, spec)` on a thread of this process, with the driver's services."""
-        return self._executor.submit(fn, self._svc, spec)
+    def submit_all(self, fn: Callable[[Services, RunSpec], Any], specs: Sequence[RunSpec]) -> list[Any]:
+        """`fn(svc, spec)` for each spec on a thread of this process, with the driver's services;
+        their futures, in order."""
+        return [self._executor.submit(fn, self._svc, spec) for spec in specs]
 
     def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
         """Block until at least one future is done; each done future with its result or exception."""

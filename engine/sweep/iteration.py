@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class IterationOutcome:
-    """How an iteration ended. `results` is set only when it ran in the driver's own process."""
+    """How an iteration ended, with the results it logged (None for a command's iteration, whose
+    own process logged them: the driver reads those from the bus)."""
 
     iteration: int
     uid: str
@@ -27,11 +28,12 @@ class IterationOutcome:
 def run_iteration(svc: Services, spec: RunSpec) -> IterationOutcome:
     """Execute one iteration in a worker with the worker's services `svc`; its events (its console
     output too, unless the settings turn capture off) go straight from here to the bus, flushed
-    before it returns, and only its uid and state go back to the driver."""
+    before it returns (a flush that fails raises here, so the driver never counts an iteration
+    whose events are not in the log), and its uid, state and results go back to the driver."""
     handler = cloudpickle.loads(spec.handler) if isinstance(spec.handler, bytes) else spec.handler
     context = spec.new_context(svc)
     local.execute(handler, context, capture_console=spec.settings.capture_console)
-    return IterationOutcome(spec.iteration, context.uid, context.state)
+    return IterationOutcome(spec.iteration, context.uid, context.state, dict(context.results))
 
 
 def run_iteration_in_driver(svc: Services, spec: RunSpec) -> IterationOutcome:

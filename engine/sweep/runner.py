@@ -153,10 +153,13 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while (state.pending and not stopping) or inflight:
-                while state.pending and not stopping and len(inflight) < window:
+                batch = []
+                while state.pending and not stopping and len(inflight) + len(batch) < window:
                     iteration, params = state.pending.pop(0)
-                    child = spec.for_iteration(parent.uid, iteration, params)
-                    inflight[pool.submit(execute_iteration, child)] = iteration
+                    batch.append(spec.for_iteration(parent.uid, iteration, params))
+                if batch:  # one submission for the batch: a scheduler round trip each costs ~1 ms
+                    for future, child in zip(pool.submit_all(execute_iteration, batch), batch, strict=True):
+                        inflight[future] = child.iteration
                 for future, value in pool.wait_done(inflight):
                     iteration = inflight.pop(future)
                     outcome = _outcome(value, iteration)
