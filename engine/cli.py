@@ -345,11 +345,20 @@ def project(
     rebuild: Annotated[bool, typer.Option(help="drop the tables and fold the whole log again")] = False,
     follow: Annotated[bool, typer.Option(help="run the projection service in the foreground (it never exits "
                                               "when idle) until Ctrl-C / SIGTERM")] = False,
+    sql_read_dir: Annotated[list[Path] | None, typer.Option(
+        "--sql-read-dir", help="with --follow: let readers' SQL read (never write) files under this directory "
+                               "(what `runbus ui --sql-read-dir` asks for); repeatable")] = None,
 ) -> None:
     """Bring the DuckDB projection up to date with the bus (or keep it so with --follow)."""
     svc = _svc(ctx)
+    if sql_read_dir and not (follow and svc.settings.projection == "service"):
+        raise typer.BadParameter("--sql-read-dir is for the projection service: runbus project --follow "
+                                 "(RUNBUS_PROJECTION=service)", param_hint="--sql-read-dir")
     if follow:
-        _follow_as_service(svc) if svc.settings.projection == "service" else _follow(svc)
+        if svc.settings.projection == "service":
+            _follow_as_service(svc, [str(d.resolve()) for d in sql_read_dir or []])
+        else:
+            _follow(svc)
         return
     started = time.perf_counter()
     source = svc.reads()
@@ -387,17 +396,24 @@ def _follow(svc: Any) -> None:
     console.print(f"projector stopped after {total} events")
 
 
-def _follow_as_service(svc: Any) -> None:
+def _follow_as_service(svc: Any, readable_dirs: list[str]) -> None:
     """The projection service of this home in the foreground: a service a reader started is asked
-    to stop first (it exits once its sessions end), then this one takes the home."""
+    to stop first (it exits once its sessions end), then this one takes the home. When another
+    follower serves the home (or a reader's service lets SQL read directories this one would not),
+    this one exits with status 1 and says why, leaving that one serving."""
     import threading
 
-    from engine.projection_service import build_service, service_client
+    from engine.projection_service import build_service, follower_refused, service_client
 
-    service = build_service(svc.settings, svc.bus, follow=True)
+    client = service_client(svc.settings, svc.bus)
+    refused = follower_refused(client, readable_dirs)
+    if refused is not None:
+        errors.print(Text("error: ", style="red") + literal(refused))
+        raise typer.Exit(1)
+    service = build_service(svc.settings, svc.bus, follow=True, readable_dirs=readable_dirs)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: service.shutdown())
-    stopped = service_client(svc.settings, svc.bus).stop()
+    stopped = client.stop()
     if stopped is not None:
         console.print(f"asked the projection service running as pid {stopped} to stop", highlight=False)
     last = [time.monotonic(), -1]
@@ -411,9 +427,13 @@ def _follow_as_service(svc: Any) -> None:
 
     threading.Thread(target=report, daemon=True).start()
     console.print(f"projector following {svc.bus.url} into {svc.settings.db_path} (Ctrl-C to stop)")
-    if not service.run(lock_timeout_s=svc.settings.db_timeout_s):
-        raise RuntimeError(f"another projection service kept {svc.settings.home} for more than "
-                           f"{svc.settings.db_timeout_s:g}s")
+    if not service.run(lock_timeout_s=svc.settings.db_timeout_s):  # another follower started meanwhile
+        found = client.running()
+        holder = f" (pid {found['pid']})" if found else ""
+        errors.print(Text("error: ", style="red") + literal(
+            f"another projection service{holder} kept {svc.settings.home} for more than "
+            f"{svc.settings.db_timeout_s:g}s; this one exits"))
+        raise typer.Exit(1)
     console.print(f"projector stopped at {sum(service.positions().values())} records")
 
 

@@ -19,7 +19,7 @@ from engine.settings import Settings, load_settings
 from producers.bus import Bus
 from producers.spill import make_private_folder
 from projections.client import ServiceClient
-from projections.service import ProjectionService, ServiceAddress
+from projections.service import ProjectionService, ServiceAddress, readable_dirs_refused
 
 # a service started as another exits waits this long for it before leaving quietly
 LOCK_WAIT_S = 5.0
@@ -57,10 +57,40 @@ def start_service(settings: Settings, readable_dirs: Sequence[str] = ()) -> subp
 
 
 def service_client(settings: Settings, bus: Bus, readable_dirs: Sequence[str] = ()) -> ServiceClient:
-    """A client of `settings.home`'s projection service that starts one when none answers."""
+    """A client of `settings.home`'s projection service that starts one when none answers.
+
+    A reader that asks SQL to read `readable_dirs` fails here (ValueError, one line) when a follower
+    (`runbus project --follow`) serves the home without them: its DuckDB settings were fixed when it
+    started, and it would refuse every session. (A service a reader started is not a follower: it can
+    be stopped, and the next reader starts one that allows them.)"""
     dirs = [str(Path(d).resolve()) for d in readable_dirs]
-    return ServiceClient(ServiceAddress.of(settings.home), bus, lambda: start_service(settings, dirs),
-                         settings.db_timeout_s, dirs)
+    client = ServiceClient(ServiceAddress.of(settings.home), bus, lambda: start_service(settings, dirs),
+                           settings.db_timeout_s, dirs)
+    if dirs:
+        found = client.running()
+        allowed = list(found.get("readable_dirs") or []) if found else []
+        if found is not None and found.get("follow") and not set(dirs) <= set(allowed):
+            raise ValueError(readable_dirs_refused(settings.home, int(found["pid"]), True, allowed, dirs))
+    return client
+
+
+def follower_refused(client: ServiceClient, readable_dirs: Sequence[str]) -> str | None:
+    """Why a follower must not take `client`'s home now (one line), or None: another follower
+    serves it, or a service a reader started lets SQL read directories that this follower would not
+    (taking over would refuse that reader's every session)."""
+    found = client.running()
+    if found is None:
+        return None
+    home, pid = client.address.home, int(found["pid"])
+    if found.get("follow"):
+        return (f"a projection service already follows {home} as pid {pid}; this one exits "
+                f"(stop that one first: kill -TERM {pid})")
+    extra = sorted(set(found.get("readable_dirs") or []) - {str(Path(d).resolve()) for d in readable_dirs})
+    if extra:
+        return (f"the projection service of {home} (pid {pid}) lets SQL read {extra} for a reader that asked for "
+                f"them (runbus ui --sql-read-dir); start the follower with --sql-read-dir for each, or stop that "
+                f"reader first")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

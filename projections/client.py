@@ -169,18 +169,28 @@ class ServiceClient:
     def stop(self) -> int | None:
         """Ask a running service to exit once its sessions end; its pid, or None when none runs
         (none, a killed one's socket, or one already exiting, which drops the connection)."""
+        answer = self._ask("stop")
+        return None if answer is None else int(answer["pid"])
+
+    def running(self) -> dict[str, Any] | None:
+        """What `ping` answers, from the service that serves the home now; None when none does
+        (none is started)."""
+        return self._ask("ping")
+
+    def _ask(self, op: str) -> dict[str, Any] | None:
+        """The answer of a running service to `op`, or None when none runs (none is started)."""
         try:
             conn = self._connect()
         except _GONE:
             return None
         try:
-            conn.send_bytes(json.dumps({"op": "stop"}).encode())
-            answer = self._receive(conn, self._handshake_s, "a stop request")
+            conn.send_bytes(json.dumps({"op": op}).encode())
+            answer = self._receive(conn, self._open_s, f"a {op} request")
         except (EOFError, OSError):
             return None
         finally:
             conn.close()
-        return int(json.loads(answer[1:])["pid"]) if answer[:1] == JSON else None
+        return dict(json.loads(answer[1:])) if answer[:1] == JSON else None
 
     def ping(self) -> dict[str, Any]:
         """The service's pid, home, folded positions and readable directories (started if needed)."""

@@ -492,7 +492,7 @@ class ProjectionService:
             self.shutdown()
             return False
         elif op == "ping":
-            send_json(conn, {"pid": os.getpid(), "home": str(self.address.home),
+            send_json(conn, {"pid": os.getpid(), "home": str(self.address.home), "follow": self.idle_s is None,
                              "positions": self.positions(), "readable_dirs": self.readable_dirs})
         else:
             raise ValueError(f"the projection service has no operation {op!r}")
@@ -510,9 +510,8 @@ class ProjectionService:
         offsets it sent (answered {"ok": true} before the block runs)."""
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
-            raise ValueError(f"the projection service of {self.address.home} lets SQL read "
-                             f"{self.readable_dirs or 'no files'}, not {wanted_dirs}: it was started by "
-                             f"another reader; stop it (it exits when idle) to start one that does")
+            raise ValueError(readable_dirs_refused(self.address.home, os.getpid(), self.idle_s is None,
+                                                   self.readable_dirs, wanted_dirs))
         self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()})
         as_of = request.get("as_of")
         assert self._con is not None and self._past is not None
@@ -558,6 +557,20 @@ class ProjectionService:
                     statement = json.loads(conn.recv_bytes())
                 except EOFError:
                     return False
+
+
+def readable_dirs_refused(home: Path | str, pid: int, follow: bool, allowed: Sequence[str],
+                          asked: Sequence[str]) -> str:
+    """One line: the service `pid` of `home` lets SQL read `allowed` (fixed when it started), not
+    `asked`, and what to do about it."""
+    if follow:
+        remedy = (f"stop that follower (`runbus project --follow`, pid {pid}) and start it again with "
+                  f"--sql-read-dir for each directory asked (or start this reader without them)")
+    else:
+        remedy = (f"another reader started it; it exits after RUNBUS_PROJECTION_IDLE seconds without requests "
+                  f"(or at once on `kill -TERM {pid}`), and the next reader starts one that allows them")
+    return (f"the projection service of {home} (pid {pid}) lets SQL read {list(allowed) or 'no files'}, "
+            f"not {list(asked)}: DuckDB's file settings are fixed when it starts; {remedy}")
 
 
 def _first_line(exc: BaseException) -> str:

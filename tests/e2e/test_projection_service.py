@@ -20,7 +20,7 @@ import pytest
 from engine import NewRun, get_run_db, new_function
 from engine.api import close_session, session
 from engine.bootstrap import make_bus
-from engine.projection_service import build_service
+from engine.projection_service import build_service, service_client
 from producers.bus import Bus
 from projections.client import ServiceClient
 from projections.query import RunDB
@@ -292,3 +292,75 @@ def test_the_services_files_are_its_owners_only_in_a_home_others_may_list(home: 
             and path.is_file()]
     assert any(path.name == "runbus.duckdb" for path in made)
     assert {path.name: oct(path.stat().st_mode & 0o777) for path in made} == {path.name: "0o600" for path in made}
+
+
+def _follower(*args: str) -> subprocess.Popen[str]:
+    """`runbus project --follow [args]`, once it serves the home (its pid answers a ping)."""
+    follower = subprocess.Popen([RUNBUS, "project", "--follow", *args], env={**os.environ},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: _client_pid_or_none() == follower.pid or follower.poll() is not None,
+               "the follower serves the home")
+    assert follower.poll() is None, follower.communicate()
+    return follower
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+
+def test_a_second_follower_exits_naming_the_first_which_serves_on(service_home: Path) -> None:
+    first = _follower()
+    try:
+        second = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = second.communicate(timeout=120)  # the test's deadline: it must exit by itself
+        finally:
+            _end(second)
+        assert second.returncode != 0
+        assert f"already follows {service_home.resolve()} as pid {first.pid}" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert first.poll() is None
+        assert _client().ping()["pid"] == first.pid
+    finally:
+        _end(first)
+
+
+def test_a_reader_asking_files_a_follower_does_not_allow_fails_at_start(service_home: Path,
+                                                                          tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    first = _follower()
+    try:
+        ui = subprocess.Popen([RUNBUS, "ui", "--port", "0", "--sql-read-dir", str(data)], env={**os.environ},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = ui.communicate(timeout=120)  # the test's deadline: it must refuse at start
+        finally:
+            _end(ui)
+        assert ui.returncode == 1, err
+        assert len(err.strip().splitlines()) == 1, err
+        for part in (f"pid {first.pid}", "lets SQL read no files", str(data.resolve()), "--sql-read-dir"):
+            assert part in err, (part, err)
+        assert _client().ping()["pid"] == first.pid  # the follower was left serving
+    finally:
+        _end(first)
+
+
+def test_a_follower_started_with_a_read_dir_answers_readers_that_ask_for_it(service_home: Path,
+                                                                           tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "table.csv").write_text("x\n7\n")
+    first = _follower("--sql-read-dir", str(data))
+    try:
+        svc = session().services
+        reader = service_client(svc.settings, svc.bus, [str(data)])
+        [frame] = reader.answer([(f"SELECT x FROM read_csv('readonly://{data.resolve()}/table.csv')", None)])
+        assert frame.x.tolist() == [7]
+        assert reader.ping()["pid"] == first.pid
+        reader.close()
+    finally:
+        _end(first)
