@@ -48,8 +48,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, help="events of the end-to-end workload (default 1,000,000)")
     parser.add_argument("--query-runs", type=_ints, help="run counts of the query workload (default 1k,10k,100k)")
     parser.add_argument("--mlflow-query-runs", type=_ints, help="MLflow's run counts (default 1k)")
-    parser.add_argument("--points", type=int, help="points of the log_metric workload, both sides (default 1,000)")
-    parser.add_argument("--children", type=int, help="child runs of the children workload, both sides (default 200)")
+    parser.add_argument("--points", type=int, help="points of the log_metric workload, both sides (default 2,000)")
+    parser.add_argument("--children", type=int, help="child runs of the children workload, both sides (default 1,000)")
     parser.add_argument("--sweep-iterations", type=int, help="iterations of the Dask sweep (default 1,000)")
     return parser.parse_args(argv)
 

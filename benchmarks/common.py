@@ -28,12 +28,12 @@ class Sizes:
     compared rows with the same N and the same repeats; the N are sized so that MLflow's side (one
     sqlite transaction, milliseconds, per call) keeps `make bench` under 15 minutes."""
 
-    log_metric_points: int = 1_000
-    log_metric_chunk: int = 100
+    log_metric_points: int = 2_000
+    log_metric_chunk: int = 200
     mlflow_batch: int = 1_000  # MLflow's largest log_batch (MAX_METRICS_PER_BATCH)
-    children: int = 200
+    children: int = 1_000
     query_runs: tuple[int, ...] = (1_000, 10_000, 100_000)
-    mlflow_query_runs: tuple[int, ...] = (1_000,)  # an MLflow run costs tens of ms to build
+    mlflow_query_runs: tuple[int, ...] = (1_000,)  # an MLflow run costs ~15 ms to build: 10k take minutes
     queries: int = 21
     events: int = 1_000_000
     producers: int = 4

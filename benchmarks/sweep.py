@@ -9,7 +9,8 @@ The first (cold) sweep's time is kept in the details.
 
 `python -m benchmarks.sweep [--iterations N] [--repeat N] [--profile DIR]` runs it alone; with
 --profile, one more warm sweep and map are profiled: the driver's thread (cProfile, top functions by
-own time) and the workers' task threads (Dask's own statistical profiler, `Client.profile`).
+own time) and the workers' task threads (Dask's own statistical profiler, `Client.profile`; other
+threads, such as a worker's Runbus writer, are not sampled).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def profile(iterations: int, out: Path) -> None:
             tree = client.profile(start=began, stop=time.time())
             lines = [f"{share:6.1%}  {fn}" for fn, share in worker_self_time(tree)]
             (out / f"{name}-workers.txt").write_text(
-                f"{name}: {seconds:.2f} s; workers' task threads: {tree.get('count', 0)} samples; "
+                f"{name}: {seconds:.2f} s; workers' task threads: {tree.get('count', 0)} samples (one each 10 ms); "
                 "share of samples in each function's own code\n" + "\n".join(lines) + "\n")
             print(f"{name}: {seconds:.2f} s; profiles in {out}", flush=True)
     close_session()
