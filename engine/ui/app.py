@@ -34,6 +34,7 @@ from engine.ui.runs_page import PAGE_SIZES, STATES, RunsQuery, fetch_runs
 from engine.ui.sections import compare_charts, run_context, sweep_context
 from engine.ui.store import UIStore
 from producers.bus import BusError
+from projections.database import ProjectionBusy
 from projections.query import resolve_uid
 
 MAX_SQL_ROWS = 1000
@@ -54,6 +55,13 @@ def page(template: str, status: int = 200, **context: object) -> HTMLResponse:
 
 def not_found(message: str) -> HTMLResponse:
     return page("error.html", 404, title="Not found", message=message, nav="")
+
+
+def _unavailable(request: Request, exc: Exception) -> Response:
+    """A page whose reads the projection did not answer (busy, stopped or hung): 503 and the one line
+    that says why, not a server error."""
+    lines = str(exc).strip().splitlines()
+    return page("error.html", 503, title="Projection unavailable", message=lines[0] if lines else "", nav="")
 
 
 def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None,
@@ -190,9 +198,9 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
     # beyond loopback the token, not the name the client used, is what lets a request in
     hosts = ["*"] if wide and host in ("0.0.0.0", "::", "") else sorted(
         {host, "127.0.0.1", "localhost", "::1", "[::1]", *public_names})
-    return Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
-                                                Middleware(AccessGuard, token=token, require_token=wide,
-                                                           viewer_token=viewer_token)])
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
+                  Middleware(AccessGuard, token=token, require_token=wide, viewer_token=viewer_token)]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={ProjectionBusy: _unavailable})
 
 
 def _apply_edit(store: UIStore, uid: str, fields: dict[str, str]) -> str:

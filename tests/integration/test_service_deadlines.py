@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,11 +20,14 @@ from engine import get_run_db
 from engine.api import close_session, session
 from engine.bootstrap import make_bus
 from engine.projection_service import build_service, service_client
+from engine.ui.app import create_app
+from engine.ui.store import ServedRunDB
 from projections.client import ServiceClient
 from projections.database import ProjectionBusy
 from projections.query import RunDB
 from projections.service import ProjectionService, ServiceAddress, serving_in_thread
 from tests.support.polling import wait_until
+from tests.support.serving import served_in_thread
 
 
 @pytest.fixture
@@ -103,7 +108,15 @@ def test_a_reader_of_a_stopped_service_fails_instead_of_hanging(home: Path, monk
     pooled = get_run_db()
     assert pooled.sql("SELECT 1 AS x").x.tolist() == [1]  # its connection is kept for the next query
     os.kill(pid, signal.SIGSTOP)
+    ui = create_app(ServedRunDB(session().services, service_client(session().services.settings,
+                                                                   session().services.bus)))
     try:
+        with served_in_thread(ui) as url:  # a page whose reads the stopped service does not answer
+            thread, outcome = _read_in_thread(lambda: urllib.request.urlopen(f"{url}/runs", timeout=60))
+            thread.join(60)
+            [error] = outcome
+            assert isinstance(error, urllib.error.HTTPError) and error.code == 503, error
+            assert f"pid {pid}" in error.read().decode()
         for what, db in (("a kept connection", pooled), ("a new connection", RunDB(
                 session().services.bus, "", source=service_client(session().services.settings,
                                                                   session().services.bus)))):
