@@ -39,7 +39,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run of a few minutes")
     parser.add_argument("--only", default="", help="comma-separated workload groups (default: all)")
     parser.add_argument("--kafka", default=os.environ.get("RUNBUS_BENCH_KAFKA"),
                         help="host:port of a broker for the Kafka figures (default: $RUNBUS_BENCH_KAFKA)")

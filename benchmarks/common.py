@@ -7,6 +7,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,8 +67,30 @@ def drop_homes() -> None:
     database.close_all()
     while _homes:
         home = _homes.pop()
-        ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).stop()  # a reader may have started it
+        stop_projection_service(home)  # a reader may have started it
         shutil.rmtree(home, ignore_errors=True)
+
+
+def stop_projection_service(home: Path, timeout_s: float = 60.0) -> None:
+    """Stop `home`'s projection service if one runs, and return once its process has exited (it
+    holds the projection file until then: a rebuild in another process would wait for it)."""
+    pid = ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).stop()
+    deadline = time.monotonic() + timeout_s
+    while pid is not None and _alive(pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the projection service of {home} (pid {pid}) did not exit within {timeout_s:g}s")
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) holds no file
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 atexit.register(drop_homes)

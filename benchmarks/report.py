@@ -88,8 +88,9 @@ def rows(sizes: Sizes) -> list[Row]:
     children = f"{sizes.children:,} child runs"
     for way, key in (("nested start_run + log_params, log_metrics, set_tag", "child_run_ms"),
                      ("MlflowClient.create_run + log_batch + set_terminated", "child_run_batch_ms")):
-        found.append(Row("2", "child_run_ms", "sweep child run (3 params, 2 results, a label), per child, "
-                         "until a second process sees them all", ms, children, sizes.repeat, ("<=", 1), key, way))
+        found.append(Row("2", "child_run_ms", "child runs of an in-process sweep (3 params, 2 results, a label "
+                         "each): per child, until a second process sees them all", ms, children, sizes.repeat,
+                         ("<=", 1), key, way))
     for size in sorted(sizes.query_runs):
         target = ("<=", 5.0) if size >= 100_000 else None
         mlflow = f"query_ms_{size}" if size in sizes.mlflow_query_runs else None

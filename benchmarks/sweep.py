@@ -64,7 +64,7 @@ def timed_sweep(address: str, iterations: int) -> float:
 
 def _cluster() -> LocalCluster:
     logging.getLogger("distributed").setLevel(logging.ERROR)  # no dashboard-port chatter in the output
-    return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+    return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
 
 
 def sweep_vs_map(iterations: int, repeat: int) -> dict[str, Any]:
