@@ -14,12 +14,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.settings import Settings, load_settings
 from producers.bus import Bus
 from producers.spill import make_private_folder
-from projections.client import ServiceClient
 from projections.service import ProjectionService, ServiceAddress, readable_dirs_refused
+
+if TYPE_CHECKING:  # the client imports pandas, which the service process does not need
+    from projections.client import ServiceClient
 
 # a service started as another exits waits this long for it before leaving quietly
 LOCK_WAIT_S = 5.0
@@ -63,6 +66,8 @@ def service_client(settings: Settings, bus: Bus, readable_dirs: Sequence[str] = 
     (`runbus project --follow`) serves the home without them: its DuckDB settings were fixed when it
     started, and it would refuse every session. (A service a reader started is not a follower: it can
     be stopped, and the next reader starts one that allows them.)"""
+    from projections.client import ServiceClient
+
     dirs = [str(Path(d).resolve()) for d in readable_dirs]
     client = ServiceClient(ServiceAddress.of(settings.home), bus, lambda: start_service(settings, dirs),
                            settings.db_timeout_s, dirs)

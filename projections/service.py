@@ -45,10 +45,11 @@ import duckdb
 from filelock import FileLock, Timeout
 
 from producers.bus import Bus
+from projections.as_of import cutoff
 from projections.database import ProjectionBusy, is_unreadable, open_projection
 from projections.errors import error_payload
 from projections.projector import Projector
-from projections.query import TableQuery, _cutoff, read_only_tables, seal
+from projections.readonly import TableQuery, read_only_tables, seal
 from projections.replay import stored_events
 from projections.user import UserProjection
 from projections.wire import to_ipc
@@ -169,7 +170,7 @@ class _PastProjections:
                                 tuple[duckdb.DuckDBPyConnection, dict[int, int]]] = OrderedDict()
 
     def get(self, as_of: int | datetime | str) -> duckdb.DuckDBPyConnection:
-        where, params = _cutoff(as_of)
+        where, params = cutoff(as_of)
         key = (where, tuple(params))
         with self.lock:
             found = self.built.get(key)
@@ -402,10 +403,15 @@ class ProjectionService:
                     if self.stop.is_set():
                         return
                     consumed = self._projector.run_once(self.fold_wait_s)
-                    if consumed == 0 or time.monotonic() - judged > _JUDGE_EVERY_S:
+                    # idle, this loop turns every fold_wait_s: judging and reading the positions back
+                    # are DuckDB statements, so they run after a batch (its events may revive a run
+                    # judged lost) or once per _JUDGE_EVERY_S
+                    judge = consumed > 0 or time.monotonic() - judged > _JUDGE_EVERY_S
+                    if judge:
                         self._projector.judge_silent_runs()
                         judged = time.monotonic()
-                    self._publish(self._projector.positions())
+                    if judge:
+                        self._publish(self._projector.positions())
         except BaseException as exc:  # readers are told, the service ends
             _log.error("runbus: the projection service stopped folding: %s", exc)
             self._fail(exc)

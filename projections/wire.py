@@ -10,13 +10,22 @@ dates as datetime64, a string column holding only nulls as objects (None).
 
 from __future__ import annotations
 
-import pandas as pd
+from functools import cache
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-_NULLABLE: dict[pa.DataType, pd.api.extensions.ExtensionDtype] = {
-    pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
-    pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
-    pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
+if TYPE_CHECKING:  # pandas is imported on the first conversion: the projection service never converts
+    import pandas as pd
+
+
+@cache
+def _nullable() -> dict[pa.DataType, pd.api.extensions.ExtensionDtype]:
+    import pandas as pd
+
+    return {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+            pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+            pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:
@@ -25,6 +34,7 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
     if len(set(table.column_names)) < table.num_columns:
         table = table.rename_columns(_unique(table.column_names))
     nullable: list[int] = []
+    nullable_types = _nullable()
     for i, column in enumerate(table.columns):
         kind = column.type
         if pa.types.is_decimal(kind):
@@ -33,11 +43,11 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
             table = table.set_column(i, table.field(i).with_type(pa.timestamp("us")), column.cast(pa.timestamp("us")))
         elif _is_text(kind) and column.null_count == len(column):  # objects, None (pyarrow's null type)
             table = table.set_column(i, table.field(i).with_type(pa.null()), pa.nulls(len(column)))
-        elif column.null_count and kind in _NULLABLE:
+        elif column.null_count and kind in nullable_types:
             nullable.append(i)
     frame = table.to_pandas()
     for i in nullable:  # integers and booleans with nulls: pandas' nullable dtypes, not floats/objects
-        frame.isetitem(i, table.column(i).to_pandas(types_mapper=_NULLABLE.get))
+        frame.isetitem(i, table.column(i).to_pandas(types_mapper=nullable_types.get))
     return frame
 
 
