@@ -282,10 +282,15 @@ class TableBatch:
 
     def touch(self, uid: str, ts: float) -> None:
         """The run spoke at `ts`: last_event_at only moves forward."""
-        target = self.new_runs.get(uid) or self.run_updates.get(uid)
-        known = target.get("last_event_at") if target else None
+        target = self.new_runs.get(uid)
+        if target is None:
+            target = self.run_updates.get(uid)
+            if target is None:
+                self.run_updates[uid] = {"last_event_at": ts}
+                return
+        known = target.get("last_event_at")
         if known is None or ts > known:
-            self.update_run(uid, last_event_at=ts)
+            target["last_event_at"] = ts
 
 
 def _run_started(batch: TableBatch, event: Event) -> None:
@@ -412,6 +417,16 @@ def fold(batch: TableBatch, event: Event) -> None:
     run are not applied."""
     uid = event.run_uid
     if uid in batch.hidden:
+        return
+    if event.type == "metric":  # most of a log: the general path below, inlined
+        p = event.payload
+        row = (uid, p["key"], p["step"], p["value"], p["timestamp"])
+        state = batch.states.get(uid)
+        if state == "lost":
+            _revive(batch, uid)
+        batch.metrics.append(row)
+        if state is not None:
+            batch.touch(uid, event.ts)
         return
     if event.type == "run_started" and event.payload["parent_uid"] in batch.deleted:
         batch.hidden.add(uid)

@@ -24,10 +24,22 @@ _DUPLICATE_COLUMNS = ("partition", "offset", "event_id", "run_uid", "stream", "s
                       "received_at")
 
 
+# Arrow types of the columns staged for the big tables: given, not inferred from 50k Python values.
+_TYPES = {"position": pa.int64(), "partition": pa.int32(), "offset": pa.int64(), "event_id": pa.string(),
+          "run_uid": pa.string(), "seq": pa.int64(), "type": pa.string(), "ts": pa.float64(),
+          "payload": pa.string(), "stream": pa.string(), "uid": pa.string(), "key": pa.string(),
+          "step": pa.int64(), "value": pa.float64()}
+_TYPED = {"_events", "_metrics"}
+
+
 def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
            rows: Sequence[Sequence[Any]]) -> None:
-    table = pa.table(dict(zip(columns, map(list, zip(*rows, strict=True)), strict=True)))
-    con.register(name, table)
+    values = zip(*rows, strict=True)
+    if name in _TYPED:
+        arrays = [pa.array(column, type=_TYPES[c]) for c, column in zip(columns, values, strict=True)]
+    else:
+        arrays = [pa.array(column) for column in values]
+    con.register(name, pa.Table.from_arrays(arrays, names=list(columns)))
 
 
 def _ts(column: str, source: str = "") -> str:
