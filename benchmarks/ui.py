@@ -21,12 +21,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import stop_projection_service
 from engine.bootstrap import Services, bootstrap
 from engine.runspec import RunSpec
 from engine.settings import load_settings
-from producers.bus.memory import MemoryBus
-from projections.client import ServiceClient
-from projections.service import ServiceAddress
 
 PAGES = {
     "runs page (newest first, 50 rows)": "/runs",
@@ -96,7 +94,7 @@ def runs_page_latency(runs: int = 100_000, repeat: int = 7) -> dict[str, float]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-        ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).stop()
+        stop_projection_service(home)
         shutil.rmtree(home, ignore_errors=True)
 
 
