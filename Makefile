@@ -16,6 +16,11 @@ TEST_KAFKA_PORT ?= 19092
 TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19093 \
                    RUNBUS_KAFKA_STATE=$(CURDIR)/kafka/.state-test
 PYTEST_ARGS     ?=
+# Test processes (pytest-xdist): most tests wait on subprocesses and brokers, so more than the cores.
+# --dist loadgroup: a module's tests that share a costly session/module fixture (a secured broker,
+# a seeded UI and its Chromium) run in one worker (@pytest.mark.xdist_group).
+PYTEST_WORKERS  ?= 3
+PYTEST_XDIST    := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 BENCH_ARGS      ?=
 
 .PHONY: install demo test lint browser bench kafka-up kafka-down kafka-logs clean
@@ -39,9 +44,14 @@ lint: install
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
-test: install lint browser
+# The test broker boots in the background while the venv installs; the second `up` waits for it
+# (kafka.sh holds its state folder's lock while starting) and says why when it did not start.
+test:
+	@mkdir -p kafka/.state-test && ($(TEST_KAFKA_ENV) bash kafka/kafka.sh up >kafka/.state-test/up.log 2>&1 &)
+	@$(MAKE) --no-print-directory install lint browser || { $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit 1; }
 	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up || echo "make test: the Kafka broker did not start; Kafka tests will fail"
-	@$(TEST_KAFKA_ENV) RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); \
+	@$(TEST_KAFKA_ENV) RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) \
+	  $(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS); \
 	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
 
 bench: install

@@ -404,6 +404,9 @@ stop_pids() { # stop_pids PID...: SIGTERM, wait, SIGKILL
 
 do_down() {
     local pids=() pid own=""
+    # a broker still starting (an 'up' in the background) is stopped once it has started
+    exec 9>"$STATE/.lock"
+    flock -w "$((START_TIMEOUT + 30))" 9 || say "another kafka.sh still holds $STATE/.lock; stopping what runs"
     own="$(pidfile_pid || true)"
     [[ -n "$own" ]] && pids+=("$own")
     for pid in $(broker_pids); do
@@ -445,7 +448,8 @@ wait_ready() { # wait_ready PID
 do_up() {
     check_java
     exec 9>"$STATE/.lock"
-    flock -w "$((START_TIMEOUT + 30))" 9 || die "timed out waiting for another kafka.sh on $STATE"
+    # the holder may be fetching the jars (up to 600 s) before its own start
+    flock -w "$((START_TIMEOUT + 630))" 9 || die "timed out waiting for another kafka.sh on $STATE"
 
     local pid
     if pid="$(pidfile_pid)"; then

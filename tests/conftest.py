@@ -29,6 +29,24 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "projection service) or 'inprocess' (this process folds)")
 
 
+# Fixtures too costly to set up in every pytest-xdist worker (Makefile: --dist loadgroup): the tests
+# using one run in a single worker. The secured broker is one per session; a browser, and test_ui's
+# seeded UI, one per module.
+SESSION_GROUPS = {"broker": "kafka-secure"}
+MODULE_GROUPED_FIXTURES = {"browser", "ui"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        groups = [group for fixture, group in SESSION_GROUPS.items() if fixture in names]
+        if not groups and names & MODULE_GROUPED_FIXTURES:
+            groups = [item.nodeid.split("::")[0]]
+        for group in groups[:1]:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def projection_mode(request: pytest.FixtureRequest) -> str:
     """The RUNBUS_PROJECTION a test runs with: its marker's, else its folder's."""
     marker = request.node.get_closest_marker("projection")

@@ -19,7 +19,7 @@ from engine.loader import load_handler
 from engine.transfer import event_ids
 from producers.bus.kafka import KafkaBus
 from projections import Projector
-from tests.kafka_support import unique_topic, use_fresh_topic
+from tests.kafka_support import OwnBroker, own_state, start_own_broker, unique_topic, use_fresh_topic
 from tests.support.crash import kill_projector_mid_stream, resume_and_compare
 from tests.support.producers import SEQ_BREAKS, produce_from_processes
 
@@ -74,24 +74,32 @@ def test_a_projector_killed_mid_stream_resumes_to_equal_a_rebuild(kafka_home: Pa
     assert resumed == rebuilt
 
 
-def _broker(action: str, keep_data: bool = False) -> None:
-    env = {**os.environ, "RUNBUS_KAFKA_KEEP_DATA": "1" if keep_data else "0"}
-    subprocess.run(["bash", str(ROOT / "kafka" / "kafka.sh"), action], env=env, check=True,
-                   capture_output=True, timeout=180)
+@pytest.fixture
+def restartable_kafka_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, OwnBroker]]:
+    """RUNBUS_HOME with the bus on a broker of this test's own, which it may stop and restart (the
+    shared test broker serves other tests, of other pytest-xdist workers too, meanwhile)."""
+    brokers = start_own_broker(own_state("restart"))
+    broker = next(brokers)
+    try:
+        use_fresh_topic(monkeypatch, broker.bootstrap)
+        yield home, broker
+        close_session()
+    finally:
+        brokers.close()
 
 
-@pytest.mark.skipif("RUNBUS_KAFKA_STATE" not in os.environ,
-                    reason="restarting the broker needs the broker make test started (RUNBUS_KAFKA_STATE)")
-def test_a_broker_restart_while_a_job_logs_loses_and_doubles_nothing(kafka_home: Path) -> None:
+def test_a_broker_restart_while_a_job_logs_loses_and_doubles_nothing(
+        restartable_kafka_home: tuple[Path, OwnBroker]) -> None:
+    _, broker = restartable_kafka_home
     session()  # create the topic while the broker is up
     outcome: dict[str, object] = {}
     job = threading.Thread(target=lambda: outcome.update(
         run=new_function().run(NewRun(handler=_metrics_job(10_000, 500, 0.25), name="through-outage"))))
     job.start()
     time.sleep(1.0)
-    _broker("down")
+    broker.kafka_sh("down")
     time.sleep(2.0)
-    _broker("up", keep_data=True)
+    broker.kafka_sh("up", keep_data=True)
     job.join(300)
 
     run = outcome["run"]
