@@ -3,9 +3,9 @@ same work (x -> 2x), N tasks, on the same warm LocalCluster (2 single-threaded w
 
 One cluster for the whole measurement. Both sides are warmed first (a short map, and a short sweep:
 the workers import Runbus once per cluster, as they import the map's function once); then `repeat`
-pairs alternate which goes first. Figures: the median sweep time, the median map time, and the median
-of the pairs' ratios (a pair runs back to back, so the machine's load drifts least within one).
-The first (cold) sweep's time is kept in the details.
+pairs alternate which goes first. Figures: the median sweep time, the median map time and their
+ratio (the figures the table shows side by side); each pair's times and the first (cold) sweep's
+are kept in the details.
 
 `python -m benchmarks.sweep [--iterations N] [--repeat N] [--profile DIR]` runs it alone; with
 --profile, one more warm sweep and map are profiled: the driver's thread (cProfile, top functions by
@@ -83,8 +83,8 @@ def sweep_vs_map(iterations: int, repeat: int) -> dict[str, Any]:
                 map_s = timed_map(client, iterations)
             pairs.append((sweep_s, map_s))
     close_session()
-    return {"sweep_s": median(s for s, _ in pairs), "client_map_s": median(m for _, m in pairs),
-            "sweep_over_map": median(s / m for s, m in pairs), "pairs_s": pairs,
+    sweep_s, map_s = median(s for s, _ in pairs), median(m for _, m in pairs)
+    return {"sweep_s": sweep_s, "client_map_s": map_s, "sweep_over_map": sweep_s / map_s, "pairs_s": pairs,
             "cold_sweep_of_warmup_s": cold_sweep_s}
 
 
