@@ -97,12 +97,14 @@ atexit.register(drop_homes)
 
 
 def fresh_home(bus_url: str | None = None, prefix: str = "runbus-bench-") -> Path:
-    """Point Runbus at a new empty RUNBUS_HOME (and bus) and drop the cached services and the
-    previous benchmark home. A Kafka bus gets a topic of its own so each measurement starts empty."""
+    """Point Runbus at a new empty RUNBUS_HOME (and bus), on the default read path (the projection
+    service), and drop the cached services and the previous benchmark home. A Kafka bus gets a
+    topic of its own so each measurement starts empty."""
     drop_homes()
     home = Path(tempfile.mkdtemp(prefix=prefix))
     _homes.append(home)
     os.environ["RUNBUS_HOME"] = str(home)
+    os.environ.pop("RUNBUS_PROJECTION", None)  # the default read path, whatever an earlier workload chose
     if bus_url:
         os.environ["RUNBUS_BUS"] = bus_url
         os.environ["RUNBUS_KAFKA_TOPIC"] = f"runbus-bench-{uuid.uuid4().hex[:12]}"
