@@ -157,9 +157,10 @@ class ServiceClient:
                 conn.close()
 
     def catch_up(self) -> int:
-        """Wait until the service has folded everything on the bus now (at most timeout_s, plus a
-        margin); the records it folded meanwhile."""
-        return int(self._call({"op": "catch_up"}, self._open_s)["applied"])
+        """Wait until the service has folded everything on the bus now (the service waits at most
+        this client's timeout_s, then ProjectionBusy says how far behind it is); the records it
+        folded meanwhile."""
+        return int(self._call({"op": "catch_up", "timeout_s": self.timeout_s}, self._open_s)["applied"])
 
     def rebuild(self) -> int:
         """Have the service drop its tables and fold the whole log again; the records folded. Waits
@@ -204,7 +205,10 @@ class ServiceClient:
             conn.close()
         if answer[:1] != JSON:
             raise RuntimeError(f"the projection service answered {answer[:40]!r} to {request['op']}")
-        return dict(json.loads(answer[1:]))
+        found = json.loads(answer[1:])
+        if isinstance(found, dict) and "error" in found:
+            raise _error(answer)  # e.g. ProjectionBusy: the fold did not reach the bus in time
+        return dict(found)
 
     def _open(self, request: dict[str, Any], answered: bool = True) -> Connection:
         """A connection to the service that accepted `request` (and, if `answered`, said ok)."""

@@ -429,7 +429,8 @@ class ProjectionService:
     def wait_for(self, wanted: Mapping[int, int], timeout_s: float | None = None) -> None:
         """Return once every partition is folded up to `wanted`; ProjectionBusy naming how far
         behind the projection is after `timeout_s` (default: the service's wait timeout)."""
-        deadline = time.monotonic() + (self.wait_timeout_s if timeout_s is None else timeout_s)
+        started = time.monotonic()
+        deadline = started + (self.wait_timeout_s if timeout_s is None else timeout_s)
         with self._progress:
             while True:
                 if self._failure is not None:
@@ -442,7 +443,7 @@ class ProjectionService:
                 if remaining <= 0:
                     raise ProjectionBusy(
                         f"the projection of {self.address.home} is still {behind} records behind the bus "
-                        f"after {self.wait_timeout_s:g}s; set RUNBUS_DB_TIMEOUT to wait longer")
+                        f"after {deadline - started:g}s; set RUNBUS_DB_TIMEOUT to wait longer")
                 self._progress.wait(remaining)
 
     def rebuild(self) -> int:
@@ -489,7 +490,7 @@ class ProjectionService:
             return True
         if op == "catch_up":
             before = sum(self.positions().values())
-            self.wait_for(self.bus.end_offsets())
+            self.wait_for(self.bus.end_offsets(), _timeout(request.get("timeout_s")))
             send_json(conn, {"applied": sum(self.positions().values()) - before})
         elif op == "rebuild":
             send_json(conn, {"applied": self.rebuild()})
@@ -577,6 +578,13 @@ def readable_dirs_refused(home: Path | str, pid: int, follow: bool, allowed: Seq
                   f"(or at once on `kill -TERM {pid}`), and the next reader starts one that allows them")
     return (f"the projection service of {home} (pid {pid}) lets SQL read {list(allowed) or 'no files'}, "
             f"not {list(asked)}: DuckDB's file settings are fixed when it starts; {remedy}")
+
+
+def _timeout(value: Any) -> float | None:
+    """A request's wait in seconds (a positive finite number), or None for the service's own."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return float(value)
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

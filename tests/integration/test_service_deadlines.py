@@ -131,3 +131,15 @@ def test_a_reader_of_a_stopped_service_fails_instead_of_hanging(home: Path, monk
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not _alive(pid), "the killed service is gone")
+
+
+def test_a_catch_up_the_fold_cannot_finish_in_time_says_how_far_behind(
+        served: tuple[ProjectionService, ServiceClient]) -> None:
+    service, client = served
+    service.pause_folding()
+    session().services.bus.append([("behind", b"not an event")])  # a dead letter, once folded
+    hurried = ServiceClient(service.address, session().services.bus, start=None, timeout_s=0.5)
+    with pytest.raises(ProjectionBusy, match=r"1 records behind the bus after 0.5s"):
+        hurried.catch_up()
+    service.fold_gate.set()
+    assert client.catch_up() == 1  # the waiting client's own, longer wait sees it folded
