@@ -55,6 +55,9 @@ def _close_projection() -> None:
 def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, float]:
     """One measurement: events/s end to end, producing time, the follower's peak RSS."""
     fresh_home(bus_url)
+    # This process reads the follower's file once it is released: a projection service (the default
+    # read path) would fold the same bus beside the follower and hold the file the rebuild needs.
+    os.environ["RUNBUS_PROJECTION"] = "inprocess"
     session()  # this process's bus (creates the Kafka topic) before anything starts
     follower = _child("follow")
     assert follower.stdout is not None and follower.stdin is not None
