@@ -50,12 +50,12 @@ class RunbusWorkerPlugin(WorkerPlugin):
             self.services = None
 
 
-def on_worker(fn: Callable[[Services, RunSpec], Any], spec: RunSpec) -> Any:
-    """`fn(svc, spec)` in a worker, with the services its RunbusWorkerPlugin built."""
+def on_worker(fn: Callable[[Services, Any], Any], item: Any) -> Any:
+    """`fn(svc, item)` in a worker, with the services its RunbusWorkerPlugin built."""
     plugin = get_worker().plugins.get(RunbusWorkerPlugin.name)
     if not isinstance(plugin, RunbusWorkerPlugin) or plugin.services is None:
         raise RuntimeError(f"Dask worker {get_worker().address} has no runbus worker plugin set up")
-    return fn(plugin.services, spec)
+    return fn(plugin.services, item)
 
 
 _WORKERS_READY_S = 120.0  # for the cluster's worker processes to start and join the scheduler
@@ -118,10 +118,10 @@ class DaskPool:
         finally:
             cloudpickle.unregister_pickle_by_value(module)
 
-    def submit_all(self, fn: Callable[[Services, RunSpec], Any], specs: Sequence[RunSpec]) -> list[Any]:
-        """`fn(svc, spec)` for each spec on a worker, with the worker's services, in one message to
-        the scheduler; their futures, in order."""
-        futures = list(self._client.map(on_worker, [fn] * len(specs), list(specs), pure=False))
+    def submit_all(self, fn: Callable[[Services, Any], Any], items: Sequence[Any]) -> list[Any]:
+        """`fn(svc, item)` for each item (a run spec, or a list of them) on a worker, with the
+        worker's services, in one message to the scheduler; their futures, in order."""
+        futures = list(self._client.map(on_worker, [fn] * len(items), list(items), pure=False))
         self._completed.update(futures)
         return futures
 

@@ -1,6 +1,6 @@
 """Worker pools the sweep dispatches iterations to: threads in-process, or Dask.
 
-`submit_all(fn, specs)` calls `fn(svc, spec)` for each spec where the iteration runs, with that process's services:
+`submit_all(fn, items)` calls `fn(svc, item)` for each item where the iterations run, with that process's services:
 the driver's for threads in-process, the worker's (built by its worker plugin) on Dask.
 """
 
@@ -31,10 +31,10 @@ class LocalPool:
         """Nothing to ship: the handler runs in this process."""
         return spec
 
-    def submit_all(self, fn: Callable[[Services, RunSpec], Any], specs: Sequence[RunSpec]) -> list[Any]:
-        """`fn(svc, spec)` for each spec on a thread of this process, with the driver's services;
-        their futures, in order."""
-        return [self._executor.submit(fn, self._svc, spec) for spec in specs]
+    def submit_all(self, fn: Callable[[Services, Any], Any], items: Sequence[Any]) -> list[Any]:
+        """`fn(svc, item)` for each item (a run spec, or a list of them) on a thread of this process,
+        with the driver's services; their futures, in order."""
+        return [self._executor.submit(fn, self._svc, item) for item in items]
 
     def wait_done(self, futures: Iterable[Any]) -> list[tuple[Any, Any]]:
         """Block until at least one future is done; each done future with its result or exception."""

@@ -18,7 +18,7 @@ from engine.rerun import UntrustedRun, check_handler_trusted
 from engine.runspec import RunSpec
 from engine.runtimes.pools import open_pool
 from engine.secrets import from_environment
-from engine.sweep.iteration import IterationOutcome, run_iteration, run_iteration_in_driver
+from engine.sweep.iteration import IterationOutcome, run_iterations, run_iterations_in_driver
 from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
 from engine.sweep.summary import record_iterations
@@ -139,12 +139,14 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
         parent.finish(error=exc)
         return parent
     spec = pool.prepare(spec)
-    execute_iteration = run_iteration_in_driver if pool.in_driver else run_iteration
+    execute = run_iterations_in_driver if pool.in_driver else run_iterations
     if isinstance(spec.handler, CommandJob):
-        execute_iteration = _run_command_iteration
+        execute = _run_command_iterations
     # Tight windows only where results steer dispatch; otherwise keep every worker busy.
+    unbounded = not (sweep.parallel_runs or stop or sweep.max_errors)
     window = sweep.parallel_runs or (pool.capacity if (stop or sweep.max_errors) else max(1, len(state.pending)))
-    inflight: dict[Any, int] = {}
+    inflight: dict[Any, list[int]] = {}  # a task -> the iterations it runs
+    seconds: list[float] = []  # how long the iterations that ended took where they ran
     total = len(state.done) + len(state.pending)
     best = BestSoFar(selector)
     for iteration, (outcome_state, _, results) in state.done.items():
@@ -153,31 +155,56 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while (state.pending and not stopping) or inflight:
-                batch = []
-                while state.pending and not stopping and len(inflight) + len(batch) < window:
-                    iteration, params = state.pending.pop(0)
-                    batch.append(spec.for_iteration(parent.uid, iteration, params))
-                if batch:  # one submission for the batch: a scheduler round trip each costs ~1 ms
-                    for future, child in zip(pool.submit_all(execute_iteration, batch), batch, strict=True):
-                        inflight[future] = child.iteration
+                in_flight = sum(map(len, inflight.values()))
+                size, limit = 1, window
+                if unbounded and not pool.in_driver and execute is run_iterations:
+                    size = _chunk_size(seconds, len(state.pending), pool.capacity)
+                    if not seconds:  # a few single iterations first: how long does one take?
+                        limit = min(window, 2 * pool.capacity)
+                chunks: list[list[RunSpec]] = []
+                while state.pending and not stopping and in_flight < limit:
+                    taken, state.pending = state.pending[:size], state.pending[size:]
+                    chunks.append([spec.for_iteration(parent.uid, i, params) for i, params in taken])
+                    in_flight += len(taken)
+                if chunks:  # one submission for them all: a scheduler round trip each costs ~1 ms
+                    for future, chunk in zip(pool.submit_all(execute, chunks), chunks, strict=True):
+                        inflight[future] = [child.iteration for child in chunk]
                 for future, value in pool.wait_done(inflight):
-                    iteration = inflight.pop(future)
-                    outcome = _outcome(value, iteration)
-                    results = outcome.results if outcome.results is not None else _results_on_bus(watcher, outcome)
-                    state.done[iteration] = (outcome.state, state.params[iteration], results)
-                    state.uids[iteration] = outcome.uid
-                    failed += outcome.state != "completed"
-                    if outcome.state == "completed":
-                        best.offer(iteration, results)
-                        stopping = stopping or bool(stop and stop.met(results))
-                    stopping = stopping or (sweep.max_errors is not None and failed >= sweep.max_errors)
-                    progress.update(len(state.done) - failed, failed, len(inflight), best.describe())
+                    iterations = inflight.pop(future)
+                    values = value if isinstance(value, list) else [value] * len(iterations)
+                    for iteration, found in zip(iterations, values, strict=True):
+                        outcome = _outcome(found, iteration)
+                        seconds.append(outcome.seconds)
+                        results = outcome.results if outcome.results is not None \
+                            else _results_on_bus(watcher, outcome)
+                        state.done[iteration] = (outcome.state, state.params[iteration], results)
+                        state.uids[iteration] = outcome.uid
+                        failed += outcome.state != "completed"
+                        if outcome.state == "completed":
+                            best.offer(iteration, results)
+                            stopping = stopping or bool(stop and stop.met(results))
+                        stopping = stopping or (sweep.max_errors is not None and failed >= sweep.max_errors)
+                    progress.update(len(state.done) - failed, failed, sum(map(len, inflight.values())),
+                                    best.describe())
     finally:
         pool.close()
     svc.writer.flush()
     if not pool.in_driver:  # in-process iterations cannot outlive the driver
         _settle_lost(svc, watcher)
     return _complete(parent, state, selector, svc)
+
+
+_CHUNK_S = 0.2  # a task runs about this much of iterations: one flush (the writer's interval) for them all
+
+
+def _chunk_size(seconds: list[float], pending: int, capacity: int) -> int:
+    """Iterations per task on workers: one until some have ended (their time is unknown); then as
+    many as take about _CHUNK_S where they run, but at most a quarter of each worker's share of
+    what is pending (so the workers stay balanced)."""
+    if not seconds:
+        return 1
+    typical = sorted(seconds)[len(seconds) // 2]
+    return max(1, min(int(_CHUNK_S / max(typical, 1e-4)), pending // (4 * max(1, capacity))))
 
 
 def _results_on_bus(watcher: ChildWatcher, outcome: IterationOutcome) -> dict[str, Any]:
@@ -273,8 +300,11 @@ class CommandJob:
         return run_command(svc, self.command, list(self.args), spec)
 
 
-def _run_command_iteration(svc: Services, spec: RunSpec) -> IterationOutcome:
-    """A sweep iteration of a command: its results are read from the bus (its own process logged them)."""
-    assert isinstance(spec.handler, CommandJob)
-    context = spec.handler.run(svc, spec)
-    return IterationOutcome(spec.iteration, context.uid, context.state)
+def _run_command_iterations(svc: Services, specs: list[RunSpec]) -> list[IterationOutcome]:
+    """Sweep iterations of a command: their results are read from the bus (its own process logged them)."""
+    outcomes = []
+    for spec in specs:
+        assert isinstance(spec.handler, CommandJob)
+        context = spec.handler.run(svc, spec)
+        outcomes.append(IterationOutcome(spec.iteration, context.uid, context.state))
+    return outcomes

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import NewRun, get_run_db, new_function
+from engine.sweep.runner import _chunk_size
 from tests.support import handlers
 from tests.support.polling import wait_until
 
@@ -57,6 +58,34 @@ def test_seed_sweep_gives_the_same_answer_on_a_dask_local_cluster(home: Path) ->
     assert len(iterations) == 3 and set(iterations.runtime) == {"dask://"}
     # each iteration ran in a worker process, not in the driver
     assert os.getpid() not in set(iterations.pid)
+
+
+@pytest.mark.dask
+def test_a_large_sweep_on_dask_keeps_every_iteration_a_run_with_its_events_in_the_log(home: Path) -> None:
+    # 80 short iterations on 2 workers: after the first few, each Dask task runs a chunk of them and
+    # flushes once; every iteration is still a run of its own, with its events and result in the log
+    run = new_function(command="dask://").run(NewRun(handler=handlers.scored),
+                                              hyperparams={"x": list(range(80)), "fail_on": [7]},
+                                              selector="max.score")
+    assert run.state == "error" and run.error == "1 of 80 iterations failed"  # x=7 raised, in its chunk
+    assert run.results["best_iteration"] == 80 and run.results["score"] == 79
+    children = _iterations(run.uid)
+    assert list(children.iteration) == list(range(1, 81))
+    assert children.set_index("iteration").state.to_dict() == {i: "error" if i == 8 else "completed"
+                                                                 for i in range(1, 81)}
+    scores = get_run_db().sql("SELECT r.iteration, v.value_num FROM runs r JOIN results v ON v.uid = r.uid "
+                              "AND v.key = 'score' WHERE r.parent_uid = ? ORDER BY r.iteration", [run.uid])
+    assert scores.value_num.tolist() == [x for x in range(80) if x != 7]
+    table = run.artifact("iteration_results").as_df()
+    assert table["output.score"].dropna().tolist() == [x for x in range(80) if x != 7]
+
+
+def test_the_chunk_of_iterations_a_task_runs_fits_the_flush_interval_and_keeps_workers_balanced() -> None:
+    assert _chunk_size([], 1000, 2) == 1  # nothing measured yet
+    assert _chunk_size([0.002, 0.002, 0.004], 1000, 2) == 100  # ~0.2 s of 2 ms iterations
+    assert _chunk_size([0.002], 100, 2) == 12  # at most a quarter of each worker's share
+    assert _chunk_size([0.5], 1000, 2) == 1  # long iterations: one a task
+    assert _chunk_size([0.0], 1000, 2) == 125
 
 
 @pytest.mark.dask
