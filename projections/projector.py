@@ -174,6 +174,11 @@ class Projector:
         # learnt from each batch; start from the writer's most (500) so a first read stays small
         self._events_per_record = 500.0
         self.user_projections = list(user_projections)
+        # what this projector last read or wrote of `positions` and the bus epoch: an idle projector
+        # (the service's, polling every 0.1 s) then runs no DuckDB statement per poll. Only this
+        # projector writes them on its connection; every write of its own forgets them first.
+        self._known_positions: dict[int, int] | None = None
+        self._known_epoch: str | None = None
         if connection_is_prepared(con):
             return  # a reused connection: the tables were checked when it was opened
         con.execute("SET TimeZone = 'UTC'")
@@ -187,7 +192,10 @@ class Projector:
         mark_prepared(con)
 
     def positions(self) -> dict[int, int]:
-        return dict(self.con.execute("SELECT partition, next_offset FROM positions").fetchall())
+        """The bus positions the projection has folded up to (as last committed)."""
+        if self._known_positions is None:
+            self._known_positions = dict(self.con.execute("SELECT partition, next_offset FROM positions").fetchall())
+        return dict(self._known_positions)
 
     def run_once(self, timeout: float = 0.0) -> int:
         """Fold one batch of new records (waiting up to `timeout` for the first); returns how many
@@ -237,6 +245,7 @@ class Projector:
     def _reset(self) -> None:
         """Drop every table (user projections' too) and create them empty, for the bus's epoch."""
         epoch = self._bus_epoch()
+        self._known_positions = self._known_epoch = None
         self.con.execute("BEGIN")
         self._drop_all()
         create_tables(self.con)
@@ -255,15 +264,15 @@ class Projector:
         """Start over (empty tables, positions 0) when the bus's records were rewritten (a purge)
         since this projection folded them; a projection that folded nothing only records the epoch."""
         epoch = self._bus_epoch()
-        if epoch is None:
+        if epoch is None or epoch == self._known_epoch:
             return
         row = self.con.execute("SELECT value FROM projection_meta WHERE key = 'bus_epoch'").fetchone()
-        if (row[0] if row else "") == epoch:
-            return
-        if self.positions():
-            self._reset()
-        else:
-            self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES ('bus_epoch', ?)", [epoch])
+        if (row[0] if row else "") != epoch:
+            if self.positions():
+                self._reset()
+            else:
+                self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES ('bus_epoch', ?)", [epoch])
+        self._known_epoch = epoch
 
     def apply_events(self, decoded: list[tuple[BusRecord, Event]]) -> None:
         """Fold already-decoded events (e.g. replayed from another projection); positions unchanged."""
@@ -315,6 +324,7 @@ class Projector:
                          undecodable: Sequence[tuple[Any, ...]] = (), received: float | None = None) -> None:
         """Classify, fold and commit the events; events DuckDB refuses are found and quarantined."""
         received = time.time() if received is None else received
+        self._known_positions = None  # this transaction may store new ones (or fail half-way)
         plan = self._classify(decoded, received)
         plan.dead_letters[:0] = undecodable
         quarantined: dict[int, str] = {}
