@@ -40,6 +40,7 @@ from projections.service import FRAME, HANDSHAKE_S, JSON, ServiceAddress, bound_
 from projections.wire import from_ipc, to_frame
 
 _POLL_S = 0.05
+_LONGEST_WAIT_S = 365 * 86400.0  # a longer RUNBUS_DB_TIMEOUT ("forever") would overflow poll()
 _KEEP_IDLE = 2  # connections kept between sessions (a UI serves a few requests at once)
 _MARGIN_S = 5.0  # beyond the service's own deadline: its answer's way back on a loaded machine
 _GONE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, EOFError)
@@ -305,7 +306,10 @@ class ServiceClient:
         """The next message on `conn`, or ProjectionBusy (the connection closed) when none begins
         within `bound_s` (None: no deadline) or it stalls midway."""
         try:
-            if bound_s is None or conn.poll(bound_s):
+            if bound_s is None:
+                bound_io(conn, None)  # the handshake's bound stays on the socket: a rebuild may take minutes
+                return conn.recv_bytes()
+            if conn.poll(min(bound_s, _LONGEST_WAIT_S)):
                 return conn.recv_bytes()
         except BlockingIOError:
             pass

@@ -2,7 +2,7 @@
 
 Each worker process builds its own services once (the worker plugin: the worker's composition
 root); iterations run with them and write their events straight to the bus from the worker, and
-only (iteration, uid, state) returns to the driver.
+only (iteration, uid, state, results) returns to the driver, for a chunk of iterations a task.
 
 The cluster made for a run has its scheduler in this process and each worker in a process of its
 own started as `python -m dask spec` (distributed's SubprocessWorker), not by multiprocessing's

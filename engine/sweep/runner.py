@@ -152,6 +152,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     for iteration, (outcome_state, _, results) in state.done.items():
         if outcome_state == "completed":
             best.offer(iteration, results)
+    state.pending.reverse()  # the next iteration last (see below)
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while (state.pending and not stopping) or inflight:
@@ -163,7 +164,8 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
                         limit = min(window, 2 * pool.capacity)
                 chunks: list[list[RunSpec]] = []
                 while state.pending and not stopping and in_flight < limit:
-                    taken, state.pending = state.pending[:size], state.pending[size:]
+                    # from the end of the reversed list: taking n costs n, not the list's length
+                    taken = [state.pending.pop() for _ in range(min(size, len(state.pending)))]
                     chunks.append([spec.for_iteration(parent.uid, i, params) for i, params in taken])
                     in_flight += len(taken)
                 if chunks:  # one submission for them all: a scheduler round trip each costs ~1 ms

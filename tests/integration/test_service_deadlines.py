@@ -143,3 +143,22 @@ def test_a_catch_up_the_fold_cannot_finish_in_time_says_how_far_behind(
         hurried.catch_up()
     service.fold_gate.set()
     assert client.catch_up() == 1  # the waiting client's own, longer wait sees it folded
+
+
+def test_a_rebuild_longer_than_the_handshake_bound_is_waited_for(
+        served: tuple[ProjectionService, ServiceClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    service, client = served
+    bus = session().services.bus
+    bus.append([(f"r{i}", b"not an event") for i in range(3000)])  # dead letters: a rebuild of some length
+    assert client.catch_up() == 3000
+    # the connection's handshake bound stays on its socket; the rebuild's answer must outlast it
+    hurried = ServiceClient(service.address, bus, start=None, timeout_s=0.05)
+    monkeypatch.setattr(service, "rebuild", _slowed(service.rebuild, 0.5))
+    assert hurried.rebuild() == 3000
+
+
+def _slowed(call: Callable[[], int], seconds: float) -> Callable[[], int]:
+    def slow() -> int:
+        threading.Event().wait(seconds)  # the service's own work, made to outlast the bound
+        return call()
+    return slow
