@@ -144,7 +144,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
         execute = _run_command_iterations
     # Tight windows only where results steer dispatch; otherwise keep every worker busy.
     unbounded = not (sweep.parallel_runs or stop or sweep.max_errors)
-    window = sweep.parallel_runs or (pool.capacity if (stop or sweep.max_errors) else max(1, len(state.pending)))
+    window = max(1, len(state.pending)) if unbounded else (sweep.parallel_runs or pool.capacity)
     inflight: dict[Any, list[int]] = {}  # a task -> the iterations it runs
     seconds: list[float] = []  # how long the iterations that ended took where they ran
     total = len(state.done) + len(state.pending)
@@ -158,7 +158,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
             while (state.pending and not stopping) or inflight:
                 in_flight = sum(map(len, inflight.values()))
                 size, limit = 1, window
-                if unbounded and not pool.in_driver and execute is run_iterations:
+                if state.pending and unbounded and not pool.in_driver and execute is run_iterations:
                     size = _chunk_size(seconds, len(state.pending), pool.capacity)
                     if not seconds:  # a few single iterations first: how long does one take?
                         limit = min(window, 2 * pool.capacity)
