@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 8  # 8: runs.note, deleted_runs, amendments, hidden_runs
+PROJECTION_VERSION = 9  # 9: runs_wide's scanned columns stored uncompressed
 
 # At most this many param/result columns in runs_wide; later keys are queried through params/results.
 MAX_VALUE_COLUMNS = 500
@@ -63,25 +63,32 @@ RUN_ROW_TABLES = ("run_rows", "runs", "runs_wide", "params", "results", "metrics
                   "logs", "log_progress")
 
 # The columns of the public `runs` table, in order (the query layer and the UI rely on them).
-RUN_COLUMNS = ("uid", "parent_uid", "iteration", "project", "name", "state", "handler", "runtime",
-               "host", "labels", "started_at", "finished_at", "duration_s", "error",
-               "return_value", "traceback", "inputs", "extra", "last_event_at", "note")
+RUN_COLUMN_TYPES = (
+    ("uid", "VARCHAR"), ("parent_uid", "VARCHAR"), ("iteration", "INTEGER"), ("project", "VARCHAR"),
+    ("name", "VARCHAR"), ("state", "VARCHAR"), ("handler", "VARCHAR"), ("runtime", "VARCHAR"), ("host", "VARCHAR"),
+    ("labels", "JSON"), ("started_at", "TIMESTAMPTZ"), ("finished_at", "TIMESTAMPTZ"), ("duration_s", "DOUBLE"),
+    ("error", "VARCHAR"), ("return_value", "JSON"), ("traceback", "VARCHAR"), ("inputs", "JSON"), ("extra", "JSON"),
+    ("last_event_at", "TIMESTAMPTZ"), ("note", "VARCHAR"))
+RUN_COLUMNS = tuple(name for name, _ in RUN_COLUMN_TYPES)
 
-_RUN_DDL = """
-    uid VARCHAR PRIMARY KEY, parent_uid VARCHAR, iteration INTEGER, project VARCHAR,
-    name VARCHAR, state VARCHAR, handler VARCHAR, runtime VARCHAR, host VARCHAR,
-    labels JSON, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, duration_s DOUBLE,
-    error VARCHAR, return_value JSON, traceback VARCHAR, inputs JSON, extra JSON,
-    last_event_at TIMESTAMPTZ, note VARCHAR"""
+# runs_wide's columns that every filter, sort and listing scans whole (uid breaks ties in every
+# order), with its value columns: kept uncompressed, as decoding them (DICT_FSST strings, ALP
+# doubles) is most of a query over 100k runs; the file grows by a few MB per 100k runs.
+_SCANNED = "USING COMPRESSION uncompressed"
+_SCANNED_RUN_COLUMNS = ("uid", "name")
+
+
+def _run_ddl(scanned: Collection[str] = ()) -> str:
+    """The column definitions of a table of runs (uid the key), `scanned` columns uncompressed."""
+    return ", ".join(f"{name} {kind}" + (f" {_SCANNED}" if name in scanned else "")
+                     + (" PRIMARY KEY" if name == "uid" else "") for name, kind in RUN_COLUMN_TYPES)
+
 
 _DDL = f"""
-CREATE TABLE IF NOT EXISTS runs ({_RUN_DDL}
-);
-CREATE TABLE IF NOT EXISTS runs_wide ({_RUN_DDL}
-);
+CREATE TABLE IF NOT EXISTS runs ({_run_ddl()});
+CREATE TABLE IF NOT EXISTS runs_wide ({_run_ddl(_SCANNED_RUN_COLUMNS)});
 CREATE TABLE IF NOT EXISTS runs_wide_columns (kind VARCHAR, key VARCHAR, "column" VARCHAR PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS run_rows ({_RUN_DDL}, stream VARCHAR, heartbeat_interval_s DOUBLE
-);
+CREATE TABLE IF NOT EXISTS run_rows ({_run_ddl()}, stream VARCHAR, heartbeat_interval_s DOUBLE);
 CREATE TABLE IF NOT EXISTS params (
     uid VARCHAR, key VARCHAR, value JSON, value_num DOUBLE, PRIMARY KEY (uid, key)
 );
@@ -220,7 +227,7 @@ def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
         column = f"{kind}.{key}"
         if len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable() or column.lower() in taken:
             continue
-        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {quoted(column)} DOUBLE")
+        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {quoted(column)} DOUBLE {_SCANNED}")
         con.execute('INSERT INTO runs_wide_columns VALUES (?, ?, ?)', [kind, key, column])
         known[(kind, key)] = column
         taken.add(column.lower())
