@@ -12,7 +12,8 @@ process (`python -m benchmarks.query --measure`) times, through `get_run_db()`:
 - the query on the key/value tables (`params`/`results` joined to `runs`): what the wide layout buys;
 - `list_runs(project=..., sort_by='-result.accuracy', limit=100)`;
 - at the smallest size, the query after 2 s of nothing (the service stays up; the client's
-  connection is kept).
+  connection is kept), and the bare table's query after the same pauses: what an idle pause costs
+  any query on this machine.
 
 Every figure is the median of its repeats after one warm call. `python -m benchmarks.query` runs it
 alone; `python -m benchmarks --only query` as part of the suite.
@@ -145,13 +146,13 @@ def time_queries(db: RunDB, queries: int, bare: duckdb.DuckDBPyConnection) -> di
     return {"query": sql_ms, "bare": bare_ms, "kv": kv_ms, "list_runs": list_ms, "list_bare": bare_list_ms}
 
 
-def time_after_idle(db: RunDB, pauses: int) -> float:
-    """Median ms of the query run after IDLE_S seconds of nothing."""
+def time_after_idle(call: Callable[[], Any], pauses: int) -> float:
+    """Median ms of `call` made after IDLE_S seconds of nothing."""
     times = []
     for _ in range(pauses):
         time.sleep(IDLE_S)
         began = time.perf_counter()
-        db.sql(QUERY)
+        call()
         times.append((time.perf_counter() - began) * 1000)
     return median(times)
 
@@ -164,10 +165,12 @@ def measure(queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
     bare = bare_table(db, scratch / "bare.duckdb")
     try:
         figures = time_queries(db, queries, bare)
+        if idle_pauses:
+            figures["idle"] = time_after_idle(lambda: db.sql(QUERY), idle_pauses)
+            bare_query = WIDE_QUERY.format(table="bare")
+            figures["bare_idle"] = time_after_idle(lambda: bare.execute(bare_query).df(), idle_pauses)
     finally:
         bare.close()
-    if idle_pauses:
-        figures["idle"] = time_after_idle(db, idle_pauses)
     figures["load"] = os.getloadavg()[0]
     return figures
 
@@ -235,12 +238,14 @@ def run(sizes: tuple[int, ...], queries: int) -> Outcome:
             outcome.figures[f"list_runs_bare_ms_{size}"] = figures["list_bare"]
             if "idle" in figures:
                 outcome.figures[f"query_idle_ms_{size}"] = figures["idle"]
+                outcome.figures[f"query_bare_idle_ms_{size}"] = figures["bare_idle"]
             print(f"query at {size:,} runs (median of {queries}, from a second process, UI and follower "
                   f"running, load {figures['load']:.1f}): Runbus {figures['query']:.2f} ms, bare DuckDB table "
                   f"{figures['bare']:.2f} ms ({figures['query'] / figures['bare']:.2f}x), key/value tables "
                   f"{figures['kv']:.2f} ms; list_runs(sort_by='-result.accuracy', limit=100) "
                   f"{figures['list_runs']:.2f} ms (bare DuckDB table {figures['list_bare']:.2f} ms)"
-                  + (f"; after {IDLE_S:g} s idle {figures['idle']:.2f} ms" if "idle" in figures else ""),
+                  + (f"; after {IDLE_S:g} s idle {figures['idle']:.2f} ms (bare DuckDB table "
+                     f"{figures['bare_idle']:.2f} ms)" if "idle" in figures else ""),
                   flush=True)
     finally:
         for process in (ui, follower):
