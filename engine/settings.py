@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, KafkaSecurityError, Secret
+from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, KafkaSecurityError, Secret, has_login, mask_login
 
 
 class SettingsError(ValueError):
@@ -33,6 +33,11 @@ class Settings:
     projection: str = "service"
     projection_idle_s: float = 300.0
     kafka_security: KafkaSecurity = PLAINTEXT
+
+    def __repr__(self) -> str:
+        """The fields as a dataclass shows them, with any password in the bus URL as ***."""
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"{type(self).__name__}({mask_login(shown)})"
 
     @property
     def db_path(self) -> Path:
@@ -84,7 +89,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     home = Path(env.get("RUNBUS_HOME") or ".runbus").expanduser().resolve()
     return Settings(
         home=home,
-        bus_url=env.get("RUNBUS_BUS") or "embedded",
+        bus_url=_bus_url(env),
         project=env.get("RUNBUS_PROJECT") or "default",
         db_timeout_s=_number(env, "RUNBUS_DB_TIMEOUT", 60.0),
         db_linger_s=_number(env, "RUNBUS_DB_LINGER", 0.25, inclusive=True),
@@ -141,6 +146,18 @@ def kafka_security(env: Mapping[str, str]) -> KafkaSecurity:
                              key_file=path("key_file"))
     except KafkaSecurityError as exc:
         raise SettingsError(exc.explain(names)) from None
+
+
+def _bus_url(env: Mapping[str, str]) -> str:
+    """RUNBUS_BUS (default 'embedded'); SettingsError, the URL masked, when it carries a login (a
+    password there would be shown wherever the URL is: the login belongs in RUNBUS_KAFKA_*)."""
+    url = env.get("RUNBUS_BUS") or "embedded"
+    if has_login(url):
+        raise SettingsError(f"RUNBUS_BUS={mask_login(url)!r} carries a login: Runbus takes none from the URL; drop "
+                            f"it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or RUNBUS_KAFKA_PASSWORD_FILE) "
+                            f"with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and "
+                            f"RUNBUS_KAFKA_SASL_MECHANISM")
+    return url
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:

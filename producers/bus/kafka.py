@@ -52,7 +52,7 @@ from kafka.producer import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from producers.bus.base import Bus, BusError, BusRecord, BusRefused
-from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity
+from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, has_login, mask_login
 
 T = TypeVar("T")
 
@@ -151,6 +151,14 @@ class _Connections(KafkaConnectionManager):
                 self._auth_failures[node.node_id] = self.last_failure
 
 
+def url_login_refused(url: str) -> str:
+    """One line: a Kafka URL carries a login (shown masked), and where the login goes instead."""
+    return (f"the Kafka URL {mask_login(url)} carries a login: Runbus takes none from the URL (it would be "
+            f"shown wherever the URL is); drop it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or "
+            f"RUNBUS_KAFKA_PASSWORD_FILE) with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and "
+            f"RUNBUS_KAFKA_SASL_MECHANISM")
+
+
 class KafkaBus(Bus):
     """The log is topic `topic` on the brokers `bootstrap` ("host:port[,host:port]")."""
 
@@ -159,7 +167,10 @@ class KafkaBus(Bus):
                  replication: int = 1, security: KafkaSecurity = PLAINTEXT) -> None:
         """Check that a broker answers and create the topic if it is missing (a user the ACLs do
         not let create it may use it when it exists); BusRefused when the broker refuses the
-        login, its certificate is not trusted or the ACLs refuse, BusError otherwise."""
+        login, its certificate is not trusted or the ACLs refuse, BusError otherwise (also for an
+        address that carries a login: credentials come from the security settings only)."""
+        if has_login(bootstrap):
+            raise BusError(url_login_refused(f"kafka://{bootstrap}"))
         self.bootstrap, self.topic, self.url = bootstrap, topic, f"kafka://{bootstrap}"
         self.security = security
         self._timeout_ms = int(connect_timeout_s * 1000)

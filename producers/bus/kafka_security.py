@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +55,21 @@ def _read_secret(kind: str, where: str, env: Mapping[str, str] | None = None) ->
     if not value:
         raise KafkaSecurityError("password", f"={where!r}: the file is empty")
     return value
+
+
+# the password runs to the last "@" before white space: one holding "@" or "/" is masked whole
+_LOGIN = re.compile(r"""(?P<scheme>[A-Za-z][\w+.-]*://)?(?P<user>[^\s:/@'"=,\[\]]*):(?P<password>\S*)@""")
+
+
+def mask_login(text: str) -> str:
+    """`text` (a bus URL or a "host:port" list) with the password of any "user:password@" in it
+    shown as ***: for every message, repr and log line that names an address."""
+    return _LOGIN.sub(lambda found: f"{found['scheme'] or ''}{found['user']}:***@", text)
+
+
+def has_login(address: str) -> bool:
+    """Whether a bus URL or "host:port" list carries a "user[:password]@" login."""
+    return "@" in address
 
 
 def _where(kind: str, where: str) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from engine.bootstrap import make_bus
-from engine.settings import SettingsError, load_settings
+from engine.settings import Settings, SettingsError, load_settings
 
 
 def test_defaults_put_everything_under_dot_runbus_in_the_current_folder() -> None:
@@ -31,3 +31,35 @@ def test_a_bad_setting_names_the_variable(env: dict[str, str], message: str) -> 
 def test_an_unknown_bus_url_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="RUNBUS_BUS='redis://x' is not a bus URL"):
         make_bus("redis://x", load_settings({"RUNBUS_HOME": str(tmp_path)}))
+
+
+PASSWORD = "Hunter2-not-shown"
+
+
+@pytest.mark.parametrize("url", [f"kafka://alice:{PASSWORD}@127.0.0.1:9", f"kafkaa://alice:{PASSWORD}@broker",
+                                 f"kafka://alice:{PASSWORD}/x@127.0.0.1:9,127.0.0.1:10"])
+def test_a_kafka_url_with_a_password_is_refused_without_showing_it(url: str, tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"RUNBUS_BUS='kafkaa?://alice:\*\*\*@.*RUNBUS_KAFKA_PASSWORD") as refused:
+        load_settings({"RUNBUS_HOME": str(tmp_path), "RUNBUS_BUS": url})
+    assert PASSWORD not in str(refused.value) and PASSWORD not in repr(refused.value)
+
+
+def test_a_kafka_bus_given_a_login_in_its_address_refuses_it_without_showing_the_password(tmp_path: Path) -> None:
+    from producers.bus.base import BusError
+
+    settings = load_settings({"RUNBUS_HOME": str(tmp_path)})
+    # the broker at port 9 cannot be reached: the message must not quote the address as given either
+    with pytest.raises(BusError, match=r"kafka://alice:\*\*\*@127.0.0.1:9 carries a login") as refused:
+        make_bus(f"kafka://alice:{PASSWORD}@127.0.0.1:9", settings)
+    assert PASSWORD not in str(refused.value) and PASSWORD not in repr(refused.value)
+
+
+def test_no_repr_of_settings_shows_a_password(tmp_path: Path) -> None:
+    from producers.bus.kafka_security import KafkaSecurity, Secret
+
+    security = KafkaSecurity(protocol="SASL_PLAINTEXT", mechanism="PLAIN", user="alice",
+                             password=Secret(PASSWORD + "-sasl"))
+    settings = Settings(home=tmp_path, bus_url=f"kafka://alice:{PASSWORD}@127.0.0.1:9", kafka_security=security)
+    shown = repr(settings)
+    assert PASSWORD not in shown and "alice:***@127.0.0.1:9" in shown and "Secret(from a value)" in shown
+    assert shown.startswith("Settings(home=") and "db_timeout_s=60.0" in shown
