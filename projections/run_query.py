@@ -140,11 +140,16 @@ class _Sql:
         return f" WHERE {' AND '.join(self.where)}" if self.where else ""
 
 
+STALE_COLUMNS = "runbus: the remembered runs_wide columns changed (a rebuild)"
+
+
 class ValueColumnCache:
     """The runs_wide columns of (kind, key) pairs, remembered between the queries of one reader so a
-    filter or sort on a value does not look its column up each time. runs_wide only gains columns
-    until a rebuild, so a remembered column is right or gone; `find_runs` and `count_runs` retry a
-    query that used remembered columns once with the columns looked up again."""
+    filter or sort on a value does not look its column up each time. A rebuild may give a column to
+    another key (DuckDB matches a quoted name whatever its case, so 'param.lr' would read a new
+    'param.LR'): a query built on remembered columns checks, in the same statement, that each is in
+    runs_wide under exactly its name, and fails otherwise (or when a column is gone); `find_runs`
+    and `count_runs` then forget them and look the columns up again."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], str] = {}
@@ -267,6 +272,25 @@ class RunQuery:
         sql.join_args.append(named[1])
         return f"s.value_num {direction} NULLS LAST, s.value {direction} NULLS LAST, r.started_at DESC, r.uid"
 
+    def _checked(self) -> tuple[str, list[Any]]:
+        """(WITH clause, its arguments) that makes the statement fail (STALE_COLUMNS) unless each
+        remembered column is in runs_wide under exactly its name (a column's name is made from its
+        key, so that name answers for that key only); nothing when the columns were just looked up
+        in the same snapshot."""
+        if not self.remembered or not self.columns:
+            return "", []
+        names = sorted(set(self.columns.values()))
+        return (f"WITH _remembered AS (SELECT CASE WHEN count(*) = {len(names)} THEN TRUE "
+                f"ELSE error('{STALE_COLUMNS}') END AS ok FROM duckdb_columns() WHERE table_name = 'runs_wide' "
+                f"AND column_name IN ({', '.join('?' for _ in names)})) "), list(names)
+
+    def _from(self, sql: _Sql) -> str:
+        joins = " ".join(sql.joins)
+        if self.remembered and self.columns:
+            sql.where.insert(0, "_remembered.ok")  # used, so the check is not optimized away
+            return f"runs_wide r CROSS JOIN _remembered {joins}"
+        return f"runs_wide r {joins}"
+
     def select(self, columns: Sequence[str] = RUN_COLUMNS, limit: int | None = None,
                offset: int = 0) -> tuple[str, list[Any]]:
         """(SQL, arguments) for the matching runs' `columns` (runs columns), in order."""
@@ -276,8 +300,9 @@ class RunQuery:
         sql = self._conditions()
         order = self._order_by(sql)
         names = ", ".join(f"r.{c}" for c in columns)
-        query = f"SELECT {names} FROM runs_wide r {' '.join(sql.joins)}{sql.clause()} ORDER BY {order}"
-        args = [*sql.join_args, *sql.where_args]
+        check, check_args = self._checked()
+        query = f"{check}SELECT {names} FROM {self._from(sql)}{sql.clause()} ORDER BY {order}"
+        args = [*check_args, *sql.join_args, *sql.where_args]
         if limit is not None:
             query += " LIMIT ?"
             args.append(_count(limit, "limit"))
@@ -289,7 +314,8 @@ class RunQuery:
     def count(self) -> tuple[str, list[Any]]:
         """(SQL, arguments) counting the matching runs (column `n`)."""
         sql = self._conditions()
-        return f"SELECT count(*) AS n FROM runs_wide r{sql.clause()}", sql.where_args
+        check, check_args = self._checked()
+        return f"{check}SELECT count(*) AS n FROM {self._from(sql)}{sql.clause()}", [*check_args, *sql.where_args]
 
 
 def _count(value: Any, what: str) -> int:
@@ -309,8 +335,9 @@ def _answered(fetch: Fetch, run_filter: RunFilter, order: RunOrder, cache: Value
     run_query = RunQuery.build(fetch, run_filter, order, cache)
     try:
         return fetch(*statement(run_query))
-    except duckdb.BinderException:  # a column that is not there (any other error is the answer)
-        if cache is None or not run_query.remembered:
+    except duckdb.Error as exc:  # a column gone or given to another key (any other error is the answer)
+        if cache is None or not run_query.remembered or not (
+                isinstance(exc, duckdb.BinderException) or STALE_COLUMNS in str(exc)):
             raise
     cache.forget()
     return fetch(*statement(RunQuery.build(fetch, run_filter, order, cache)))

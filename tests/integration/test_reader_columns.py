@@ -1,0 +1,48 @@
+"""A reader's remembered runs_wide columns stay right across a rebuild that gives a column to a key
+differing only in case (DuckDB matches quoted names whatever their case)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.api import session
+from engine.bootstrap import make_bus
+from engine.projection_service import build_service
+from projections.client import ServiceClient
+from projections.query import RunDB
+from projections.service import ServiceAddress, serving_in_thread
+from tests.support.foreign import append, envelope, finished, result, started
+
+
+def _run(uid: str, key: str, value: str) -> None:
+    append(session().services.bus, uid, [envelope(uid, 0, "run_started", started(name=uid)),
+                                         envelope(uid, 1, "result", result(key, value)),
+                                         envelope(uid, 2, "run_finished", finished())])
+
+
+@pytest.fixture
+def served(home: Path) -> Iterator[tuple[RunDB, ServiceClient]]:
+    svc = session().services
+    bus = make_bus(svc.settings.bus_url, svc.settings)
+    with serving_in_thread(build_service(svc.settings, bus)):
+        client = ServiceClient(ServiceAddress.of(svc.settings.home), svc.bus, start=None, timeout_s=30)
+        yield RunDB(svc.bus, svc.settings.db_path, svc.codec, source=client), client
+    bus.close()
+
+
+def test_a_remembered_column_does_not_answer_for_a_key_that_differs_in_case_after_a_rebuild(
+        served: tuple[RunDB, ServiceClient]) -> None:
+    db, client = served
+    _run("a", "lr", "1")
+    _run("c", "lr", "2")
+    assert db.list_runs(sort_by="result.lr").uid.tolist() == ["a", "c"]  # 'lr' has column "result.lr", remembered
+    _run("b", "LR", "0")  # folded later: "result.LR" is taken (case-insensitively), 'LR' gets no column
+    client.catch_up()
+    assert db.sql("SELECT key FROM runs_wide_columns WHERE kind = 'result'").key.tolist() == ["lr"]
+    client.rebuild()  # one batch, keys in order: 'LR' gets the column now, 'lr' none
+    assert db.sql("SELECT key FROM runs_wide_columns WHERE kind = 'result'").key.tolist() == ["LR"]
+    assert db.list_runs(sort_by="result.lr").uid.tolist() == ["a", "c", "b"]  # b has no 'lr': last
+    assert db.list_runs(sort_by="result.LR").uid.tolist()[0] == "b"
