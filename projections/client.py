@@ -7,13 +7,14 @@ When no service answers (none yet, or one that was killed left its socket behind
 one started with `start` and waits for it.
 
 No wait is unbounded but a rebuild's: the connection and its handshake take at most
-min(timeout_s, HANDSHAKE_S); a session (or a catch-up) must open within timeout_s (the service's
-wait for the fold, RUNBUS_DB_TIMEOUT) plus a margin; each statement must be answered within the
-service's statement timeout (QUERY_TIMEOUT_S) plus a margin; the bytes of an answer must keep
-coming (no gap longer than the handshake bound). A service that is stopped (SIGSTOP) or hung
-makes the reader fail with ProjectionBusy, naming its pid, home and log, and the connection is
-closed. A rebuild waits as long as it takes: it folds the whole log, which may take minutes, and
-the caller asked for exactly that (Ctrl-C ends the wait).
+min(timeout_s, HANDSHAKE_S); a session (or a catch-up) must open within timeout_s plus a margin
+(every request carries timeout_s, RUNBUS_DB_TIMEOUT: the service bounds its wait for the fold and
+its build of a past projection by it and answers ProjectionBusy itself, naming what it was doing);
+each statement must be answered within the service's statement timeout (QUERY_TIMEOUT_S) plus a
+margin; the bytes of an answer must keep coming (no gap longer than the handshake bound). A
+service that is stopped (SIGSTOP) or hung makes the reader fail with ProjectionBusy, naming its
+pid, home and log, and the connection is closed. A rebuild waits as long as it takes: it folds the
+whole log, which may take minutes, and the caller asked for exactly that (Ctrl-C ends the wait).
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ class ServiceClient:
         self._pid = os.getpid()
 
     def _reading(self, op: str, as_of: int | datetime | str | None) -> dict[str, Any]:
-        """A request for a snapshot that includes every event on the bus now."""
+        """A request for a snapshot that includes every event on the bus now. It carries this
+        client's timeout_s: the service bounds its own waits (the fold, a past projection's build)
+        by it and says which ran out, before this client's bound (a margin longer) gives up on it."""
         wanted = self.bus.end_offsets()
-        return {"op": op, "wait_for": {str(p): end for p, end in wanted.items()},
+        return {"op": op, "wait_for": {str(p): end for p, end in wanted.items()}, "timeout_s": self.timeout_s,
                 "as_of": _plain(as_of) if as_of is not None else None, "readable_dirs": self.readable_dirs}
 
     def answer(self, statements: Sequence[Statement], as_of: int | datetime | str | None = None) -> list[pd.DataFrame]:

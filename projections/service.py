@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from pathlib import Path
@@ -49,7 +49,7 @@ from projections.as_of import cutoff
 from projections.database import ProjectionBusy, is_unreadable, open_projection
 from projections.errors import error_payload
 from projections.projector import Projector
-from projections.readonly import TableQuery, read_only_tables, seal
+from projections.readonly import QUERY_TIMEOUT_S, TableQuery, read_only_tables, seal
 from projections.replay import stored_events
 from projections.user import UserProjection
 from projections.wire import to_ipc
@@ -60,6 +60,7 @@ FRAME, JSON = b"A", b"J"
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 _AS_OF_CACHE = 4
 _JUDGE_EVERY_S = 1.0
+_STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 HANDSHAKE_S = 10.0
 """The longest a client's authentication may take (either side) before the connection is dropped."""
 _BACKLOG = 64  # connections waiting for accept(): readers that arrive together are not refused
@@ -157,19 +158,27 @@ def peer_pid(conn: Connection) -> int | None:
 class _PastProjections:
     """Projections of the events up to a cutoff (`as_of`), built once and kept (a few, newest used).
 
-    A kept one is used again while no event folded since it was built falls before its cutoff (on
-    Kafka a lagging partition can still bring events below a position or time cutoff)."""
+    Each is built on a thread of its own, which no other reader waits for: a reader waits for the
+    one it asked for until its own deadline, then is told it is still being built (the build goes
+    on, and a reader asking again later uses it). A kept one is used again while no event folded
+    since it was built falls before its cutoff (on Kafka a lagging partition can still bring
+    events below a position or time cutoff)."""
 
     def __init__(self, live: duckdb.DuckDBPyConnection, make_projector: Callable[[duckdb.DuckDBPyConnection],
-                 Projector], size: int = _AS_OF_CACHE) -> None:
+                 Projector], stop: threading.Event, home: Path, size: int = _AS_OF_CACHE) -> None:
         self.live = live
         self.make_projector = make_projector
+        self.stop = stop
+        self.home = home
         self.size = size
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held only to look up, register and keep builds, never during one
         self.built: OrderedDict[tuple[str, tuple[Any, ...]],
                                 tuple[duckdb.DuckDBPyConnection, dict[int, int]]] = OrderedDict()
+        self.building: dict[tuple[str, tuple[Any, ...]], _Build] = {}
 
-    def get(self, as_of: int | datetime | str) -> duckdb.DuckDBPyConnection:
+    def get(self, as_of: int | datetime | str, deadline: float) -> duckdb.DuckDBPyConnection:
+        """The projection as of `as_of`; ProjectionBusy when it is not built by `deadline`
+        (time.monotonic()) or the service stops meanwhile."""
         where, params = cutoff(as_of)
         key = (where, tuple(params))
         with self.lock:
@@ -177,19 +186,50 @@ class _PastProjections:
             if found is not None and not self._late_events(where, params, found[1]):
                 self.built.move_to_end(key)
                 return found[0]
+            build = self.building.get(key)
+            if build is None:
+                build = self.building[key] = _Build()
+                threading.Thread(target=self._build, args=(key, build), name="runbus-as-of", daemon=True).start()
+        started = time.monotonic()
+        while not build.done.wait(max(0.0, min(deadline - time.monotonic(), _STOP_CHECK_S))):
+            if self.stop.is_set():
+                raise ProjectionBusy(f"the projection service of {self.home} is stopping: the projection "
+                                     f"as of {as_of!r} was not built; ask again (a new service builds it)")
+            if time.monotonic() >= deadline:
+                raise ProjectionBusy(
+                    f"the projection service of {self.home} is still building the projection as of {as_of!r} "
+                    f"(a replay of the events up to it) after {time.monotonic() - started:.3g}s; it goes on, "
+                    f"and a read asking again uses it once built; set RUNBUS_DB_TIMEOUT to wait longer")
+        if build.failure is not None:
+            raise build.failure
+        assert build.past is not None
+        return build.past
+
+    def _build(self, key: tuple[str, tuple[Any, ...]], build: _Build) -> None:
+        where, params = key
+        try:
             # positions first: an event folded meanwhile is in the past and also counts as late
             # (a needless rebuild next time, never a stale answer)
             folded = self._folded_positions()
             past = duckdb.connect(":memory:")
             replay = self.make_projector(past)
             for chunk in stored_events(self.live, where, params):
+                if self.stop.is_set():
+                    raise ProjectionBusy(f"the projection service of {self.home} is stopping")
                 replay.apply_events(chunk)
             seal(past)
-            self.built[key] = (past, folded)
-            self.built.move_to_end(key)
-            while len(self.built) > self.size:
-                self.built.popitem(last=False)  # closed when its last session ends
-            return past
+            build.past = past
+            with self.lock:
+                self.built[key] = (past, folded)
+                self.built.move_to_end(key)
+                while len(self.built) > self.size:
+                    self.built.popitem(last=False)  # closed when its last session ends
+        except BaseException as exc:  # the readers waiting for it are told
+            build.failure = exc
+        finally:
+            with self.lock:
+                self.building.pop(key, None)
+            build.done.set()
 
     def _folded_positions(self) -> dict[int, int]:
         cursor = self.live.cursor()
@@ -210,6 +250,15 @@ class _PastProjections:
         finally:
             cursor.close()
         return late is None or late[0] > 0
+
+
+@dataclass
+class _Build:
+    """A past projection being built: `done` is set once `past` or `failure` is."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    past: duckdb.DuckDBPyConnection | None = None
+    failure: BaseException | None = None
 
 
 class ProjectionService:
@@ -274,7 +323,7 @@ class ProjectionService:
         self._projector = self._make_projector(con)
         seal(con, self.readable_dirs)
         self._positions = self._projector.positions()
-        self._past = _PastProjections(con, self._make_projector)
+        self._past = _PastProjections(con, self._make_projector, self.stop, self.address.home)
         key = ensure_key(self.address.key)
         with contextlib.suppress(FileNotFoundError):
             self.address.socket.unlink()  # left by a service that was killed: we hold the lock now
@@ -310,7 +359,8 @@ class ProjectionService:
             pass
 
     def shutdown(self) -> None:
-        """Stop serving (safe from a signal handler or another thread); `run` returns soon after."""
+        """Stop serving (safe from a signal handler or another thread); `run` returns soon after, and
+        readers waiting for the fold or for a past projection are told at once."""
         self.stop.set()
         self._close_listener()
 
@@ -371,6 +421,12 @@ class ProjectionService:
             self._last_request = time.monotonic()
             self._progress.notify_all()
 
+    @property
+    def requests_under_way(self) -> int:
+        """How many requests are being answered now."""
+        with self._progress:
+            return self._active
+
     def _exit_when_idle(self) -> None:
         assert self.idle_s is not None
         while not self.stop.wait(min(1.0, self.idle_s / 4)):
@@ -428,7 +484,9 @@ class ProjectionService:
 
     def wait_for(self, wanted: Mapping[int, int], timeout_s: float | None = None) -> None:
         """Return once every partition is folded up to `wanted`; ProjectionBusy naming how far
-        behind the projection is after `timeout_s` (default: the service's wait timeout)."""
+        behind the projection is after `timeout_s` (default: the service's wait timeout), or at
+        once when the service is stopping (a shutdown or a follower's takeover does not wait out
+        a long catch-up)."""
         started = time.monotonic()
         deadline = started + (self.wait_timeout_s if timeout_s is None else timeout_s)
         with self._progress:
@@ -436,6 +494,9 @@ class ProjectionService:
                 if self._failure is not None:
                     raise ProjectionBusy(f"the projection service of {self.address.home} stopped: "
                                          f"{_first_line(self._failure)}")
+                if self.stop.is_set():
+                    raise ProjectionBusy(f"the projection service of {self.address.home} is stopping: ask again "
+                                         f"(a reader has a new one started; a follower takes over)")
                 behind = sum(max(0, end - self._positions.get(p, 0)) for p, end in wanted.items())
                 if behind == 0:
                     return
@@ -444,7 +505,7 @@ class ProjectionService:
                     raise ProjectionBusy(
                         f"the projection of {self.address.home} is still {behind} records behind the bus "
                         f"after {deadline - started:g}s; set RUNBUS_DB_TIMEOUT to wait longer")
-                self._progress.wait(remaining)
+                self._progress.wait(min(remaining, _STOP_CHECK_S))
 
     def rebuild(self) -> int:
         """Drop every table and fold the whole log again; returns the records folded."""
@@ -514,16 +575,20 @@ class ProjectionService:
     @contextlib.contextmanager
     def _snapshot(self, request: dict[str, Any]) -> Iterator[TableQuery]:
         """The read-only session a reader's request asks for, once the fold has reached the bus
-        offsets it sent (answered {"ok": true} before the block runs)."""
+        offsets it sent and a past projection it asks for (`as_of`) is built (answered {"ok": true}
+        before the block runs). Both waits together take at most the request's "timeout_s" (the
+        reader's RUNBUS_DB_TIMEOUT; default the service's), then ProjectionBusy says which one ran out."""
+        deadline = time.monotonic() + (_timeout(request.get("timeout_s")) or self.wait_timeout_s)
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
             raise ValueError(readable_dirs_refused(self.address.home, os.getpid(), self.idle_s is None,
                                                    self.readable_dirs, wanted_dirs))
-        self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()})
+        self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()},
+                      max(0.0, deadline - time.monotonic()))
         as_of = request.get("as_of")
         assert self._con is not None and self._past is not None
-        db = self._con if as_of is None else self._past.get(as_of)
-        with read_only_tables(db, float(request.get("timeout_s") or 60.0), sealed=True) as fetch:
+        db = self._con if as_of is None else self._past.get(as_of, deadline)
+        with read_only_tables(db, QUERY_TIMEOUT_S, sealed=True) as fetch:
             yield fetch
 
     def _answer(self, conn: Connection, request: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,9 @@ from engine.ui.store import ServedRunDB
 from projections.client import ServiceClient
 from projections.database import ProjectionBusy
 from projections.query import RunDB
+from projections.replay import stored_events
 from projections.service import ProjectionService, ServiceAddress, serving_in_thread
+from tests.support.foreign import append, envelope, finished, started
 from tests.support.polling import wait_until
 from tests.support.serving import served_in_thread
 
@@ -162,3 +165,58 @@ def _slowed(call: Callable[[], int], seconds: float) -> Callable[[], int]:
         threading.Event().wait(seconds)  # the service's own work, made to outlast the bound
         return call()
     return slow
+
+
+def _foreign_runs(count: int) -> None:
+    bus = session().services.bus
+    for i in range(count):
+        append(bus, f"run{i}", [envelope(f"run{i}", 0, "run_started", started(name=f"run{i}")),
+                                envelope(f"run{i}", 1, "run_finished", finished())])
+
+
+def test_an_as_of_read_whose_past_is_still_being_built_is_told_so_by_the_service_in_its_own_time(
+        served: tuple[ProjectionService, ServiceClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    service, client = served
+    _foreign_runs(3)
+    assert client.catch_up() > 0
+    [[as_of]] = client.answer([("SELECT max(position) FROM events WHERE run_uid = 'run1'", None)])[0].values
+    as_of = int(as_of)
+    released = threading.Event()
+    replaying = threading.Event()
+
+    def held_replay(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        replaying.set()
+        released.wait(60)  # the replay of a big log, held until the test lets it go on
+        yield from stored_events(*args, **kwargs)
+
+    monkeypatch.setattr("projections.service.stored_events", held_replay)
+    bus = session().services.bus
+    hurried = ServiceClient(service.address, bus, start=None, timeout_s=0.5)
+    thread, outcome = _read_in_thread(lambda: RunDB(bus, "", as_of=as_of, source=hurried).sql(
+        "SELECT count(*) AS n FROM runs"))
+    thread.join(60)
+    [error] = outcome
+    # the service answers within the reader's own timeout (not the client's bound beyond it)
+    assert isinstance(error, ProjectionBusy), error
+    assert f"still building the projection as of {as_of}" in str(error), str(error)
+    assert "RUNBUS_DB_TIMEOUT" in str(error), str(error)
+    wait_until(replaying.is_set, "the build of the past projection goes on after its reader gave up")
+    # while the build is held, readers of the present are answered
+    assert client.answer([("SELECT count(*) AS n FROM runs", None)])[0].n.tolist() == [3]
+    released.set()  # the build goes on; a reader with time to wait gets its answer
+    past = RunDB(bus, "", as_of=as_of, source=client).sql("SELECT name FROM runs ORDER BY name")
+    assert past.name.tolist() == ["run0", "run1"]
+
+
+def test_a_catch_up_under_way_ends_at_once_when_the_service_stops(
+        served: tuple[ProjectionService, ServiceClient]) -> None:
+    service, client = served
+    service.pause_folding()
+    session().services.bus.append([("behind", b"not an event")])
+    thread, outcome = _read_in_thread(client.catch_up)  # waits up to 30 s for the paused fold
+    wait_until(lambda: service.requests_under_way == 1, "the catch-up is under way")
+    service.shutdown()
+    thread.join(20)  # well below the 30 s the catch-up would otherwise wait
+    assert not thread.is_alive(), "a catch-up still waits for the fold of a service that is stopping"
+    [error] = outcome
+    assert isinstance(error, ProjectionBusy) and "is stopping" in str(error), error
