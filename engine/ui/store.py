@@ -17,6 +17,7 @@ import duckdb
 
 from engine.bootstrap import Services
 from projections import Projector, RunDB
+from projections.database import connection_is_prepared
 from projections.query import SnapshotSource, seal
 
 
@@ -40,6 +41,13 @@ class HeldRunDB(RunDB):
 
     The database is sealed once the projector has prepared it: SQL reads no file outside
     `readable_dirs` (none unless the user opted in), writes none, changes no setting.
+
+    A Projector remembers the positions it last read or wrote on its connection, so two folding
+    one connection would each fold what the other did again (a dead letter twice). A connection
+    from `open_projection` is shared with every in-process reader of the file, each with a
+    Projector of its own: each read here folds with a new Projector, which reads the positions
+    afresh (on a prepared connection it is made without a statement). A connection of the caller's
+    own is folded by one Projector, shared by every `at()` of this store.
     """
 
     def __init__(self, svc: Services, con: duckdb.DuckDBPyConnection,
@@ -59,15 +67,22 @@ class HeldRunDB(RunDB):
         """The same held file, answering as of an events.position or a time (None: now)."""
         return HeldRunDB(self.services, self._con, as_of, _shared=self)
 
+    def _folding(self) -> Projector:
+        """The Projector of this read (see the class doc)."""
+        if connection_is_prepared(self._con):
+            return Projector(self.services.bus, self._con, self.services.codec,
+                             user_projections=self.services.user_projections)
+        return self._held_projector
+
     @contextmanager
     def _live(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._lock:
-            self._held_projector.catch_up()
+            self._folding().catch_up()
             yield self._con
 
     def catch_up(self) -> int:
         with self._lock:
-            return self._held_projector.catch_up()
+            return self._folding().catch_up()
 
 
 UIStore = ServedRunDB | HeldRunDB
