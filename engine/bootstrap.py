@@ -28,21 +28,23 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
-
 from engine.settings import Settings, SettingsError, load_settings
-from producers.artifact_store import ArtifactStore
-from producers.bus import Bus
 from producers.spill import SpillDelivery, deliver_spill, make_private_folder
-from producers.writer import BackgroundWriter
-from projections import Projector
-from projections.database import configure as configure_projection
-from projections.user import UserProjection
-from schemas import EventCodec
 
+# What building services needs (DuckDB, Arrow, Avro) is imported by bootstrap() and the methods
+# that use it: importing this module stays cheap for an entry point that may not build services
+# (`runbus --help`) or builds only part of them (the projection service process).
 if TYPE_CHECKING:
+    import duckdb
+
+    from producers.artifact_store import ArtifactStore
+    from producers.bus import Bus
+    from producers.writer import BackgroundWriter
     from projections.client import ServiceClient
+    from projections.projector import Projector
     from projections.query import RunDB
+    from projections.user import UserProjection
+    from schemas import EventCodec
 
 
 def make_bus(url: str, settings: Settings) -> Bus:
@@ -71,6 +73,10 @@ ENTRY_POINT_GROUP = "runbus.projections"
 def load_user_projections(references: tuple[str, ...]) -> list[UserProjection]:
     """User projections named in settings ("module:Class") and installed under the entry point group."""
     found: list[Any] = [ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    if not found and not references:
+        return []
+    from projections.user import UserProjection
+
     for reference in references:
         module_name, sep, attribute = reference.partition(":")
         if not sep:
@@ -116,6 +122,9 @@ class Services:
         return self._reads
 
     def projector(self, con: duckdb.DuckDBPyConnection, batch_size: int = 50_000) -> Projector:
+        """A projector folding this bus into `con` (the caller holds the projection file)."""
+        from projections.projector import Projector
+
         return Projector(self.bus, con, self.codec, batch_size, self.user_projections)
 
     def deliver_spill(self) -> SpillDelivery:
@@ -136,6 +145,11 @@ def bootstrap(settings: Settings | None = None, *, bus: Bus | None = None) -> Se
     """New services built from `settings` (the environment's when None); the caller closes them.
     `bus`: use this bus (e.g. producers.bus.memory.MemoryBus in unit tests) instead of the one
     RUNBUS_BUS names; it is closed with the services."""
+    from producers.artifact_store import ArtifactStore
+    from producers.writer import BackgroundWriter
+    from projections.database import configure as configure_projection
+    from schemas import EventCodec
+
     settings = settings or load_settings()
     make_private_folder(settings.home)  # a home this creates is readable by its owner only
     make_private_folder(settings.artifact_root)

@@ -1,0 +1,90 @@
+"""What a process loads at start-up: the projection service imports only what serving and folding
+need, and `runbus --help` builds no services. Checked in fresh processes, by the modules they hold
+when they end, never by how long that takes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.bootstrap import bootstrap, make_bus
+from engine.function import Function
+from engine.settings import load_settings
+from engine.task import RunTemplate
+from projections.client import ServiceClient
+from projections.database import close_all
+from projections.service import ServiceAddress
+from tests.support import handlers
+from tests.support.polling import wait_until
+
+# the user-facing layers (CLI, UI, sweeps, plots) and pandas, which the service never holds
+NOT_IN_THE_SERVICE = {"pandas", "typer", "rich", "click", "pydantic", "matplotlib", "dask", "distributed",
+                      "starlette", "uvicorn", "jinja2"}
+# what only commands that read or write the log need
+NOT_IN_HELP = {"duckdb", "pyarrow", "pandas", "numpy", "fastavro", "projections", "schemas"}
+
+
+def run_module(module: str, *args: str) -> list[str]:
+    """The command line that runs `python -m module args` and prints, as it exits, the top-level
+    packages it holds (one a line; a package refused by an import hook is not held)."""
+    script = ("import atexit, runpy, sys\n"
+              "atexit.register(lambda: print(*sorted({name.split('.')[0] for name, module in sys.modules.items()"
+              " if module is not None}), sep='\\n', file=sys.stderr))\n"
+              f"sys.argv = [{module!r}, *{list(args)!r}]\n"
+              f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    return [sys.executable, "-c", script]
+
+
+def held(stderr: str) -> set[str]:
+    """The packages the process printed as it exited (the last lines of its stderr)."""
+    return {line.strip() for line in stderr.splitlines() if line.strip().isidentifier()}
+
+
+def test_importing_the_service_entry_module_loads_no_user_facing_layer() -> None:
+    done = subprocess.run([sys.executable, "-c", "import sys, engine.projection_service; "
+                           "print(*sorted({name.split('.')[0] for name in sys.modules}), sep='\\n', file=sys.stderr)"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert {"engine", "projections", "duckdb"} <= held(done.stderr)  # the listing is what it claims
+    assert held(done.stderr) & NOT_IN_THE_SERVICE == set()
+
+
+def test_the_service_folds_and_answers_without_loading_pandas_or_a_user_facing_layer(home: Path) -> None:
+    settings = load_settings()
+    svc = bootstrap(settings)
+    try:
+        Function(handler=handlers.seed_like, svc=svc).run(RunTemplate(params={"p1": 2}))
+    finally:
+        svc.close()
+        close_all()  # this process folded in-process: the file is the service's now
+    env = {**os.environ, "RUNBUS_PROJECTION": "service"}
+    service = subprocess.Popen(run_module("engine.projection_service", "--follow"), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    bus = make_bus(settings.bus_url, settings)
+    client = ServiceClient(ServiceAddress.of(settings.home), bus, start=None, timeout_s=60)
+    try:
+        wait_until(lambda: (client.running() or {}).get("pid") == service.pid, "the service to answer")
+        # the service folds the run (the projector's writer converts rows with pyarrow) and answers
+        counted = client.answer([("SELECT count(*) AS n FROM runs", None)])[0]
+        assert int(counted.n[0]) == 1
+    finally:
+        client.close()
+        bus.close()
+        service.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = service.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise AssertionError(f"the service did not exit on SIGTERM: {service.communicate()[1][-2000:]}") from None
+    assert service.returncode == 0, stderr[-2000:]
+    assert {"projections", "duckdb", "pyarrow"} <= held(stderr)
+    assert held(stderr) & NOT_IN_THE_SERVICE == set()
+
+
+def test_runbus_help_builds_no_services() -> None:
+    done = subprocess.run(run_module("engine.cli", "--help"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout and {"engine", "typer"} <= held(done.stderr)
+    assert held(done.stderr) & NOT_IN_HELP == set()
