@@ -140,16 +140,13 @@ class _Sql:
         return f" WHERE {' AND '.join(self.where)}" if self.where else ""
 
 
-STALE_COLUMNS = "runbus: the remembered runs_wide columns changed (a rebuild)"
-
-
 class ValueColumnCache:
     """The runs_wide columns of (kind, key) pairs, remembered between the queries of one reader so a
     filter or sort on a value does not look its column up each time. A rebuild may give a column to
     another key (DuckDB matches a quoted name whatever its case, so 'param.lr' would read a new
-    'param.LR'): a query built on remembered columns checks, in the same statement, that each is in
-    runs_wide under exactly its name, and fails otherwise (or when a column is gone); `find_runs`
-    and `count_runs` then forget them and look the columns up again."""
+    'param.LR'): a query built on remembered columns names each by exactly its name (see
+    RunQuery._column), so it fails to bind when one is not there so; `find_runs` and `count_runs`
+    then forget them and look the columns up again."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], str] = {}
@@ -209,6 +206,16 @@ class RunQuery:
             cache.remember(columns)
         return cls(run_filter, order, columns)
 
+    def _column(self, column: str) -> str:
+        """SQL naming a runs_wide column. A remembered one is named by a regular expression of exactly
+        its name (DuckDB's COLUMNS, which matches case-sensitively), so a column that is not there
+        under exactly that name fails to bind instead of answering for another key (see
+        ValueColumnCache); one just looked up is named as it is."""
+        if not self.remembered:
+            return f"r.{quoted(column)}"
+        exact = "".join(c if c.isalnum() else f"\\x{{{ord(c):x}}}" for c in column)  # RE2: no quote left
+        return f"COLUMNS('^{exact}$')"
+
     def _conditions(self) -> _Sql:
         f = self.filter
         sql = _Sql([], [], [], [])
@@ -248,7 +255,7 @@ class RunQuery:
                              "contains(lower(value->>'$'), lower(?)))")
             sql.where_args.extend([v.key, v.value])
         elif number is not None and column is not None:
-            sql.where.append(f"r.{quoted(column)} {_SQL_OPERATORS[v.op]} ?")
+            sql.where.append(f"{self._column(column)} {_SQL_OPERATORS[v.op]} ?")
             sql.where_args.append(number)
         elif number is not None:
             sql.where.append(f"r.uid IN (SELECT uid FROM {table} WHERE key = ? AND value_num {_SQL_OPERATORS[v.op]} ?)")
@@ -266,30 +273,11 @@ class RunQuery:
             return f"r.{self.order.column} {direction} NULLS LAST{tie}, r.uid"
         column = self.columns.get(named)
         if column is not None:
-            return f"r.{quoted(column)} {direction} NULLS LAST, r.started_at DESC, r.uid"
+            return f"{self._column(column)} {direction} NULLS LAST, r.started_at DESC, r.uid"
         # a key with no column (never numeric, or none could be made): its values as text
         sql.joins.append(f"LEFT JOIN {VALUE_TABLES[named[0]]} s ON s.uid = r.uid AND s.key = ?")
         sql.join_args.append(named[1])
         return f"s.value_num {direction} NULLS LAST, s.value {direction} NULLS LAST, r.started_at DESC, r.uid"
-
-    def _checked(self) -> tuple[str, list[Any]]:
-        """(WITH clause, its arguments) that makes the statement fail (STALE_COLUMNS) unless each
-        remembered column is in runs_wide under exactly its name (a column's name is made from its
-        key, so that name answers for that key only); nothing when the columns were just looked up
-        in the same snapshot."""
-        if not self.remembered or not self.columns:
-            return "", []
-        names = sorted(set(self.columns.values()))
-        return (f"WITH _remembered AS (SELECT CASE WHEN count(*) = {len(names)} THEN TRUE "
-                f"ELSE error('{STALE_COLUMNS}') END AS ok FROM duckdb_columns() WHERE table_name = 'runs_wide' "
-                f"AND column_name IN ({', '.join('?' for _ in names)})) "), list(names)
-
-    def _from(self, sql: _Sql) -> str:
-        joins = " ".join(sql.joins)
-        if self.remembered and self.columns:
-            sql.where.insert(0, "_remembered.ok")  # used, so the check is not optimized away
-            return f"runs_wide r CROSS JOIN _remembered {joins}"
-        return f"runs_wide r {joins}"
 
     def select(self, columns: Sequence[str] = RUN_COLUMNS, limit: int | None = None,
                offset: int = 0) -> tuple[str, list[Any]]:
@@ -300,9 +288,8 @@ class RunQuery:
         sql = self._conditions()
         order = self._order_by(sql)
         names = ", ".join(f"r.{c}" for c in columns)
-        check, check_args = self._checked()
-        query = f"{check}SELECT {names} FROM {self._from(sql)}{sql.clause()} ORDER BY {order}"
-        args = [*check_args, *sql.join_args, *sql.where_args]
+        query = f"SELECT {names} FROM runs_wide r {' '.join(sql.joins)}{sql.clause()} ORDER BY {order}"
+        args = [*sql.join_args, *sql.where_args]
         if limit is not None:
             query += " LIMIT ?"
             args.append(_count(limit, "limit"))
@@ -314,8 +301,7 @@ class RunQuery:
     def count(self) -> tuple[str, list[Any]]:
         """(SQL, arguments) counting the matching runs (column `n`)."""
         sql = self._conditions()
-        check, check_args = self._checked()
-        return f"{check}SELECT count(*) AS n FROM {self._from(sql)}{sql.clause()}", [*check_args, *sql.where_args]
+        return f"SELECT count(*) AS n FROM runs_wide r{sql.clause()}", sql.where_args
 
 
 def _count(value: Any, what: str) -> int:
@@ -335,9 +321,8 @@ def _answered(fetch: Fetch, run_filter: RunFilter, order: RunOrder, cache: Value
     run_query = RunQuery.build(fetch, run_filter, order, cache)
     try:
         return fetch(*statement(run_query))
-    except duckdb.Error as exc:  # a column gone or given to another key (any other error is the answer)
-        if cache is None or not run_query.remembered or not (
-                isinstance(exc, duckdb.BinderException) or STALE_COLUMNS in str(exc)):
+    except duckdb.BinderException:  # a column not there under exactly its name (any other error is the answer)
+        if cache is None or not run_query.remembered:
             raise
     cache.forget()
     return fetch(*statement(RunQuery.build(fetch, run_filter, order, cache)))
