@@ -21,11 +21,17 @@ class LocalPool:
     """Iterations in this process: one after another, or `workers` threads at once."""
 
     in_driver = True
+    reruns_tasks_of_dead_workers = False
+    losses_allowed = 0
 
     def __init__(self, svc: Services, workers: int = 1) -> None:
         self.capacity = workers
         self._svc = svc
         self._executor = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbus-iteration")
+
+    def lost(self, error: Any) -> bool:
+        """Never: a thread of this process does not die alone."""
+        return False
 
     def prepare(self, spec: RunSpec) -> RunSpec:
         """Nothing to ship: the handler runs in this process."""

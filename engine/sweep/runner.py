@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +23,13 @@ from engine.sweep.iteration import IterationOutcome, run_iterations, run_iterati
 from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
 from engine.sweep.summary import record_iterations
-from engine.sweep.watcher import ChildWatcher
+from engine.sweep.watcher import FINISHED_STATES, ChildWatcher
 from producers.context import RunContext
 from producers.data_item import DataItem
 from producers.subscription import Subscription
 
 # How long a finished iteration's events may take to show up on the bus after its task returned.
 _EVENTS_GRACE_S = 60.0
-_TERMINAL = ("completed", "error", "aborted")
 
 
 @dataclass
@@ -90,8 +90,9 @@ def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: boo
         requests[request["iteration"]] = {k: json.loads(v) for k, v in request["params"].items()}
     _settle_orphans(svc, parent_uid)
     state = SweepState(params=requests, positions=svc.bus.end_offsets(), resumed=True)
-    children = db.sql("SELECT uid, iteration, state FROM runs WHERE parent_uid = ? AND state IN "
-                      "('completed', 'error', 'aborted') ORDER BY started_at", [parent_uid])
+    children = db.sql(f"SELECT uid, iteration, state FROM runs WHERE parent_uid = ? AND state IN "
+                      f"({', '.join('?' * len(FINISHED_STATES))}) ORDER BY started_at",
+                      [parent_uid, *FINISHED_STATES])
     for child in children.itertuples():
         results = db.read_run(child.uid)["results"]
         state.done[child.iteration] = (child.state, requests.get(child.iteration, {}), results)
@@ -146,6 +147,8 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     unbounded = not (sweep.parallel_runs or stop or sweep.max_errors)
     window = max(1, len(state.pending)) if unbounded else (sweep.parallel_runs or pool.capacity)
     inflight: dict[Any, list[int]] = {}  # a task -> the iterations it runs
+    again: deque[int] = deque()  # iterations whose task's worker died before they finished: one a task
+    losses: Counter[int] = Counter()  # how many times each iteration's worker died under it
     seconds: list[float] = []  # how long the iterations that ended took where they ran
     total = len(state.done) + len(state.pending)
     best = BestSoFar(selector)
@@ -155,14 +158,19 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     state.pending.reverse()  # the next iteration last (see below)
     try:
         with SweepProgress(total, sweep.quiet) as progress:
-            while (state.pending and not stopping) or inflight:
+            while ((state.pending or again) and not stopping) or inflight:
                 in_flight = sum(map(len, inflight.values()))
                 size, limit = 1, window
-                if state.pending and unbounded and not pool.in_driver and execute is run_iterations:
+                chunked = not (pool.in_driver or pool.reruns_tasks_of_dead_workers) and execute is run_iterations
+                if state.pending and unbounded and chunked:
                     size = _chunk_size(seconds, len(state.pending), pool.capacity)
                     if not seconds:  # a few single iterations first: how long does one take?
                         limit = min(window, 2 * pool.capacity)
                 chunks: list[list[RunSpec]] = []
+                while again and not stopping and in_flight < limit:
+                    iteration = again.popleft()
+                    chunks.append([spec.for_iteration(parent.uid, iteration, state.params[iteration])])
+                    in_flight += 1
                 while state.pending and not stopping and in_flight < limit:
                     # from the end of the reversed list: taking n costs n, not the list's length
                     taken = [state.pending.pop() for _ in range(min(size, len(state.pending)))]
@@ -173,10 +181,16 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
                         inflight[future] = [child.iteration for child in chunk]
                 for future, value in pool.wait_done(inflight):
                     iterations = inflight.pop(future)
-                    values = value if isinstance(value, list) else [value] * len(iterations)
+                    if pool.lost(value):  # what finished stays finished; the rest runs again
+                        ended = _ended_before_loss(svc, watcher, iterations, value, losses, pool.losses_allowed)
+                        again.extend(i for i in iterations if i not in ended)
+                        iterations, values = list(ended), list(ended.values())
+                    else:
+                        values = value if isinstance(value, list) else [value] * len(iterations)
                     for iteration, found in zip(iterations, values, strict=True):
                         outcome = _outcome(found, iteration)
-                        seconds.append(outcome.seconds)
+                        if outcome.seconds:  # it ran to its end here (not an exception, nor read from the bus)
+                            seconds.append(outcome.seconds)
                         results = outcome.results if outcome.results is not None \
                             else _results_on_bus(watcher, outcome)
                         state.done[iteration] = (outcome.state, state.params[iteration], results)
@@ -207,6 +221,25 @@ def _chunk_size(seconds: list[float], pending: int, capacity: int) -> int:
         return 1
     typical = sorted(seconds)[len(seconds) // 2]
     return max(1, min(int(_CHUNK_S / max(typical, 1e-4)), pending // (4 * max(1, capacity))))
+
+
+def _ended_before_loss(svc: Services, watcher: ChildWatcher, iterations: list[int], error: BaseException,
+                       losses: Counter[int], allowed: int) -> dict[int, IterationOutcome | BaseException]:
+    """A task whose worker died: its iterations the bus shows finished (as a resumed sweep decides,
+    FINISHED_STATES), with how they ended, and `error` for those whose worker died under them more
+    than `allowed` times; the others (absent) are to run again."""
+    watcher.catch_up(svc.bus.end_offsets(), _EVENTS_GRACE_S)  # the dead worker writes no more
+    finished = watcher.finished(iterations)
+    ended: dict[int, IterationOutcome | BaseException] = {}
+    for iteration in iterations:
+        child = finished.get(iteration)
+        if child is not None:
+            ended[iteration] = IterationOutcome(iteration, child.uid, child.state, dict(child.results))
+            continue
+        losses[iteration] += 1
+        if losses[iteration] > allowed:
+            ended[iteration] = error
+    return ended
 
 
 def _results_on_bus(watcher: ChildWatcher, outcome: IterationOutcome) -> dict[str, Any]:

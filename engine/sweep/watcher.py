@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from producers.bus import Bus
 from producers.subscription import Subscription
 from schemas import EventCodec
+
+# An iteration is finished when a run of it ended so (a 'lost' one, or one still running, is not):
+# it is not run again, by a resumed sweep nor after its worker died.
+FINISHED_STATES = ("completed", "error", "aborted")
 
 
 @dataclass
@@ -77,6 +82,24 @@ class ChildWatcher:
             if remaining <= 0:
                 return None
             self.poll(min(remaining, 0.5))
+
+    def catch_up(self, until: Mapping[int, int], timeout: float) -> bool:
+        """Read the bus up to `until` (end offsets, e.g. `bus.end_offsets()` now); False if that
+        took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        positions = self._subscription.positions
+        while any(positions.get(p, 0) < end for p, end in until.items()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.poll(min(remaining, 0.5))
+        return True
+
+    def finished(self, iterations: Collection[int]) -> dict[int, ChildRun]:
+        """Of `iterations`, those with a run this watcher saw finish (FINISHED_STATES): iteration -> run."""
+        wanted = set(iterations)
+        return {child.iteration: child for child in self.children.values()
+                if child.iteration in wanted and child.state in FINISHED_STATES}
 
     def unfinished(self) -> list[ChildRun]:
         return [child for child in self.children.values() if child.state == "running"]

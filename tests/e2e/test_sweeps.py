@@ -230,6 +230,86 @@ def test_an_iteration_whose_worker_dies_ends_lost(bus_home: Path, tmp_path: Path
     assert json.loads(json.dumps(run.results))["best_iteration"] == 3
 
 
+HELD_HANDLER = """
+import hashlib, os, time
+from pathlib import Path
+from distributed import get_worker
+
+def held(context, x=0, folder=""):
+    # logs the Dask task it runs in; the first iteration to run third in its task claims `folder`/held
+    # (writing its process, x and task there) and waits, up to 120 s, for its worker to be killed
+    task = str(get_worker().get_current_task())
+    context.log_result("task", task)
+    ran = Path(folder, hashlib.sha1(task.encode()).hexdigest())
+    with ran.open("a") as out:
+        out.write(f"{x}\\n")
+    if len(ran.read_text().split()) == 3:
+        try:
+            claim = os.open(Path(folder, "held"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            claim = None
+        if claim is not None:
+            os.write(claim, f"{os.getpid()} {x} {task}\\n".encode())
+            os.close(claim)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+    context.log_result("score", x)
+"""
+
+HELD_SWEEP = """
+import sys
+from engine import new_function
+run = new_function(command="dask://").run(handler=sys.argv[1] + ":held", params={"folder": sys.argv[2]},
+                                          hyperparams={"x": list(range(1, 61))}, selector="max.score", quiet=True)
+print(run.uid, run.state)
+"""
+
+
+def _held_claim(folder: Path) -> tuple[int, int, str] | None:
+    text = (folder / "held").read_text() if (folder / "held").exists() else ""
+    if not text.endswith("\n"):
+        return None
+    pid, x, task = text.split(maxsplit=2)
+    return int(pid), int(x), task.strip()
+
+
+def _runs_of_task(task: str) -> list[tuple[int, str]]:
+    rows = get_run_db().sql("SELECT r.iteration, r.state, k.value FROM runs r JOIN results k ON k.uid = r.uid "
+                            "AND k.key = 'task' WHERE r.parent_uid IS NOT NULL")
+    return sorted((int(i), s) for i, s, v in rows.itertuples(index=False) if json.loads(v) == task)
+
+
+@pytest.mark.dask
+def test_a_worker_killed_mid_chunk_reruns_only_the_iterations_the_bus_does_not_show_finished(
+        bus_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBUS_HEARTBEAT_INTERVAL", "0.3")
+    script, folder = tmp_path / "held.py", tmp_path / "held-state"
+    script.write_text(HELD_HANDLER)
+    folder.mkdir()
+    env = {**os.environ, "RUNBUS_HOME": str(bus_home), "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-c", HELD_SWEEP, str(script), str(folder)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid, held_x, task = wait_until(lambda: _held_claim(folder), "an iteration runs third in its task", 120)
+        # the two iterations before it in its task completed, their events on the bus; it has started
+        wait_until(lambda: _runs_of_task(task) == [(held_x - 2, "completed"), (held_x - 1, "completed"),
+                                                   (held_x, "running")],
+                   "the held iteration's chunk-mates completed and it is running")
+        os.kill(pid, signal.SIGKILL)  # the worker dies in the middle of the chunk
+        out, err = driver.communicate(timeout=180)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    parent_uid, parent_state = out.split()[-2:]
+    assert parent_state == "completed"
+    runs = get_run_db().sql("SELECT iteration, state FROM runs WHERE parent_uid = ?", [parent_uid])
+    completed = runs[runs.state == "completed"].iteration.value_counts()
+    assert sorted(completed.index) == list(range(1, 61)) and set(completed) == {1}  # each once
+    assert runs[runs.state == "lost"].iteration.tolist() == [held_x]  # the one running when its worker died
+    assert len(runs) == 61  # no other iteration ran twice
+
+
 NOTEBOOK_CELL = """
 from engine import NewRun, new_function
 
