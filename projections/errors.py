@@ -27,6 +27,12 @@ class QueryTimeout(ValueError):
     """A user statement ran longer than its bound and was interrupted."""
 
 
+class ServiceRefused(ProjectionBusy):
+    """The projection service serving the home cannot answer this reader as it asks, for as long as
+    it runs (the directories its SQL may read are fixed when it starts): the message names the
+    service and what to do. A reader shows it as it shows a busy projection (the UI: 503)."""
+
+
 def error_payload(exc: BaseException) -> dict[str, str]:
     """What a server sends for a failed request: the one-line message and the class's name."""
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -45,7 +51,7 @@ def error_from_payload(data: bytes | str | dict[str, Any]) -> Exception:
 
 def _error_class(name: str) -> type[Exception]:
     known: dict[str, type[Exception]] = {"ReadOnlyError": ReadOnlyError, "ProjectionBusy": ProjectionBusy,
-                                         "QueryTimeout": QueryTimeout}
+                                         "QueryTimeout": QueryTimeout, "ServiceRefused": ServiceRefused}
     known.update({n: getattr(builtins, n) for n in _BUILTIN_ERRORS})
     if name in known:
         return known[name]

@@ -47,7 +47,7 @@ from filelock import FileLock, Timeout
 from producers.bus import Bus
 from projections.as_of import cutoff
 from projections.database import ProjectionBusy, is_unreadable, open_projection
-from projections.errors import error_payload
+from projections.errors import ServiceRefused, error_payload
 from projections.projector import Projector
 from projections.readonly import QUERY_TIMEOUT_S, TableQuery, read_only_tables, seal
 from projections.replay import stored_events
@@ -205,6 +205,15 @@ class _PastProjections:
         assert build.past is not None
         return build.past
 
+    def drain(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) for the builds under way to end; they end soon after `stop`,
+        and the live connection they read must not be closed under them."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            builds = list(self.building.values())
+        for build in builds:
+            build.done.wait(max(0.0, deadline - time.monotonic()))
+
     def _build(self, key: tuple[str, tuple[Any, ...]], build: _Build) -> None:
         where, params = key
         try:
@@ -351,6 +360,8 @@ class ProjectionService:
                 self._progress.wait_for(lambda: self._active == 0, timeout=self.wait_timeout_s)
             with self._fold_lock:  # the folding thread is done with the connection
                 pass
+            if self._past is not None:
+                self._past.drain(self.wait_timeout_s)
 
     def pause_folding(self) -> None:
         """Stop folding once the batch in flight is committed (tests); `fold_gate.set()` resumes."""
@@ -581,7 +592,7 @@ class ProjectionService:
         deadline = time.monotonic() + (_timeout(request.get("timeout_s")) or self.wait_timeout_s)
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
-            raise ValueError(readable_dirs_refused(self.address.home, os.getpid(), self.idle_s is None,
+            raise ServiceRefused(readable_dirs_refused(self.address.home, os.getpid(), self.idle_s is None,
                                                    self.readable_dirs, wanted_dirs))
         self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()},
                       max(0.0, deadline - time.monotonic()))

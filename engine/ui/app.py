@@ -58,10 +58,14 @@ def not_found(message: str) -> HTMLResponse:
 
 
 def _unavailable(request: Request, exc: Exception) -> Response:
-    """A page whose reads the projection did not answer (busy, stopped or hung): 503 and the one line
-    that says why, not a server error."""
+    """A page whose reads the projection did not answer (busy, stopped or hung, or a service that
+    refuses this UI's settings, ServiceRefused): 503 and the one line that says why and what to do,
+    not a server error (JSON under /api/)."""
     lines = str(exc).strip().splitlines()
-    return page("error.html", 503, title="Projection unavailable", message=lines[0] if lines else "", nav="")
+    message = lines[0] if lines else ""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": message, "type": type(exc).__name__}, status_code=503)
+    return page("error.html", 503, title="Projection unavailable", message=message, nav="")
 
 
 def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None,

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +22,16 @@ from engine import NewRun, get_run_db, new_function
 from engine.api import close_session, session
 from engine.bootstrap import make_bus
 from engine.projection_service import build_service, service_client
+from engine.ui.app import create_app
+from engine.ui.store import ServedRunDB
 from producers.bus import Bus
 from projections.client import ServiceClient
+from projections.errors import ServiceRefused
 from projections.query import RunDB
 from projections.service import ProjectionService, ServiceAddress, serving_in_thread
 from tests.support.foreign import append, envelope, finished, started
 from tests.support.polling import line_within, wait_until
+from tests.support.serving import served_in_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBUS = str(Path(sys.executable).parent / "runbus")
@@ -364,3 +369,37 @@ def test_a_follower_started_with_a_read_dir_answers_readers_that_ask_for_it(serv
         reader.close()
     finally:
         _end(first)
+
+
+def test_a_ui_whose_service_was_replaced_by_a_follower_without_its_read_dir_answers_503_saying_why(
+        service_home: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    svc = session().services
+    store = ServedRunDB(svc, service_client(svc.settings, svc.bus, [str(data)]), readable_dirs=[str(data)])
+    token = "reader-dirs-test-token"
+
+    def get(path: str) -> object:
+        return urllib.request.urlopen(urllib.request.Request(f"{url}{path}", headers={
+            "Authorization": f"Bearer {token}"}), timeout=60)
+
+    with served_in_thread(create_app(store, token=token)) as url:
+        with get("/runs") as answer:  # its reader starts a service
+            assert answer.status == 200
+        started_pid = _client().stop()  # as if it idled out
+        assert started_pid is not None
+        wait_until(lambda: _client_pid_or_none() is None, "the reader's service is gone")
+        first = _follower()  # takes the home without the UI's --sql-read-dir
+        try:
+            for path in ("/runs", "/api/runs/live"):
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    get(path)
+                assert refused.value.code == 503, (path, refused.value.read())
+                text = refused.value.read().decode()
+                for part in (f"pid {first.pid}", "--sql-read-dir", "lets SQL read no files"):
+                    assert part in text, (path, part, text)
+            assert json.loads(text)["type"] == "ServiceRefused"  # the API's answer
+            with pytest.raises(ServiceRefused, match="--sql-read-dir"):
+                store.sql("SELECT 1")
+        finally:
+            _end(first)
