@@ -593,7 +593,7 @@ class ProjectionService:
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
             raise ServiceRefused(readable_dirs_refused(self.address.home, os.getpid(), self.idle_s is None,
-                                                   self.readable_dirs, wanted_dirs))
+                                                       self.readable_dirs, wanted_dirs))
         self.wait_for({int(p): int(end) for p, end in (request.get("wait_for") or {}).items()},
                       max(0.0, deadline - time.monotonic()))
         as_of = request.get("as_of")
