@@ -1,8 +1,10 @@
-"""Workloads 4, 5 and 7: N events from P producer processes to queryable SQL rows, with the projector
-following in its own process (its peak RSS is workload 7); then a rebuild of that projection (5).
+"""Workloads 4, 5 and 7: N events from P producer processes to queryable SQL rows, folded by the home's
+projection service as the product runs it (`python -m engine.projection_service --follow`: its imports,
+its DuckDB settings, its reader threads; its peak RSS is workload 7); then a rebuild of that projection (5).
 
 The clock starts when every producer process has built its bus and waits for the signal, and stops
-when `get_run_db().sql("SELECT count(*) FROM metrics")` in this process returns all N rows.
+when `get_run_db().sql("SELECT count(*) FROM metrics")` in this process, answered by that service once
+it has folded the bus up to the end the producers left, returns all N rows.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import subprocess
 import sys
 import time
 from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, Outcome, fresh_home, median, runbus_environment
+from benchmarks.common import ROOT, Outcome, fresh_home, median, runbus_environment, stop_projection_service
 from engine import NewRun, get_run_db, new_function
 from engine.api import close_session, session
+from producers.bus.memory import MemoryBus
 from projections import database
+from projections.client import ServiceClient
+from projections.service import ServiceAddress
+
+READ_TIMEOUT_S = 900  # a reader waits this long for the service to fold 1M events
 
 
 def _metrics_job(count: int) -> Any:
@@ -40,6 +48,30 @@ def _produce(environment: dict[str, str], count: int, ready: Any, go: EventType)
         raise SystemExit(f"producer run ended {run.state}: {run.error}")
 
 
+def _start_service() -> subprocess.Popen[bytes]:
+    """The home's projection service, in the foreground shape of `runbus project --follow`; returns once
+    it answers (its tables exist)."""
+    service = subprocess.Popen([sys.executable, "-m", "engine.projection_service", "--follow"], cwd=ROOT,
+                               env={**os.environ, **runbus_environment()}, stdin=subprocess.DEVNULL)
+    client = ServiceClient(ServiceAddress.of(session().services.settings.home), MemoryBus(), start=None)
+    deadline = time.monotonic() + 120
+    while client.running() is None:
+        if service.poll() is not None or time.monotonic() > deadline:
+            service.kill()
+            raise RuntimeError(f"the projection service did not start (exit {service.poll()})")
+        time.sleep(0.05)
+    return service
+
+
+def _process_figures(pid: int) -> dict[str, float]:
+    """A live process's peak RSS (VmHWM, MB) and CPU seconds (user + system) so far."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"maxrss_mb": peak_kb / 1024, "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
+
+
 def _child(mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "benchmarks.projector_child", mode], cwd=ROOT,
                             env={**os.environ, **runbus_environment()}, stdin=subprocess.PIPE,
@@ -53,16 +85,32 @@ def _close_projection() -> None:
 
 
 def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, float]:
-    """One measurement: events/s end to end, producing time, the follower's peak RSS."""
-    fresh_home(bus_url)
-    # This process reads the follower's file once it is released: a projection service (the default
-    # read path) would fold the same bus beside the follower and hold the file the rebuild needs.
-    os.environ["RUNBUS_PROJECTION"] = "inprocess"
-    session()  # this process's bus (creates the Kafka topic) before anything starts
-    follower = _child("follow")
-    assert follower.stdout is not None and follower.stdin is not None
-    if follower.stdout.readline().strip() != "ready":
-        raise RuntimeError("the projector process did not start")
+    """One measurement: events/s end to end, producing time, the projection service's peak RSS and
+    CPU seconds (from its start: imports, opening DuckDB, folding, answering)."""
+    home = fresh_home(bus_url)
+    os.environ["RUNBUS_DB_TIMEOUT"] = str(READ_TIMEOUT_S)  # the count waits for the whole fold
+    try:
+        session()  # this process's bus (creates the Kafka topic) before anything starts
+        service = _start_service()
+        try:
+            produce_s, elapsed, rows = _produce_and_count(events, producers)
+            served = _process_figures(service.pid)
+        finally:
+            close_session()
+            stop_projection_service(home)  # the rebuild needs the file
+            service.wait(60)
+    finally:
+        del os.environ["RUNBUS_DB_TIMEOUT"]
+    if rows != events:
+        raise RuntimeError(f"expected {events} metric rows, found {rows}")
+    return {"events_per_s": events / elapsed, "seconds": elapsed, "produce_s": produce_s,
+            "projector_rss_mb": served["maxrss_mb"], "projector_cpu_s": served["cpu_s"],
+            "projector_cpu_us_per_event": served["cpu_s"] / events * 1e6}
+
+
+def _produce_and_count(events: int, producers: int) -> tuple[float, float, int]:
+    """Start the producers, let them go, wait for them and for the rows: (producing seconds, seconds
+    until the rows are queryable, rows)."""
     spawn = multiprocessing.get_context("spawn")
     ready, go = spawn.Queue(), spawn.Event()
     share, extra = divmod(events, producers)
@@ -72,7 +120,6 @@ def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, fl
         worker.start()
     for _ in workers:
         ready.get(timeout=120)
-
     began = time.perf_counter()
     go.set()
     for worker in workers:
@@ -80,17 +127,8 @@ def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, fl
         if worker.exitcode != 0:
             raise RuntimeError(f"a producer process exited with {worker.exitcode}")
     produced = time.perf_counter()
-    follower.stdin.write("done\n")
-    follower.stdin.flush()
-    followed = json.loads(follower.stdout.readline())
-    follower.wait(60)
     rows = int(get_run_db().sql("SELECT count(*) AS n FROM metrics").n[0])
-    elapsed = time.perf_counter() - began
-    if rows != events:
-        raise RuntimeError(f"expected {events} metric rows, found {rows}")
-    _close_projection()
-    return {"events_per_s": events / elapsed, "seconds": elapsed, "produce_s": produced - began,
-            "projector_rss_mb": followed["maxrss_mb"]}
+    return produced - began, time.perf_counter() - began, rows
 
 
 def rebuild() -> dict[str, float]:

@@ -1,10 +1,9 @@
-"""The projector of the end-to-end workload, run as its own process so its peak RSS can be read.
+"""The rebuild of the end-to-end workload, run as its own process so its peak RSS and CPU can be read.
 
-    python -m benchmarks.projector_child follow    # fold as events arrive; stop when stdin says 'done'
-                                                   # and the lag is 0; print {"applied", "maxrss_mb"}
     python -m benchmarks.projector_child rebuild   # fold the whole log again; print {"rebuild_s", ...}
 
-RUNBUS_HOME / RUNBUS_BUS (and the Kafka topic) come from the environment.
+RUNBUS_HOME / RUNBUS_BUS (and the Kafka topic) come from the environment. (The follower of that
+workload is the product's own projection service: see benchmarks.pipeline.)
 """
 
 from __future__ import annotations
@@ -12,13 +11,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
 from benchmarks.profiling import profiled
 from engine.api import session
-from engine.follow import follow
 from projections import open_projection
 
 
@@ -34,40 +31,26 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_follow() -> dict[str, float]:
-    svc = session().services
-    with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
-        svc.projector(con)  # create the tables before the producers start
-    producers_done = threading.Event()
-    stop = threading.Event()
-
-    def wait_for_done() -> None:
-        sys.stdin.readline()
-        producers_done.set()
-
-    def report(_total: int, lag: int) -> None:
-        if producers_done.is_set() and lag == 0:
-            stop.set()
-
-    threading.Thread(target=wait_for_done, daemon=True).start()
-    print("ready", flush=True)
-    applied = follow(svc, stop, report, idle_s=0.05)
-    return {"applied": applied, "maxrss_mb": _maxrss_mb()}
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_rebuild() -> dict[str, float]:
     svc = session().services
     with open_projection(svc.settings.db_path, svc.settings.db_timeout_s) as con:
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), _cpu_s()
         events = svc.projector(con).rebuild()
-        rebuild_s = time.perf_counter() - began
-    return {"rebuild_s": rebuild_s, "events": events, "maxrss_mb": _maxrss_mb()}
+        rebuild_s, cpu_s = time.perf_counter() - began, _cpu_s() - cpu
+    return {"rebuild_s": rebuild_s, "events": events, "cpu_s": cpu_s, "maxrss_mb": _maxrss_mb()}
 
 
 def main() -> None:
-    mode = sys.argv[1] if len(sys.argv) > 1 else "follow"
+    mode = sys.argv[1] if len(sys.argv) > 1 else "rebuild"
+    if mode != "rebuild":
+        raise SystemExit(f"unknown mode {mode!r}: only 'rebuild' (the follower is the projection service)")
     with profiled(f"projector-{mode}"):
-        result = run_follow() if mode == "follow" else run_rebuild()
+        result = run_rebuild()
     print(json.dumps(result), flush=True)
     session().services.close()
 
