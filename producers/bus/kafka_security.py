@@ -68,8 +68,13 @@ def mask_login(text: str) -> str:
 
 
 def has_login(address: str) -> bool:
-    """Whether a bus URL or "host:port" list carries a "user[:password]@" login."""
-    return "@" in address
+    """Whether a bus URL or "host:port" list carries a "user[:password]@" login: anywhere in a Kafka
+    address (which has no path, and a password may hold '/'), in the authority of another URL (the
+    part before its path: 'sqlite:///a@b/log.sqlite' carries none)."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme.lower() == "kafka":
+        return "@" in address
+    return "@" in rest.split("/", 1)[0]
 
 
 def _where(kind: str, where: str) -> str:

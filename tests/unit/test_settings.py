@@ -63,3 +63,8 @@ def test_no_repr_of_settings_shows_a_password(tmp_path: Path) -> None:
     shown = repr(settings)
     assert PASSWORD not in shown and "alice:***@127.0.0.1:9" in shown and "Secret(from a value)" in shown
     assert shown.startswith("Settings(home=") and "db_timeout_s=60.0" in shown
+
+
+def test_a_bus_path_holding_an_at_sign_is_not_taken_for_a_login(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/at@sign/log.sqlite"
+    assert load_settings({"RUNBUS_HOME": str(tmp_path), "RUNBUS_BUS": url}).bus_url == url
