@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 
 from benchmarks.common import Outcome, fresh_home, median
@@ -63,8 +64,11 @@ def timed_sweep(address: str, iterations: int) -> float:
 
 
 def _cluster() -> LocalCluster:
+    """The cluster both sides run on. Its scheduler runs no task of a dead worker again
+    (allowed-failures 0), as the one `dask://` makes for a run: a sweep sends it chunks."""
     logging.getLogger("distributed").setLevel(logging.ERROR)  # no dashboard-port chatter in the output
-    return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
 
 
 def sweep_vs_map(iterations: int, repeat: int) -> dict[str, Any]:
