@@ -398,43 +398,29 @@ def _follow(svc: Any) -> None:
 
 def _follow_as_service(svc: Any, readable_dirs: list[str]) -> None:
     """The projection service of this home in the foreground: a service a reader started is asked
-    to stop first (it exits once its sessions end), then this one takes the home. When another
-    follower serves the home (or a reader's service lets SQL read directories this one would not),
-    this one exits with status 1 and says why, leaving that one serving."""
-    import threading
+    to stop first (it exits once its sessions end), then this process becomes the service
+    (`python -m engine.projection_service --follow --foreground`, same pid), which loads none of the
+    command line's libraries. When another follower serves the home (or a reader's service lets SQL
+    read directories this one would not), this one exits with status 1 and says why, leaving that
+    one serving."""
+    import os
 
-    from engine.projection_service import build_service, follower_refused, service_client
+    from engine.projection_service import follower_refused, foreground_command, service_client
 
     client = service_client(svc.settings, svc.bus)
     refused = follower_refused(client, readable_dirs)
     if refused is not None:
         errors.print(Text("error: ", style="red") + literal(refused))
         raise typer.Exit(1)
-    service = build_service(svc.settings, svc.bus, follow=True, readable_dirs=readable_dirs)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: service.shutdown())
     stopped = client.stop()
     if stopped is not None:
         console.print(f"asked the projection service running as pid {stopped} to stop", highlight=False)
-    last = [time.monotonic(), -1]
-
-    def report() -> None:
-        while not service.stop.wait(1.0):
-            folded = sum(service.positions().values())
-            if folded != last[1] and (time.monotonic() - last[0] > 2 or last[1] < 0):
-                console.print(f"projector: at {folded} records", highlight=False)
-                last[:] = [time.monotonic(), folded]
-
-    threading.Thread(target=report, daemon=True).start()
-    console.print(f"projector following {svc.bus.url} into {svc.settings.db_path} (Ctrl-C to stop)")
-    if not service.run(lock_timeout_s=svc.settings.db_timeout_s):  # another follower started meanwhile
-        found = client.running()
-        holder = f" (pid {found['pid']})" if found else ""
-        errors.print(Text("error: ", style="red") + literal(
-            f"another projection service{holder} kept {svc.settings.home} for more than "
-            f"{svc.settings.db_timeout_s:g}s; this one exits"))
-        raise typer.Exit(1)
-    console.print(f"projector stopped at {sum(service.positions().values())} records")
+    client.close()
+    svc.close()  # nothing of this process outlives the exec: what it holds is closed first
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = foreground_command(readable_dirs)
+    os.execv(command[0], command)
 
 
 @app.command()

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from importlib.abc import MetaPathFinder
 from pathlib import Path
@@ -118,9 +120,20 @@ def keep_pandas_out() -> None:
         sys.meta_path.insert(0, _NoPandas())
 
 
+def foreground_command(readable_dirs: Sequence[str]) -> list[str]:
+    """The command line of a follower in the foreground (what `runbus project --follow` becomes once
+    it has checked that it may take the home: it replaces itself with this process, which loads only
+    what serving and folding need)."""
+    return [sys.executable, "-m", "engine.projection_service", "--follow", "--foreground",
+            *(f"--sql-read-dir={d}" for d in readable_dirs)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.projection_service")
     parser.add_argument("--follow", action="store_true", help="never exit when idle")
+    parser.add_argument("--foreground", action="store_true",
+                        help="say on stdout what it folds; wait RUNBUS_DB_TIMEOUT for the home and exit with "
+                             "status 1 naming the service that keeps it (runbus project --follow)")
     parser.add_argument("--sql-read-dir", action="append", default=[])
     args = parser.parse_args(argv)
     # the projection holds every run's data: its files (DuckDB's WAL, the locks) are the owner's
@@ -137,10 +150,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.shutdown())
     try:
+        if args.foreground:
+            return _serve_in_foreground(settings, bus, service)
         service.run(lock_timeout_s=LOCK_WAIT_S)
     finally:
         bus.close()
     return 0
+
+
+def _serve_in_foreground(settings: Settings, bus: Bus, service: ProjectionService) -> int:
+    """Serve until stopped, printing how far the fold is; 1 when another service keeps the home."""
+    print(f"projector following {_printable(bus.url)} into {_printable(str(settings.db_path))} (Ctrl-C to stop)",
+          flush=True)
+    threading.Thread(target=_report, args=(service,), daemon=True).start()
+    if not service.run(lock_timeout_s=settings.db_timeout_s):  # another follower started meanwhile
+        from projections.client import ServiceClient
+
+        found = ServiceClient(ServiceAddress.of(settings.home), bus).running()
+        holder = f" (pid {found['pid']})" if found else ""
+        print(f"error: another projection service{holder} kept {_printable(str(settings.home))} for more than "
+              f"{settings.db_timeout_s:g}s; this one exits", file=sys.stderr, flush=True)
+        return 1
+    print(f"projector stopped at {sum(service.positions().values())} records", flush=True)
+    return 0
+
+
+def _report(service: ProjectionService) -> None:
+    """Print the records folded, when it changed and at most every 2 s, until the service stops."""
+    last_time, last = time.monotonic(), -1
+    while not service.stop.wait(1.0):
+        folded = sum(service.positions().values())
+        if folded != last and (time.monotonic() - last_time > 2 or last < 0):
+            print(f"projector: at {folded} records", flush=True)
+            last_time, last = time.monotonic(), folded
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters escaped (a path is the user's, a terminal is not)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":

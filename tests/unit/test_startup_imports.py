@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.bootstrap import bootstrap, make_bus
 from engine.function import Function
 from engine.settings import load_settings
@@ -18,7 +20,7 @@ from projections.client import ServiceClient
 from projections.database import close_all
 from projections.service import ServiceAddress
 from tests.support import handlers
-from tests.support.polling import wait_until
+from tests.support.polling import line_within, wait_until
 
 # the user-facing layers (CLI, UI, sweeps, plots) and pandas, which the service never holds
 NOT_IN_THE_SERVICE = {"pandas", "typer", "rich", "click", "pydantic", "matplotlib", "dask", "distributed",
@@ -88,3 +90,37 @@ def test_runbus_help_builds_no_services() -> None:
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout and {"engine", "typer"} <= held(done.stderr)
     assert held(done.stderr) & NOT_IN_HELP == set()
+
+
+def native_libraries(pid: int) -> set[str]:
+    """The packages of site-packages whose compiled libraries process `pid` has mapped (Linux /proc):
+    'pandas' for site-packages/pandas/_libs/..., 'duckdb' for site-packages/_duckdb.cpython-....so."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {part.split("/", 1)[0].split(".", 1)[0].lstrip("_") for part in maps.split("site-packages/")[1:]}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
+def test_runbus_project_follow_becomes_the_service_process(home: Path) -> None:
+    settings = load_settings()
+    env = {**os.environ, "RUNBUS_PROJECTION": "service"}
+    runbus = str(Path(sys.executable).parent / "runbus")
+    follower = subprocess.Popen([runbus, "project", "--follow"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    bus = make_bus(settings.bus_url, settings)
+    client = ServiceClient(ServiceAddress.of(settings.home), bus, start=None, timeout_s=60)
+    try:
+        assert "projector following" in line_within(follower.stdout, "the follower starts")  # type: ignore[arg-type]
+        wait_until(lambda: (client.running() or {}).get("pid") == follower.pid, "the follower to answer")
+        assert int(client.answer([("SELECT count(*) AS n FROM runs", None)])[0].n[0]) == 0
+        command = Path(f"/proc/{follower.pid}/cmdline").read_bytes().split(b"\0")
+        loaded = native_libraries(follower.pid)
+    finally:
+        client.close()
+        bus.close()
+        follower.send_signal(signal.SIGTERM)
+        out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    assert b"engine.projection_service" in command  # the same pid, now the service's entry point
+    assert {"duckdb", "pyarrow"} <= loaded  # the listing is what it claims
+    assert not {"pandas", "pydantic_core"} & loaded, loaded
+    assert "projector stopped at" in out
