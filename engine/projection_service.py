@@ -163,12 +163,9 @@ def _serve_in_foreground(settings: Settings, bus: Bus, service: ProjectionServic
     print(f"projector following {_printable(bus.url)} into {_printable(str(settings.db_path))} (Ctrl-C to stop)",
           flush=True)
     threading.Thread(target=_report, args=(service,), daemon=True).start()
-    if not service.run(lock_timeout_s=settings.db_timeout_s):  # another follower started meanwhile
-        from projections.client import ServiceClient
-
-        found = ServiceClient(ServiceAddress.of(settings.home), bus).running()
-        holder = f" (pid {found['pid']})" if found else ""
-        print(f"error: another projection service{holder} kept {_printable(str(settings.home))} for more than "
+    if not service.run(lock_timeout_s=settings.db_timeout_s):  # another service started meanwhile
+        # (not named by pid: asking it would need projections.client, which imports pandas)
+        print(f"error: another projection service kept {_printable(str(settings.home))} for more than "
               f"{settings.db_timeout_s:g}s; this one exits", file=sys.stderr, flush=True)
         return 1
     print(f"projector stopped at {sum(service.positions().values())} records", flush=True)
