@@ -1,8 +1,11 @@
-"""The projection service's process: `python -m engine.projection_service [--follow] [--sql-read-dir DIR]`.
+"""The projection service's process:
+`python -m engine.projection_service [--follow] [--foreground] [--sql-read-dir DIR]`.
 
 Its composition root: settings are read once, the bus and the service are built from them. Readers
-start it on demand (`start_service`); `runbus project --follow` runs it in the foreground without
-the idle exit. A second service for the same home exits at once, quietly (status 0).
+start it on demand (`start_service`); `runbus project --follow` becomes it (`--follow --foreground`:
+no idle exit, progress on stdout). A second service for the same home exits at once, quietly
+(status 0); in the foreground it waits RUNBUS_DB_TIMEOUT and exits with status 1, saying so.
+It loads what serving and folding need, and no pandas when no user projection is configured.
 """
 
 from __future__ import annotations
