@@ -1,6 +1,7 @@
 """Workloads 4, 5 and 7: N events from P producer processes to queryable SQL rows, folded by the home's
 projection service as the product runs it (`python -m engine.projection_service --follow`: its imports,
-its DuckDB settings, its reader threads; its peak RSS is workload 7); then a rebuild of that projection (5).
+its DuckDB settings, its reader threads; its peak RSS is workload 7); then a rebuild of that projection
+by the same service, as `runbus project --rebuild` asks it (5).
 
 The clock starts when every producer process has built its bus and waits for the signal, and stops
 when `get_run_db().sql("SELECT count(*) FROM metrics")` in this process, answered by that service once
@@ -9,7 +10,6 @@ it has folded the bus up to the end the producers left, returns all N rows.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import subprocess
@@ -23,7 +23,6 @@ from benchmarks.common import ROOT, Outcome, fresh_home, median, runbus_environm
 from engine import NewRun, get_run_db, new_function
 from engine.api import close_session, session
 from producers.bus.memory import MemoryBus
-from projections import database
 from projections.client import ServiceClient
 from projections.service import ServiceAddress
 
@@ -48,12 +47,12 @@ def _produce(environment: dict[str, str], count: int, ready: Any, go: EventType)
         raise SystemExit(f"producer run ended {run.state}: {run.error}")
 
 
-def _start_service() -> subprocess.Popen[bytes]:
+def _start_service(home: Path) -> subprocess.Popen[bytes]:
     """The home's projection service, in the foreground shape of `runbus project --follow`; returns once
     it answers (its tables exist)."""
     service = subprocess.Popen([sys.executable, "-m", "engine.projection_service", "--follow"], cwd=ROOT,
                                env={**os.environ, **runbus_environment()}, stdin=subprocess.DEVNULL)
-    client = ServiceClient(ServiceAddress.of(session().services.settings.home), MemoryBus(), start=None)
+    client = ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None)
     deadline = time.monotonic() + 120
     while client.running() is None:
         if service.poll() is not None or time.monotonic() > deadline:
@@ -72,18 +71,6 @@ def _process_figures(pid: int) -> dict[str, float]:
     return {"maxrss_mb": peak_kb / 1024, "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
 
 
-def _child(mode: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.projector_child", mode], cwd=ROOT,
-                            env={**os.environ, **runbus_environment()}, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-
-
-def _close_projection() -> None:
-    close_all = getattr(database, "close_all", None)  # let a child process open the file now
-    if close_all is not None:
-        close_all()
-
-
 def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, float]:
     """One measurement: events/s end to end, producing time, the projection service's peak RSS and
     CPU seconds (from its start: imports, opening DuckDB, folding, answering)."""
@@ -91,7 +78,7 @@ def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, fl
     os.environ["RUNBUS_DB_TIMEOUT"] = str(READ_TIMEOUT_S)  # the count waits for the whole fold
     try:
         session()  # this process's bus (creates the Kafka topic) before anything starts
-        service = _start_service()
+        service = _start_service(home)
         try:
             produce_s, elapsed, rows = _produce_and_count(events, producers)
             served = _process_figures(service.pid)
@@ -132,13 +119,20 @@ def _produce_and_count(events: int, producers: int) -> tuple[float, float, int]:
 
 
 def rebuild() -> dict[str, float]:
-    """Rebuild the current home's projection in a child process: seconds and that process's peak RSS."""
-    _close_projection()
-    child = _child("rebuild")
-    out, _ = child.communicate(timeout=900)
-    if child.returncode != 0:
-        raise RuntimeError(f"the rebuild process exited with {child.returncode}")
-    return json.loads(out.strip().splitlines()[-1])
+    """Rebuild the current home's projection as `runbus project --rebuild` does: its projection
+    service drops the tables and folds the whole log again. Seconds of the rebuild; the service's
+    peak RSS and CPU seconds (from its start, ~0.7 s of which is start-up)."""
+    home = Path(os.environ["RUNBUS_HOME"])
+    service = _start_service(home)
+    try:
+        began = time.perf_counter()
+        records = ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).rebuild()
+        seconds = time.perf_counter() - began
+        served = _process_figures(service.pid)
+    finally:
+        stop_projection_service(home)
+        service.wait(60)
+    return {"rebuild_s": seconds, "records": records, "cpu_s": served["cpu_s"], "maxrss_mb": served["maxrss_mb"]}
 
 
 def run(events: int, producers: int, repeat: int, kafka: str | None) -> Outcome:

@@ -1,9 +1,10 @@
 """Optional pyinstrument profiles of the workloads, for whoever optimizes them.
 
-With RUNBUS_BENCH_PROFILE=<folder>, each workload group (in the benchmark process) and each projector
-child process writes <folder>/<name>-<pid>.txt: the top functions by self time, then the call tree.
-pyinstrument samples only the thread that started it: the writer thread of a producer and the
-producer processes themselves are not in these files (use py-spy with --subprocesses for those).
+With RUNBUS_BENCH_PROFILE=<folder>, each workload group (in the benchmark process) writes
+<folder>/<name>-<pid>.txt: the top functions by self time, then the call tree. pyinstrument samples
+only the thread that started it: the writer thread of a producer, the producer processes and the
+projection service that folds and rebuilds in the pipeline workload are not in these files (use
+py-spy with --subprocesses for those, or benchmarks.ingest_cpu for a fold in one process).
 Profiling slows the workloads: do not quote figures from a profiled run.
 """
 
