@@ -48,8 +48,8 @@ def _produce(environment: dict[str, str], count: int, ready: Any, go: EventType)
 
 
 def _start_service(home: Path) -> subprocess.Popen[bytes]:
-    """The home's projection service, in the foreground shape of `runbus project --follow`; returns once
-    it answers (its tables exist)."""
+    """The home's projection service, the process readers start (`--follow`: without its idle exit);
+    returns once it answers (its tables exist)."""
     service = subprocess.Popen([sys.executable, "-m", "engine.projection_service", "--follow"], cwd=ROOT,
                                env={**os.environ, **runbus_environment()}, stdin=subprocess.DEVNULL)
     client = ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None)
