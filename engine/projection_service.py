@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from engine.settings import Settings, load_settings
 from producers.bus import Bus
 from producers.spill import make_private_folder
+from projections.errors import ServiceRefused
 from projections.service import ProjectionService, ServiceAddress, readable_dirs_refused
 
 if TYPE_CHECKING:  # the client imports pandas, which the service process does not need
@@ -69,7 +70,7 @@ def start_service(settings: Settings, readable_dirs: Sequence[str] = ()) -> subp
 def service_client(settings: Settings, bus: Bus, readable_dirs: Sequence[str] = ()) -> ServiceClient:
     """A client of `settings.home`'s projection service that starts one when none answers.
 
-    A reader that asks SQL to read `readable_dirs` fails here (ValueError, one line) when a follower
+    A reader that asks SQL to read `readable_dirs` fails here (ServiceRefused, one line) when a follower
     (`runbus project --follow`) serves the home without them: its DuckDB settings were fixed when it
     started, and it would refuse every session. (A service a reader started is not a follower: it can
     be stopped, and the next reader starts one that allows them.)"""
@@ -82,7 +83,7 @@ def service_client(settings: Settings, bus: Bus, readable_dirs: Sequence[str] = 
         found = client.running()
         allowed = list(found.get("readable_dirs") or []) if found else []
         if found is not None and found.get("follow") and not set(dirs) <= set(allowed):
-            raise ValueError(readable_dirs_refused(settings.home, int(found["pid"]), True, allowed, dirs))
+            raise ServiceRefused(readable_dirs_refused(settings.home, int(found["pid"]), True, allowed, dirs))
     return client
 
 

@@ -68,3 +68,10 @@ def test_no_repr_of_settings_shows_a_password(tmp_path: Path) -> None:
 def test_a_bus_path_holding_an_at_sign_is_not_taken_for_a_login(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/at@sign/log.sqlite"
     assert load_settings({"RUNBUS_HOME": str(tmp_path), "RUNBUS_BUS": url}).bus_url == url
+
+
+def test_an_unknown_bus_url_given_as_an_address_shows_no_password(tmp_path: Path) -> None:
+    """`runbus push --to URL` builds a bus from a URL that no setting checked."""
+    with pytest.raises(SettingsError, match="is not a bus URL") as refused:
+        make_bus(f"redis://alice:{PASSWORD}@cache:6379", load_settings({"RUNBUS_HOME": str(tmp_path)}))
+    assert PASSWORD not in str(refused.value) and "alice:***@" in str(refused.value)
