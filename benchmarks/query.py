@@ -233,6 +233,7 @@ def run(sizes: tuple[int, ...], queries: int) -> Outcome:
             figures = _measure_in_child(env, queries, IDLE_QUERIES if size == min(sizes) else 0, home, size)
             outcome.figures[f"query_ms_{size}"] = figures["query"]
             outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]
+            outcome.figures[f"query_over_bare_{size}"] = figures["query"] / figures["bare"]
             outcome.figures[f"query_kv_ms_{size}"] = figures["kv"]
             outcome.figures[f"list_runs_ms_{size}"] = figures["list_runs"]
             outcome.figures[f"list_runs_bare_ms_{size}"] = figures["list_bare"]

@@ -97,10 +97,20 @@ def rows(sizes: Sizes) -> list[Row]:
         found.append(Row("3", f"query_ms_{size}", "query: param + result filter, sorted, from a second process",
                          ms, f"{size:,} runs", sizes.queries, target, mlflow,
                          "mlflow.search_runs, from a second process" if mlflow else ""))
-    largest = max(sizes.query_runs)
+    largest, smallest = max(sizes.query_runs), min(sizes.query_runs)
     found += [
+        Row("3", f"query_bare_ms_{largest}", "  the same statement on a bare DuckDB table (same rows)", ms,
+            f"{largest:,} runs", sizes.queries),
+        Row("3", f"query_over_bare_{largest}", "  Runbus / bare DuckDB table", "{:,.2f}x", f"{largest:,} runs",
+            sizes.queries, ("<=", 1.5)),
         Row("3", f"list_runs_ms_{largest}", "list_runs(sort_by=result, limit=100)", ms, f"{largest:,} runs",
+            sizes.queries, ("<=", 10)),
+        Row("3", f"list_runs_bare_ms_{largest}", "  its statement on the bare DuckDB table", ms, f"{largest:,} runs",
             sizes.queries),
+        Row("3", f"query_idle_ms_{smallest}", "query after 2 s idle", ms, f"{smallest:,} runs", 5,  # IDLE_QUERIES
+            ("<=", 5)),
+        Row("3", f"query_bare_idle_ms_{smallest}", "  bare DuckDB table after the same pauses", ms,
+            f"{smallest:,} runs", 5),
         Row("3", "query_build_ms_per_run", "building the query runs, per run (produce + fold)", ms,
             f"{largest:,} runs", 1),
     ]
