@@ -45,7 +45,7 @@ from projections.client import ServiceClient
 from projections.database import ProjectionBusy
 from projections.query import RunDB
 from projections.service import ServiceAddress
-from projections.tables import RUN_COLUMNS
+from projections.tables import RUN_COLUMNS, SCANNED, SCANNED_RUN_COLUMNS, quoted
 
 WIDE_QUERY = """
 SELECT uid, name, "result.accuracy" AS accuracy, "result.loss" AS loss
@@ -101,7 +101,8 @@ def produce(svc: Services, first: int, count: int) -> None:
 
 def bare_table(db: RunDB, path: Path) -> duckdb.DuckDBPyConnection:
     """A plain DuckDB file holding the projection's runs as one table `bare`: the runs columns and
-    one DOUBLE column per numeric param and result key, rows in start order."""
+    one DOUBLE column per numeric param and result key, rows in start order, stored as runs_wide
+    stores them."""
     runs = db.sql("SELECT * FROM runs ORDER BY started_at")
     values = db.sql("SELECT 'param.' || key AS column, uid, value_num FROM params WHERE value_num IS NOT NULL "
                     "UNION ALL SELECT 'result.' || key, uid, value_num FROM results WHERE value_num IS NOT NULL")
@@ -110,7 +111,12 @@ def bare_table(db: RunDB, path: Path) -> duckdb.DuckDBPyConnection:
     path.unlink(missing_ok=True)
     con = duckdb.connect(str(path))
     con.register("frame", frame)
-    con.execute("CREATE TABLE bare AS SELECT * FROM frame")
+    # the storage runs_wide has (its scanned string columns uncompressed), so the ratio is Runbus's own cost
+    types = con.execute("SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM frame)").fetchall()
+    columns = [f"{quoted(name)} {kind}" + (f" {SCANNED}" if name in SCANNED_RUN_COLUMNS else "")
+               for name, kind in types]
+    con.execute(f"CREATE TABLE bare ({', '.join(columns)})")
+    con.execute("INSERT INTO bare SELECT * FROM frame")
     con.unregister("frame")
     con.execute("CHECKPOINT")
     return con

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 9  # 9: runs_wide's scanned columns stored uncompressed
+PROJECTION_VERSION = 10  # 9: runs_wide's scanned columns stored uncompressed; 10: value columns compressed
 
 # At most this many param/result columns in runs_wide; later keys are queried through params/results.
 MAX_VALUE_COLUMNS = 500
@@ -71,22 +71,23 @@ RUN_COLUMN_TYPES = (
     ("last_event_at", "TIMESTAMPTZ"), ("note", "VARCHAR"))
 RUN_COLUMNS = tuple(name for name, _ in RUN_COLUMN_TYPES)
 
-# runs_wide's columns that every filter, sort and listing scans whole (uid breaks ties in every
-# order), with its value columns: kept uncompressed, as decoding them (DICT_FSST strings, ALP
-# doubles) is most of a query over 100k runs; the file grows by a few MB per 100k runs.
-_SCANNED = "USING COMPRESSION uncompressed"
-_SCANNED_RUN_COLUMNS = ("uid", "name")
+# runs_wide's string columns that every filter, sort and listing scans whole (uid breaks ties in
+# every order): kept uncompressed, as decoding them (DICT_FSST, 32 random hex characters for uid)
+# was most of a query over 100k runs; ~4 MB per 100k runs. Value columns keep DuckDB's compression:
+# a home holds up to MAX_VALUE_COLUMNS of them, most sparse, at 0.8 MB per 100k runs each uncompressed.
+SCANNED = "USING COMPRESSION uncompressed"
+SCANNED_RUN_COLUMNS = ("uid", "name")
 
 
 def _run_ddl(scanned: Collection[str] = ()) -> str:
     """The column definitions of a table of runs (uid the key), `scanned` columns uncompressed."""
-    return ", ".join(f"{name} {kind}" + (f" {_SCANNED}" if name in scanned else "")
+    return ", ".join(f"{name} {kind}" + (f" {SCANNED}" if name in scanned else "")
                      + (" PRIMARY KEY" if name == "uid" else "") for name, kind in RUN_COLUMN_TYPES)
 
 
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS runs ({_run_ddl()});
-CREATE TABLE IF NOT EXISTS runs_wide ({_run_ddl(_SCANNED_RUN_COLUMNS)});
+CREATE TABLE IF NOT EXISTS runs_wide ({_run_ddl(SCANNED_RUN_COLUMNS)});
 CREATE TABLE IF NOT EXISTS runs_wide_columns (kind VARCHAR, key VARCHAR, "column" VARCHAR PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS run_rows ({_run_ddl()}, stream VARCHAR, heartbeat_interval_s DOUBLE);
 CREATE TABLE IF NOT EXISTS params (
@@ -227,7 +228,7 @@ def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
         column = f"{kind}.{key}"
         if len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable() or column.lower() in taken:
             continue
-        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {quoted(column)} DOUBLE {_SCANNED}")
+        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {quoted(column)} DOUBLE")
         con.execute('INSERT INTO runs_wide_columns VALUES (?, ?, ?)', [kind, key, column])
         known[(kind, key)] = column
         taken.add(column.lower())
