@@ -63,9 +63,9 @@ def make_bus(url: str, settings: Settings) -> Bus:
 
         return KafkaBus(url.removeprefix("kafka://"), topic=settings.kafka_topic,
                         partitions=settings.kafka_partitions, security=settings.kafka_security)
-    from producers.bus.kafka_security import mask_login  # ssl: only on this path
+    from producers.bus.kafka_security import masked_address  # ssl: only on this path
 
-    raise SettingsError(f"RUNBUS_BUS={mask_login(url)!r} is not a bus URL: use 'embedded', "
+    raise SettingsError(f"RUNBUS_BUS={masked_address(url)!r} is not a bus URL: use 'embedded', "
                         f"'sqlite:///path/to/log.sqlite' or 'kafka://host:port'")
 
 

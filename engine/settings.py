@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, KafkaSecurityError, Secret, has_login, mask_login
+from producers.bus.kafka_security import (
+    PLAINTEXT,
+    KafkaSecurity,
+    KafkaSecurityError,
+    Secret,
+    has_login,
+    mask_login,
+    masked_address,
+)
 
 
 class SettingsError(ValueError):
@@ -153,7 +161,7 @@ def _bus_url(env: Mapping[str, str]) -> str:
     password there would be shown wherever the URL is: the login belongs in RUNBUS_KAFKA_*)."""
     url = env.get("RUNBUS_BUS") or "embedded"
     if has_login(url):
-        raise SettingsError(f"RUNBUS_BUS={mask_login(url)!r} carries a login: Runbus takes none from the URL; drop "
+        raise SettingsError(f"RUNBUS_BUS={masked_address(url)!r} carries a login: Runbus takes none from the URL; drop "
                             f"it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or RUNBUS_KAFKA_PASSWORD_FILE) "
                             f"with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and "
                             f"RUNBUS_KAFKA_SASL_MECHANISM")

@@ -52,7 +52,7 @@ from kafka.producer import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from producers.bus.base import Bus, BusError, BusRecord, BusRefused
-from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, has_login, mask_login
+from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, has_login, masked_address
 
 T = TypeVar("T")
 
@@ -153,7 +153,7 @@ class _Connections(KafkaConnectionManager):
 
 def url_login_refused(url: str) -> str:
     """One line: a Kafka URL carries a login (shown masked), and where the login goes instead."""
-    return (f"the Kafka URL {mask_login(url)} carries a login: Runbus takes none from the URL (it would be "
+    return (f"the Kafka URL {masked_address(url)} carries a login: Runbus takes none from the URL (it would be "
             f"shown wherever the URL is); drop it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or "
             f"RUNBUS_KAFKA_PASSWORD_FILE) with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and "
             f"RUNBUS_KAFKA_SASL_MECHANISM")

@@ -67,6 +67,21 @@ def mask_login(text: str) -> str:
     return _LOGIN.sub(lambda found: f"{found['scheme'] or ''}{found['user']}:***@", text)
 
 
+def masked_address(address: str) -> str:
+    """One bus URL or "host:port" list as a message may show it: when it carries a login, everything
+    between the user and the login's last "@" is ***, whatever characters the password holds."""
+    if not has_login(address):
+        return address
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    slash, path = "", ""
+    if sep and scheme.lower() != "kafka":
+        rest, slash, path = rest.partition("/")
+    login, _, hosts = rest.rpartition("@")
+    return f"{scheme}{sep}{login.partition(':')[0]}:***@{hosts}{slash}{path}"
+
+
 def has_login(address: str) -> bool:
     """Whether a bus URL or "host:port" list carries a "user[:password]@" login: anywhere in a Kafka
     address (which has no path, and a password may hold '/'), in the authority of another URL (the

@@ -75,3 +75,16 @@ def test_an_unknown_bus_url_given_as_an_address_shows_no_password(tmp_path: Path
     with pytest.raises(SettingsError, match="is not a bus URL") as refused:
         make_bus(f"redis://alice:{PASSWORD}@cache:6379", load_settings({"RUNBUS_HOME": str(tmp_path)}))
     assert PASSWORD not in str(refused.value) and "alice:***@" in str(refused.value)
+
+
+@pytest.mark.parametrize("password", ["pa ss", "p\tw", "a'b\"c", "x@y z"])
+def test_a_password_of_any_characters_is_never_shown(password: str, tmp_path: Path) -> None:
+    refusals = []
+    for url in (f"kafka://alice:{password}@127.0.0.1:9", f"redis://alice:{password}@cache:6379/0"):
+        with pytest.raises(SettingsError) as refused:
+            load_settings({"RUNBUS_HOME": str(tmp_path), "RUNBUS_BUS": url})
+        refusals.append(refused.value)
+    with pytest.raises(SettingsError) as refused:  # runbus push --to: no setting checked it
+        make_bus(f"redis://alice:{password}@cache:6379/0", load_settings({"RUNBUS_HOME": str(tmp_path)}))
+    for error in [*refusals, refused.value]:
+        assert password not in str(error) and "alice:***@" in str(error)
