@@ -31,6 +31,7 @@ from distributed import Client, LocalCluster
 from benchmarks.common import Outcome, fresh_home, median
 from engine import NewRun, new_function
 from engine.api import close_session
+from engine.runtimes.dask import MarkFinished
 
 WORKERS = 2
 
@@ -65,10 +66,14 @@ def timed_sweep(address: str, iterations: int) -> float:
 
 def _cluster() -> LocalCluster:
     """The cluster both sides run on. Its scheduler runs no task of a dead worker again
-    (allowed-failures 0), as the one `dask://` makes for a run: a sweep sends it chunks."""
+    (allowed-failures 0 and the MarkFinished plugin), as the one `dask://` makes for a run: a sweep
+    sends it chunks."""
     logging.getLogger("distributed").setLevel(logging.ERROR)  # no dashboard-port chatter in the output
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        return LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
+        cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
+    with Client(cluster) as client:
+        client.register_plugin(MarkFinished())
+    return cluster
 
 
 def sweep_vs_map(iterations: int, repeat: int) -> dict[str, Any]:

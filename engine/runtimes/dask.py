@@ -138,18 +138,21 @@ def local_cluster(n_workers: int) -> SpecCluster:
                        silence_logs=logging.WARN, name="runbus")
 
 
-def _allowed_failures(dask_scheduler: Scheduler) -> int:
-    return dask_scheduler.allowed_failures
+def _keeps_finished_tasks(dask_scheduler: Scheduler) -> bool:
+    """Whether the scheduler runs no task of a dead worker again: it fails one that did not finish
+    (allowed-failures 0) and MarkFinished refuses one that did (its result lost with the worker)."""
+    return dask_scheduler.allowed_failures == 0 and MarkFinished.name in dask_scheduler.plugins
 
 
 class DaskPool:
     """Iterations on Dask: a LocalCluster made for the run (address None) or an existing scheduler.
 
-    `reruns_tasks_of_dead_workers` is False when the scheduler fails a task whose worker died rather
-    than running it again: the cluster made here, or an existing scheduler configured with
-    allowed-failures 0 (the client cannot change a running scheduler's setting; one that does run
-    such tasks again, or does not say, gets one iteration a task). `losses_allowed` is how many times
-    the driver runs an iteration again after its worker died (distributed.scheduler.allowed-failures).
+    `reruns_tasks_of_dead_workers` is False when the scheduler runs no task of a dead worker again:
+    the cluster made here, or an existing scheduler configured with allowed-failures 0 that has the
+    MarkFinished plugin (the client changes neither on a shared scheduler; one without both, or that
+    does not say, gets one iteration a task). `losses_allowed` is how many times the driver runs an
+    iteration again after its worker died (distributed.scheduler.allowed-failures), none where the
+    scheduler ran the task again itself before giving up.
     """
 
     in_driver = False
@@ -169,13 +172,15 @@ class DaskPool:
         else:
             self._client = Client(address, timeout="20s")
         self.reruns_tasks_of_dead_workers = address is not None and self._scheduler_reruns()
+        if self.reruns_tasks_of_dead_workers:  # its own reruns came first: the driver's would multiply them
+            self.losses_allowed = 0
         self._client.register_plugin(RunbusWorkerPlugin(settings))
         self.capacity = max(1, sum(self._client.nthreads().values()))
         self._completed = as_completed()
 
     def _scheduler_reruns(self) -> bool:
         try:
-            return self._client.run_on_scheduler(_allowed_failures) > 0
+            return not self._client.run_on_scheduler(_keeps_finished_tasks)
         except Exception:  # a scheduler that refuses functions from clients (distributed.scheduler.pickle)
             return True
 
