@@ -59,6 +59,7 @@ FRAME, JSON = b"A", b"J"
 """The tag that starts every answer: an Arrow IPC stream, or a JSON object ({"error", "type"} on failure)."""
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 _AS_OF_CACHE = 4
+_AS_OF_BUILDS = 1  # past projections built at once: readers asking for others are told to ask again
 _JUDGE_EVERY_S = 1.0
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 HANDSHAKE_S = 10.0
@@ -158,7 +159,9 @@ def peer_pid(conn: Connection) -> int | None:
 class _PastProjections:
     """Projections of the events up to a cutoff (`as_of`), built once and kept (a few, newest used).
 
-    Each is built on a thread of its own, which no other reader waits for: a reader waits for the
+    One is built at a time (a reader asking for another cutoff meanwhile is told to ask again: each
+    build replays the log into memory, so readers cannot make the service hold many), on a thread of
+    its own, which no other reader waits for: a reader waits for the
     one it asked for until its own deadline, then is told it is still being built (the build goes
     on, and a reader asking again later uses it). A kept one is used again while no event folded
     since it was built falls before its cutoff (on Kafka a lagging partition can still bring
@@ -188,6 +191,13 @@ class _PastProjections:
                 return found[0]
             build = self.building.get(key)
             if build is None:
+                if self.stop.is_set():
+                    raise ProjectionBusy(f"the projection service of {self.home} is stopping: ask again")
+                if len(self.building) >= _AS_OF_BUILDS:  # each holds a replay of the log in memory
+                    under_way = ", ".join(repr(p[0] if len(p) == 1 else p) for _, p in self.building)
+                    raise ProjectionBusy(
+                        f"the projection service of {self.home} is building the projection as of {under_way} "
+                        f"for another read; it builds one past projection at a time: ask again once it is built")
                 build = self.building[key] = _Build()
                 threading.Thread(target=self._build, args=(key, build), name="runbus-as-of", daemon=True).start()
         started = time.monotonic()

@@ -203,6 +203,9 @@ def test_an_as_of_read_whose_past_is_still_being_built_is_told_so_by_the_service
     wait_until(replaying.is_set, "the build of the past projection goes on after its reader gave up")
     # while the build is held, readers of the present are answered
     assert client.answer([("SELECT count(*) AS n FROM runs", None)])[0].n.tolist() == [3]
+    # and a reader of another cutoff is told at once to ask again: one replay held in memory at a time
+    with pytest.raises(ProjectionBusy, match="one past projection at a time"):
+        RunDB(bus, "", as_of=as_of - 1, source=client).sql("SELECT count(*) AS n FROM runs")
     released.set()  # the build goes on; a reader with time to wait gets its answer
     past = RunDB(bus, "", as_of=as_of, source=client).sql("SELECT name FROM runs ORDER BY name")
     assert past.name.tolist() == ["run0", "run1"]
