@@ -61,7 +61,7 @@ def start_service(settings: Settings, readable_dirs: Sequence[str] = ()) -> subp
            SQL_READ_DIRS: os.pathsep.join(readable_dirs)}
     fd = os.open(address.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:
-        return subprocess.Popen([sys.executable, "-m", "engine.projection_service"], env=env,
+        return subprocess.Popen(service_command(), env=env,
                                 stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
     finally:
         os.close(fd)
@@ -124,12 +124,23 @@ def keep_pandas_out() -> None:
         sys.meta_path.insert(0, _NoPandas())
 
 
+# `python -m` would put the current directory first on sys.path: a `secrets.py` or `json.py` there
+# would stand in for the library the service imports. It goes last (a user projection there imports).
+_LAUNCH = ("import os, runpy, sys; sys.path.pop(0); sys.path.append(os.getcwd()); del sys.argv[0]; "
+           "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
+def service_command(*args: str) -> list[str]:
+    """The command line that runs this module as a process, as `python -m engine.projection_service
+    ARGS` does but with the current directory last on sys.path."""
+    return [sys.executable, "-c", _LAUNCH, "engine.projection_service", *args]
+
+
 def foreground_command(readable_dirs: Sequence[str]) -> list[str]:
     """The command line of a follower in the foreground (what `runbus project --follow` becomes once
     it has checked that it may take the home: it replaces itself with this process, which loads only
     what serving and folding need)."""
-    return [sys.executable, "-m", "engine.projection_service", "--follow", "--foreground",
-            *(f"--sql-read-dir={d}" for d in readable_dirs)]
+    return service_command("--follow", "--foreground", *(f"--sql-read-dir={d}" for d in readable_dirs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

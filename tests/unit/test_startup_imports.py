@@ -124,3 +124,18 @@ def test_runbus_project_follow_becomes_the_service_process(home: Path) -> None:
     assert {"duckdb", "pyarrow"} <= loaded  # the listing is what it claims
     assert not {"pandas", "pydantic_core"} & loaded, loaded
     assert "projector stopped at" in out
+
+
+def test_the_service_process_imports_nothing_from_the_current_directory_in_place_of_a_library(
+        tmp_path: Path) -> None:
+    """`python -m` puts the current directory first on sys.path; a project folder's `secrets.py`
+    must not stand in for the standard library's in the service (nor run there)."""
+    from engine.projection_service import service_command
+
+    marker = tmp_path / "imported"
+    (tmp_path / "secrets.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    done = subprocess.run(service_command("--help"), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0, done.stderr
+    assert "--follow" in done.stdout
+    assert not marker.exists(), "the service imported secrets.py from its current directory"
