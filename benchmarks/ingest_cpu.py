@@ -14,7 +14,6 @@ the rebuild and the follower alike.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import resource
 import sys
@@ -22,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.together import run_together
 
 
 def cpu_s(who: int = resource.RUSAGE_SELF) -> float:
@@ -53,22 +54,8 @@ def _produce_one(home: str, count: int, ready: object, go: object) -> None:
 
 def fill(home: str, events: int, producers: int) -> dict[str, float]:
     """Log `events` metric points from `producers` processes (as the pipeline workload does)."""
-    spawn = multiprocessing.get_context("spawn")
-    ready, go = spawn.Queue(), spawn.Event()
-    share, extra = divmod(events, producers)
-    workers = [spawn.Process(target=_produce_one, args=(home, share + (i < extra), ready, go))
-               for i in range(producers)]
-    for worker in workers:
-        worker.start()
-    for _ in workers:
-        ready.get(timeout=120)
-    before = cpu_s(resource.RUSAGE_CHILDREN)
-    began = time.perf_counter()
-    go.set()
-    for worker in workers:
-        worker.join()
-        if worker.exitcode != 0:
-            raise RuntimeError(f"a producer exited with {worker.exitcode}")
+    before = cpu_s(resource.RUSAGE_CHILDREN)  # no producer has exited yet: their start-up counts below
+    began = run_together(_produce_one, (home,), events, producers)
     seconds = time.perf_counter() - began
     # the children's CPU includes their start-up (imports, session): reported apart by `fill 0`
     spent = cpu_s(resource.RUSAGE_CHILDREN) - before

@@ -10,7 +10,6 @@ it has folded the bus up to the end the producers left, returns all N rows.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, Outcome, fresh_home, median, runbus_environment, stop_projection_service
+from benchmarks.together import run_together
 from engine import NewRun, get_run_db, new_function
 from engine.api import close_session, session
 from producers.bus.memory import MemoryBus
@@ -98,21 +98,7 @@ def end_to_end(events: int, producers: int, bus_url: str | None) -> dict[str, fl
 def _produce_and_count(events: int, producers: int) -> tuple[float, float, int]:
     """Start the producers, let them go, wait for them and for the rows: (producing seconds, seconds
     until the rows are queryable, rows)."""
-    spawn = multiprocessing.get_context("spawn")
-    ready, go = spawn.Queue(), spawn.Event()
-    share, extra = divmod(events, producers)
-    workers = [spawn.Process(target=_produce, args=(runbus_environment(), share + (i < extra), ready, go))
-               for i in range(producers)]
-    for worker in workers:
-        worker.start()
-    for _ in workers:
-        ready.get(timeout=120)
-    began = time.perf_counter()
-    go.set()
-    for worker in workers:
-        worker.join()
-        if worker.exitcode != 0:
-            raise RuntimeError(f"a producer process exited with {worker.exitcode}")
+    began = run_together(_produce, (runbus_environment(),), events, producers)
     produced = time.perf_counter()
     rows = int(get_run_db().sql("SELECT count(*) AS n FROM metrics").n[0])
     return produced - began, time.perf_counter() - began, rows
