@@ -14,7 +14,7 @@ from producers.bus.kafka_security import (
     KafkaSecurityError,
     Secret,
     has_login,
-    mask_login,
+    login_refused,
     masked_address,
 )
 
@@ -44,8 +44,9 @@ class Settings:
 
     def __repr__(self) -> str:
         """The fields as a dataclass shows them, with any password in the bus URL as ***."""
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
-        return f"{type(self).__name__}({mask_login(shown)})"
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["bus_url"] = masked_address(self.bus_url)
+        return f"{type(self).__name__}({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @property
     def db_path(self) -> Path:
@@ -161,10 +162,7 @@ def _bus_url(env: Mapping[str, str]) -> str:
     password there would be shown wherever the URL is: the login belongs in RUNBUS_KAFKA_*)."""
     url = env.get("RUNBUS_BUS") or "embedded"
     if has_login(url):
-        raise SettingsError(f"RUNBUS_BUS={masked_address(url)!r} carries a login: Runbus takes none from the URL; drop "
-                            f"it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or RUNBUS_KAFKA_PASSWORD_FILE) "
-                            f"with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and "
-                            f"RUNBUS_KAFKA_SASL_MECHANISM")
+        raise SettingsError(login_refused(f"RUNBUS_BUS={masked_address(url)!r}"))
     return url
 
 

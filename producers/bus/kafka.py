@@ -52,7 +52,7 @@ from kafka.producer import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from producers.bus.base import Bus, BusError, BusRecord, BusRefused
-from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, has_login, masked_address
+from producers.bus.kafka_security import PLAINTEXT, KafkaSecurity, has_login, login_refused, masked_address
 
 T = TypeVar("T")
 
@@ -151,14 +151,6 @@ class _Connections(KafkaConnectionManager):
                 self._auth_failures[node.node_id] = self.last_failure
 
 
-def url_login_refused(url: str) -> str:
-    """One line: a Kafka URL carries a login (shown masked), and where the login goes instead."""
-    return (f"the Kafka URL {masked_address(url)} carries a login: Runbus takes none from the URL (it would be "
-            f"shown wherever the URL is); drop it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or "
-            f"RUNBUS_KAFKA_PASSWORD_FILE) with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and "
-            f"RUNBUS_KAFKA_SASL_MECHANISM")
-
-
 class KafkaBus(Bus):
     """The log is topic `topic` on the brokers `bootstrap` ("host:port[,host:port]")."""
 
@@ -170,7 +162,7 @@ class KafkaBus(Bus):
         login, its certificate is not trusted or the ACLs refuse, BusError otherwise (also for an
         address that carries a login: credentials come from the security settings only)."""
         if has_login(bootstrap):
-            raise BusError(url_login_refused(f"kafka://{bootstrap}"))
+            raise BusError(login_refused(f"the Kafka URL {masked_address(f'kafka://{bootstrap}')}"))
         self.bootstrap, self.topic, self.url = bootstrap, topic, f"kafka://{bootstrap}"
         self.security = security
         self._timeout_ms = int(connect_timeout_s * 1000)

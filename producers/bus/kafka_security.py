@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,16 +56,6 @@ def _read_secret(kind: str, where: str, env: Mapping[str, str] | None = None) ->
     return value
 
 
-# the password runs to the last "@" before white space: one holding "@" or "/" is masked whole
-_LOGIN = re.compile(r"""(?P<scheme>[A-Za-z][\w+.-]*://)?(?P<user>[^\s:/@'"=,\[\]]*):(?P<password>\S*)@""")
-
-
-def mask_login(text: str) -> str:
-    """`text` (a bus URL or a "host:port" list) with the password of any "user:password@" in it
-    shown as ***: for every message, repr and log line that names an address."""
-    return _LOGIN.sub(lambda found: f"{found['scheme'] or ''}{found['user']}:***@", text)
-
-
 def masked_address(address: str) -> str:
     """One bus URL or "host:port" list as a message may show it: when it carries a login, everything
     between the user and the login's last "@" is ***, whatever characters the password holds."""
@@ -80,6 +69,13 @@ def masked_address(address: str) -> str:
         rest, slash, path = rest.partition("/")
     login, _, hosts = rest.rpartition("@")
     return f"{scheme}{sep}{login.partition(':')[0]}:***@{hosts}{slash}{path}"
+
+
+def login_refused(shown: str) -> str:
+    """One line: the bus address `shown` (already masked) carries a login, and where it goes instead."""
+    return (f"{shown} carries a login: Runbus takes none from the URL (it would be shown wherever the URL "
+            f"is); drop it and set RUNBUS_KAFKA_USER and RUNBUS_KAFKA_PASSWORD (or RUNBUS_KAFKA_PASSWORD_FILE) "
+            f"with RUNBUS_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT and RUNBUS_KAFKA_SASL_MECHANISM")
 
 
 def has_login(address: str) -> bool:
