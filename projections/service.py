@@ -161,11 +161,11 @@ class _PastProjections:
 
     One is built at a time (a reader asking for another cutoff meanwhile is told to ask again: each
     build replays the log into memory, so readers cannot make the service hold many), on a thread of
-    its own, which no other reader waits for: a reader waits for the
-    one it asked for until its own deadline, then is told it is still being built (the build goes
-    on, and a reader asking again later uses it). A kept one is used again while no event folded
-    since it was built falls before its cutoff (on Kafka a lagging partition can still bring
-    events below a position or time cutoff)."""
+    its own, which no other reader waits for: a reader waits for the one it asked for until its own
+    deadline, then is told it is still being built (the build goes on, and a reader asking again
+    later uses it). A kept one is used again while no event folded since it was built falls before
+    its cutoff (on Kafka a lagging partition can still bring events below a position or time
+    cutoff)."""
 
     def __init__(self, live: duckdb.DuckDBPyConnection, make_projector: Callable[[duckdb.DuckDBPyConnection],
                  Projector], stop: threading.Event, home: Path, size: int = _AS_OF_CACHE) -> None:

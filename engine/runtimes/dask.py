@@ -78,9 +78,9 @@ class RanBefore(RuntimeError):
 
 
 class MarkFinished(SchedulerPlugin):
-    """On the scheduler of the cluster made for a run: a task that finished gets an annotation,
-    which travels with it to any worker Dask gives it to again (annotations go with each compute
-    message); `on_worker` refuses such a task."""
+    """On the scheduler of the cluster made for a run (and of a team's scheduler that registered
+    it, see DaskPool): a task that finished gets an annotation, which travels with it to any worker
+    Dask gives it to again (annotations go with each compute message); `on_worker` refuses such a task."""
 
     name = "runbus-mark-finished"
 

@@ -150,6 +150,8 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     again: deque[int] = deque()  # iterations whose task's worker died before they finished: one a task
     losses: Counter[int] = Counter()  # how many times each iteration's worker died under it
     seconds: list[float] = []  # how long the iterations that ended took where they ran
+    # chunks only on workers whose scheduler runs no task of a dead worker again (see DaskPool)
+    chunked = unbounded and not (pool.in_driver or pool.reruns_tasks_of_dead_workers) and execute is run_iterations
     total = len(state.done) + len(state.pending)
     best = BestSoFar(selector)
     for iteration, (outcome_state, _, results) in state.done.items():
@@ -161,8 +163,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
             while ((state.pending or again) and not stopping) or inflight:
                 in_flight = sum(map(len, inflight.values()))
                 size, limit = 1, window
-                chunked = not (pool.in_driver or pool.reruns_tasks_of_dead_workers) and execute is run_iterations
-                if state.pending and unbounded and chunked:
+                if state.pending and chunked:
                     size = _chunk_size(seconds, len(state.pending), pool.capacity)
                     if not seconds:  # a few single iterations first: how long does one take?
                         limit = min(window, 2 * pool.capacity)
