@@ -45,7 +45,7 @@ from projections.client import ServiceClient
 from projections.database import ProjectionBusy
 from projections.query import RunDB
 from projections.service import ServiceAddress
-from projections.tables import RUN_COLUMNS, SCANNED, SCANNED_RUN_COLUMNS, quoted
+from projections.tables import RUN_COLUMNS, runs_wide_column_ddl
 
 WIDE_QUERY = """
 SELECT uid, name, "result.accuracy" AS accuracy, "result.loss" AS loss
@@ -113,9 +113,7 @@ def bare_table(db: RunDB, path: Path) -> duckdb.DuckDBPyConnection:
     con.register("frame", frame)
     # the storage runs_wide has (its scanned string columns uncompressed), so the ratio is Runbus's own cost
     types = con.execute("SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM frame)").fetchall()
-    columns = [f"{quoted(name)} {kind}" + (f" {SCANNED}" if name in SCANNED_RUN_COLUMNS else "")
-               for name, kind in types]
-    con.execute(f"CREATE TABLE bare ({', '.join(columns)})")
+    con.execute(f"CREATE TABLE bare ({', '.join(runs_wide_column_ddl(name, kind) for name, kind in types)})")
     con.execute("INSERT INTO bare SELECT * FROM frame")
     con.unregister("frame")
     con.execute("CHECKPOINT")

@@ -79,15 +79,26 @@ SCANNED = "USING COMPRESSION uncompressed"
 SCANNED_RUN_COLUMNS = ("uid", "name")
 
 
-def _run_ddl(scanned: Collection[str] = ()) -> str:
-    """The column definitions of a table of runs (uid the key), `scanned` columns uncompressed."""
-    return ", ".join(f"{name} {kind}" + (f" {SCANNED}" if name in scanned else "")
+def quoted(name: str) -> str:
+    """`name` as a DuckDB quoted identifier (any character allowed, quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def runs_wide_column_ddl(name: str, kind: str) -> str:
+    """The definition of runs_wide's column `name` of type `kind` (or of a table stored as runs_wide
+    is): the scanned columns uncompressed, every other column compressed as DuckDB chooses."""
+    return f"{quoted(name)} {kind}" + (f" {SCANNED}" if name in SCANNED_RUN_COLUMNS else "")
+
+
+def _run_ddl(wide: bool = False) -> str:
+    """The column definitions of a table of runs (uid the key); runs_wide's with `wide`."""
+    return ", ".join((runs_wide_column_ddl(name, kind) if wide else f"{name} {kind}")
                      + (" PRIMARY KEY" if name == "uid" else "") for name, kind in RUN_COLUMN_TYPES)
 
 
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS runs ({_run_ddl()});
-CREATE TABLE IF NOT EXISTS runs_wide ({_run_ddl(SCANNED_RUN_COLUMNS)});
+CREATE TABLE IF NOT EXISTS runs_wide ({_run_ddl(wide=True)});
 CREATE TABLE IF NOT EXISTS runs_wide_columns (kind VARCHAR, key VARCHAR, "column" VARCHAR PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS run_rows ({_run_ddl()}, stream VARCHAR, heartbeat_interval_s DOUBLE);
 CREATE TABLE IF NOT EXISTS params (
@@ -159,11 +170,6 @@ def judged_state(rows: str = "r", now: str = "?", fallback: str = "?") -> str:
             f"THEN 'lost' ELSE {rows}.state END")
 
 
-def quoted(name: str) -> str:
-    """`name` as a DuckDB quoted identifier (any character allowed, quotes doubled)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def value_columns(con: duckdb.DuckDBPyConnection | Any) -> dict[tuple[str, str], str]:
     """(kind, key) -> its runs_wide column, for the keys that have one. `con` may be a connection or
     a `query(sql) -> DataFrame` function."""
@@ -228,7 +234,7 @@ def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
         column = f"{kind}.{key}"
         if len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable() or column.lower() in taken:
             continue
-        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {quoted(column)} DOUBLE")
+        con.execute(f"ALTER TABLE runs_wide ADD COLUMN {runs_wide_column_ddl(column, 'DOUBLE')}")
         con.execute('INSERT INTO runs_wide_columns VALUES (?, ?, ?)', [kind, key, column])
         known[(kind, key)] = column
         taken.add(column.lower())
