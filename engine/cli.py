@@ -397,12 +397,12 @@ def _follow(svc: Any) -> None:
 
 
 def _follow_as_service(svc: Any, readable_dirs: list[str]) -> None:
-    """The projection service of this home in the foreground: a service a reader started is asked
-    to stop first (it exits once its sessions end), then this process becomes the service
+    """The projection service of this home in the foreground: this process becomes the service
     (`python -m engine.projection_service --follow --foreground`, same pid), which loads none of the
-    command line's libraries. When another follower serves the home (or a reader's service lets SQL
-    read directories this one would not), this one exits with status 1 and says why, leaving that
-    one serving."""
+    command line's libraries; once ready, it asks a service a reader started to stop and takes the
+    home (engine.projection_service.serve_as_follower). When another follower serves the home (or a
+    reader's service lets SQL read directories this one would not), this one exits with status 1 and
+    says why, leaving that one serving."""
     import os
 
     from engine.projection_service import follower_refused, foreground_command, service_client
@@ -412,9 +412,6 @@ def _follow_as_service(svc: Any, readable_dirs: list[str]) -> None:
     if refused is not None:
         errors.print(Text("error: ", style="red") + literal(refused))
         raise typer.Exit(1)
-    stopped = client.stop()
-    if stopped is not None:
-        console.print(f"asked the projection service running as pid {stopped} to stop", highlight=False)
     client.close()
     svc.close()  # nothing of this process outlives the exec: what it holds is closed first
     sys.stdout.flush()

@@ -3,8 +3,9 @@
 
 Its composition root: settings are read once, the bus and the service are built from them. Readers
 start it on demand (`start_service`); `runbus project --follow` becomes it (`--follow --foreground`:
-no idle exit, progress on stdout). A second service for the same home exits at once, quietly
-(status 0); in the foreground it waits RUNBUS_DB_TIMEOUT and exits with status 1, saying so.
+no idle exit, progress on stdout, `serve_as_follower`). A second service for the same home exits at
+once, quietly (status 0), and so does one a reader started while a follower waits for the home; in
+the foreground it waits RUNBUS_DB_TIMEOUT plus RELEASE_MARGIN_S and exits with status 1, saying so.
 It loads what serving and folding need, and no pandas when no user projection is configured.
 """
 
@@ -21,16 +22,19 @@ from collections.abc import Sequence
 from importlib.abc import MetaPathFinder
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from engine.settings import Settings, load_settings
 from producers.bus import Bus
 from producers.spill import make_private_folder
+from projections.client import ServiceClient
+from projections.database import ProjectionBusy
 from projections.errors import ServiceRefused
-from projections.service import ProjectionService, ServiceAddress, readable_dirs_refused
-
-if TYPE_CHECKING:  # the client imports pandas, which the service process does not need
-    from projections.client import ServiceClient
+from projections.service import (
+    RELEASE_MARGIN_S,
+    ProjectionService,
+    ServiceAddress,
+    readable_dirs_refused,
+)
 
 # a service started as another exits waits this long for it before leaving quietly
 LOCK_WAIT_S = 5.0
@@ -74,8 +78,6 @@ def service_client(settings: Settings, bus: Bus, readable_dirs: Sequence[str] = 
     (`runbus project --follow`) serves the home without them: its DuckDB settings were fixed when it
     started, and it would refuse every session. (A service a reader started is not a follower: it can
     be stopped, and the next reader starts one that allows them.)"""
-    from projections.client import ServiceClient
-
     dirs = [str(Path(d).resolve()) for d in readable_dirs]
     client = ServiceClient(ServiceAddress.of(settings.home), bus, lambda: start_service(settings, dirs),
                            settings.db_timeout_s, dirs)
@@ -147,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.projection_service")
     parser.add_argument("--follow", action="store_true", help="never exit when idle")
     parser.add_argument("--foreground", action="store_true",
-                        help="say on stdout what it folds; wait RUNBUS_DB_TIMEOUT for the home and exit with "
-                             "status 1 naming the service that keeps it (runbus project --follow)")
+                        help="say on stdout what it folds; wait RUNBUS_DB_TIMEOUT (plus a margin) for the home and "
+                             "exit with status 1 when another service keeps it (runbus project --follow)")
     parser.add_argument("--sql-read-dir", action="append", default=[])
     args = parser.parse_args(argv)
     # the projection holds every run's data: its files (DuckDB's WAL, the locks) are the owner's
@@ -175,16 +177,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_in_foreground(settings: Settings, bus: Bus, service: ProjectionService) -> int:
     """Serve until stopped, printing how far the fold is; 1 when another service keeps the home."""
+    home = _printable(str(settings.home))
     print(f"projector following {_printable(bus.url)} into {_printable(str(settings.db_path))} (Ctrl-C to stop)",
           flush=True)
     threading.Thread(target=_report, args=(service,), daemon=True).start()
-    if not service.run(lock_timeout_s=settings.db_timeout_s):  # another service started meanwhile
-        # (not named by pid: asking it would need projections.client, which imports pandas)
-        print(f"error: another projection service kept {_printable(str(settings.home))} for more than "
-              f"{settings.db_timeout_s:g}s; this one exits", file=sys.stderr, flush=True)
-        return 1
-    print(f"projector stopped at {sum(service.positions().values())} records", flush=True)
-    return 0
+    if serve_as_follower(settings, service):
+        print(f"projector stopped at {sum(service.positions().values())} records", flush=True)
+        return 0
+    if service.stop.is_set():  # Ctrl-C or SIGTERM while it waited for the home
+        print(f"projector stopped before it took {home}", flush=True)
+        return 0
+    # (not named by pid: a service that holds the lock may answer no ping yet)
+    print(f"error: another projection service kept {home} for more than "
+          f"{settings.db_timeout_s + RELEASE_MARGIN_S:g}s; this one exits", file=sys.stderr, flush=True)
+    return 1
+
+
+def serve_as_follower(settings: Settings, service: ProjectionService) -> bool:
+    """Take `settings.home` for `service` (a follower: built with follow=True) and serve until it is
+    stopped; False when it did not get the home (another follower keeps it, or `stop` was set first).
+
+    The follower marks the home first (no service a reader starts takes it from then on), then asks
+    the service a reader started to stop, again while another one holds the home, and waits for the
+    home RUNBUS_DB_TIMEOUT plus RELEASE_MARGIN_S (a stopping service releases it within
+    RUNBUS_DB_TIMEOUT and that margin). Asking only once it is ready leaves no window in which a reader
+    starts a service that wins. Exceptions of the projection propagate."""
+    client = ServiceClient(service.address, service.bus, start=None, timeout_s=settings.db_timeout_s)
+    asked: set[int] = set()
+
+    def stop_a_readers_service() -> None:
+        try:
+            found = client.running()
+            if found is None or found.get("follow"):
+                return  # none, or another follower: that one is not asked to leave
+            stopped = client.stop()
+        except ProjectionBusy:  # a stalled service: the wait for the home bounds this
+            return
+        if stopped is not None and stopped not in asked:
+            asked.add(stopped)
+            print(f"asked the projection service running as pid {stopped} to stop", flush=True)
+
+    try:
+        return service.run(lock_timeout_s=settings.db_timeout_s + RELEASE_MARGIN_S,
+                           while_waiting=stop_a_readers_service)
+    finally:
+        client.close()
 
 
 def _report(service: ProjectionService) -> None:

@@ -29,16 +29,28 @@ from contextlib import contextmanager
 from datetime import datetime
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from subprocess import Popen
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from producers.bus import Bus
 from projections.database import ProjectionBusy
 from projections.errors import error_from_payload
-from projections.query import QUERY_TIMEOUT_S, Query, Statement, check_read_only
-from projections.service import FRAME, HANDSHAKE_S, JSON, ServiceAddress, bound_io, peer_pid, read_key
+from projections.readonly import QUERY_TIMEOUT_S, check_read_only
+from projections.service import (
+    FRAME,
+    HANDSHAKE_S,
+    JSON,
+    ServiceAddress,
+    bound_io,
+    follower_waits,
+    peer_pid,
+    read_key,
+)
 from projections.wire import from_ipc, to_frame
+
+if TYPE_CHECKING:  # pandas is imported on the first answer converted: the service process stops services with this
+    import pandas as pd
+
+    from projections.query import Query, Statement
 
 _POLL_S = 0.05
 _LONGEST_WAIT_S = 365 * 86400.0  # a longer RUNBUS_DB_TIMEOUT ("forever") would overflow poll()
@@ -202,11 +214,18 @@ class ServiceClient:
         return self._call({"op": "ping"}, self._open_s)
 
     def _call(self, request: dict[str, Any], bound_s: float | None) -> dict[str, Any]:
-        conn = self._open(request, answered=False)
-        try:
-            answer = self._receive(conn, bound_s, f"a {request['op']} request")
-        finally:
-            conn.close()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            conn = self._open(request, answered=False)
+            try:
+                answer = self._receive(conn, bound_s, f"a {request['op']} request")
+                break
+            except EOFError:  # a stopping service drops what it did not begin: ask the next one
+                if time.monotonic() > deadline:
+                    raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
+                                         f"a {request['op']} request (see {self.address.log})") from None
+            finally:
+                conn.close()
         if answer[:1] != JSON:
             raise RuntimeError(f"the projection service answered {answer[:40]!r} to {request['op']}")
         found = json.loads(answer[1:])
@@ -246,11 +265,12 @@ class ServiceClient:
                 self._keep(conn)
                 raise _error(answer)
             except _GONE:
-                # no service, a dead one's socket, or one that is exiting (idle): have one started
+                # no service, a dead one's socket, or one that is exiting (idle): have one started,
+                # unless a follower waits for the home (it would leave the home to it at once)
                 if self.start is None:
                     raise ProjectionBusy(f"no projection service answers for {self.address.home} "
                                          f"(socket {self.address.socket})") from None
-                if started is None or started.poll() is not None:
+                if not follower_waits(self.address) and (started is None or started.poll() is not None):
                     started = self.start()
             if time.monotonic() > deadline:
                 raise ProjectionBusy(f"the projection service of {self.address.home} did not answer within "

@@ -62,6 +62,9 @@ _AS_OF_CACHE = 4
 _AS_OF_BUILDS = 1  # past projections built at once: readers asking for others are told to ask again
 _JUDGE_EVERY_S = 1.0
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
+RELEASE_MARGIN_S = 10.0
+"""How much longer than its wait timeout a stopping service may take to release its home (the batch
+in flight, closing the file): a follower waits for the home RUNBUS_DB_TIMEOUT plus this."""
 HANDSHAKE_S = 10.0
 """The longest a client's authentication may take (either side) before the connection is dropped."""
 _BACKLOG = 64  # connections waiting for accept(): readers that arrive together are not refused
@@ -77,6 +80,7 @@ class ServiceAddress:
     key: Path
     lock: Path
     log: Path
+    follower: Path
 
     @classmethod
     def of(cls, home: str | os.PathLike[str]) -> ServiceAddress:
@@ -92,7 +96,23 @@ class ServiceAddress:
             if found.st_uid != os.getuid() or found.st_mode & 0o077 or not folder.is_dir() or folder.is_symlink():
                 raise PermissionError(f"{folder} must be a folder owned by this user and private (0700)")
             sock = folder / (hashlib.sha256(os.fsencode(home)).hexdigest()[:24] + ".sock")
-        return cls(home, sock, home / "projection.key", home / "projection.lock", home / "projection.log")
+        return cls(home, sock, home / "projection.key", home / "projection.lock", home / "projection.log",
+                   home / "projection.follower")
+
+
+def follower_waits(address: ServiceAddress) -> bool:
+    """Whether a follower holds the home's follower mark (a lock it takes before it asks a reader's
+    service to stop, and keeps until it exits): no service a reader starts may take the home then.
+    The mark is a lock, so a follower that was killed holds none."""
+    if not address.follower.exists():
+        return False
+    probe = FileLock(str(address.follower), mode=0o600, thread_local=False)
+    try:
+        probe.acquire(blocking=False)
+    except Timeout:
+        return True
+    probe.release()
+    return False
 
 
 def read_key(path: Path) -> bytes | None:
@@ -318,24 +338,63 @@ class ProjectionService:
 
     # -- lifetime -----------------------------------------------------------------------------
 
-    def run(self, lock_timeout_s: float = 0.0) -> bool:
+    def run(self, lock_timeout_s: float = 0.0, while_waiting: Callable[[], None] | None = None) -> bool:
         """Serve until stopped (`stop`, idle, a `stop` request, or a failure of the projection);
-        False when another service holds this home for longer than `lock_timeout_s`."""
-        lock = FileLock(str(self.address.lock), thread_local=False)
-        try:
-            lock.acquire(timeout=lock_timeout_s)
-        except Timeout:
-            self.ready.set()
+        False when it did not get the home: another service held it for longer than `lock_timeout_s`,
+        `stop` was set meanwhile, or (a service that exits when idle) a follower waits for it.
+
+        A follower (`idle_s` None) takes the home's follower mark first and holds it until it ends
+        (see `follower_waits`), and calls `while_waiting` about every _STOP_CHECK_S while another
+        service holds the home (to ask it to stop). A service that exits when idle leaves the home
+        to a follower that waits, before and after it gets the lock."""
+        with contextlib.ExitStack() as held:
+            try:
+                if not self._take_home(held, time.monotonic() + lock_timeout_s, while_waiting):
+                    return False
+                with open_projection(self.db_path, self.wait_timeout_s, linger_s=0) as con:
+                    self._serve(con)
+                    if self._failure is not None:
+                        raise self._failure  # damage: open_projection moves the file aside
+                return True
+            finally:
+                self.ready.set()
+
+    def _take_home(self, held: contextlib.ExitStack, deadline: float,
+                   while_waiting: Callable[[], None] | None) -> bool:
+        """Take the home's locks (released by `held`); False when this service must not serve it."""
+        follower = self.idle_s is None
+        if follower:
+            mark = FileLock(str(self.address.follower), mode=0o600, thread_local=False)
+            if not self._acquire(mark, deadline, None):
+                return False
+            held.callback(mark.release)
+        elif follower_waits(self.address):
             return False
+        lock = FileLock(str(self.address.lock), thread_local=False)
+        if not self._acquire(lock, deadline, while_waiting if follower else None):
+            return False
+        held.callback(lock.release)
+        # one that took the lock just before a follower took its mark leaves the home to it
+        return follower or not follower_waits(self.address)
+
+    def _acquire(self, lock: FileLock, deadline: float, while_waiting: Callable[[], None] | None) -> bool:
+        """`lock`, waiting until `deadline` at most; False when that passed, `stop` was set, or (a
+        service that exits when idle) a follower came to wait for the home meanwhile."""
+        last = [-float("inf")]
+
+        def give_up() -> bool:  # filelock asks between its attempts
+            if self.stop.is_set() or (self.idle_s is not None and follower_waits(self.address)):
+                return True
+            if while_waiting is not None and time.monotonic() - last[0] >= _STOP_CHECK_S:
+                last[0] = time.monotonic()
+                while_waiting()
+            return False
+
         try:
-            with open_projection(self.db_path, self.wait_timeout_s, linger_s=0) as con:
-                self._serve(con)
-                if self._failure is not None:
-                    raise self._failure  # damage: open_projection moves the file aside
-            return True
-        finally:
-            self.ready.set()
-            lock.release()
+            lock.acquire(timeout=max(0.0, deadline - time.monotonic()), cancel_check=give_up)
+        except Timeout:
+            return False
+        return True
 
     def _serve(self, con: duckdb.DuckDBPyConnection) -> None:
         self._con = con
@@ -366,12 +425,15 @@ class ProjectionService:
             self.stop.set()
             self._close_listener()
             self.fold_gate.set()
-            with self._progress:  # sessions under way finish before the file is closed (bounded)
+            # sessions under way and past projections being built end before the file is closed,
+            # together within wait_timeout_s (a follower waits that plus RELEASE_MARGIN_S for the home)
+            released_by = time.monotonic() + self.wait_timeout_s
+            with self._progress:
                 self._progress.wait_for(lambda: self._active == 0, timeout=self.wait_timeout_s)
             with self._fold_lock:  # the folding thread is done with the connection
                 pass
             if self._past is not None:
-                self._past.drain(self.wait_timeout_s)
+                self._past.drain(max(0.0, released_by - time.monotonic()))
 
     def pause_folding(self) -> None:
         """Stop folding once the batch in flight is committed (tests); `fold_gate.set()` resumes."""
@@ -432,7 +494,7 @@ class ProjectionService:
         except Exception as exc:  # a timeout (BlockingIOError), EOF, a wrong digest or a garbled message
             if not self.stop.is_set():  # else: the connection that wakes accept() at shutdown
                 _log.warning("runbus: a client of the projection service was dropped during its handshake "
-                             "(%s: %s)", type(exc).__name__, _first_line(exc))
+                             "(%s: %s)", type(exc).__name__, first_line(exc))
             return False
         return True
 
@@ -514,13 +576,13 @@ class ProjectionService:
             while True:
                 if self._failure is not None:
                     raise ProjectionBusy(f"the projection service of {self.address.home} stopped: "
-                                         f"{_first_line(self._failure)}")
+                                         f"{first_line(self._failure)}")
+                behind = sum(max(0, end - self._positions.get(p, 0)) for p, end in wanted.items())
+                if behind == 0:  # answered even while stopping: sessions under way end before the file closes
+                    return
                 if self.stop.is_set():
                     raise ProjectionBusy(f"the projection service of {self.address.home} is stopping: ask again "
                                          f"(a reader has a new one started; a follower takes over)")
-                behind = sum(max(0, end - self._positions.get(p, 0)) for p, end in wanted.items())
-                if behind == 0:
-                    return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ProjectionBusy(
@@ -549,6 +611,8 @@ class ProjectionService:
                     message = conn.recv_bytes()
                 except (EOFError, OSError):
                     return  # the client went away
+                if self.stop.is_set():
+                    return  # unanswered: the client takes it as a service gone and asks the next one
                 self._touch(+1)
                 try:
                     if not self._handle(conn, json.loads(message)):
@@ -673,7 +737,8 @@ def _timeout(value: Any) -> float | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (DuckDB's carry hints below), or its class name when it says nothing."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 

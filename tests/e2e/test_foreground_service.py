@@ -1,0 +1,67 @@
+"""The projection service in the foreground (what `runbus project --follow` becomes): Ctrl-C or SIGTERM
+ends it while it waits for the home."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.api import close_session, session
+from engine.projection_service import service_command
+from projections.client import ServiceClient
+from projections.service import ServiceAddress
+from tests.support.polling import line_within, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNBUS = str(Path(sys.executable).parent / "runbus")
+
+
+@pytest.fixture
+def service_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("RUNBUS_PROJECTION", "service")
+    close_session()
+    yield home
+
+
+def _serving_pid() -> int | None:
+    svc = session().services
+    found = ServiceClient(ServiceAddress.of(svc.settings.home), svc.bus, start=None, timeout_s=30).running()
+    return None if found is None else int(found["pid"])
+
+
+def _end(process: subprocess.Popen[str]) -> tuple[str, str]:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_follower_waiting_for_the_home_ends_at_once_on_a_signal(service_home: Path, signum: int) -> None:
+    first = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _serving_pid() == first.pid or first.poll() is not None, "the first follower serves")
+        assert first.poll() is None, first.communicate()
+        # a second follower started without the command line's check waits for the home, for as long
+        # as RUNBUS_DB_TIMEOUT says: far longer than this test waits for it to exit on the signal
+        second = subprocess.Popen(service_command("--follow", "--foreground"), cwd=ROOT,
+                                  env={**os.environ, "RUNBUS_DB_TIMEOUT": "3600"}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert "projector following" in line_within(second.stdout, "the second follower starts")  # type: ignore[arg-type]
+            second.send_signal(signum)
+            out, err = second.communicate(timeout=60)  # the test's deadline: it must end by itself
+        finally:
+            _end(second)
+        assert second.returncode == 0, err
+        assert "stopped before it took" in out, out
+        assert err == "", err
+        assert _serving_pid() == first.pid  # the first one serves on
+    finally:
+        _end(first)
