@@ -33,6 +33,7 @@ from projections.service import (
     RELEASE_MARGIN_S,
     ProjectionService,
     ServiceAddress,
+    first_line,
     readable_dirs_refused,
 )
 
@@ -169,19 +170,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.foreground:
             return _serve_in_foreground(settings, bus, service)
-        service.run(lock_timeout_s=LOCK_WAIT_S)
+        try:
+            service.run(lock_timeout_s=LOCK_WAIT_S)
+        except Exception as exc:  # one line in the home's projection.log, as in the foreground
+            print(_stopped(settings, exc), file=sys.stderr, flush=True)
+            return 1
     finally:
         bus.close()
     return 0
 
 
 def _serve_in_foreground(settings: Settings, bus: Bus, service: ProjectionService) -> int:
-    """Serve until stopped, printing how far the fold is; 1 when another service keeps the home."""
+    """Serve until stopped, printing how far the fold is; 1 (and one line on stderr naming the
+    cause) when another service keeps the home or the projection fails."""
     home = _printable(str(settings.home))
     print(f"projector following {_printable(bus.url)} into {_printable(str(settings.db_path))} (Ctrl-C to stop)",
           flush=True)
     threading.Thread(target=_report, args=(service,), daemon=True).start()
-    if serve_as_follower(settings, service):
+    try:
+        served = serve_as_follower(settings, service)
+    except Exception as exc:  # the fold (or opening the file) failed: the service has ended
+        print(_stopped(settings, exc), file=sys.stderr, flush=True)
+        return 1
+    if served:
         print(f"projector stopped at {sum(service.positions().values())} records", flush=True)
         return 0
     if service.stop.is_set():  # Ctrl-C or SIGTERM while it waited for the home
@@ -222,6 +233,11 @@ def serve_as_follower(settings: Settings, service: ProjectionService) -> bool:
                            while_waiting=stop_a_readers_service)
     finally:
         client.close()
+
+
+def _stopped(settings: Settings, exc: BaseException) -> str:
+    """The one line that says why the service of `settings.home` ended (a failure of its projection)."""
+    return f"error: the projection service of {_printable(str(settings.home))} stopped: {_printable(first_line(exc))}"
 
 
 def _report(service: ProjectionService) -> None:

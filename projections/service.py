@@ -551,8 +551,7 @@ class ProjectionService:
                         judged = time.monotonic()
                     if judge:
                         self._publish(self._projector.positions())
-        except BaseException as exc:  # readers are told, the service ends
-            _log.error("runbus: the projection service stopped folding: %s", exc)
+        except BaseException as exc:  # readers are told, the service ends and `run` raises it
             self._fail(exc)
 
     def _publish(self, positions: dict[int, int]) -> None:

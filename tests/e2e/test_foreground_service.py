@@ -1,5 +1,6 @@
 """The projection service in the foreground (what `runbus project --follow` becomes): Ctrl-C or SIGTERM
-ends it while it waits for the home."""
+ends it while it waits for the home, and a failure of the projection ends it with one line naming
+the cause and a non-zero status, as the command line says errors."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from engine import NewRun, new_function
 from engine.api import close_session, session
 from engine.projection_service import service_command
 from projections.client import ServiceClient
@@ -65,3 +68,47 @@ def test_a_follower_waiting_for_the_home_ends_at_once_on_a_signal(service_home: 
         assert _serving_pid() == first.pid  # the first one serves on
     finally:
         _end(first)
+
+
+_FAILING = """
+import duckdb
+
+from projections.user import UserProjection
+
+
+class Failing(UserProjection):
+    name = "failing"
+
+    def create(self, con):
+        pass
+
+    def drop(self, con):
+        pass
+
+    def apply(self, con, events):
+        raise duckdb.IOException("the disk under the projection went away\\nand a hint below")
+"""
+
+
+def _hi(context):
+    context.log_result("word", "hi")
+
+
+def test_a_failing_projection_ends_the_follower_with_one_line_naming_the_cause(service_home: Path,
+                                                                              tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "failing_projection.py").write_text(textwrap.dedent(_FAILING))
+    new_function().run(NewRun(handler=_hi, name="folded"))
+    env = {**os.environ, "RUNBUS_PROJECTIONS": "failing_projection:Failing",
+           "PYTHONPATH": os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = follower.communicate(timeout=120)  # the test's deadline: the failure ends it
+    finally:
+        _end(follower)
+    assert follower.returncode == 1, (out, err)
+    assert err.strip().splitlines() == [
+        f"error: the projection service of {service_home.resolve()} stopped: "
+        "the disk under the projection went away"], err
