@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 from engine.settings import Settings, load_settings
+from engine.terminal import neutral
 from producers.bus import Bus
 from producers.spill import make_private_folder
 from projections.client import ServiceClient
@@ -183,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve_in_foreground(settings: Settings, bus: Bus, service: ProjectionService) -> int:
     """Serve until stopped, printing how far the fold is; 1 (and one line on stderr naming the
     cause) when another service keeps the home or the projection fails."""
-    home = _printable(str(settings.home))
-    print(f"projector following {_printable(bus.url)} into {_printable(str(settings.db_path))} (Ctrl-C to stop)",
-          flush=True)
+    home = neutral(str(settings.home), one_line=True)
+    print(f"projector following {neutral(bus.url, one_line=True)} into "
+          f"{neutral(str(settings.db_path), one_line=True)} (Ctrl-C to stop)", flush=True)
     threading.Thread(target=_report, args=(service,), daemon=True).start()
     try:
         served = serve_as_follower(settings, service)
@@ -237,7 +238,8 @@ def serve_as_follower(settings: Settings, service: ProjectionService) -> bool:
 
 def _stopped(settings: Settings, exc: BaseException) -> str:
     """The one line that says why the service of `settings.home` ended (a failure of its projection)."""
-    return f"error: the projection service of {_printable(str(settings.home))} stopped: {_printable(first_line(exc))}"
+    return (f"error: the projection service of {neutral(str(settings.home), one_line=True)} stopped: "
+            f"{neutral(first_line(exc), one_line=True)}")
 
 
 def _report(service: ProjectionService) -> None:
@@ -248,11 +250,6 @@ def _report(service: ProjectionService) -> None:
         if folded != last and (time.monotonic() - last_time > 2 or last < 0):
             print(f"projector: at {folded} records", flush=True)
             last_time, last = time.monotonic(), folded
-
-
-def _printable(text: str) -> str:
-    """`text` with control characters escaped (a path is the user's, a terminal is not)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":
