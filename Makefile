@@ -15,6 +15,12 @@ KAFKA_PORT      ?= 9092
 TEST_KAFKA_PORT ?= 19092
 TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19093 \
                    RUNBUS_KAFKA_STATE=$(CURDIR)/kafka/.state-test
+# The secured test broker (tests/secure_kafka_support.py): one for the whole run, shared by every
+# pytest-xdist worker, booted beside the plain one (a test process started without it boots its own).
+TEST_SECURE_PORT  ?= 19096
+TEST_SECURE_STATE := $(CURDIR)/kafka/.state-test-secure
+TEST_SECURE_ENV   := RUNBUS_KAFKA_SECURE=1 RUNBUS_KAFKA_PORT=$(TEST_SECURE_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19097 \
+                     RUNBUS_KAFKA_STATE=$(TEST_SECURE_STATE)
 PYTEST_ARGS     ?=
 # Test processes (pytest-xdist): most tests wait on subprocesses and brokers, so more than the cores.
 # --dist loadgroup: a module's tests that share a costly session/module fixture (a secured broker,
@@ -23,7 +29,7 @@ PYTEST_WORKERS  ?= 3
 PYTEST_XDIST    := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 BENCH_ARGS      ?=
 
-.PHONY: install demo test lint browser bench kafka-up kafka-down kafka-logs clean
+.PHONY: install demo test test-brokers-down lint browser bench kafka-up kafka-down kafka-logs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,15 +50,24 @@ lint: install
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
-# The test broker boots in the background while the venv installs; the second `up` waits for it
-# (kafka.sh holds its state folder's lock while starting) and says why when it did not start.
+# The test brokers boot in the background while the venv installs; the second `up` waits for the
+# plain one (kafka.sh holds its state folder's lock while starting) and says why when it did not
+# start. The secured one may still be booting when the tests start: its tests wait for it the same
+# way (most run late: tests/conftest.py starts the slow folders first).
 test:
-	@mkdir -p kafka/.state-test && ($(TEST_KAFKA_ENV) bash kafka/kafka.sh up >kafka/.state-test/up.log 2>&1 &)
-	@$(MAKE) --no-print-directory install lint browser || { $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit 1; }
+	@mkdir -p kafka/.state-test $(TEST_SECURE_STATE)
+	@($(TEST_KAFKA_ENV) bash kafka/kafka.sh up >kafka/.state-test/up.log 2>&1 &)
+	@($(TEST_SECURE_ENV) bash kafka/kafka.sh up >$(TEST_SECURE_STATE)/up.log 2>&1 &)
+	@$(MAKE) --no-print-directory install lint browser || { $(MAKE) --no-print-directory test-brokers-down; exit 1; }
 	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up || echo "make test: the Kafka broker did not start; Kafka tests will fail"
 	@$(TEST_KAFKA_ENV) RUNBUS_REQUIRE_KAFKA=1 RUNBUS_TEST_KAFKA=127.0.0.1:$(TEST_KAFKA_PORT) \
+	  RUNBUS_TEST_KAFKA_SECURE=127.0.0.1:$(TEST_SECURE_PORT) RUNBUS_TEST_KAFKA_SECURE_STATE=$(TEST_SECURE_STATE) \
 	  $(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS); \
-	  status=$$?; $(TEST_KAFKA_ENV) bash kafka/kafka.sh down; exit $$status
+	  status=$$?; $(MAKE) --no-print-directory test-brokers-down; exit $$status
+
+test-brokers-down:
+	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh down
+	@$(TEST_SECURE_ENV) bash kafka/kafka.sh down
 
 bench: install
 	@$(TEST_KAFKA_ENV) bash kafka/kafka.sh up

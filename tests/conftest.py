@@ -9,6 +9,7 @@ for the service with `@pytest.mark.projection("service")`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,17 +31,29 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Fixtures too costly to set up in every pytest-xdist worker (Makefile: --dist loadgroup): the tests
-# using one run in a single worker. The secured broker is one per session; a browser, and test_ui's
-# seeded UI, one per module.
+# using one run in a single worker. The secured broker is one per session (unless `make test` shares
+# one with every worker: RUNBUS_TEST_KAFKA_SECURE); a browser, and test_ui's seeded UI, one per module.
 SESSION_GROUPS = {"broker": "kafka-secure"}
 MODULE_GROUPED_FIXTURES = {"browser", "ui"}
+# The order in which the folders' tests are handed to the workers: the slow ones first (Hypothesis
+# machines, many processes, brokers), so that the many short unit tests fill the end of the run
+# instead of a minute-long test starting last while the other workers have nothing left to do.
+FOLDER_ORDER = ("property", "e2e", "hostile", "integration", "compat", "contract", "unit")
+
+
+def _folder_rank(item: pytest.Item) -> int:
+    parts = Path(str(item.path)).parts
+    folder = parts[parts.index("tests") + 1] if "tests" in parts[:-1] else ""
+    return FOLDER_ORDER.index(folder) if folder in FOLDER_ORDER else len(FOLDER_ORDER)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_folder_rank)  # stable: each folder keeps its own order
+    session_groups = {} if os.environ.get("RUNBUS_TEST_KAFKA_SECURE") else SESSION_GROUPS
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        groups = [group for fixture, group in SESSION_GROUPS.items() if fixture in names]
+        groups = [group for fixture, group in session_groups.items() if fixture in names]
         if not groups and names & MODULE_GROUPED_FIXTURES:
             groups = [item.nodeid.split("::")[0]]
         for group in groups[:1]:

@@ -5,13 +5,16 @@ tests/conftest.py registers this module as a plugin, so any test can request `ka
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,8 +24,9 @@ KAFKA_SH = REPO / "kafka" / "kafka.sh"
 _START_TIMEOUT_S = 240
 
 
-def _broker_answers(bootstrap: str) -> str | None:
-    """None if a broker at `bootstrap` answers a metadata request, else why not."""
+def _broker_answers(bootstrap: str, **config: Any) -> str | None:
+    """None if a broker at `bootstrap` answers a metadata request (a client with kafka-python's
+    `config`), else why not."""
     from kafka.admin import KafkaAdminClient
     from kafka.net.compat import KafkaNetClient
 
@@ -34,7 +38,7 @@ def _broker_answers(bootstrap: str) -> str | None:
 
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), bootstrap_timeout_ms=3000,
-                                 request_timeout_ms=3000, kafka_client=net_client)
+                                 request_timeout_ms=3000, kafka_client=net_client, **config)
     except Exception as exc:
         for client in made:  # kafka-python leaves the IO thread running when bootstrap fails
             client.close()
@@ -147,6 +151,40 @@ def start_own_broker(state: Path, *, secure: bool = False) -> Iterator[OwnBroker
         yield broker
     finally:
         _stop(broker)
+
+
+def wait_for_shared_broker(bootstrap: str, state: Path, what: str,
+                           config: Callable[[], dict[str, Any]] | None = None,
+                           timeout_s: float = _START_TIMEOUT_S) -> None:
+    """Return once the broker another process started for the whole run (`make test`) with its
+    state folder `state` is started and answers a metadata request (`config()`: the client
+    settings, asked on each try: they are written while it starts). Started: no kafka.sh holds the
+    state folder's lock (an `up` adds the users' ACLs after the broker answers). Fails, or skips
+    unless RUNBUS_REQUIRE_KAFKA=1, after `timeout_s`, naming `what` and the last reason."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _wait_unlocked(state / ".lock")
+            settings = config() if config else {}
+        except Exception as exc:  # still starting: the lock held, its credentials not written yet
+            problem = str(exc)
+        else:
+            problem = _broker_answers(bootstrap, **settings)
+        if problem is None:
+            return
+        if time.monotonic() > deadline:
+            message = f"{what} at {bootstrap} does not answer after {timeout_s:g}s: {problem}"
+            if os.environ.get("RUNBUS_REQUIRE_KAFKA") == "1":
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+        time.sleep(0.5)
+
+
+def _wait_unlocked(lock: Path) -> None:
+    """Take and release kafka.sh's lock file `lock` (BlockingIOError while another holds it)."""
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def _stop(broker: OwnBroker) -> None:

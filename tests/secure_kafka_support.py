@@ -1,5 +1,8 @@
-"""The secured test broker: `KAFKA_SECURE=1`'s broker (kafka/kafka.sh), started by the tests on ports
-of their own, once per session (per pytest-xdist worker that runs them), and stopped after.
+"""The secured test broker: `KAFKA_SECURE=1`'s broker (kafka/kafka.sh). `make test` boots one for the
+whole run, shared by every pytest-xdist worker (RUNBUS_TEST_KAFKA_SECURE=host:port and
+RUNBUS_TEST_KAFKA_SECURE_STATE=its state folder; the tests wait for it if it is still starting and
+leave it running). Without those, the tests start one on ports of their own, once per session (per
+worker that runs them), and stop it after.
 
 SASL_SSL, SCRAM users admin (super user), writer (may write topics runbus*, not read them), reader
 (may read them, not write) and runner (both), a CA made for it. Fails, not skips, when RUNBUS_REQUIRE_KAFKA=1 and it
@@ -8,6 +11,7 @@ cannot start.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from producers.bus.kafka_security import KafkaSecurity, Secret
-from tests.kafka_support import own_state, start_own_broker
+from tests.kafka_support import own_state, start_own_broker, wait_for_shared_broker
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,16 @@ class SecureBroker:
 
 
 def start_secure_broker() -> Iterator[SecureBroker]:
-    """Start the secured broker (fresh storage in kafka/.state-test/secure[-<worker>]), yield it, stop it."""
+    """The shared secured broker once it answers (see the module docstring); else start one (fresh
+    storage in kafka/.state-test/secure[-<worker>]), yield it, stop it."""
+    shared = os.environ.get("RUNBUS_TEST_KAFKA_SECURE")
+    if shared:
+        state = Path(os.environ["RUNBUS_TEST_KAFKA_SECURE_STATE"])
+        broker = SecureBroker(shared, state / "secure")
+        wait_for_shared_broker(shared, state, "the shared secured Kafka broker (RUNBUS_TEST_KAFKA_SECURE)",
+                               lambda: broker.security("admin").client_config())
+        yield broker
+        return
     started = start_own_broker(own_state("secure"), secure=True)
     broker = next(started)
     try:
