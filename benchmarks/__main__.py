@@ -22,9 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import children, log_metric, mlflow_env, pipeline, query, report, sweep
+from benchmarks import mlflow_env, phases, report
 from benchmarks.common import RESULTS, ROOT, Outcome, Sizes
 from benchmarks.profiling import profiled
+
+# The workload modules are imported when run, not here: a process spawned by a workload (a producer,
+# a builder) imports this module again, and should load what it runs, not every workload's imports.
 
 GROUPS = ("log_metric", "children", "query", "pipeline", "sweep")
 ALIASES = {"e2e": "pipeline", "rebuild": "pipeline", "rss": "pipeline", "child_runs": "children"}
@@ -79,10 +82,12 @@ def selected(only: str) -> list[str]:
 
 
 def runners(sizes: Sizes, kafka: str | None) -> dict[str, Callable[[], Outcome]]:
+    from benchmarks import children, log_metric, pipeline, query, sweep
+
     return {
         "log_metric": lambda: log_metric.run(sizes.log_metric_points, sizes.log_metric_chunk, sizes.repeat),
         "children": lambda: children.run(sizes.children, sizes.repeat),
-        "query": lambda: query.run(sizes.query_runs, sizes.queries),
+        "query": lambda: query.run(sizes.query_runs, sizes.queries, sizes.query_builders),
         "pipeline": lambda: pipeline.run(sizes.events, sizes.producers, sizes.e2e_repeat, kafka),
         "sweep": lambda: sweep.run(sizes.sweep_iterations, sizes.repeat),
     }
@@ -124,6 +129,8 @@ def mlflow_figures(groups: list[str], sizes: Sizes, skip: bool) -> tuple[mlflow_
         "only": wanted, "points": sizes.log_metric_points, "chunk": sizes.log_metric_chunk,
         "batch": sizes.mlflow_batch, "children": sizes.children, "query_runs": list(sizes.mlflow_query_runs),
         "queries": sizes.queries, "repeat": sizes.repeat})
+    for name, seconds in found.phases.items():
+        phases.add(name, seconds)
     if found.figures:
         print("  " + ", ".join(f"{k}={v:,.4g}" for k, v in found.figures.items()), flush=True)
     return found, time.perf_counter() - began
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"runbus: {group} ...", flush=True)
         began = time.perf_counter()
         try:
-            with profiled(group):
+            with phases.group(group), profiled(group):
                 outcome = runner()
         except Exception as exc:
             traceback.print_exc()
@@ -178,12 +185,15 @@ def main(argv: list[str] | None = None) -> None:
     if "pipeline" in groups and not args.kafka:
         notes.append("Kafka figures not measured: give --kafka host:port (or RUNBUS_BENCH_KAFKA)")
 
-    mlflow, walls["mlflow"] = mlflow_figures(groups, sizes, args.no_mlflow)
+    with phases.group("mlflow"):
+        mlflow, walls["mlflow"] = mlflow_figures(groups, sizes, args.no_mlflow)
     notes = mlflow_notes(mlflow, sizes, groups) + notes
     notes.append("Runbus's clock of rows 1 and 2 stops when a second process (get_run_db().sql, through the "
                  "home's projection service) sees every point or run; MLflow/Runbus > 1 means Runbus is ahead")
     wall = time.perf_counter() - started
     notes.append(f"total wall time {wall / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in walls.items())})")
+    breakdown = phases.breakdown()
+    print("where the wall time went:\n  " + "\n  ".join(breakdown), flush=True)
 
     header = report.Header(cpu_model(), os.cpu_count() or 0, platform.platform(), sys.version.split()[0], when,
                            _git(), f"MLflow {mlflow.version}" if mlflow.version else f"MLflow not measured "
@@ -193,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     report.print_table(cells, header, notes, args.quick)
     report.write(RESULTS, {
         "header": dataclasses.asdict(header), "args": vars(args), "sizes": dataclasses.asdict(sizes),
-        "wall_s": wall, "wall_s_per_group": walls, "figures": figures,
+        "wall_s": wall, "wall_s_per_group": walls, "wall_breakdown": breakdown,
+        "wall_phases": {name: {"wall_s": spent.wall_s, "cpu_s": spent.cpu_s, "phases": dict(spent.phases)}
+                        for name, spent in phases.walls().items()},
+        "figures": figures,
         "mlflow": dataclasses.asdict(mlflow), "rows": cells, "notes": notes, "details": details,
     }, report.markdown(cells, header, notes, args.quick))
     print(f"written: {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from benchmarks.common import Outcome, fresh_home, median
 from benchmarks.observer import Observer
+from benchmarks.phases import phase
 from engine import NewRun, new_function
 from engine.api import close_session, session
 
@@ -37,9 +38,11 @@ def hyperparams(children: int) -> dict[str, list[Any]]:
 
 def measure_once(children: int) -> float:
     """Milliseconds per child run, from run() until another process sees every child."""
-    fresh_home()
-    session()  # build the bus and writer before the clock starts
-    with Observer() as observer:
+    with phase("set-up: fresh home, bus, observer"):
+        fresh_home()
+        session()  # build the bus and writer before the clock starts
+        observer = Observer()
+    with observer, phase("timed"):
         began = time.perf_counter()
         run = new_function().run(NewRun(handler=child, name="bench-children"), hyperparams=hyperparams(children),
                                  strategy="list", selector="max.accuracy", quiet=True)
@@ -47,7 +50,8 @@ def measure_once(children: int) -> float:
             raise RuntimeError(f"sweep ended {run.state}: {run.error}")
         observer.wait_for(VISIBLE, [run.uid], children)
         elapsed = time.perf_counter() - began
-    close_session()
+    with phase("tear-down"):
+        close_session()
     return elapsed * 1000 / children
 
 

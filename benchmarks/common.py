@@ -36,6 +36,7 @@ class Sizes:
     query_runs: tuple[int, ...] = (1_000, 10_000, 100_000)
     mlflow_query_runs: tuple[int, ...] = (1_000,)  # an MLflow run costs ~15 ms to build: 10k take minutes
     queries: int = 21
+    query_builders: int = 2  # processes writing the query workload's runs (not timed)
     events: int = 1_000_000
     producers: int = 4
     sweep_iterations: int = 1_000

@@ -15,6 +15,7 @@ from typing import Any
 
 from benchmarks.common import Outcome, fresh_home, median
 from benchmarks.observer import Observer
+from benchmarks.phases import phase
 from engine import NewRun, new_function
 from engine.api import close_session, session
 
@@ -23,11 +24,13 @@ VISIBLE = "SELECT count(*) FROM metrics WHERE uid = ? AND key = 'loss'"
 
 def measure_once(points: int, chunk: int) -> tuple[float, float]:
     """(median us per call in the job's thread, us per point until another process sees them all)."""
-    fresh_home()
-    session()  # build the bus and writer before the clock starts
+    with phase("set-up: fresh home, bus, observer"):
+        fresh_home()
+        session()  # build the bus and writer before the clock starts
+        observer = Observer()
     chunks: list[float] = []
     queryable: list[float] = []
-    with Observer() as observer:
+    with observer, phase("the run (timed inside)"):
 
         def job(context: Any) -> None:
             writer = session().services.writer
@@ -44,7 +47,8 @@ def measure_once(points: int, chunk: int) -> tuple[float, float]:
         run = new_function().run(NewRun(handler=job, name="bench-log-metric"))
     if run.state != "completed":
         raise RuntimeError(f"log_metric job ended {run.state}: {run.error}")
-    close_session()
+    with phase("tear-down"):
+        close_session()
     return median(chunks), queryable[0]
 
 

@@ -30,6 +30,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 _FOLDERS: list[Path] = []
+# Wall seconds of the work that no figure times (reported with the figures, for the breakdown)
+_SPENT: dict[str, float] = {}
+
+
+@contextmanager
+def spent(name: str) -> Iterator[None]:
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        _SPENT[name] = _SPENT.get(name, 0.0) + time.perf_counter() - began
 FILTER = "params.p1 = '3' and metrics.accuracy > 0.5"
 ORDER_BY = ["metrics.loss ASC"]
 _POLL_S = 0.005
@@ -97,10 +108,11 @@ _OBSERVER: list[Observer] = []
 @contextmanager
 def observed(name: str) -> Iterator[tuple[str, Observer]]:
     """A fresh store (its experiment id) and the observer, warm on it."""
-    experiment = use_store(name)
-    if not _OBSERVER:
-        _OBSERVER.append(Observer())
-    _OBSERVER[0].watch()
+    with spent("set-up: fresh store, observer"):
+        experiment = use_store(name)
+        if not _OBSERVER:
+            _OBSERVER.append(Observer())
+        _OBSERVER[0].watch()
     yield experiment, _OBSERVER[0]
 
 
@@ -218,7 +230,8 @@ def query(sizes: list[int], queries: int) -> dict[str, float]:
         built, build_s = 0, 0.0
         for size in sorted(sizes):
             began = time.perf_counter()
-            build_runs(client, experiment, built, size - built)
+            with spent("build the query runs"):
+                build_runs(client, experiment, built, size - built)
             build_s += time.perf_counter() - began
             built = size
             answer = observer.ask({"op": "search", "experiment": experiment, "queries": queries})
@@ -233,6 +246,7 @@ def _median_of(repeat: int, measure: Callable[[], dict[str, float]]) -> dict[str
 
 
 def main() -> None:
+    began = time.perf_counter()
     config: dict[str, Any] = json.loads(sys.argv[1])
     quiet()
     only = set(config["only"])
@@ -246,7 +260,8 @@ def main() -> None:
             "child_run_ms": children_fluent(count), "child_run_batch_ms": children_batch(count)}))
     if "query" in only and config["query_runs"]:
         figures.update(query(config["query_runs"], config["queries"]))
-    print(json.dumps({"version": mlflow.__version__, "figures": figures}), flush=True)
+    print(json.dumps({"version": mlflow.__version__, "figures": figures, "phases": _SPENT,
+                      "main_s": time.perf_counter() - began}), flush=True)
     for observer in _OBSERVER:
         observer.close()
     for folder in _FOLDERS:

@@ -2,8 +2,9 @@
 measured as a user meets it: from a second process, while `runbus ui` and the follower
 (`runbus project --follow`, the home's projection service) run on the same home.
 
-This process writes the runs through the real pipeline (RunContext -> writer -> bus), in steps (1k,
-then 9k more, then 90k more), and waits until the service has folded them. For each size a new
+The runs are written through the real pipeline (RunContext -> writer -> bus) by `builders` processes
+at once (the build is not timed), in steps (1k, then 9k more, then 90k more), and this process waits
+until the service has folded them. For each size a new
 process (`python -m benchmarks.query --measure`) times, through `get_run_db()`:
 
 - the query (`RunDB.sql`), and beside it the same query on a bare DuckDB table holding the same runs
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -37,6 +39,7 @@ import duckdb
 import pandas as pd
 
 from benchmarks.common import ROOT, Outcome, fresh_home, median
+from benchmarks.phases import add, phase
 from engine.bootstrap import Services, bootstrap
 from engine.runspec import RunSpec
 from engine.settings import load_settings
@@ -94,6 +97,23 @@ def produce(svc: Services, first: int, count: int) -> None:
         context.set_label("team", f"t{i % 3}")
         context.finish(flush=False)
     svc.writer.flush()
+
+
+def _produce_share(env: dict[str, str], first: int, count: int) -> None:
+    """`produce` in a builder process, through services of its own on the home and bus of `env`."""
+    os.environ.update(env)
+    svc = bootstrap(load_settings(env))
+    try:
+        produce(svc, first, count)
+    finally:
+        svc.close()
+
+
+def _shares(first: int, count: int, parts: int) -> list[tuple[int, int]]:
+    """(first, count) of each of `parts` consecutive slices of the runs first..first+count-1."""
+    size, extra = divmod(count, parts)
+    starts = [first + i * size + min(i, extra) for i in range(parts)]
+    return [(start, size + (i < extra)) for i, start in enumerate(starts) if size + (i < extra)]
 
 
 # -- the measuring process ---------------------------------------------------------------------
@@ -162,11 +182,14 @@ def time_after_idle(call: Callable[[], Any], pauses: int) -> float:
 
 
 def measure(queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
-    """The figures of one size, in this (reading) process."""
+    """The figures of one size, in this (reading) process (and the seconds it took to build the
+    bare table, which no figure includes)."""
     from engine import get_run_db
 
     db = get_run_db()
+    began = time.perf_counter()
     bare = bare_table(db, scratch / "bare.duckdb")
+    bare_build_s = time.perf_counter() - began
     try:
         figures = time_queries(db, queries, bare)
         if idle_pauses:
@@ -176,6 +199,7 @@ def measure(queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
     finally:
         bare.close()
     figures["load"] = os.getloadavg()[0]
+    figures["bare_build_s"] = bare_build_s
     return figures
 
 
@@ -207,12 +231,14 @@ def _ui_answers(url: str) -> bool:
         return response.status == 200
 
 
-def run(sizes: tuple[int, ...], queries: int) -> Outcome:
+def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
     home = fresh_home()
     env = {**os.environ, "RUNBUS_HOME": str(home), "RUNBUS_PROJECTION": "service",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     svc = bootstrap(load_settings(env))
     client = ServiceClient(ServiceAddress.of(home), svc.bus, start=None, timeout_s=600)
+    # the builders import Runbus while the follower and the UI start (none of it is timed)
+    pool = multiprocessing.get_context("spawn").Pool(builders)
     with (home / "follower.log").open("wb") as log:
         follower = subprocess.Popen([RUNBUS, "project", "--follow"], env=env, stdout=log, stderr=log)
     port = _free_port()
@@ -221,20 +247,24 @@ def run(sizes: tuple[int, ...], queries: int) -> Outcome:
     outcome = Outcome()
     builds: dict[str, dict[str, float]] = {}
     try:
-        _wait(lambda: bool(ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).ping()),
-              "runbus project --follow", follower)
-        _wait(lambda: _ui_answers(f"http://127.0.0.1:{port}"), "runbus ui", ui)
+        with phase("start follower, UI and builders"):
+            _wait(lambda: bool(ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).ping()),
+                  "runbus project --follow", follower)
+            _wait(lambda: _ui_answers(f"http://127.0.0.1:{port}"), "runbus ui", ui)
         built = 0
         for size in sorted(sizes):
-            began = time.perf_counter()
-            produce(svc, built, size - built)
-            produced = time.perf_counter()
-            folded = client.catch_up()
-            projected = time.perf_counter()
+            with phase("build runs"):
+                began = time.perf_counter()
+                pool.starmap(_produce_share, [(env, *share) for share in _shares(built, size - built, builders)])
+                produced = time.perf_counter()
+                folded = client.catch_up()
+                projected = time.perf_counter()
             builds[str(size)] = {"runs_added": size - built, "produce_s": produced - began,
                                  "project_s": projected - produced, "records": folded}
             built = size
-            figures = _measure_in_child(env, queries, IDLE_QUERIES if size == min(sizes) else 0, home, size)
+            with phase("measure in a second process (start-up, bare table)"):
+                figures = _measure_in_child(env, queries, IDLE_QUERIES if size == min(sizes) else 0, home, size)
+            add("build the bare table (in the measuring process)", figures["bare_build_s"])
             outcome.figures[f"query_ms_{size}"] = figures["query"]
             outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]
             outcome.figures[f"query_over_bare_{size}"] = figures["query"] / figures["bare"]
@@ -253,6 +283,8 @@ def run(sizes: tuple[int, ...], queries: int) -> Outcome:
                      f"{figures['bare_idle']:.2f} ms)" if "idle" in figures else ""),
                   flush=True)
     finally:
+        pool.close()
+        pool.join()
         for process in (ui, follower):
             process.terminate()
             try:
@@ -264,8 +296,9 @@ def run(sizes: tuple[int, ...], queries: int) -> Outcome:
     total_s = sum(b["produce_s"] + b["project_s"] for b in builds.values())
     outcome.figures["query_build_ms_per_run"] = total_s * 1000 / max(sizes)
     outcome.details = {"query": " ".join(QUERY.split()), "kv_query": " ".join(KV_QUERY.split()),
-                       "builds": builds, "queries_per_size": queries, "measured_from": "a second process, "
-                       "with `runbus ui` and `runbus project --follow` running on the home",
+                       "builds": builds, "builders": builders, "queries_per_size": queries,
+                       "measured_from": "a second process, with `runbus ui` and `runbus project --follow` "
+                                        "running on the home",
                        "idle": {"pause_s": IDLE_S, "queries": IDLE_QUERIES, "runs": min(sizes)}}
     return outcome
 

@@ -111,7 +111,8 @@ def rows(sizes: Sizes) -> list[Row]:
             ("<=", 5)),
         Row("3", f"query_bare_idle_ms_{smallest}", "  bare DuckDB table after the same pauses", ms,
             f"{smallest:,} runs", 5),
-        Row("3", "query_build_ms_per_run", "building the query runs, per run (produce + fold)", ms,
+        Row("3", "query_build_ms_per_run", f"building the query runs from {sizes.query_builders} processes, per "
+            "run (produce + fold)", ms,
             f"{largest:,} runs", 1),
     ]
     events = f"{sizes.events:,} events"

@@ -29,6 +29,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from benchmarks.common import Outcome, fresh_home, median
+from benchmarks.phases import phase
 from engine import NewRun, new_function
 from engine.api import close_session
 from engine.runtimes.dask import MarkFinished
@@ -78,10 +79,13 @@ def _cluster() -> LocalCluster:
 
 def sweep_vs_map(iterations: int, repeat: int) -> dict[str, Any]:
     """The figures of workload 6 (see the module's docstring) and each pair's times."""
-    fresh_home(prefix="runbus-bench-sweep-")
-    with _cluster() as cluster, Client(cluster) as client:
-        client.gather(client.map(bare, range(WORKERS * 4), pure=False))
-        cold_sweep_s = timed_sweep(cluster.scheduler_address, WORKERS * 4)
+    with phase("set-up: fresh home, cluster"):
+        fresh_home(prefix="runbus-bench-sweep-")
+        cluster = _cluster()
+    with cluster, Client(cluster) as client:
+        with phase("warm-up"):
+            client.gather(client.map(bare, range(WORKERS * 4), pure=False))
+            cold_sweep_s = timed_sweep(cluster.scheduler_address, WORKERS * 4)
         pairs: list[tuple[float, float]] = []
         for index in range(repeat):
             if index % 2 == 0:

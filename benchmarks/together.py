@@ -8,10 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def run_together(target: Callable[..., None], first_args: tuple[Any, ...], events: int, processes: int) -> float:
+def run_together(target: Callable[..., None], first_args: tuple[Any, ...], events: int, processes: int,
+                 meanwhile: Callable[[], None] | None = None) -> float:
     """Spawn `processes` processes running `target(*first_args, share, ready, go)`, the `events`
-    split between them; each puts on `ready` once set up and waits for `go`. Returns the
-    perf_counter() at which they were let go, once all have exited (RuntimeError if one failed)."""
+    split between them; each puts on `ready` once set up and waits for `go`. `meanwhile()`, if
+    given, runs while they start (other set-up, overlapped with theirs; it must not need them).
+    Returns the perf_counter() at which they were let go, once all have exited (RuntimeError if one
+    failed)."""
     spawn = multiprocessing.get_context("spawn")
     ready, go = spawn.Queue(), spawn.Event()
     share, extra = divmod(events, processes)
@@ -19,6 +22,14 @@ def run_together(target: Callable[..., None], first_args: tuple[Any, ...], event
                for i in range(processes)]
     for worker in workers:
         worker.start()
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException:
+            for worker in workers:
+                worker.kill()
+                worker.join()
+            raise
     for _ in workers:
         ready.get(timeout=120)
     began = time.perf_counter()
