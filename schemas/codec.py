@@ -2,10 +2,17 @@
 
 The fingerprint names the writer's schema, so records written by an older schema version are
 resolved against the current (reader) schema and still decode after fields are added.
+
+A bus record holds one event (runbus.Event), a row batch (an array of runbus.Event), or a columnar
+batch (runbus.EventBatch: the fields the events share once, the rest as columns, metric payloads
+as columns of their own). All three decode to the same events; `encode_batch` writes the columnar
+one whenever the events share run, stream, host, pid and schema version (as the background
+writer's batches do), because it is smaller and several times cheaper to decode.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from collections.abc import Iterable
@@ -20,6 +27,7 @@ from schemas.events import RECORD_OF_TYPE, TYPE_OF_RECORD, Event
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
+_SINGLE, _ROWS, _COLUMNS = "single", "rows", "columns"  # the kinds of bus record
 
 
 class DecodeError(ValueError):
@@ -43,7 +51,7 @@ def load_event_schema() -> dict[str, Any]:
     folder = resources.files("schemas") / "avro"
     named: dict[str, Any] = {}
     for entry in folder.iterdir():
-        if entry.name.endswith(".avsc") and entry.name != "runbus.Event.avsc":
+        if entry.name.endswith(".avsc") and entry.name not in ("runbus.Event.avsc", _COLUMNAR_FILE):
             record = json.loads(entry.read_text())
             named[f"{record['namespace']}.{record['name']}"] = record
     envelope = json.loads((folder / "runbus.Event.avsc").read_text())
@@ -77,11 +85,103 @@ def _batch_of(envelope: dict[str, Any]) -> dict[str, Any]:
     return {"type": "array", "items": envelope}
 
 
+_COLUMNAR_FILE = "runbus.EventBatch.avsc"
+_SHARED = ("run_uid", "stream", "host", "pid", "schema_version")
+_METRIC_FIELDS = ("key", "value", "step", "timestamp")
+_METRIC_RECORD = RECORD_OF_TYPE["metric"]
+
+
+def _columnar_of(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a columnar batch record (runbus.EventBatch) whose `payloads` are items of the
+    envelope's payload union."""
+    columnar = json.loads((resources.files("schemas") / "avro" / _COLUMNAR_FILE).read_text())
+    union = next(f["type"] for f in envelope["fields"] if f["name"] == "payload")
+    for column in columnar["fields"]:
+        if column["name"] == "payloads":
+            column["type"] = {"type": "array", "items": copy.deepcopy(union)}
+    return columnar
+
+
+def _columns_of(records: list[dict[str, Any]], envelope_fields: int) -> dict[str, Any] | None:
+    """The records as a columnar batch, or None when they cannot be one exactly: no records, fields
+    they do not share, a payload that is not its type's record, a record or metric payload with
+    other fields than the schema's (the row encoding then refuses or writes them as it always did)."""
+    if not records:
+        return None
+    first = records[0]
+    try:
+        shared = tuple(first[name] for name in _SHARED)
+        run_uid, stream, host, pid, version = shared
+        ids, seqs, types, times = [], [], [], []
+        keys, values, steps, stamps = [], [], [], []
+        payloads = []
+        for record in records:
+            if (len(record) != envelope_fields or record["run_uid"] != run_uid or record["stream"] != stream
+                    or record["host"] != host or record["pid"] != pid or record["schema_version"] != version):
+                return None
+            kind = record["type"]
+            name, payload = record["payload"]
+            if kind == "metric" and name == _METRIC_RECORD:
+                if len(payload) != len(_METRIC_FIELDS):
+                    return None
+                keys.append(payload["key"])
+                values.append(payload["value"])
+                steps.append(payload["step"])
+                stamps.append(payload["timestamp"])
+            elif RECORD_OF_TYPE.get(kind) == name:
+                payloads.append((name, payload))
+            else:
+                return None
+            ids.append(record["event_id"])
+            seqs.append(record["seq"])
+            types.append(kind)
+            times.append(record["ts"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return {"run_uid": run_uid, "stream": stream, "host": host, "pid": pid, "schema_version": version,
+            "event_id": ids, "seq": seqs, "type": types, "ts": times, "metric_key": keys,
+            "metric_value": values, "metric_step": steps, "metric_timestamp": stamps, "payloads": payloads}
+
+
+def _events_of_columns(batch: dict[str, Any]) -> list[Event]:
+    """The events of a decoded columnar batch, in order; DecodeError naming the columns that
+    disagree (untrusted bytes)."""
+    ids, seqs, types, times = batch["event_id"], batch["seq"], batch["type"], batch["ts"]
+    count = len(types)
+    if not len(ids) == len(seqs) == len(times) == count:
+        raise DecodeError(f"columnar batch: event_id, seq, type and ts hold {len(ids)}, {len(seqs)}, {count} "
+                          f"and {len(times)} items, not one per event")
+    keys, values, steps, stamps = (batch["metric_key"], batch["metric_value"], batch["metric_step"],
+                                   batch["metric_timestamp"])
+    metrics = types.count("metric")
+    if not len(keys) == len(values) == len(steps) == len(stamps) == metrics:
+        raise DecodeError(f"columnar batch: {metrics} metric events but metric_key, metric_value, metric_step "
+                          f"and metric_timestamp hold {len(keys)}, {len(values)}, {len(steps)} and {len(stamps)} items")
+    payloads = batch["payloads"]
+    if len(payloads) != count - metrics:
+        raise DecodeError(f"columnar batch: {count - metrics} events other than metrics but payloads holds "
+                          f"{len(payloads)} items")
+    run_uid, stream, host, pid, version = (batch[name] for name in _SHARED)
+    metric_payloads = iter(zip(keys, values, steps, stamps, strict=True))
+    other_payloads = iter(payloads)
+    events = []
+    for event_id, seq, kind, ts in zip(ids, seqs, types, times, strict=True):
+        if kind == "metric":
+            key, value, step, timestamp = next(metric_payloads)
+            payload = {"key": key, "value": value, "step": step, "timestamp": timestamp}
+        else:
+            name, payload = next(other_payloads)
+            if TYPE_OF_RECORD.get(name) != kind:
+                raise DecodeError(f"event type {kind!r} does not match payload {name}")
+        events.append(Event(event_id, run_uid, seq, kind, ts, host, pid, payload, version, stream))
+    return events
+
+
 class EventCodec:
     """Encodes events with `schema` and decodes records written by it or any of `history`.
 
     A bus record holds one event, or (as the background writer sends them) a batch of one run's
-    consecutive events; each kind is tagged with its own schema's fingerprint.
+    consecutive events, as rows or columns; each kind is tagged with its own schema's fingerprint.
     """
 
     def __init__(self, schema: dict[str, Any] | None = None,
@@ -89,15 +189,23 @@ class EventCodec:
         current = schema if schema is not None else load_event_schema()
         self._writer = _prepare(current)
         self._batch_writer = _prepare(_batch_of(current))
-        # fingerprint -> (writer schema, is a batch)
-        self._known: dict[bytes, tuple[Any, bool]] = {
-            self._writer.fingerprint: (self._writer.parsed, False),
-            self._batch_writer.fingerprint: (self._batch_writer.parsed, True)}
+        self._columnar_writer = _prepare(_columnar_of(current))
+        self._envelope_fields = len(current["fields"])
+        # fingerprint -> (writer schema, kind of record, reader schema: None when it is the writer's)
+        self._known: dict[bytes, tuple[Any, str, Any]] = {
+            self._writer.fingerprint: (self._writer.parsed, _SINGLE, None),
+            self._batch_writer.fingerprint: (self._batch_writer.parsed, _ROWS, None),
+            self._columnar_writer.fingerprint: (self._columnar_writer.parsed, _COLUMNS, None)}
         for old in (history if history is not None else load_history()):
-            for prepared, is_batch in ((_prepare(old), False), (_prepare(_batch_of(old)), True)):
-                self._known.setdefault(prepared.fingerprint, (prepared.parsed, is_batch))
+            # an old version's columnar schema too: no writer of versions <= 4 wrote one, but each
+            # version moved to history keeps its columnar records decoding
+            for prepared, kind, reader in ((_prepare(old), _SINGLE, self._writer.parsed),
+                                           (_prepare(_batch_of(old)), _ROWS, self._batch_writer.parsed),
+                                           (_prepare(_columnar_of(old)), _COLUMNS, self._columnar_writer.parsed)):
+                self._known.setdefault(prepared.fingerprint, (prepared.parsed, kind, reader))
         self._header = MAGIC + self._writer.fingerprint
         self._batch_header = MAGIC + self._batch_writer.fingerprint
+        self._columnar_header = MAGIC + self._columnar_writer.fingerprint
 
     @property
     def fingerprint(self) -> bytes:
@@ -144,7 +252,16 @@ class EventCodec:
         return _single_object(self._header, self._writer.parsed, record, f"{record['type']} event")
 
     def encode_batch(self, records: list[dict[str, Any]]) -> bytes:
-        """Encode several records (envelope form, one run's, in seq order) as one bus record."""
+        """Encode several records (envelope form, one run's, in seq order) as one bus record: a
+        columnar batch when they share run, stream, host, pid and schema version, else a row batch."""
+        columns = _columns_of(records, self._envelope_fields)
+        if columns is not None:
+            return _single_object(self._columnar_header, self._columnar_writer.parsed, columns,
+                                  f"a batch of {len(records)} events")
+        return self.encode_rows(records)
+
+    def encode_rows(self, records: list[dict[str, Any]]) -> bytes:
+        """Encode several records (envelope form) as one row batch record (an array of envelopes)."""
         return _single_object(self._batch_header, self._batch_writer.parsed, records,
                               f"a batch of {len(records)} events")
 
@@ -156,17 +273,18 @@ class EventCodec:
         return events[0]
 
     def decode_all(self, data: bytes) -> list[Event]:
-        """The events of a record, single or batch, in order."""
+        """The events of a record, single or batch (rows or columns), in order."""
         if len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object record (bad marker)")
         known = self._known.get(data[2:HEADER_LEN])
         if known is None:
             raise DecodeError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
-        writer, is_batch = known
-        reader = self._batch_writer.parsed if is_batch else self._writer.parsed
+        writer, kind, reader = known
         try:
             decoded = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, reader,
                                                  return_record_name=True)
         except Exception as exc:  # fastavro raises many kinds on corrupt bytes
             raise DecodeError(f"corrupt event record: {exc!r}") from exc
-        return [self.from_record(record) for record in decoded] if is_batch else [self.from_record(decoded)]
+        if kind == _COLUMNS:
+            return _events_of_columns(decoded)
+        return [self.from_record(record) for record in decoded] if kind == _ROWS else [self.from_record(decoded)]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -137,3 +138,72 @@ def test_the_current_schema_is_not_in_history() -> None:
 
     current = EventCodec().fingerprint
     assert all(EventCodec(schema=old, history=[]).fingerprint != current for old in load_history())
+
+
+def _shared(kind: str, seq: int) -> dict:
+    return EventCodec.to_record(Event(f"{seq:032x}", "run-1", seq, kind, 1700000000.5, "host", 42, SAMPLES[kind],
+                                      stream="own"))
+
+
+def test_a_batch_of_one_streams_events_is_written_as_columns_and_decodes_to_the_same_events() -> None:
+    from schemas.codec import HEADER_LEN
+
+    codec = EventCodec()
+    records = [_shared(kind, seq) for seq, kind in enumerate([*sorted(SAMPLES), "metric", "metric"])]
+    columnar, rows = codec.encode_batch(records), codec.encode_rows(records)
+    assert columnar[:HEADER_LEN] != rows[:HEADER_LEN] and len(columnar) < len(rows)
+    assert codec.decode_all(columnar) == codec.decode_all(rows)
+
+
+def test_a_batch_mixing_streams_is_written_as_rows() -> None:
+    codec = EventCodec()
+    records = [_shared("metric", 0), {**_shared("metric", 1), "stream": "other"}]
+    assert codec.encode_batch(records) == codec.encode_rows(records)
+
+
+def test_a_metric_payload_with_a_field_the_schema_lacks_is_refused_as_in_a_row_batch() -> None:
+    codec = EventCodec()
+    bad = _shared("metric", 0)
+    bad["payload"] = ("runbus.MetricLogged", {**SAMPLES["metric"], "unit": "s"})
+    with pytest.raises(ValueError, match="does not match its schema"):
+        codec.encode_batch([_shared("metric", 1), bad])
+
+
+def _columnar(**columns: object) -> bytes:
+    import io
+
+    import fastavro
+
+    from schemas.codec import MAGIC
+
+    codec = EventCodec()
+    datum = {"run_uid": "r", "stream": "s", "host": "h", "pid": 1, "schema_version": 4, "event_id": ["a", "b"],
+             "seq": [0, 1], "type": ["metric", "label"], "ts": [1.0, 2.0], "metric_key": ["k"],
+             "metric_value": [1.0], "metric_step": [None], "metric_timestamp": [1.0],
+             "payloads": [("runbus.LabelSet", {"key": "k", "value": "v"})], **columns}
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, codec._columnar_writer.parsed, datum)
+    return MAGIC + codec._columnar_writer.fingerprint + out.getvalue()
+
+
+def test_a_consistent_hand_made_columnar_record_decodes() -> None:
+    decoded = EventCodec().decode_all(_columnar())
+    assert [(e.type, e.payload) for e in decoded] == [
+        ("metric", {"key": "k", "value": 1.0, "step": None, "timestamp": 1.0}), ("label", {"key": "k", "value": "v"})]
+
+
+@pytest.mark.parametrize(("columns", "named"), [
+    ({"event_id": ["a"]}, "event_id, seq, type and ts hold 1, 2, 2 and 2 items"),
+    ({"seq": [0, 1, 2]}, "event_id, seq, type and ts hold 2, 3, 2 and 2"),
+    ({"ts": []}, "hold 2, 2, 2 and 0 items"),
+    ({"metric_value": []},
+     "1 metric events but metric_key, metric_value, metric_step and metric_timestamp hold 1, 0, 1 and 1"),
+    ({"type": ["metric", "metric"]}, "2 metric events but metric_key"),
+    ({"type": ["label", "label"]}, "0 metric events but metric_key"),
+    ({"payloads": []}, "1 events other than metrics but payloads holds 0 items"),
+    ({"type": ["metric", "param"]}, "event type 'param' does not match payload runbus.LabelSet"),
+    ({"type": ["metric", "bogus"]}, "event type 'bogus' does not match payload runbus.LabelSet"),
+])
+def test_a_columnar_record_whose_columns_disagree_is_a_decode_error_naming_them(columns: dict, named: str) -> None:
+    with pytest.raises(DecodeError, match=re.escape(named)):
+        EventCodec().decode_all(_columnar(**columns))
