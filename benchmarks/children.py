@@ -1,8 +1,9 @@
 """Workload 2: a sweep of N child runs, each with 3 params, 2 results and a label (in-process runtime).
 
-Milliseconds per child from `run()` until a second process (benchmarks.observer, started and warmed
-before the clock) sees every child completed with its results and label; median of `repeat`, each on
-a fresh home. MLflow's side logs the same values the same number of times (benchmarks/mlflow_workload.py).
+Milliseconds per child from `run()` until a second process (benchmarks.observer: one process for the
+workload, warmed on each home before the clock starts) sees every child completed with its results
+and label; median of `repeat`, each on a fresh home. MLflow's side logs the same values the same
+number of times (benchmarks/mlflow_workload.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from benchmarks import observer as observers
 from benchmarks.common import Outcome, fresh_home, median
-from benchmarks.observer import Observer
 from benchmarks.phases import phase
 from engine import NewRun, new_function
 from engine.api import close_session, session
@@ -41,8 +42,8 @@ def measure_once(children: int) -> float:
     with phase("set-up: fresh home, bus, observer"):
         fresh_home()
         session()  # build the bus and writer before the clock starts
-        observer = Observer()
-    with observer, phase("timed"):
+        observer = observers.shared()
+    with phase("timed"):
         began = time.perf_counter()
         run = new_function().run(NewRun(handler=child, name="bench-children"), hyperparams=hyperparams(children),
                                  strategy="list", selector="max.accuracy", quiet=True)
@@ -56,6 +57,9 @@ def measure_once(children: int) -> float:
 
 
 def run(children: int, repeat: int) -> Outcome:
-    samples = [measure_once(children) for _ in range(repeat)]
+    try:
+        samples = [measure_once(children) for _ in range(repeat)]
+    finally:
+        observers.close_shared()
     return Outcome(figures={"child_run_ms": median(samples)},
                    details={"children": children, "repeat": repeat, "samples_ms": samples})

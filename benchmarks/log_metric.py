@@ -3,7 +3,8 @@
 Two figures, each the median of `repeat` measurements on a fresh home:
 - per call in the job's thread: the median over chunks of `chunk` calls of the time per call;
 - per point until queryable from another process: from the first call until a second process
-  (benchmarks.observer, started and warmed before) sees all N points in `metrics`, / N.
+  (benchmarks.observer: one process for the workload, warmed on each home before the clock starts)
+  sees all N points in `metrics`, / N.
 Runbus has one way to log points (`log_metric`; the background writer batches them), so it has one
 row per figure; MLflow has three (one call a point, async with a flush, `log_batch`).
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from benchmarks import observer as observers
 from benchmarks.common import Outcome, fresh_home, median
-from benchmarks.observer import Observer
 from benchmarks.phases import phase
 from engine import NewRun, new_function
 from engine.api import close_session, session
@@ -27,10 +28,10 @@ def measure_once(points: int, chunk: int) -> tuple[float, float]:
     with phase("set-up: fresh home, bus, observer"):
         fresh_home()
         session()  # build the bus and writer before the clock starts
-        observer = Observer()
+        observer = observers.shared()
     chunks: list[float] = []
     queryable: list[float] = []
-    with observer, phase("the run (timed inside)"):
+    with phase("the run (timed inside)"):
 
         def job(context: Any) -> None:
             writer = session().services.writer
@@ -53,7 +54,10 @@ def measure_once(points: int, chunk: int) -> tuple[float, float]:
 
 
 def run(points: int, chunk: int, repeat: int) -> Outcome:
-    samples = [measure_once(points, chunk) for _ in range(repeat)]
+    try:
+        samples = [measure_once(points, chunk) for _ in range(repeat)]
+    finally:
+        observers.close_shared()
     return Outcome(
         figures={"log_metric_thread_us": median(s[0] for s in samples),
                  "log_metric_queryable_us": median(s[1] for s in samples)},

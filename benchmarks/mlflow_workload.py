@@ -249,6 +249,9 @@ def main() -> None:
     began = time.perf_counter()
     config: dict[str, Any] = json.loads(sys.argv[1])
     quiet()
+    with spent("set-up: observer process, empty store (once)"):
+        _OBSERVER.append(Observer())  # imports MLflow while this process migrates the empty store
+        _empty_store()
     only = set(config["only"])
     figures: dict[str, float] = {}
     repeat = int(config["repeat"])
