@@ -32,6 +32,11 @@ from producers.subscription import Subscription
 _EVENTS_GRACE_S = 60.0
 
 
+class BusNotRead(RuntimeError):
+    """After a worker died, the bus could not be read far enough to tell which of its iterations
+    finished: the sweep ends rather than run again one that may have."""
+
+
 @dataclass
 class SweepState:
     """Each requested iteration's params; the finished ones' (state, params, results) and runs; what
@@ -158,6 +163,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
         if outcome_state == "completed":
             best.offer(iteration, results)
     state.pending.reverse()  # the next iteration last (see below)
+    stopped_by: BusNotRead | None = None
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while ((state.pending or again) and not stopping) or inflight:
@@ -203,9 +209,14 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
                         stopping = stopping or (sweep.max_errors is not None and failed >= sweep.max_errors)
                     progress.update(len(state.done) - failed, failed, sum(map(len, inflight.values())),
                                     best.describe())
+    except BusNotRead as exc:
+        stopped_by = exc
     finally:
         pool.close()
     svc.writer.flush()
+    if stopped_by is not None:
+        parent.finish(error=stopped_by)
+        return parent
     if not pool.in_driver:  # in-process iterations cannot outlive the driver
         _settle_lost(svc, watcher)
     return _complete(parent, state, selector, svc)
@@ -228,8 +239,16 @@ def _ended_before_loss(svc: Services, watcher: ChildWatcher, iterations: list[in
                        losses: Counter[int], allowed: int) -> dict[int, IterationOutcome | BaseException]:
     """A task whose worker died: its iterations the bus shows finished (as a resumed sweep decides,
     FINISHED_STATES), with how they ended, and `error` for those whose worker died under them more
-    than `allowed` times; the others (absent) are to run again."""
-    watcher.catch_up(svc.bus.end_offsets(), _EVENTS_GRACE_S)  # the dead worker writes no more
+    than `allowed` times; the others (absent) are to run again. What its worker wrote is on the bus
+    before its end offsets now (the dead worker writes no more): BusNotRead when the bus cannot be
+    read up to them within RUNBUS_FLUSH_TIMEOUT, since an iteration not seen finished may have."""
+    wait_s = svc.settings.flush_timeout_s
+    if not watcher.catch_up(svc.bus.end_offsets(), wait_s):
+        raise BusNotRead(
+            f"sweep {watcher.parent_uid}: the worker of iterations {sorted(iterations)} died, and the bus could not "
+            f"be read up to its end within {wait_s:g}s (RUNBUS_FLUSH_TIMEOUT) to see which of them finished; "
+            f"the sweep stops rather than run again an iteration that may have finished (set "
+            f"RUNBUS_FLUSH_TIMEOUT to wait longer)")
     finished = watcher.finished(iterations)
     ended: dict[int, IterationOutcome | BaseException] = {}
     for iteration in iterations:

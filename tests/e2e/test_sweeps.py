@@ -348,3 +348,36 @@ def test_reap_marks_runs_whose_process_died_as_lost(home: Path, tmp_path: Path,
     assert "marked 1 run(s) lost" in reaped.stdout
     row = get_run_db().sql("SELECT state, error FROM runs").iloc[0]
     assert row.state == "lost" and "no heartbeat" in row.error
+
+
+def test_after_a_worker_died_a_sweep_that_cannot_read_the_bus_to_its_end_runs_no_iteration_again(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bus holds more than the sweep can read in RUNBUS_FLUSH_TIMEOUT (a broker whose last records
+    are not readable yet): an iteration of the dead worker not seen finished may be among them, so
+    none is returned to run again; the sweep is told why, naming the setting."""
+    from collections import Counter
+
+    from distributed import KilledWorker
+
+    from engine.api import close_session, session
+    from engine.sweep.runner import BusNotRead, _ended_before_loss
+    from engine.sweep.watcher import ChildWatcher
+    from tests.support.foreign import append, envelope, finished, started
+
+    monkeypatch.setenv("RUNBUS_FLUSH_TIMEOUT", "1")
+    close_session()
+    svc = session().services
+    begun = svc.bus.end_offsets()
+    append(svc.bus, "child-1", [envelope("child-1", 0, "run_started", started(parent_uid="sweep", iteration=1)),
+                                envelope("child-1", 1, "run_finished", finished())])
+    watcher = ChildWatcher(svc.bus, svc.codec, "sweep", begun)
+    end = svc.bus.end_offsets()
+    lost = KilledWorker("task", "worker", 0)
+    with pytest.MonkeyPatch.context() as ahead:
+        ahead.setattr(svc.bus, "end_offsets", lambda: {p: offset + 1 for p, offset in end.items()})
+        with pytest.raises(BusNotRead) as stopped:
+            _ended_before_loss(svc, watcher, [1, 2], lost, Counter(), 1)
+    for part in ("iterations [1, 2]", "within 1s", "RUNBUS_FLUSH_TIMEOUT", "may have finished"):
+        assert part in str(stopped.value), (part, str(stopped.value))
+    # the bus read to its end: the finished iteration stays finished, the other is to run again
+    assert set(_ended_before_loss(svc, watcher, [1, 2], lost, Counter(), 1)) == {1}
