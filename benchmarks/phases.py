@@ -86,6 +86,8 @@ def breakdown() -> list[str]:
     """One line per group: its wall seconds, CPU seconds and phases, largest first."""
     lines = []
     for name, wall in _groups.items():
+        if wall.wall_s < 0.05 and not wall.phases:
+            continue  # a group that had nothing to do (MLflow with --no-mlflow)
         parts = sorted({**wall.phases, "other": wall.other_s()}.items(), key=lambda item: -item[1])
         shown = ", ".join(f"{phase_name} {seconds:.1f}s" for phase_name, seconds in parts if seconds >= 0.05)
         lines.append(f"{name}: {wall.wall_s:.1f}s wall, {wall.cpu_s:.1f}s CPU here and in waited-for "

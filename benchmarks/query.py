@@ -4,8 +4,8 @@ measured as a user meets it: from a second process, while `runbus ui` and the fo
 
 The runs are written through the real pipeline (RunContext -> writer -> bus) by `builders` processes
 at once (the build is not timed), in steps (1k, then 9k more, then 90k more), and this process waits
-until the service has folded them. For each size a new
-process (`python -m benchmarks.query --measure`) times, through `get_run_db()`:
+until the service has folded them. For each size a second process (`python -m benchmarks.query
+--measure`, one for all sizes, as MLflow's side has one observer) times, through `get_run_db()`:
 
 - the query (`RunDB.sql`), and beside it the same query on a bare DuckDB table holding the same runs
   (one row a run, params and results as columns, built from the projection's runs/params/results)
@@ -181,12 +181,9 @@ def time_after_idle(call: Callable[[], Any], pauses: int) -> float:
     return median(times)
 
 
-def measure(queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
+def measure(db: RunDB, queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
     """The figures of one size, in this (reading) process (and the seconds it took to build the
     bare table, which no figure includes)."""
-    from engine import get_run_db
-
-    db = get_run_db()
     began = time.perf_counter()
     bare = bare_table(db, scratch / "bare.duckdb")
     bare_build_s = time.perf_counter() - began
@@ -244,6 +241,7 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
     port = _free_port()
     with (home / "ui.log").open("wb") as log:
         ui = subprocess.Popen([RUNBUS, "ui", "--port", str(port)], env=env, stdout=log, stderr=log)
+    measurer = Measurer(env, home)
     outcome = Outcome()
     builds: dict[str, dict[str, float]] = {}
     try:
@@ -262,8 +260,8 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
             builds[str(size)] = {"runs_added": size - built, "produce_s": produced - began,
                                  "project_s": projected - produced, "records": folded}
             built = size
-            with phase("measure in a second process (start-up, bare table)"):
-                figures = _measure_in_child(env, queries, IDLE_QUERIES if size == min(sizes) else 0, home, size)
+            with phase("measure in a second process"):
+                figures = measurer.figures(queries, IDLE_QUERIES if size == min(sizes) else 0, size)
             add("build the bare table (in the measuring process)", figures["bare_build_s"])
             outcome.figures[f"query_ms_{size}"] = figures["query"]
             outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]
@@ -283,6 +281,7 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
                      f"{figures['bare_idle']:.2f} ms)" if "idle" in figures else ""),
                   flush=True)
     finally:
+        measurer.close()
         pool.close()
         pool.join()
         for process in (ui, follower):
@@ -303,13 +302,50 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
     return outcome
 
 
-def _measure_in_child(env: dict[str, str], queries: int, idle_pauses: int, home: Path, size: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.query", "--measure", "--queries", str(queries),
-                           "--idle-pauses", str(idle_pauses), "--scratch", str(home)],
-                          env=env, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {size:,} runs failed: {done.stderr.strip()[-2000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+class Measurer:
+    """The measuring process (`python -m benchmarks.query --measure`): started at once, so that its
+    imports overlap the start of the follower and the UI; it opens the home only when first asked."""
+
+    def __init__(self, env: dict[str, str], home: Path) -> None:
+        self._log = home / "measure.log"
+        with self._log.open("wb") as log:
+            self._process = subprocess.Popen([sys.executable, "-m", "benchmarks.query", "--measure", "--scratch",
+                                              str(home)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=log, text=True)
+
+    def figures(self, queries: int, idle_pauses: int, size: int) -> dict[str, float]:
+        """The figures of the home as it is now (see `measure`)."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(json.dumps({"queries": queries, "idle_pauses": idle_pauses}) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"measuring {size:,} runs failed (exit {self._process.wait()}): "
+                               f"{self._log.read_text(errors='replace').strip()[-2000:]}")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def serve_measurements(scratch: Path) -> None:
+    """The measuring process's loop: one JSON request ({"queries", "idle_pauses"}) a line on stdin,
+    the figures as one JSON line on stdout."""
+    from engine import get_run_db
+    from engine.api import close_session
+
+    db: RunDB | None = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        db = db or get_run_db()
+        print(json.dumps(measure(db, request["queries"], request["idle_pauses"], scratch)), flush=True)
+    close_session()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,11 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="1000,10000,100000", help="run counts (comma-separated)")
     parser.add_argument("--queries", type=int, default=21, help="repeats per figure (the median is shown)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--idle-pauses", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.queries, args.idle_pauses, args.scratch)), flush=True)
+        serve_measurements(args.scratch)
         return
     sizes = tuple(int(part.replace("_", "")) for part in args.runs.split(",") if part.strip())
     outcome = run(sizes, max(5, args.queries))
