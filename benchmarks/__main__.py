@@ -3,7 +3,8 @@
 Every Runbus-vs-MLflow row has the same N and the same repeats (median) on both sides, and the same
 "done": the clock stops when a second process sees every point or run. MLflow's best practice
 (log_batch, async logging with a flush) has rows of its own beside its plain calls. The table is
-headed by the machine, date and commit, and written to benchmarks/results/latest.json and latest.md.
+headed by the machine, date and commit, and written to benchmarks/results/latest.json and latest.md;
+the run ends with where its wall time went, per group and phase (benchmarks/phases.py).
 Workload groups (for --only): log_metric (1), children (2), query (3), pipeline (4 end to end,
 5 rebuild, 7 projector RSS; aliases e2e, rebuild, rss), sweep (6).
 """
