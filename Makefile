@@ -18,7 +18,7 @@ TEST_KAFKA_ENV  := RUNBUS_KAFKA_PORT=$(TEST_KAFKA_PORT) RUNBUS_KAFKA_CONTROLLER_
 # The secured test broker (tests/secure_kafka_support.py): one for the whole run, shared by every
 # pytest-xdist worker, booted beside the plain one (a test process started without it boots its own).
 TEST_SECURE_PORT  ?= 19096
-TEST_SECURE_STATE := $(CURDIR)/kafka/.state-test-secure
+TEST_SECURE_STATE := $(CURDIR)/kafka/.state-test/secure-shared
 TEST_SECURE_ENV   := RUNBUS_KAFKA_SECURE=1 RUNBUS_KAFKA_PORT=$(TEST_SECURE_PORT) RUNBUS_KAFKA_CONTROLLER_PORT=19097 \
                      RUNBUS_KAFKA_STATE=$(TEST_SECURE_STATE)
 PYTEST_ARGS     ?=
