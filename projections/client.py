@@ -4,7 +4,8 @@ A reader never opens the DuckDB file: it connects to the service's socket, sends
 offsets it sees (so the answer includes everything appended before the request: read your
 writes), and reads the answers of one snapshot as Arrow IPC, converted by `projections.wire`.
 When no service answers (none yet, or one that was killed left its socket behind) the client has
-one started with `start` and waits for it.
+one started with `start` and waits for it; while a follower waits for the home (it holds the home's
+follower mark, see `projections.service.follower_waits`) it starts none and waits for the follower.
 
 No wait is unbounded but a rebuild's: the connection and its handshake take at most
 min(timeout_s, HANDSHAKE_S); a session (or a catch-up) must open within timeout_s plus a margin
