@@ -42,8 +42,8 @@ FOLDER_ORDER = ("property", "e2e", "hostile", "integration", "compat", "contract
 
 
 def _folder_rank(item: pytest.Item) -> int:
-    parts = Path(str(item.path)).parts
-    folder = parts[parts.index("tests") + 1] if "tests" in parts[:-1] else ""
+    parts = item.nodeid.split("::")[0].split("/")  # relative to the rootdir: tests/<folder>/test_x.py
+    folder = parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
     return FOLDER_ORDER.index(folder) if folder in FOLDER_ORDER else len(FOLDER_ORDER)
 
 
