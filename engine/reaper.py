@@ -9,10 +9,12 @@ lost that speaks again is running again: the verdict never overrides the run's o
 from __future__ import annotations
 
 import uuid
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from engine.bootstrap import Services
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def mark_lost(svc: Services, uid: str, reason: str) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.settings import Settings
-from engine.sweep.summary import record_iterations
 from producers.context import RunContext
+from producers.data_item import DataItem
 
 if TYPE_CHECKING:
     from engine.bootstrap import Services
@@ -45,8 +45,17 @@ class RunSpec:
             project=self.project, handler=self.handler_ref, runtime=self.runtime, params=self.params,
             inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,
             labels=self.labels, parent_uid=self.parent_uid, iteration=self.iteration,
-            code_ref=self.code_ref, extra=self.extra, iterations_recorder=record_iterations)
+            code_ref=self.code_ref, extra=self.extra, iterations_recorder=_record_iterations)
 
     def for_iteration(self, parent_uid: str, iteration: int, params: dict[str, Any]) -> RunSpec:
         return replace(self, parent_uid=parent_uid, iteration=iteration,
                        params={**self.params, **params}, extra={})
+
+
+def _record_iterations(parent: RunContext, iterations: Any, best: int | None,
+                       best_artifacts: Sequence[DataItem] = ()) -> None:
+    """engine.sweep.summary.record_iterations, imported when a sweep's parent records them: it needs
+    pandas and numpy, which a run that is no sweep then never loads."""
+    from engine.sweep.summary import record_iterations
+
+    record_iterations(parent, iterations, best, best_artifacts)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 from pathlib import PurePosixPath
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from producers.artifact_store import check_artifact_key
 from producers.data_item import DataItem
+
+if TYPE_CHECKING:  # imported by the artifacts that hold a DataFrame, when they are made
+    import pandas as pd
 
 
 class Artifact:
@@ -104,11 +105,14 @@ class ChartArtifact(TableArtifact):
         self.title = title or key
 
     def add_row(self, row: list[Any]) -> None:
+        import pandas as pd
+
         self.df = pd.concat([self.df, pd.DataFrame([row], columns=self.df.columns)],
                             ignore_index=True)
         self.meta["rows"] = len(self.df)
 
     def extra_bodies(self) -> dict[str, tuple[bytes, str]]:
+        import pandas as pd
         from matplotlib.figure import Figure  # matplotlib is slow to import; only charts need it
 
         figure = Figure(figsize=(6, 4))
@@ -132,6 +136,8 @@ class DatasetArtifact(Artifact):
         if format not in ("csv", "parquet"):
             raise ValueError(f"dataset {key!r}: format must be 'csv' or 'parquet', got {format!r}")
         super().__init__(key, format=format, **kwargs)
+        import pandas as pd
+
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"dataset {key!r}: df must be a pandas DataFrame")
         self.df = df
@@ -184,6 +190,10 @@ def _suffix(path: str | None) -> str | None:
 
 def _as_frame(key: str, body: Any, df: pd.DataFrame | None,
               header: list[str] | None) -> pd.DataFrame | None:
+    if df is None and not isinstance(body, list):
+        return None
+    import pandas as pd
+
     if df is not None:
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"artifact {key!r}: df must be a pandas DataFrame")

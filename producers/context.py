@@ -17,9 +17,7 @@ import traceback as tb
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from producers.artifact_store import ArtifactStore, check_artifact_key
 from producers.artifacts import Artifact, DatasetArtifact, ModelArtifact
@@ -37,6 +35,9 @@ from producers.values import (
     to_timestamp,
 )
 from producers.writer import BackgroundWriter
+
+if TYPE_CHECKING:  # pandas is imported where a DataFrame is used: a job that logs none starts without it
+    import pandas as pd
 
 _MAX_ERROR_CHARS = 64 * 1024  # of an error message or traceback kept in run_finished (head and tail)
 _KNOWN_KEYS = 10_000  # metric keys remembered as valid, per run

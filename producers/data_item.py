@@ -10,18 +10,20 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
-
-import pandas as pd
 
 from producers.artifact_store import ArtifactStore
 
-_READERS = {
-    "csv": pd.read_csv,
-    "parquet": pd.read_parquet,
-    "json": pd.read_json,
-    "jsonl": lambda src: pd.read_json(src, lines=True),
+if TYPE_CHECKING:  # imported by as_df, the one method that needs it
+    import pandas as pd
+
+# format -> the name of the pandas reader of it (and its keyword arguments)
+_READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "csv": ("read_csv", {}),
+    "parquet": ("read_parquet", {}),
+    "json": ("read_json", {}),
+    "jsonl": ("read_json", {"lines": True}),
 }
 
 
@@ -93,7 +95,10 @@ class DataItem:
         if reader is None:
             raise ValueError(f"{self.key!r}: cannot read format {fmt!r} as a DataFrame "
                              f"(known: {', '.join(_READERS)})")
-        return reader(io.BytesIO(self.get()), **read_options)
+        import pandas as pd
+
+        name, options = reader
+        return getattr(pd, name)(io.BytesIO(self.get()), **{**options, **read_options})
 
     def _store(self) -> ArtifactStore:
         if self.store_root is not None:

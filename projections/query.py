@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
-import pandas as pd
 
 from producers.bus import Bus
 from projections.as_of import cutoff as _cutoff
@@ -43,7 +42,10 @@ __all__ = ["QUERY_TIMEOUT_S", "READ_ONLY_SCHEME", "QueryTimeout", "ReadOnlyError
            "TableQuery", "check_read_only", "read_only_query", "read_only_session", "read_only_tables",
            "resolve_uid", "seal"]
 
-Query = Callable[..., pd.DataFrame]
+if TYPE_CHECKING:  # readers get DataFrames (pandas imported on the first conversion, projections.wire)
+    import pandas as pd
+
+Query = Callable[..., "pd.DataFrame"]
 """`query(sql, params=None) -> DataFrame`: one read-only query in a `RunDB.reader()` session."""
 Statement = tuple[str, "Sequence[Any] | None"]
 """(sql, params) of one statement of a batch (`RunDB.answer`)."""

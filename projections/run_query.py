@@ -15,14 +15,16 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pandas as pd
 
 from projections.tables import RUN_COLUMNS, VALUE_TABLES, quoted
 
-Fetch = Callable[..., pd.DataFrame]
+if TYPE_CHECKING:  # readers get DataFrames (pandas imported on the first conversion, projections.wire)
+    import pandas as pd
+
+Fetch = Callable[..., "pd.DataFrame"]
 """`fetch(sql, params=None) -> DataFrame`: one read-only query (a `RunDB.reader()` session)."""
 
 STATES = ("running", "completed", "error", "aborted", "lost")

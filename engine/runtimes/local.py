@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Callable
 from typing import Any
-
-import pandas as pd
 
 from producers.console import capture_console as console_capture
 from producers.context import RunContext
@@ -67,7 +66,8 @@ def _is_dataframe(annotation: Any) -> bool:
         if inner.startswith(("Optional[", "typing.Optional[")) and inner.endswith("]"):
             inner = inner[inner.index("[") + 1:-1]
         return any(member.strip().rsplit(".", 1)[-1] == "DataFrame" for member in inner.split("|"))
-    return isinstance(annotation, type) and issubclass(annotation, pd.DataFrame)
+    pandas = sys.modules.get("pandas")  # a DataFrame class in an annotation: pandas is imported already
+    return pandas is not None and isinstance(annotation, type) and issubclass(annotation, pandas.DataFrame)
 
 
 def execute(handler: Callable[..., Any], context: RunContext, flush: bool = True,

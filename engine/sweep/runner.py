@@ -22,7 +22,6 @@ from engine.secrets import from_environment
 from engine.sweep.iteration import IterationOutcome, run_iterations, run_iterations_in_driver
 from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
-from engine.sweep.summary import record_iterations
 from engine.sweep.watcher import FINISHED_STATES, ChildWatcher
 from producers.context import RunContext
 from producers.data_item import DataItem
@@ -297,6 +296,8 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
 
 
 def _complete(parent: RunContext, state: SweepState, selector: Selector | None, svc: Services) -> RunContext:
+    from engine.sweep.summary import record_iterations  # pandas and numpy: loaded when a sweep ends
+
     best = None
     if selector is not None:
         best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})

@@ -8,11 +8,12 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from engine.sweep.selection import Selector, StopCondition
+
+if TYPE_CHECKING:  # read_param_file imports it: a sweep without a param file never loads pandas
+    import pandas as pd
 
 STRATEGIES = ("grid", "list", "random")
 _OPTIONS = {"selector", "strategy", "stop_condition", "max_errors", "parallel_runs", "max_iterations",
@@ -99,6 +100,8 @@ def read_param_file(path: str, strategy: str | None = None) -> tuple[dict[str, l
     iteration a row (strategy 'list'; its header names the params); a JSON dict of lists is a
     'grid' unless `strategy` says 'list' or 'random'; a JSON list of dicts is one iteration a dict
     (a key a dict lacks is None there). ValueError names the file when it cannot be used so."""
+    import pandas as pd
+
     file = Path(path.removeprefix("file://"))
     try:
         if file.suffix.lower() == ".csv":
@@ -107,7 +110,7 @@ def read_param_file(path: str, strategy: str | None = None) -> tuple[dict[str, l
                                  f"iteration a row (strategy 'list')")
             return _columns(pd.read_csv(file)), "list"
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except (OSError, ValueError) as exc:  # pandas' ParserError is a ValueError
         raise ValueError(f"param_file {path!r}: {exc}") from None
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         return {str(key): values for key, values in data.items()}, strategy or "grid"

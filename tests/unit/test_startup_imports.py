@@ -92,6 +92,30 @@ def test_runbus_help_builds_no_services() -> None:
     assert held(done.stderr) & NOT_IN_HELP == set()
 
 
+# a handler run the tutorial's way; its process prints the packages it holds as it exits
+JOB = """
+import sys
+from engine import NewRun, new_function
+
+def handler(context, p1=1):
+    context.log_result("doubled", p1 * 2)
+    context.log_metric("loss", 0.5, step=1)
+    context.set_label("kind", "job")
+
+run = new_function().run(NewRun(params={"p1": 3}), handler=handler)
+assert run.outputs == {"doubled": 6}, run.outputs
+print(*sorted({name.split('.')[0] for name, module in sys.modules.items() if module is not None}),
+      sep='\\n', file=sys.stderr)
+"""
+
+
+def test_a_job_that_logs_no_dataframe_never_loads_pandas(home: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", JOB], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert {"engine", "producers", "fastavro"} <= held(done.stderr)  # the listing is what it claims
+    assert "pandas" not in held(done.stderr)
+
 def native_libraries(pid: int) -> set[str]:
     """The packages of site-packages whose compiled libraries process `pid` has mapped (Linux /proc):
     'pandas' for site-packages/pandas/_libs/..., 'duckdb' for site-packages/_duckdb.cpython-....so."""
