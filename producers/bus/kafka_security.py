@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ class KafkaSecurityError(ValueError):
 
 def _read_secret(kind: str, where: str, env: Mapping[str, str] | None = None) -> str:
     """The value of the variable `where` (kind 'env') in `env` (default: the environment), or the
-    content of the file `where` ('file') without its final newline."""
+    content of the file `where` ('file') without its final newline; a file that group or others
+    may read or write is refused."""
     if kind == "env":
         value = (os.environ if env is None else env).get(where)
         if not value:
@@ -47,9 +49,13 @@ def _read_secret(kind: str, where: str, env: Mapping[str, str] | None = None) ->
         return value
     try:
         value = Path(where).read_text(encoding="utf-8")
+        mode = Path(where).stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         raise KafkaSecurityError("password", f"={where!r}: the file cannot be read: "
                                              f"{getattr(exc, 'strerror', None) or exc}") from None
+    if mode & 0o077:  # as libpq refuses a .pgpass and ssh a key that others may read
+        raise KafkaSecurityError("password", f"={where!r}: other users may read or change the file (mode "
+                                             f"{stat.S_IMODE(mode):04o}): make it owner-only (chmod 600)")
     value = value.removesuffix("\n").removesuffix("\r")  # editors end a file with a newline
     if not value:
         raise KafkaSecurityError("password", f"={where!r}: the file is empty")

@@ -122,7 +122,7 @@ def test_by_default_kafka_is_plaintext_with_no_user(tmp_path: Path) -> None:
 
 
 def test_sasl_ssl_settings_become_kafka_pythons_own_keys(tmp_path: Path) -> None:
-    (tmp_path / "password").write_text("s3cret-pw\n")
+    _owner_only(tmp_path / "password", "s3cret-pw\n")
     ca = _self_signed_ca(tmp_path)
     settings = _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(tmp_path / "password"),
                          RUNBUS_KAFKA_CA_FILE=str(ca))
@@ -158,6 +158,23 @@ def test_a_combination_that_cannot_work_is_one_line_naming_the_variable(
     assert "\n" not in str(caught.value)
 
 
+def _owner_only(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_password_file_others_may_read_or_change_is_refused_naming_it(tmp_path: Path, mode: int) -> None:
+    _owner_only(tmp_path / "password", "s3cret-pw")
+    (tmp_path / "password").chmod(mode)
+    refused = rf"RUNBUS_KAFKA_PASSWORD_FILE=.*password.*mode 0{mode:o}.*chmod 600"
+    with pytest.raises(SettingsError, match=refused) as caught:
+        _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(tmp_path / "password"))
+    assert "s3cret-pw" not in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / "password").chmod(0o600)
+    assert _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(tmp_path / "password")).kafka_security
+
+
 def test_a_client_certificate_whose_key_does_not_fit_is_named(tmp_path: Path) -> None:
     ca = _self_signed_ca(tmp_path, "one")
     other = _self_signed_ca(tmp_path, "two")
@@ -171,7 +188,7 @@ def test_a_client_certificate_whose_key_does_not_fit_is_named(tmp_path: Path) ->
 
 def test_a_password_crosses_to_another_process_as_where_it_comes_from(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "password").write_text("s3cret-pw")
+    _owner_only(tmp_path / "password", "s3cret-pw")
     settings = _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(tmp_path / "password"))
     pickled = pickle.dumps(settings)
     assert b"s3cret-pw" not in pickled
