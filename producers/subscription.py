@@ -10,15 +10,25 @@ from dataclasses import dataclass, field
 
 from producers.bus.base import Bus, BusRecord
 from schemas import Event, EventCodec
+from schemas.codec import MetricColumns
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One bus record: its events in order, or (`events` empty) why it does not decode."""
+    """One bus record: its events in order, or (`events` empty) why it does not decode.
+
+    A subscription made with `columns=True` gives a record of metric events only (the usual record
+    of a run's log_metric points) as `metrics`, its columns, with `events` empty: `all_events()`
+    gives its events either way."""
 
     record: BusRecord
     events: list[Event] = field(default_factory=list)
     error: str | None = None
+    metrics: MetricColumns | None = None
+
+    def all_events(self) -> list[Event]:
+        """The record's events, made from `metrics` when it came as columns."""
+        return self.metrics.events() if self.metrics is not None else self.events
 
 
 class Subscription:
@@ -27,14 +37,16 @@ class Subscription:
     With `until` (end offsets, e.g. `bus.end_offsets()`), reading stops there: a snapshot of the log
     as it was, even while writers go on appending. With `keys`, only records with one of those keys
     (a run's records are keyed by its uid) are decoded and delivered; the others are passed over.
+    With `columns`, records of metric events only are delivered as columns (`Delivery.metrics`).
     A consumer that stores its positions with what it made of the records (the projector: in the
     DuckDB transaction of the batch) makes one from those positions for each batch, so a batch read
     and not committed is read again.
     """
 
     def __init__(self, bus: Bus, codec: EventCodec, positions: Mapping[int, int] | None = None,
-                 until: Mapping[int, int] | None = None, keys: Collection[str] | None = None) -> None:
-        self.bus, self.codec = bus, codec
+                 until: Mapping[int, int] | None = None, keys: Collection[str] | None = None,
+                 columns: bool = False) -> None:
+        self.bus, self.codec, self.columns = bus, codec, columns
         self.positions: dict[int, int] = dict(positions or {})
         self.until = dict(until) if until is not None else None
         self.keys = set(keys) if keys is not None else None
@@ -66,6 +78,11 @@ class Subscription:
 
     def _decode(self, record: BusRecord) -> Delivery:
         try:
+            if self.columns:
+                decoded = self.codec.decode_columns(record.value)
+                if isinstance(decoded, MetricColumns):
+                    return Delivery(record, metrics=decoded)
+                return Delivery(record, decoded)
             return Delivery(record, self.codec.decode_all(record.value))
         except Exception as exc:  # untrusted bytes: whatever fails to decode is the consumer's dead letter
             self.undecodable += 1
@@ -84,4 +101,4 @@ class Subscription:
         """The events of `deliveries()`, in order; records that do not decode are counted in
         `undecodable`."""
         for delivery in self.deliveries(batch):
-            yield from delivery.events
+            yield from delivery.all_events()

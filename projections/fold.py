@@ -39,6 +39,7 @@ from producers.amendments import MAX_BY_CHARS, MAX_LABELS_CHARS, MAX_NOTE_CHARS
 from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS, STREAMS
 from producers.values import MAX_TIMESTAMP_S, numeric_or_none
 from schemas import Event
+from schemas.codec import MetricColumns
 from schemas.events import EDIT_TYPES
 
 # Times a TIMESTAMPTZ column holds and pandas (datetime64[ns]) can read: years 1678 to 2261.
@@ -256,6 +257,11 @@ class TableBatch:
     labels: dict[tuple[str, str], str | None] = field(default_factory=dict)  # None: the label is removed
     artifacts: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     metrics: list[tuple[str, str, int | None, float, float]] = field(default_factory=list)
+    # (len(metrics) when folded, a record's metric events as columns): rows that come before the
+    # later entries of `metrics`; events_columns likewise for `events`, with the first event's
+    # position, the record's partition and offset
+    metric_columns: list[tuple[int, MetricColumns]] = field(default_factory=list)
+    event_columns: list[tuple[int, tuple[int, int, int, MetricColumns]]] = field(default_factory=list)
     logs: list[tuple[str, str, int, float, str]] = field(default_factory=list)
     log_lines: dict[str, int] = field(default_factory=dict)  # lines in `logs` of each run, as loaded
     events: list[tuple[Any, ...]] = field(default_factory=list)
@@ -409,6 +415,24 @@ def _revive(batch: TableBatch, uid: str) -> None:
     """A run marked lost spoke again: it is running, its recorded end is cleared."""
     batch.states[uid] = "running"
     batch.update_run(uid, state="running", **dict.fromkeys(_FINISH_COLUMNS))
+
+
+def fold_metric_columns(batch: TableBatch, columns: MetricColumns, position: int, partition: int,
+                        offset: int) -> None:
+    """Fold a record's metric events given as columns (their times checked as `check_event` checks
+    them), exactly as `fold` folds each and the projector adds its events row: events rows at
+    positions from `position`, and unless the run is hidden, metrics rows, the revival of a lost run
+    and its last_event_at."""
+    batch.event_columns.append((len(batch.events), (position, partition, offset, columns)))
+    uid = columns.run_uid
+    if uid in batch.hidden:
+        return
+    state = batch.states.get(uid)
+    if state == "lost":
+        _revive(batch, uid)
+    batch.metric_columns.append((len(batch.metrics), columns))
+    if state is not None:
+        batch.touch(uid, max(columns.ts))
 
 
 def fold(batch: TableBatch, event: Event) -> None:

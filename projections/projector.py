@@ -17,6 +17,12 @@ A dead-lettered event keeps its place, so its duplicate is a duplicate and anoth
 place a conflict, whatever the batch boundaries. An edit (run_deleted, run_restored, run_amended)
 of a run with no run_started before it is a dead letter ("not known").
 
+A record of metric events only comes as columns (see `Subscription(columns=True)`): when its run's
+stream takes its events at places not taken, at times the tables hold, it is classified, folded and
+written column-wise (no Python object per event), with exactly the rows its events would give one
+by one. Anything else (a place taken or replayed, a bad time, an identity that is not plain ASCII, a
+batch DuckDB refuses, user projections) goes event by event.
+
 A run_deleted or run_restored ends a segment of its batch: the events before it are folded and
 written, then it is applied (the run and its iterations hidden, or folded again from `events`),
 then the events after it are folded, all in the batch's one transaction. So a rebuild, which
@@ -26,11 +32,12 @@ batches the log differently, gives the same tables.
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import pairwise, repeat
 from typing import Any
 
 import duckdb
@@ -40,7 +47,16 @@ import pyarrow as pa
 from producers.bus import Bus, BusRecord
 from producers.subscription import Delivery, Subscription
 from projections.database import connection_is_prepared, fallback_heartbeat_interval_s, mark_prepared
-from projections.fold import TableBatch, check_event, fold, identity_problem, printable
+from projections.fold import (
+    MAX_TS,
+    MIN_TS,
+    TableBatch,
+    check_event,
+    fold,
+    fold_metric_columns,
+    identity_problem,
+    printable,
+)
 from projections.replay import StoredRecord, events_of_runs, stored_events
 from projections.tables import (
     PROJECTION_VERSION,
@@ -54,6 +70,7 @@ from projections.tables import (
 from projections.user import UserProjection
 from projections.writer import delete_run, hide_runs, refresh_judgement, undelete_run, write_batch
 from schemas import Event, EventCodec
+from schemas.codec import MetricColumns
 from schemas.events import EDIT_TYPES
 
 _TOMBSTONES = ("run_deleted", "run_restored")  # applied between the events of a batch
@@ -64,6 +81,7 @@ _NOT_POISON = (duckdb.IOException, duckdb.FatalException, duckdb.InternalExcepti
                duckdb.PermissionException, MemoryError)
 
 Key = tuple[str, str, int]  # (run uid, stream, seq): an event's place
+Item = Event | MetricColumns  # one event, or a record's metric events as columns
 
 
 @contextmanager
@@ -91,8 +109,9 @@ class Progress:
 class _Plan:
     """What becomes of each event of a batch, decided before anything is folded."""
 
-    apply: list[tuple[BusRecord, Event, str]] = field(default_factory=list)  # with its payload JSON
-    positions: list[int] = field(default_factory=list)  # events.position of each event in `apply`
+    # with its payload JSON; a MetricColumns (no JSON: made when written) holds several events
+    apply: list[tuple[BusRecord, Item, str | None]] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # events.position of each item in `apply` (its first)
     dead_letters: list[tuple[Any, ...]] = field(default_factory=list)
     conflicts: list[tuple[Any, ...]] = field(default_factory=list)
     duplicates: list[tuple[Any, ...]] = field(default_factory=list)
@@ -125,29 +144,72 @@ def event_position(partition: int, offset: int, index: int) -> int | None:
     return (offset << (_INDEX_BITS + _PARTITION_BITS)) | (partition << _INDEX_BITS) | index
 
 
-def _with_positions(decoded: list[tuple[BusRecord, Event]]) -> Iterator[tuple[BusRecord, Event, int | None]]:
+def _with_positions(decoded: list[tuple[BusRecord, Item]]) -> Iterator[tuple[BusRecord, Item, int | None]]:
     """Each event with its position: the one stored with it (replayed from the events table), or
-    from its record's place and its index in the record (the record's events come together, in order)."""
+    from its record's place and its index in the record (the record's events come together, in order).
+    Metric columns come whole with their first event's position when each of their events has one,
+    else event by event."""
     index, last, last_place, first = 0, None, None, None
     limit = 1 << _INDEX_BITS
-    for record, event in decoded:
+
+    def place(record: BusRecord) -> int | None:
+        nonlocal index, last, last_place, first
         if record is not last:  # the events of one record share its object: work out its place once
             last = record
             if isinstance(record, StoredRecord):
                 first = None
             else:
-                place = (record.partition, record.offset)
-                index = index + 1 if place == last_place else 0
-                last_place = place
+                here = (record.partition, record.offset)
+                index = index + 1 if here == last_place else 0
+                last_place = here
                 first = event_position(record.partition, record.offset, index)
                 first = None if first is None else first - index
         else:
             index += 1
         if first is None:
-            yield record, event, (record.position if isinstance(record, StoredRecord)
-                                  else event_position(record.partition, record.offset, index))
+            return (record.position if isinstance(record, StoredRecord)
+                    else event_position(record.partition, record.offset, index))
+        return first + index if index < limit else None
+
+    for record, item in decoded:
+        if not isinstance(item, MetricColumns):
+            yield record, item, place(record)
+            continue
+        position = place(record)
+        if position is not None and first is not None and index + len(item) <= limit:
+            index += len(item) - 1
+            yield record, item, position
+            continue
+        events = item.events()
+        yield record, events[0], position
+        for event in events[1:]:
+            yield record, event, place(record)
+
+
+def _one_by_one(decoded: list[tuple[BusRecord, Item]]) -> list[tuple[BusRecord, Item]]:
+    """The items with every MetricColumns replaced by its events."""
+    out: list[tuple[BusRecord, Item]] = []
+    for record, item in decoded:
+        if isinstance(item, MetricColumns):
+            out.extend((record, event) for event in item.events())
         else:
-            yield record, event, first + index if index < limit else None
+            out.append((record, item))
+    return out
+
+
+def _plain_identity(columns: MetricColumns) -> bool:
+    """True when every event id, the run uid and the stream are ASCII (identity_problem finds none)."""
+    return (columns.run_uid + columns.stream).isascii() and "".join(columns.event_id).isascii()
+
+
+def _increasing(seqs: list[int]) -> bool:
+    return all(a < b for a, b in pairwise(seqs))
+
+
+def _storable_times(values: list[float]) -> bool:
+    """True when every value is a time the tables hold (check_event's test, for a column)."""
+    # the sum is NaN when a value is (min and max would pass a NaN over)
+    return min(values) >= MIN_TS and max(values) <= MAX_TS and not math.isnan(sum(values))
 
 
 def _describe(exc: BaseException) -> str:
@@ -202,7 +264,8 @@ class Projector:
         records it consumed. Reading starts at the positions the last commit stored, whatever an
         earlier call read and failed to commit."""
         self._follow_epoch()
-        subscription = Subscription(self.bus, self.codec, self.positions())
+        # metric records as columns, unless user projections want every event as an Event
+        subscription = Subscription(self.bus, self.codec, self.positions(), columns=not self.user_projections)
         wanted = max(1, min(self.batch_size, int(self.events_per_batch / self._events_per_record)))
         with _gc_paused():  # decoding allocates the batch's events too
             deliveries = subscription.poll(wanted, timeout)
@@ -309,18 +372,23 @@ class Projector:
     def _fold_deliveries(self, deliveries: list[Delivery], positions: dict[int, int]) -> int:
         """Fold the deliveries' events in one transaction that also stores `positions` (past them);
         a record that does not decode is one dead letter with its reason. Returns the events held."""
-        decoded: list[tuple[BusRecord, Event]] = []
+        decoded: list[tuple[BusRecord, Item]] = []
         undecodable = []
         received = time.time()
+        events = 0
         for delivery in deliveries:
-            if delivery.error is None:
+            if delivery.metrics is not None:
+                decoded.append((delivery.record, delivery.metrics))
+                events += len(delivery.metrics)
+            elif delivery.error is None:
                 decoded.extend(zip(repeat(delivery.record), delivery.events))
+                events += len(delivery.events)
             else:
                 undecodable.append(_dead_letter(delivery.record, delivery.error, received))
         self._fold_and_commit(decoded, positions, undecodable, received)
-        return len(decoded)
+        return events
 
-    def _fold_and_commit(self, decoded: list[tuple[BusRecord, Event]], positions: dict[int, int],
+    def _fold_and_commit(self, decoded: list[tuple[BusRecord, Item]], positions: dict[int, int],
                          undecodable: Sequence[tuple[Any, ...]] = (), received: float | None = None) -> None:
         """Classify, fold and commit the events; events DuckDB refuses are found and quarantined."""
         received = time.time() if received is None else received
@@ -335,6 +403,11 @@ class Projector:
             except Exception as exc:
                 if isinstance(exc, _NOT_POISON):
                     raise
+                if any(isinstance(item, MetricColumns) for _, item, _ in plan.apply):
+                    # find what DuckDB refuses event by event: classify again without columns
+                    plan = self._classify(_one_by_one(decoded), received)
+                    plan.dead_letters[:0] = undecodable
+                    continue
                 found = self._find_poison(plan, quarantined)
                 if not found:
                     raise
@@ -342,24 +415,73 @@ class Projector:
 
     # classification ---------------------------------------------------------------------------
 
-    def _classify(self, decoded: list[tuple[BusRecord, Event]], received: float) -> _Plan:
+    def _classify(self, decoded: list[tuple[BusRecord, Item]], received: float) -> _Plan:
         plan = _Plan()
-        valid: list[tuple[BusRecord, Event, int]] = []
-        for record, event, position in _with_positions(decoded):
+        placed: list[tuple[BusRecord, Item, int]] = []
+
+        def admit(record: BusRecord, event: Event, position: int | None) -> None:
             problem = identity_problem(event) or (position is None and _UNPLACEABLE)
             if problem:  # cannot even be stored under its own name
                 plan.dead_letters.append(_dead_letter(record, problem, received))
             else:
-                valid.append((record, event, position))  # type: ignore[arg-type]
-        last_seq = self._last_seqs(list({event.run_uid for _, event, _ in valid}))
-        replayed = [event for _, event, _ in valid if event.seq <= last_seq.get((event.run_uid, event.stream), -1)]
+                placed.append((record, event, position))  # type: ignore[arg-type]
+
+        for record, item, position in _with_positions(decoded):
+            if not isinstance(item, MetricColumns):
+                admit(record, item, position)
+            elif _plain_identity(item):
+                placed.append((record, item, position))  # type: ignore[arg-type]
+            else:
+                for offset, event in enumerate(item.events()):
+                    admit(record, event, position + offset)  # type: ignore[operator]
+        last_seq = self._last_seqs(list({item.run_uid for _, item, _ in placed}))
+        valid: list[tuple[BusRecord, Item, int]] = []
+        for record, item, position in placed:
+            if isinstance(item, MetricColumns) and not (
+                    item.seq[0] > last_seq.get((item.run_uid, item.stream), -1) and _increasing(item.seq)
+                    and _storable_times(item.ts) and _storable_times(item.timestamp)):
+                # a place it may find taken, or an event to dead-letter: event by event
+                valid.extend((record, event, position + offset) for offset, event in enumerate(item.events()))
+            else:
+                valid.append((record, item, position))
+        replayed = [event for _, event, _ in valid if isinstance(event, Event)
+                    and event.seq <= last_seq.get((event.run_uid, event.stream), -1)]
         occupants = self._stored_occupants(replayed)
         starts = self._stored_starts([event.run_uid for _, event, _ in valid
                                       if event.type == "run_started" or event.type in EDIT_TYPES])
         conflicted = self._stored_conflicts(
-            [event.event_id for _, event, _ in valid if event.type == "run_started"] + [e.event_id for e in replayed])
+            [event.event_id for _, event, _ in valid if event.type == "run_started"]  # type: ignore[union-attr]
+            + [e.event_id for e in replayed])
         apply, applied_at, progress = plan.apply, plan.positions, plan.run_progress
-        for record, event, position in valid:
+        events: list[tuple[BusRecord, int, Event]] = []  # consecutive events, classified together
+        for record, item, position in valid:
+            if not isinstance(item, MetricColumns):
+                events.append((record, position, item))
+                continue
+            self._classify_events(plan, events, received, occupants, conflicted, starts, last_seq)
+            events = []
+            stream = (item.run_uid, item.stream)
+            if item.seq[0] > last_seq.get(stream, -1) and conflicted.isdisjoint(item.event_id):
+                # places nobody took (seqs past the stream's last), ids in no conflict: all applied
+                run_uid, stream_id = stream
+                occupants.update(zip([(run_uid, stream_id, seq) for seq in item.seq], item.event_id, strict=True))
+                last_seq[stream] = progress[stream] = item.seq[-1]
+                apply.append((record, item, None))
+                applied_at.append(position)
+            else:
+                self._classify_events(plan, [(record, at, event) for at, event in enumerate(item.events(), position)],
+                                      received, occupants, conflicted, starts, last_seq)
+        self._classify_events(plan, events, received, occupants, conflicted, starts, last_seq)
+        return plan
+
+    @staticmethod
+    def _classify_events(plan: _Plan, events: list[tuple[BusRecord, int, Event]], received: float,
+                         occupants: dict[Key, str], conflicted: set[str], starts: dict[str, tuple[str, str]],
+                         last_seq: dict[tuple[str, str], int]) -> None:
+        """Classify events (with their records and positions) against what the batch has seen so far
+        (`occupants`, `conflicted`, `starts`, `last_seq`: updated)."""
+        apply, applied_at, progress = plan.apply, plan.positions, plan.run_progress
+        for record, position, event in events:
             key = (event.run_uid, event.stream, event.seq)
             if key in occupants or event.event_id in conflicted or event.type == "run_started":
                 refused = _refusal(event, occupants.get(key), starts.get(event.run_uid))
@@ -390,9 +512,8 @@ class Projector:
             if problem:
                 plan.dead_letters.append(_dead_letter(record, problem, received, event))
             else:
-                apply.append((record, event, payload_json))  # type: ignore[arg-type]
+                apply.append((record, event, payload_json))
                 applied_at.append(position)
-        return plan
 
     def _stored_occupants(self, events: list[Event]) -> dict[Key, str]:
         """For places that may be taken already: the event id stored there (applied or dead)."""
@@ -459,8 +580,9 @@ class Projector:
                         record, event, _ = plan.apply[index]
                         batch.dead_letters.append(_dead_letter(record, error, received, event))
                 self._write(batch, accepted)
-                if segment and plan.apply[segment[-1]][1].type in _TOMBSTONES and segment[-1] not in skipped:
-                    self._apply_tombstone(plan.apply[segment[-1]][1], plan.positions[segment[-1]])
+                last_item = plan.apply[segment[-1]][1] if segment else None
+                if isinstance(last_item, Event) and last_item.type in _TOMBSTONES and segment[-1] not in skipped:
+                    self._apply_tombstone(last_item, plan.positions[segment[-1]])
         except BaseException:
             with suppress(duckdb.Error):
                 con.execute("ROLLBACK")
@@ -506,6 +628,9 @@ class Projector:
         accepted = []
         for index in chosen:
             record, event, payload_json = plan.apply[index]
+            if isinstance(event, MetricColumns):
+                fold_metric_columns(batch, event, plan.positions[index], record.partition, record.offset)
+                continue
             try:
                 fold(batch, event)
             except Exception as exc:  # a shape check_event did not foresee

@@ -7,10 +7,12 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 
 from projections.fold import TableBatch
 from projections.tables import RUN_COLUMNS, RUN_ROW_TABLES, judged_state
+from schemas.codec import MetricColumns
 
 _RUN_COLUMNS = (*RUN_COLUMNS, "stream", "heartbeat_interval_s")
 _TIME_COLUMNS = {"started_at", "finished_at", "last_event_at", "received_at"}
@@ -30,16 +32,69 @@ _TYPES = {"position": pa.int64(), "partition": pa.int32(), "offset": pa.int64(),
           "payload": pa.string(), "stream": pa.string(), "uid": pa.string(), "key": pa.string(),
           "step": pa.int64(), "value": pa.float64()}
 _TYPED = {"_events", "_metrics"}
+_EVENT_COLUMNS = ("position", "partition", "offset", "event_id", "run_uid", "seq", "type", "ts", "payload", "stream")
+_METRIC_COLUMNS = ("uid", "key", "step", "value", "ts")
 
 
-def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
-           rows: Sequence[Sequence[Any]]) -> None:
+def _table(name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> pa.Table:
     values = zip(*rows, strict=True)
     if name in _TYPED:
         arrays = [pa.array(column, type=_TYPES[c]) for c, column in zip(columns, values, strict=True)]
     else:
         arrays = [pa.array(column) for column in values]
-    con.register(name, pa.Table.from_arrays(arrays, names=list(columns)))
+    return pa.Table.from_arrays(arrays, names=list(columns))
+
+
+def _stage(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
+           rows: Sequence[Sequence[Any]]) -> None:
+    con.register(name, _table(name, columns, rows))
+
+
+def _same(value: Any, count: int, column: str) -> pa.Array:
+    return pa.repeat(pa.scalar(value, _TYPES[column]), count)
+
+
+def _metric_table(columns: MetricColumns) -> pa.Table:
+    """The metrics rows of metric events given as columns (as `fold` makes them one by one)."""
+    count = len(columns)
+    arrays = [_same(columns.run_uid, count, "uid"), pa.array(columns.key, _TYPES["key"]),
+              pa.array(columns.step, _TYPES["step"]), pa.array(columns.value, _TYPES["value"]),
+              pa.array(columns.timestamp, _TYPES["ts"])]
+    return pa.Table.from_arrays(arrays, names=list(_METRIC_COLUMNS))
+
+
+def _event_table(position: int, partition: int, offset: int, columns: MetricColumns) -> pa.Table:
+    """The events rows of metric events given as columns (as the projector makes them one by one:
+    the payload as orjson writes the decoded payload)."""
+    count = len(columns)
+    dumps = orjson.dumps
+    payloads = [dumps({"key": key, "value": value, "step": step, "timestamp": timestamp}).decode()
+                for key, value, step, timestamp
+                in zip(columns.key, columns.value, columns.step, columns.timestamp, strict=True)]
+    arrays = [pa.array(range(position, position + count), _TYPES["position"]),
+              _same(partition, count, "partition"), _same(offset, count, "offset"),
+              pa.array(columns.event_id, _TYPES["event_id"]), _same(columns.run_uid, count, "run_uid"),
+              pa.array(columns.seq, _TYPES["seq"]), _same("metric", count, "type"),
+              pa.array(columns.ts, _TYPES["ts"]), pa.array(payloads, _TYPES["payload"]),
+              _same(columns.stream, count, "stream")]
+    return pa.Table.from_arrays(arrays, names=list(_EVENT_COLUMNS))
+
+
+def _stage_in_order(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Any]], tables: Sequence[tuple[int, pa.Table]]) -> bool:
+    """Stage `rows` with `tables` (each with the number of rows that come before it) in that order."""
+    if not rows and not tables:
+        return False
+    pieces, start = [], 0
+    for before, table in tables:
+        if before > start:
+            pieces.append(_table(name, columns, rows[start:before]))
+        pieces.append(table)
+        start = before
+    if start < len(rows):
+        pieces.append(_table(name, columns, rows[start:]))
+    con.register(name, pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces))
+    return True
 
 
 def _ts(column: str, source: str = "") -> str:
@@ -118,10 +173,13 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
         if stage("_artifacts", ("uid", "key", "kind", "uri", "sha256", "size", "format", "labels", "meta"),
                  [(uid, key, *rest) for (uid, key), rest in batch.artifacts.items()]):
             con.execute("INSERT OR REPLACE INTO artifacts SELECT * FROM _artifacts")
-        if stage("_metrics", ("uid", "key", "step", "value", "ts"), batch.metrics):
+        if _stage_in_order(con, "_metrics", _METRIC_COLUMNS, batch.metrics,
+                           [(before, _metric_table(columns)) for before, columns in batch.metric_columns]):
+            staged.append("_metrics")
             con.execute("INSERT INTO metrics SELECT uid, key, step, value, to_timestamp(ts) FROM _metrics")
-        if stage("_events", ("position", "partition", "offset", "event_id", "run_uid", "seq", "type",
-                             "ts", "payload", "stream"), batch.events):
+        if _stage_in_order(con, "_events", _EVENT_COLUMNS, batch.events,
+                           [(before, _event_table(*placed)) for before, placed in batch.event_columns]):
+            staged.append("_events")
             con.execute("INSERT INTO events SELECT position, partition, \"offset\", event_id, run_uid, "
                         "seq, type, to_timestamp(ts), payload, stream FROM _events")
         for table, columns, rows in (("dead_letters", _DEAD_COLUMNS, batch.dead_letters),

@@ -143,8 +143,40 @@ def _columns_of(records: list[dict[str, Any]], envelope_fields: int) -> dict[str
             "metric_value": values, "metric_step": steps, "metric_timestamp": stamps, "payloads": payloads}
 
 
-def _events_of_columns(batch: dict[str, Any]) -> list[Event]:
-    """The events of a decoded columnar batch, in order; DecodeError naming the columns that
+@dataclass(frozen=True, slots=True)
+class MetricColumns:
+    """The events of a columnar record that holds only metric events, as columns (one item per
+    event, in order): what `events()` gives without a Python object per event. A consumer that
+    folds it column-wise must give the same result as folding `events()`."""
+
+    run_uid: str
+    stream: str
+    host: str
+    pid: int
+    schema_version: int
+    event_id: list[str]
+    seq: list[int]
+    ts: list[float]
+    key: list[str]
+    value: list[float]
+    step: list[int | None]
+    timestamp: list[float]
+    type: str = "metric"
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    def events(self) -> list[Event]:
+        """The events, exactly as EventCodec.decode_all gives them."""
+        run_uid, stream, host, pid, version = self.run_uid, self.stream, self.host, self.pid, self.schema_version
+        return [Event(event_id, run_uid, seq, "metric", ts, host, pid,
+                      {"key": key, "value": value, "step": step, "timestamp": timestamp}, version, stream)
+                for event_id, seq, ts, key, value, step, timestamp
+                in zip(self.event_id, self.seq, self.ts, self.key, self.value, self.step, self.timestamp, strict=True)]
+
+
+def _check_columns(batch: dict[str, Any]) -> int:
+    """How many metric events a decoded columnar batch holds; DecodeError naming the columns that
     disagree (untrusted bytes)."""
     ids, seqs, types, times = batch["event_id"], batch["seq"], batch["type"], batch["ts"]
     count = len(types)
@@ -161,6 +193,21 @@ def _events_of_columns(batch: dict[str, Any]) -> list[Event]:
     if len(payloads) != count - metrics:
         raise DecodeError(f"columnar batch: {count - metrics} events other than metrics but payloads holds "
                           f"{len(payloads)} items")
+    return metrics
+
+
+def _metric_columns(batch: dict[str, Any]) -> MetricColumns:
+    return MetricColumns(*(batch[name] for name in _SHARED), batch["event_id"], batch["seq"], batch["ts"],
+                         batch["metric_key"], batch["metric_value"], batch["metric_step"], batch["metric_timestamp"])
+
+
+def _events_of_columns(batch: dict[str, Any]) -> list[Event]:
+    """The events of a decoded columnar batch, in order; DecodeError naming what is inconsistent."""
+    _check_columns(batch)
+    ids, seqs, types, times = batch["event_id"], batch["seq"], batch["type"], batch["ts"]
+    keys, values, steps, stamps = (batch["metric_key"], batch["metric_value"], batch["metric_step"],
+                                   batch["metric_timestamp"])
+    payloads = batch["payloads"]
     run_uid, stream, host, pid, version = (batch[name] for name in _SHARED)
     metric_payloads = iter(zip(keys, values, steps, stamps, strict=True))
     other_payloads = iter(payloads)
@@ -274,6 +321,23 @@ class EventCodec:
 
     def decode_all(self, data: bytes) -> list[Event]:
         """The events of a record, single or batch (rows or columns), in order."""
+        decoded, kind = self._decode(data)
+        if kind == _COLUMNS:
+            return _events_of_columns(decoded)
+        return [self.from_record(record) for record in decoded] if kind == _ROWS else [self.from_record(decoded)]
+
+    def decode_columns(self, data: bytes) -> list[Event] | MetricColumns:
+        """As `decode_all`, but a columnar record of metric events only (as the background writer
+        writes a run's `log_metric` points) is given as its columns."""
+        decoded, kind = self._decode(data)
+        if kind == _COLUMNS:
+            if _check_columns(decoded) == len(decoded["type"]) and decoded["type"]:
+                return _metric_columns(decoded)
+            return _events_of_columns(decoded)
+        return [self.from_record(record) for record in decoded] if kind == _ROWS else [self.from_record(decoded)]
+
+    def _decode(self, data: bytes) -> tuple[Any, str]:
+        """The Avro datum of a record and its kind (_SINGLE, _ROWS, _COLUMNS)."""
         if len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise DecodeError("not an Avro single-object record (bad marker)")
         known = self._known.get(data[2:HEADER_LEN])
@@ -285,6 +349,4 @@ class EventCodec:
                                                  return_record_name=True)
         except Exception as exc:  # fastavro raises many kinds on corrupt bytes
             raise DecodeError(f"corrupt event record: {exc!r}") from exc
-        if kind == _COLUMNS:
-            return _events_of_columns(decoded)
-        return [self.from_record(record) for record in decoded] if kind == _ROWS else [self.from_record(decoded)]
+        return decoded, kind
