@@ -61,13 +61,24 @@ def load_event_schema() -> dict[str, Any]:
     return envelope
 
 
-def load_history() -> list[dict[str, Any]]:
-    """Earlier versions of the event schema, kept so their records keep decoding."""
+def _saved(prefix: str) -> list[dict[str, Any]]:
     folder = resources.files("schemas") / "avro" / "history"
     if not folder.is_dir():
         return []
     return [json.loads(e.read_text()) for e in sorted(folder.iterdir(), key=lambda e: e.name)
-            if e.name.endswith(".avsc")]
+            if e.name.startswith(prefix) and e.name.endswith(".avsc")]
+
+
+def load_history() -> list[dict[str, Any]]:
+    """Earlier versions of the event schema (history/v<N>.avsc), kept so their records keep decoding."""
+    return _saved("v")
+
+
+def load_batch_history() -> list[dict[str, Any]]:
+    """Every columnar batch schema (runbus.EventBatch, fully expanded) a released version wrote
+    (history/batch-v<N>.avsc, the current one included), kept so their records keep decoding after
+    EventBatch.avsc or the payloads it embeds change."""
+    return _saved("batch-")
 
 
 def _single_object(header: bytes, schema: Any, datum: Any, what: str) -> bytes:
@@ -232,7 +243,8 @@ class EventCodec:
     """
 
     def __init__(self, schema: dict[str, Any] | None = None,
-                 history: Iterable[dict[str, Any]] | None = None) -> None:
+                 history: Iterable[dict[str, Any]] | None = None,
+                 batch_history: Iterable[dict[str, Any]] | None = None) -> None:
         current = schema if schema is not None else load_event_schema()
         self._writer = _prepare(current)
         self._batch_writer = _prepare(_batch_of(current))
@@ -243,13 +255,17 @@ class EventCodec:
             self._writer.fingerprint: (self._writer.parsed, _SINGLE, None),
             self._batch_writer.fingerprint: (self._batch_writer.parsed, _ROWS, None),
             self._columnar_writer.fingerprint: (self._columnar_writer.parsed, _COLUMNS, None)}
-        for old in (history if history is not None else load_history()):
-            # an old version's columnar schema too: no writer of versions <= 4 wrote one, but each
-            # version moved to history keeps its columnar records decoding
-            for prepared, kind, reader in ((_prepare(old), _SINGLE, self._writer.parsed),
-                                           (_prepare(_batch_of(old)), _ROWS, self._batch_writer.parsed),
-                                           (_prepare(_columnar_of(old)), _COLUMNS, self._columnar_writer.parsed)):
-                self._known.setdefault(prepared.fingerprint, (prepared.parsed, kind, reader))
+        old_schemas = list(history if history is not None else load_history())
+        old_batches = batch_history if batch_history is not None else load_batch_history()
+        # the columnar schemas a released version wrote are read from their saved copies, never
+        # rebuilt from today's EventBatch.avsc (which may have changed since); an old event schema
+        # combined with today's columnar layout is known too, for codecs built on an old schema
+        for prepared, kind, reader in (
+                *((_prepare(old), _SINGLE, self._writer.parsed) for old in old_schemas),
+                *((_prepare(_batch_of(old)), _ROWS, self._batch_writer.parsed) for old in old_schemas),
+                *((_prepare(old), _COLUMNS, self._columnar_writer.parsed) for old in old_batches),
+                *((_prepare(_columnar_of(old)), _COLUMNS, self._columnar_writer.parsed) for old in old_schemas)):
+            self._known.setdefault(prepared.fingerprint, (prepared.parsed, kind, reader))
         self._header = MAGIC + self._writer.fingerprint
         self._batch_header = MAGIC + self._batch_writer.fingerprint
         self._columnar_header = MAGIC + self._columnar_writer.fingerprint

@@ -207,3 +207,64 @@ def test_a_consistent_hand_made_columnar_record_decodes() -> None:
 def test_a_columnar_record_whose_columns_disagree_is_a_decode_error_naming_them(columns: dict, named: str) -> None:
     with pytest.raises(DecodeError, match=re.escape(named)):
         EventCodec().decode_all(_columnar(**columns))
+
+
+# Every columnar schema (runbus.EventBatch) a released version wrote, by fingerprint, and the file in
+# schemas/avro/history that keeps it: records written by it are on users' buses and must keep decoding.
+RELEASED_COLUMNAR = {"2a65d3f1aeedb4c6": "batch-v4.avsc"}
+
+
+def test_the_current_columnar_schema_is_saved_in_batch_history() -> None:
+    """EventBatch.avsc, or an event payload it embeds, changed without saving the new columnar schema.
+    Keep every existing history/batch-*.avsc as it is, save the new expanded schema
+    (`json.dumps(schemas.codec._columnar_of(load_event_schema()), indent=1)`) as
+    history/batch-v<SCHEMA_VERSION>.avsc (batch-v<SCHEMA_VERSION>-2.avsc if that exists) and add its
+    fingerprint to RELEASED_COLUMNAR."""
+    from schemas.codec import load_batch_history
+
+    current = EventCodec()._columnar_writer.fingerprint
+    assert current.hex() in RELEASED_COLUMNAR
+    assert any(_columnar_fingerprint(old) == current for old in load_batch_history())
+
+
+def _columnar_fingerprint(schema: dict) -> bytes:
+    from schemas.codec import _prepare
+
+    return _prepare(schema).fingerprint
+
+
+def test_every_released_columnar_schema_is_kept_and_decodes() -> None:
+    """A saved batch-*.avsc must never be edited or removed: its fingerprint is on stored records."""
+    from schemas.codec import load_batch_history
+
+    saved = {_columnar_fingerprint(old).hex() for old in load_batch_history()}
+    assert set(RELEASED_COLUMNAR) <= saved, "a released columnar schema was edited or removed from history"
+    codec = EventCodec()
+    assert all(codec._known[bytes.fromhex(hexdigest)][1] == "columns" for hexdigest in RELEASED_COLUMNAR)
+
+
+def test_a_columnar_record_of_today_decodes_after_event_batch_gains_a_column_with_a_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import schemas.codec
+
+    today = EventCodec()
+    events = [Event(f"{seq:032x}", "run-1", seq, kind, 1.5, "host", 42, SAMPLES[kind], stream="own")
+              for seq, kind in enumerate(["metric", "label", "metric"])]
+    data = today.encode_batch([today.to_record(e) for e in events])
+    assert data[2:10] == today._columnar_writer.fingerprint
+
+    current = schemas.codec._columnar_of
+
+    def with_a_unit_column(envelope: dict) -> dict:
+        columnar = current(envelope)
+        columnar["fields"].append({"name": "metric_unit", "type": {"type": "array", "items": "string"},
+                                   "default": []})
+        return columnar
+
+    monkeypatch.setattr(schemas.codec, "_columnar_of", with_a_unit_column)
+    future = EventCodec()
+    assert future._columnar_writer.fingerprint != today._columnar_writer.fingerprint
+    assert future.decode_all(data) == events
+    assert future.decode_columns(data) == events
+    metrics_only = today.encode_batch([today.to_record(e) for e in events if e.type == "metric"])
+    assert future.decode_columns(metrics_only).events() == [e for e in events if e.type == "metric"]
