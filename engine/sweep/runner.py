@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.bootstrap import Services
 from engine.loader import load_handler
@@ -33,7 +33,18 @@ _EVENTS_GRACE_S = 60.0
 
 class BusNotRead(RuntimeError):
     """After a worker died, the bus could not be read far enough to tell which of its iterations
-    finished: the sweep ends rather than run again one that may have."""
+    finished: none of them runs again, since one may have."""
+
+
+class SweepNotFinished(RuntimeError):
+    """The driver stopped and left the sweep's run unfinished ('running', then 'lost' once its
+    heartbeats stopped) for `runbus resume` to finish: it could not learn from the bus whether
+    `iterations` (of dead workers) finished, and ran none of them again."""
+
+    def __init__(self, parent_uid: str, iterations: list[int], message: str) -> None:
+        super().__init__(message)
+        self.parent_uid = parent_uid
+        self.iterations = iterations
 
 
 @dataclass
@@ -162,10 +173,12 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
         if outcome_state == "completed":
             best.offer(iteration, results)
     state.pending.reverse()  # the next iteration last (see below)
+    # tasks whose worker died while the bus could not be read up to its end: read again once nothing runs
+    unread: list[tuple[list[int], BaseException]] = []
     stopped_by: BusNotRead | None = None
     try:
         with SweepProgress(total, sweep.quiet) as progress:
-            while ((state.pending or again) and not stopping) or inflight:
+            while (((state.pending or again) and not stopping) or inflight or unread) and stopped_by is None:
                 in_flight = sum(map(len, inflight.values()))
                 size, limit = 1, window
                 if state.pending and chunked:
@@ -185,10 +198,22 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
                 if chunks:  # one submission for them all: a scheduler round trip each costs ~1 ms
                     for future, chunk in zip(pool.submit_all(execute, chunks), chunks, strict=True):
                         inflight[future] = [child.iteration for child in chunk]
-                for future, value in pool.wait_done(inflight):
-                    iterations = inflight.pop(future)
+                rereading = not inflight  # nothing runs: the last chance to learn how `unread` ended
+                if rereading:
+                    tasks, unread = unread, []
+                else:
+                    tasks = [(inflight.pop(future), value) for future, value in pool.wait_done(inflight)]
+                for task, (iterations, value) in enumerate(tasks):
                     if pool.lost(value):  # what finished stays finished; the rest runs again
-                        ended = _ended_before_loss(svc, watcher, iterations, value, losses, pool.losses_allowed)
+                        try:
+                            ended = _ended_before_loss(svc, watcher, iterations, value, losses,
+                                                       pool.losses_allowed)
+                        except BusNotRead as exc:
+                            if rereading:  # stop, leaving the sweep to `resume` (see _leave_to_resume)
+                                stopped_by, unread = exc, tasks[task:]
+                                break
+                            unread.append((iterations, value))  # the others go on meanwhile
+                            continue
                         again.extend(i for i in iterations if i not in ended)
                         iterations, values = list(ended), list(ended.values())
                     else:
@@ -208,14 +233,11 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
                         stopping = stopping or (sweep.max_errors is not None and failed >= sweep.max_errors)
                     progress.update(len(state.done) - failed, failed, sum(map(len, inflight.values())),
                                     best.describe())
-    except BusNotRead as exc:
-        stopped_by = exc
     finally:
         pool.close()
     svc.writer.flush()
-    if stopped_by is not None:
-        parent.finish(error=stopped_by)
-        return parent
+    if stopped_by is not None:  # nothing runs any more (the loop stops only then): no iteration is abandoned
+        _leave_to_resume(svc, parent, sorted(i for iterations, _ in unread for i in iterations), stopped_by)
     if not pool.in_driver:  # in-process iterations cannot outlive the driver
         _settle_lost(svc, watcher)
     return _complete(parent, state, selector, svc)
@@ -246,8 +268,7 @@ def _ended_before_loss(svc: Services, watcher: ChildWatcher, iterations: list[in
         raise BusNotRead(
             f"sweep {watcher.parent_uid}: the worker of iterations {sorted(iterations)} died, and the bus could not "
             f"be read up to its end within {wait_s:g}s (RUNBUS_FLUSH_TIMEOUT) to see which of them finished; "
-            f"the sweep stops rather than run again an iteration that may have finished (set "
-            f"RUNBUS_FLUSH_TIMEOUT to wait longer)")
+            f"none of them runs again, since one may have finished (set RUNBUS_FLUSH_TIMEOUT to wait longer)")
     finished = watcher.finished(iterations)
     ended: dict[int, IterationOutcome | BaseException] = {}
     for iteration in iterations:
@@ -259,6 +280,22 @@ def _ended_before_loss(svc: Services, watcher: ChildWatcher, iterations: list[in
         if losses[iteration] > allowed:
             ended[iteration] = error
     return ended
+
+
+def _leave_to_resume(svc: Services, parent: RunContext, iterations: list[int], cause: BusNotRead) -> NoReturn:
+    """Stop without ending the sweep's run: its heartbeats stop, so it reads 'lost' and `resume`
+    finishes it from the log. SweepNotFinished (a line on the run's stderr too) names `iterations`,
+    whose end the bus did not show, the setting to raise and the command."""
+    message = (f"sweep {parent.uid}: after a worker died, the bus could not be read up to its end within "
+               f"{svc.settings.flush_timeout_s:g}s (RUNBUS_FLUSH_TIMEOUT) to see whether iterations {iterations} "
+               f"finished, so none of them ran again and the sweep's run is left unfinished; raise "
+               f"RUNBUS_FLUSH_TIMEOUT and run `runbus resume {parent.uid}` to run only the iterations the log "
+               f"does not show finished")
+    parent.log_output("stderr", message + "\n")
+    parent.flush_output()
+    svc.writer.untrack(parent.uid)
+    svc.writer.flush()
+    raise SweepNotFinished(parent.uid, iterations, message) from cause
 
 
 def _results_on_bus(watcher: ChildWatcher, outcome: IterationOutcome) -> dict[str, Any]:
