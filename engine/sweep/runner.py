@@ -1,5 +1,6 @@
 """Runs a sweep: the parent requests iterations as events, a pool executes them, the parent
-records the best. Also resumes a sweep whose driver died, from what the log says."""
+records the best. Also resumes a sweep whose driver died (or left it unfinished: SweepNotFinished),
+from what the log says."""
 
 from __future__ import annotations
 
@@ -284,8 +285,9 @@ def _ended_before_loss(svc: Services, watcher: ChildWatcher, iterations: list[in
 
 def _leave_to_resume(svc: Services, parent: RunContext, iterations: list[int], cause: BusNotRead) -> NoReturn:
     """Stop without ending the sweep's run: its heartbeats stop, so it reads 'lost' and `resume`
-    finishes it from the log. SweepNotFinished (a line on the run's stderr too) names `iterations`,
-    whose end the bus did not show, the setting to raise and the command."""
+    finishes it from the log (it marks the dead workers' iterations 'lost' from the projection,
+    which this driver's reading of the bus cannot do now). SweepNotFinished (a line on the run's
+    stderr too) names `iterations`, whose end the bus did not show, the setting to raise and the command."""
     message = (f"sweep {parent.uid}: after a worker died, the bus could not be read up to its end within "
                f"{svc.settings.flush_timeout_s:g}s (RUNBUS_FLUSH_TIMEOUT) to see whether iterations {iterations} "
                f"finished, so none of them ran again and the sweep's run is left unfinished; raise "
