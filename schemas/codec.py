@@ -236,7 +236,9 @@ def _events_of_columns(batch: dict[str, Any]) -> list[Event]:
 
 
 class EventCodec:
-    """Encodes events with `schema` and decodes records written by it or any of `history`.
+    """Encodes events with `schema` and decodes records written by it, by any of `history` (earlier
+    event schemas) or by any of `batch_history` (columnar schemas released versions wrote; by default
+    the saved ones in avro/history).
 
     A bus record holds one event, or (as the background writer sends them) a batch of one run's
     consecutive events, as rows or columns; each kind is tagged with its own schema's fingerprint.
