@@ -218,7 +218,7 @@ class ServiceClient:
             try:
                 answer = self._receive(conn, bound_s, f"a {request['op']} request")
                 break
-            except EOFError:  # a stopping service drops what it did not begin: ask the next one
+            except _GONE:  # a stopping service drops what it did not begin: ask the next one
                 if time.monotonic() > deadline:
                     raise ProjectionBusy(f"the projection service of {self.address.home} went away during "
                                          f"a {request['op']} request (see {self.address.log})") from None

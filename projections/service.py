@@ -103,7 +103,8 @@ class ServiceAddress:
 def follower_waits(address: ServiceAddress) -> bool:
     """Whether a follower holds the home's follower mark (a lock it takes before it asks a reader's
     service to stop, and keeps until it exits): no service a reader starts may take the home then.
-    The mark is a lock, so a follower that was killed holds none."""
+    The mark is a lock, so a follower that was killed holds none. ProjectionBusy names a mark that
+    cannot be probed (a folder, a link, another user's file)."""
     if not address.follower.exists():
         return False
     probe = FileLock(str(address.follower), mode=0o600, thread_local=False)
@@ -111,8 +112,16 @@ def follower_waits(address: ServiceAddress) -> bool:
         probe.acquire(blocking=False)
     except Timeout:
         return True
+    except OSError as exc:
+        raise ProjectionBusy(f"the follower mark {address.follower} cannot be read ({type(exc).__name__}: "
+                             f"{exc.strerror or exc}); remove it if no `runbus project --follow` runs") from None
     probe.release()
     return False
+
+
+class _Stopping(ProjectionBusy):
+    """A request this service will not answer because it is stopping: its connection is closed
+    unanswered, and the client asks the next service (a follower, or one it has started)."""
 
 
 def read_key(path: Path) -> bytes | None:
@@ -212,7 +221,7 @@ class _PastProjections:
             build = self.building.get(key)
             if build is None:
                 if self.stop.is_set():
-                    raise ProjectionBusy(f"the projection service of {self.home} is stopping: ask again")
+                    raise _Stopping(f"the projection service of {self.home} is stopping")
                 if len(self.building) >= _AS_OF_BUILDS:  # each holds a replay of the log in memory
                     under_way = ", ".join(repr(p[0] if len(p) == 1 else p) for _, p in self.building)
                     raise ProjectionBusy(
@@ -223,8 +232,8 @@ class _PastProjections:
         started = time.monotonic()
         while not build.done.wait(max(0.0, min(deadline - time.monotonic(), _STOP_CHECK_S))):
             if self.stop.is_set():
-                raise ProjectionBusy(f"the projection service of {self.home} is stopping: the projection "
-                                     f"as of {as_of!r} was not built; ask again (a new service builds it)")
+                raise _Stopping(f"the projection service of {self.home} is stopping: the projection "
+                                f"as of {as_of!r} was not built")
             if time.monotonic() >= deadline:
                 raise ProjectionBusy(
                     f"the projection service of {self.home} is still building the projection as of {as_of!r} "
@@ -580,8 +589,7 @@ class ProjectionService:
                 if behind == 0:  # answered even while stopping: sessions under way end before the file closes
                     return
                 if self.stop.is_set():
-                    raise ProjectionBusy(f"the projection service of {self.address.home} is stopping: ask again "
-                                         f"(a reader has a new one started; a follower takes over)")
+                    raise _Stopping(f"the projection service of {self.address.home} is stopping")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ProjectionBusy(
@@ -590,11 +598,20 @@ class ProjectionService:
                 self._progress.wait(min(remaining, _STOP_CHECK_S))
 
     def rebuild(self) -> int:
-        """Drop every table and fold the whole log again; returns the records folded."""
+        """Drop every table and fold the whole log again; returns the records folded. A stop ends
+        it between two batches (each commits with its positions, so the next service folds on from
+        there) and the request goes unanswered, to be asked of the next service."""
         assert self._projector is not None
+
+        def unless_stopping(_: Any) -> None:
+            if self.stop.is_set():
+                raise _Stopping(f"the projection service of {self.address.home} is stopping")
+
         with self._fold_lock:
-            count = self._projector.rebuild()
-            self._publish(self._projector.positions())
+            try:
+                count = self._projector.rebuild(unless_stopping)
+            finally:
+                self._publish(self._projector.positions())
         return count
 
     # -- readers ------------------------------------------------------------------------------
@@ -616,8 +633,8 @@ class ProjectionService:
                 try:
                     if not self._handle(conn, json.loads(message)):
                         return
-                except (EOFError, OSError):
-                    return
+                except (EOFError, OSError, _Stopping):
+                    return  # _Stopping: unanswered, the client asks the next service
                 except Exception as exc:  # the client gets it, in one line
                     self._answer_error(conn, exc)
                 finally:

@@ -66,6 +66,8 @@ def test_a_follower_gets_the_home_of_a_service_stopped_with_a_session_open_and_a
     served: list[bool] = []
     try:
         threading.Thread(target=hold_a_session, daemon=True).start()
+        # the session opens once the fold has reached the bus: the hurried reader then waits for no fold
+        wait_until(session_open.is_set, "a session is open")
         threading.Thread(target=ask_the_past, daemon=True).start()
         wait_until(lambda: session_open.is_set() and building.is_set(),
                    "a session is open and a past projection is being built")

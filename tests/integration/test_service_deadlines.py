@@ -211,15 +211,44 @@ def test_an_as_of_read_whose_past_is_still_being_built_is_told_so_by_the_service
     assert past.name.tolist() == ["run0", "run1"]
 
 
-def test_a_catch_up_under_way_ends_at_once_when_the_service_stops(
-        served: tuple[ProjectionService, ServiceClient]) -> None:
-    service, client = served
+class _StartedInThread:
+    """What a client's `start` returns (a Popen's `poll`) for a service it started on a thread."""
+
+    def poll(self) -> int | None:
+        return None
+
+
+@pytest.mark.parametrize("request_kind", ["catch_up", "answer"])
+def test_a_reader_behind_the_fold_when_the_service_stops_is_answered_by_the_next_one(
+        served: tuple[ProjectionService, ServiceClient], request_kind: str) -> None:
+    service, _ = served
+    svc = session().services
+    started: list[tuple[Iterator[ProjectionService], Any]] = []
+
+    def start() -> _StartedInThread:  # the next service, as a reader's client starts one
+        bus = make_bus(svc.settings.bus_url, svc.settings)
+        serving = serving_in_thread(build_service(svc.settings, bus))
+        serving.__enter__()
+        started.append((serving, bus))
+        return _StartedInThread()
+
+    client = ServiceClient(service.address, svc.bus, start=start, timeout_s=30)
     service.pause_folding()
-    session().services.bus.append([("behind", b"not an event")])
-    thread, outcome = _read_in_thread(client.catch_up)  # waits up to 30 s for the paused fold
-    wait_until(lambda: service.requests_under_way == 1, "the catch-up is under way")
-    service.shutdown()
-    thread.join(20)  # well below the 30 s the catch-up would otherwise wait
-    assert not thread.is_alive(), "a catch-up still waits for the fold of a service that is stopping"
-    [error] = outcome
-    assert isinstance(error, ProjectionBusy) and "is stopping" in str(error), error
+    svc.bus.append([("behind", b"not an event")])  # the reader's offsets are past the paused fold
+    thread, outcome = _read_in_thread(
+        client.catch_up if request_kind == "catch_up"
+        else lambda: int(client.answer([("SELECT 42 AS x", None)])[0].x[0]))
+    try:
+        wait_until(lambda: service.requests_under_way == 1, "the request is under way")
+        service.shutdown()  # a follower's takeover asks this
+        thread.join(60)
+        assert not thread.is_alive(), "the reader still waits"
+        [answer] = outcome
+        # not "is stopping": the stopping service dropped the request and the client asked the next one
+        assert not isinstance(answer, Exception), answer
+        assert answer == 42 if request_kind == "answer" else isinstance(answer, int), answer
+        assert len(started) == 1
+    finally:
+        for serving, bus in started:
+            serving.__exit__(None, None, None)
+            bus.close()
