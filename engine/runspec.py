@@ -52,10 +52,20 @@ class RunSpec:
                        params={**self.params, **params}, extra={})
 
 
-def _record_iterations(parent: RunContext, iterations: Any, best: int | None,
-                       best_artifacts: Sequence[DataItem] = ()) -> None:
-    """engine.sweep.summary.record_iterations, imported when a sweep's parent records them: it needs
-    pandas and numpy, which a run that is no sweep then never loads."""
-    from engine.sweep.summary import record_iterations
+class _IterationsRecorder:
+    """engine.sweep.summary.record_iterations, imported when a run makes its first child
+    (`prepare`): it needs pandas and numpy, which a run without children never loads, and a
+    script's run records its iterations at exit, when Python refuses the atexit hooks pandas'
+    imports register."""
 
-    record_iterations(parent, iterations, best, best_artifacts)
+    def prepare(self) -> None:
+        import engine.sweep.summary  # noqa: F401
+
+    def __call__(self, parent: RunContext, iterations: Any, best: int | None,
+                 best_artifacts: Sequence[DataItem] = ()) -> None:
+        from engine.sweep.summary import record_iterations
+
+        record_iterations(parent, iterations, best, best_artifacts)
+
+
+_record_iterations = _IterationsRecorder()

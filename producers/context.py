@@ -423,6 +423,9 @@ class RunContext:
             raise ValueError(f"run {self.uid} is iteration {self.iteration}: an iteration cannot have children")
         if self._iterations_recorder is None:
             raise RuntimeError(f"run {self.uid} was made without an iterations recorder: it cannot have children")
+        prepare = getattr(self._iterations_recorder, "prepare", None)
+        if prepare is not None:
+            prepare()  # loads what recording needs now: a script's run records them at exit
         with self._emit_lock:
             if self._finished:
                 raise RunFinishedError(f"run {self.uid} has finished ({self.state}): no child can start")
