@@ -14,7 +14,6 @@ import ssl
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -39,8 +38,8 @@ class KafkaSecurityError(ValueError):
 
 def _read_secret(kind: str, where: str, env: Mapping[str, str] | None = None) -> str:
     """The value of the variable `where` (kind 'env') in `env` (default: the environment), or the
-    content of the file `where` ('file') without its final newline; a file that group or others
-    may read or write is refused."""
+    content of the file `where` ('file') without its final newline. The user's own file must be
+    owner-only; another owner's (a mounted secret) must not be writable by others."""
     if kind == "env":
         value = (os.environ if env is None else env).get(where)
         if not value:
@@ -48,14 +47,21 @@ def _read_secret(kind: str, where: str, env: Mapping[str, str] | None = None) ->
                                                  f"which is {'empty' if value == '' else 'not set'}")
         return value
     try:
-        value = Path(where).read_text(encoding="utf-8")
-        mode = Path(where).stat().st_mode
+        with open(where, encoding="utf-8") as file:
+            found = os.fstat(file.fileno())  # the file read, whatever the path points to meanwhile
+            value = file.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise KafkaSecurityError("password", f"={where!r}: the file cannot be read: "
                                              f"{getattr(exc, 'strerror', None) or exc}") from None
-    if mode & 0o077:  # as libpq refuses a .pgpass and ssh a key that others may read
-        raise KafkaSecurityError("password", f"={where!r}: other users may read or change the file (mode "
-                                             f"{stat.S_IMODE(mode):04o}): make it owner-only (chmod 600)")
+    # as libpq refuses a .pgpass others may read: the user's own file must be owner-only; a file of
+    # another owner (a secret root mounts in a container, 0444/0644) the user cannot chmod, so only
+    # one that others may change is refused
+    loose = 0o077 if found.st_uid == os.getuid() else 0o022
+    if found.st_mode & loose:
+        fix = "make it owner-only (chmod 600)" if loose == 0o077 else "ask its owner to make it read-only for others"
+        raise KafkaSecurityError("password", f"={where!r}: other users may "
+                                             f"{'read or change' if loose == 0o077 else 'change'} the file "
+                                             f"(mode {stat.S_IMODE(found.st_mode):04o}): {fix}")
     value = value.removesuffix("\n").removesuffix("\r")  # editors end a file with a newline
     if not value:
         raise KafkaSecurityError("password", f"={where!r}: the file is empty")

@@ -175,6 +175,20 @@ def test_a_password_file_others_may_read_or_change_is_refused_naming_it(tmp_path
     assert _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(tmp_path / "password")).kafka_security
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a file another owner needs root")
+def test_a_mounted_secret_of_another_owner_is_read_unless_others_may_change_it(tmp_path: Path) -> None:
+    mounted = tmp_path / "password"  # as Docker or Kubernetes mount a secret: root's, 0444 or 0644
+    _owner_only(mounted, "s3cret-pw")
+    os.chown(mounted, 65534, 65534)
+    for mode in (0o444, 0o644, 0o440):
+        mounted.chmod(mode)
+        settings = _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(mounted))
+        assert settings.kafka_security.client_config()["sasl_plain_password"] == "s3cret-pw"
+    mounted.chmod(0o666)
+    with pytest.raises(SettingsError, match=r"other users may change the file \(mode 0666\)"):
+        _settings(tmp_path, **SASL, RUNBUS_KAFKA_PASSWORD_FILE=str(mounted))
+
+
 def test_a_client_certificate_whose_key_does_not_fit_is_named(tmp_path: Path) -> None:
     ca = _self_signed_ca(tmp_path, "one")
     other = _self_signed_ca(tmp_path, "two")
