@@ -64,9 +64,11 @@ _PRODUCER = {"enable_idempotence": True, "acks": "all", "linger_ms": 10, "batch_
              "max_request_size": 8 * 1024 * 1024, "max_in_flight_requests_per_connection": 5,
              "compression_type": _COMPRESSION, "delivery_timeout_ms": 60_000, "max_block_ms": 30_000,
              "allow_auto_create_topics": False}
+# fetches of at most 8 MB (2 MB a partition): the projection service holds what it fetched while it
+# folds, and larger ones raised its peak RSS over 1M events by ~20 MB at no gain in events/s
 _CONSUMER = {"group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest",
-             "fetch_min_bytes": 1, "fetch_max_wait_ms": 100, "fetch_max_bytes": 64 * 1024 * 1024,
-             "max_partition_fetch_bytes": 8 * 1024 * 1024, "check_crcs": _FAST_CRC,
+             "fetch_min_bytes": 1, "fetch_max_wait_ms": 100, "fetch_max_bytes": 8 * 1024 * 1024,
+             "max_partition_fetch_bytes": 2 * 1024 * 1024, "check_crcs": _FAST_CRC,
              "allow_auto_create_topics": False}
 _MIN_POLL_MS = 50  # a poll with timeout 0 only returns what is already buffered
 _CATCH_UP_S = 10.0  # how long a read keeps polling for records the broker says exist
