@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -122,3 +123,14 @@ def median(values: Iterable[float]) -> float:
 def runbus_environment() -> dict[str, str]:
     """The RUNBUS_* variables, for child processes that must use the same home and bus."""
     return {key: value for key, value in os.environ.items() if key.startswith("RUNBUS_")}
+
+
+def end_child(process: subprocess.Popen[bytes] | subprocess.Popen[str], timeout_s: float) -> None:
+    """Close the child's stdin (its cue to exit) and wait for it; killed after `timeout_s`."""
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

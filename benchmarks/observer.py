@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from benchmarks.common import ROOT, runbus_environment
+from benchmarks.common import ROOT, end_child, runbus_environment
 
 _POLL_S = 0.005
 TIMEOUT_S = 300.0
@@ -58,13 +58,7 @@ class Observer:
         return int(self._ask({"sql": sql, "params": list(params), "expected": expected})["queries"])
 
     def close(self) -> None:
-        if self._process.stdin is not None:
-            self._process.stdin.close()
-        try:
-            self._process.wait(30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        end_child(self._process, 30)
 
     def __enter__(self) -> Observer:
         return self

@@ -38,7 +38,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from benchmarks.common import ROOT, Outcome, fresh_home, median
+from benchmarks.common import ROOT, Outcome, end_child, fresh_home, median
 from benchmarks.phases import add, phase
 from engine.bootstrap import Services, bootstrap
 from engine.runspec import RunSpec
@@ -325,13 +325,7 @@ class Measurer:
         return dict(json.loads(line))
 
     def close(self) -> None:
-        if self._process.stdin is not None:
-            self._process.stdin.close()
-        try:
-            self._process.wait(60)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        end_child(self._process, 60)
 
 
 def serve_measurements(scratch: Path) -> None:
