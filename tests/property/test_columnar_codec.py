@@ -174,5 +174,5 @@ def test_columnar_bytes_decode_to_their_events_or_are_one_decode_error_naming_th
     event(f"{damage}: {'refused' if isinstance(by_events, DecodeError) else 'decoded'}")
     if isinstance(by_events, DecodeError):
         assert isinstance(by_columns, DecodeError)  # fastavro's message names a stream object: differs
-    else:
-        assert by_columns == by_events
+    else:  # compared as text: a damaged double may decode to NaN, which equals nothing, itself included
+        assert repr(by_columns) == repr(by_events)
