@@ -25,6 +25,8 @@ from producers.console import STREAMS, RunOutput
 from producers.data_item import DataItem
 from producers.redact import RedactingLogger, Redactor
 from producers.values import (
+    INT64_MAX,
+    INT64_MIN,
     InvalidValue,
     check_key,
     check_text,
@@ -34,7 +36,7 @@ from producers.values import (
     to_step,
     to_timestamp,
 )
-from producers.writer import BackgroundWriter
+from producers.writer import BackgroundWriter, MetricPoint
 
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is used: a job that logs none starts without it
     import pandas as pd
@@ -300,20 +302,21 @@ class RunContext:
                     timestamp: float | None = None) -> None:
         """Several points; all are validated before any is logged."""
         points = [self._metric(key, value, step, timestamp) for key, value in metrics.items()]
-        for payload, now in points:
-            self._emit("metric", payload, now)
+        for point, now in points:
+            self._emit("metric", point, now)
 
-    def _metric(self, key: str, value: Any, step: Any, timestamp: Any) -> tuple[dict[str, Any], float]:
-        """The metric event's payload, validated, and the time it was logged."""
+    def _metric(self, key: str, value: Any, step: Any, timestamp: Any) -> tuple[MetricPoint, float]:
+        """The metric event's payload (as a MetricPoint), validated, and the time it was logged."""
         logged_key = self._metric_keys.get(key)
         if logged_key is None:  # the hot path: the same few keys, checked and masked once each
             logged_key = self._redact(check_key("metric", key))
             if len(self._metric_keys) < _KNOWN_KEYS:
                 self._metric_keys[key] = logged_key
         number = value if type(value) is float else to_number("metric", key, value)
+        if not (step is None or (type(step) is int and INT64_MIN <= step <= INT64_MAX)):
+            step = to_step("metric", key, step)
         now = time.time()
-        return {"key": logged_key, "value": number, "step": to_step("metric", key, step),
-                "timestamp": now if timestamp is None else to_timestamp("metric", key, timestamp)}, now
+        return (logged_key, number, step, now if timestamp is None else to_timestamp("metric", key, timestamp)), now
 
     def set_label(self, key: str, value: Any, replace: bool = True) -> None:
         """Set a label (its value as str); the key and value must be valid UTF-8 text."""
@@ -514,13 +517,14 @@ class RunContext:
     def _emit_log(self, payload: dict[str, Any], ts: float, text_chars: int) -> None:
         self._emit("log", payload, ts, text_chars=text_chars)
 
-    def _emit(self, event_type: str, payload: dict[str, Any], ts: float | None = None, *,
+    def _emit(self, event_type: str, payload: dict[str, Any] | MetricPoint, ts: float | None = None, *,
               last: bool = False, text_chars: int = 0) -> None:
         # wait for room holding no lock; RunFinishedError names what was not logged
         self._writer.wait_for_room()
         with self._emit_lock:
             if self._finished:
-                what = f"{event_type} {payload.get('key')!r}" if "key" in payload else event_type
+                key = payload[0] if type(payload) is tuple else payload.get("key")
+                what = event_type if key is None else f"{event_type} {key!r}"
                 raise RunFinishedError(f"run {self.uid} has finished ({self.state}): {what} was not logged")
             self._writer.emit(self.uid, next(self._seq), event_type, payload, ts, self.stream, wait=False,
                               text_chars=text_chars)

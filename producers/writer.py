@@ -31,6 +31,8 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +101,18 @@ class _FlushMarker:
         self.problem: str | None = None
 
 
-# run uid, seq, type, ts, payload, stream, characters of text it carries (for the memory bound)
-_Item = tuple[str, int, str, float, dict[str, Any], str, int]
+# A metric's payload as (key, value, step, timestamp): a queued metric event carries it flattened
+# (see _Item), a tuple of atoms, which the cyclic GC stops tracking at its first pass. A payload
+# dict would keep the queued item tracked, and every collection would walk the backlog (it was
+# a third of a producer's CPU).
+MetricPoint = tuple[str, float, int | None, float]
+# A queued event: (run uid, seq, type, ts, stream, characters of text it carries (for the memory
+# bound), payload dict), or for a metric given as its point (run uid, seq, "metric", ts, stream,
+# 0, key, value, step, timestamp).
+_Item = tuple[Any, ...]
+_POINT = 6  # where an item's payload, or its metric point, begins
+_run_and_stream = itemgetter(0, 4)
+_run_of = itemgetter(0)
 
 _UUID_BYTES = 16
 # byte 6 of a uuid4 holds its version (4) in the high nibble, byte 8 its variant (10xx) in the high bits
@@ -117,18 +129,6 @@ def event_ids(count: int) -> list[str]:
     text = raw.hex()
     width = 2 * _UUID_BYTES
     return [text[start:start + width] for start in range(0, len(text), width)]
-
-
-def _by_stream(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The records cut where the stream changes (a run's heartbeats travel on a stream of their own)."""
-    segments: list[list[dict[str, Any]]] = []
-    stream = None
-    for record in records:
-        if not segments or record["stream"] != stream:
-            stream = record["stream"]
-            segments.append([])
-        segments[-1].append(record)
-    return segments
 
 
 class BackgroundWriter:
@@ -183,10 +183,11 @@ class BackgroundWriter:
 
     # -- job threads ------------------------------------------------------------------------------
 
-    def emit(self, run_uid: str, seq: int, event_type: str, payload: dict[str, Any],
+    def emit(self, run_uid: str, seq: int, event_type: str, payload: dict[str, Any] | MetricPoint,
              ts: float | None = None, stream: str = "", *, wait: bool = True, urgent: bool = False,
              text_chars: int = 0) -> None:
-        """Queue one event of `stream` (see `Event`); the caller has validated the payload.
+        """Queue one event of `stream` (see `Event`); the caller has validated the payload. A
+        metric's payload may be given as its MetricPoint (the cheaper form: see `MetricPoint`).
 
         `urgent` events (heartbeats, on a stream of their own) are appended ahead of the queue.
         `text_chars` is how much text the payload carries (console output counts towards
@@ -196,7 +197,16 @@ class BackgroundWriter:
             raise RuntimeError(self._closed_why)
         if event_type not in RECORD_OF_TYPE:
             raise ValueError(f"unknown event type {event_type!r}")
-        item = (run_uid, seq, event_type, time.time() if ts is None else ts, payload, stream, text_chars)
+        if ts is None:
+            ts = time.time()
+        if type(payload) is not tuple:
+            item = (run_uid, seq, event_type, ts, stream, text_chars, payload)
+        elif event_type == "metric" and len(payload) == 4:
+            key, value, step, timestamp = payload
+            item = (run_uid, seq, event_type, ts, stream, text_chars, key, value, step, timestamp)
+        else:
+            raise TypeError(f"the payload of a {event_type} event must be a dict (or for a metric, its "
+                            f"(key, value, step, timestamp)), not a tuple of {len(payload)}")
         if text_chars:
             with self._text_lock:
                 self._pending_text += text_chars
@@ -338,22 +348,7 @@ class BackgroundWriter:
             self._retry_spill()
             if not (self._pending or self._urgent):
                 return
-            items: list[_Item] = []
-            while self._urgent:
-                items.append(self._urgent.popleft())
-            markers: list[_FlushMarker] = []
-            taken = text = 0
-            while self._pending and taken < self._max_batch:
-                item = self._pending.popleft()
-                if isinstance(item, _FlushMarker):
-                    markers.append(item)
-                    break
-                items.append(item)
-                text += item[6]
-                taken += 1
-            if text:
-                with self._text_lock:
-                    self._pending_text -= text
+            items, markers = self._take()
             try:
                 self._write(items)
             except Exception as exc:  # a bug: say so at the flush that waits for these events
@@ -367,6 +362,28 @@ class BackgroundWriter:
                     marker.problem = self._recent_problems[-min(new, len(self._recent_problems))] + more
                 marker.done.set()
 
+    def _take(self) -> tuple[list[_Item], list[_FlushMarker]]:
+        """The next batch: the urgent events, then up to `max_batch` queued ones, ending at the
+        first flush marker (which is returned, to be set once the batch is written)."""
+        urgent, pending = self._urgent, self._pending
+        items: list[Any] = [urgent.popleft() for _ in range(len(urgent))]
+        # only this thread takes from the queues; job threads append meanwhile
+        taken = [pending.popleft() for _ in range(min(len(pending), self._max_batch))]
+        markers: list[_FlushMarker] = []
+        for at, item in enumerate(taken):
+            if type(item) is _FlushMarker:
+                markers.append(item)
+                pending.extendleft(reversed(taken[at + 1:]))  # after the marker: the next batch's
+                del taken[at:]
+                break
+        items += taken
+        if self._pending_text:  # only console output declares text
+            text = sum(item[5] for item in items)
+            if text:
+                with self._text_lock:
+                    self._pending_text -= text
+        return items, markers
+
     def _problem(self, message: str, logged: bool = True) -> None:
         if logged:
             log.error("%s", message)
@@ -374,10 +391,7 @@ class BackgroundWriter:
         self._recent_problems.append(message)
 
     def _write(self, items: list[_Item]) -> None:
-        by_run: dict[str, list[dict[str, Any]]] = {}
-        for item, event_id in zip(items, event_ids(len(items)), strict=True):
-            by_run.setdefault(item[0], []).append(self._record(item, event_id))
-        records = [(run_uid, data) for run_uid, events in by_run.items() for data in self._encode(run_uid, events)]
+        records = self._encode(items)
         if not records:
             return
         if self._refused is None:
@@ -392,23 +406,33 @@ class BackgroundWriter:
                 pass
         self._keep(records, self._refused or f"the bus stayed unreachable ({self._last_error})")
 
-    def _record(self, item: _Item, event_id: str) -> dict[str, Any]:
-        run_uid, seq, event_type, ts, payload, stream, _ = item
-        return {"event_id": event_id, "run_uid": run_uid, "seq": seq, "stream": stream,
-                "type": event_type, "ts": ts,
-                "host": self._host, "pid": self._pid, "schema_version": SCHEMA_VERSION,
-                "payload": (self._codec.record_name(event_type), payload)}
-
-    def _encode(self, run_uid: str, records: list[dict[str, Any]]) -> list[bytes]:
-        """One run's events as batch records of at most `events_per_record` events each, in order; a
-        record holds events of one stream (a columnar record, see EventCodec.encode_batch)."""
-        encoded: list[bytes] = []
-        for segment in _by_stream(records):
-            for start in range(0, len(segment), self._events_per_record):
-                self._encode_chunk(run_uid, segment[start:start + self._events_per_record], encoded)
+    def _encode(self, items: list[_Item]) -> list[tuple[str, bytes]]:
+        """The events as bus records (run uid, bytes): each run's events in order, cut where the
+        stream changes (heartbeats travel on a stream of their own) and every `events_per_record`
+        events (a columnar record, see EventCodec.encode_batch); runs in the order they came."""
+        runs = dict.fromkeys(map(_run_of, items))
+        if len(runs) > 1:
+            rank = {run_uid: at for at, run_uid in enumerate(runs)}
+            items = sorted(items, key=lambda item: rank[item[0]])  # stable: a run's events keep their order
+        encoded: list[tuple[str, bytes]] = []
+        size = self._events_per_record
+        for (run_uid, _), segment in groupby(items, key=_run_and_stream):
+            events = list(segment)
+            for start in range(0, len(events), size):
+                # a chunk's records at a time: they are GC-tracked, so they should die young
+                self._encode_chunk(run_uid, self._records(events[start:start + size]), encoded)
         return encoded
 
-    def _encode_chunk(self, run_uid: str, chunk: list[dict[str, Any]], out: list[bytes]) -> None:
+    def _records(self, chunk: list[_Item]) -> list[dict[str, Any]]:
+        """The events of `chunk` as Avro records (envelope form), each with a new event id."""
+        host, pid, version, names = self._host, self._pid, SCHEMA_VERSION, RECORD_OF_TYPE
+        return [{"event_id": event_id, "run_uid": item[0], "seq": item[1], "stream": item[4], "type": item[2],
+                 "ts": item[3], "host": host, "pid": pid, "schema_version": version,
+                 "payload": (names[item[2]], item[_POINT] if len(item) == _POINT + 1 else  # else a metric point
+                             {"key": item[6], "value": item[7], "step": item[8], "timestamp": item[9]})}
+                for item, event_id in zip(chunk, event_ids(len(chunk)), strict=True)]
+
+    def _encode_chunk(self, run_uid: str, chunk: list[dict[str, Any]], out: list[tuple[str, bytes]]) -> None:
         try:
             data = self._codec.encode_batch(chunk)
         except ValueError as exc:
@@ -417,7 +441,7 @@ class BackgroundWriter:
                 return
         else:
             if len(data) <= self._max_record_bytes or len(chunk) == 1:
-                out.append(data)
+                out.append((run_uid, data))
                 return
         half = len(chunk) // 2  # too large, or one event in it does not encode: halve, keep the order
         self._encode_chunk(run_uid, chunk[:half], out)
