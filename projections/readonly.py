@@ -136,9 +136,9 @@ def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TI
         seal(session)
 
     def fetch(query: str, params: Sequence[Any] | None = None) -> pa.Table:
-        check_read_only(query)
+        statement = check_read_only(query)
         try:
-            return _read_only_statement(session, query, params, timeout_s)
+            return _read_only_statement(session, statement, params, timeout_s)
         except BaseException:
             with suppress(duckdb.Error):
                 session.execute("ROLLBACK")
@@ -154,14 +154,16 @@ def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TI
         session.close()
 
 
-def _read_only_statement(session: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None,
-                         timeout_s: float) -> pa.Table:
-    shown = " ".join(query.split())[:120]
+def _read_only_statement(session: duckdb.DuckDBPyConnection, statement: duckdb.Statement,
+                         params: Sequence[Any] | None, timeout_s: float) -> pa.Table:
+    """The answer to `statement`, the one `check_read_only` parsed: what was checked is what runs,
+    and the text is not parsed twice."""
+    shown = " ".join(statement.query.split())[:120]
     deadline = _DEADLINES.arm(session, timeout_s)
     try:
         # a relation answers in Arrow without the copy a DB-API result makes
-        return session.sql(query, params=list(params)).to_arrow_table() if params else \
-            session.sql(query).to_arrow_table()
+        return session.sql(statement, params=list(params)).to_arrow_table() if params else \
+            session.sql(statement).to_arrow_table()
     except duckdb.InterruptException:
         raise QueryTimeout(f"the query ran longer than {timeout_s:g}s and was stopped (in {shown!r})") from None
     except (duckdb.TransactionException, duckdb.PermissionException) as exc:
