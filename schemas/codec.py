@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -180,10 +180,17 @@ class MetricColumns:
     def events(self) -> list[Event]:
         """The events, exactly as EventCodec.decode_all gives them."""
         run_uid, stream, host, pid, version = self.run_uid, self.stream, self.host, self.pid, self.schema_version
-        return [Event(event_id, run_uid, seq, "metric", ts, host, pid,
-                      {"key": key, "value": value, "step": step, "timestamp": timestamp}, version, stream)
-                for event_id, seq, ts, key, value, step, timestamp
-                in zip(self.event_id, self.seq, self.ts, self.key, self.value, self.step, self.timestamp, strict=True)]
+        return [Event(event_id, run_uid, seq, "metric", ts, host, pid, payload, version, stream)
+                for event_id, seq, ts, payload
+                in zip(self.event_id, self.seq, self.ts,
+                       _metric_payloads(self.key, self.value, self.step, self.timestamp), strict=True)]
+
+
+def _metric_payloads(keys: list[str], values: list[float], steps: list[int | None],
+                     stamps: list[float]) -> Iterator[dict[str, Any]]:
+    """The payload of each metric event of a columnar batch, in order (the metric record's fields)."""
+    return ({"key": key, "value": value, "step": step, "timestamp": timestamp}
+            for key, value, step, timestamp in zip(keys, values, steps, stamps, strict=True))
 
 
 def _check_columns(batch: dict[str, Any]) -> int:
@@ -213,20 +220,17 @@ def _metric_columns(batch: dict[str, Any]) -> MetricColumns:
 
 
 def _events_of_columns(batch: dict[str, Any]) -> list[Event]:
-    """The events of a decoded columnar batch, in order; DecodeError naming what is inconsistent."""
-    _check_columns(batch)
+    """The events of a decoded columnar batch whose columns agree (`_check_columns`), in order;
+    DecodeError naming a payload that is not its event type's record."""
     ids, seqs, types, times = batch["event_id"], batch["seq"], batch["type"], batch["ts"]
-    keys, values, steps, stamps = (batch["metric_key"], batch["metric_value"], batch["metric_step"],
-                                   batch["metric_timestamp"])
-    payloads = batch["payloads"]
     run_uid, stream, host, pid, version = (batch[name] for name in _SHARED)
-    metric_payloads = iter(zip(keys, values, steps, stamps, strict=True))
-    other_payloads = iter(payloads)
+    metric_payloads = _metric_payloads(batch["metric_key"], batch["metric_value"], batch["metric_step"],
+                                       batch["metric_timestamp"])
+    other_payloads = iter(batch["payloads"])
     events = []
     for event_id, seq, kind, ts in zip(ids, seqs, types, times, strict=True):
         if kind == "metric":
-            key, value, step, timestamp = next(metric_payloads)
-            payload = {"key": key, "value": value, "step": step, "timestamp": timestamp}
+            payload = next(metric_payloads)
         else:
             name, payload = next(other_payloads)
             if TYPE_OF_RECORD.get(name) != kind:
@@ -339,10 +343,8 @@ class EventCodec:
 
     def decode_all(self, data: bytes) -> list[Event]:
         """The events of a record, single or batch (rows or columns), in order."""
-        decoded, kind = self._decode(data)
-        if kind == _COLUMNS:
-            return _events_of_columns(decoded)
-        return [self.from_record(record) for record in decoded] if kind == _ROWS else [self.from_record(decoded)]
+        decoded = self.decode_columns(data)
+        return decoded.events() if isinstance(decoded, MetricColumns) else decoded
 
     def decode_columns(self, data: bytes) -> list[Event] | MetricColumns:
         """As `decode_all`, but a columnar record of metric events only (as the background writer
