@@ -337,7 +337,8 @@ def _metric(batch: TableBatch, event: Event) -> None:
 
 def _label(batch: TableBatch, event: Event) -> None:
     batch.labels[(event.run_uid, event.payload["key"])] = event.payload["value"]
-    batch.labelled_runs.add(event.run_uid)
+    if event.run_uid in batch.states:  # a run not started yet has no row to label, whatever the batching
+        batch.labelled_runs.add(event.run_uid)
 
 
 def _artifact(batch: TableBatch, event: Event) -> None:

@@ -205,9 +205,10 @@ def write_runs_wide(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
             SELECT uid, kind, key, num FROM _wide_old
             UNION ALL SELECT uid, 'param', key, value_num FROM params WHERE uid IN (SELECT uid FROM _wide_new)
             UNION ALL SELECT uid, 'result', key, value_num FROM results WHERE uid IN (SELECT uid FROM _wide_new)"""
+        # a batch of metrics for runs started before changes no value: no statement for it
         keys = con.execute(f"SELECT kind, key, bool_or(num IS NOT NULL) FROM ({values}) GROUP BY ALL "
-                           "ORDER BY kind, key").fetchall()
-        columns = _ensure_value_columns(con, [(kind, key) for kind, key, numeric in keys if numeric])
+                           "ORDER BY kind, key").fetchall() if batch.new_runs or old_values else []
+        columns = _ensure_value_columns(con, [(kind, key) for kind, key, numeric in keys if numeric]) if keys else {}
         if touched:
             _stage(con, "_wide_touched", {"uid": list(touched)}, staged)
             names = ", ".join(RUN_COLUMNS)
