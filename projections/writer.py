@@ -7,7 +7,6 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import duckdb
-import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -35,13 +34,6 @@ _TYPES = {"position": pa.int64(), "partition": pa.int32(), "offset": pa.int64(),
 _TYPED = {"_events", "_metrics"}
 _EVENT_COLUMNS = ("position", "partition", "offset", "event_id", "run_uid", "seq", "type", "ts", "payload", "stream")
 _METRIC_COLUMNS = ("uid", "key", "step", "value", "ts")
-# The payload of metric events given as columns is put together by DuckDB from these staged texts
-# (NULL in rows that bring their payload): orjson's text of each field, so it is the text orjson
-# gives the decoded payload, as `check_event` stores it for an event folded on its own.
-_PAYLOAD_PARTS = ("p_key", "p_value", "p_step", "p_timestamp")
-_STAGED_EVENT_COLUMNS = (*_EVENT_COLUMNS, *_PAYLOAD_PARTS)
-_PAYLOAD_SQL = ("""coalesce(payload, '{"key":' || p_key || ',"value":' || p_value || ',"step":' || p_step """
-                """|| ',"timestamp":' || p_timestamp || '}')""")
 
 
 def _table(name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> pa.Table:
@@ -50,10 +42,6 @@ def _table(name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
         arrays = [pa.array(column, type=_TYPES[c]) for c, column in zip(columns, values, strict=True)]
     else:
         arrays = [pa.array(column) for column in values]
-    if name == "_events":  # rows bring their payload: no parts
-        count = len(rows)
-        arrays += [pa.nulls(count, pa.string()) for _ in _PAYLOAD_PARTS]
-        columns = _STAGED_EVENT_COLUMNS
     return pa.Table.from_arrays(arrays, names=list(columns))
 
 
@@ -75,29 +63,21 @@ def _metric_table(columns: MetricColumns) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=list(_METRIC_COLUMNS))
 
 
-def _json_texts(values: list[Any]) -> list[str]:
-    """orjson's text of each number or None (NaN and infinities are null, as in a payload): one
-    JSON array, cut at its commas (the text of a number holds none)."""
-    return orjson.dumps(values)[1:-1].decode().split(",")
-
-
 def _event_table(position: int, partition: int, offset: int, columns: MetricColumns) -> pa.Table:
-    """The events rows of metric events given as columns (as the projector makes them one by one),
-    the payload as the parts of the text orjson writes for the decoded payload (see _PAYLOAD_SQL)."""
+    """The events rows of metric events given as columns (as the projector makes them one by one:
+    the payload as orjson writes the decoded payload)."""
     count = len(columns)
-    key_texts = {key: orjson.dumps(key).decode() for key in set(columns.key)}  # a record has few keys
-    parts = ([key_texts[key] for key in columns.key], _json_texts(columns.value), _json_texts(columns.step),
-             _json_texts(columns.timestamp))
-    if any(len(part) != count for part in parts):
-        raise ValueError(f"metric payload texts of {count} events do not split into {count}")
-    # numpy, not range(): pyarrow converts a range one Python int at a time (~3 us an event)
-    arrays = [pa.array(np.arange(position, position + count, dtype=np.int64)),
+    dumps = orjson.dumps
+    payloads = [dumps({"key": key, "value": value, "step": step, "timestamp": timestamp}).decode()
+                for key, value, step, timestamp
+                in zip(columns.key, columns.value, columns.step, columns.timestamp, strict=True)]
+    arrays = [pa.array(range(position, position + count), _TYPES["position"]),
               _same(partition, count, "partition"), _same(offset, count, "offset"),
               pa.array(columns.event_id, _TYPES["event_id"]), _same(columns.run_uid, count, "run_uid"),
               pa.array(columns.seq, _TYPES["seq"]), _same("metric", count, "type"),
-              pa.array(columns.ts, _TYPES["ts"]), pa.nulls(count, _TYPES["payload"]),
-              _same(columns.stream, count, "stream"), *(pa.array(part, pa.string()) for part in parts)]
-    return pa.Table.from_arrays(arrays, names=list(_STAGED_EVENT_COLUMNS))
+              pa.array(columns.ts, _TYPES["ts"]), pa.array(payloads, _TYPES["payload"]),
+              _same(columns.stream, count, "stream")]
+    return pa.Table.from_arrays(arrays, names=list(_EVENT_COLUMNS))
 
 
 def _stage_in_order(con: duckdb.DuckDBPyConnection, name: str, columns: Sequence[str],
@@ -201,7 +181,7 @@ def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
                            [(before, _event_table(*placed)) for before, placed in batch.event_columns]):
             staged.append("_events")
             con.execute("INSERT INTO events SELECT position, partition, \"offset\", event_id, run_uid, "
-                        f"seq, type, to_timestamp(ts), {_PAYLOAD_SQL}, stream FROM _events")
+                        "seq, type, to_timestamp(ts), payload, stream FROM _events")
         for table, columns, rows in (("dead_letters", _DEAD_COLUMNS, batch.dead_letters),
                                      ("conflicts", _CONFLICT_COLUMNS, batch.conflicts),
                                      ("duplicates", _DUPLICATE_COLUMNS, batch.duplicates)):
