@@ -3,8 +3,9 @@ doing the work, divided by the events), not wall-clock events/s.
 
     python -m benchmarks.ingest_cpu fill HOME N [P]   # P producer processes log N metric points to HOME's
                                                       # embedded bus; prints the producers' CPU-us/event
-    python -m benchmarks.ingest_cpu fold HOME         # fold HOME's whole log in this process (a rebuild);
-                                                      # prints CPU-us/event, seconds and peak RSS
+    python -m benchmarks.ingest_cpu fold HOME         # fold HOME's whole log in this process in the live
+                                                      # fold's batches; prints CPU-us/event, seconds, peak RSS
+    python -m benchmarks.ingest_cpu rebuild HOME      # the same in a rebuild's batches (Projector.rebuild)
 
 `fold` is what the projection service does when it catches up, without the socket: py-spy pointed
 at it (`py-spy record -r 200 -f raw -- python -m benchmarks.ingest_cpu fold HOME`) shows what bounds
@@ -90,8 +91,9 @@ class _Sampler:
         self._thread.join()
 
 
-def fold(home: str) -> dict[str, float]:
-    """Fold HOME's whole log into a fresh projection in this process."""
+def fold(home: str, rebuild: bool = False) -> dict[str, float]:
+    """Fold HOME's whole log into a fresh projection in this process, as the live fold batches it
+    (catch_up) or as a rebuild does."""
     os.environ["RUNBUS_HOME"] = home
     os.environ["RUNBUS_PROJECTION"] = "inprocess"
     from engine.bootstrap import make_bus
@@ -118,7 +120,7 @@ def fold(home: str) -> dict[str, float]:
         opened_mb = rss_mb()
         sampler = _Sampler(con.cursor())
         cpu0, wall0 = cpu_s(), time.perf_counter()
-        projector.catch_up()
+        projector.rebuild() if rebuild else projector.catch_up()
         cpu, wall = cpu_s() - cpu0, time.perf_counter() - wall0
         sampler.stop()
         events = con.execute("SELECT count(*) FROM events").fetchall()[0][0]
@@ -135,7 +137,7 @@ def main() -> None:
     if mode == "fill":
         result = fill(home, int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 4)
     else:
-        result = fold(home)
+        result = fold(home, rebuild=mode == "rebuild")
     print(json.dumps(result), flush=True)
 
 
