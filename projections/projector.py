@@ -79,7 +79,8 @@ _TOMBSTONES = ("run_deleted", "run_restored")  # applied between the events of a
 # group (122,880 rows), so each table's rows of a batch are written to the file as compressed row
 # groups by the statement that appends them, not to the WAL and again at the next checkpoint, and
 # each batch's fixed statements (runs, runs_wide, progress, positions) are shared by more events.
-# Its cost is memory while the batch is alive (~1.3 KB an event of the columnar path, see README).
+# Its cost is memory while the batch is alive: 1M metric events rebuilt peak at ~390 MB against
+# ~285 MB in the live fold's 20,000-event batches (14.3-15.5 s -> 9.5-12.5 s on 2 cores).
 REBUILD_EVENTS_PER_BATCH = 130_000
 
 # Errors that say the database or the machine is unwell, not an event: raised, never quarantined.
