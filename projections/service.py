@@ -454,6 +454,7 @@ class ProjectionService:
         """Stop serving (safe from a signal handler or another thread); `run` returns soon after, and
         readers waiting for the fold or for a past projection are told at once."""
         self.stop.set()
+        self.bus.wake()  # the fold need not finish waiting for records first
         self._close_listener()
 
     def _close_listener(self) -> None:
@@ -580,6 +581,7 @@ class ProjectionService:
         a long catch-up)."""
         started = time.monotonic()
         deadline = started + (self.wait_timeout_s if timeout_s is None else timeout_s)
+        woken = False
         with self._progress:
             while True:
                 if self._failure is not None:
@@ -588,6 +590,9 @@ class ProjectionService:
                 behind = sum(max(0, end - self._positions.get(p, 0)) for p, end in wanted.items())
                 if behind == 0:  # answered even while stopping: sessions under way end before the file closes
                     return
+                if not woken:  # the records are on the bus: the fold need not wait for its next look
+                    self.bus.wake()
+                    woken = True
                 if self.stop.is_set():
                     raise _Stopping(f"the projection service of {self.address.home} is stopping")
                 remaining = deadline - time.monotonic()

@@ -74,6 +74,11 @@ class Bus(ABC):
         records stores it and starts over when it changes."""
         return None
 
+    def wake(self) -> None:  # noqa: B027 - a backend whose reads learn of new records by themselves needs nothing
+        """Make a `read` waiting in another thread look for records again at once: a caller that
+        knows records were appended elsewhere (a reader whose writes are not folded yet) need not
+        wait for the backend's next look (the embedded log's poll)."""
+
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         """Release connections; the bus must not be used afterwards."""
 

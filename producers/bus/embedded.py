@@ -44,6 +44,7 @@ class EmbeddedBus(Bus):
         self.url = f"sqlite://{self.path}"
         self._busy_ms = int(busy_timeout_s * 1000)
         self._local = threading.local()
+        self._woken = threading.Event()  # set by `wake`: a waiting `read` looks again at once
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with contextlib.suppress(FileExistsError):
@@ -102,13 +103,21 @@ class EmbeddedBus(Bus):
              timeout: float = 0.0) -> list[BusRecord]:
         start = positions.get(0, 0)
         deadline = time.monotonic() + timeout
+        woken = False
         while True:
             rows = self._conn().execute(
                 "SELECT pos, key, value, ts FROM log WHERE pos > ? ORDER BY pos LIMIT ?",
                 (start, max_records)).fetchall()
-            if rows or time.monotonic() >= deadline:
+            if rows or woken or time.monotonic() >= deadline:
                 return [BusRecord(0, pos - 1, key, value, ts) for pos, key, value, ts in rows]
-            time.sleep(_POLL_S)
+            # another process's appends tell this one nothing: look again after _POLL_S, or at once
+            # when woken, and then return what that look found (the caller may be stopping)
+            woken = self._woken.wait(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+            if woken:
+                self._woken.clear()
+
+    def wake(self) -> None:
+        self._woken.set()
 
     def commit(self, group: str, positions: Mapping[int, int]) -> None:
         self._conn().executemany(
