@@ -39,6 +39,7 @@ from typing import Any
 from producers.bus.base import Bus, BusError, BusRefused
 from producers.spill import SpillDelivery, SpillFile, bus_target, deliver_spill
 from schemas import SCHEMA_VERSION, EventCodec
+from schemas.codec import MetricColumns
 from schemas.events import RECORD_OF_TYPE
 
 log = logging.getLogger("runbus.writer")
@@ -419,9 +420,30 @@ class BackgroundWriter:
         for (run_uid, _), segment in groupby(items, key=_run_and_stream):
             events = list(segment)
             for start in range(0, len(events), size):
-                # a chunk's records at a time: they are GC-tracked, so they should die young
-                self._encode_chunk(run_uid, self._records(events[start:start + size]), encoded)
+                chunk = events[start:start + size]
+                if not self._encode_points(chunk, encoded):
+                    # a chunk's records at a time: they are GC-tracked, so they should die young
+                    self._encode_chunk(run_uid, self._records(chunk), encoded)
         return encoded
+
+    def _encode_points(self, chunk: list[_Item], out: list[tuple[str, bytes]]) -> bool:
+        """Encode a chunk of metric points (one run's, one stream's) straight from its columns, with
+        no record per event; False (nothing added) when it holds another event, does not encode or
+        is too large: the records path then halves it or keeps what does not encode."""
+        if any(len(item) != _POINT + 4 for item in chunk):
+            return False
+        _, seqs, _, stamps, _, _, keys, values, steps, timestamps = zip(*chunk, strict=True)
+        run_uid, stream = chunk[0][0], chunk[0][4]
+        columns = MetricColumns(run_uid, stream, self._host, self._pid, SCHEMA_VERSION, event_ids(len(chunk)),
+                                list(seqs), list(stamps), list(keys), list(values), list(steps), list(timestamps))
+        try:
+            data = self._codec.encode_metric_columns(columns)
+        except ValueError:
+            return False
+        if len(data) > self._max_record_bytes:
+            return False
+        out.append((run_uid, data))
+        return True
 
     def _records(self, chunk: list[_Item]) -> list[dict[str, Any]]:
         """The events of `chunk` as Avro records (envelope form), each with a new event id."""
