@@ -61,7 +61,7 @@ def fill(home: str, events: int, producers: int) -> dict[str, float]:
     # the children's CPU includes their start-up (imports, session): reported apart by `fill 0`
     spent = cpu_s(resource.RUSAGE_CHILDREN) - before
     return {"events": events, "seconds": seconds, "producers_cpu_s": spent,
-            "producers_cpu_us_per_event": spent / events * 1e6}
+            "producers_cpu_us_per_event": spent / events * 1e6 if events else 0.0}
 
 
 class _Sampler:
