@@ -30,6 +30,13 @@ class Delivery:
         """The record's events, made from `metrics` when it came as columns."""
         return self.metrics.events() if self.metrics is not None else self.events
 
+    def count(self, object_cost: float = 1.0) -> float:
+        """How many events the record holds (1 for one that does not decode), those decoded as
+        objects (not columns) counted `object_cost` each."""
+        if self.metrics is not None:
+            return len(self.metrics)
+        return max(1, len(self.events)) * object_cost
+
 
 class Subscription:
     """Records of `bus` from `positions` on (every partition from 0 when absent).
@@ -61,19 +68,27 @@ class Subscription:
         """True when a bounded subscription has read up to `until`."""
         return self.until is not None and all(self.positions.get(p, 0) >= end for p, end in self.until.items())
 
-    def poll(self, max_records: int = 10_000, timeout: float = 0.0) -> list[Delivery]:
+    def poll(self, max_records: int = 10_000, timeout: float = 0.0,
+             max_events: float | None = None, object_cost: float = 1.0) -> list[Delivery]:
         """The next records (waiting up to `timeout` for the first), decoded; positions advance past them
-        (and past the records `keys` passes over)."""
+        (and past the records `keys` passes over). With `max_events`, no record is delivered once
+        those delivered hold that many events (the first always is; see `Delivery.count` for
+        `object_cost`): the rest are read again next."""
         if self.caught_up():
             return []
         records = self.bus.read(self.positions, max_records, timeout)
         if self.until is not None:
             records = [r for r in records if r.offset < self.until.get(r.partition, 0)]
-        deliveries = []
+        deliveries: list[Delivery] = []
+        events = 0
         for record in records:
+            if max_events is not None and events >= max_events:
+                break
             self.positions[record.partition] = record.offset + 1
             if self.keys is None or record.key in self.keys:
-                deliveries.append(self._decode(record))
+                delivery = self._decode(record)
+                deliveries.append(delivery)
+                events += delivery.count(object_cost)
         return deliveries
 
     def _decode(self, record: BusRecord) -> Delivery:

@@ -82,6 +82,9 @@ _TOMBSTONES = ("run_deleted", "run_restored")  # applied between the events of a
 # Its cost is memory while the batch is alive: 1M metric events rebuilt peak at ~390 MB against
 # ~285 MB in the live fold's 20,000-event batches (14.3-15.5 s -> 9.5-12.5 s on 2 cores).
 REBUILD_EVENTS_PER_BATCH = 130_000
+# The least events per record a read is sized by: a batch's records are read before they are
+# decoded, so after one-event records their bytes would be those of events_per_batch records
+_MIN_EVENTS_PER_RECORD_ESTIMATE = 25.0
 
 # Errors that say the database or the machine is unwell, not an event: raised, never quarantined.
 _NOT_POISON = (duckdb.IOException, duckdb.FatalException, duckdb.InternalException,
@@ -243,6 +246,10 @@ class Projector:
         self.events_per_batch = events_per_batch
         # learnt from each batch; start from the writer's most (500) so a first read stays small
         self._events_per_record = 500.0
+        # what an event decoded as a Python object counts towards events_per_batch (~3-4 KB each,
+        # against ~1.3 KB as metric columns): 1 in the live fold; a rebuild's larger batches are
+        # sized for columns, so there it holds no more such events than a live batch
+        self._object_cost = 1.0
         self.user_projections = list(user_projections)
         # what this projector last read or wrote of `positions` and the bus epoch: an idle projector
         # (the service's, polling every 0.1 s) then runs no DuckDB statement per poll. Only this
@@ -274,9 +281,14 @@ class Projector:
         self._follow_epoch()
         # metric records as columns, unless user projections want every event as an Event
         subscription = Subscription(self.bus, self.codec, self.positions(), columns=not self.user_projections)
-        wanted = max(1, min(self.batch_size, int(self.events_per_batch / self._events_per_record)))
+        # the records to read, from the events per record seen last; after a stretch of one-event
+        # records (heartbeats) a read is still at most 1/_MIN_ESTIMATE of events_per_batch records,
+        # and decoding stops at events_per_batch events whatever the records hold
+        estimate = max(self._events_per_record, _MIN_EVENTS_PER_RECORD_ESTIMATE)
+        wanted = max(1, min(self.batch_size, int(self.events_per_batch / estimate)))
         with _gc_paused():  # decoding allocates the batch's events too
-            deliveries = subscription.poll(wanted, timeout)
+            deliveries = subscription.poll(wanted, timeout, max_events=self.events_per_batch,
+                                           object_cost=self._object_cost)
             if not deliveries:
                 return 0
             events = self._fold_deliveries(deliveries, subscription.positions)
@@ -316,10 +328,13 @@ class Projector:
         self._reset()
         usual = self.events_per_batch
         self.events_per_batch = events_per_batch
+        self._events_per_record = 500.0  # what the live fold learnt says nothing of the log's start
+        self._object_cost = max(1.0, events_per_batch / usual)
         try:
             return self.catch_up(on_progress)
         finally:
             self.events_per_batch = usual
+            self._object_cost = 1.0
 
     def _reset(self) -> None:
         """Drop every table (user projections' too) and create them empty, for the bus's epoch."""

@@ -104,6 +104,7 @@ class EmbeddedBus(Bus):
         start = positions.get(0, 0)
         deadline = time.monotonic() + timeout
         woken = False
+        self._woken.clear()  # a wake no read waited for: the look below sees what it was for
         while True:
             rows = self._conn().execute(
                 "SELECT pos, key, value, ts FROM log WHERE pos > ? ORDER BY pos LIMIT ?",

@@ -43,10 +43,13 @@ def _fill(bus: MemoryBus, records: list[tuple[int, int, bytes]]) -> dict[bytes, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(records=records_strategy, polls=st.lists(st.integers(1, 7), min_size=1, max_size=20),
+@given(records=records_strategy,
+       polls=st.lists(st.tuples(st.integers(1, 7), st.one_of(st.none(), st.integers(1, 9))), min_size=1, max_size=20),
        restarts=st.sets(st.integers(0, 19)), partitions=st.integers(1, 3))
 def test_every_record_is_delivered_once_in_order_whatever_the_poll_sizes_and_restarts(
-        records: list[tuple[int, int, bytes]], polls: list[int], restarts: set[int], partitions: int) -> None:
+        records: list[tuple[int, int, bytes]], polls: list[tuple[int, int | None]], restarts: set[int],
+        partitions: int) -> None:
+    """Polls of any number of records, bounded or not by the events they hold (`max_events`)."""
     bus = MemoryBus(partitions=partitions)
     expected = _fill(bus, records)
     subscription = Subscription(bus, CODEC)
@@ -55,10 +58,14 @@ def test_every_record_is_delivered_once_in_order_whatever_the_poll_sizes_and_res
     while True:
         if step in restarts:  # a consumer that resumes from the positions it stored
             subscription = Subscription(bus, CODEC, dict(subscription.positions))
-        found = subscription.poll(polls[step % len(polls)])
+        max_records, max_events = polls[step % len(polls)]
+        found = subscription.poll(max_records, max_events=max_events)
         step += 1
         if not found:
             break
+        assert len(found) <= max_records
+        if max_events is not None:  # every record but the last came while fewer events were delivered
+            assert sum(d.count() for d in found[:-1]) < max_events
         delivered.extend(found)
     stored = bus.read({}, 1_000_000)
     assert [(d.record.partition, d.record.offset) for d in sorted(delivered, key=lambda d: (
