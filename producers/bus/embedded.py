@@ -103,8 +103,9 @@ class EmbeddedBus(Bus):
              timeout: float = 0.0) -> list[BusRecord]:
         start = positions.get(0, 0)
         deadline = time.monotonic() + timeout
+        # a wake that came while no read waited is not cleared here: it may be a stopping caller's,
+        # which must end this read at once (a leftover one only makes a read return early, empty)
         woken = False
-        self._woken.clear()  # a wake no read waited for: the look below sees what it was for
         while True:
             rows = self._conn().execute(
                 "SELECT pos, key, value, ts FROM log WHERE pos > ? ORDER BY pos LIMIT ?",
