@@ -13,9 +13,10 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from schemas.codec import INT64_MAX, INT64_MIN
+
 MAX_DEPTH = 100  # nesting of lists and dicts in one value; deeper is refused, not a RecursionError
 MAX_TEXT_BYTES = 512 * 1024  # one value's JSON text: a bus record must stay under Kafka's 1 MiB default
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Metric timestamps are seconds since the epoch; the projection and pandas hold them as
 # datetime64[ns], whose range ends in April 2262 (9.2e9 s is in 2261: no rounding at the edge).
 # time.time_ns() or milliseconds land far beyond. The projector checks foreign events against it too.

@@ -77,9 +77,9 @@ def move_aside(path: Path, exc: BaseException) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     aside = path.with_name(f"{path.name}.corrupt-{stamp}-{os.getpid()}")
     os.replace(path, aside)
-    wal = path.with_name(path.name + ".wal")
+    wal = wal_path(path)
     if wal.exists():
-        os.replace(wal, aside.with_name(aside.name + ".wal"))
+        os.replace(wal, wal_path(aside))
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     _log.warning("runbus: the projection %s could not be read (%s); moved it to %s, a new one is "
                  "folded from the log", path, reason, aside)
@@ -103,7 +103,7 @@ def _connect(path: Path) -> duckdb.DuckDBPyConnection:
     con = _connect_or_move_aside(path)
     for setting in STORAGE_SETTINGS:
         con.execute(setting)
-    for made in (path, path.with_name(path.name + ".wal")):
+    for made in (path, wal_path(path)):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(made, 0o600)
     return con
@@ -242,10 +242,16 @@ def discard_projection(path: str | os.PathLike[str], timeout_s: float = 60.0) ->
             handle.lock.release()
 
 
+def wal_path(path: str | os.PathLike[str]) -> Path:
+    """The DuckDB write-ahead log of the projection file `path`."""
+    path = Path(path)
+    return path.with_name(path.name + ".wal")
+
+
 def remove_projection_files(path: str | os.PathLike[str]) -> None:
     """Delete the projection file and its WAL (the caller holds whatever keeps others off them)."""
     path = Path(path)
-    for stale in (path, path.with_name(path.name + ".wal")):
+    for stale in (path, wal_path(path)):
         stale.unlink(missing_ok=True)
 
 

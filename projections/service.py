@@ -46,7 +46,7 @@ from filelock import FileLock, Timeout
 
 from producers.bus import Bus
 from projections.as_of import cutoff
-from projections.database import ProjectionBusy, is_unreadable, open_projection
+from projections.database import ProjectionBusy, is_unreadable, open_projection, wal_path
 from projections.errors import ServiceRefused, error_payload
 from projections.projector import Projector
 from projections.readonly import QUERY_TIMEOUT_S, TableQuery, read_only_tables, seal
@@ -582,7 +582,7 @@ class ProjectionService:
         """Write DuckDB's WAL to the file when it holds CHECKPOINT_WAL_BYTES or more (see there).
         Readers go on meanwhile (DuckDB reads while it checkpoints)."""
         try:
-            due = self.db_path.with_name(self.db_path.name + ".wal").stat().st_size >= CHECKPOINT_WAL_BYTES
+            due = wal_path(self.db_path).stat().st_size >= CHECKPOINT_WAL_BYTES
         except FileNotFoundError:
             return
         if due:

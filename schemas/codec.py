@@ -154,14 +154,14 @@ def _columns_of(records: list[dict[str, Any]], envelope_fields: int) -> dict[str
             "metric_value": values, "metric_step": steps, "metric_timestamp": stamps, "payloads": payloads}
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # Avro's long
 
 
 def _step_item(step: Any) -> Any:
     """A metric_step item: an int64 in tuple notation, so fastavro writes the union's long branch
     without trying each branch (a third of the columnar record's encoding); anything else as it
     is (None, or a value the union refuses as it always did). The bytes are the same."""
-    if type(step) is int and _INT64_MIN <= step <= _INT64_MAX:
+    if type(step) is int and INT64_MIN <= step <= INT64_MAX:
         return ("long", step)
     return step
 
