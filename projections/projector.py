@@ -251,6 +251,7 @@ class Projector:
         # sized for columns, so there it holds no more such events than a live batch
         self._object_cost = 1.0
         self.user_projections = list(user_projections)
+        self.changes = 0  # commits that changed the tables: a snapshot begun before the last one is stale
         # what this projector last read or wrote of `positions` and the bus epoch: an idle projector
         # (the service's, polling every 0.1 s) then runs no DuckDB statement per poll. Only this
         # projector writes them on its connection; every write of its own forgets them first.
@@ -319,6 +320,7 @@ class Projector:
         moment, fallback = time.time() if now is None else now, fallback_heartbeat_interval_s()
         refresh_judgement(self.con, moment, fallback)
         refresh_wide_judgement(self.con, moment, fallback)
+        self.changes += 1
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None,
                 events_per_batch: int = REBUILD_EVENTS_PER_BATCH) -> int:
@@ -349,6 +351,7 @@ class Projector:
         if epoch is not None:
             self.con.execute("INSERT OR REPLACE INTO projection_meta VALUES ('bus_epoch', ?)", [epoch])
         self.con.execute("COMMIT")
+        self.changes += 1
 
     def _bus_epoch(self) -> str | None:
         """The bus's epoch (see EmbeddedBus.epoch), or None for a bus whose records are never rewritten."""
@@ -621,6 +624,7 @@ class Projector:
                 con.execute("ROLLBACK")
             raise
         con.execute("COMMIT" if commit else "ROLLBACK")
+        self.changes += commit
 
     def _apply_tombstone(self, event: Event, position: int) -> None:
         """Delete or restore the event's run (inside the batch's transaction)."""

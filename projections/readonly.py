@@ -1,6 +1,6 @@
 """The read-only machinery every SQL surface runs user statements through: a sealed database
 (`seal`), one statement of a read-only kind (`check_read_only`), a READ ONLY transaction that is
-always rolled back, and a deadline per statement (`read_only_tables`). Answers are Arrow tables;
+always rolled back, and a deadline per statement (`ReadOnlySession`, `read_only_tables`). Answers are Arrow tables;
 `projections.query` turns them into DataFrames. No pandas here: the projection service imports this.
 """
 
@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def check_read_only(query: str) -> duckdb.Statement:
     Only a friendly first refusal: what makes the surface read-only is `read_only_query`.
     """
     try:
-        statements = duckdb.extract_statements(query)
+        statements = _parsed(query)
     except duckdb.Error as exc:
         raise ValueError(f"SQL does not parse: {_first_line(exc)}") from None
     if not statements:
@@ -50,6 +51,13 @@ def check_read_only(query: str) -> duckdb.Statement:
         raise ReadOnlyError(f"the SQL surface is read-only and runs one statement at a time "
                             f"({len(statements)} given)")
     return statements[0]
+
+
+@lru_cache(maxsize=256)
+def _parsed(query: str) -> tuple[duckdb.Statement, ...]:
+    """The statements of `query` (a reader repeats its queries: parsing one was ~5% of answering it
+    through the service). A parsed statement runs any number of times, on any cursor."""
+    return tuple(duckdb.extract_statements(query))
 
 
 def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> None:
@@ -122,47 +130,74 @@ def _read_only_files(roots: Sequence[Path]) -> Any:
     return ReadOnlyFiles()
 
 
+class ReadOnlySession:
+    """One snapshot of the database behind `con`: a cursor of its own inside one READ ONLY
+    transaction, so that several statements see the same state while another cursor writes.
+    `fetch(sql, params=None) -> pyarrow.Table` answers one statement, treated as `read_only_query`
+    treats it; after a failed one the session goes on in a new transaction (DuckDB aborts the
+    failed one). `close` rolls the transaction back. `sealed`: the caller sealed the database
+    already (the projection service), so it is not checked again.
+
+    `reusable`: every statement was a SELECT that answered in time, so the session holds nothing a
+    statement left behind and another request may go on in it. An EXPLAIN ANALYZE can create a
+    temporary table or set a variable for the rest of the transaction or connection; a SELECT can
+    only set the random seed (setseed), which is harmless to share between one owner's requests."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S, *,
+                 sealed: bool = False) -> None:
+        self.timeout_s = timeout_s
+        self.reusable = True
+        self._cursor = con.cursor()  # before anything else: another thread may be using `con` (the projector)
+        try:
+            if not sealed:
+                seal(self._cursor)
+            self._cursor.execute("BEGIN TRANSACTION READ ONLY")
+        except BaseException:
+            self._cursor.close()
+            raise
+
+    def fetch(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
+        statement = check_read_only(query)
+        if statement.type.name != "SELECT":
+            self.reusable = False
+        try:
+            table, in_time = _read_only_statement(self._cursor, statement, params, self.timeout_s)
+        except BaseException:
+            self.reusable = False
+            with suppress(duckdb.Error):
+                self._cursor.execute("ROLLBACK")
+            self._cursor.execute("BEGIN TRANSACTION READ ONLY")
+            raise
+        # the deadline fired as the statement ended: its interrupt may still reach the next statement
+        self.reusable = self.reusable and in_time
+        return table
+
+    def close(self) -> None:
+        with suppress(duckdb.Error):  # a statement may have ended the transaction itself
+            self._cursor.execute("ROLLBACK")
+        self._cursor.close()
+
+
 @contextmanager
 def read_only_tables(con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S, *,
                      sealed: bool = False) -> Iterator[TableQuery]:
-    """One snapshot of the database behind `con`: yields `query(sql, params=None) -> pyarrow.Table`,
-    every statement answered on one cursor inside one READ ONLY transaction (so several statements
-    see the same state while another cursor writes), rolled back at the end. Each statement is
-    treated as `read_only_query` treats it; after a failed one the session goes on in a new
-    transaction (DuckDB aborts the failed one). `sealed`: the caller sealed the database already
-    (the projection service, per request), so it is not checked again."""
-    session = con.cursor()  # before anything else: another thread may be using `con` (the projector)
-    if not sealed:
-        seal(session)
-
-    def fetch(query: str, params: Sequence[Any] | None = None) -> pa.Table:
-        statement = check_read_only(query)
-        try:
-            return _read_only_statement(session, statement, params, timeout_s)
-        except BaseException:
-            with suppress(duckdb.Error):
-                session.execute("ROLLBACK")
-            session.execute("BEGIN TRANSACTION READ ONLY")
-            raise
-
+    """One `ReadOnlySession` of `con` for the block: yields its `fetch`, closed at the end."""
+    session = ReadOnlySession(con, timeout_s, sealed=sealed)
     try:
-        session.execute("BEGIN TRANSACTION READ ONLY")
-        yield fetch
+        yield session.fetch
     finally:
-        with suppress(duckdb.Error):  # a statement may have ended the transaction itself
-            session.execute("ROLLBACK")
         session.close()
 
 
 def _read_only_statement(session: duckdb.DuckDBPyConnection, statement: duckdb.Statement,
-                         params: Sequence[Any] | None, timeout_s: float) -> pa.Table:
-    """The answer to `statement`, the one `check_read_only` parsed: what was checked is what runs,
-    and the text is not parsed twice."""
+                         params: Sequence[Any] | None, timeout_s: float) -> tuple[pa.Table, bool]:
+    """The answer to `statement`, the one `check_read_only` parsed (what was checked is what runs,
+    and the text is not parsed twice), and whether it came before its deadline fired."""
     shown = " ".join(statement.query.split())[:120]
     deadline = _DEADLINES.arm(session, timeout_s)
     try:
         # a relation answers in Arrow without the copy a DB-API result makes
-        return session.sql(statement, params=list(params)).to_arrow_table() if params else \
+        table = session.sql(statement, params=list(params)).to_arrow_table() if params else \
             session.sql(statement).to_arrow_table()
     except duckdb.InterruptException:
         raise QueryTimeout(f"the query ran longer than {timeout_s:g}s and was stopped (in {shown!r})") from None
@@ -177,7 +212,8 @@ def _read_only_statement(session: duckdb.DuckDBPyConnection, statement: duckdb.S
             raise ReadOnlyError(f"the SQL surface is read-only: {_first_line(exc)} (in {shown!r})") from None
         raise from_user_statement(_one_line(exc, shown)) from None
     finally:
-        _DEADLINES.disarm(deadline)
+        in_time = _DEADLINES.disarm(deadline)
+    return table, in_time
 
 
 class _Deadlines:
@@ -208,9 +244,10 @@ class _Deadlines:
                 self._changed.notify()
             return token
 
-    def disarm(self, token: int) -> None:
+    def disarm(self, token: int) -> bool:
+        """Forget the deadline of `token`; False when it had fired already."""
         with self._changed:
-            self._armed.pop(token, None)
+            return self._armed.pop(token, None) is not None
 
     def _watch(self) -> None:
         with self._changed:
