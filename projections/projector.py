@@ -318,9 +318,8 @@ class Projector:
         if not has_running_runs(self.con):
             return  # at 100k runs each refresh below scans the runs table: skip it when none can change
         moment, fallback = time.time() if now is None else now, fallback_heartbeat_interval_s()
-        refresh_judgement(self.con, moment, fallback)
-        refresh_wide_judgement(self.con, moment, fallback)
-        self.changes += 1
+        changed = refresh_judgement(self.con, moment, fallback) + refresh_wide_judgement(self.con, moment, fallback)
+        self.changes += changed > 0  # a live run keeps being judged: most turns change no run
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None,
                 events_per_batch: int = REBUILD_EVENTS_PER_BATCH) -> int:

@@ -37,7 +37,7 @@ def check_read_only(query: str) -> duckdb.Statement:
     Only a friendly first refusal: what makes the surface read-only is `read_only_query`.
     """
     try:
-        statements = _parsed(query)
+        statements = _parsed(query) if len(query) <= _CACHED_QUERY_CHARS else tuple(duckdb.extract_statements(query))
     except duckdb.Error as exc:
         raise ValueError(f"SQL does not parse: {_first_line(exc)}") from None
     if not statements:
@@ -51,6 +51,9 @@ def check_read_only(query: str) -> duckdb.Statement:
         raise ReadOnlyError(f"the SQL surface is read-only and runs one statement at a time "
                             f"({len(statements)} given)")
     return statements[0]
+
+
+_CACHED_QUERY_CHARS = 4096  # a longer text is parsed each time: a parse tree can take 15x its text
 
 
 @lru_cache(maxsize=256)
@@ -77,8 +80,11 @@ def seal(con: duckdb.DuckDBPyConnection, readable_dirs: Sequence[str] = ()) -> N
         con.register_filesystem(_read_only_files(roots))
         allowed = [f"{READ_ONLY_SCHEME}://{root}/" for root in roots]
         con.execute("SET allowed_directories = ?", [allowed])
-    # no temp directory: DuckDB would add it to the allowed directories, where COPY could write
-    for setting in ("SET GLOBAL TimeZone = 'UTC'", "SET temp_directory = ''",
+    # no temp directory: DuckDB would add it to the allowed directories, where COPY could write.
+    # Answers' text as Arrow large_string: what pandas' string dtype holds, so turning an answer
+    # into a DataFrame (projections.wire) casts no column (a third of converting 100 runs)
+    for setting in ("SET GLOBAL TimeZone = 'UTC'", "SET GLOBAL arrow_large_buffer_size = true",
+                    "SET temp_directory = ''",
                     "SET autoinstall_known_extensions = false",
                     "SET autoload_known_extensions = false", "SET allow_community_extensions = false",
                     "SET enable_external_access = false", "SET lock_configuration = true"):
@@ -140,8 +146,10 @@ class ReadOnlySession:
 
     `reusable`: every statement was a SELECT that answered in time, so the session holds nothing a
     statement left behind and another request may go on in it. An EXPLAIN ANALYZE can create a
-    temporary table or set a variable for the rest of the transaction or connection; a SELECT can
-    only set the random seed (setseed), which is harmless to share between one owner's requests."""
+    temporary table or set a variable for the rest of the transaction or connection. A SELECT can
+    set the random seed (setseed, also through query()): the next requests on the session draw
+    random() from it. That is left so: every reader of a home is its owner, and DuckDB's random()
+    is no secret anyway."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S, *,
                  sealed: bool = False) -> None:

@@ -124,12 +124,14 @@ def copy_runs(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: f
                 [now, fallback_interval_s])
 
 
-def refresh_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> None:
-    """Update the public state of the runs still running in `run_rows`: 'lost' while silent too long."""
-    con.execute(f"""
+def refresh_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> int:
+    """Update the public state of the runs still running in `run_rows`: 'lost' while silent too
+    long; how many runs changed."""
+    changed = con.execute(f"""
         UPDATE runs SET state = j.state FROM (
             SELECT r.uid, {judged_state("r")} AS state FROM run_rows r WHERE r.state = 'running') j
-        WHERE runs.uid = j.uid AND runs.state IS DISTINCT FROM j.state""", [now, fallback_interval_s])
+        WHERE runs.uid = j.uid AND runs.state IS DISTINCT FROM j.state""", [now, fallback_interval_s]).fetchone()
+    return int(changed[0]) if changed else 0
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:

@@ -206,7 +206,11 @@ def test_runs_wide_agrees_with_runs_params_and_results() -> None:
     projection.put("early", [_value("early", 3, "result", "acc", '"gone"'),
                              envelope("early", 4, "run_finished", finished())])
     projection.put("other", [_value("other", 2, "result", "acc", "2")])
+    changes = projection.projector.changes
+    projection.projector.judge_silent_runs()  # 'other' still speaks: nothing changes (kept readers' sessions live on)
+    assert projection.projector.changes == changes
     projection.projector.judge_silent_runs(now=time.time() + 3600)  # 'other' is silent: lost
+    assert projection.projector.changes == changes + 1
     wide = projection.con.execute('SELECT uid, state, "param.lr", "param.bs", "result.acc" FROM runs_wide '
                                   "ORDER BY uid").fetchall()
     assert wide == [("early", "completed", 0.5, 32.0, None), ("other", "lost", None, None, 2.0)]

@@ -4,6 +4,7 @@ the tables changed: a kept session is ended before the positions of a change are
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from producers.bus import Bus
 from projections.client import ServiceClient
 from projections.service import ProjectionService, serving_in_thread
 from tests.support.foreign import append, envelope, started
+from tests.support.polling import wait_until
 
 TXID = "SELECT txid_current() AS t"
 
@@ -59,6 +61,33 @@ def test_requests_with_nothing_folded_between_go_on_in_one_transaction(
     runs, after = client.answer([("SELECT name FROM runs", None), (TXID, None)])
     assert runs.name.tolist() == ["run1"]  # the kept session saw no run: it was ended, not asked
     assert int(after.t[0]) != first
+
+
+def test_a_session_open_while_the_fold_commits_is_not_kept(
+        served: tuple[ProjectionService, ServiceClient, Bus]) -> None:
+    service, client, writer = served
+    with client.snapshot() as query:
+        assert query("SELECT count(*) AS n FROM runs").n[0] == 0
+        _log_run(writer, 1)
+        wait_until(lambda: sum(service.positions().values()) > 0, "the run is folded")
+        assert query("SELECT count(*) AS n FROM runs").n[0] == 0  # still the block's snapshot
+    assert client.answer([("SELECT count(*) AS n FROM runs", None)])[0].n[0] == 1
+
+
+def test_kept_sessions_end_before_the_positions_of_a_change_are_published(
+        served: tuple[ProjectionService, ServiceClient, Bus], monkeypatch: pytest.MonkeyPatch) -> None:
+    service, client, writer = served
+    ending = service._tables_changed
+
+    def late() -> None:  # a fold thread held up here must not let a reader in on a session from before
+        time.sleep(0.3)
+        ending()
+
+    monkeypatch.setattr(service, "_tables_changed", late)
+    first = _txid(client)
+    assert _txid(client) == first  # kept
+    _log_run(writer, 1)
+    assert client.answer([("SELECT count(*) AS n FROM runs", None)])[0].n[0] == 1
 
 
 def test_what_a_statement_leaves_in_its_session_is_gone_for_the_next_request(
