@@ -291,21 +291,17 @@ class RunQuery:
         order = self._order_by(sql)
         names = ", ".join(f"r.{c}" for c in columns)
         joins = " ".join(sql.joins)
-        if limit is None:
-            query = f"SELECT {names} FROM runs_wide r {joins}{sql.clause()} ORDER BY {order}"
-            args = [*sql.join_args, *sql.where_args]
-            if offset:
-                query += " OFFSET ?"
-                args.append(_count(offset, "offset"))
-            return query, args
-        # a page: the rows of the page are found on their sort keys alone, then only they are read
-        # whole (a sort that carried every column of every candidate row was most of a listing;
-        # DuckDB does this by itself only below 50 rows, late_materialization_max_rows)
-        page = (f"SELECT r.rowid FROM runs_wide r {joins}{sql.clause()} ORDER BY {order} LIMIT ?"
-                + (" OFFSET ?" if offset else ""))
-        query = f"SELECT {names} FROM runs_wide r {joins} WHERE r.rowid IN ({page}) ORDER BY {order}"
-        args = [*sql.join_args, *sql.join_args, *sql.where_args, _count(limit, "limit")]
+        # one sorted query, a page cut by LIMIT: finding a page's rows on their sort keys first and
+        # reading only them whole (a semi-join on rowid) rescans the table for them, which cost
+        # 35-40% more at 1,000 runs and on the newest-first page at 100,000 (whose sort DuckDB cuts
+        # short by started_at's row-group statistics), and saved ~5% on a result sort at 100,000
+        query = f"SELECT {names} FROM runs_wide r {joins}{sql.clause()} ORDER BY {order}"
+        args = [*sql.join_args, *sql.where_args]
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(_count(limit, "limit"))
         if offset:
+            query += " OFFSET ?"
             args.append(_count(offset, "offset"))
         return query, args
 

@@ -1,6 +1,5 @@
 """A page of runs (`limit`/`offset`) is exactly that slice of the whole sorted listing, whatever the
-sort column, ties, missing or text values: pages are read by their sort keys first and then whole
-(projections.run_query), while the whole listing is one plain sorted query."""
+sort column, ties, missing or text values (projections.run_query cuts a page with LIMIT/OFFSET)."""
 
 from __future__ import annotations
 
