@@ -57,6 +57,7 @@ from projections.fold import (
     identity_problem,
     printable,
 )
+from projections.readonly import ARROW_TEXT
 from projections.replay import StoredRecord, events_of_runs, stored_events
 from projections.tables import (
     PROJECTION_VERSION,
@@ -260,6 +261,7 @@ class Projector:
         if connection_is_prepared(con):
             return  # a reused connection: the tables were checked when it was opened
         con.execute("SET TimeZone = 'UTC'")
+        con.execute(ARROW_TEXT)
         version = stored_version(con)
         if version != PROJECTION_VERSION:
             if version is not None:

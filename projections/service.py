@@ -64,8 +64,11 @@ _AS_OF_BUILDS = 1  # past projections built at once: readers asking for others a
 _JUDGE_EVERY_S = 1.0
 # Sessions kept open between requests while the fold changes nothing: a request takes one instead of
 # beginning a transaction on a new cursor and rolling it back at its end (~0.45 of the ~1.5 ms the
-# service spends on a small query here). Any change of the tables rolls them back (`_tables_changed`).
+# service spends on a small query here). Any change of the tables rolls them back (`_tables_changed`),
+# and none is used once older than _KEPT_SESSION_S: DuckDB's now() is the time a transaction began
+# (the reaper and purge measure a run's silence with it), so in a request it is at most that old.
 _WARM_SESSIONS = 2
+_KEPT_SESSION_S = 0.5
 # Once the fold has been idle this long with at least this much in DuckDB's WAL, the WAL is written to
 # the file (CHECKPOINT): rows left in the WAL are held in memory uncompressed (up to 16 MB of WAL,
 # the automatic checkpoint's threshold, ~+20 MB of RSS), are replayed by every service start, and
@@ -617,9 +620,12 @@ class ProjectionService:
         """A session of the live projection that sees every change published so far (kept or new),
         and the generation it belongs to."""
         with self._sessions_lock:
-            if self._warm:
-                return self._warm.pop()
+            kept = self._warm.pop() if self._warm else None
             generation = self._generation  # read before the transaction begins: it sees at least that
+        if kept is not None:
+            if time.monotonic() - kept[0].began <= _KEPT_SESSION_S:
+                return kept
+            kept[0].close()
         assert self._con is not None
         return ReadOnlySession(self._con, QUERY_TIMEOUT_S, sealed=True), generation
 
@@ -628,7 +634,7 @@ class ProjectionService:
         began, else end it."""
         with self._sessions_lock:
             if session.reusable and generation == self._generation and len(self._warm) < _WARM_SESSIONS \
-                    and not self.stop.is_set():
+                    and time.monotonic() - session.began <= _KEPT_SESSION_S and not self.stop.is_set():
                 self._warm.append((session, generation))
                 return
         session.close()

@@ -49,10 +49,10 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
         elif column.null_count and kind in nullable_types:
             nullable.append(i)
     # pyarrow's thread pool costs more than it saves on a small answer (a query's 100 rows: ~40%
-    # of the conversion), and so does gathering its columns into one block per dtype (~20%); a
-    # large one is converted a column per thread into pandas' usual blocks
-    large = table.num_rows * table.num_columns > _THREADED_CELLS
-    frame = table.to_pandas(use_threads=large, split_blocks=not large)
+    # of the conversion); a large one is converted a column per thread. Blocks are consolidated
+    # (split_blocks would save ~20% on 100 rows, but hands numeric columns over zero-copy, read-only:
+    # `frame.loc[...] = x` would fail)
+    frame = table.to_pandas(use_threads=table.num_rows * table.num_columns > _THREADED_CELLS)
     for i in nullable:  # integers and booleans with nulls: pandas' nullable dtypes, not floats/objects
         frame.isetitem(i, table.column(i).to_pandas(types_mapper=nullable_types.get))
     return frame

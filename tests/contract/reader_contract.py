@@ -60,6 +60,16 @@ class ReaderContract:
         assert str(frame.started_at.dtype).startswith("datetime64") and frame.started_at.dt.tz is not None
         assert frame.x.dtype == "float64" and frame.n.dtype == "int64"
 
+    def test_answers_are_frames_the_caller_can_write_into(self, runs: list[str], reader: Reader) -> None:
+        frame = reader().sql("SELECT uid, 1.5::DOUBLE AS x, 2::BIGINT AS n FROM runs ORDER BY uid")
+        frame.loc[frame.uid == runs[0], "x"] = 0.0
+        frame.iloc[0, 2] = 7
+        frame.fillna({"x": 1.0}, inplace=True)
+        assert frame.x.tolist().count(0.0) == 1 and frame.n.iloc[0] == 7
+        listed = reader().list_runs()
+        listed.loc[:, "duration_s"] = 0.0
+        assert (listed.duration_s == 0.0).all()
+
     def test_sql_takes_parameters(self, runs: list[str], reader: Reader) -> None:
         frame = reader().sql("SELECT uid FROM runs WHERE name = ? AND started_at > ?::TIMESTAMPTZ",
                              ["a", "2000-01-01"])

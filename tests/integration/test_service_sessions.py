@@ -16,8 +16,9 @@ from engine.api import session
 from engine.bootstrap import make_bus
 from engine.projection_service import build_service
 from producers.bus import Bus
+from projections import service as service_module
 from projections.client import ServiceClient
-from projections.service import ProjectionService, serving_in_thread
+from projections.service import _KEPT_SESSION_S, ProjectionService, serving_in_thread
 from tests.support.foreign import append, envelope, started
 from tests.support.polling import wait_until
 
@@ -25,9 +26,11 @@ TXID = "SELECT txid_current() AS t"
 
 
 @pytest.fixture
-def served(home: Path) -> Iterator[tuple[ProjectionService, ServiceClient, Bus]]:
+def served(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ProjectionService, ServiceClient, Bus]]:
     """A service of the test's home in this process, a client of it, and another bus handle to
-    append with (a job of another process)."""
+    append with (a job of another process). Its sessions are kept whatever their age (a slow first
+    request, e.g. the client importing pandas, would outlast the real bound): see the test of now()."""
+    monkeypatch.setattr(service_module, "_KEPT_SESSION_S", 3600.0)
     settings = session().services.settings
     bus = make_bus(settings.bus_url, settings)
     writer = make_bus(settings.bus_url, settings)
@@ -88,6 +91,22 @@ def test_kept_sessions_end_before_the_positions_of_a_change_are_published(
     assert _txid(client) == first  # kept
     _log_run(writer, 1)
     assert client.answer([("SELECT count(*) AS n FROM runs", None)])[0].n[0] == 1
+
+
+def test_now_in_an_answer_is_never_older_than_a_kept_session_may_be(
+        served: tuple[ProjectionService, ServiceClient, Bus], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, client, _ = served  # nothing is folded meanwhile: only the session's age can end it
+    monkeypatch.setattr(service_module, "_KEPT_SESSION_S", _KEPT_SESSION_S)
+
+    def now_when_asked() -> tuple[float, float]:
+        asked = time.time()
+        return asked, float(client.answer([("SELECT epoch(now()) AS t", None)])[0].t[0])
+
+    first_asked, first_now = now_when_asked()
+    assert first_now >= first_asked - _KEPT_SESSION_S - 0.05
+    wait_until(lambda: time.time() > first_asked + _KEPT_SESSION_S + 0.5, "time passes")
+    asked, now = now_when_asked()  # the reaper and purge measure a run's silence with now()
+    assert now >= asked - _KEPT_SESSION_S - 0.05, f"now() was {asked - now:.2f}s old"
 
 
 def test_what_a_statement_leaves_in_its_session_is_gone_for_the_next_request(
