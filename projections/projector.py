@@ -64,7 +64,6 @@ from projections.tables import (
     create_tables,
     drop_tables,
     has_running_runs,
-    refresh_wide_judgement,
     stored_version,
     write_runs_wide,
 )
@@ -86,6 +85,7 @@ REBUILD_EVENTS_PER_BATCH = 130_000
 # The least events per record a read is sized by: a batch's records are read before they are
 # decoded, so after one-event records their bytes would be those of events_per_batch records
 _MIN_EVENTS_PER_RECORD_ESTIMATE = 25.0
+_FIRST_EVENTS_PER_RECORD_ESTIMATE = 500.0  # the writer's most: a first read of a log stays small
 
 # Errors that say the database or the machine is unwell, not an event: raised, never quarantined.
 _NOT_POISON = (duckdb.IOException, duckdb.FatalException, duckdb.InternalException,
@@ -245,8 +245,7 @@ class Projector:
         self.codec = codec or EventCodec()
         self.batch_size = batch_size
         self.events_per_batch = events_per_batch
-        # learnt from each batch; start from the writer's most (500) so a first read stays small
-        self._events_per_record = 500.0
+        self._events_per_record = _FIRST_EVENTS_PER_RECORD_ESTIMATE  # then learnt from each batch
         # what an event decoded as a Python object counts towards events_per_batch (~3-4 KB each,
         # against ~1.3 KB as metric columns): 1 in the live fold; a rebuild's larger batches are
         # sized for columns, so there it holds no more such events than a live batch
@@ -320,8 +319,8 @@ class Projector:
         if not has_running_runs(self.con):
             return  # at 100k runs each refresh below scans the runs table: skip it when none can change
         moment, fallback = time.time() if now is None else now, fallback_heartbeat_interval_s()
-        changed = refresh_judgement(self.con, moment, fallback) + refresh_wide_judgement(self.con, moment, fallback)
-        self.changes += changed > 0  # a live run keeps being judged: most turns change no run
+        # a live run keeps being judged: most turns change no run, and end no reader's kept session
+        self.changes += refresh_judgement(self.con, moment, fallback) > 0
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None,
                 events_per_batch: int = REBUILD_EVENTS_PER_BATCH) -> int:
@@ -331,7 +330,8 @@ class Projector:
         self._reset()
         usual = self.events_per_batch
         self.events_per_batch = events_per_batch
-        self._events_per_record = 500.0  # what the live fold learnt says nothing of the log's start
+        # what the live fold learnt says nothing of the log's start
+        self._events_per_record = _FIRST_EVENTS_PER_RECORD_ESTIMATE
         self._object_cost = max(1.0, events_per_batch / usual)
         try:
             return self.catch_up(on_progress)

@@ -1,7 +1,8 @@
 """The read-only machinery every SQL surface runs user statements through: a sealed database
 (`seal`), one statement of a read-only kind (`check_read_only`), a READ ONLY transaction that is
-always rolled back, and a deadline per statement (`ReadOnlySession`, `read_only_tables`). Answers are Arrow tables;
-`projections.query` turns them into DataFrames. No pandas here: the projection service imports this.
+never committed, and a deadline per statement (`ReadOnlySession`, `read_only_tables`). Answers are
+Arrow tables; `projections.query` turns them into DataFrames. No pandas here: the projection service
+imports this.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ One process per home holds the DuckDB file for its lifetime. A thread folds the 
 own inside a READ ONLY transaction (`ReadOnlySession`), so readers never fold, never wait on one
 another and never wait on the folding thread (DuckDB's MVCC). A reader sends the bus end offsets
 it saw; its session opens once the projection has folded up to them (read your writes). A session
-that ended with nothing folded since it began is kept for the next request (see `_WARM_SESSIONS`).
+that ran only SELECTs is kept for the next request while nothing is folded (see `_WARM_SESSIONS`).
 
 The socket is a Unix domain socket in the home (0700; the socket and the key are 0600), spoken
 with `multiprocessing.connection` and an authkey kept in an owner-only key file, and only

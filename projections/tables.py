@@ -265,17 +265,6 @@ def has_running_runs(con: duckdb.DuckDBPyConnection) -> bool:
     return con.execute("SELECT EXISTS (SELECT 1 FROM run_rows WHERE state = 'running')").fetchone() == (True,)
 
 
-def refresh_wide_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> int:
-    """Judge the runs still running in `run_rows` at `now` in runs_wide, as `runs` is judged; how
-    many runs changed."""
-    changed = con.execute(f"""
-        UPDATE runs_wide SET state = j.state FROM (
-            SELECT r.uid, {judged_state("r")} AS state FROM run_rows r WHERE r.state = 'running') j
-        WHERE runs_wide.uid = j.uid AND runs_wide.state IS DISTINCT FROM j.state""",
-                          [now, fallback_interval_s]).fetchone()
-    return int(changed[0]) if changed else 0
-
-
 def drop_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("DROP VIEW IF EXISTS result_history")
     con.execute("DROP VIEW IF EXISTS amendments")

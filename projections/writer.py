@@ -125,13 +125,17 @@ def copy_runs(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: f
 
 
 def refresh_judgement(con: duckdb.DuckDBPyConnection, now: float, fallback_interval_s: float) -> int:
-    """Update the public state of the runs still running in `run_rows`: 'lost' while silent too
-    long; how many runs changed."""
-    changed = con.execute(f"""
-        UPDATE runs SET state = j.state FROM (
-            SELECT r.uid, {judged_state("r")} AS state FROM run_rows r WHERE r.state = 'running') j
-        WHERE runs.uid = j.uid AND runs.state IS DISTINCT FROM j.state""", [now, fallback_interval_s]).fetchone()
-    return int(changed[0]) if changed else 0
+    """Update the public state, in `runs` and `runs_wide`, of the runs still running in `run_rows`:
+    'lost' while silent too long at `now`; how many rows changed."""
+    changed = 0
+    for table in ("runs", "runs_wide"):
+        count = con.execute(f"""
+            UPDATE {table} SET state = j.state FROM (
+                SELECT r.uid, {judged_state("r")} AS state FROM run_rows r WHERE r.state = 'running') j
+            WHERE {table}.uid = j.uid AND {table}.state IS DISTINCT FROM j.state""",
+                            [now, fallback_interval_s]).fetchone()
+        changed += int(count[0]) if count else 0
+    return changed
 
 
 def write_batch(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
