@@ -9,7 +9,9 @@ until the service has folded them. For each size a second process (`python -m be
 
 - the query (`RunDB.sql`), and beside it the same query on a bare DuckDB table holding the same runs
   (one row a run, params and results as columns, built from the projection's runs/params/results)
-  with the same repeats: what the query costs without Runbus;
+  with the same repeats: what the query costs without Runbus. The bare table answers as DataFrames
+  both ways DuckDB offers (`.df()`, and its Arrow answer converted as Runbus converts its own), and
+  its figure is the faster;
 - the query on the key/value tables (`params`/`results` joined to `runs`): what the wide layout buys;
 - `list_runs(project=..., sort_by='-result.accuracy', limit=100)`;
 - at the smallest size, the query after 2 s of nothing (the service stays up; the client's
@@ -48,7 +50,8 @@ from projections.client import ServiceClient
 from projections.database import ProjectionBusy
 from projections.query import RunDB
 from projections.service import ServiceAddress
-from projections.tables import RUN_COLUMNS, runs_wide_column_ddl
+from projections.tables import RUN_COLUMN_TYPES, RUN_COLUMNS, quoted, runs_wide_column_ddl
+from projections.wire import to_frame
 
 WIDE_QUERY = """
 SELECT uid, name, "result.accuracy" AS accuracy, "result.loss" AS loss
@@ -120,9 +123,10 @@ def _shares(first: int, count: int, parts: int) -> list[tuple[int, int]]:
 
 
 def bare_table(db: RunDB, path: Path) -> duckdb.DuckDBPyConnection:
-    """A plain DuckDB file holding the projection's runs as one table `bare`: the runs columns and
-    one DOUBLE column per numeric param and result key, rows in start order, stored as runs_wide
-    stores them."""
+    """A plain DuckDB file holding the projection's runs as one table `bare`: the runs columns, of
+    the types runs_wide declares (a column no run filled is still stored as its type, not as
+    DuckDB's NULL type, which costs nothing to scan), and one DOUBLE column per numeric param and
+    result key; rows in start order, stored as runs_wide stores them."""
     runs = db.sql("SELECT * FROM runs ORDER BY started_at")
     values = db.sql("SELECT 'param.' || key AS column, uid, value_num FROM params WHERE value_num IS NOT NULL "
                     "UNION ALL SELECT 'result.' || key, uid, value_num FROM results WHERE value_num IS NOT NULL")
@@ -132,9 +136,10 @@ def bare_table(db: RunDB, path: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(path))
     con.register("frame", frame)
     # the storage runs_wide has (its scanned string columns uncompressed), so the ratio is Runbus's own cost
-    types = con.execute("SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM frame)").fetchall()
+    declared = dict(RUN_COLUMN_TYPES)
+    types = [(name, declared.get(name, "DOUBLE")) for name in frame.columns]
     con.execute(f"CREATE TABLE bare ({', '.join(runs_wide_column_ddl(name, kind) for name, kind in types)})")
-    con.execute("INSERT INTO bare SELECT * FROM frame")
+    con.execute(f"INSERT INTO bare SELECT {', '.join(f'{quoted(name)}::{kind}' for name, kind in types)} FROM frame")
     con.unregister("frame")
     con.execute("CHECKPOINT")
     return con
@@ -151,15 +156,35 @@ def _timed(call: Callable[[], pd.DataFrame], repeats: int) -> tuple[float, pd.Da
     return median(times), result
 
 
-def time_queries(db: RunDB, queries: int, bare: duckdb.DuckDBPyConnection) -> dict[str, float]:
+# the bare table's two ways to a DataFrame: DuckDB's own `.df()`, and its Arrow answer converted by
+# pyarrow the way Runbus converts its answers (projections.wire). Which is faster depends on the
+# columns (`.df()` spends ~1.5 ms on each TIMESTAMPTZ column here, Arrow ~0.5 ms on a few numbers),
+# so the bare figures take the faster of the two, measured with the same repeats
+BARE_WAYS: dict[str, Callable[[duckdb.DuckDBPyConnection, str], pd.DataFrame]] = {
+    "df": lambda con, query: con.execute(query).df(),
+    "arrow": lambda con, query: to_frame(con.sql(query).to_arrow_table()),
+}
+
+
+def _timed_bare(bare: duckdb.DuckDBPyConnection, query: str,
+                repeats: int) -> tuple[float, pd.DataFrame, dict[str, float]]:
+    """`_timed` of `query` on the bare table each way in BARE_WAYS: (the faster median, its last
+    result, every way's median)."""
+    each = {way: _timed(lambda answer=answer: answer(bare, query), repeats) for way, answer in BARE_WAYS.items()}
+    fastest = min(each, key=lambda way: each[way][0])
+    return each[fastest][0], each[fastest][1], {way: ms for way, (ms, _) in each.items()}
+
+
+def time_queries(db: RunDB, queries: int, bare: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """Median ms of: the query through Runbus, the same on the bare table, the key/value form, and
-    list_runs sorted by a result and its query on the bare table (same repeats each)."""
+    list_runs sorted by a result and its query on the bare table (same repeats each; the bare
+    table's figures are its faster way to a DataFrame, both ways under "bare_ways")."""
     sql_ms, frame = _timed(lambda: db.sql(QUERY), queries)
     bare_query = WIDE_QUERY.format(table="bare")
-    bare_ms, bare_frame = _timed(lambda: bare.execute(bare_query).df(), queries)
+    bare_ms, bare_frame, query_ways = _timed_bare(bare, bare_query, queries)
     kv_ms, kv_frame = _timed(lambda: db.sql(KV_QUERY), queries)
     list_ms, listed = _timed(lambda: db.list_runs(project="bench", sort_by="-result.accuracy", limit=100), queries)
-    bare_list_ms, bare_listed = _timed(lambda: bare.execute(BARE_LIST_QUERY).df(), queries)
+    bare_list_ms, bare_listed, list_ways = _timed_bare(bare, BARE_LIST_QUERY, queries)
     if listed.uid.tolist() != bare_listed.uid.tolist():
         raise RuntimeError("list_runs found other runs than its query on the bare table")
     if frame.empty:
@@ -167,7 +192,13 @@ def time_queries(db: RunDB, queries: int, bare: duckdb.DuckDBPyConnection) -> di
     for name, other in (("bare", bare_frame), ("key/value", kv_frame)):
         if other.uid.tolist() != frame.uid.tolist():
             raise RuntimeError(f"the {name} query found other runs than the runs_wide query")
-    return {"query": sql_ms, "bare": bare_ms, "kv": kv_ms, "list_runs": list_ms, "list_bare": bare_list_ms}
+    return {"query": sql_ms, "bare": bare_ms, "kv": kv_ms, "list_runs": list_ms, "list_bare": bare_list_ms,
+            "bare_ways": {"query": query_ways, "list_runs": list_ways}}
+
+
+def _ways(ways: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{what} " + " / ".join(f"{ms:.2f}" for ms in by_way.values()) + " ms"
+                     for what, by_way in ways.items())
 
 
 def time_after_idle(call: Callable[[], Any], pauses: int) -> float:
@@ -181,7 +212,7 @@ def time_after_idle(call: Callable[[], Any], pauses: int) -> float:
     return median(times)
 
 
-def measure(db: RunDB, queries: int, idle_pauses: int, scratch: Path) -> dict[str, float]:
+def measure(db: RunDB, queries: int, idle_pauses: int, scratch: Path) -> dict[str, Any]:
     """The figures of one size, in this (reading) process (and the seconds it took to build the
     bare table, which no figure includes)."""
     began = time.perf_counter()
@@ -192,7 +223,8 @@ def measure(db: RunDB, queries: int, idle_pauses: int, scratch: Path) -> dict[st
         if idle_pauses:
             figures["idle"] = time_after_idle(lambda: db.sql(QUERY), idle_pauses)
             bare_query = WIDE_QUERY.format(table="bare")
-            figures["bare_idle"] = time_after_idle(lambda: bare.execute(bare_query).df(), idle_pauses)
+            answer = BARE_WAYS[min(figures["bare_ways"]["query"], key=figures["bare_ways"]["query"].get)]
+            figures["bare_idle"] = time_after_idle(lambda: answer(bare, bare_query), idle_pauses)
     finally:
         bare.close()
     figures["load"] = os.getloadavg()[0]
@@ -244,6 +276,7 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
     measurer = Measurer(env, home)
     outcome = Outcome()
     builds: dict[str, dict[str, float]] = {}
+    bare_ways: dict[str, dict[str, dict[str, float]]] = {}
     try:
         with phase("start follower, UI and builders"):
             _wait(lambda: bool(ServiceClient(ServiceAddress.of(home), MemoryBus(), start=None).ping()),
@@ -269,6 +302,7 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
             outcome.figures[f"query_kv_ms_{size}"] = figures["kv"]
             outcome.figures[f"list_runs_ms_{size}"] = figures["list_runs"]
             outcome.figures[f"list_runs_bare_ms_{size}"] = figures["list_bare"]
+            bare_ways[str(size)] = figures["bare_ways"]
             if "idle" in figures:
                 outcome.figures[f"query_idle_ms_{size}"] = figures["idle"]
                 outcome.figures[f"query_bare_idle_ms_{size}"] = figures["bare_idle"]
@@ -276,7 +310,8 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
                   f"running, load {figures['load']:.1f}): Runbus {figures['query']:.2f} ms, bare DuckDB table "
                   f"{figures['bare']:.2f} ms ({figures['query'] / figures['bare']:.2f}x), key/value tables "
                   f"{figures['kv']:.2f} ms; list_runs(sort_by='-result.accuracy', limit=100) "
-                  f"{figures['list_runs']:.2f} ms (bare DuckDB table {figures['list_bare']:.2f} ms)"
+                  f"{figures['list_runs']:.2f} ms (bare DuckDB table {figures['list_bare']:.2f} ms); bare table "
+                  f"ways (.df() / Arrow + pyarrow): {_ways(figures['bare_ways'])}"
                   + (f"; after {IDLE_S:g} s idle {figures['idle']:.2f} ms (bare DuckDB table "
                      f"{figures['bare_idle']:.2f} ms)" if "idle" in figures else ""),
                   flush=True)
@@ -295,6 +330,7 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
     total_s = sum(b["produce_s"] + b["project_s"] for b in builds.values())
     outcome.figures["query_build_ms_per_run"] = total_s * 1000 / max(sizes)
     outcome.details = {"query": " ".join(QUERY.split()), "kv_query": " ".join(KV_QUERY.split()),
+                       "bare_ways_ms": bare_ways,
                        "builds": builds, "builders": builders, "queries_per_size": queries,
                        "measured_from": "a second process, with `runbus ui` and `runbus project --follow` "
                                         "running on the home",
@@ -313,7 +349,7 @@ class Measurer:
                                               str(home)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              stderr=log, text=True)
 
-    def figures(self, queries: int, idle_pauses: int, size: int) -> dict[str, float]:
+    def figures(self, queries: int, idle_pauses: int, size: int) -> dict[str, Any]:
         """The figures of the home as it is now (see `measure`)."""
         assert self._process.stdin is not None and self._process.stdout is not None
         self._process.stdin.write(json.dumps({"queries": queries, "idle_pauses": idle_pauses}) + "\n")
