@@ -11,15 +11,18 @@ import hmac
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import re
 import secrets
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from producers.context import RUN_MAC
 
 CODE_KEY_FILE = "code.key"
 _CODE_REF = re.compile(r"(?P<path>.+)@sha256:(?P<sha256>[0-9a-f]{64})(?:#mac:(?P<mac>[0-9a-f]{64}))?", re.DOTALL)
@@ -172,6 +175,43 @@ def code_mac(home: Path, reference: str, path: str, sha256: str) -> str:
     """HMAC-SHA256, under home's code key, of a handler reference and its source's path and sha256."""
     message = "\n".join(("runbus code", reference, path, sha256)).encode("utf-8", "surrogateescape")
     return hmac.new(_code_key(home), message, hashlib.sha256).hexdigest()
+
+
+# the run_started fields a rerun or a resume takes from the log (host and heartbeat_interval_s are not)
+SIGNED_RUN_FIELDS = ("name", "project", "handler", "runtime", "params", "inputs", "input_digests", "secret_keys",
+                     "labels", "parent_uid", "iteration", "code_ref", "extra")
+
+
+class RunSigner:
+    """HMAC-SHA256, under home's code key (read on first use), of a run_started payload's
+    SIGNED_RUN_FIELDS (its extra without RUN_MAC), canonical JSON: what a run recorded by this home
+    says it ran with. A rerun trusts params, inputs and secret keys from the log only under it; a
+    code_ref's own MAC covers the code alone, so it could be copied onto anyone's params."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._key: bytes | None = None
+
+    def __call__(self, started: Mapping[str, Any]) -> str:
+        if self._key is None:
+            self._key = _code_key(self.home)
+        return hmac.new(self._key, _signed_run(started), hashlib.sha256).hexdigest()
+
+
+def recorded_run_mac(started: Mapping[str, Any]) -> str | None:
+    """The signature a run_started payload carries (see RunSigner), or None when it has none."""
+    text = (started.get("extra") or {}).get(RUN_MAC)
+    try:
+        mac = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return mac if isinstance(mac, str) and re.fullmatch(r"[0-9a-f]{64}", mac) else None
+
+
+def _signed_run(started: Mapping[str, Any]) -> bytes:
+    fields = {name: started.get(name) for name in SIGNED_RUN_FIELDS}
+    fields["extra"] = {key: value for key, value in (started.get("extra") or {}).items() if key != RUN_MAC}
+    return b"runbus run\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
 def handler_source(reference: str) -> Path | None:

@@ -16,7 +16,15 @@ from typing import Any
 
 from engine.archive import IMPORTED_FROM
 from engine.bootstrap import Services
-from engine.loader import code_mac, describe_handler, handler_source, load_handler, parse_code_ref
+from engine.loader import (
+    RunSigner,
+    code_mac,
+    describe_handler,
+    handler_source,
+    load_handler,
+    parse_code_ref,
+    recorded_run_mac,
+)
 from engine.run import RunObject
 from engine.runspec import RunSpec
 from engine.runtimes import local
@@ -79,9 +87,11 @@ def check_handler_trusted(started: Mapping[str, Any], trust: bool, run_uid: str,
 
 def handler_distrust(started: Mapping[str, Any], home: Path) -> str | None:
     """Why the handler of run_started payload `started` is not trusted, or None when it is: the run
-    was not imported, its code reference carries home's MAC over (handler, source path, sha256), and
-    the handler still loads from that very file, whose bytes still hash to that sha256. A
-    module:function handler is held to the same rule as a file handler (its module's source file)."""
+    was not imported, its code reference carries home's MAC over (handler, source path, sha256), the
+    handler still loads from that very file, whose bytes still hash to that sha256, and the payload
+    carries home's signature over what the run ran with (`RunSigner`: params, inputs, secret keys,
+    runtime, code reference...), so none of it was written by anyone else. A module:function
+    handler is held to the same rule as a file handler (its module's source file)."""
     reference = str(started.get("handler") or "")
     extra = started.get("extra") or {}
     if IMPORTED_FROM in extra:
@@ -103,6 +113,13 @@ def handler_distrust(started: Mapping[str, Any], home: Path) -> str | None:
     if code.mac is None or not hmac.compare_digest(code.mac, code_mac(home, reference, code.path, code.sha256)):
         return ("its code reference was not recorded by this Runbus home (the run reached the log from "
                 "another home, machine or process)")
+    signature = recorded_run_mac(started)
+    if signature is None:
+        return ("the run carries no signature over its params and inputs (it was recorded before Runbus signed "
+                "them, or not by Runbus)")
+    if not hmac.compare_digest(signature, RunSigner(home)(started)):
+        return ("its params, inputs, secret keys or code reference are not the ones this Runbus home recorded "
+                "(its signature does not match them)")
     return None
 
 

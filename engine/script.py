@@ -120,7 +120,7 @@ class ScriptContext(RunContext):
                                 params=self.parameters, inputs=self.inputs, input_digests=self._input_digests,
                                 secrets=self._secrets, labels=self.labels, parent_uid=self.parent_uid,
                                 iteration=self.iteration, code_ref=self.code_ref,
-                                iterations_recorder=self._iterations_recorder)
+                                iterations_recorder=self._iterations_recorder, sign=self._sign)
             self.results, self.artifacts, self._metric_keys = kept
             self.owner_pid = os.getpid()
             self._forked = False

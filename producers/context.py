@@ -41,6 +41,10 @@ from producers.writer import BackgroundWriter, MetricPoint
 if TYPE_CHECKING:  # pandas is imported where a DataFrame is used: a job that logs none starts without it
     import pandas as pd
 
+# key of run_started's extra holding the run's signature (see RunSigner in engine.loader): a JSON string
+RUN_MAC = "run_mac"
+# signs a run_started payload (the engine's RunSigner, under the home's code key)
+RunSign = Callable[[Mapping[str, Any]], str]
 _MAX_ERROR_CHARS = 64 * 1024  # of an error message or traceback kept in run_finished (head and tail)
 _KNOWN_KEYS = 10_000  # metric keys remembered as valid, per run
 
@@ -71,8 +75,11 @@ class RunContext:
                  secrets: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
                  parent_uid: str | None = None, iteration: int = 0, code_ref: str | None = None,
                  extra: Mapping[str, Any] | None = None,
-                 iterations_recorder: IterationsRecorder | None = None) -> None:
+                 iterations_recorder: IterationsRecorder | None = None, sign: RunSign | None = None) -> None:
+        """`sign`: signs run_started (into its extra's RUN_MAC), so that a rerun can tell this
+        run's params, inputs and code from ones written to the log by anyone else."""
         self._writer = writer
+        self._sign = sign
         self._store = artifact_store
         # this context's own stream of the run's events: a resumed run, or the reaper writing
         # about it, never collides with the seq numbers of another process
@@ -126,7 +133,7 @@ class RunContext:
         """Emit run_started; params, inputs, secret keys and labels as they are now."""
         self._started = time.time()
         self.state = "running"
-        self._emit("run_started", {
+        started: dict[str, Any] = {
             "name": self.name, "project": self.project, "handler": self.handler,
             "runtime": self.runtime, "params": dict(self._params_json),
             "inputs": {self._redact(k): self._redact(v) for k, v in self.inputs.items()},
@@ -135,7 +142,10 @@ class RunContext:
             "labels": dict(self.labels), "parent_uid": self.parent_uid, "iteration": self.iteration,
             "host": socket.gethostname(), "code_ref": self.code_ref, "extra": dict(self._extra),
             "heartbeat_interval_s": self._writer.heartbeat_interval_s,
-        })
+        }
+        if self._sign is not None:
+            started["extra"][RUN_MAC] = json.dumps(self._sign(started))
+        self._emit("run_started", started)
         self._writer.track(self.uid, self._heartbeat)
 
     def resume(self) -> None:
@@ -439,7 +449,7 @@ class RunContext:
                 params={**(self.parameters if with_parent_params else {}), **params}, inputs=self.inputs,
                 input_digests=self._input_digests, secrets=self._secrets, labels=self.labels,
                 parent_uid=self.uid, iteration=len(children) + 1, code_ref=self.code_ref,
-                iterations_recorder=self._iterations_recorder)
+                iterations_recorder=self._iterations_recorder, sign=self._sign)
             child._parent = self
             children.append(child)
         child.start()

@@ -72,6 +72,15 @@ def run_sweep(svc: Services, spec: RunSpec, sweep: SweepSpec) -> RunContext:
                                                          positions=positions))
 
 
+def _check_from_grid(parent_uid: str, iteration: int, params: dict[str, Any], sweep: SweepSpec) -> None:
+    """UntrustedRun unless an iteration's params (an iteration_requested event, which no MAC covers)
+    hold exactly the sweep's hyperparams, each one of the values the signed run_started lists."""
+    grid = sweep.hyperparams
+    if set(params) != set(grid) or any(params[key] not in list(grid[key]) for key in grid):
+        raise UntrustedRun(f"run {parent_uid}: iteration {iteration} asks for params {params!r}, which are not "
+                           f"from the sweep's recorded hyperparams; pass --trust (trust=True) to run it anyway")
+
+
 def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: bool = False) -> RunContext:
     """Run the iterations the log shows as requested but never finished, then complete the parent.
 
@@ -87,23 +96,27 @@ def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: boo
     if parent_row["state"] not in ("running", "lost"):  # a lost driver's sweep is what resume is for
         raise ValueError(f"sweep {parent_row['uid']} already ended in state {parent_row['state']!r}")
     parent_uid = parent_row["uid"]
-    sweep = SweepSpec.from_description({**parent_row["extra"]["sweep"], "quiet": quiet})
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
                                 [parent_uid]).payload[0])
     check_handler_trusted(started, trust, parent_uid, svc.settings.home)
-    if not trust and parent_row["runtime"] not in ("local", "dask://"):
-        raise UntrustedRun(f"run {parent_uid}: will not send the sweep to {parent_row['runtime']!r}, an address "
+    if not trust and started["runtime"] not in ("local", "dask://"):
+        raise UntrustedRun(f"run {parent_uid}: will not send the sweep to {started['runtime']!r}, an address "
                            f"the log names; pass --trust (trust=True) to use it anyway")
-    handler = load_handler(parent_row["handler"])
-    spec = RunSpec(svc.settings, handler, parent_row["handler"], parent_row["name"], parent_row["project"],
-                   parent_row["runtime"], parent_row["params"], parent_row["inputs"], started["input_digests"],
-                   from_environment(started["secret_keys"]), started["labels"], started["code_ref"])
+    # the sweep, the handler and its params as run_started recorded them: what check_handler_trusted found signed
+    sweep = SweepSpec.from_description({**json.loads(started["extra"]["sweep"]), "quiet": quiet})
+    handler = load_handler(started["handler"])
+    spec = RunSpec(svc.settings, handler, started["handler"], started["name"], started["project"],
+                   started["runtime"], {key: json.loads(value) for key, value in started["params"].items()},
+                   started["inputs"], started["input_digests"], from_environment(started["secret_keys"]),
+                   started["labels"], started["code_ref"])
     requested = db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'iteration_requested' "
                        "ORDER BY seq", [parent_uid]).payload
     requests = {}
     for payload in requested:
         request = json.loads(payload)
         requests[request["iteration"]] = {k: json.loads(v) for k, v in request["params"].items()}
+        if not trust:
+            _check_from_grid(parent_uid, request["iteration"], requests[request["iteration"]], sweep)
     _settle_orphans(svc, parent_uid)
     state = SweepState(params=requests, positions=svc.bus.end_offsets(), resumed=True)
     children = db.sql(f"SELECT uid, iteration, state FROM runs WHERE parent_uid = ? AND state IN "

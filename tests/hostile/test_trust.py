@@ -38,7 +38,7 @@ from engine.archive import (
     selected_events,
     unpack_artifacts,
 )
-from engine.loader import describe_handler, load_handler
+from engine.loader import RunSigner, describe_handler, load_handler
 from engine.rerun import UntrustedRun, check_handler_trusted
 from engine.run import RunObject
 from engine.transfer import append_new
@@ -46,6 +46,7 @@ from engine.ui.app import create_app
 from engine.ui.report import report_html
 from engine.ui.store import HeldRunDB
 from producers.artifact_store import ArtifactUnavailable
+from producers.context import RUN_MAC
 from projections import open_projection
 from schemas import Event
 from tests.support import handlers
@@ -374,13 +375,25 @@ def test_rerun_asks_for_trust_before_it_reads_any_input_the_log_names(home: Path
     assert not marker.exists()
 
 
-def _forged_sweep(**started: object) -> str:
+def _forged_sweep(signed_by: Path | None = None, **started: object) -> str:
     """A sweep parent appended straight to the bus, its driver gone: a real sweep's run_started and
-    iteration requests as another run, with `started` written over its run_started payload."""
+    iteration requests as another run, with `started` written over its run_started payload (and
+    that signed by home `signed_by`, when given)."""
     own = new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
                              .with_hyper_params({"p1": [1, 2]}, "min.loss")).uid
     parent = [e for e in _exported(own) if e.run_uid == own and e.type in ("run_started", "iteration_requested")]
-    return _appended_as_new_run(parent, **started)
+    if signed_by is None:
+        return _appended_as_new_run(parent, **started)
+
+    def signed(event: Event) -> Event:
+        if event.type != "run_started":
+            return event
+        return dataclasses.replace(event, payload=_signed_started({**event.payload, **started}, signed_by))
+
+    uid, forged = _as_new_run(parent, signed)
+    svc = session().services
+    append_new(forged, svc.bus, svc.codec)
+    return uid
 
 
 def test_resume_of_a_foreign_sweep_loads_and_runs_nothing_without_trust(home: Path, tmp_path: Path) -> None:
@@ -394,14 +407,118 @@ def test_resume_of_a_foreign_sweep_loads_and_runs_nothing_without_trust(home: Pa
     assert not marker.exists()
 
 
-def test_resume_sends_nothing_to_a_scheduler_the_log_names_without_trust(home: Path) -> None:
-    """This home's own handler, but a runtime address from the log: the run's secrets would go there."""
+@pytest.mark.parametrize("signed", [False, True], ids=["written by someone else", "signed by this home"])
+def test_resume_sends_nothing_to_a_scheduler_the_log_names_without_trust(home: Path, signed: bool) -> None:
+    """This home's own handler, but a runtime address from the log: the run's secrets would go there.
+    Written onto the run by someone else, the signature refuses it; signed by this home (a sweep it
+    ran on a remote scheduler), the runtime check still asks for --trust."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.settimeout(0.5)
-        uid = _forged_sweep(runtime=f"dask://127.0.0.1:{listener.getsockname()[1]}")
-        with pytest.raises(UntrustedRun, match=r"will not send the sweep to 'dask://127\.0\.0\.1"):
+        uid = _forged_sweep(runtime=f"dask://127.0.0.1:{listener.getsockname()[1]}", signed_by=home if signed else None)
+        refusal = r"will not send the sweep to 'dask://127\.0\.0\.1" if signed else "signature does not match"
+        with pytest.raises(UntrustedRun, match=refusal):
             get_run_db().resume(uid)
         with pytest.raises(TimeoutError):
             listener.accept()  # nobody connected
+
+
+# what a run ran with: params, inputs, secret keys, runtime and sweep are signed with the code --------
+
+def _signed_started(started: dict[str, object], home: Path) -> dict[str, object]:
+    """`started` signed by `home`, as a run this home recorded with those values would be."""
+    extra = {key: value for key, value in dict(started["extra"]).items() if key != RUN_MAC}  # type: ignore[call-overload]
+    unsigned = {**started, "extra": extra}
+    return {**unsigned, "extra": {**extra, RUN_MAC: json.dumps(RunSigner(home)(unsigned))}}
+
+
+def _own_started(uid: str) -> dict[str, object]:
+    return next(e.payload for e in _exported(uid) if e.type == "run_started")
+
+
+def _own_seed_like_run() -> str:
+    """A run of this home's own handler: a valid code_ref and signature."""
+    return new_function().run(NewRun(handler=handlers.seed_like, params={"p1": 4})).uid
+
+
+@pytest.mark.parametrize("change", [
+    {"params": {"p1": json.dumps(400)}},
+    {"inputs": {"data": "/dev/zero"}, "input_digests": {"data": "0" * 64}},
+    {"secret_keys": ["AWS_SECRET_ACCESS_KEY"]},
+    {"runtime": "dask://203.0.113.7:8786"},
+    {"labels": {"stage": "prod"}},
+], ids=["params", "inputs", "secret keys", "runtime", "labels"])
+def test_rerun_refuses_this_homes_code_with_what_someone_else_wrote_beside_it(
+        bus_home: Path, tmp_path: Path, change: dict[str, object]) -> None:
+    """The code_ref of one of this home's runs, MAC and all, copied onto a run_started whose other
+    fields someone who reaches the bus chose: the code is trusted, what it would run with is not."""
+    own = _own_seed_like_run()
+    assert get_run_db().rerun(own).results["accuracy"] == 8  # this home's own run: no --trust
+    uid = _appended_as_new_run(_exported(own), **change)
+
+    with pytest.raises(UntrustedRun, match=f"run {uid}: .*signature does not match them.*--trust"):
+        get_run_db().rerun(uid, strict=True)  # strict: an input the log names is never hashed first
+
+
+def test_a_run_that_carries_no_signature_needs_trust(home: Path, tmp_path: Path) -> None:
+    """A run recorded before runs were signed (or written without one) is held to --trust."""
+    own = _own_seed_like_run()
+    extra = {key: value for key, value in _own_started(own)["extra"].items() if key != RUN_MAC}  # type: ignore[union-attr]
+    uid = _appended_as_new_run(_exported(own), extra=extra)
+    with pytest.raises(UntrustedRun, match="carries no signature over its params and inputs"):
+        get_run_db().rerun(uid)
+    assert get_run_db().rerun(uid, trust=True).results["accuracy"] == 8
+
+
+def test_a_verbatim_copy_of_this_homes_run_reruns_as_the_original_would(home: Path, tmp_path: Path) -> None:
+    """The signature covers what runs, not the uid: a replay under another uid runs exactly what
+    this home ran before, which a rerun of the original would run too."""
+    own = _own_seed_like_run()
+    uid = _appended_as_new_run(_exported(own))
+    assert get_run_db().rerun(uid).results == {"accuracy": 8, "loss": 12, "return": "my resp"}
+
+
+@pytest.mark.parametrize("change", ["params", "sweep"])
+def test_resume_refuses_a_sweep_whose_params_or_grid_someone_else_wrote(home: Path, change: str) -> None:
+    started = _own_started(new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
+                                              .with_hyper_params({"p1": [1, 2]}, "min.loss")).uid)
+    if change == "params":
+        written: dict[str, object] = {"params": {"p2": json.dumps("chosen by someone else")}}
+    else:
+        sweep = json.loads(started["extra"]["sweep"])  # type: ignore[index]
+        written = {"extra": {**started["extra"], "sweep": json.dumps({**sweep, "selector": "max.loss"})}}  # type: ignore[dict-item]
+    uid = _forged_sweep(**written)
+    with pytest.raises(UntrustedRun, match=f"run {uid}: .*signature does not match"):
+        get_run_db().resume(uid)
+
+
+def _sweep_with_requests(rewrite: Rewrite) -> str:
+    """A copy of this home's own sweep parent (its signed run_started as it is) appended as another
+    run, its driver gone, each iteration request passed through `rewrite`."""
+    own = new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
+                             .with_hyper_params({"p1": [1, 2], "p2": ["a", "b"]}, "min.loss")).uid
+    parent = [e for e in _exported(own) if e.run_uid == own and e.type in ("run_started", "iteration_requested")]
+    uid, forged = _as_new_run(parent, lambda e: rewrite(e) if e.type == "iteration_requested" else e)
+    svc = session().services
+    append_new(forged, svc.bus, svc.codec)
+    return uid
+
+
+def test_resume_runs_iterations_only_from_the_signed_grid(home: Path) -> None:
+    """Iteration requests carry no MAC of their own: their params must be values the signed
+    run_started's hyperparams list. A copy with the requests as the driver wrote them resumes."""
+    def hostile(event: Event) -> Event:
+        if event.payload["iteration"] != 2:
+            return event
+        return dataclasses.replace(event, payload={**event.payload, "params": {
+            "p1": json.dumps(1), "p2": json.dumps("rm -rf ~")}})
+
+    uid = _sweep_with_requests(hostile)
+    with pytest.raises(UntrustedRun, match=f"run {uid}: iteration 2 asks for params .*rm -rf.*--trust"):
+        get_run_db().resume(uid)
+    assert get_run_db().read_run(uid)["state"] in ("running", "lost")  # nothing resumed
+
+    copy = _sweep_with_requests(lambda event: event)
+    assert get_run_db().resume(copy).state == "completed"
+    assert get_run_db().sql("SELECT count(*) AS n FROM runs WHERE parent_uid = ?", [copy]).n[0] == 4
