@@ -248,26 +248,38 @@ class EngineRunDB(RunDB):
     def _drop_served_projection(self) -> None:
         """Stop the home's projection service and, holding its lock (no service holds the file),
         remove the projection's files: DuckDB keeps freed pages' old bytes, so a rebuild in place
-        would leave the purged runs' values on disk. The next read starts a service that folds
-        the log from its start."""
+        would leave the purged runs' values on disk. The home's purge lock is held from before the
+        stop until the files are gone: a follower stopped for the purge waits for it, then serves
+        again and folds the log from its start; otherwise the next read starts a service that does."""
         from filelock import FileLock, Timeout
 
         from projections.database import remove_projection_files
         from projections.service import ServiceAddress
 
         settings = self.services.settings
-        self.source.stop()  # type: ignore[union-attr]
-        lock = FileLock(str(ServiceAddress.of(settings.home).lock), thread_local=False)
+        address = ServiceAddress.of(settings.home)
+        purging = FileLock(str(address.purge), mode=0o600, thread_local=False)
+        lock = FileLock(str(address.lock), thread_local=False)
         try:
-            lock.acquire(timeout=settings.db_timeout_s)
+            purging.acquire(timeout=settings.db_timeout_s)
         except Timeout:
-            raise TimeoutError(f"purge: the log is rewritten, but the projection service of {settings.home} did "
-                               f"not stop within {settings.db_timeout_s:g}s (a reader holds it): it folds the "
-                               "log again by itself; `runbus purge` again removes the bodies") from None
+            raise TimeoutError(f"purge: the log is rewritten, but another purge of {settings.home} held "
+                               f"{address.purge} for more than {settings.db_timeout_s:g}s: the projection folds "
+                               "the log again by itself; `runbus purge` again removes the bodies") from None
         try:
-            remove_projection_files(self.db_path)
+            self.source.stop(for_purge=True)  # type: ignore[union-attr]
+            try:
+                lock.acquire(timeout=settings.db_timeout_s)
+            except Timeout:
+                raise TimeoutError(f"purge: the log is rewritten, but the projection service of {settings.home} "
+                                   f"did not stop within {settings.db_timeout_s:g}s (a reader holds it): it folds "
+                                   "the log again by itself; `runbus purge` again removes the bodies") from None
+            try:
+                remove_projection_files(self.db_path)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            purging.release()
 
 
 def _uid_list(uids: Iterable[str]) -> list[str]:

@@ -6,6 +6,8 @@ start it on demand (`start_service`); `runbus project --follow` becomes it (`--f
 no idle exit, progress on stdout, `serve_as_follower`). A second service for the same home exits at
 once, quietly (status 0), and so does one a reader started while a follower waits for the home; in
 the foreground it waits RUNBUS_DB_TIMEOUT plus RELEASE_MARGIN_S and exits with status 1, saying so.
+A follower in the foreground stopped by a purge serves again, with a new service, once the purge is
+done (`serve_through_purges`).
 It loads what serving and folding need, and no pandas when no user projection is configured.
 """
 
@@ -18,10 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.abc import MetaPathFinder
 from pathlib import Path
 from types import ModuleType
+
+from filelock import FileLock, Timeout
 
 from engine.settings import Settings, load_settings
 from engine.terminal import neutral
@@ -166,11 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     service = build_service(settings, bus, follow=args.follow, readable_dirs=readable)
     if not service.user_projections:  # a user's projection may use pandas: its process keeps it
         keep_pandas_out()
+    serving = Serving(service)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: service.shutdown())
+        signal.signal(signum, lambda *_: serving.shutdown())
     try:
         if args.foreground:
-            return _serve_in_foreground(settings, bus, service)
+            return _serve_in_foreground(settings, bus, serving)
         try:
             service.run(lock_timeout_s=LOCK_WAIT_S)
         except Exception as exc:  # one line in the home's projection.log, as in the foreground
@@ -181,18 +186,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _serve_in_foreground(settings: Settings, bus: Bus, service: ProjectionService) -> int:
-    """Serve until stopped, printing how far the fold is; 1 (and one line on stderr naming the
-    cause) when another service keeps the home or the projection fails."""
+class Serving:
+    """The service a process serves its home with now (a follower's is replaced after each purge);
+    `shutdown` (a signal handler) stops it and ends the serving for good."""
+
+    def __init__(self, service: ProjectionService) -> None:
+        self.service = service
+        self.ended = threading.Event()
+
+    def shutdown(self) -> None:
+        """Stop the current service, and serve with no other one (safe from a signal handler)."""
+        self.ended.set()
+        self.service.shutdown()
+
+    def replace(self, service: ProjectionService) -> None:
+        """Serve with `service` from now on; it is stopped at once if `shutdown` came first."""
+        self.service = service
+        if self.ended.is_set():  # the signal stopped the previous service, between the check and the swap
+            service.shutdown()
+
+
+def serve_through_purges(settings: Settings, bus: Bus, serving: Serving,
+                         report: Callable[[ProjectionService], None] = lambda _: None) -> bool:
+    """`serve_as_follower` with `serving.service`, and again with a new service each time a purge stops
+    it (`ProjectionService.stopped_for_purge`): once the purge lock is free (the purge removed the
+    projection's files), saying so in one line; the new service folds the log from its start. Any other
+    stop ends it. `report` is called with each service before it serves. What the last
+    `serve_as_follower` returned; its exceptions propagate."""
+    while True:
+        service = serving.service
+        report(service)
+        served = serve_as_follower(settings, service)
+        if not (served and service.stopped_for_purge and _purge_done(settings, serving)):
+            return served
+        serving.replace(build_service(settings, bus, follow=True, readable_dirs=service.readable_dirs))
+        print(f"projector: {neutral(str(settings.home), one_line=True)} was purged; folding the log again "
+              "from the start", flush=True)
+
+
+def _purge_done(settings: Settings, serving: Serving) -> bool:
+    """Wait for the home's purge lock, which a purge holds until the projection's files are removed,
+    at most RUNBUS_DB_TIMEOUT plus RELEASE_MARGIN_S (the purge itself gives up after RUNBUS_DB_TIMEOUT);
+    False when `serving` was shut down first."""
+    purging = FileLock(str(serving.service.address.purge), mode=0o600, thread_local=False)
+    try:
+        purging.acquire(timeout=settings.db_timeout_s + RELEASE_MARGIN_S, cancel_check=serving.ended.is_set)
+    except Timeout:
+        return not serving.ended.is_set()  # a purge that stalls: the follower serves on regardless
+    purging.release()
+    return not serving.ended.is_set()
+
+
+def _serve_in_foreground(settings: Settings, bus: Bus, serving: Serving) -> int:
+    """Serve until stopped (through purges), printing how far the fold is; 1 (and one line on stderr
+    naming the cause) when another service keeps the home or the projection fails."""
     home = neutral(str(settings.home), one_line=True)
     print(f"projector following {neutral(bus.url, one_line=True)} into "
           f"{neutral(str(settings.db_path), one_line=True)} (Ctrl-C to stop)", flush=True)
-    threading.Thread(target=_report, args=(service,), daemon=True).start()
+
+    def report(service: ProjectionService) -> None:
+        threading.Thread(target=_report, args=(service,), daemon=True).start()
+
     try:
-        served = serve_as_follower(settings, service)
+        served = serve_through_purges(settings, bus, serving, report)
     except Exception as exc:  # the fold (or opening the file) failed: the service has ended
         print(_stopped(settings, exc), file=sys.stderr, flush=True)
         return 1
+    service = serving.service
     if served:
         print(f"projector stopped at {sum(service.positions().values())} records", flush=True)
         return 0

@@ -181,10 +181,12 @@ class ServiceClient:
         as long as the rebuild takes (no deadline: it is the wait the caller asked for)."""
         return int(self._call({"op": "rebuild"}, None)["applied"])
 
-    def stop(self) -> int | None:
+    def stop(self, for_purge: bool = False) -> int | None:
         """Ask a running service to exit once its sessions end; its pid, or None when none runs
-        (none, a killed one's socket, or one already exiting, which drops the connection)."""
-        answer = self._ask("stop")
+        (none, a killed one's socket, or one already exiting, which drops the connection).
+        `for_purge`: a follower's process serves again once the purge lock is free (a service a
+        reader started just exits)."""
+        answer = self._ask("stop", **({"for": "purge"} if for_purge else {}))
         return None if answer is None else int(answer["pid"])
 
     def running(self) -> dict[str, Any] | None:
@@ -192,14 +194,14 @@ class ServiceClient:
         (none is started)."""
         return self._ask("ping")
 
-    def _ask(self, op: str) -> dict[str, Any] | None:
-        """The answer of a running service to `op`, or None when none runs (none is started)."""
+    def _ask(self, op: str, **fields: Any) -> dict[str, Any] | None:
+        """The answer of a running service to `op` (with `fields`), or None when none runs (none is started)."""
         try:
             conn = self._connect()
         except _GONE:
             return None
         try:
-            conn.send_bytes(json.dumps({"op": op}).encode())
+            conn.send_bytes(json.dumps({"op": op, **fields}).encode())
             answer = self._receive(conn, self._open_s, f"a {op} request")
         except (EOFError, OSError):
             return None

@@ -18,7 +18,9 @@ Requests: {"op": "session", "first": <statement>, ...} opens a snapshot that ans
 statement, then statements sent one at a time until {"end": true} (a `with db.reader()` block);
 {"op": "answer", "statements": [...], ...} answers a fixed list of statements from one snapshot in
 one exchange (`RunDB.answer`: `sql`, `read_run`, `get_log`); "catch_up", "rebuild", "stop" and
-"ping" are one answer each.
+"ping" are one answer each. {"op": "stop", "for": "purge"} stops the service as "stop" does and tells
+a follower's process to serve again, with a new service, once the purge is done (see
+`ProjectionService.stopped_for_purge`; a service that does not know the field just stops).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ _log = logging.getLogger("runbus.projection")
 
 @dataclass(frozen=True)
 class ServiceAddress:
-    """Where a home's projection service listens and keeps its key, lock and log."""
+    """Where a home's projection service listens and keeps its key, lock and log; `purge` is the
+    lock a purge holds from before it stops the service until the projection's files are removed."""
 
     home: Path
     socket: Path
@@ -98,6 +101,7 @@ class ServiceAddress:
     lock: Path
     log: Path
     follower: Path
+    purge: Path
 
     @classmethod
     def of(cls, home: str | os.PathLike[str]) -> ServiceAddress:
@@ -114,7 +118,7 @@ class ServiceAddress:
                 raise PermissionError(f"{folder} must be a folder owned by this user and private (0700)")
             sock = folder / (hashlib.sha256(os.fsencode(home)).hexdigest()[:24] + ".sock")
         return cls(home, sock, home / "projection.key", home / "projection.lock", home / "projection.log",
-                   home / "projection.follower")
+                   home / "projection.follower", home / "projection.purge")
 
 
 def follower_waits(address: ServiceAddress) -> bool:
@@ -347,6 +351,7 @@ class ProjectionService:
         self.fold_wait_s = fold_wait_s
         self.batch_size = batch_size
         self.stop = threading.Event()
+        self.stopped_for_purge = False  # a {"op": "stop", "for": "purge"} request stopped it
         self.ready = threading.Event()
         self.fold_gate = threading.Event()  # cleared: the folding thread pauses between batches (tests)
         self.fold_gate.set()
@@ -739,6 +744,7 @@ class ProjectionService:
         elif op == "rebuild":
             send_json(conn, {"applied": self.rebuild()})
         elif op == "stop":
+            self.stopped_for_purge = self.stopped_for_purge or request.get("for") == "purge"
             send_json(conn, {"pid": os.getpid()})
             self.shutdown()
             return False

@@ -166,6 +166,62 @@ def test_purge_rewrites_the_embedded_log_and_removes_the_bodies_and_a_rebuild_ag
     assert "no run" in cli("restore", parent, check=False).stderr  # a purge cannot be undone
 
 
+@pytest.mark.parametrize("purge_with", ["cli", "api"])
+def test_a_follower_serves_on_through_a_purge_from_a_log_folded_again(home: Path, cli, purge_with: str) -> None:
+    """A purge stops the home's service to remove the projection's files; a follower
+    (`runbus project --follow`) is the same process serving the home afterwards, folded from the
+    rewritten log, and says so once. A plain stop still ends it."""
+    from engine import get_run_db
+    from engine.api import session
+    from projections.client import ServiceClient
+    from projections.service import ServiceAddress
+    from tests.support.polling import wait_until
+
+    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        client = ServiceClient(ServiceAddress.of(home), session().services.bus, start=None, timeout_s=30)
+
+        def serving() -> dict | bool:
+            """What the follower answers once it serves the home; True once it has exited."""
+            if follower.poll() is not None:
+                return True
+            found = client.running()
+            return found if found is not None and found["pid"] == follower.pid else False
+
+        assert wait_until(serving, "the follower serves the home") is not True, follower.communicate(timeout=60)
+        cli("run", "job.py:train", "-p", f"lr={PARAM}")
+        doomed = next(iter(runs(cli)))
+        cli("run", "job.py:train", "-p", "lr=0.2")
+        kept = next(uid for uid in runs(cli) if uid != doomed)
+        age_bodies(home)
+        if purge_with == "cli":
+            cli("delete", doomed)
+            assert f"purged {doomed}" in cli("purge", "--yes").stdout
+        else:
+            db = get_run_db()
+            db.delete_runs([doomed])
+            assert db.purge().runs == [doomed]
+
+        found = wait_until(serving, "the follower serves the home after the purge")
+        assert found is not True, follower.communicate(timeout=60)  # it exited
+        assert found["pid"] == follower.pid and found["follow"] is True  # type: ignore[index]
+        assert set(runs(cli)) == {kept}
+        assert json.loads(cli("sql", f"SELECT count(*) AS n FROM events WHERE run_uid = '{doomed}'",
+                              "--format", "json").stdout) == [{"n": 0}]
+        assert client.running()["pid"] == follower.pid  # type: ignore[index]
+        assert [path.name for path in home.rglob("*") if path.is_file() and PARAM.encode() in path.read_bytes()] == []
+        assert oct(ServiceAddress.of(home).purge.stat().st_mode & 0o777) == "0o600"
+        assert client.stop() == follower.pid  # a stop not for a purge ends it, as before
+        out, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.terminate()
+            follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    assert out.count("folding the log again") == 1, out
+
+
 @pytest.mark.kafka
 @pytest.mark.parametrize("bus_home", ["kafka"], indirect=True)
 def test_purge_on_kafka_keeps_the_records_and_says_so(bus_home: Path, cli) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from engine import NewRun, new_function
 from engine.api import close_session, session
@@ -69,6 +70,28 @@ def test_a_follower_waiting_for_the_home_ends_at_once_on_a_signal(service_home: 
     finally:
         _end(first)
 
+
+def test_a_follower_stopped_for_a_purge_waits_for_the_purge_lock_and_still_ends_on_sigterm(service_home: Path) -> None:
+    """Stopped for a purge, a follower lets go of the home and takes it again only once the purge
+    lock is free (the purge removes the projection's files meanwhile); a signal ends that wait."""
+    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _serving_pid() == follower.pid or follower.poll() is not None, "the follower serves")
+        assert follower.poll() is None, follower.communicate()
+        address = ServiceAddress.of(session().services.settings.home)
+        client = ServiceClient(address, session().services.bus, start=None, timeout_s=30)
+        with FileLock(str(address.purge), mode=0o600, thread_local=False):
+            assert client.stop(for_purge=True) == follower.pid
+            with FileLock(str(address.lock), thread_local=False).acquire(timeout=60):  # its service let go
+                pass
+            assert client.running() is None and follower.poll() is None  # it waits for the purge
+            follower.send_signal(signal.SIGTERM)
+            out, err = follower.communicate(timeout=60)  # while the purge lock is still held
+    finally:
+        _end(follower)
+    assert follower.returncode == 0, err
+    assert "projector stopped" in out and "folding the log again" not in out, out
 
 _FAILING = """
 import duckdb
