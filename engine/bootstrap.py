@@ -37,6 +37,7 @@ from producers.spill import SpillDelivery, deliver_spill, make_private_folder
 if TYPE_CHECKING:
     import duckdb
 
+    from engine.loader import RunSigner
     from producers.artifact_store import ArtifactStore
     from producers.bus import Bus
     from producers.writer import BackgroundWriter
@@ -103,6 +104,7 @@ class Services:
     artifact_store: ArtifactStore
     user_projections: list[UserProjection]
     _reads: ServiceClient | None = field(default=None, repr=False)
+    _signer: RunSigner | None = field(default=None, repr=False)
 
     def run_db(self, as_of: int | datetime | str | None = None) -> RunDB:
         """The query API: answered by the home's projection service (RUNBUS_PROJECTION=service)
@@ -122,6 +124,15 @@ class Services:
 
             self._reads = service_client(self.settings, self.bus)
         return self._reads
+
+    def run_signer(self) -> RunSigner:
+        """What signs the run_started of every run this process starts (`engine.loader.RunSigner`,
+        one for the process: it reads the home's code key once)."""
+        if self._signer is None:
+            from engine.loader import RunSigner
+
+            self._signer = RunSigner(self.settings.home)
+        return self._signer
 
     def projector(self, con: duckdb.DuckDBPyConnection, batch_size: int = 50_000) -> Projector:
         """A projector folding this bus into `con` (the caller holds the projection file)."""

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.loader import RunSigner
 from engine.settings import Settings
 from producers.context import RunContext
 from producers.data_item import DataItem
@@ -47,7 +46,7 @@ class RunSpec:
             inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,
             labels=self.labels, parent_uid=self.parent_uid, iteration=self.iteration,
             code_ref=self.code_ref, extra=self.extra, iterations_recorder=_record_iterations,
-            sign=RunSigner(svc.settings.home))
+            sign=svc.run_signer())
 
     def for_iteration(self, parent_uid: str, iteration: int, params: dict[str, Any]) -> RunSpec:
         return replace(self, parent_uid=parent_uid, iteration=iteration,
