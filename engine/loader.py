@@ -183,19 +183,20 @@ SIGNED_RUN_FIELDS = ("name", "project", "handler", "runtime", "params", "inputs"
 
 
 class RunSigner:
-    """HMAC-SHA256, under home's code key (read on first use), of a run_started payload's
-    SIGNED_RUN_FIELDS (its extra without RUN_MAC), canonical JSON: what a run recorded by this home
-    says it ran with. A rerun trusts params, inputs and secret keys from the log only under it; a
-    code_ref's own MAC covers the code alone, so it could be copied onto anyone's params."""
+    """HMAC-SHA256, under home's code key (read on first use), of a run's uid and its run_started
+    payload's SIGNED_RUN_FIELDS (its extra without RUN_MAC), canonical JSON: what a run recorded by
+    this home says it ran with. A rerun trusts params, inputs and secret keys from the log only under
+    it; a code_ref's own MAC covers the code alone, so it could be copied onto anyone's params. The
+    uid is signed too: a signed payload copied onto another run is that run's no more."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
         self._key: bytes | None = None
 
-    def __call__(self, started: Mapping[str, Any]) -> str:
+    def __call__(self, run_uid: str, started: Mapping[str, Any]) -> str:
         if self._key is None:
             self._key = _code_key(self.home)
-        return hmac.new(self._key, _signed_run(started), hashlib.sha256).hexdigest()
+        return hmac.new(self._key, _signed_run(run_uid, started), hashlib.sha256).hexdigest()
 
 
 def recorded_run_mac(started: Mapping[str, Any]) -> str | None:
@@ -208,9 +209,10 @@ def recorded_run_mac(started: Mapping[str, Any]) -> str | None:
     return mac if isinstance(mac, str) and re.fullmatch(r"[0-9a-f]{64}", mac) else None
 
 
-def _signed_run(started: Mapping[str, Any]) -> bytes:
+def _signed_run(run_uid: str, started: Mapping[str, Any]) -> bytes:
     fields = {name: started.get(name) for name in SIGNED_RUN_FIELDS}
     fields["extra"] = {key: value for key, value in (started.get("extra") or {}).items() if key != RUN_MAC}
+    fields["uid"] = run_uid
     return b"runbus run\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -56,7 +56,7 @@ def rerun(svc: Services, uid: str, params: Mapping[str, Any] | None = None, stri
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
                                 [record["uid"]]).payload[0])
     # trust first: the recorded input paths come from the log too, and hashing one may never end
-    check_handler_trusted(started, trust, record["uid"], svc.settings.home)
+    vouched = check_handler_trusted(started, trust, record["uid"], svc.settings.home)
     _check_inputs(record["uid"], started["inputs"], started["input_digests"], strict)
     values = {**from_environment(started["secret_keys"]), **resolve_all(secrets)}
     missing = [key for key in started["secret_keys"] if key not in values]
@@ -68,29 +68,32 @@ def rerun(svc: Services, uid: str, params: Mapping[str, Any] | None = None, stri
     spec = RunSpec(svc.settings, handler, reference, started["name"], started["project"], "local",
                    {**recorded_params, **(params or {})}, started["inputs"], started["input_digests"],
                    {k: v for k, v in values.items() if k in started["secret_keys"]}, started["labels"],
-                   code_ref, extra={"rerun_of": record["uid"]})
+                   code_ref, extra={"rerun_of": record["uid"]}, signed=vouched)
     context = spec.new_context(svc)
     local.execute(handler, context, capture_console=spec.settings.capture_console)
     return RunObject.from_context(context)
 
 
-def check_handler_trusted(started: Mapping[str, Any], trust: bool, run_uid: str, home: Path) -> None:
-    """Raise UntrustedRun unless `trust` or the run_started payload `started` names a handler the
-    Runbus home `home` may load (see `handler_distrust`). Nothing of the handler is run by this check."""
-    if trust:
-        return
-    reason = handler_distrust(started, home)
+def check_handler_trusted(started: Mapping[str, Any], trust: bool, run_uid: str, home: Path) -> bool:
+    """Raise UntrustedRun unless `trust` or the run_started payload `started` of run `run_uid` names a
+    handler the Runbus home `home` may load (see `handler_distrust`); whether home vouches for it
+    (False: only `trust` let it through, so what runs from it must not be signed as this home's own,
+    or a rerun of the rerun would need no --trust). Nothing of the handler is run by this check."""
+    reason = handler_distrust(started, home, run_uid)
+    if reason and trust:
+        return False
     if reason:
         raise UntrustedRun(f"run {run_uid or '?'}: will not load handler {started.get('handler')!r}: {reason}; "
                            f"pass --trust (trust=True) to run it anyway")
+    return True
 
 
-def handler_distrust(started: Mapping[str, Any], home: Path) -> str | None:
+def handler_distrust(started: Mapping[str, Any], home: Path, run_uid: str) -> str | None:
     """Why the handler of run_started payload `started` is not trusted, or None when it is: the run
     was not imported, its code reference carries home's MAC over (handler, source path, sha256), the
     handler still loads from that very file, whose bytes still hash to that sha256, and the payload
-    carries home's signature over what the run ran with (`RunSigner`: params, inputs, secret keys,
-    runtime, code reference...), so none of it was written by anyone else. A module:function
+    carries home's signature over run `run_uid` and what it ran with (`RunSigner`: params, inputs,
+    secret keys, runtime, code reference...), so none of it was written by anyone else. A module:function
     handler is held to the same rule as a file handler (its module's source file)."""
     reference = str(started.get("handler") or "")
     extra = started.get("extra") or {}
@@ -117,9 +120,9 @@ def handler_distrust(started: Mapping[str, Any], home: Path) -> str | None:
     if signature is None:
         return ("the run carries no signature over its params and inputs (it was recorded before Runbus signed "
                 "them, or not by Runbus)")
-    if not hmac.compare_digest(signature, RunSigner(home)(started)):
+    if not hmac.compare_digest(signature, RunSigner(home)(run_uid, started)):
         return ("its params, inputs, secret keys or code reference are not the ones this Runbus home recorded "
-                "(its signature does not match them)")
+                "for this run (its signature does not match them)")
     return None
 
 

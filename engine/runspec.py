@@ -35,6 +35,8 @@ class RunSpec:
     parent_uid: str | None = None
     iteration: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # signed as this home's own (see engine.loader.RunSigner): not what only --trust let run
+    signed: bool = True
 
     def new_context(self, svc: Services, uid: str | None = None,
                     context_class: type[C] = RunContext) -> C:  # type: ignore[assignment]
@@ -46,7 +48,7 @@ class RunSpec:
             inputs=self.inputs, input_digests=self.input_digests, secrets=self.secrets,
             labels=self.labels, parent_uid=self.parent_uid, iteration=self.iteration,
             code_ref=self.code_ref, extra=self.extra, iterations_recorder=_record_iterations,
-            sign=svc.run_signer())
+            sign=svc.run_signer() if self.signed else None)
 
     def for_iteration(self, parent_uid: str, iteration: int, params: dict[str, Any]) -> RunSpec:
         return replace(self, parent_uid=parent_uid, iteration=iteration,

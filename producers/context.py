@@ -43,8 +43,8 @@ if TYPE_CHECKING:  # pandas is imported where a DataFrame is used: a job that lo
 
 # key of run_started's extra holding the run's signature (see RunSigner in engine.loader): a JSON string
 RUN_MAC = "run_mac"
-# signs a run_started payload (the engine's RunSigner, under the home's code key)
-RunSign = Callable[[Mapping[str, Any]], str]
+# signs a run's run_started payload, given the run's uid (the engine's RunSigner, under the home's code key)
+RunSign = Callable[[str, Mapping[str, Any]], str]
 _MAX_ERROR_CHARS = 64 * 1024  # of an error message or traceback kept in run_finished (head and tail)
 _KNOWN_KEYS = 10_000  # metric keys remembered as valid, per run
 
@@ -144,7 +144,7 @@ class RunContext:
             "heartbeat_interval_s": self._writer.heartbeat_interval_s,
         }
         if self._sign is not None:
-            started["extra"][RUN_MAC] = json.dumps(self._sign(started))
+            started["extra"][RUN_MAC] = json.dumps(self._sign(self.uid, started))
         self._emit("run_started", started)
         self._writer.track(self.uid, self._heartbeat)
 

@@ -4,16 +4,18 @@ from what the log says."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import secrets
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from engine.bootstrap import Services
-from engine.loader import load_handler
+from engine.loader import load_handler, recorded_run_mac
 from engine.progress import SweepProgress
 from engine.reaper import mark_lost, reap, running_runs
 from engine.rerun import UntrustedRun, check_handler_trusted
@@ -62,7 +64,11 @@ class SweepState:
 
 
 def run_sweep(svc: Services, spec: RunSpec, sweep: SweepSpec) -> RunContext:
-    """Start a parent run, request every iteration, run them and complete the parent (all with `svc`)."""
+    """Start a parent run, request every iteration, run them and complete the parent (all with `svc`).
+    A random sweep without a seed gets one drawn now, recorded in the signed parent: a resume tells
+    the iterations it asked for from any other by drawing them again."""
+    if sweep.strategy == "random" and sweep.seed is None:
+        sweep = replace(sweep, seed=secrets.randbits(63))
     parent = RunSpec(**{**spec.__dict__, "extra": {**spec.extra, "sweep": sweep.describe()}}).new_context(svc)
     positions = svc.bus.end_offsets()
     parent.start()
@@ -72,13 +78,34 @@ def run_sweep(svc: Services, spec: RunSpec, sweep: SweepSpec) -> RunContext:
                                                          positions=positions))
 
 
-def _check_from_grid(parent_uid: str, iteration: int, params: dict[str, Any], sweep: SweepSpec) -> None:
-    """UntrustedRun unless an iteration's params (an iteration_requested event, which no MAC covers)
-    hold exactly the sweep's hyperparams, each one of the values the signed run_started lists."""
-    grid = sweep.hyperparams
-    if set(params) != set(grid) or any(params[key] not in list(grid[key]) for key in grid):
-        raise UntrustedRun(f"run {parent_uid}: iteration {iteration} asks for params {params!r}, which are not "
-                           f"from the sweep's recorded hyperparams; pass --trust (trust=True) to run it anyway")
+def _unasked(requests: dict[int, dict[str, Any]], sweep: SweepSpec) -> str | None:
+    """Why the iteration requests read from the log (iteration_requested events carry no MAC) are
+    not exactly the sweep's own, drawn again from its signed description; None when they are."""
+    if sweep.strategy == "random" and sweep.seed is None:
+        return "its random sweep recorded no seed, so the iterations it asked for cannot be drawn again"
+    sets = sweep.param_sets()
+    for iteration, params in sorted(requests.items()):
+        if not 1 <= iteration <= len(sets) or _canonical(params) != _canonical(sets[iteration - 1]):
+            return f"iteration {iteration} asks for params {params!r}, which the sweep's recorded hyperparams do not"
+    return None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _vouched_child(svc: Services, parent_uid: str, uid: str, iteration: int, params: dict[str, Any] | None,
+                   started: dict[str, Any]) -> bool:
+    """Whether a child's run_started is this home's, signed for run `uid`, as iteration `iteration` of
+    `parent_uid` with the iteration's `params` (None: anything signed)."""
+    signature = recorded_run_mac(started)
+    if signature is None or not hmac.compare_digest(signature, svc.run_signer()(uid, started)):
+        return False
+    if started.get("parent_uid") != parent_uid or started.get("iteration") != iteration:
+        return False
+    recorded = started.get("params") or {}
+    return params is None or all(key in recorded and _canonical(json.loads(recorded[key])) == _canonical(value)
+                                 for key, value in params.items())
 
 
 def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: bool = False) -> RunContext:
@@ -98,46 +125,56 @@ def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: boo
     parent_uid = parent_row["uid"]
     started = json.loads(db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'run_started'",
                                 [parent_uid]).payload[0])
-    check_handler_trusted(started, trust, parent_uid, svc.settings.home)
+    vouched = check_handler_trusted(started, trust, parent_uid, svc.settings.home)
     if not trust and started["runtime"] not in ("local", "dask://"):
         raise UntrustedRun(f"run {parent_uid}: will not send the sweep to {started['runtime']!r}, an address "
                            f"the log names; pass --trust (trust=True) to use it anyway")
     # the sweep, the handler and its params as run_started recorded them: what check_handler_trusted found signed
     sweep = SweepSpec.from_description({**json.loads(started["extra"]["sweep"]), "quiet": quiet})
-    handler = load_handler(started["handler"])
-    spec = RunSpec(svc.settings, handler, started["handler"], started["name"], started["project"],
-                   started["runtime"], {key: json.loads(value) for key, value in started["params"].items()},
-                   started["inputs"], started["input_digests"], from_environment(started["secret_keys"]),
-                   started["labels"], started["code_ref"])
     requested = db.sql("SELECT payload FROM events WHERE run_uid = ? AND type = 'iteration_requested' "
                        "ORDER BY seq", [parent_uid]).payload
     requests = {}
     for payload in requested:
         request = json.loads(payload)
         requests[request["iteration"]] = {k: json.loads(v) for k, v in request["params"].items()}
-        if not trust:
-            _check_from_grid(parent_uid, request["iteration"], requests[request["iteration"]], sweep)
-    _settle_orphans(svc, parent_uid)
+    if vouched:
+        unasked = _unasked(requests, sweep)
+        if unasked and not trust:
+            raise UntrustedRun(f"run {parent_uid}: {unasked}; pass --trust (trust=True) to run it anyway")
+        vouched = unasked is None
+    handler = load_handler(started["handler"])
+    # what only --trust let run is not signed as this home's: a rerun of its iterations asks again
+    spec = RunSpec(svc.settings, handler, started["handler"], started["name"], started["project"],
+                   started["runtime"], {key: json.loads(value) for key, value in started["params"].items()},
+                   started["inputs"], started["input_digests"], from_environment(started["secret_keys"]),
+                   started["labels"], started["code_ref"], signed=vouched)
+    _settle_orphans(svc, parent_uid, trust)
     state = SweepState(params=requests, positions=svc.bus.end_offsets(), resumed=True)
-    children = db.sql(f"SELECT uid, iteration, state FROM runs WHERE parent_uid = ? AND state IN "
-                      f"({', '.join('?' * len(FINISHED_STATES))}) ORDER BY started_at",
+    children = db.sql(f"SELECT r.uid, r.iteration, r.state, e.payload FROM runs r JOIN events e ON e.run_uid = r.uid "
+                      f"AND e.type = 'run_started' WHERE r.parent_uid = ? AND r.state IN "
+                      f"({', '.join('?' * len(FINISHED_STATES))}) ORDER BY r.started_at",
                       [parent_uid, *FINISHED_STATES])
     for child in children.itertuples():
+        # a child that is not this home's iteration as asked (appended by anyone) is run again
+        if not trust and not _vouched_child(svc, parent_uid, child.uid, child.iteration,
+                                            requests.get(child.iteration), json.loads(child.payload)):
+            continue
         results = db.read_run(child.uid)["results"]
         state.done[child.iteration] = (child.state, requests.get(child.iteration, {}), results)
         state.uids[child.iteration] = child.uid
     state.pending = [(i, params) for i, params in sorted(requests.items()) if i not in state.done]
     parent = spec.new_context(svc, uid=parent_uid)  # a stream of its own: no seq taken from the dead driver
     parent.parent_uid = None
-    parent.parameters = dict(parent_row["params"])
+    parent.parameters = dict(spec.params)
     parent.resume()
     return _execute(svc, parent, spec, sweep, state)
 
 
-def _settle_orphans(svc: Services, parent_uid: str) -> None:
+def _settle_orphans(svc: Services, parent_uid: str, trust: bool) -> None:
     """Iterations left unfinished by a dead driver: wait while they may still speak, and write the
-    'lost' verdict for those judged silent by their own heartbeat interval."""
-    interval = _longest_interval(svc, parent_uid)
+    'lost' verdict for those judged silent by their own heartbeat interval (without `trust`, only
+    this home's signed iterations say how long: a run anyone appended could say a billion seconds)."""
+    interval = _longest_interval(svc, parent_uid, trust)
     deadline = time.monotonic() + 3 * interval + 5
     while True:
         reap(svc, parent_uid=parent_uid)
@@ -146,15 +183,19 @@ def _settle_orphans(svc: Services, parent_uid: str) -> None:
         time.sleep(min(1.0, interval))
 
 
-def _longest_interval(svc: Services, parent_uid: str) -> float:
+def _longest_interval(svc: Services, parent_uid: str, trust: bool) -> float:
     """The longest heartbeat interval the parent's iterations recorded (the setting if none did)."""
-    found = svc.run_db().sql(
-        "SELECT max(TRY_CAST(payload->>'$.heartbeat_interval_s' AS DOUBLE)) AS s FROM events "
-        "WHERE type = 'run_started' AND run_uid IN (SELECT uid FROM runs WHERE parent_uid = ?)",
-        [parent_uid]).s[0]
-    if found is None or math.isnan(found) or found <= 0:
-        return svc.settings.heartbeat_interval_s
-    return float(found)
+    started = svc.run_db().sql(
+        "SELECT e.run_uid, e.payload, r.iteration FROM events e JOIN runs r ON r.uid = e.run_uid "
+        "WHERE e.type = 'run_started' AND r.parent_uid = ?", [parent_uid])
+    intervals = []
+    for uid, payload, iteration in zip(started.run_uid, started.payload, started.iteration, strict=True):
+        recorded = json.loads(payload)
+        if trust or _vouched_child(svc, parent_uid, uid, int(iteration), None, recorded):
+            interval = recorded.get("heartbeat_interval_s")
+            if isinstance(interval, int | float) and not math.isnan(interval) and interval > 0:
+                intervals.append(float(interval))
+    return max(intervals, default=svc.settings.heartbeat_interval_s)
 
 
 def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec, state: SweepState) -> RunContext:

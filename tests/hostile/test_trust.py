@@ -319,7 +319,8 @@ def test_with_trust_an_imported_run_of_a_local_handler_reruns(home: Path, tmp_pa
     again = get_run_db().rerun(uid, trust=True)
     assert again.state == "completed" and again.results == {"accuracy": 8, "loss": 12, "return": "my resp"}
     assert get_run_db().read_run(again.uid)["extra"]["rerun_of"] == uid
-    assert get_run_db().rerun(again.uid).state == "completed"  # the rerun is this home's own run
+    with pytest.raises(UntrustedRun, match="carries no signature"):  # only --trust let it run: not signed
+        get_run_db().rerun(again.uid)
 
 
 def test_a_file_handler_whose_source_changed_since_the_run_needs_trust(home: Path, tmp_path: Path) -> None:
@@ -348,12 +349,14 @@ def test_rerun_refuses_a_run_that_recorded_no_code_digest(home: Path, tmp_path: 
 def test_a_sweep_resume_can_ask_the_same_question_before_loading_anything(home: Path, tmp_path: Path) -> None:
     """engine.sweep.runner's resume calls check_handler_trusted on the parent's run_started."""
     marker = tmp_path / "pwned"
-    started = next(e.payload for e in _exported(_record()) if e.type == "run_started")
-    check_handler_trusted(started, False, "own", home)
+    own = _record()
+    started = _own_started(own)
+    assert check_handler_trusted(started, False, own, home) is True
     forged = {**started, **_os_system(marker), "extra": {"sweep": "{}"}}
     with pytest.raises(UntrustedRun, match="run parent: will not load handler 'os:system'"):
         check_handler_trusted(forged, False, "parent", home)
-    check_handler_trusted(forged, True, "parent", home)  # trusting is the caller's decision
+    # trusting is the caller's decision; what it lets run is not this home's to sign
+    assert check_handler_trusted(forged, True, "parent", home) is False
     assert not marker.exists()
 
 
@@ -388,7 +391,8 @@ def _forged_sweep(signed_by: Path | None = None, **started: object) -> str:
     def signed(event: Event) -> Event:
         if event.type != "run_started":
             return event
-        return dataclasses.replace(event, payload=_signed_started({**event.payload, **started}, signed_by))
+        payload = _signed_started({**event.payload, **started}, signed_by, event.run_uid)
+        return dataclasses.replace(event, payload=payload)
 
     uid, forged = _as_new_run(parent, signed)
     svc = session().services
@@ -426,11 +430,11 @@ def test_resume_sends_nothing_to_a_scheduler_the_log_names_without_trust(home: P
 
 # what a run ran with: params, inputs, secret keys, runtime and sweep are signed with the code --------
 
-def _signed_started(started: dict[str, object], home: Path) -> dict[str, object]:
-    """`started` signed by `home`, as a run this home recorded with those values would be."""
+def _signed_started(started: dict[str, object], home: Path, uid: str) -> dict[str, object]:
+    """`started` signed by `home` for run `uid`, as a run this home recorded with those values would be."""
     extra = {key: value for key, value in dict(started["extra"]).items() if key != RUN_MAC}  # type: ignore[call-overload]
     unsigned = {**started, "extra": extra}
-    return {**unsigned, "extra": {**extra, RUN_MAC: json.dumps(RunSigner(home)(unsigned))}}
+    return {**unsigned, "extra": {**extra, RUN_MAC: json.dumps(RunSigner(home)(uid, unsigned))}}
 
 
 def _own_started(uid: str) -> dict[str, object]:
@@ -444,7 +448,7 @@ def _own_seed_like_run() -> str:
 
 @pytest.mark.parametrize("change", [
     {"params": {"p1": json.dumps(400)}},
-    {"inputs": {"data": "/dev/zero"}, "input_digests": {"data": "0" * 64}},
+    {"inputs": {"data": "/nonexistent/runbus-never-read"}, "input_digests": {"data": "0" * 64}},
     {"secret_keys": ["AWS_SECRET_ACCESS_KEY"]},
     {"runtime": "dask://203.0.113.7:8786"},
     {"labels": {"stage": "prod"}},
@@ -458,7 +462,7 @@ def test_rerun_refuses_this_homes_code_with_what_someone_else_wrote_beside_it(
     uid = _appended_as_new_run(_exported(own), **change)
 
     with pytest.raises(UntrustedRun, match=f"run {uid}: .*signature does not match them.*--trust"):
-        get_run_db().rerun(uid, strict=True)  # strict: an input the log names is never hashed first
+        get_run_db().rerun(uid, strict=True)  # strict: an input read before the check would raise InputChanged
 
 
 def test_a_run_that_carries_no_signature_needs_trust(home: Path, tmp_path: Path) -> None:
@@ -471,12 +475,30 @@ def test_a_run_that_carries_no_signature_needs_trust(home: Path, tmp_path: Path)
     assert get_run_db().rerun(uid, trust=True).results["accuracy"] == 8
 
 
-def test_a_verbatim_copy_of_this_homes_run_reruns_as_the_original_would(home: Path, tmp_path: Path) -> None:
-    """The signature covers what runs, not the uid: a replay under another uid runs exactly what
-    this home ran before, which a rerun of the original would run too."""
+def test_a_verbatim_copy_of_this_homes_run_under_another_uid_needs_trust(home: Path) -> None:
+    """The signature covers the run's uid: a signed run_started replayed as another run (which
+    nothing of Runbus does: a push keeps uids, an import is refused anyway) is not this home's."""
     own = _own_seed_like_run()
     uid = _appended_as_new_run(_exported(own))
-    assert get_run_db().rerun(uid).results == {"accuracy": 8, "loss": 12, "return": "my resp"}
+    with pytest.raises(UntrustedRun, match=f"run {uid}: .*signature does not match them"):
+        get_run_db().rerun(uid)
+
+
+def test_what_only_trust_let_run_is_not_signed_as_this_homes(home: Path) -> None:
+    """rerun --trust of a run someone else wrote runs it once; its rerun asks for --trust again."""
+    own = _own_seed_like_run()
+    uid = _appended_as_new_run(_exported(own), params={"p1": json.dumps(7)})
+    again = get_run_db().rerun(uid, trust=True)
+    assert again.results["accuracy"] == 14
+    with pytest.raises(UntrustedRun, match="carries no signature"):
+        get_run_db().rerun(again.uid)
+
+
+def test_this_homes_sweep_iterations_rerun_without_trust(home: Path) -> None:
+    parent = new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
+                                .with_hyper_params({"p1": [1, 2]}, "min.loss")).uid
+    child = get_run_db().sql("SELECT uid FROM runs WHERE parent_uid = ? AND iteration = 2", [parent]).uid[0]
+    assert get_run_db().rerun(child).results["accuracy"] == 4
 
 
 @pytest.mark.parametrize("change", ["params", "sweep"])
@@ -493,32 +515,94 @@ def test_resume_refuses_a_sweep_whose_params_or_grid_someone_else_wrote(home: Pa
         get_run_db().resume(uid)
 
 
-def _sweep_with_requests(rewrite: Rewrite) -> str:
-    """A copy of this home's own sweep parent (its signed run_started as it is) appended as another
-    run, its driver gone, each iteration request passed through `rewrite`."""
+def _sweep_copy(hyperparams: dict[str, list[object]], rewrite: Rewrite = lambda event: event,
+                strategy: str = "grid") -> str:
+    """This home's own sweep parent as another run whose driver is gone (its run_started signed for
+    the new uid, as the home's own lost sweep would be), each iteration request passed through
+    `rewrite`; returns its uid."""
+    home = session().services.settings.home
     own = new_function().run(NewRun(handler=handlers.seed_like, name="sweep")
-                             .with_hyper_params({"p1": [1, 2], "p2": ["a", "b"]}, "min.loss")).uid
+                             .with_hyper_params(hyperparams, "min.loss", strategy=strategy)).uid
     parent = [e for e in _exported(own) if e.run_uid == own and e.type in ("run_started", "iteration_requested")]
-    uid, forged = _as_new_run(parent, lambda e: rewrite(e) if e.type == "iteration_requested" else e)
+
+    def copied(event: Event) -> Event:
+        if event.type == "run_started":
+            return dataclasses.replace(event, payload=_signed_started(event.payload, home, event.run_uid))
+        return rewrite(event)
+
+    uid, forged = _as_new_run(parent, copied)
     svc = session().services
     append_new(forged, svc.bus, svc.codec)
     return uid
 
 
-def test_resume_runs_iterations_only_from_the_signed_grid(home: Path) -> None:
-    """Iteration requests carry no MAC of their own: their params must be values the signed
-    run_started's hyperparams list. A copy with the requests as the driver wrote them resumes."""
-    def hostile(event: Event) -> Event:
-        if event.payload["iteration"] != 2:
+def _request(iteration: int, **params: object) -> Rewrite:
+    def rewrite(event: Event) -> Event:
+        if event.payload["iteration"] != iteration:
             return event
         return dataclasses.replace(event, payload={**event.payload, "params": {
-            "p1": json.dumps(1), "p2": json.dumps("rm -rf ~")}})
+            key: json.dumps(value) for key, value in params.items()}})
+    return rewrite
 
-    uid = _sweep_with_requests(hostile)
-    with pytest.raises(UntrustedRun, match=f"run {uid}: iteration 2 asks for params .*rm -rf.*--trust"):
+
+def _extra_request(iteration: int, **params: object) -> Rewrite:
+    def rewrite(event: Event) -> Event:
+        return dataclasses.replace(event, payload={"iteration": iteration, "params": {
+            key: json.dumps(value) for key, value in params.items()}})
+    return rewrite
+
+
+@pytest.mark.parametrize("hyperparams, strategy, rewrite", [
+    ({"p1": [1, 2], "p2": ["a", "b"]}, "grid", _request(2, p1=1, p2="rm -rf ~")),
+    ({"p1": [1, 2], "p2": ["a", "b"]}, "list", _request(2, p1=1, p2="b")),  # a pair of two rows
+    ({"p1": [1, 2], "p2": ["a", "b"]}, "grid", _request(2, p1=True, p2="a")),  # True == 1 in Python
+    ({"p1": [1, 2], "p2": ["a", "b"]}, "grid", _request(2, p1=2.0, p2="a")),
+    ({"p1": [1, 2], "p2": ["a", "b"]}, "grid", _extra_request(99, p1=1, p2="a")),
+], ids=["outside the grid", "rows of a list mixed", "bool for int", "float for int", "an iteration never asked"])
+def test_resume_runs_only_the_iterations_the_signed_sweep_asked_for(
+        home: Path, hyperparams: dict[str, list[object]], strategy: str, rewrite: Rewrite) -> None:
+    """Iteration requests carry no MAC of their own: a resume draws the sweep's iterations again
+    from its signed description and runs a request only when it is one of them, exactly."""
+    uid = _sweep_copy(hyperparams, rewrite, strategy)
+    with pytest.raises(UntrustedRun, match=f"run {uid}: iteration (2|99) asks for params .*--trust"):
         get_run_db().resume(uid)
     assert get_run_db().read_run(uid)["state"] in ("running", "lost")  # nothing resumed
 
-    copy = _sweep_with_requests(lambda event: event)
+
+@pytest.mark.parametrize("strategy", ["grid", "list"])
+def test_a_copy_with_the_requests_the_driver_wrote_resumes(home: Path, strategy: str) -> None:
+    copy = _sweep_copy({"p1": [1, 2], "p2": ["a", "b"]}, strategy=strategy)
     assert get_run_db().resume(copy).state == "completed"
-    assert get_run_db().sql("SELECT count(*) AS n FROM runs WHERE parent_uid = ?", [copy]).n[0] == 4
+    children = get_run_db().sql("SELECT count(*) AS n FROM runs WHERE parent_uid = ?", [copy]).n[0]
+    assert children == (4 if strategy == "grid" else 2)
+
+
+def test_a_random_sweep_records_the_seed_it_drew_and_resumes(home: Path) -> None:
+    run = NewRun(handler=handlers.seed_like, name="sweep").with_hyper_params(
+        {"p1": [1, 2, 3]}, "min.loss", strategy="random", max_iterations=3)
+    own = new_function().run(run).uid
+    assert isinstance(get_run_db().read_run(own)["extra"]["sweep"]["seed"], int)
+
+
+def test_resume_runs_again_an_iteration_someone_else_reported_done(home: Path) -> None:
+    """A 'completed' child appended by anyone (no signature of this home for it) is not counted:
+    its iteration runs again, and its results cannot become the sweep's best."""
+    copy = _sweep_copy({"p1": [1, 2]})
+    donor = _own_seed_like_run()
+    forged_child = [dataclasses.replace(e, payload={**e.payload, "parent_uid": copy, "iteration": 1,
+                                                    "params": {"p1": json.dumps(1)}})
+                    if e.type == "run_started" else
+                    dataclasses.replace(e, payload={**e.payload, "value": json.dumps(-1e9)})
+                    if e.type == "result" and e.payload.get("key") == "loss" else e
+                    for e in _exported(donor)]
+    fake_uid, events = _as_new_run(forged_child, lambda event: event)
+    svc = session().services
+    append_new(events, svc.bus, svc.codec)
+
+    resumed = get_run_db().resume(copy)
+    assert resumed.state == "completed"
+    ran = get_run_db().sql("SELECT uid, iteration FROM runs WHERE parent_uid = ? AND uid <> ? ORDER BY iteration",
+                           [copy, fake_uid])
+    assert ran.iteration.tolist() == [1, 2]  # iteration 1 ran again
+    assert get_run_db().read_run(copy)["results"]["best_iteration"] == 1
+    assert get_run_db().read_run(copy)["results"]["loss"] == 3  # p1=1's own loss, not the forged one
