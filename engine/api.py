@@ -218,6 +218,10 @@ class EngineRunDB(RunDB):
         from producers.bus.embedded import EmbeddedBus
 
         svc = self.services
+        serving = self.source.running() if self.source is not None else None
+        if serving and serving.get("rebuilding"):  # its tables are refilled: not every deleted run is back yet
+            raise RuntimeError(f"purge: the projection of {svc.settings.home} is being rebuilt (runbus project "
+                               "--rebuild); purge once the rebuild has ended; nothing was purged")
         uids = self.purgeable()
         running = self.sql(_STILL_RUNNING, [SILENT_HEARTBEATS * svc.settings.heartbeat_interval_s])
         if not running.empty:

@@ -217,11 +217,17 @@ def serve_through_purges(settings: Settings, bus: Bus, serving: Serving,
         service = serving.service
         report(service)
         served = serve_as_follower(settings, service)
-        if not (served and service.stopped_for_purge and _purge_done(settings, serving)):
+        if not (served and service.stopped_for_purge):
+            return served
+        home = neutral(str(settings.home), one_line=True)
+        print(f"projector: waiting for the purge of {home} to end", flush=True)
+        if not _purge_done(settings, serving):
             return served
         serving.replace(build_service(settings, bus, follow=True, readable_dirs=service.readable_dirs))
-        print(f"projector: {neutral(str(settings.home), one_line=True)} was purged; folding the log again "
-              "from the start", flush=True)
+        if settings.db_path.exists():  # the purge ended before it removed them (killed, or it failed)
+            print(f"projector: the purge of {home} left its projection in place; serving it again", flush=True)
+        else:
+            print(f"projector: {home} was purged; folding the log again from the start", flush=True)
 
 
 def _purge_done(settings: Settings, serving: Serving) -> bool:

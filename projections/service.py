@@ -352,6 +352,7 @@ class ProjectionService:
         self.batch_size = batch_size
         self.stop = threading.Event()
         self.stopped_for_purge = False  # a {"op": "stop", "for": "purge"} request stopped it
+        self.rebuilding = False  # a rebuild is under way (a purge refuses to run meanwhile)
         self.ready = threading.Event()
         self.fold_gate = threading.Event()  # cleared: the folding thread pauses between batches (tests)
         self.fold_gate.set()
@@ -404,10 +405,17 @@ class ProjectionService:
             held.callback(mark.release)
         elif follower_waits(self.address):
             return False
-        lock = FileLock(str(self.address.lock), thread_local=False)
-        if not self._acquire(lock, deadline, while_waiting if follower else None):
-            return False
-        held.callback(lock.release)
+        # no service takes the home while a purge holds its lock (it stops the one serving, then
+        # removes the projection's files): held until the home's lock is, so none slips in between
+        with contextlib.ExitStack() as purge_waited:
+            purging = FileLock(str(self.address.purge), mode=0o600, thread_local=False)
+            if not self._acquire(purging, deadline, None):
+                return False
+            purge_waited.callback(purging.release)
+            lock = FileLock(str(self.address.lock), thread_local=False)
+            if not self._acquire(lock, deadline, while_waiting if follower else None):
+                return False
+            held.callback(lock.release)
         # one that took the lock just before a follower took its mark leaves the home to it
         return follower or not follower_waits(self.address)
 
@@ -694,9 +702,11 @@ class ProjectionService:
 
         with self._fold_lock:
             self._tables_changed()
+            self.rebuilding = True
             try:
                 count = self._projector.rebuild(unless_stopping)
             finally:
+                self.rebuilding = False
                 self._tables_changed()
                 self._publish(self._projector.positions())
         return count
@@ -750,7 +760,8 @@ class ProjectionService:
             return False
         elif op == "ping":
             send_json(conn, {"pid": os.getpid(), "home": str(self.address.home), "follow": self.idle_s is None,
-                             "positions": self.positions(), "readable_dirs": self.readable_dirs})
+                             "positions": self.positions(), "readable_dirs": self.readable_dirs,
+                             "rebuilding": self.rebuilding})
         else:
             raise ValueError(f"the projection service has no operation {op!r}")
         return True

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,15 +84,51 @@ def test_a_follower_stopped_for_a_purge_waits_for_the_purge_lock_and_still_ends_
         client = ServiceClient(address, session().services.bus, start=None, timeout_s=30)
         with FileLock(str(address.purge), mode=0o600, thread_local=False):
             assert client.stop(for_purge=True) == follower.pid
+            _line_saying(follower, "waiting for the purge of")  # it waits, rather than ending as a plain stop does
             with FileLock(str(address.lock), thread_local=False).acquire(timeout=60):  # its service let go
                 pass
-            assert client.running() is None and follower.poll() is None  # it waits for the purge
+            assert client.running() is None and follower.poll() is None
             follower.send_signal(signal.SIGTERM)
             out, err = follower.communicate(timeout=60)  # while the purge lock is still held
     finally:
         _end(follower)
     assert follower.returncode == 0, err
     assert "projector stopped" in out and "folding the log again" not in out, out
+
+
+def _line_saying(process: subprocess.Popen[str], text: str) -> str:
+    """The first line of `process`'s stdout holding `text` (earlier lines are skipped)."""
+    while True:
+        line = line_within(process.stdout, f"a line saying {text!r}")  # type: ignore[arg-type]
+        assert line, f"stdout ended before a line saying {text!r}"
+        if text in line:
+            return line
+
+
+def test_no_follower_takes_the_home_while_a_purge_holds_it(service_home: Path) -> None:
+    """A purge holds its lock from before it stops the service until the projection's files are gone:
+    a follower started meanwhile waits for it, so the purge gets the home (it failed half of the time
+    when a new follower could take the home first)."""
+    address = ServiceAddress.of(session().services.settings.home)
+    purging = FileLock(str(address.purge), mode=0o600, thread_local=False)
+    purging.acquire(timeout=10)
+    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        _line_saying(follower, "projector following")
+        # it goes for the home right after that line: the home's lock stays free for the purge
+        home = FileLock(str(address.lock), thread_local=False)
+        watched_until = time.monotonic() + 2.0
+        while time.monotonic() < watched_until:
+            with home.acquire(timeout=5):
+                assert _serving_pid() is None
+        purging.release()
+        wait_until(lambda: _serving_pid() == follower.pid or follower.poll() is not None, "the follower serves")
+        assert follower.poll() is None, follower.communicate()
+    finally:
+        if purging.is_locked:
+            purging.release()
+        _end(follower)
 
 _FAILING = """
 import duckdb
