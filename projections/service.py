@@ -690,6 +690,21 @@ class ProjectionService:
                         f"after {deadline - started:g}s; set RUNBUS_DB_TIMEOUT to wait longer")
                 self._progress.wait(min(remaining, _STOP_CHECK_S))
 
+    def _session_once_whole(self, deadline: float) -> tuple[ReadOnlySession, int]:
+        """`_take_session` once no rebuild is under way (begun under the lock a rebuild sets its flag
+        under: a session either began before the rebuild's first commit or waits for its end);
+        ProjectionBusy saying so at `deadline`, or at once when the service is stopping."""
+        with self._progress:
+            while self.rebuilding:
+                if self.stop.is_set():
+                    raise _Stopping(f"the projection service of {self.address.home} is stopping")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ProjectionBusy(f"the projection of {self.address.home} is being rebuilt (runbus project "
+                                         "--rebuild) and is not whole yet; set RUNBUS_DB_TIMEOUT to wait longer")
+                self._progress.wait(min(remaining, _STOP_CHECK_S))
+            return self._take_session()
+
     def rebuild(self) -> int:
         """Drop every table and fold the whole log again; returns the records folded. A stop ends
         it between two batches (each commits with its positions, so the next service folds on from
@@ -701,14 +716,16 @@ class ProjectionService:
                 raise _Stopping(f"the projection service of {self.address.home} is stopping")
 
         with self._fold_lock:
+            with self._progress:  # before the kept sessions end: a reader from now on waits for the end
+                self.rebuilding = True
             self._tables_changed()
-            self.rebuilding = True
             try:
                 count = self._projector.rebuild(unless_stopping)
             finally:
-                self.rebuilding = False
                 self._tables_changed()
-                self._publish(self._projector.positions())
+                with self._progress:
+                    self.rebuilding = False
+                self._publish(self._projector.positions())  # wakes the readers waiting for the rebuild
         return count
 
     # -- readers ------------------------------------------------------------------------------
@@ -777,7 +794,9 @@ class ProjectionService:
         """The read-only session a reader's request asks for, once the fold has reached the bus
         offsets it sent and a past projection it asks for (`as_of`) is built (answered {"ok": true}
         before the block runs). Both waits together take at most the request's "timeout_s" (the
-        reader's RUNBUS_DB_TIMEOUT; default the service's), then ProjectionBusy says which one ran out."""
+        reader's RUNBUS_DB_TIMEOUT; default the service's), then ProjectionBusy says which one ran out. A
+        session of the live projection also waits for a rebuild under way to end: its tables are
+        dropped and refilled batch by batch, and a session begun meanwhile would see them half full."""
         deadline = time.monotonic() + (_timeout(request.get("timeout_s")) or self.wait_timeout_s)
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
@@ -791,7 +810,7 @@ class ProjectionService:
             with read_only_tables(self._past.get(as_of, deadline), QUERY_TIMEOUT_S, sealed=True) as fetch:
                 yield fetch
             return
-        session, generation = self._take_session()
+        session, generation = self._session_once_whole(deadline)
         try:
             yield session.fetch
         except BaseException:
