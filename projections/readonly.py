@@ -155,30 +155,38 @@ class ReadOnlySession:
     is no secret anyway."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S, *,
-                 sealed: bool = False) -> None:
+                 sealed: bool = False, begin: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
+        """`begin` begins the session's READ ONLY transaction on its cursor (default: BEGIN alone; the
+        projection service's also takes the snapshot then, see ProjectionService._begin_whole); after
+        a failed statement the next statement begins a new one with it."""
         self.timeout_s = timeout_s
         self.reusable = True
         self.began = time.monotonic()  # DuckDB's now() is the time its transaction began
+        self._begin = begin or _begin_read_only
         self._cursor = con.cursor()  # before anything else: another thread may be using `con` (the projector)
         try:
             if not sealed:
                 seal(self._cursor)
-            self._cursor.execute("BEGIN TRANSACTION READ ONLY")
+            self._begin(self._cursor)
         except BaseException:
             self._cursor.close()
             raise
+        self._begun = True
 
     def fetch(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
         statement = check_read_only(query)
         if statement.type.name != "SELECT":
             self.reusable = False
+        if not self._begun:  # a statement failed: its transaction was rolled back
+            self._begin(self._cursor)
+            self._begun = True
         try:
             table, in_time = _read_only_statement(self._cursor, statement, params, self.timeout_s)
         except BaseException:
             self.reusable = False
+            self._begun = False
             with suppress(duckdb.Error):
                 self._cursor.execute("ROLLBACK")
-            self._cursor.execute("BEGIN TRANSACTION READ ONLY")
             raise
         # the deadline fired as the statement ended: its interrupt may still reach the next statement
         self.reusable = self.reusable and in_time
@@ -188,6 +196,10 @@ class ReadOnlySession:
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself
             self._cursor.execute("ROLLBACK")
         self._cursor.close()
+
+
+def _begin_read_only(cursor: duckdb.DuckDBPyConnection) -> None:
+    cursor.execute("BEGIN TRANSACTION READ ONLY")
 
 
 @contextmanager

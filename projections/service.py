@@ -640,7 +640,19 @@ class ProjectionService:
                 return kept
             kept[0].close()
         assert self._con is not None
-        return ReadOnlySession(self._con, QUERY_TIMEOUT_S, sealed=True), generation
+        return ReadOnlySession(self._con, QUERY_TIMEOUT_S, sealed=True, begin=self._begin_whole), generation
+
+    def _begin_whole(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        """Begin a reader's READ ONLY transaction on `cursor` and take its snapshot now, while no
+        rebuild is under way (ProjectionBusy when one is: a session's statement after a failed one
+        begins anew). DuckDB takes a transaction's snapshot at its first read of the database, not
+        at BEGIN: a session begun just before a rebuild would otherwise see its half-filled tables."""
+        with self._progress:  # the rebuild sets its flag under it
+            if self.rebuilding:
+                raise ProjectionBusy(f"the projection of {self.address.home} is being rebuilt (runbus project "
+                                     "--rebuild) and is not whole yet; ask again once it has ended")
+            cursor.execute("BEGIN TRANSACTION READ ONLY")
+            cursor.table("positions")  # binding a table reads the catalog: the snapshot is taken
 
     def _give_back(self, session: ReadOnlySession, generation: int) -> None:
         """Keep `session` for the next request when it is reusable and nothing changed since it
@@ -691,9 +703,10 @@ class ProjectionService:
                 self._progress.wait(min(remaining, _STOP_CHECK_S))
 
     def _session_once_whole(self, deadline: float) -> tuple[ReadOnlySession, int]:
-        """`_take_session` once no rebuild is under way (begun under the lock a rebuild sets its flag
-        under: a session either began before the rebuild's first commit or waits for its end);
-        ProjectionBusy saying so at `deadline`, or at once when the service is stopping."""
+        """`_take_session` once no rebuild is under way (a new session's snapshot is taken under the
+        lock a rebuild sets its flag under: it was taken before the rebuild's first commit, or the
+        session waits for its end); ProjectionBusy saying so at `deadline`, or at once when the
+        service is stopping."""
         with self._progress:
             while self.rebuilding:
                 if self.stop.is_set():
@@ -718,14 +731,17 @@ class ProjectionService:
         with self._fold_lock:
             with self._progress:  # before the kept sessions end: a reader from now on waits for the end
                 self.rebuilding = True
-            self._tables_changed()
             try:
+                self._tables_changed()
                 count = self._projector.rebuild(unless_stopping)
             finally:
-                self._tables_changed()
-                with self._progress:
-                    self.rebuilding = False
-                self._publish(self._projector.positions())  # wakes the readers waiting for the rebuild
+                try:
+                    self._tables_changed()
+                finally:
+                    with self._progress:
+                        self.rebuilding = False
+                        self._progress.notify_all()  # the readers waiting for the rebuild
+                self._publish(self._projector.positions())
         return count
 
     # -- readers ------------------------------------------------------------------------------

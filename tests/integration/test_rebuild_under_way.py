@@ -5,6 +5,7 @@ timeout comes first), and a purge refuses (the deleted runs it reads are not all
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,20 @@ def test_a_purge_asked_during_a_rebuild_refuses_and_purges_after_it(service: Pro
     assert refused and "nothing was purged" in refused[0]
     assert get_run_db().purgeable() == [deleted]  # nothing was purged
     assert get_run_db().purge().runs == [deleted]  # once the rebuild ended
+
+
+def test_a_session_sees_the_projection_as_it_was_when_it_began(service: ProjectionService) -> None:
+    """DuckDB takes a transaction's snapshot at its first read of the database, not at BEGIN: a
+    session begun before a rebuild, whose first statement ran after the rebuild's commits, answered
+    from the refilled tables (half full while the rebuild goes on). Its snapshot is taken at begin."""
+    new_function().run(NewRun(handler=handlers.seed_like, name="before"))
+    get_run_db().sql("SELECT 1")  # folded
+    service.pause_folding()
+    new_function().run(NewRun(handler=handlers.seed_like, name="unfolded"))  # on the bus, not in the tables
+    session, _ = service._session_once_whole(time.monotonic() + 30)
+    try:
+        service.rebuild()  # folds the whole bus again, the new run too
+        assert session.fetch("SELECT name FROM runs").column("name").to_pylist() == ["before"]
+    finally:
+        session.close()
+        service.fold_gate.set()
