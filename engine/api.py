@@ -262,28 +262,22 @@ class EngineRunDB(RunDB):
 
         settings = self.services.settings
         address = ServiceAddress.of(settings.home)
-        purging = FileLock(str(address.purge), mode=0o600, thread_local=False)
-        lock = FileLock(str(address.lock), thread_local=False)
-        try:
-            purging.acquire(timeout=settings.db_timeout_s)
-        except Timeout:
-            raise TimeoutError(f"purge: the log is rewritten, but another purge of {settings.home} held "
-                               f"{address.purge} for more than {settings.db_timeout_s:g}s: the projection folds "
-                               "the log again by itself; `runbus purge` again removes the bodies") from None
-        try:
-            self.source.stop(for_purge=True)  # type: ignore[union-attr]
+
+        def taken(lock: FileLock, what_held_it: str) -> Any:
             try:
-                lock.acquire(timeout=settings.db_timeout_s)
+                return lock.acquire(timeout=settings.db_timeout_s)
             except Timeout:
-                raise TimeoutError(f"purge: the log is rewritten, but the projection service of {settings.home} "
-                                   f"did not stop within {settings.db_timeout_s:g}s (a reader holds it): it folds "
-                                   "the log again by itself; `runbus purge` again removes the bodies") from None
-            try:
+                raise TimeoutError(f"purge: the log is rewritten, but {what_held_it}: the projection folds the "
+                                   "log again by itself; `runbus purge` again removes the bodies") from None
+
+        with taken(FileLock(str(address.purge), mode=0o600, thread_local=False),
+                   f"another purge of {settings.home} held {address.purge} for more than "
+                   f"{settings.db_timeout_s:g}s"):
+            self.source.stop(for_purge=True)  # type: ignore[union-attr]
+            with taken(FileLock(str(address.lock), thread_local=False),
+                       f"the projection service of {settings.home} did not stop within {settings.db_timeout_s:g}s "
+                       "(a reader holds it)"):
                 remove_projection_files(self.db_path)
-            finally:
-                lock.release()
-        finally:
-            purging.release()
 
 
 def _uid_list(uids: Iterable[str]) -> list[str]:

@@ -198,6 +198,11 @@ class RunSigner:
             self._key = _code_key(self.home)
         return hmac.new(self._key, _signed_run(run_uid, started), hashlib.sha256).hexdigest()
 
+    def signed(self, run_uid: str, started: Mapping[str, Any]) -> bool:
+        """Whether run `run_uid`'s run_started payload `started` carries this home's signature of it."""
+        signature = recorded_run_mac(started)
+        return signature is not None and hmac.compare_digest(signature, self(run_uid, started))
+
 
 def recorded_run_mac(started: Mapping[str, Any]) -> str | None:
     """The signature a run_started payload carries (see RunSigner), or None when it has none."""

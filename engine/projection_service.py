@@ -238,8 +238,9 @@ def _purge_done(settings: Settings, serving: Serving) -> bool:
     try:
         purging.acquire(timeout=settings.db_timeout_s + RELEASE_MARGIN_S, cancel_check=serving.ended.is_set)
     except Timeout:
-        return not serving.ended.is_set()  # a purge that stalls: the follower serves on regardless
-    purging.release()
+        pass  # a purge that stalls (or a shutdown that cancelled the wait): the follower serves on regardless
+    else:
+        purging.release()
     return not serving.ended.is_set()
 
 

@@ -116,11 +116,10 @@ def handler_distrust(started: Mapping[str, Any], home: Path, run_uid: str) -> st
     if code.mac is None or not hmac.compare_digest(code.mac, code_mac(home, reference, code.path, code.sha256)):
         return ("its code reference was not recorded by this Runbus home (the run reached the log from "
                 "another home, machine or process)")
-    signature = recorded_run_mac(started)
-    if signature is None:
+    if recorded_run_mac(started) is None:
         return ("the run carries no signature over its params and inputs (it was recorded before Runbus signed "
                 "them, or not by Runbus)")
-    if not hmac.compare_digest(signature, RunSigner(home)(run_uid, started)):
+    if not RunSigner(home).signed(run_uid, started):
         return ("its params, inputs, secret keys or code reference are not the ones this Runbus home recorded "
                 "for this run (its signature does not match them)")
     return None

@@ -649,8 +649,7 @@ class ProjectionService:
         at BEGIN: a session begun just before a rebuild would otherwise see its half-filled tables."""
         with self._progress:  # the rebuild sets its flag under it
             if self.rebuilding:
-                raise ProjectionBusy(f"the projection of {self.address.home} is being rebuilt (runbus project "
-                                     "--rebuild) and is not whole yet; ask again once it has ended")
+                raise self._rebuilt_meanwhile("ask again once it has ended")
             cursor.execute("BEGIN TRANSACTION READ ONLY")
             cursor.table("positions")  # binding a table reads the catalog: the snapshot is taken
 
@@ -702,6 +701,10 @@ class ProjectionService:
                         f"after {deadline - started:g}s; set RUNBUS_DB_TIMEOUT to wait longer")
                 self._progress.wait(min(remaining, _STOP_CHECK_S))
 
+    def _rebuilt_meanwhile(self, advice: str) -> ProjectionBusy:
+        return ProjectionBusy(f"the projection of {self.address.home} is being rebuilt (runbus project --rebuild) "
+                              f"and is not whole yet; {advice}")
+
     def _session_once_whole(self, deadline: float) -> tuple[ReadOnlySession, int]:
         """`_take_session` once no rebuild is under way (a new session's snapshot is taken under the
         lock a rebuild sets its flag under: it was taken before the rebuild's first commit, or the
@@ -713,8 +716,7 @@ class ProjectionService:
                     raise _Stopping(f"the projection service of {self.address.home} is stopping")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ProjectionBusy(f"the projection of {self.address.home} is being rebuilt (runbus project "
-                                         "--rebuild) and is not whole yet; set RUNBUS_DB_TIMEOUT to wait longer")
+                    raise self._rebuilt_meanwhile("set RUNBUS_DB_TIMEOUT to wait longer")
                 self._progress.wait(min(remaining, _STOP_CHECK_S))
             return self._take_session()
 

@@ -4,7 +4,6 @@ from what the log says."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import secrets
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from engine.bootstrap import Services
-from engine.loader import load_handler, recorded_run_mac
+from engine.loader import load_handler
 from engine.progress import SweepProgress
 from engine.reaper import mark_lost, reap, running_runs
 from engine.rerun import UntrustedRun, check_handler_trusted
@@ -98,8 +97,7 @@ def _vouched_child(svc: Services, parent_uid: str, uid: str, iteration: int, par
                    started: dict[str, Any]) -> bool:
     """Whether a child's run_started is this home's, signed for run `uid`, as iteration `iteration` of
     `parent_uid` with the iteration's `params` (None: anything signed)."""
-    signature = recorded_run_mac(started)
-    if signature is None or not hmac.compare_digest(signature, svc.run_signer()(uid, started)):
+    if not svc.run_signer().signed(uid, started):
         return False
     if started.get("parent_uid") != parent_uid or started.get("iteration") != iteration:
         return False
