@@ -64,12 +64,26 @@ class EmbeddedBus(Bus):
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._use_wal(conn)
             # NORMAL: a committed append survives a process crash; only an OS crash can lose it.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the log in WAL mode (kept by the file). On a new file, connections of processes
+        starting together (Dask workers) race to switch it, and SQLite answers the losers "database
+        is locked" at once, without waiting its busy timeout: they try again until it has passed."""
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.005)
 
     def append(self, records: Sequence[tuple[str | None, bytes]]) -> None:
         if not records:
