@@ -101,12 +101,18 @@ def _connect(path: Path) -> duckdb.DuckDBPyConnection:
     """Open the file (readable by its owner only) with STORAGE_SETTINGS, reading its catalog and
     bookkeeping; a file DuckDB cannot read is moved aside and a new one opened."""
     con = _connect_or_move_aside(path)
-    for setting in STORAGE_SETTINGS:
-        con.execute(setting)
+    if not _sealed(con):  # else an instance still open in this process: it has them, and takes no setting
+        for setting in STORAGE_SETTINGS:
+            con.execute(setting)
     for made in (path, wal_path(path)):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(made, 0o600)
     return con
+
+
+def _sealed(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the instance behind `con` takes no setting any more (readonly.seal)."""
+    return con.execute("SELECT current_setting('lock_configuration')").fetchone() == (True,)
 
 
 def _connect_or_move_aside(path: Path) -> duckdb.DuckDBPyConnection:
@@ -166,6 +172,24 @@ class _Handle:
             self.prepared = False
         return self.con
 
+    def reconnect(self) -> tuple[duckdb.DuckDBPyConnection, bool]:
+        """Close the connection (and its cursors) and open the file again, keeping the lock: (the
+        new connection, whether it is of a new DuckDB instance). Nothing is checkpointed: what the
+        WAL holds is read back from it. The instance is the old one when another connection to the
+        file is open in this process (DuckDB hands its cached instance back). The caller holds the
+        connection's only user. When the file cannot be opened again the lock is released."""
+        assert self.con is not None
+        self.con.close()
+        self.con = None
+        try:
+            self.con = _connect(self.path)
+        except BaseException:
+            self.lock.release()
+            raise
+        renewed = not _sealed(self.con)  # the service seals its connection: a new instance is not yet
+        self.prepared = self.prepared and not renewed
+        return self.con, renewed
+
     def release_later(self, linger_s: float) -> None:
         if linger_s <= 0:
             self.close()
@@ -221,6 +245,16 @@ def open_projection(path: str | os.PathLike[str], timeout_s: float = 60.0,
                 move_aside(path, exc)  # damage in a data block: the next unit of work rebuilds
             raise
         handle.release_later(linger)
+
+
+def reopen_projection(con: duckdb.DuckDBPyConnection) -> tuple[duckdb.DuckDBPyConnection, bool]:
+    """Open again the projection file `con` (from `open_projection`) is open on, closing `con`: the
+    new connection, which the block of `open_projection` closes, and whether it is of a new DuckDB
+    instance (see `_Handle.reconnect`, which also says what a failure leaves)."""
+    for handle in list(_handles.values()):
+        if handle.con is con:
+            return handle.reconnect()
+    raise ValueError("not a connection open_projection opened")
 
 
 def discard_projection(path: str | os.PathLike[str], timeout_s: float = 60.0) -> None:

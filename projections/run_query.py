@@ -291,10 +291,8 @@ class RunQuery:
         order = self._order_by(sql)
         names = ", ".join(f"r.{c}" for c in columns)
         joins = " ".join(sql.joins)
-        # one sorted query, a page cut by LIMIT: finding a page's rows on their sort keys first and
-        # reading only them whole (a semi-join on rowid) rescans the table for them, which cost
-        # 35-40% more at 1,000 runs and on the newest-first page at 100,000 (whose sort DuckDB cuts
-        # short by started_at's row-group statistics), and saved ~5% on a result sort at 100,000
+        if limit is not None and _value_key(self.order.column) is not None and not sql.joins:
+            return self._page_by_rowid(sql, order, names, limit, offset)
         query = f"SELECT {names} FROM runs_wide r {joins}{sql.clause()} ORDER BY {order}"
         args = [*sql.join_args, *sql.where_args]
         if limit is not None:
@@ -304,6 +302,21 @@ class RunQuery:
             query += " OFFSET ?"
             args.append(_count(offset, "offset"))
         return query, args
+
+    @staticmethod
+    def _page_by_rowid(sql: _Sql, order: str, names: str, limit: int, offset: int) -> tuple[str, list[Any]]:
+        """A page sorted by a value column: its rows found on their sort keys alone, then only they
+        read whole. A sort carrying every column of every candidate was most of a page's time at
+        100,000 runs (8.5-9.2 against 10.8-11.5 ms through the service, `make bench`; DuckDB does
+        this by itself only up to 50 rows, late_materialization_max_rows). Not for a sort by a runs
+        column: DuckDB cuts the newest-first sort short by started_at's row-group statistics, and
+        reading the page apart cost more there."""
+        page = f"SELECT r.rowid FROM runs_wide r{sql.clause()} ORDER BY {order} LIMIT ?"
+        args = [*sql.where_args, _count(limit, "limit")]
+        if offset:
+            page += " OFFSET ?"
+            args.append(_count(offset, "offset"))
+        return f"SELECT {names} FROM runs_wide r WHERE r.rowid IN ({page}) ORDER BY {order}", args
 
     def count(self) -> tuple[str, list[Any]]:
         """(SQL, arguments) counting the matching runs (column `n`)."""

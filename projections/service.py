@@ -49,7 +49,7 @@ from filelock import FileLock, Timeout
 
 from producers.bus import Bus
 from projections.as_of import cutoff
-from projections.database import ProjectionBusy, is_unreadable, open_projection, wal_path
+from projections.database import ProjectionBusy, is_unreadable, open_projection, reopen_projection, wal_path
 from projections.errors import ServiceRefused, error_payload
 from projections.projector import Projector
 from projections.readonly import QUERY_TIMEOUT_S, ReadOnlySession, TableQuery, read_only_tables, seal
@@ -80,6 +80,16 @@ _KEPT_SESSION_S = 0.5
 # most, against one per 16 MB of automatic checkpoints.
 CHECKPOINT_IDLE_S = 0.5
 CHECKPOINT_WAL_BYTES = 2 << 20
+# DuckDB reads the rows its instance appended more slowly than a new instance reads the same rows
+# from the file, even after they were checkpointed: 100,000 runs inserted in-process, the benchmark's
+# filter query took 2.5-4.5 ms against 1.7-1.8 after opening the file again, a page of runs read by
+# rowid 12-14 against 6 ms (strings selected by a filter cost most of it). So once the fold has
+# folded this many records since the file was opened and a checkpoint (DuckDB's own, or the idle
+# one above) wrote to the file since, it opens the file again when idle and no reader's snapshot is
+# open: ~20 ms at 100,000 runs, then the next query and the next fold read their blocks and indexes
+# again (~6 and ~5 ms there). It checkpoints nothing itself (each checkpoint writes row groups of
+# their own, see above): what the WAL holds is read back from it.
+REOPEN_AFTER_RECORDS = 1_000
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 RELEASE_MARGIN_S = 10.0
 """How much longer than its wait timeout a stopping service may take to release its home (the batch
@@ -265,6 +275,11 @@ class _PastProjections:
         assert build.past is not None
         return build.past
 
+    def building_any(self) -> bool:
+        """Whether a past projection is being built (it reads the live connection)."""
+        with self.lock:
+            return bool(self.building)
+
     def drain(self, timeout_s: float) -> None:
         """Wait (at most `timeout_s`) for the builds under way to end; they end soon after `stop`,
         and the live connection they read must not be closed under them."""
@@ -337,9 +352,10 @@ class ProjectionService:
                  codec: EventCodec | None = None, user_projections: Sequence[UserProjection] = (), *,
                  idle_s: float | None = 300.0, wait_timeout_s: float = 60.0,
                  readable_dirs: Sequence[str] = (), fold_wait_s: float = 0.1,
-                 batch_size: int = 50_000) -> None:
+                 batch_size: int = 50_000, reopen_after_records: int = REOPEN_AFTER_RECORDS) -> None:
         """`idle_s`: exit after that long with no request (None: never). `wait_timeout_s`: how long
-        a reader's session waits for the fold to reach the offsets it sent."""
+        a reader's session waits for the fold to reach the offsets it sent. `reopen_after_records`:
+        see REOPEN_AFTER_RECORDS."""
         self.bus = bus
         self.db_path = Path(db_path)
         self.address = address
@@ -350,6 +366,9 @@ class ProjectionService:
         self.readable_dirs = [str(Path(d).resolve()) for d in readable_dirs]
         self.fold_wait_s = fold_wait_s
         self.batch_size = batch_size
+        self.reopen_after_records = reopen_after_records
+        self.reopened = 0  # times the file was opened again on a new DuckDB instance (REOPEN_AFTER_RECORDS)
+        self.reopen_put_off = 0  # idle turns that would have opened it again but for a reader or a build
         self.stop = threading.Event()
         self.stopped_for_purge = False  # a {"op": "stop", "for": "purge"} request stopped it
         self.rebuilding = False  # a rebuild is under way (a purge refuses to run meanwhile)
@@ -370,6 +389,10 @@ class ProjectionService:
         self._sessions_lock = threading.Lock()
         self._generation = 0  # bumped whenever the fold may have changed the tables
         self._warm: list[tuple[ReadOnlySession, int]] = []  # sessions of the current generation
+        self._folded_since_open = 0  # records folded since the file was opened (REOPEN_AFTER_RECORDS)
+        self._file_at_open: int | None = None  # the file's mtime (ns) then: a checkpoint changes it
+        self._readers = 0  # readers' requests between the start and the end of their snapshot
+        self._reopening = False  # the file is being opened again: a reader's snapshot waits for it
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -443,6 +466,7 @@ class ProjectionService:
         self._projector = self._make_projector(con)
         seal(con, self.readable_dirs)
         self._positions = self._projector.positions()
+        self._file_at_open = _modified(self.db_path)
         self._past = _PastProjections(con, self._make_projector, self.stop, self.address.home)
         key = ensure_key(self.address.key)
         with contextlib.suppress(FileNotFoundError):
@@ -590,8 +614,11 @@ class ProjectionService:
                     consumed = self._projector.run_once(self.fold_wait_s)
                     if consumed:
                         folded = time.monotonic()
+                        self._folded_since_open += consumed
                     elif time.monotonic() - folded >= CHECKPOINT_IDLE_S:
                         self._checkpoint_when_due()
+                        if self._reopen_due() and self._reopen():
+                            changes = self._projector.changes  # a new projector's count
                     # idle, this loop turns every fold_wait_s: judging and reading the positions back
                     # are DuckDB statements, so they run after a batch (its events may revive a run
                     # judged lost) or once per _JUDGE_EVERY_S
@@ -619,6 +646,47 @@ class ProjectionService:
                 self._con.execute("CHECKPOINT")
             except duckdb.TransactionException as exc:  # another transaction in the way: next idle turn
                 _log.info("checkpoint put off: %s", first_line(exc))
+
+    def _reopen_due(self) -> bool:
+        """Whether enough was folded since the file was opened, and checkpointed into it (see
+        REOPEN_AFTER_RECORDS)."""
+        return self._folded_since_open >= self.reopen_after_records and \
+            _modified(self.db_path) != self._file_at_open
+
+    def _reopen(self) -> bool:
+        """Open the file again on a new connection (see REOPEN_AFTER_RECORDS), with a projector
+        of its own, when no reader's snapshot is under way and no past projection is being built
+        (both read the live connection); readers beginning meanwhile wait for it. True when done;
+        when it fails the service fails (the old connection is closed), before readers go on."""
+        assert self._con is not None and self._past is not None
+        with self._progress:
+            if self._readers or self.rebuilding or self.stop.is_set() or self._past.building_any():
+                self.reopen_put_off += 1
+                return False
+            self._reopening = True
+        try:
+            self._tables_changed()  # the kept sessions' cursors are the old connection's
+            con, renewed = reopen_projection(self._con)
+            projector = self._make_projector(con)
+            seal(con, self.readable_dirs)
+            self._con = self._past.live = con
+            self._projector = projector
+            self._folded_since_open = 0
+            self._file_at_open = _modified(self.db_path)
+            self._publish(projector.positions())  # a file moved aside as unreadable starts again from none
+            if renewed:
+                self.reopened += 1
+            else:
+                _log.warning("runbus: the projection service opened %s again on the same DuckDB instance "
+                             "(another connection to it is open in this process)", self.db_path)
+            return True
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        finally:
+            with self._progress:
+                self._reopening = False
+                self._progress.notify_all()
 
     def _tables_changed(self) -> None:
         """The tables may differ from what the kept sessions see: end them (called before the
@@ -736,6 +804,7 @@ class ProjectionService:
             try:
                 self._tables_changed()
                 count = self._projector.rebuild(unless_stopping)
+                self._folded_since_open += count  # every row is this instance's now
             finally:
                 try:
                     self._tables_changed()
@@ -796,7 +865,7 @@ class ProjectionService:
         elif op == "ping":
             send_json(conn, {"pid": os.getpid(), "home": str(self.address.home), "follow": self.idle_s is None,
                              "positions": self.positions(), "readable_dirs": self.readable_dirs,
-                             "rebuilding": self.rebuilding})
+                             "rebuilding": self.rebuilding, "reopened": self.reopened})
         else:
             raise ValueError(f"the projection service has no operation {op!r}")
         return True
@@ -816,6 +885,19 @@ class ProjectionService:
         session of the live projection also waits for a rebuild under way to end: its tables are
         dropped and refilled batch by batch, and a session begun meanwhile would see them half full."""
         deadline = time.monotonic() + (_timeout(request.get("timeout_s")) or self.wait_timeout_s)
+        with self._progress:
+            self._progress.wait_for(lambda: not self._reopening)
+            self._readers += 1
+        try:
+            with self._snapshot_of_live_or_past(request, deadline) as fetch:
+                yield fetch
+        finally:
+            with self._progress:
+                self._readers -= 1
+
+    @contextlib.contextmanager
+    def _snapshot_of_live_or_past(self, request: dict[str, Any], deadline: float) -> Iterator[TableQuery]:
+        """`_snapshot`'s session, of the live projection or of a past one."""
         wanted_dirs = [str(Path(d).resolve()) for d in request.get("readable_dirs") or []]
         if not set(wanted_dirs) <= set(self.readable_dirs):
             raise ServiceRefused(readable_dirs_refused(self.address.home, os.getpid(), self.idle_s is None,
@@ -895,6 +977,14 @@ def _timeout(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
         return float(value)
     return None
+
+
+def _modified(path: Path) -> int | None:
+    """The file's modification time (ns); None when there is none."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def first_line(exc: BaseException) -> str:

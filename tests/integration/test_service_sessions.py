@@ -12,15 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.api import session
-from engine.bootstrap import make_bus
-from engine.projection_service import build_service
 from producers.bus import Bus
 from projections import service as service_module
 from projections.client import ServiceClient
-from projections.service import _KEPT_SESSION_S, ProjectionService, serving_in_thread
+from projections.service import _KEPT_SESSION_S, ProjectionService
 from tests.support.foreign import append, envelope, started
 from tests.support.polling import wait_until
+from tests.support.projection_services import service_in_thread
 
 TXID = "SELECT txid_current() AS t"
 
@@ -31,18 +29,8 @@ def served(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Projec
     append with (a job of another process). Its sessions are kept whatever their age (a slow first
     request, e.g. the client importing pandas, would outlast the real bound): see the test of now()."""
     monkeypatch.setattr(service_module, "_KEPT_SESSION_S", 3600.0)
-    settings = session().services.settings
-    bus = make_bus(settings.bus_url, settings)
-    writer = make_bus(settings.bus_url, settings)
-    service = build_service(settings, bus)
-    try:
-        with serving_in_thread(service):
-            client = ServiceClient(service.address, session().services.bus, start=None, timeout_s=60)
-            yield service, client, writer
-            client.close()
-    finally:
-        writer.close()
-        bus.close()
+    with service_in_thread() as served:
+        yield served
 
 
 def _log_run(writer: Bus, number: int) -> None:

@@ -13,11 +13,16 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from engine.api import session
+from engine.bootstrap import make_bus
+from engine.projection_service import build_service
+from producers.bus import Bus
 from producers.bus.memory import MemoryBus
 from projections.client import ServiceClient
-from projections.service import ServiceAddress
+from projections.service import ProjectionService, ServiceAddress, serving_in_thread
 
 SERVICE_MODULE = b"engine.projection_service"
 _EXIT_WAIT_S = 15.0
@@ -83,3 +88,24 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+@contextlib.contextmanager
+def service_in_thread(configure: Callable[[ProjectionService], None] = lambda service: None,
+                      ) -> Iterator[tuple[ProjectionService, ServiceClient, Bus]]:
+    """A projection service of the current session's home served in this process (`configure`d
+    before it starts), a client of it, and another bus handle to append with (a job of another
+    process); all ended with the block."""
+    settings = session().services.settings
+    bus = make_bus(settings.bus_url, settings)
+    writer = make_bus(settings.bus_url, settings)
+    service = build_service(settings, bus)
+    configure(service)
+    try:
+        with serving_in_thread(service):
+            client = ServiceClient(service.address, session().services.bus, start=None, timeout_s=60)
+            yield service, client, writer
+            client.close()
+    finally:
+        writer.close()
+        bus.close()

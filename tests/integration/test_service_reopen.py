@@ -1,0 +1,91 @@
+"""The projection service opens its file again on a new DuckDB instance once it has folded enough
+and is idle (DuckDB reads the rows its instance appended more slowly than a new instance reads them
+from the file), never under a reader's open snapshot, and folds and answers on after it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producers.bus import Bus
+from projections import service as service_module
+from projections.client import ServiceClient
+from projections.service import ProjectionService
+from tests.support.foreign import append, envelope, started
+from tests.support.polling import wait_until
+from tests.support.projection_services import service_in_thread
+
+REOPEN_AFTER = 20
+
+
+@pytest.fixture
+def served(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ProjectionService, ServiceClient, Bus]]:
+    """A service of the test's home in this process whose idle fold checkpoints whatever the WAL
+    holds (so the file is written, and a reopen can be due), a client of it, and another bus handle
+    to append with (a job of another process). It opens its file again after no number of records
+    until a test lowers `reopen_after_records` (to REOPEN_AFTER), once it is ready to see it do so."""
+    monkeypatch.setattr(service_module, "CHECKPOINT_WAL_BYTES", 1)
+
+    def no_reopen_yet(service: ProjectionService) -> None:
+        service.reopen_after_records = 10**9
+
+    with service_in_thread(no_reopen_yet) as served:
+        yield served
+
+
+def _log_runs(writer: Bus, numbers: range) -> None:
+    for number in numbers:
+        append(writer, f"r{number}", [envelope(f"r{number}", 0, "run_started", started(name=f"run{number}"))])
+
+
+def _runs(client: ServiceClient) -> list[str]:
+    return client.answer([("SELECT name FROM runs ORDER BY name", None)])[0].name.tolist()
+
+
+def _transaction_number(client: ServiceClient) -> int:
+    return int(client.answer([("SELECT txid_current() AS t", None)])[0].t[0])
+
+
+def _names(numbers: range) -> list[str]:
+    return sorted(f"run{number}" for number in numbers)
+
+
+def _wal_written(service: ProjectionService) -> bool:
+    wal = service.db_path.with_name(service.db_path.name + ".wal")
+    return not wal.exists() or wal.stat().st_size == 0
+
+
+def test_after_folding_enough_the_service_opens_its_file_again_and_folds_on(
+        served: tuple[ProjectionService, ServiceClient, Bus]) -> None:
+    service, client, writer = served
+    _log_runs(writer, range(REOPEN_AFTER + 5))
+    assert _runs(client) == _names(range(REOPEN_AFTER + 5))
+    before = _transaction_number(client)
+    service.reopen_after_records = REOPEN_AFTER
+    wait_until(lambda: service.reopened == 1, "the service opens its file again once the fold is idle")
+    assert _runs(client) == _names(range(REOPEN_AFTER + 5))
+    assert _transaction_number(client) < before  # a new instance counts its transactions anew
+    _log_runs(writer, range(REOPEN_AFTER + 5, 2 * REOPEN_AFTER + 10))  # folded by the new connection's projector
+    assert _runs(client) == _names(range(2 * REOPEN_AFTER + 10))
+    wait_until(lambda: service.reopened == 2, "the service opens its file again after folding as much again")
+    assert client.ping()["reopened"] == 2
+    assert _runs(client) == _names(range(2 * REOPEN_AFTER + 10))
+
+
+def test_a_reader_snapshot_keeps_the_file_open_until_it_ends(
+        served: tuple[ProjectionService, ServiceClient, Bus]) -> None:
+    service, client, writer = served
+    _log_runs(writer, range(REOPEN_AFTER + 5))
+    assert _runs(client) == _names(range(REOPEN_AFTER + 5))
+    wait_until(lambda: _wal_written(service), "the idle fold writes its WAL to the file")
+    with client.snapshot() as fetch:
+        assert fetch("SELECT count(*) AS n FROM runs").n[0] == REOPEN_AFTER + 5
+        service.reopen_after_records = REOPEN_AFTER
+        wait_until(lambda: service.reopen_put_off >= 2, "the idle fold puts off opening the file again")
+        assert service.reopened == 0
+        assert fetch("SELECT count(*) AS n FROM runs").n[0] == REOPEN_AFTER + 5  # its snapshot answers on
+    wait_until(lambda: service.reopened == 1, "the service opens its file again once the snapshot ended")
+    assert _runs(client) == _names(range(REOPEN_AFTER + 5))
+
