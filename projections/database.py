@@ -32,6 +32,7 @@ _linger_s = 0.25
 _fallback_interval_s = 5.0
 _log = logging.getLogger("runbus.projection")
 # What DuckDB says about a file it cannot read (it has no exception class of its own for this).
+_HELD_BY_ANOTHER = "Could not set lock on file"  # DuckDB's lock, held by another process
 _UNREADABLE = ("not a valid DuckDB database file", "Could not read enough bytes", "Corrupt database file",
                "checksum", "replaying WAL", "version number")
 
@@ -110,6 +111,19 @@ def _connect(path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _connect_when_free(path: Path, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    """`_connect`, tried again while another process holds DuckDB's lock on the file, for
+    `timeout_s` at most (then DuckDB's error)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _connect(path)
+        except duckdb.IOException as exc:
+            if _HELD_BY_ANOTHER not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
+
+
 def _sealed(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the instance behind `con` takes no setting any more (readonly.seal)."""
     return con.execute("SELECT current_setting('lock_configuration')").fetchone() == (True,)
@@ -172,17 +186,19 @@ class _Handle:
             self.prepared = False
         return self.con
 
-    def reconnect(self) -> tuple[duckdb.DuckDBPyConnection, bool]:
+    def reconnect(self, timeout_s: float) -> tuple[duckdb.DuckDBPyConnection, bool]:
         """Close the connection (and its cursors) and open the file again, keeping the lock: (the
         new connection, whether it is of a new DuckDB instance). Nothing is checkpointed: what the
         WAL holds is read back from it. The instance is the old one when another connection to the
         file is open in this process (DuckDB hands its cached instance back). The caller holds the
-        connection's only user. When the file cannot be opened again the lock is released."""
+        connection's only user. Between the close and the open, a process that opens the file with
+        DuckDB directly (not through Runbus's lock) can take DuckDB's own: see `_connect_when_free`.
+        When the file cannot be opened again the lock is released."""
         assert self.con is not None
         self.con.close()
         self.con = None
         try:
-            self.con = _connect(self.path)
+            self.con = _connect_when_free(self.path, timeout_s)
         except BaseException:
             self.lock.release()
             raise
@@ -247,13 +263,13 @@ def open_projection(path: str | os.PathLike[str], timeout_s: float = 60.0,
         handle.release_later(linger)
 
 
-def reopen_projection(con: duckdb.DuckDBPyConnection) -> tuple[duckdb.DuckDBPyConnection, bool]:
+def reopen_projection(con: duckdb.DuckDBPyConnection, timeout_s: float) -> tuple[duckdb.DuckDBPyConnection, bool]:
     """Open again the projection file `con` (from `open_projection`) is open on, closing `con`: the
     new connection, which the block of `open_projection` closes, and whether it is of a new DuckDB
     instance (see `_Handle.reconnect`, which also says what a failure leaves)."""
     for handle in list(_handles.values()):
         if handle.con is con:
-            return handle.reconnect()
+            return handle.reconnect(timeout_s)
     raise ValueError("not a connection open_projection opened")
 
 

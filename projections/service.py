@@ -88,8 +88,11 @@ CHECKPOINT_WAL_BYTES = 2 << 20
 # one above) wrote to the file since, it opens the file again when idle and no reader's snapshot is
 # open: ~20 ms at 100,000 runs, then the next query and the next fold read their blocks and indexes
 # again (~6 and ~5 ms there). It checkpoints nothing itself (each checkpoint writes row groups of
-# their own, see above): what the WAL holds is read back from it.
+# their own, see above): what the WAL holds is read back from it. A fold that is never idle (a steady
+# trickle of records) opens it again between two batches instead, once the file has been open for
+# REOPEN_BUSY_AFTER_S: each reopen makes the next batch read its tables' indexes again.
 REOPEN_AFTER_RECORDS = 1_000
+REOPEN_BUSY_AFTER_S = 60.0
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 RELEASE_MARGIN_S = 10.0
 """How much longer than its wait timeout a stopping service may take to release its home (the batch
@@ -391,6 +394,7 @@ class ProjectionService:
         self._warm: list[tuple[ReadOnlySession, int]] = []  # sessions of the current generation
         self._folded_since_open = 0  # records folded since the file was opened (REOPEN_AFTER_RECORDS)
         self._file_at_open: int | None = None  # the file's mtime (ns) then: a checkpoint changes it
+        self._opened_at = time.monotonic()
         self._readers = 0  # readers' requests between the start and the end of their snapshot
         self._reopening = False  # the file is being opened again: a reader's snapshot waits for it
 
@@ -466,7 +470,7 @@ class ProjectionService:
         self._projector = self._make_projector(con)
         seal(con, self.readable_dirs)
         self._positions = self._projector.positions()
-        self._file_at_open = _modified(self.db_path)
+        self._file_at_open, self._opened_at = _modified(self.db_path), time.monotonic()
         self._past = _PastProjections(con, self._make_projector, self.stop, self.address.home)
         key = ensure_key(self.address.key)
         with contextlib.suppress(FileNotFoundError):
@@ -612,13 +616,15 @@ class ProjectionService:
                         return
                     changes = self._projector.changes
                     consumed = self._projector.run_once(self.fold_wait_s)
+                    idle = not consumed and time.monotonic() - folded >= CHECKPOINT_IDLE_S
                     if consumed:
                         folded = time.monotonic()
                         self._folded_since_open += consumed
-                    elif time.monotonic() - folded >= CHECKPOINT_IDLE_S:
+                    elif idle:
                         self._checkpoint_when_due()
-                        if self._reopen_due() and self._reopen():
-                            changes = self._projector.changes  # a new projector's count
+                    if (idle or time.monotonic() - self._opened_at >= REOPEN_BUSY_AFTER_S) \
+                            and self._reopen_due() and self._reopen():
+                        changes = self._projector.changes  # a new projector's count
                     # idle, this loop turns every fold_wait_s: judging and reading the positions back
                     # are DuckDB statements, so they run after a batch (its events may revive a run
                     # judged lost) or once per _JUDGE_EVERY_S
@@ -666,13 +672,13 @@ class ProjectionService:
             self._reopening = True
         try:
             self._tables_changed()  # the kept sessions' cursors are the old connection's
-            con, renewed = reopen_projection(self._con)
+            con, renewed = reopen_projection(self._con, self.wait_timeout_s)
             projector = self._make_projector(con)
             seal(con, self.readable_dirs)
             self._con = self._past.live = con
             self._projector = projector
             self._folded_since_open = 0
-            self._file_at_open = _modified(self.db_path)
+            self._file_at_open, self._opened_at = _modified(self.db_path), time.monotonic()
             self._publish(projector.positions())  # a file moved aside as unreadable starts again from none
             if renewed:
                 self.reopened += 1
@@ -799,6 +805,7 @@ class ProjectionService:
                 raise _Stopping(f"the projection service of {self.address.home} is stopping")
 
         with self._fold_lock:
+            unless_stopping(None)  # a failed fold (or reopen) closed the connection meanwhile
             with self._progress:  # before the kept sessions end: a reader from now on waits for the end
                 self.rebuilding = True
             try:
@@ -886,7 +893,9 @@ class ProjectionService:
         dropped and refilled batch by batch, and a session begun meanwhile would see them half full."""
         deadline = time.monotonic() + (_timeout(request.get("timeout_s")) or self.wait_timeout_s)
         with self._progress:
-            self._progress.wait_for(lambda: not self._reopening)
+            if not self._progress.wait_for(lambda: not self._reopening, max(0.0, deadline - time.monotonic())):
+                raise ProjectionBusy(f"the projection service of {self.address.home} is still opening its file "
+                                     "again; set RUNBUS_DB_TIMEOUT to wait longer")
             self._readers += 1
         try:
             with self._snapshot_of_live_or_past(request, deadline) as fetch:
@@ -994,9 +1003,11 @@ def first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def serving_in_thread(service: ProjectionService) -> Iterator[ProjectionService]:
-    """Run `service` on a thread for the block (tests and single-process use); stopped after."""
-    thread = threading.Thread(target=service.run, name="runbus-projection-service", daemon=True)
+def serving_in_thread(service: ProjectionService, lock_timeout_s: float = 0.0) -> Iterator[ProjectionService]:
+    """Run `service` on a thread for the block (tests and single-process use); stopped after.
+    `lock_timeout_s`: see `ProjectionService.run`."""
+    thread = threading.Thread(target=service.run, kwargs={"lock_timeout_s": lock_timeout_s},
+                              name="runbus-projection-service", daemon=True)
     thread.start()
     service.ready.wait()
     try:

@@ -20,7 +20,7 @@ import pytest
 from engine import get_run_db
 from engine.api import close_session, session
 from engine.bootstrap import make_bus
-from engine.projection_service import build_service, service_client
+from engine.projection_service import LOCK_WAIT_S, build_service, service_client
 from engine.ui.app import create_app
 from engine.ui.store import ServedRunDB
 from projections.client import ServiceClient
@@ -227,7 +227,8 @@ def test_a_reader_behind_the_fold_when_the_service_stops_is_answered_by_the_next
 
     def start() -> _StartedInThread:  # the next service, as a reader's client starts one
         bus = make_bus(svc.settings.bus_url, svc.settings)
-        serving = serving_in_thread(build_service(svc.settings, bus))
+        # it waits for the home as a started service does: the stopping one may still hold it
+        serving = serving_in_thread(build_service(svc.settings, bus), lock_timeout_s=LOCK_WAIT_S)
         serving.__enter__()
         started.append((serving, bus))
         return _StartedInThread()

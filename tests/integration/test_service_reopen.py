@@ -4,14 +4,18 @@ from the file), never under a reader's open snapshot, and folds and answers on a
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from producers.bus import Bus
 from projections import service as service_module
 from projections.client import ServiceClient
+from projections.database import _connect_when_free
 from projections.service import ProjectionService
 from tests.support.foreign import append, envelope, started
 from tests.support.polling import wait_until
@@ -89,3 +93,39 @@ def test_a_reader_snapshot_keeps_the_file_open_until_it_ends(
     wait_until(lambda: service.reopened == 1, "the service opens its file again once the snapshot ended")
     assert _runs(client) == _names(range(REOPEN_AFTER + 5))
 
+
+
+# another process opening the file with DuckDB directly, read-only, and keeping it for a while
+_HOLDER = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _held_by_another_process(path: Path, seconds: float) -> subprocess.Popen[str]:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_opening_the_file_again_waits_for_another_process_holding_it(tmp_path: Path) -> None:
+    """Between closing and opening the file again, a process opening it with DuckDB directly (a
+    user's duckdb shell) can take DuckDB's lock: the service waits for it instead of failing."""
+    path = tmp_path / "runbus.duckdb"
+    duckdb.connect(str(path)).close()
+    holder = _held_by_another_process(path, 1.0)
+    try:
+        _connect_when_free(path, timeout_s=60).close()  # held when asked: it waited for the other to let go
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _held_by_another_process(path, 60.0)
+    try:
+        with pytest.raises(duckdb.IOException, match="Could not set lock"):
+            _connect_when_free(path, timeout_s=0.3)
+    finally:
+        holder.kill()
+        holder.wait()

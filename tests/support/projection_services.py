@@ -104,8 +104,10 @@ def service_in_thread(configure: Callable[[ProjectionService], None] = lambda se
     try:
         with serving_in_thread(service):
             client = ServiceClient(service.address, session().services.bus, start=None, timeout_s=60)
-            yield service, client, writer
-            client.close()
+            try:
+                yield service, client, writer
+            finally:
+                client.close()
     finally:
         writer.close()
         bus.close()
