@@ -300,8 +300,11 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
             builds[str(size)] = {"runs_added": size - built, "produce_s": produced - began,
                                  "project_s": projected - produced, "records": folded}
             built = size
+            reopened = client.ping()["reopened"]
             with phase("measure in a second process"):
                 figures = measurer.figures(queries, IDLE_QUERIES if size == min(sizes) else 0, size)
+            # how often the service had opened its file again (projections.service.REOPEN_AFTER_RECORDS)
+            builds[str(size)]["service_reopened"] = {"before_measuring": reopened, "after": client.ping()["reopened"]}
             add("build the bare table (in the measuring process)", figures["bare_build_s"])
             outcome.figures[f"query_ms_{size}"] = figures["query"]
             outcome.figures[f"query_bare_ms_{size}"] = figures["bare"]

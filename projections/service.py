@@ -93,6 +93,10 @@ CHECKPOINT_WAL_BYTES = 2 << 20
 # REOPEN_BUSY_AFTER_S: each reopen makes the next batch read its tables' indexes again.
 REOPEN_AFTER_RECORDS = 1_000
 REOPEN_BUSY_AFTER_S = 60.0
+# A reopen that is due holds readers beginning a snapshot back for this long at most, for those under
+# way to end (readers asking back to back would otherwise put it off turn after turn); when they do
+# not (a reader block held open), it gives up and tries again after a pause doubling from 0.1 s.
+REOPEN_READERS_WAIT_S = 0.05
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 RELEASE_MARGIN_S = 10.0
 """How much longer than its wait timeout a stopping service may take to release its home (the batch
@@ -397,6 +401,8 @@ class ProjectionService:
         self._opened_at = time.monotonic()
         self._readers = 0  # readers' requests between the start and the end of their snapshot
         self._reopening = False  # the file is being opened again: a reader's snapshot waits for it
+        self._reopen_not_before = 0.0  # after a reopen was put off: when to try again
+        self._reopen_put_offs_in_a_row = 0
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -661,15 +667,25 @@ class ProjectionService:
 
     def _reopen(self) -> bool:
         """Open the file again on a new connection (see REOPEN_AFTER_RECORDS), with a projector
-        of its own, when no reader's snapshot is under way and no past projection is being built
-        (both read the live connection); readers beginning meanwhile wait for it. True when done;
-        when it fails the service fails (the old connection is closed), before readers go on."""
+        of its own, once no reader's snapshot is under way (see REOPEN_READERS_WAIT_S) and no past
+        projection is being built (both read the live connection); readers beginning meanwhile wait
+        for it. True when done; when it fails the service fails (the old connection is closed),
+        before readers go on."""
         assert self._con is not None and self._past is not None
         with self._progress:
-            if self._readers or self.rebuilding or self.stop.is_set() or self._past.building_any():
-                self.reopen_put_off += 1
+            if time.monotonic() < self._reopen_not_before:
                 return False
-            self._reopening = True
+            self._reopening = True  # readers beginning a snapshot from now on wait for it
+            if self.rebuilding or self.stop.is_set() or self._past.building_any() or \
+                    not self._progress.wait_for(lambda: self._readers == 0, REOPEN_READERS_WAIT_S):
+                self._reopening = False
+                self._progress.notify_all()
+                self.reopen_put_off += 1
+                self._reopen_put_offs_in_a_row += 1
+                pause = min(REOPEN_BUSY_AFTER_S, 0.1 * 2 ** min(self._reopen_put_offs_in_a_row - 1, 10))
+                self._reopen_not_before = time.monotonic() + pause
+                return False
+            self._reopen_put_offs_in_a_row = 0
         try:
             self._tables_changed()  # the kept sessions' cursors are the old connection's
             con, renewed = reopen_projection(self._con, self.wait_timeout_s)
@@ -903,6 +919,8 @@ class ProjectionService:
         finally:
             with self._progress:
                 self._readers -= 1
+                if self._readers == 0 and self._reopening:
+                    self._progress.notify_all()  # a reopen waits for the last one
 
     @contextlib.contextmanager
     def _snapshot_of_live_or_past(self, request: dict[str, Any], deadline: float) -> Iterator[TableQuery]:
