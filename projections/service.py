@@ -676,8 +676,9 @@ class ProjectionService:
             if time.monotonic() < self._reopen_not_before:
                 return False
             self._reopening = True  # readers beginning a snapshot from now on wait for it
-            if self.rebuilding or self.stop.is_set() or self._past.building_any() or \
-                    not self._progress.wait_for(lambda: self._readers == 0, REOPEN_READERS_WAIT_S):
+            # the readers under way may start a past projection's build, or a stop may come, meanwhile
+            if not self._progress.wait_for(lambda: self._readers == 0, REOPEN_READERS_WAIT_S) or \
+                    self.rebuilding or self.stop.is_set() or self._past.building_any():
                 self._reopening = False
                 self._progress.notify_all()
                 self.reopen_put_off += 1
