@@ -343,6 +343,46 @@ class _PastProjections:
         return late is None or late[0] > 0
 
 
+class ReopenSchedule:
+    """When the service opens its file again (see REOPEN_AFTER_RECORDS): the records folded since
+    it was opened, the file's mtime and the time then, and the pause after a reopen was put off.
+    Its counters are the service's (`reopened` is in its ping)."""
+
+    def __init__(self, db_path: Path, after_records: int = REOPEN_AFTER_RECORDS) -> None:
+        self.db_path = db_path
+        self.after_records = after_records
+        self.reopened = 0  # times the file was opened again on a new DuckDB instance
+        self.put_off = 0  # times a due reopen was put off (a reader, a past projection's build)
+        self._folded = 0
+        self._file_at_open: int | None = None  # a checkpoint changes the file's mtime
+        self._opened_at = 0.0
+        self._not_before = 0.0
+        self._put_offs_in_a_row = 0
+
+    def opened(self) -> None:
+        """The file was opened (again) now."""
+        self._folded, self._put_offs_in_a_row = 0, 0
+        self._file_at_open, self._opened_at = _modified(self.db_path), time.monotonic()
+
+    def folded(self, records: int) -> None:
+        self._folded += records
+
+    def due(self, idle: bool) -> bool:
+        """Whether to try now: enough folded since the file was opened and checkpointed into it, on
+        an idle turn (or any once the file has been open for REOPEN_BUSY_AFTER_S), not in a pause."""
+        now = time.monotonic()
+        return (idle or now - self._opened_at >= REOPEN_BUSY_AFTER_S) and now >= self._not_before \
+            and self._folded >= self.after_records and _modified(self.db_path) != self._file_at_open
+
+    def postpone(self) -> None:
+        """A due reopen was put off: the next try waits a pause doubling from 0.1 s, up to
+        REOPEN_BUSY_AFTER_S."""
+        self.put_off += 1
+        self._put_offs_in_a_row += 1
+        pause = min(REOPEN_BUSY_AFTER_S, 0.1 * 2 ** min(self._put_offs_in_a_row - 1, 10))
+        self._not_before = time.monotonic() + pause
+
+
 @dataclass
 class _Build:
     """A past projection being built: `done` is set once `past` or `failure` is."""
@@ -362,7 +402,7 @@ class ProjectionService:
                  batch_size: int = 50_000, reopen_after_records: int = REOPEN_AFTER_RECORDS) -> None:
         """`idle_s`: exit after that long with no request (None: never). `wait_timeout_s`: how long
         a reader's session waits for the fold to reach the offsets it sent. `reopen_after_records`:
-        see REOPEN_AFTER_RECORDS."""
+        see REOPEN_AFTER_RECORDS (`reopens` holds it)."""
         self.bus = bus
         self.db_path = Path(db_path)
         self.address = address
@@ -373,9 +413,7 @@ class ProjectionService:
         self.readable_dirs = [str(Path(d).resolve()) for d in readable_dirs]
         self.fold_wait_s = fold_wait_s
         self.batch_size = batch_size
-        self.reopen_after_records = reopen_after_records
-        self.reopened = 0  # times the file was opened again on a new DuckDB instance (REOPEN_AFTER_RECORDS)
-        self.reopen_put_off = 0  # idle turns that would have opened it again but for a reader or a build
+        self.reopens = ReopenSchedule(self.db_path, reopen_after_records)
         self.stop = threading.Event()
         self.stopped_for_purge = False  # a {"op": "stop", "for": "purge"} request stopped it
         self.rebuilding = False  # a rebuild is under way (a purge refuses to run meanwhile)
@@ -396,13 +434,8 @@ class ProjectionService:
         self._sessions_lock = threading.Lock()
         self._generation = 0  # bumped whenever the fold may have changed the tables
         self._warm: list[tuple[ReadOnlySession, int]] = []  # sessions of the current generation
-        self._folded_since_open = 0  # records folded since the file was opened (REOPEN_AFTER_RECORDS)
-        self._file_at_open: int | None = None  # the file's mtime (ns) then: a checkpoint changes it
-        self._opened_at = time.monotonic()
         self._readers = 0  # readers' requests between the start and the end of their snapshot
         self._reopening = False  # the file is being opened again: a reader's snapshot waits for it
-        self._reopen_not_before = 0.0  # after a reopen was put off: when to try again
-        self._reopen_put_offs_in_a_row = 0
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -476,7 +509,7 @@ class ProjectionService:
         self._projector = self._make_projector(con)
         seal(con, self.readable_dirs)
         self._positions = self._projector.positions()
-        self._file_at_open, self._opened_at = _modified(self.db_path), time.monotonic()
+        self.reopens.opened()
         self._past = _PastProjections(con, self._make_projector, self.stop, self.address.home)
         key = ensure_key(self.address.key)
         with contextlib.suppress(FileNotFoundError):
@@ -625,11 +658,10 @@ class ProjectionService:
                     idle = not consumed and time.monotonic() - folded >= CHECKPOINT_IDLE_S
                     if consumed:
                         folded = time.monotonic()
-                        self._folded_since_open += consumed
+                        self.reopens.folded(consumed)
                     elif idle:
                         self._checkpoint_when_due()
-                    if (idle or time.monotonic() - self._opened_at >= REOPEN_BUSY_AFTER_S) \
-                            and self._reopen_due() and self._reopen():
+                    if self.reopens.due(idle) and self._reopen():
                         changes = self._projector.changes  # a new projector's count
                     # idle, this loop turns every fold_wait_s: judging and reading the positions back
                     # are DuckDB statements, so they run after a batch (its events may revive a run
@@ -659,12 +691,6 @@ class ProjectionService:
             except duckdb.TransactionException as exc:  # another transaction in the way: next idle turn
                 _log.info("checkpoint put off: %s", first_line(exc))
 
-    def _reopen_due(self) -> bool:
-        """Whether enough was folded since the file was opened, and checkpointed into it (see
-        REOPEN_AFTER_RECORDS)."""
-        return self._folded_since_open >= self.reopen_after_records and \
-            _modified(self.db_path) != self._file_at_open
-
     def _reopen(self) -> bool:
         """Open the file again on a new connection (see REOPEN_AFTER_RECORDS), with a projector
         of its own, once no reader's snapshot is under way (see REOPEN_READERS_WAIT_S) and no past
@@ -673,20 +699,14 @@ class ProjectionService:
         before readers go on."""
         assert self._con is not None and self._past is not None
         with self._progress:
-            if time.monotonic() < self._reopen_not_before:
-                return False
             self._reopening = True  # readers beginning a snapshot from now on wait for it
             # the readers under way may start a past projection's build, or a stop may come, meanwhile
             if not self._progress.wait_for(lambda: self._readers == 0, REOPEN_READERS_WAIT_S) or \
                     self.rebuilding or self.stop.is_set() or self._past.building_any():
                 self._reopening = False
                 self._progress.notify_all()
-                self.reopen_put_off += 1
-                self._reopen_put_offs_in_a_row += 1
-                pause = min(REOPEN_BUSY_AFTER_S, 0.1 * 2 ** min(self._reopen_put_offs_in_a_row - 1, 10))
-                self._reopen_not_before = time.monotonic() + pause
+                self.reopens.postpone()
                 return False
-            self._reopen_put_offs_in_a_row = 0
         try:
             self._tables_changed()  # the kept sessions' cursors are the old connection's
             con, renewed = reopen_projection(self._con, self.wait_timeout_s)
@@ -694,11 +714,10 @@ class ProjectionService:
             seal(con, self.readable_dirs)
             self._con = self._past.live = con
             self._projector = projector
-            self._folded_since_open = 0
-            self._file_at_open, self._opened_at = _modified(self.db_path), time.monotonic()
+            self.reopens.opened()
             self._publish(projector.positions())  # a file moved aside as unreadable starts again from none
             if renewed:
-                self.reopened += 1
+                self.reopens.reopened += 1
             else:
                 _log.warning("runbus: the projection service opened %s again on the same DuckDB instance "
                              "(another connection to it is open in this process)", self.db_path)
@@ -828,7 +847,7 @@ class ProjectionService:
             try:
                 self._tables_changed()
                 count = self._projector.rebuild(unless_stopping)
-                self._folded_since_open += count  # every row is this instance's now
+                self.reopens.folded(count)  # every row is this instance's now
             finally:
                 try:
                     self._tables_changed()
@@ -889,7 +908,7 @@ class ProjectionService:
         elif op == "ping":
             send_json(conn, {"pid": os.getpid(), "home": str(self.address.home), "follow": self.idle_s is None,
                              "positions": self.positions(), "readable_dirs": self.readable_dirs,
-                             "rebuilding": self.rebuilding, "reopened": self.reopened})
+                             "rebuilding": self.rebuilding, "reopened": self.reopens.reopened})
         else:
             raise ValueError(f"the projection service has no operation {op!r}")
         return True

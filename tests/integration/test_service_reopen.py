@@ -29,11 +29,11 @@ def served(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Projec
     """A service of the test's home in this process whose idle fold checkpoints whatever the WAL
     holds (so the file is written, and a reopen can be due), a client of it, and another bus handle
     to append with (a job of another process). It opens its file again after no number of records
-    until a test lowers `reopen_after_records` (to REOPEN_AFTER), once it is ready to see it do so."""
+    until a test lowers `reopens.after_records` (to REOPEN_AFTER), once it is ready to see it do so."""
     monkeypatch.setattr(service_module, "CHECKPOINT_WAL_BYTES", 1)
 
     def no_reopen_yet(service: ProjectionService) -> None:
-        service.reopen_after_records = 10**9
+        service.reopens.after_records = 10**9
 
     with service_in_thread(no_reopen_yet) as served:
         yield served
@@ -67,13 +67,13 @@ def test_after_folding_enough_the_service_opens_its_file_again_and_folds_on(
     _log_runs(writer, range(REOPEN_AFTER + 5))
     assert _runs(client) == _names(range(REOPEN_AFTER + 5))
     before = _transaction_number(client)
-    service.reopen_after_records = REOPEN_AFTER
-    wait_until(lambda: service.reopened == 1, "the service opens its file again once the fold is idle")
+    service.reopens.after_records = REOPEN_AFTER
+    wait_until(lambda: service.reopens.reopened == 1, "the service opens its file again once the fold is idle")
     assert _runs(client) == _names(range(REOPEN_AFTER + 5))
     assert _transaction_number(client) < before  # a new instance counts its transactions anew
     _log_runs(writer, range(REOPEN_AFTER + 5, 2 * REOPEN_AFTER + 10))  # folded by the new connection's projector
     assert _runs(client) == _names(range(2 * REOPEN_AFTER + 10))
-    wait_until(lambda: service.reopened == 2, "the service opens its file again after folding as much again")
+    wait_until(lambda: service.reopens.reopened == 2, "the service opens its file again after folding as much again")
     assert client.ping()["reopened"] == 2
     assert _runs(client) == _names(range(2 * REOPEN_AFTER + 10))
 
@@ -86,11 +86,11 @@ def test_a_reader_snapshot_keeps_the_file_open_until_it_ends(
     wait_until(lambda: _wal_written(service), "the idle fold writes its WAL to the file")
     with client.snapshot() as fetch:
         assert fetch("SELECT count(*) AS n FROM runs").n[0] == REOPEN_AFTER + 5
-        service.reopen_after_records = REOPEN_AFTER
-        wait_until(lambda: service.reopen_put_off >= 2, "the idle fold puts off opening the file again")
-        assert service.reopened == 0
+        service.reopens.after_records = REOPEN_AFTER
+        wait_until(lambda: service.reopens.put_off >= 2, "the idle fold puts off opening the file again")
+        assert service.reopens.reopened == 0
         assert fetch("SELECT count(*) AS n FROM runs").n[0] == REOPEN_AFTER + 5  # its snapshot answers on
-    wait_until(lambda: service.reopened == 1, "the service opens its file again once the snapshot ended")
+    wait_until(lambda: service.reopens.reopened == 1, "the service opens its file again once the snapshot ended")
     assert _runs(client) == _names(range(REOPEN_AFTER + 5))
 
 
