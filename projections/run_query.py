@@ -290,38 +290,37 @@ class RunQuery:
         sql = self._conditions()
         order = self._order_by(sql)
         names = ", ".join(f"r.{c}" for c in columns)
-        joins = " ".join(sql.joins)
+        cut, cut_args = _page(limit, offset)
         if limit is not None and _value_key(self.order.column) is not None and not sql.joins:
-            return self._page_by_rowid(sql, order, names, limit, offset)
-        query = f"SELECT {names} FROM runs_wide r {joins}{sql.clause()} ORDER BY {order}"
-        args = [*sql.join_args, *sql.where_args]
-        if limit is not None:
-            query += " LIMIT ?"
-            args.append(_count(limit, "limit"))
-        if offset:
-            query += " OFFSET ?"
-            args.append(_count(offset, "offset"))
-        return query, args
-
-    @staticmethod
-    def _page_by_rowid(sql: _Sql, order: str, names: str, limit: int, offset: int) -> tuple[str, list[Any]]:
-        """A page sorted by a value column: its rows found on their sort keys alone, then only they
-        read whole. A sort carrying every column of every candidate was most of a page's time at
-        100,000 runs (8.5-9.2 against 10.8-11.5 ms through the service, `make bench`; DuckDB does
-        this by itself only up to 50 rows, late_materialization_max_rows). Not for a sort by a runs
-        column: DuckDB cuts the newest-first sort short by started_at's row-group statistics, and
-        reading the page apart cost more there."""
-        page = f"SELECT r.rowid FROM runs_wide r{sql.clause()} ORDER BY {order} LIMIT ?"
-        args = [*sql.where_args, _count(limit, "limit")]
-        if offset:
-            page += " OFFSET ?"
-            args.append(_count(offset, "offset"))
-        return f"SELECT {names} FROM runs_wide r WHERE r.rowid IN ({page}) ORDER BY {order}", args
+            # a page sorted by a value column: its rows found on their sort keys alone, then only they
+            # read whole. A sort carrying every column of every candidate was most of a page's time
+            # at 100,000 runs (on the file opened again: 7.5-9.2 against 10.8-11.5 ms through the
+            # service, query-only benches; ~1 ms more at 1,000 runs). DuckDB does this by itself only
+            # up to 50 rows (late_materialization_max_rows). Not for a sort by a runs column: DuckDB
+            # cuts the newest-first sort short by started_at's row-group statistics, and reading the
+            # page apart cost more there
+            page = f"SELECT r.rowid FROM runs_wide r{sql.clause()} ORDER BY {order}{cut}"
+            return (f"SELECT {names} FROM runs_wide r WHERE r.rowid IN ({page}) ORDER BY {order}",
+                    [*sql.where_args, *cut_args])
+        query = f"SELECT {names} FROM runs_wide r {' '.join(sql.joins)}{sql.clause()} ORDER BY {order}{cut}"
+        return query, [*sql.join_args, *sql.where_args, *cut_args]
 
     def count(self) -> tuple[str, list[Any]]:
         """(SQL, arguments) counting the matching runs (column `n`)."""
         sql = self._conditions()
         return f"SELECT count(*) AS n FROM runs_wide r{sql.clause()}", sql.where_args
+
+
+def _page(limit: int | None, offset: int) -> tuple[str, list[int]]:
+    """The LIMIT / OFFSET clause of a page (empty for all rows) and its arguments."""
+    clause, args = "", []
+    if limit is not None:
+        clause += " LIMIT ?"
+        args.append(_count(limit, "limit"))
+    if offset:
+        clause += " OFFSET ?"
+        args.append(_count(offset, "offset"))
+    return clause, args
 
 
 def _count(value: Any, what: str) -> int:
