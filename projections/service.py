@@ -399,10 +399,9 @@ class ProjectionService:
                  codec: EventCodec | None = None, user_projections: Sequence[UserProjection] = (), *,
                  idle_s: float | None = 300.0, wait_timeout_s: float = 60.0,
                  readable_dirs: Sequence[str] = (), fold_wait_s: float = 0.1,
-                 batch_size: int = 50_000, reopen_after_records: int = REOPEN_AFTER_RECORDS) -> None:
+                 batch_size: int = 50_000) -> None:
         """`idle_s`: exit after that long with no request (None: never). `wait_timeout_s`: how long
-        a reader's session waits for the fold to reach the offsets it sent. `reopen_after_records`:
-        see REOPEN_AFTER_RECORDS (`reopens` holds it)."""
+        a reader's session waits for the fold to reach the offsets it sent."""
         self.bus = bus
         self.db_path = Path(db_path)
         self.address = address
@@ -413,7 +412,7 @@ class ProjectionService:
         self.readable_dirs = [str(Path(d).resolve()) for d in readable_dirs]
         self.fold_wait_s = fold_wait_s
         self.batch_size = batch_size
-        self.reopens = ReopenSchedule(self.db_path, reopen_after_records)
+        self.reopens = ReopenSchedule(self.db_path)  # when it opens its file again
         self.stop = threading.Event()
         self.stopped_for_purge = False  # a {"op": "stop", "for": "purge"} request stopped it
         self.rebuilding = False  # a rebuild is under way (a purge refuses to run meanwhile)

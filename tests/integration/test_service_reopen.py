@@ -15,7 +15,7 @@ import pytest
 from producers.bus import Bus
 from projections import service as service_module
 from projections.client import ServiceClient
-from projections.database import _connect_when_free
+from projections.database import _connect_when_free, wal_path
 from projections.service import ProjectionService
 from tests.support.foreign import append, envelope, started
 from tests.support.polling import wait_until
@@ -57,7 +57,7 @@ def _names(numbers: range) -> list[str]:
 
 
 def _wal_written(service: ProjectionService) -> bool:
-    wal = service.db_path.with_name(service.db_path.name + ".wal")
+    wal = wal_path(service.db_path)
     return not wal.exists() or wal.stat().st_size == 0
 
 
