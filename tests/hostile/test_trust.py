@@ -41,6 +41,7 @@ from engine.archive import (
 from engine.loader import RunSigner, describe_handler, load_handler
 from engine.rerun import UntrustedRun, check_handler_trusted
 from engine.run import RunObject
+from engine.sweep.runner import _longest_interval
 from engine.transfer import append_new
 from engine.ui.app import create_app
 from engine.ui.report import report_html
@@ -606,3 +607,21 @@ def test_resume_runs_again_an_iteration_someone_else_reported_done(home: Path) -
     assert ran.iteration.tolist() == [1, 2]  # iteration 1 ran again
     assert get_run_db().read_run(copy)["results"]["best_iteration"] == 1
     assert get_run_db().read_run(copy)["results"]["loss"] == 3  # p1=1's own loss, not the forged one
+
+
+def test_a_silent_iteration_someone_else_wrote_does_not_set_how_long_a_resume_waits(home: Path) -> None:
+    """A resume waits for a dead driver's unfinished iterations up to three of their heartbeat
+    intervals (engine.sweep.runner._settle_orphans). A run appended as an iteration, still running
+    and saying its heartbeat comes every billion seconds, would hold it for ever: without trust only
+    this home's signed iterations say how long."""
+    copy = _sweep_copy({"p1": [1, 2]})
+    forged_child = [dataclasses.replace(e, payload={**e.payload, "parent_uid": copy, "iteration": 1,
+                                                    "params": {"p1": json.dumps(1)}, "heartbeat_interval_s": 1e9})
+                    for e in _exported(_own_seed_like_run()) if e.type == "run_started"]  # never finishes
+    fake_uid, events = _as_new_run(forged_child, lambda event: event)
+    svc = session().services
+    append_new(events, svc.bus, svc.codec)
+    assert get_run_db().read_run(fake_uid)["state"] == "running"
+
+    assert _longest_interval(svc, copy, trust=False) == svc.settings.heartbeat_interval_s
+    assert _longest_interval(svc, copy, trust=True) == 1e9  # what trusting the log would wait for
