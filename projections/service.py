@@ -1039,10 +1039,14 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+SERVING_JOIN_S = 30.0
+
+
 @contextlib.contextmanager
 def serving_in_thread(service: ProjectionService, lock_timeout_s: float = 0.0) -> Iterator[ProjectionService]:
     """Run `service` on a thread for the block (tests and single-process use); stopped after.
-    `lock_timeout_s`: see `ProjectionService.run`."""
+    `lock_timeout_s`: see `ProjectionService.run`. RuntimeError when the block ended normally and
+    the service has not stopped within SERVING_JOIN_S (it would keep the file)."""
     thread = threading.Thread(target=service.run, kwargs={"lock_timeout_s": lock_timeout_s},
                               name="runbus-projection-service", daemon=True)
     thread.start()
@@ -1051,4 +1055,7 @@ def serving_in_thread(service: ProjectionService, lock_timeout_s: float = 0.0) -
         yield service
     finally:
         service.shutdown()
-        thread.join(timeout=30)
+        thread.join(timeout=SERVING_JOIN_S)
+    if thread.is_alive():  # (not raised over an exception of the block: that one says more)
+        raise RuntimeError(f"the projection service of {service.address.home} did not stop within "
+                           f"{SERVING_JOIN_S:g}s of its shutdown")
