@@ -12,13 +12,14 @@ from engine.bootstrap import make_bus
 from engine.projection_service import build_service
 from projections import service as service_module
 from projections.client import ServiceClient
+from projections.database import wal_path
 from projections.service import serving_in_thread
 from tests.support.foreign import envelope, started
 from tests.support.polling import wait_until
 
 
 def _wal(db_path: Path) -> int:
-    wal = db_path.with_name(db_path.name + ".wal")
+    wal = wal_path(db_path)
     return wal.stat().st_size if wal.exists() else 0
 
 
