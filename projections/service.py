@@ -471,18 +471,32 @@ class ProjectionService:
         elif follower_waits(self.address):
             return False
         # no service takes the home while a purge holds its lock (it stops the one serving, then
-        # removes the projection's files): held until the home's lock is, so none slips in between
-        with contextlib.ExitStack() as purge_waited:
-            purging = FileLock(str(self.address.purge), mode=0o600, thread_local=False)
+        # removes the projection's files): held until the home's lock is, so none slips in between.
+        # Held for one try at the home's lock at a time, never through the whole wait for it: a
+        # purge gets it between two tries (it failed when a follower waited for a reader's service,
+        # saying another purge held its lock)
+        purging = FileLock(str(self.address.purge), mode=0o600, thread_local=False)
+        lock = FileLock(str(self.address.lock), thread_local=False)
+        while True:
             if not self._acquire(purging, deadline, None):
                 return False
-            purge_waited.callback(purging.release)
-            lock = FileLock(str(self.address.lock), thread_local=False)
-            if not self._acquire(lock, deadline, while_waiting if follower else None):
+            try:
+                one_try = min(deadline, time.monotonic() + _STOP_CHECK_S)
+                took = self._acquire(lock, one_try, while_waiting if follower else None)
+            finally:
+                purging.release()
+            if took:
+                held.callback(lock.release)
+                break
+            if time.monotonic() >= deadline or self._gives_up_waiting():
                 return False
-            held.callback(lock.release)
         # one that took the lock just before a follower took its mark leaves the home to it
         return follower or not follower_waits(self.address)
+
+    def _gives_up_waiting(self) -> bool:
+        """Whether a wait for the home ends now: `stop` was set, or (a service that exits when
+        idle) a follower waits for the home."""
+        return self.stop.is_set() or (self.idle_s is not None and follower_waits(self.address))
 
     def _acquire(self, lock: FileLock, deadline: float, while_waiting: Callable[[], None] | None) -> bool:
         """`lock`, waiting until `deadline` at most; False when that passed, `stop` was set, or (a
@@ -490,7 +504,7 @@ class ProjectionService:
         last = [-float("inf")]
 
         def give_up() -> bool:  # filelock asks between its attempts
-            if self.stop.is_set() or (self.idle_s is not None and follower_waits(self.address)):
+            if self._gives_up_waiting():
                 return True
             if while_waiting is not None and time.monotonic() - last[0] >= _STOP_CHECK_S:
                 last[0] = time.monotonic()
