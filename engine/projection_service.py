@@ -153,10 +153,12 @@ def foreground_command(readable_dirs: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.projection_service")
-    parser.add_argument("--follow", action="store_true", help="never exit when idle")
+    parser.add_argument("--follow", action="store_true",
+                        help="never exit when idle; take the home from a service a reader started, waiting "
+                             "RUNBUS_DB_TIMEOUT (plus a margin) for it (status 1 when another service keeps it), "
+                             "and serve again after each purge")
     parser.add_argument("--foreground", action="store_true",
-                        help="say on stdout what it folds; wait RUNBUS_DB_TIMEOUT (plus a margin) for the home and "
-                             "exit with status 1 when another service keeps it (runbus project --follow)")
+                        help="say on stdout what it folds (runbus project --follow)")
     parser.add_argument("--sql-read-dir", action="append", default=[])
     args = parser.parse_args(argv)
     # the projection holds every run's data: its files (DuckDB's WAL, the locks) are the owner's
@@ -177,7 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.foreground:
             return _serve_in_foreground(settings, bus, serving)
         try:
-            service.run(lock_timeout_s=LOCK_WAIT_S)
+            if not args.follow:
+                service.run(lock_timeout_s=LOCK_WAIT_S)
+            elif not serve_through_purges(settings, bus, serving) and not serving.service.stop.is_set():
+                print(_kept_by_another(settings), file=sys.stderr, flush=True)
+                return 1
         except Exception as exc:  # one line in the home's projection.log, as in the foreground
             print(_stopped(settings, exc), file=sys.stderr, flush=True)
             return 1
@@ -266,10 +272,15 @@ def _serve_in_foreground(settings: Settings, bus: Bus, serving: Serving) -> int:
     if service.stop.is_set():  # Ctrl-C or SIGTERM while it waited for the home
         print(f"projector stopped before it took {home}", flush=True)
         return 0
-    # (not named by pid: a service that holds the lock may answer no ping yet)
-    print(f"error: another projection service kept {home} for more than "
-          f"{settings.db_timeout_s + RELEASE_MARGIN_S:g}s; this one exits", file=sys.stderr, flush=True)
+    print(_kept_by_another(settings), file=sys.stderr, flush=True)
     return 1
+
+
+def _kept_by_another(settings: Settings) -> str:
+    """The line saying a follower did not get its home: another service kept it."""
+    # (not named by pid: a service that holds the lock may answer no ping yet)
+    return (f"error: another projection service kept {neutral(str(settings.home), one_line=True)} for more than "
+            f"{settings.db_timeout_s + RELEASE_MARGIN_S:g}s; this one exits")
 
 
 def serve_as_follower(settings: Settings, service: ProjectionService) -> bool:

@@ -166,19 +166,23 @@ def test_purge_rewrites_the_embedded_log_and_removes_the_bodies_and_a_rebuild_ag
     assert "no run" in cli("restore", parent, check=False).stderr  # a purge cannot be undone
 
 
-@pytest.mark.parametrize("purge_with", ["cli", "api"])
-def test_a_follower_serves_on_through_a_purge_from_a_log_folded_again(home: Path, cli, purge_with: str) -> None:
+@pytest.mark.parametrize(("purge_with", "follow"), [("cli", "runbus"), ("api", "runbus"), ("api", "module")],
+                         ids=["cli purge", "api purge", "api purge, the service module without --foreground"])
+def test_a_follower_serves_on_through_a_purge_from_a_log_folded_again(home: Path, cli, purge_with: str,
+                                                                       follow: str) -> None:
     """A purge stops the home's service to remove the projection's files; a follower
-    (`runbus project --follow`) is the same process serving the home afterwards, folded from the
-    rewritten log, and says so once. A plain stop still ends it."""
+    (`runbus project --follow`, or `python -m engine.projection_service --follow` without
+    --foreground, which exited on a purge) is the same process serving the home afterwards, folded
+    from the rewritten log, and says so once. A plain stop still ends it."""
     from engine import get_run_db
     from engine.api import session
+    from engine.projection_service import service_command
     from projections.client import ServiceClient
     from projections.service import ServiceAddress
     from tests.support.polling import wait_until
 
-    follower = subprocess.Popen([RUNBUS, "project", "--follow"], env={**os.environ}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    command = [RUNBUS, "project", "--follow"] if follow == "runbus" else service_command("--follow")
+    follower = subprocess.Popen(command, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client = ServiceClient(ServiceAddress.of(home), session().services.bus, start=None, timeout_s=30)
 
