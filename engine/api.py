@@ -288,24 +288,10 @@ def _uid_list(uids: Iterable[str]) -> list[str]:
 
 
 def _named_bodies(payloads: Iterable[str]) -> set[str]:
-    """Every sha256 an artifact event names (its body and its extra data's), as text."""
-    named: set[str] = set()
+    """Every sha256 the artifact events (their payloads, JSON text) name: see `bodies_named`."""
+    from producers.artifacts import bodies_named
 
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            digest = value.get("sha256")
-            if isinstance(digest, str):
-                named.add(digest)
-            for inner in value.values():
-                walk(inner)
-        elif isinstance(value, list):
-            for inner in value:
-                walk(inner)
-
-    for payload in payloads:
-        if isinstance(payload, str):
-            walk(json.loads(payload))
-    return named
+    return {name for payload in payloads if isinstance(payload, str) for name in bodies_named(json.loads(payload))}
 
 
 def get_run_db(as_of: int | datetime | str | None = None) -> EngineRunDB:

@@ -15,6 +15,7 @@ import fastavro
 from engine.settings import load_settings
 from engine.transfer import TransferReport, append_new
 from producers.artifact_store import ArtifactStore, ArtifactUnavailable, is_sha256
+from producers.artifacts import bodies_named
 from producers.bus import Bus
 from producers.subscription import Subscription
 from schemas import Event, EventCodec
@@ -54,22 +55,26 @@ def export_events(events: Iterable[Event], codec: EventCodec, out: BinaryIO) -> 
 
 
 def bundle_artifacts(events: Iterable[Event], out: Path, store: ArtifactStore | None = None) -> int:
-    """A tar.gz of the artifact bodies the events name, each taken from `store` (default: the one of
-    RUNBUS_HOME) by its sha256 and named by it; a body the store does not hold as recorded is left
-    out with an ArtifactNotBundled warning naming the run and key (an event's uri is never opened)."""
+    """A tar.gz of the artifact bodies the events name (with their companions, see `bodies_named`),
+    each taken from `store` (default: the one of RUNBUS_HOME) by its sha256 and named by it; a body
+    the store does not hold as recorded is left out with an ArtifactNotBundled warning naming the
+    run and key (an event's uri is never opened)."""
     store = store or ArtifactStore(load_settings().artifact_root)
     added: set[str] = set()
     with tarfile.open(out, "w:gz") as tar:
         for event in events:
-            if event.type != "artifact" or event.payload["sha256"] in added:
+            if event.type != "artifact":
                 continue
-            try:
-                body = store.verified_path(event.payload["key"], event.payload["sha256"])
-            except ArtifactUnavailable as exc:
-                warnings.warn(f"run {event.run_uid}: {exc}; not bundled", ArtifactNotBundled, stacklevel=2)
-                continue
-            tar.add(body, arcname=event.payload["sha256"], recursive=False)
-            added.add(event.payload["sha256"])
+            for sha256 in bodies_named(event.payload):
+                if sha256 in added:
+                    continue
+                try:
+                    body = store.verified_path(event.payload["key"], sha256)
+                except ArtifactUnavailable as exc:
+                    warnings.warn(f"run {event.run_uid}: {exc}; not bundled", ArtifactNotBundled, stacklevel=2)
+                    continue
+                tar.add(body, arcname=sha256, recursive=False)
+                added.add(sha256)
     return len(added)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +45,25 @@ class Artifact:
                         f"got {type(self.body).__name__}")
 
     def extra_bodies(self) -> dict[str, tuple[bytes, str]]:
-        """Companion bodies (name -> (bytes, format)) stored beside the main one."""
+        """Companion bodies (name -> (bytes, format)) stored beside the main one; the artifact's
+        meta names each (meta[name] = {"uri", "sha256", "format"}: see `bodies_named`)."""
         return {}
+
+
+def bodies_named(payload: Mapping[str, Any]) -> list[str]:
+    """The sha256 of each body an artifact event's payload names, each once: its own, then the
+    companion bodies its meta (JSON text) lists (`Artifact.extra_bodies`: a chart's PNG). The
+    payload is read as anyone may have written it: a meta that is no JSON object names no companion,
+    and a name is any text (whether it is a sha256 the store holds is the store's to check)."""
+    named = [payload.get("sha256")]
+    meta = payload.get("meta")
+    try:
+        found = json.loads(meta) if isinstance(meta, str) else meta
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+        found = None
+    if isinstance(found, Mapping):
+        named += [value.get("sha256") for value in found.values() if isinstance(value, Mapping)]
+    return list(dict.fromkeys(name for name in named if isinstance(name, str)))
 
 
 class PlotArtifact(Artifact):

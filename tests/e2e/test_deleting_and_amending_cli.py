@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -326,3 +327,35 @@ def test_purge_blanks_a_runs_events_found_under_another_key(home: Path) -> None:
     assert report.runs == [uid]
     assert get_run_db().sql("SELECT count(*) AS n FROM runs").n[0] == 0
     assert b"KEYSENTINEL77" not in (home / "log.sqlite").read_bytes()
+
+
+CHARTED = """
+from producers.artifacts import ChartArtifact
+
+
+def chart(context):
+    context.log_artifact(ChartArtifact("curve", data=[[1, 2], [3, 4]], header=["x", "y"]))
+"""
+
+
+def test_purge_keeps_and_export_bundles_the_chart_image_of_a_run_it_keeps(home: Path, tmp_path: Path, cli) -> None:
+    """A chart's PNG is a companion body its artifact's meta names (meta.chart.sha256): a purge
+    removed it from under a run it kept, and an export left it out of the bundle."""
+    (tmp_path / "charted.py").write_text(CHARTED)
+    cli("run", "charted.py:chart")
+    kept = next(iter(runs(cli)))
+    artifact = json.loads(cli("show", kept).stdout)["artifacts"][0]
+    image = artifact["meta"]["chart"]["sha256"]
+    cli("run", "job.py:train", "-p", "lr=0.4")
+    doomed = next(uid for uid in runs(cli) if uid != kept)
+    cli("delete", doomed)
+    age_bodies(home)
+
+    cli("purge", "--yes")
+
+    store = {path.name for path in (home / "artifacts").glob("*/*")}
+    assert {artifact["sha256"], image} <= store
+    bundle = tmp_path / "bodies.tar.gz"
+    cli("export", "-o", str(tmp_path / "kept.avro"), "--run", kept, "--with-artifacts", str(bundle))
+    with tarfile.open(bundle) as tar:
+        assert set(tar.getnames()) == {artifact["sha256"], image}
