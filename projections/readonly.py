@@ -148,11 +148,11 @@ class ReadOnlySession:
     already (the projection service), so it is not checked again.
 
     `reusable`: every statement was a SELECT that answered in time, so the session holds nothing a
-    statement left behind and another request may go on in it. An EXPLAIN ANALYZE can create a
-    temporary table or set a variable for the rest of the transaction or connection. A SELECT can
-    set the random seed (setseed, also through query()): the next requests on the session draw
-    random() from it. That is left so: every reader of a home is its owner, and DuckDB's random()
-    is no secret anyway."""
+    statement left behind and another request may go on in it. Any other statement (an EXPLAIN)
+    runs on a cursor of its own (see `_apart`); the session is not kept after one all the same. A
+    SELECT can set the random seed (setseed, also through query()): the next requests on the
+    session draw random() from it. That is left so: every reader of a home is its owner, and
+    DuckDB's random() is no secret anyway."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, timeout_s: float = QUERY_TIMEOUT_S, *,
                  sealed: bool = False, begin: Callable[[duckdb.DuckDBPyConnection], None] | None = None) -> None:
@@ -177,6 +177,7 @@ class ReadOnlySession:
         statement = check_read_only(query)
         if statement.type.name != "SELECT":
             self.reusable = False
+            return self._apart(statement, params)
         if not self._begun:  # a statement failed: its transaction was rolled back
             self._begin(self._cursor)
             self._begun = True
@@ -191,6 +192,21 @@ class ReadOnlySession:
         # the deadline fired as the statement ended: its interrupt may still reach the next statement
         self.reusable = self.reusable and in_time
         return table
+
+    def _apart(self, statement: duckdb.Statement, params: Sequence[Any] | None) -> pa.Table:
+        """A statement that is not a SELECT (an EXPLAIN, whose ANALYZE runs the statement it wraps)
+        on a cursor of its own, in a READ ONLY transaction of its own that is rolled back before the
+        cursor is closed. EXPLAIN ANALYZE COMMIT ends the transaction it runs in: on the session's
+        cursor, the session's next statements ran outside any (and could write). Its snapshot is
+        its own, taken when it begins."""
+        cursor = self._cursor.cursor()
+        try:
+            self._begin(cursor)
+            return _read_only_statement(cursor, statement, params, self.timeout_s)[0]
+        finally:
+            with suppress(duckdb.Error):  # it may have ended its transaction itself
+                cursor.execute("ROLLBACK")
+            cursor.close()
 
     def close(self) -> None:
         with suppress(duckdb.Error):  # a statement may have ended the transaction itself

@@ -219,6 +219,32 @@ def test_as_of_queries_change_nothing(arena: Arena) -> None:
     assert len(past.sql("SELECT uid FROM runs")) == 2
 
 
+# statements that end (or try to end) the transaction they run in: an EXPLAIN ANALYZE runs what it wraps
+TRANSACTION_ENDERS = ["EXPLAIN ANALYZE COMMIT", "EXPLAIN ANALYZE ROLLBACK", "EXPLAIN ANALYZE ABORT",
+                      "EXPLAIN COMMIT", "EXPLAIN ANALYZE BEGIN TRANSACTION"]
+SESSION_WRITES = ["EXPLAIN ANALYZE DELETE FROM runs", "EXPLAIN ANALYZE CREATE TABLE evil AS SELECT 42 AS x",
+                  "EXPLAIN ANALYZE UPDATE positions SET next_offset = next_offset + 1000000",
+                  "WITH gone AS (DELETE FROM runs RETURNING uid) SELECT * FROM gone"]
+
+
+@pytest.mark.parametrize("past", [False, True], ids=["live", "as_of"])
+def test_a_statement_ending_its_transaction_leaves_the_session_read_only(arena: Arena, past: bool) -> None:
+    """EXPLAIN ANALYZE COMMIT committed a session's READ ONLY transaction: its next statements ran
+    outside any and wrote (runs deleted for every later reader). A session's statements other than
+    SELECT now run apart, so what they end is theirs."""
+    db = get_run_db()
+    surface = get_run_db(as_of=int(db.sql("SELECT max(position) AS p FROM events").p[0])) if past else db
+    before, live_before = fingerprint(surface.sql), fingerprint(db.sql)
+    with surface.reader() as fetch:
+        for ender in TRANSACTION_ENDERS:
+            attempt(lambda sql=ender: fetch(sql), ender, refused=False)
+            for statement in SESSION_WRITES:
+                attempt(lambda sql=statement: fetch(sql), statement, refused=True)
+            assert fetch("SELECT count(*) AS n FROM runs").n[0] == 2
+    assert fingerprint(surface.sql) == before and fingerprint(db.sql) == live_before
+    assert set(db.list_runs().name) == {"seed1", "seed2"}
+
+
 def test_runbus_sql_refuses_on_one_line_and_changes_nothing(arena: Arena) -> None:
     db = get_run_db()
     before = fingerprint(db.sql)
