@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import orjson
 
 from producers.amendments import MAX_BY_CHARS, MAX_LABELS_CHARS, MAX_NOTE_CHARS
 from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS, STREAMS
-from producers.values import MAX_TIMESTAMP_S, numeric_or_none
+from producers.values import MAX_DEPTH, MAX_TIMESTAMP_S, numeric_or_none
 from schemas import Event
 from schemas.codec import MetricColumns
 from schemas.events import EDIT_TYPES
@@ -80,22 +81,45 @@ _json_lock = threading.Lock()
 
 
 def is_storable_json(text: str) -> bool:
-    """True when DuckDB stores `text` in a JSON column. Strict JSON passes at once; what orjson
-    refuses (NaN, huge numbers, deep nesting, lone surrogates) is asked of DuckDB itself."""
+    """True when DuckDB stores `text` in a JSON column and it nests lists and objects at most
+    MAX_DEPTH deep, as the SDK writes values (producers.values): readers parse what is stored with
+    Python's json, whose recursion a value nested thousands deep exhausted (one such param failed
+    every runs page and read_run). Strict JSON passes orjson; what orjson refuses (NaN, huge
+    numbers, deep nesting, lone surrogates) is asked of DuckDB itself."""
     try:
         orjson.loads(text)
-        return True
     except orjson.JSONDecodeError:
-        pass
-    with _json_lock:
-        if not _json_checker:
-            _json_checker.append(duckdb.connect(":memory:"))
-        row = _json_checker[0].execute("SELECT json_valid(?)", [text]).fetchone()
-    return row is not None and bool(row[0])
+        with _json_lock:
+            if not _json_checker:
+                _json_checker.append(duckdb.connect(":memory:"))
+            row = _json_checker[0].execute("SELECT json_valid(?)", [text]).fetchone()
+        if row is None or not row[0]:
+            return False
+    return _nests_within(text, MAX_DEPTH)
+
+
+_JSON_NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # a string (skipped), or one bracket
+
+
+def _nests_within(text: str, limit: int) -> bool:
+    """Whether the JSON text `text` nests lists and objects at most `limit` deep."""
+    if text.count("[") + text.count("{") <= limit:  # (the usual value: no scan)
+        return True
+    depth = 0
+    for token in _JSON_NESTING.finditer(text):
+        bracket = token.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return False
+        elif bracket in ("]", "}"):
+            depth -= 1
+    return True
 
 
 def _json_problem(what: str, text: str) -> str:
-    return f"{what} is not JSON DuckDB can store: {printable(text)[:80]!r}"
+    return (f"{what} is not JSON Runbus can store (JSON DuckDB reads, nested at most {MAX_DEPTH} deep): "
+            f"{printable(text)[:80]!r}")
 
 
 def _log_problem(chunks: Any) -> str | None:

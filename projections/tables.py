@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 10  # 9: runs_wide's scanned columns stored uncompressed; 10: value columns compressed
+PROJECTION_VERSION = 11  # 10: value columns compressed; 11: JSON nested deeper than MAX_DEPTH refused
 
 # At most this many param/result columns in runs_wide; later keys are queried through params/results.
 MAX_VALUE_COLUMNS = 500

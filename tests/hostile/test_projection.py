@@ -24,6 +24,7 @@ from engine import NewRun, get_run_db, new_function
 from engine.api import session
 from engine.reaper import mark_lost, reap
 from producers.console import EVENT_MAX_CHARS, EVENT_MAX_LINES, LINE_MAX_CHARS
+from producers.values import MAX_DEPTH
 from projections.database import close_all
 from projections.service import ServiceAddress
 from tests.support import foreign
@@ -66,6 +67,11 @@ POISONS: dict[str, Callable[[str], dict[str, Any]]] = {
         "key": "a", "kind": "artifact", "uri": "file:///x", "sha256": "0" * 64, "size": 1, "format": None,
         "labels": {}, "meta": "{"}),
     "result value that is empty": lambda uid: envelope(uid, 2, "result", result("r", "")),
+    "result value nested deeper than the SDK writes": lambda uid: envelope(
+        uid, 2, "result", result("deep", "[" * 5000 + "1" + "]" * 5000)),
+    "artifact meta nested deeper than the SDK writes": lambda uid: envelope(uid, 2, "artifact", {
+        "key": "a", "kind": "artifact", "uri": "file:///x", "sha256": "0" * 64, "size": 1, "format": None,
+        "labels": {}, "meta": '{"a":' * 3000 + "1" + "}" * 3000}),
     "run state that does not exist": lambda uid: envelope(uid, 2, "run_finished", finished(state="pwned")),
     "log line of 4 MB": lambda uid: envelope(uid, 2, "log", _log("x" * 4_000_000)),
     "log line one character over the bound": lambda uid: envelope(uid, 2, "log", _log("y" * (LINE_MAX_CHARS + 1))),
@@ -123,6 +129,21 @@ def test_a_run_started_that_cannot_be_folded_is_quarantined_with_its_identity(bu
     assert dead.event_id.tolist() == [bad["event_id"]] and "extra 'spec'" in dead.error[0]
     assert db.sql("SELECT count(*) AS n FROM runs").n[0] == 0
     assert db.sql("SELECT key FROM results WHERE uid = ?", [uid]).key.tolist() == ["ok"]
+
+
+def test_a_run_started_with_a_param_nested_deeper_than_the_sdk_writes_is_quarantined(bus_home: Path) -> None:
+    """Stored, it failed every reader that parses a run's values with Python's json (read_run, the
+    UI's runs page for everyone): its recursion gives out thousands of levels down."""
+    new_function().run(NewRun(handler=lambda context: context.log_result("x", 1), name="before"))
+    uid = _uid()
+    bad = envelope(uid, 0, "run_started", started(params={"p": "[" * 5000 + "1" + "]" * 5000}))
+    append(session().services.bus, uid, [bad, envelope(uid, 1, "run_finished", finished())])
+    db = get_run_db()
+    dead = db.sql("SELECT event_id, error FROM dead_letters")
+    assert dead.event_id.tolist() == [bad["event_id"]]
+    assert "params 'p'" in dead.error[0] and f"nested at most {MAX_DEPTH} deep" in dead.error[0]
+    assert db.list_runs().name.tolist() == ["before"]
+    assert db.read_run(db.list_runs().uid[0])["results"] == {"x": 1}
 
 
 def _append_undecodable(bus: Any, uid: str) -> list[Any]:
