@@ -144,11 +144,11 @@ class _Sql:
 
 class ValueColumnCache:
     """The runs_wide columns of (kind, key) pairs, remembered between the queries of one reader so a
-    filter or sort on a value does not look its column up each time. A rebuild may give a column to
-    another key (DuckDB matches a quoted name whatever its case, so 'param.lr' would read a new
-    'param.LR'): a query built on remembered columns names each by exactly its name (see
-    RunQuery._column), so it fails to bind when one is not there so; `find_runs` and `count_runs`
-    then forget them and look the columns up again."""
+    filter or sort on a value does not look its column up each time. A column can go (the fold
+    drops it when a key differing only in case comes: DuckDB matches a quoted name whatever its
+    case) and a rebuild makes them anew: a query built on remembered columns names each by exactly
+    its name (see RunQuery._column), so it fails to bind when one is not there so; `find_runs` and
+    `count_runs` then forget them and look the columns up again."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], str] = {}
