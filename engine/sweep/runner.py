@@ -229,6 +229,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     # tasks whose worker died while the bus could not be read up to its end: read again once nothing runs
     unread: list[tuple[list[int], BaseException]] = []
     stopped_by: BusNotRead | None = None
+    stop_failed: str | None = None  # why the stop condition could not be evaluated
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while (((state.pending or again) and not stopping) or inflight or unread) and stopped_by is None:
@@ -282,7 +283,10 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
                         failed += outcome.state != "completed"
                         if outcome.state == "completed":
                             best.offer(iteration, results)
-                            stopping = stopping or bool(stop and stop.met(results))
+                            try:
+                                stopping = stopping or bool(stop and stop.met(results))
+                            except ValueError as exc:  # no more iterations start; the sweep ends in error
+                                stop_failed, stopping = stop_failed or str(exc), True
                         stopping = stopping or (sweep.max_errors is not None and failed >= sweep.max_errors)
                     progress.update(len(state.done) - failed, failed, sum(map(len, inflight.values())),
                                     best.describe())
@@ -293,7 +297,7 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
         _leave_to_resume(svc, parent, sorted(i for iterations, _ in unread for i in iterations), stopped_by)
     if not pool.in_driver:  # in-process iterations cannot outlive the driver
         _settle_lost(svc, watcher)
-    return _complete(parent, state, selector, svc)
+    return _complete(parent, state, selector, svc, stop_failed)
 
 
 _CHUNK_S = 0.2  # a task runs about this much of iterations: one flush (the writer's interval) for them all
@@ -386,7 +390,10 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
     svc.writer.flush()
 
 
-def _complete(parent: RunContext, state: SweepState, selector: Selector | None, svc: Services) -> RunContext:
+def _complete(parent: RunContext, state: SweepState, selector: Selector | None, svc: Services,
+              stop_failed: str | None = None) -> RunContext:
+    """Record the iterations and the best one, and finish the parent: in error when an iteration
+    failed or the stop condition could not be evaluated (`stop_failed` says why)."""
     from engine.sweep.summary import record_iterations  # pandas and numpy: loaded when a sweep ends
 
     best = None
@@ -395,8 +402,8 @@ def _complete(parent: RunContext, state: SweepState, selector: Selector | None, 
     artifacts = _artifacts_of(svc, state, best) if best is not None else []
     record_iterations(parent, state.done, best, artifacts)
     failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
-    error = f"{failed} of {len(state.done)} iterations failed" if failed else None
-    parent.finish(error=error)
+    errors = [f"{failed} of {len(state.done)} iterations failed"] if failed else []
+    parent.finish(error="; ".join([*errors, *filter(None, [stop_failed])]) or None)
     return parent
 
 

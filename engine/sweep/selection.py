@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,19 +73,27 @@ class StopCondition:
     """
 
     def __init__(self, expression: str) -> None:
+        """ValueError when `expression` does not parse, or calls or reaches into anything (refused
+        here, before any iteration runs, rather than by the first evaluation)."""
         self.expression = expression
         self._evaluator = EvalWithCompoundTypes(functions={})
         try:
-            self._evaluator.parse(expression)
+            parsed = self._evaluator.parse(expression)
         except (SyntaxError, InvalidExpression) as exc:
             raise ValueError(f"stop_condition {expression!r} does not parse: {exc}") from None
+        for node in ast.walk(parsed):
+            if isinstance(node, (ast.Call, ast.Attribute, ast.Subscript)):
+                raise ValueError(f"stop_condition {expression!r}: {ast.unparse(node)!r} is not allowed (result "
+                                 "names, numbers, comparisons, arithmetic and and/or/not only)")
 
     def met(self, results: Mapping[str, Any]) -> bool:
-        """True when the expression holds; a result it names that is missing makes it False."""
+        """True when the expression holds; a result it names that is missing makes it False.
+        ValueError naming the expression when it cannot be evaluated on these results (a text
+        compared with a number, a division by zero...)."""
         self._evaluator.names = dict(results)
         try:
             return bool(self._evaluator.eval(self.expression))
         except NameNotDefined:
             return False
-        except (TypeError, InvalidExpression) as exc:
-            raise ValueError(f"stop_condition {self.expression!r} failed: {exc}") from None
+        except Exception as exc:  # simpleeval raises what Python would: TypeError, ZeroDivisionError...
+            raise ValueError(f"stop_condition {self.expression!r} failed: {type(exc).__name__}: {exc}") from None

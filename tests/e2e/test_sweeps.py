@@ -135,6 +135,17 @@ def test_stop_condition_stops_dispatching(home: Path) -> None:
     assert run.results["best_iteration"] == 2
 
 
+def test_a_stop_condition_that_cannot_be_evaluated_ends_the_sweep_in_error(home: Path) -> None:
+    """It raised out of the sweep after the first iteration: the parent stayed 'running' (then
+    'lost') and the other iterations never ran."""
+    run = new_function().run(NewRun(handler=handlers.scored), hyperparams={"x": [1, 0, 3]},
+                             selector="max.score", stop_condition="10 / score > 100")
+    assert run.state == "error"
+    assert "stop_condition '10 / score > 100' failed: ZeroDivisionError" in run.error
+    assert list(_iterations(run.uid).iteration) == [1, 2]  # none started after it failed
+    assert get_run_db().read_run(run.uid)["state"] == "error"
+
+
 def test_max_errors_stops_dispatching_after_that_many_failures(home: Path) -> None:
     run = new_function().run(NewRun(handler=handlers.scored, params={"fail_on": 7}),
                              hyperparams={"x": [7, 7, 1, 2, 3]}, max_errors=2, selector="max.score")

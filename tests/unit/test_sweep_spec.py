@@ -42,6 +42,9 @@ def test_random_needs_max_iterations() -> None:
     ({"max_errors": 0}, "max_errors"),
     ({"selector": "best.loss"}, "selector 'best.loss'"),
     ({"stop_condition": "accuracy >="}, "does not parse"),
+    ({"stop_condition": "abs(s) > 1"}, "'abs\\(s\\)' is not allowed"),
+    ({"stop_condition": "s.real > 1"}, "'s.real' is not allowed"),
+    ({"stop_condition": "s[0] > 1"}, "'s\\[0\\]' is not allowed"),
     ({"colour": "red"}, "unknown sweep option"),
 ])
 def test_bad_options_name_themselves(options: dict, message: str) -> None:
@@ -67,6 +70,9 @@ def test_stop_condition_is_evaluated_safely() -> None:
         StopCondition("__import__('os').system('true')").met({})
     with pytest.raises(ValueError):
         StopCondition("accuracy.__class__").met({"accuracy": 1})
+    for results, error in (({"accuracy": "high"}, "TypeError"), ({"accuracy": 0}, "ZeroDivisionError")):
+        with pytest.raises(ValueError, match=f"stop_condition '1 / accuracy > 2' failed: {error}"):
+            StopCondition("1 / accuracy > 2").met(results)
 
 
 def test_best_so_far_agrees_with_the_selector_whatever_the_arrival_order() -> None:
