@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from producers.bus import Bus
-from producers.values import InvalidValue, check_key, check_text
+from producers.values import InvalidValue, check_key, check_label, check_text
 from schemas import Event, EventCodec
 
 MAX_BY_CHARS = 256
@@ -63,7 +63,7 @@ def _check_long_text(what: str, text: object) -> str:
 def check_labels(labels: Mapping[Any, Any] | None, removed: Iterable[Any]) -> tuple[dict[str, str], list[str]]:
     """The labels to set (values through str(), as set_label) and the keys to remove, checked:
     keys non-empty UTF-8, values UTF-8, a key not both set and removed, bounded in total."""
-    chosen = {check_key("label", key): check_text("label", key, str(value)) for key, value in (labels or {}).items()}
+    chosen = dict(check_label(key, value) for key, value in (labels or {}).items())
     gone = [check_key("label", key) for key in removed]
     both = sorted(set(chosen) & set(gone))
     if both:

@@ -27,8 +27,10 @@ from producers.redact import RedactingLogger, Redactor
 from producers.values import (
     INT64_MAX,
     INT64_MIN,
+    MAX_LABEL_CHARS,
     InvalidValue,
     check_key,
+    check_label,
     check_text,
     check_text_map,
     to_json,
@@ -110,7 +112,7 @@ class RunContext:
             self._params_json[logged_key] = text
         self.inputs: dict[str, str] = check_text_map("input", inputs)
         self._input_digests = check_text_map("input digest", input_digests)
-        self.labels: dict[str, str] = check_text_map("label", labels, self._redact)
+        self.labels: dict[str, str] = check_text_map("label", labels, self._redact, MAX_LABEL_CHARS)
         # what the engine describes the run with (a sweep's hyperparams): masked like the params
         self._iterations_recorder = iterations_recorder
         self._extra = {self._redact(check_key("extra", k)): to_json("extra", k, v, self._redact or None)[0]
@@ -330,8 +332,8 @@ class RunContext:
 
     def set_label(self, key: str, value: Any, replace: bool = True) -> None:
         """Set a label (its value as str); the key and value must be valid UTF-8 text."""
-        logged_key = self._redact(check_key("label", key))
-        text = self._redact(check_text("label", key, str(value)))
+        checked_key, checked_value = check_label(key, value)
+        logged_key, text = self._redact(checked_key), self._redact(checked_value)
         if not replace and logged_key in self.labels:
             return
         self._emit("label", {"key": logged_key, "value": text})
@@ -359,7 +361,8 @@ class RunContext:
         check_text("artifact", artifact.key, artifact.kind, "kind")
         if artifact.format is not None:
             check_text("artifact", artifact.key, artifact.format, "format")
-        labels_str = check_text_map(f"artifact {artifact.key!r} label", artifact.labels, self._redact)
+        labels_str = check_text_map(f"artifact {artifact.key!r} label", artifact.labels, self._redact,
+                                    MAX_LABEL_CHARS)
         self._meta_json(artifact.key, artifact.meta)  # refused before any body is stored
         data = artifact.render()
         stored = self._store.put_file(artifact.local_path) if data is None else self._store.put_bytes(data)

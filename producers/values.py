@@ -16,6 +16,10 @@ from typing import Any
 from schemas.codec import INT64_MAX, INT64_MIN
 
 MAX_DEPTH = 100  # nesting of lists and dicts in one value; deeper is refused, not a RecursionError
+# a key (of a param, result, metric, label, artifact, input...) and a label's value, in characters:
+# MLflow's bounds for keys and tag values. Unbounded, one 5 MB key made every runs page 270 MB
+MAX_KEY_CHARS = 250
+MAX_LABEL_CHARS = 5000
 MAX_TEXT_BYTES = 512 * 1024  # one value's JSON text: a bus record must stay under Kafka's 1 MiB default
 # Metric timestamps are seconds since the epoch; the projection and pandas hold them as
 # datetime64[ns], whose range ends in April 2262 (9.2e9 s is in 2261: no rounding at the edge).
@@ -30,10 +34,14 @@ Redact = Callable[[str], str]
 InvalidValue = TypeError
 
 
-def check_text(kind: str, key: object, text: object, what: str = "value") -> str:
-    """`text` if it is a str that encodes as UTF-8 (no lone surrogates); InvalidValue names the key."""
+def check_text(kind: str, key: object, text: object, what: str = "value", max_chars: int | None = None) -> str:
+    """`text` if it is a str that encodes as UTF-8 (no lone surrogates), of at most `max_chars`
+    characters when given; InvalidValue names the key."""
     if type(text) is not str:
         raise InvalidValue(f"{kind} {key!r}: {what} must be a string, got {type(text).__name__}")
+    if max_chars is not None and len(text) > max_chars:
+        shown = key if what != "key" else f"{text[:40]}..."
+        raise InvalidValue(f"{kind} {shown!r}: {what} is {len(text):,} characters, at most {max_chars:,} are allowed")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -43,19 +51,25 @@ def check_text(kind: str, key: object, text: object, what: str = "value") -> str
 
 
 def check_key(kind: str, key: object) -> str:
-    """`key` if it is a non-empty str of valid UTF-8; InvalidValue otherwise."""
+    """`key` if it is a non-empty str of valid UTF-8, of at most MAX_KEY_CHARS; InvalidValue otherwise."""
     if type(key) is not str or not key:
         raise InvalidValue(f"{kind} key must be a non-empty string, got "
                            f"{'an empty string' if key == '' else type(key).__name__}")
-    return check_text(kind, key, key, "key")
+    return check_text(kind, key, key, "key", MAX_KEY_CHARS)
 
 
-def check_text_map(kind: str, mapping: Mapping[Any, Any] | None, redact: Redact | None = None) -> dict[str, str]:
+def check_label(key: object, value: object) -> tuple[str, str]:
+    """A label's (key, value as str()), both checked: the value at most MAX_LABEL_CHARS."""
+    return check_key("label", key), check_text("label", key, str(value), max_chars=MAX_LABEL_CHARS)
+
+
+def check_text_map(kind: str, mapping: Mapping[Any, Any] | None, redact: Redact | None = None,
+                   max_chars: int | None = None) -> dict[str, str]:
     """A copy of `mapping` as str -> str (keys and values, through str(), then through `redact`),
-    every key and value checked."""
+    every key and value checked (values at most `max_chars` when given)."""
     checked: dict[str, str] = {}
     for key, value in (mapping or {}).items():
-        text = check_text(kind, check_key(kind, key), str(value))
+        text = check_text(kind, check_key(kind, key), str(value), max_chars=max_chars)
         if redact:
             checked[redact(key)] = redact(text)
         else:

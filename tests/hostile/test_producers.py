@@ -27,6 +27,7 @@ from engine import NewRun, get_run_db, new_function
 from engine.api import close_session, session
 from producers.bus.embedded import EmbeddedBus
 from producers.context import RunContext, RunFinishedError
+from producers.values import MAX_KEY_CHARS, MAX_LABEL_CHARS
 from producers.writer import BackgroundWriter, EventsNotWritten
 
 LONE = "\udc80"  # what os.fsdecode gives for the byte 0x80 (surrogateescape)
@@ -71,6 +72,16 @@ HOSTILE_CALLS: list[tuple[str, Callable[[RunContext], Any], str]] = [
     ("artifact-meta-lone-surrogate", lambda c: c.log_artifact("b.txt", body=b"x", source=LONE), "b.txt"),
     ("artifact-meta-1000-deep", lambda c: c.log_artifact("c.txt", body=b"x", tree=_deep(1000)), "c.txt"),
     ("artifact-format-lone-surrogate", lambda c: c.log_artifact("d.txt", body=b"x", format=LONE), "d.txt"),
+    # a key or a label of 5 MB was accepted, and every runs page then repeated it (270 MB)
+    ("result-key-5-mb", lambda c: c.log_result("k" * 5_000_000, 1), "k" * 40),
+    ("metric-key-over-the-bound", lambda c: c.log_metric("m" * (MAX_KEY_CHARS + 1), 1.0), "m" * 40),
+    ("param-key-over-the-bound", lambda c: c.get_param("p" * (MAX_KEY_CHARS + 1), 1), "p" * 40),
+    ("label-key-over-the-bound", lambda c: c.set_label("l" * (MAX_KEY_CHARS + 1), "v"), "l" * 40),
+    ("label-value-5-mb", lambda c: c.set_label("big", "v" * 5_000_000), "big"),
+    ("label-value-over-the-bound", lambda c: c.set_label("big", "v" * (MAX_LABEL_CHARS + 1)), "big"),
+    ("artifact-label-over-the-bound", lambda c: c.log_artifact("e.txt", body=b"x",
+                                                               labels={"l": "v" * (MAX_LABEL_CHARS + 1)}), "e.txt"),
+    ("artifact-key-over-the-bound", lambda c: c.log_artifact("a" * (MAX_KEY_CHARS + 1), body=b"x"), "a" * 40),
 ]
 
 
@@ -113,6 +124,10 @@ def test_a_hostile_value_is_refused_at_the_call_naming_the_key_and_nothing_else_
     pytest.param(lambda: NewRun(name="x", params={"path": f"/d/{LONE}"}), "path", id="param-value"),
     pytest.param(lambda: NewRun(name="x", params={"deep": _deep(1000)}), "deep", id="param-1000-deep"),
     pytest.param(lambda: NewRun(name=f"n{LONE}"), "name", id="run-name"),
+    pytest.param(lambda: NewRun(name="x", labels={"team": "t" * (MAX_LABEL_CHARS + 1)}), "team",
+                 id="label-value-over-the-bound"),
+    pytest.param(lambda: NewRun(name="x", params={"p" * (MAX_KEY_CHARS + 1): 1}), "p" * 40,
+                 id="param-key-over-the-bound"),
 ])
 def test_a_hostile_run_definition_is_refused_before_anything_is_logged(
         bus_home: Path, task: Callable[[], Any], key: str) -> None:
