@@ -130,8 +130,11 @@ class RunTemplate:
 
     def with_hyper_params(self, hyperparams: Mapping[str, list[Any]], selector: str | None = None,
                           strategy: str | None = "grid", **options: Any) -> RunTemplate:
-        """Run once per parameter set; `selector` ('min.loss', 'max.accuracy') picks the best."""
-        self.hyper_params = {k: list(v) for k, v in hyperparams.items()}
+        """Run once per parameter set; `selector` ('min.loss', 'max.accuracy') picks the best.
+        TypeError naming a param whose values are not a list."""
+        from engine.sweep.spec import hyper_values
+
+        self.hyper_params = hyper_values(hyperparams)
         self.hyper_options = {"selector": selector, "strategy": strategy or "grid", **options}
         return self
 

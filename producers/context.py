@@ -300,7 +300,7 @@ class RunContext:
 
     def log_results(self, results: Mapping[str, Any]) -> None:
         """Log several results; all are validated before any is logged."""
-        encoded = [self._json("result", key, value) for key, value in results.items()]
+        encoded = [self._json("result", key, value) for key, value in _items("log_results", results)]
         for key, text, plain in encoded:
             self._emit("result", {"key": key, "value": text})
             self.results[key] = plain
@@ -313,7 +313,7 @@ class RunContext:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
                     timestamp: float | None = None) -> None:
         """Several points; all are validated before any is logged."""
-        points = [self._metric(key, value, step, timestamp) for key, value in metrics.items()]
+        points = [self._metric(key, value, step, timestamp) for key, value in _items("log_metrics", metrics)]
         for point, now in points:
             self._emit("metric", point, now)
 
@@ -587,3 +587,10 @@ def _bounded(text: str) -> str:
         return text
     half = _MAX_ERROR_CHARS // 2
     return f"{text[:half]}\n... ({len(text) - 2 * half} characters left out) ...\n{text[-half:]}"
+
+
+def _items(call: str, mapping: object) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs of `mapping`; InvalidValue naming `call` when it is not a mapping."""
+    if not isinstance(mapping, Mapping):
+        raise InvalidValue(f"{call} takes a mapping of key -> value, got {type(mapping).__name__}")
+    return list(mapping.items())

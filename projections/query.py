@@ -203,7 +203,10 @@ class RunDB:
         """Everything known about one run, from one snapshot; `uid` may be a unique prefix. With
         the run's columns (`note` among them): params, results, artifacts, the last value of each
         metric, and `amendments`, the history of its edits, oldest first (position, ts,
-        amended_by, labels, removed_labels, note)."""
+        amended_by, labels, removed_labels, note). KeyError when `uid` is not text or names no run
+        or several."""
+        if not isinstance(uid, str) or not uid:
+            raise KeyError(f"run uid must be non-empty text, got {uid!r}")
         # one request: every statement names the run by the prefix, the first says what it matches
         run_uids = _MATCHING_UIDS.format(column="uid")
         matches, runs, params, results, artifacts, last, edits = self.answer([

@@ -85,6 +85,23 @@ class RunFilter:
     until: datetime | str | None = None   # started before
     top_level: bool = False            # leave sweep iterations out
 
+    def __post_init__(self) -> None:
+        """ValueError naming a state that does not exist, or a since/until that is not a time (text
+        is ISO 8601, kept as Python reads it: '2026-11-29', '2026-11-29T10:00:00Z')."""
+        if self.state not in (None, "") and self.state not in STATES:
+            raise ValueError(f"state {self.state!r} is not one of {', '.join(STATES)}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value:
+                try:
+                    parsed = datetime.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(f"{name} {value!r} is not a time: give a datetime or ISO 8601 text such as "
+                                     "'2026-11-29' or '2026-11-29T10:00:00Z'") from None
+                object.__setattr__(self, name, parsed.isoformat())
+            elif value is not None and value != "" and not isinstance(value, datetime):
+                raise TypeError(f"{name} must be a datetime or ISO 8601 text, got {type(value).__name__}")
+
 
 @dataclass(frozen=True)
 class RunOrder:
@@ -94,9 +111,13 @@ class RunOrder:
     descending: bool = True
 
     @staticmethod
-    def parse(sort_by: str | None) -> RunOrder:
-        """'-result.loss' -> RunOrder('result.loss', True); None or '' -> newest first.
-        ValueError names a column that cannot be sorted on."""
+    def parse(sort_by: str | Sequence[str] | None) -> RunOrder:
+        """'-result.loss' (or ['-result.loss'], MLflow's order_by) -> RunOrder('result.loss', True);
+        None or '' -> newest first. ValueError names a column that cannot be sorted on."""
+        if isinstance(sort_by, (list, tuple)) and len(sort_by) <= 1:
+            sort_by = sort_by[0] if sort_by else None
+        if sort_by is not None and not isinstance(sort_by, str):
+            raise TypeError(f"sort_by must be one column as text (e.g. '-result.loss'), got {sort_by!r}")
         if not sort_by:
             return RunOrder()
         column = sort_by.lstrip("-")
@@ -117,6 +138,8 @@ def label_filters(labels: Mapping[str, str] | Sequence[str] | str | None) -> tup
         return tuple((str(k), str(v)) for k, v in labels.items())
     if isinstance(labels, str):
         labels = [labels]
+    if not isinstance(labels, (list, tuple, set, frozenset)) or not all(isinstance(item, str) for item in labels):
+        raise TypeError(f"labels must be a mapping or a list of 'key' / 'key=value' strings, got {labels!r}")
     pairs: list[tuple[str, str | None]] = []
     for item in labels:
         key, sep, value = item.partition("=")

@@ -42,12 +42,9 @@ class SweepSpec:
                             f"(known: {', '.join(sorted(_OPTIONS))})")
         if not hyperparams:
             raise ValueError("hyperparams is empty: give at least one param with a list of values")
-        values: dict[str, list[Any]] = {}
-        for key, candidates in hyperparams.items():
-            if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
-                raise TypeError(f"hyper-param {key!r}: expected a list of values, got {candidates!r}")
-            values[key] = list(candidates)
-            if not values[key]:
+        values = hyper_values(hyperparams)
+        for key, candidates in values.items():
+            if not candidates:
                 raise ValueError(f"hyper-param {key!r} has no values")
         strategy = options.get("strategy") or "grid"
         if strategy not in STRATEGIES:
@@ -124,3 +121,16 @@ def _columns(frame: pd.DataFrame) -> dict[str, list[Any]]:
     """Each column's values as Python values, a missing cell as None."""
     plain = frame.astype(object).where(frame.notna(), None)
     return {str(column): plain[column].tolist() for column in plain.columns}
+
+
+def hyper_values(hyperparams: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Each param's values as a list; TypeError naming a param whose values are not a list (text
+    is one value, not a list of characters), or saying `hyperparams` is not a mapping."""
+    if not isinstance(hyperparams, Mapping):
+        raise TypeError(f"hyperparams must be a mapping of param -> list of values, got {type(hyperparams).__name__}")
+    values: dict[str, list[Any]] = {}
+    for key, candidates in hyperparams.items():
+        if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
+            raise TypeError(f"hyper-param {key!r}: expected a list of values, got {candidates!r}")
+        values[key] = list(candidates)
+    return values

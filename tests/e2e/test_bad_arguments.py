@@ -1,0 +1,64 @@
+"""A wrong argument to the reading and logging API is an error naming it, at the call: not a
+DuckDB error quoting SQL, nor an AttributeError from inside Runbus, nor an empty answer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import NewRun, get_run_db, new_function
+
+
+def _scored(context: Any) -> None:
+    context.log_result("x", 1)
+
+
+@pytest.fixture
+def db(home: Path) -> Any:
+    new_function().run(NewRun(handler=_scored, name="one"))
+    return get_run_db()
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda db: db.list_runs(since="yesterday"), ValueError, "since 'yesterday' is not a time"),
+    (lambda db: db.list_runs(until="2026-13-45"), ValueError, "until '2026-13-45' is not a time"),
+    (lambda db: db.list_runs(since=5), TypeError, "since must be a datetime or ISO 8601 text"),
+    (lambda db: db.list_runs(state="weird"), ValueError, "state 'weird' is not one of running, completed"),
+    (lambda db: db.list_runs(labels=5), TypeError, "labels must be a mapping or a list"),
+    (lambda db: db.list_runs(sort_by=["-result.x", "name"]), TypeError, "sort_by must be one column"),
+    (lambda db: db.read_run(6), KeyError, "run uid must be non-empty text, got 6"),
+    (lambda db: NewRun(handler=_scored).with_hyper_params({"a": 5}, "min.x"), TypeError,
+     "hyper-param 'a': expected a list of values, got 5"),
+    (lambda db: NewRun(handler=_scored).with_hyper_params([1, 2], "min.x"), TypeError,
+     "hyperparams must be a mapping"),
+], ids=["since text", "until not a date", "since a number", "state", "labels", "two sort columns", "uid a number",
+        "hyper-param a number", "hyperparams a list"])
+def test_a_wrong_argument_names_itself(db: Any, call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        call(db)
+
+
+def test_times_in_iso_8601_and_mlflow_s_order_by_list_are_taken(db: Any) -> None:
+    assert db.list_runs(since="2000-01-01T00:00:00Z").name.tolist() == ["one"]
+    assert db.list_runs(until="2000-01-01").empty
+    assert db.list_runs(sort_by=["-result.x"]).name.tolist() == db.list_runs(sort_by="-result.x").name.tolist()
+
+
+def test_log_results_of_a_list_is_refused_at_the_call_and_the_run_goes_on(home: Path) -> None:
+    refused: list[str] = []
+
+    def job(context: Any) -> None:
+        for call in (lambda: context.log_results([1, 2]), lambda: context.log_metrics(["loss"])):
+            try:
+                call()
+            except TypeError as exc:
+                refused.append(str(exc))
+        context.log_result("after", 1)
+
+    run = new_function().run(NewRun(handler=job, name="lists"))
+    assert run.state == "completed" and run.results == {"after": 1}
+    assert refused == ["log_results takes a mapping of key -> value, got list",
+                       "log_metrics takes a mapping of key -> value, got list"]
