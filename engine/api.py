@@ -133,6 +133,11 @@ class EngineRunDB(RunDB):
         on_kafka = self.services.bus.url.startswith("kafka")
         return current_principal(security.user if on_kafka else None)
 
+    def full_uid(self, uid: str) -> str:
+        """The full uid of the run `uid` names (a unique prefix of it); KeyError naming `uid` when it
+        names no run, several, or a deleted one."""
+        return self._resolve(uid, "shown")
+
     def _resolve(self, uid: str, wanted: str) -> str:
         """The full uid of the run `uid` names (a unique prefix), which must be `wanted` ("shown"
         or "deleted"); KeyError naming it otherwise."""

@@ -28,13 +28,13 @@ class ArtifactNotBundled(UserWarning):
 
 
 def selected_events(bus: Bus, codec: EventCodec, run_uids: Sequence[str] = ()) -> Iterator[Event]:
-    """Every decodable event, or those of the runs whose uid starts with one of `run_uids` (and
-    their iterations)."""
+    """Every decodable event, or those of the runs `run_uids` (full uids: a prefix is resolved by
+    the caller, see EngineRunDB.full_uid) and their iterations."""
+    chosen = set(run_uids)
     wanted: set[str] = set()
     for event in Subscription.whole_log(bus, codec).events():
         if run_uids:
-            if event.type == "run_started" and (
-                    any(event.run_uid.startswith(u) for u in run_uids) or event.payload["parent_uid"] in wanted):
+            if event.type == "run_started" and (event.run_uid in chosen or event.payload["parent_uid"] in wanted):
                 wanted.add(event.run_uid)
             if event.run_uid not in wanted:
                 continue

@@ -300,7 +300,8 @@ def rerun(
 @app.command("export")
 def export_cmd(
     ctx: typer.Context,
-    run: Annotated[list[str] | None, typer.Option("--run", help="only this run (and its iterations)")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="only this run (a uid or a unique prefix of it) "
+                                                                   "and its iterations; repeat for more")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
     with_artifacts: Annotated[Path | None, typer.Option(help="also write the artifact bodies to this .tar.gz")] = None,
 ) -> None:
@@ -309,7 +310,8 @@ def export_cmd(
 
     svc = _svc(ctx)
     svc.writer.flush()
-    events = selected_events(svc.bus, svc.codec, run or [])
+    uids = [_editor(ctx).full_uid(uid) for uid in run or []]  # a prefix names one run, or it is an error
+    events = selected_events(svc.bus, svc.codec, uids)
     if out is None:
         exported = export_events(events, svc.codec, sys.stdout.buffer)
         sys.stdout.buffer.flush()
@@ -524,7 +526,8 @@ def report(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")],
     limit: Annotated[int, typer.Option(help="the newest this many runs")] = 100,
-    run: Annotated[list[str] | None, typer.Option("--run", help="only this run (and its iterations)")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="only this run (a uid or a unique prefix of it) "
+                                                                   "and its iterations; repeat for more")] = None,
 ) -> None:
     """Write one self-contained HTML report: runs table, run pages, charts, sweeps."""
     from engine.ui.report import write_report

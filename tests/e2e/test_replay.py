@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import fastavro
 import pytest
 
 from engine import NewRun, get_run_db, new_function
@@ -20,6 +21,7 @@ from projections import Projector, open_projection
 from projections.database import close_all
 from tests.support import handlers
 from tests.support.crash import kill_projector_mid_stream
+from tests.support.foreign import append, envelope, finished, started
 from tests.support.polling import line_within
 from tests.support.tables import WHERE_IT_SITS, snapshot
 
@@ -250,3 +252,27 @@ def test_tail_shows_events_of_a_run_that_is_still_going(bus_home: Path, tmp_path
         job.kill()
         tail.terminate()
         tail.wait(10)
+
+
+
+def test_export_of_a_run_takes_a_unique_uid_prefix_or_says_why_not(home: Path, tmp_path: Path) -> None:
+    """`--run` matched every run whose uid began with it: `--run 1` exported runs nobody named, and a
+    prefix of no run exported nothing and said nothing. It takes a run as `show` does."""
+    first, second, child = "abc1" + "0" * 28, "abc2" + "0" * 28, "def1" + "0" * 28
+    bus = session().services.bus
+    for uid, parent in ((first, None), (second, None), (child, first)):
+        append(bus, uid, [envelope(uid, 0, "run_started", started(name=uid[:4], parent_uid=parent)),
+                          envelope(uid, 1, "run_finished", finished())])
+
+    def export(prefix: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([RUNBUS, "export", "-o", str(tmp_path / "one.avro"), "--run", prefix],
+                              env={**os.environ}, capture_output=True, text=True, timeout=120)
+
+    done = export("abc1")
+    assert done.returncode == 0, done.stderr
+    with (tmp_path / "one.avro").open("rb") as source:
+        assert {record["run_uid"] for record in fastavro.reader(source)} == {first, child}  # with its iteration
+    for prefix, said in (("abc", "matches more than one run"), ("ffff", "no run with uid 'ffff'")):
+        refused = export(prefix)
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
