@@ -8,6 +8,7 @@ subprocess (engine.runtimes.command). A Function records through the services it
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from producers.context import RunContext
 from producers.data_item import DataItem
 
 LOCAL_KINDS = ("", "local", "job", "handler")
+_RUNTIME_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")  # a command that is a URL names a runtime
 KINDS = (*LOCAL_KINDS, "dask")
 # MLRun's hyper-param options with no Runbus meaning: dropped when unset, refused when set
 _MLRUN_ONLY_OPTIONS = ("dask_cluster_uri", "teardown_dask")
@@ -56,6 +58,10 @@ class Function:
         self.args = [str(arg) for arg in args or []]
         self.handler = handler
         self.runtime = "local"
+        scheme = _RUNTIME_URL.match(self.command or "")
+        if scheme and scheme.group(1) != "dask":
+            raise ValueError(f"command {self.command!r} names a runtime Runbus does not have: the runtimes are "
+                             f"in-process (no command) and dask:// or dask://host:port")
         if self.command and self.command.startswith("dask://"):
             if self.kind not in ("", "dask"):
                 raise ValueError(f"function kind {self.kind!r} runs locally; command {self.command!r} is a Dask URL")

@@ -3,7 +3,10 @@ DuckDB error quoting SQL, nor an AttributeError from inside Runbus, nor an empty
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,16 @@ def test_log_results_of_a_list_is_refused_at_the_call_and_the_run_goes_on(home: 
     assert run.state == "completed" and run.results == {"after": 1}
     assert refused == ["log_results takes a mapping of key -> value, got list",
                        "log_metrics takes a mapping of key -> value, got list"]
+
+
+def test_a_runtime_runbus_does_not_have_is_refused_not_run_in_process(home: Path, tmp_path: Path) -> None:
+    """`runbus run job.py:train --runtime spark://` ran the handler in-process, recorded 'local', and
+    exited 0."""
+    with pytest.raises(ValueError, match=re.escape("command 'spark://x' names a runtime Runbus does not have")):
+        new_function(command="spark://x")
+    (tmp_path / "job.py").write_text("def train(context):\n    context.log_result('ran', 1)\n")
+    done = subprocess.run([str(Path(sys.executable).parent / "runbus"), "run", "job.py:train", "--runtime", "spark://"],
+                          cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "names a runtime Runbus does not have" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert get_run_db().list_runs().empty
