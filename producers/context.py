@@ -150,9 +150,10 @@ class RunContext:
         self._emit("run_started", started)
         self._writer.track(self.uid, self._heartbeat)
 
-    def resume(self) -> None:
-        """Continue a run started by another process (on this context's own stream)."""
-        self._started = time.time()
+    def resume(self, started_at: float | None = None) -> None:
+        """Continue a run started by another process (on this context's own stream). `started_at`:
+        when the run began (seconds since the epoch), so its duration counts from then; default now."""
+        self._started = time.time() if started_at is None else started_at
         self.state = "running"
         self._writer.track(self.uid, self._heartbeat)
 

@@ -164,7 +164,8 @@ def resume_sweep(svc: Services, parent_uid: str, quiet: bool = False, trust: boo
     parent = spec.new_context(svc, uid=parent_uid)  # a stream of its own: no seq taken from the dead driver
     parent.parent_uid = None
     parent.parameters = dict(spec.params)
-    parent.resume()
+    began = parent_row.get("started_at")  # its duration is the whole sweep's, not the resumed part's
+    parent.resume(started_at=began.timestamp() if hasattr(began, "timestamp") else None)
     return _execute(svc, parent, spec, sweep, state)
 
 
@@ -201,7 +202,11 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     stop = StopCondition(sweep.stop_condition) if sweep.stop_condition else None
     watcher = ChildWatcher(svc.bus, svc.codec, parent.uid, svc.bus.end_offsets())
     failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
-    stopping = _should_stop(state, sweep, stop, failed)
+    stop_failed: str | None = None  # why the stop condition could not be evaluated
+    try:
+        stopping = _should_stop(state, sweep, stop, failed)
+    except ValueError as exc:  # on the results of a resumed sweep's done iterations
+        stop_failed, stopping = str(exc), True
     try:
         pool = open_pool(svc, spec.runtime, sweep.parallel_runs)
     except Exception as exc:
@@ -229,7 +234,6 @@ def _execute(svc: Services, parent: RunContext, spec: RunSpec, sweep: SweepSpec,
     # tasks whose worker died while the bus could not be read up to its end: read again once nothing runs
     unread: list[tuple[list[int], BaseException]] = []
     stopped_by: BusNotRead | None = None
-    stop_failed: str | None = None  # why the stop condition could not be evaluated
     try:
         with SweepProgress(total, sweep.quiet) as progress:
             while (((state.pending or again) and not stopping) or inflight or unread) and stopped_by is None:
@@ -384,7 +388,7 @@ def _settle_lost(svc: Services, watcher: ChildWatcher) -> None:
         for child in watcher.unfinished():
             lost_after = child.lost_after(fallback)
             if now - child.last_seen > lost_after:
-                mark_lost(svc, child.uid, f"no heartbeat for {lost_after:g}s")
+                mark_lost(svc, child.uid, f"no heartbeat for {lost_after:g}s", child.last_seen - child.started)
                 child.state = "lost"
         watcher.poll(min([1.0, *(child.lost_after(fallback) for child in watcher.unfinished())]))
     svc.writer.flush()

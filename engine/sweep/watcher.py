@@ -26,6 +26,7 @@ class ChildRun:
     results: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     interval_s: float | None = None  # the child's own heartbeat interval, as it recorded it
+    started: float = field(default_factory=time.monotonic)  # when its run_started was read (monotonic)
 
     def lost_after(self, fallback_interval_s: float) -> float:
         """Seconds of silence after which this child counts as lost: 3 of its heartbeat intervals."""

@@ -216,6 +216,14 @@ def test_a_killed_driver_is_resumed_running_only_unfinished_iterations(bus_home:
     assert after_kill.iteration.value_counts().max() == 1  # and none of the finished ones
     assert set(runs.state) <= {"completed", "lost"}
     assert (runs.state == "lost").sum() <= 1  # the iteration that was running when the driver died
+    # the parent's duration is the whole sweep's (it was the resumed part's); a lost iteration's is
+    # how long it was heard from before the verdict (it was 0)
+    timed = db.sql("SELECT uid, state, duration_s, epoch(finished_at) - epoch(started_at) AS span FROM runs "
+                   "WHERE uid = ? OR parent_uid = ?", [parent_uid, parent_uid])
+    whole = timed[timed.uid == parent_uid].iloc[0]
+    assert abs(whole.duration_s - whole.span) < 0.25, whole
+    for lost in timed[timed.state == "lost"].itertuples():
+        assert 0 < lost.duration_s < lost.span, lost
 
     clean = subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, str(gate)], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
