@@ -74,10 +74,18 @@ def _is_text(kind: pa.DataType) -> bool:
 
 def to_ipc(table: pa.Table) -> bytes:
     """`table` as the bytes of an Arrow IPC stream."""
+    return ipc_buffer(table).to_pybytes()
+
+
+def ipc_buffer(table: pa.Table, prefix: bytes = b"") -> pa.Buffer:
+    """`prefix`, then `table` as an Arrow IPC stream, in one buffer that is not copied again (it can
+    be sent as it is: a bytes copy of a large answer, then another with its prefix, made the
+    projection service hold four times the answer)."""
     sink = pa.BufferOutputStream()
+    sink.write(prefix)
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def from_ipc(data: bytes | memoryview) -> pa.Table:
