@@ -208,14 +208,23 @@ def runs(
     label: Annotated[list[str] | None, typer.Option(help="key or key=value")] = None,
     state: Annotated[str | None, typer.Option(help="running, completed, error, ...")] = None,
     project: Annotated[str | None, typer.Option()] = None,
+    parent: Annotated[str | None, typer.Option(help="only the iterations of this sweep (a uid or a unique "
+                                                    "prefix of it)")] = None,
+    since: Annotated[str | None, typer.Option(help="started at or after this time (ISO 8601, UTC unless it "
+                                                   "says otherwise)")] = None,
+    until: Annotated[str | None, typer.Option(help="started before this time (ISO 8601)")] = None,
+    sort: Annotated[str | None, typer.Option(help="a runs column, result.<key> or param.<key>; '-' in front "
+                                                  "for descending (default: newest first)")] = None,
     limit: Annotated[int, typer.Option(help="at most this many runs")] = 50,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
-    """List runs, newest first."""
-    frame = _svc(ctx).run_db().list_runs(name=name, project=project, labels=label, state=state,
-                                         limit=limit)
+    """List runs, newest first (or as --sort says)."""
+    frame = _svc(ctx).run_db().list_runs(name=name, project=project, labels=label, state=state, parent=parent,
+                                         since=since, until=until, sort_by=sort, limit=limit)
     columns = ["uid", "name", "iteration", "state", "labels", "started_at", "duration_s"]
     shown = frame[columns].copy()
+    if fmt == "json":  # labels as an object, not JSON text inside the JSON
+        shown["labels"] = [json.loads(x) if isinstance(x, str) else {} for x in shown["labels"]]
     if fmt == "table":
         shown["uid"] = shown["uid"].str[:8]
         shown["duration_s"] = shown["duration_s"].round(2)

@@ -8,6 +8,7 @@ and its Arrow answer becomes a DataFrame through `projections.wire.to_frame`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -191,12 +192,18 @@ class RunDB:
 
         `labels` is a mapping or a list of "key" / "key=value" strings. `sort_by` is a runs
         column, or `result.<key>` / `param.<key>`; prefix it with '-' for descending order.
-        The query is `projections.run_query`'s, the one the UI's runs page uses.
+        `parent` is a sweep's uid or a unique prefix of it (KeyError when it names no run or
+        several). The query is `projections.run_query`'s, the one the UI's runs page uses.
         """
         run_filter = RunFilter(name=name, project=project, labels=label_filters(labels), state=state,
                                since=since, until=until, parent=parent, top_level=not iterations)
         order = RunOrder.parse(sort_by)
         with self.reader() as fetch:
+            if parent:
+                if not isinstance(parent, str):
+                    raise KeyError(f"parent must be a run uid (or a unique prefix of it), got {parent!r}")
+                found = _one_match(fetch(_MATCHES, [parent]).uid.tolist(), parent)
+                run_filter = dataclasses.replace(run_filter, parent=found)
             return find_runs(fetch, run_filter, order, limit, cache=self.remembered_columns)
 
     def read_run(self, uid: str) -> dict[str, Any]:

@@ -105,3 +105,22 @@ def test_tail_prints_events_of_a_run_that_is_still_going(cli) -> None:
         job.kill()
         tail.terminate()
         tail.wait(10)
+
+
+def test_runs_filters_and_sorts_as_list_runs_does(cli) -> None:
+    """`runbus runs` had no --parent, --since, --until nor --sort, and its JSON held the labels as
+    JSON text inside the JSON."""
+    cli("run", "job.py:train", "--hyper", "lr=0.3,0.1,0.2", "--selector", "max.accuracy", "--label", "team=a",
+        "--quiet")
+    every = json.loads(cli("runs", "--format", "json").stdout)
+    parent = next(r["uid"] for r in every if r["iteration"] == 0)
+    listed = json.loads(cli("runs", "--parent", parent[:6], "--sort", "-result.accuracy", "--format", "json").stdout)
+    assert [r["iteration"] for r in listed] == [1, 3, 2]  # lr 0.3, 0.2, 0.1
+    assert listed[0]["labels"] == {"team": "a"}
+    assert json.loads(cli("runs", "--until", "2000-01-01", "--format", "json").stdout) == []
+    assert len(json.loads(cli("runs", "--since", "2000-01-01T00:00:00Z", "--format", "json").stdout)) == 4
+    for args, said in ((["--parent", "zzzz"], "no run with uid 'zzzz'"),
+                       (["--since", "yesterday"], "since 'yesterday' is not a time"),
+                       (["--state", "bogus"], "state 'bogus' is not one of")):
+        refused = cli("runs", *args, check=False)
+        assert refused.returncode != 0 and said in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
