@@ -132,10 +132,9 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
         uid = request.path_params["uid"]
         with store.reader() as fetch:
             try:
-                full = resolve_uid(fetch, uid)
+                view = sweep_view(fetch, resolve_uid(fetch, uid), store_root)
             except KeyError as exc:
                 return not_found(exc.args[0])
-            view = sweep_view(fetch, full, store_root)
         return page("sweep.html", title=f"sweep {view.parent['name']}", nav="runs", **sweep_context(view, _LINKS))
 
     def compare(request: Request) -> Response:

@@ -148,7 +148,8 @@ class SweepView:
 
 
 def sweep_view(fetch: Query, uid: str, store_root: str | Path) -> SweepView:
-    """The sweep's iteration_results table (from its artifact, or from the iterations while it runs)."""
+    """The sweep's iteration_results table (from its artifact, or from the iterations while it runs);
+    KeyError when `uid` is no run, or a run with no sweep and no iterations."""
     parent = fetch("SELECT uid, name, state, extra FROM runs WHERE uid = ?", [uid]).to_dict("records")
     if not parent:
         raise KeyError(f"no run with uid {uid!r}")
@@ -156,6 +157,8 @@ def sweep_view(fetch: Query, uid: str, store_root: str | Path) -> SweepView:
     extra = json.loads(record["extra"] or "{}")
     children = find_runs(fetch, RunFilter(parent=uid), RunOrder("iteration", descending=False),
                          columns=("uid", "iteration", "state"))
+    if "sweep" not in extra and children.empty:
+        raise KeyError(f"run {uid!r} is not a sweep (it has no iterations)")
     best = fetch("SELECT value_num FROM results WHERE uid = ? AND key = 'best_iteration'", [uid]).value_num
     artifact = fetch("SELECT key, kind, uri, sha256, size, format, labels, meta FROM artifacts "
                      "WHERE uid = ? AND key = 'iteration_results'", [uid]).to_dict("records")

@@ -105,6 +105,9 @@ def fetch_runs(fetch: Query, query: RunsQuery) -> RunsPage:
     run_query = RunQuery.build(fetch, query.run_filter(), query.run_order())
     count_sql, count_args = run_query.count()
     total = int(fetch(count_sql, count_args).n[0])
+    last = max(1, -(-total // query.size))
+    if query.page > last:  # a page past the end (a link kept while runs were deleted, or typed): the last one
+        query = replace(query, page=last)
     page_sql, page_args = run_query.select(_PAGE_COLUMNS, query.size, (query.page - 1) * query.size)
     frame = fetch(page_sql, page_args)
     rows = [run_row(record) for record in frame.to_dict("records")]

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -382,3 +383,17 @@ def test_the_ui_serves_the_embedded_and_the_kafka_projection_alike(bus_home: Pat
         assert get_run_db().read_run(run.uid)["params"] == {"lr": 0.2}  # while the UI serves
     finally:
         stop(process)
+
+
+def test_a_page_past_the_end_shows_the_last_and_a_run_with_no_sweep_has_no_sweep_page(ui: UI) -> None:
+    """/runs?page=99999 said "page 99999 of 2" over no run; /sweeps/<a plain run> showed an empty sweep."""
+    with urllib.request.urlopen(f"{ui.url}/runs?page=99999", timeout=30) as response:
+        body = response.read().decode()
+    shown = re.search(r"page (\d+) of (\d+)<", body)
+    assert shown is not None and shown.group(1) == shown.group(2), shown
+    assert ui.uids["demo"][:8] in body or ui.uids["sweep"][:8] in body  # the last page has runs
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{ui.url}/sweeps/{ui.uids['demo']}", timeout=30)
+    assert missing.value.code == 404
+    with urllib.request.urlopen(f"{ui.url}/sweeps/{ui.uids['sweep']}", timeout=30) as response:
+        assert response.status == 200
