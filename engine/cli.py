@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -643,6 +644,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def main() -> None:
+    warnings.showwarning = _warn
     try:
         app()
     except (KeyError, ValueError, TypeError, LookupError, RuntimeError, OSError) as exc:
@@ -651,6 +653,14 @@ def main() -> None:
         if not type(exc).__module__.lstrip("_").startswith("duckdb"):
             raise
         _fail(one_line(exc))
+
+
+def _warn(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+          line: str | None = None) -> None:
+    """A warning as one line on stderr (Python's own shows the file and line of Runbus's code that
+    raised it, and the line itself)."""
+    lines = str(message).strip().splitlines()
+    errors.print(Text("warning: ", style="yellow") + literal(lines[0] if lines else category.__name__))
 
 
 def _fail(message: str) -> None:

@@ -134,6 +134,10 @@ def test_rerun_warns_or_fails_when_an_input_changed(home: Path, tmp_path: Path) 
         assert get_run_db().rerun(run.uid).results == {"rows": 3}
     # the handler's module must load in the CLI's process too: rerun asks that before it reads inputs
     env = {**os.environ, "RUNBUS_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    warned = subprocess.run([RUNBUS, "rerun", run.uid], env=env, capture_output=True, text=True, timeout=60)
+    assert warned.returncode == 0, warned.stderr
+    said = [line for line in warned.stderr.splitlines() if "changed" in line]  # one line, not Python's warning
+    assert len(said) == 1 and said[0].startswith("warning: input 'data'") and "UserWarning" not in warned.stderr
     failed = subprocess.run([RUNBUS, "rerun", run.uid, "--strict"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert failed.returncode == 1 and "changed since run" in failed.stderr
