@@ -196,10 +196,24 @@ def resume(
 
 
 def _finish(result: RunObject) -> None:
+    """Show the run (its error and traceback among the rest); one line on stderr and status 1 when
+    it did not complete (a script's own traceback is on stderr already, as it wrote it)."""
     result.show(console)
     if result.state != "completed":
-        errors.print(literal(result.traceback or result.error or f"run ended in state {result.state}"))
+        errors.print(literal(f"error: run {result.name} ({result.uid[:8]}) ended in state {result.state}"
+                             + _error_line(result.error)))
         raise typer.Exit(1)
+
+
+def _error_line(error: str | None) -> str:
+    """': ' and a run's error on one line: its first line, and for a command that exited with a
+    status, the last line it wrote (its exception, as a rule) too."""
+    lines = [line.strip() for line in (error or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("command exited") and len(lines) > 1:
+        return f": {lines[0]}: {lines[-1]}"
+    return f": {lines[0]}"
 
 
 @app.command()

@@ -70,7 +70,13 @@ def test_run_then_list_show_and_query(cli) -> None:
 def test_errors_are_one_line_and_exit_non_zero(cli) -> None:
     failed = cli("run", "job.py:broken", check=False)
     assert failed.returncode == 1
-    assert "RuntimeError: no data" in failed.stdout + failed.stderr
+    assert "RuntimeError: no data" in failed.stdout  # the run's table shows its error and traceback
+    assert failed.stderr.strip().splitlines() == [  # one line on stderr (the traceback was printed again)
+        f"error: run broken ({failed.stdout.split('(')[1][:8]}) ended in state error: RuntimeError: no data"]
+    (cli.cwd / "script.py").write_text("raise RuntimeError('no data')\n")  # type: ignore[attr-defined]
+    script = cli("run", "script.py", check=False)
+    assert script.returncode == 1 and script.stderr.count("Traceback") == 1  # the script's own, once
+    assert script.stderr.strip().splitlines()[-1].endswith("command exited with code 1: RuntimeError: no data")
 
     refused = cli("sql", "DROP TABLE runs", check=False)
     assert refused.returncode == 1
