@@ -9,6 +9,7 @@ import math
 import secrets
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
@@ -401,12 +402,18 @@ def _complete(parent: RunContext, state: SweepState, selector: Selector | None, 
     from engine.sweep.summary import record_iterations  # pandas and numpy: loaded when a sweep ends
 
     best = None
+    completed = {i: r for i, (s, _, r) in state.done.items() if s == "completed"}
     if selector is not None:
-        best = selector.best({i: r for i, (s, _, r) in state.done.items() if s == "completed"})
+        best = selector.best(completed)
+        if best is None and completed:
+            warnings.warn(f"sweep {parent.uid}: no completed iteration logged a number as {selector.key!r}, so it "
+                          f"has no best iteration (selector {selector.mode}.{selector.key})", stacklevel=2)
     artifacts = _artifacts_of(svc, state, best) if best is not None else []
     record_iterations(parent, state.done, best, artifacts)
-    failed = sum(1 for s, _, _ in state.done.values() if s != "completed")
+    failed = len(state.done) - len(completed)
     errors = [f"{failed} of {len(state.done)} iterations failed"] if failed else []
+    if errors and state.pending:  # max_errors ended it: say what did not run
+        errors.append(f"{len(state.pending)} not run")
     parent.finish(error="; ".join([*errors, *filter(None, [stop_failed])]) or None)
     return parent
 

@@ -151,7 +151,13 @@ def test_max_errors_stops_dispatching_after_that_many_failures(home: Path) -> No
                              hyperparams={"x": [7, 7, 1, 2, 3]}, max_errors=2, selector="max.score")
     assert run.state == "error"
     assert list(_iterations(run.uid).iteration) == [1, 2]
-    assert "2 of 2 iterations failed" in run.error
+    assert run.error == "2 of 2 iterations failed; 3 not run"  # (it said nothing of the 3 max_errors kept back)
+
+
+def test_a_selector_no_iteration_logged_is_a_warning(home: Path) -> None:
+    with pytest.warns(UserWarning, match="no completed iteration logged a number as 'nosuch'"):
+        run = new_function().run(NewRun(handler=handlers.scored), hyperparams={"x": [1, 2]}, selector="min.nosuch")
+    assert run.state == "completed" and "best_iteration" not in run.results
 
 
 def test_sweep_from_the_cli(home: Path, tmp_path: Path) -> None:
