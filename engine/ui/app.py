@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import duckdb
@@ -29,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine.ui.api import api_routes
 from engine.ui.data import compare_view, run_view, sweep_view
 from engine.ui.pages import ServerLinks, render
-from engine.ui.previews import body_path, media_type
+from engine.ui.previews import body_path, companion_image, media_type
 from engine.ui.runs_page import PAGE_SIZES, STATES, RunsQuery, fetch_runs
 from engine.ui.sections import compare_charts, run_context, sweep_context
 from engine.ui.store import UIStore
@@ -178,13 +180,23 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
         return page("sql.html", title="SQL", nav="sql", **context)
 
     def artifact(request: Request) -> Response:
-        uid, key = request.path_params["uid"], request.path_params["key"]
+        """An artifact's body from the content store (checked against its sha256), or with ?part=
+        the companion image its meta names (a chart's PNG)."""
+        uid, key, part = request.path_params["uid"], request.path_params["key"], request.query_params.get("part")
         with store.reader() as fetch:
-            rows = fetch("SELECT uid, key, kind, uri, sha256, size, format FROM artifacts WHERE uid = ? AND key = ?",
-                         [uid, key]).to_dict("records")
-        path: Path | None = body_path(rows[0], store_root) if rows else None
+            rows = fetch("SELECT uid, key, kind, uri, sha256, size, format, meta FROM artifacts "
+                         "WHERE uid = ? AND key = ?", [uid, key]).to_dict("records")
+        path: Path | None = None
+        if rows and part:
+            rows[0]["meta"] = _json_object(rows[0]["meta"])
+            found = companion_image(rows[0], store_root, part)
+            if found is not None:
+                rows[0], path = found
+        elif rows:
+            path = body_path(rows[0], store_root)
         if path is None:
-            return not_found(f"run {uid!r} has no artifact {key!r} whose body is on this machine")
+            return not_found(f"run {uid!r} has no artifact {key!r}{f' image {part!r}' if part else ''} whose body is "
+                             "on this machine")
         mime = media_type(rows[0])
         download = "download" in request.query_params or mime == "application/octet-stream"
         return FileResponse(path, media_type=mime, headers=_BODY_HEADERS,
@@ -204,6 +216,15 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
                   Middleware(AccessGuard, token=token, require_token=wide, viewer_token=viewer_token)]
     return Starlette(routes=routes, middleware=middleware, exception_handlers={ProjectionBusy: _unavailable})
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    """JSON text read as an object; {} when it is none (the log's, so anything)."""
+    try:
+        found = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _apply_edit(store: UIStore, uid: str, fields: dict[str, str]) -> str:

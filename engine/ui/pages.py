@@ -81,8 +81,10 @@ class ServerLinks:
     def sweep(self, uid: str) -> str:
         return f"/sweeps/{quote(uid)}"
 
-    def artifact(self, uid: str, key: str, download: bool = False) -> str:
-        return f"/artifacts/{quote(uid)}/{quote(key)}" + ("?download=1" if download else "")
+    def artifact(self, uid: str, key: str, download: bool = False, part: str | None = None) -> str:
+        """An artifact's body, or (`part`) the companion image its meta names."""
+        query = urlencode([*([("part", part)] if part else []), *([("download", "1")] if download else [])])
+        return f"/artifacts/{quote(uid)}/{quote(key)}" + (f"?{query}" if query else "")
 
     def compare(self, uids: list[str]) -> str:
         return "/compare?" + urlencode([("uid", u) for u in uids])

@@ -34,6 +34,7 @@ class Preview:
     rows: list[list[Any]] = field(default_factory=list)
     text: str = ""
     note: str = ""
+    image: str = ""  # a companion image's src, shown above (a chart's PNG beside its CSV)
 
 
 def artifact_item(row: dict[str, Any], store_root: str | Path) -> DataItem:
@@ -77,7 +78,8 @@ def data_uri(path: Path, mime: str) -> str:
 
 
 def preview(row: dict[str, Any], store_root: str | Path, image_src: Callable[[dict[str, Any], Path], str]) -> Preview:
-    """The inline preview of one artifact; `image_src` gives an image's URL (or data: URI)."""
+    """The inline preview of one artifact; `image_src` gives an image's URL (or data: URI), for the
+    artifact's body or (a row with "part") for the companion image its meta names."""
     try:
         path = verified_body(row, store_root)
     except ArtifactUnavailable as exc:
@@ -87,12 +89,41 @@ def preview(row: dict[str, Any], store_root: str | Path, image_src: Callable[[di
         if fmt in IMAGE_TYPES:
             return Preview("image", src=image_src(row, path))
         if fmt in TABLE_FORMATS:
-            return _table(path, fmt)
-        if fmt in TEXT_FORMATS or ((row.get("size") or 0) <= PREVIEW_TEXT_BYTES and _looks_like_text(path)):
-            return _text(path)
+            shown = _table(path, fmt)
+        elif fmt in TEXT_FORMATS or ((row.get("size") or 0) <= PREVIEW_TEXT_BYTES and _looks_like_text(path)):
+            shown = _text(path)
+        else:
+            shown = Preview("none")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         return Preview("none", note=f"no preview: {exc}")
-    return Preview("none")
+    companion = companion_image(row, store_root)
+    if companion is not None:
+        image_row, image_path = companion
+        shown.image = image_src(image_row, image_path)
+    return shown
+
+
+def companion_image(row: dict[str, Any], store_root: str | Path,
+                    part: str | None = None) -> tuple[dict[str, Any], Path] | None:
+    """The first companion image the artifact's meta names (a chart's PNG: meta[part] = {"sha256",
+    "format"}), or the one named `part`: (a row for it, its "part" set, and its file, checked against
+    its sha256 by the store); None when there is none the store holds. The meta is the log's: only its
+    sha256 names a file, and only image formats count."""
+    meta = row.get("meta")
+    if not isinstance(meta, dict):
+        return None
+    for name, value in meta.items():
+        if (part is not None and name != part) or not isinstance(value, dict):
+            continue
+        fmt = str(value.get("format") or "").lower()
+        if fmt not in IMAGE_TYPES:
+            continue
+        image_row = {**row, "part": name, "sha256": value.get("sha256"), "format": fmt}
+        try:
+            return image_row, verified_body(image_row, store_root)
+        except ArtifactUnavailable:
+            continue
+    return None
 
 
 def _table(path: Path, fmt: str) -> Preview:

@@ -29,7 +29,7 @@ def run_context(view: RunView, store_root: str | Path, links: ServerLinks, inlin
             download[artifact["key"]] = data_uri(path, media_type(artifact)) if small and path else ""
         else:
             previews[artifact["key"]] = preview(
-                artifact, store_root, lambda row, _path: links.artifact(row["uid"], row["key"]))
+                artifact, store_root, lambda row, _path: links.artifact(row["uid"], row["key"], part=row.get("part")))
             download[artifact["key"]] = links.artifact(artifact["uid"], artifact["key"], download=True)
     return {"view": view, "charts": charts, "previews": previews, "download": download, "links": links}
 
