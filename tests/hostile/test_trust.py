@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -51,7 +49,7 @@ from producers.context import RUN_MAC
 from projections import open_projection
 from schemas import Event
 from tests.support import handlers
-from tests.support.serving import served_in_thread
+from tests.support.serving import http_get, served_in_thread
 
 RUNBUS = str(Path(sys.executable).parent / "runbus")
 PASSWD = Path("/etc/passwd")
@@ -162,26 +160,18 @@ def _serving() -> Iterator[str]:
         yield url
 
 
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
 def test_artifact_route_and_run_page_never_serve_a_hostile_body(hostile: dict[str, str]) -> None:
     with _serving() as base:
         for case, uid in hostile.items():
             for url in (f"{base}/artifacts/{uid}/weights.csv", f"{base}/artifacts/{uid}/weights.csv?download=1"):
-                status, body = _get(url)
+                status, body = http_get(url)
                 assert status == 404, (case, url)
                 assert SECRET_LINE not in body and b"altered" not in body, case
-            status, page = _get(f"{base}/runs/{uid}")
+            status, page = http_get(f"{base}/runs/{uid}")
             assert status == 200, case
             assert b"body unavailable" in page and b"weights.csv" in page, case
             assert SECRET_LINE not in page and b"altered" not in page, case
-            assert _get(f"{base}/artifacts/{uid}/notes.txt") == (200, b"plain notes"), case
+            assert http_get(f"{base}/artifacts/{uid}/notes.txt") == (200, b"plain notes"), case
 
 
 def test_report_shows_a_hostile_body_as_unavailable(hostile: dict[str, str]) -> None:

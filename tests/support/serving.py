@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,3 +31,12 @@ def served_in_thread(app: Any) -> Iterator[str]:
         finally:
             server.should_exit = True
             thread.join(30)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """(status, body) of a GET, an HTTP error's included."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
