@@ -98,6 +98,7 @@ REOPEN_BUSY_AFTER_S = 60.0
 # way to end (readers asking back to back would otherwise put it off turn after turn); when they do
 # not (a reader block held open), it gives up and tries again after a pause doubling from 0.1 s.
 REOPEN_READERS_WAIT_S = 0.05
+_PURGE_TURN_S = 0.15  # between two tries at a home another service holds, the purge lock is free this long
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 RELEASE_MARGIN_S = 10.0
 """How much longer than its wait timeout a stopping service may take to release its home (the batch
@@ -492,7 +493,9 @@ class ProjectionService:
             if took:
                 held.callback(lock.release)
                 break
-            if time.monotonic() >= deadline or self._gives_up_waiting():
+            # a pause before the next try: a purge in another process polls for the lock (filelock:
+            # every 50 ms), and taking it back at once left it no chance
+            if time.monotonic() >= deadline or self.stop.wait(_PURGE_TURN_S) or self._gives_up_waiting():
                 return False
         # one that took the lock just before a follower took its mark leaves the home to it
         return follower or not follower_waits(self.address)
