@@ -16,9 +16,9 @@ quarantined with its error (`dead_letters`, which also holds records that do not
 followed by one DOUBLE column per numeric param and result key ("param.<key>", "result.<key>"),
 added with ALTER TABLE the first time a key has a numeric value, so a filter on params and results
 reads one table instead of joining key/value rows. `runs_wide_columns` says which key has which
-column: two numeric keys of a kind whose names DuckDB cannot tell apart (they differ only in case,
-see `_ensure_value_columns`), an unprintable or very long key, and the keys beyond
-`MAX_VALUE_COLUMNS` have none and are queried through `params`/`results`. It is written by `write_runs_wide` in the
+column: two keys of a kind whose names DuckDB cannot tell apart (they differ only in ASCII case, see
+`_ensure_value_columns`), an unprintable or very long key, and the keys beyond `MAX_VALUE_COLUMNS`
+have none and are queried through `params`/`results`. It is written by `write_runs_wide` in the
 transaction that writes the batch, from the tables just written, so it always agrees with them.
 
 Deleting and amending (events written about a run by another process, see producers.amendments):
@@ -33,7 +33,9 @@ latest note. An iteration whose own tombstone still stands stays deleted when it
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 12  # 11: JSON nested deeper than MAX_DEPTH refused; 12: case twins have no column
+PROJECTION_VERSION = 13  # 11: JSON nested deeper than MAX_DEPTH refused; 13: case twins have no column
 
 # At most this many param/result columns in runs_wide; later keys are queried through params/results.
 MAX_VALUE_COLUMNS = 500
@@ -57,7 +59,7 @@ LOST_AFTER_HEARTBEATS = 3
 PUBLIC_TABLES = ("runs", "runs_wide", "runs_wide_columns", "params", "results", "metrics", "labels",
                  "artifacts", "logs", "events", "dead_letters", "conflicts", "duplicates", "deleted_runs")
 INTERNAL_TABLES = ("run_rows", "run_progress", "run_starts", "log_progress", "positions", "projection_meta",
-                   "hidden_runs", "runs_wide_case_twins")
+                   "hidden_runs", "runs_wide_keys")
 # Every table holding rows of a run folded from its events (keyed by `uid`): a deleted run leaves them all.
 RUN_ROW_TABLES = ("run_rows", "runs", "runs_wide", "params", "results", "metrics", "labels", "artifacts",
                   "logs", "log_progress")
@@ -100,7 +102,7 @@ _DDL = f"""
 CREATE TABLE IF NOT EXISTS runs ({_run_ddl()});
 CREATE TABLE IF NOT EXISTS runs_wide ({_run_ddl(wide=True)});
 CREATE TABLE IF NOT EXISTS runs_wide_columns (kind VARCHAR, key VARCHAR, "column" VARCHAR PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS runs_wide_case_twins (kind VARCHAR, folded VARCHAR, PRIMARY KEY (kind, folded));
+CREATE TABLE IF NOT EXISTS runs_wide_keys (kind VARCHAR, key VARCHAR, folded VARCHAR, PRIMARY KEY (kind, key));
 CREATE TABLE IF NOT EXISTS run_rows ({_run_ddl()}, stream VARCHAR, heartbeat_interval_s DOUBLE);
 CREATE TABLE IF NOT EXISTS params (
     uid VARCHAR, key VARCHAR, value JSON, value_num DOUBLE, PRIMARY KEY (uid, key)
@@ -209,7 +211,7 @@ def write_runs_wide(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
         # a batch of metrics for runs started before changes no value: no statement for it
         keys = con.execute(f"SELECT kind, key, bool_or(num IS NOT NULL) FROM ({values}) GROUP BY ALL "
                            "ORDER BY kind, key").fetchall() if batch.new_runs or old_values else []
-        columns = _ensure_value_columns(con, [(kind, key) for kind, key, numeric in keys if numeric]) if keys else {}
+        columns = _ensure_value_columns(con, keys) if keys else {}
         if touched:
             _stage(con, "_wide_touched", {"uid": list(touched)}, staged)
             names = ", ".join(RUN_COLUMNS)
@@ -225,45 +227,41 @@ def write_runs_wide(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
 
 
 def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
-                          wanted: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """The columns of the wanted (kind, key) pairs, adding those a key may have (see the module
-    docstring); pairs that cannot have one are left out.
+                          seen: Sequence[tuple[str, str, bool]]) -> dict[tuple[str, str], str]:
+    """The runs_wide columns of the (kind, key) pairs, after adding those the numeric keys of `seen`
+    (kind, key, numeric: every param and result key the batch wrote) may have (see the module
+    docstring), and dropping those no key may have any more.
 
-    DuckDB matches column names whatever their case, so two numeric keys of a kind that differ only
-    in case (`loss`, `Loss`) cannot both have one: neither has, once both are there (the column of
-    the first is dropped when the second comes, and the name is kept in runs_wide_case_twins). Which
-    came first, or in which batch, does not matter: a rebuild, folding other batches, agrees."""
+    DuckDB matches column names whatever their ASCII case, so two keys of a kind that differ only so
+    (`loss`, `Loss`) cannot both have a column: neither has, once both have been folded, numbers or
+    not (the column of the first is dropped when the second comes). Every key folded is kept in
+    runs_wide_keys, which only grows, so the outcome depends on which keys were folded, not on
+    their order, their values, or the batches: a rebuild agrees."""
     known = value_columns(con)
-    twinned = {(kind, folded) for kind, folded in con.execute("SELECT kind, folded FROM runs_wide_case_twins")
-               .fetchall()}
-    for kind, key in wanted:
-        if (kind, key) in known:
+    folded_of: dict[tuple[str, str], str] = {
+        (kind, key): folded for kind, key, folded in con.execute("SELECT kind, key, folded FROM runs_wide_keys")
+        .fetchall()}
+    new = {(kind, key) for kind, key, _ in seen} - folded_of.keys()
+    for kind, key in sorted(new):
+        folded_of[(kind, key)] = f"{kind}.{key}".translate(_ASCII_LOWER)
+        con.execute("INSERT INTO runs_wide_keys VALUES (?, ?, ?)", [kind, key, folded_of[(kind, key)]])
+    sharing = Counter(folded_of.values())
+    for pair in [pair for pair in known if sharing[folded_of.get(pair, "")] > 1]:
+        con.execute(f"ALTER TABLE runs_wide DROP COLUMN {quoted(known.pop(pair))}")
+        con.execute('DELETE FROM runs_wide_columns WHERE kind = ? AND key = ?', list(pair))
+    for kind, key, numeric in seen:
+        if not numeric or (kind, key) in known or sharing[folded_of[(kind, key)]] > 1:
+            continue
+        if len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable() or len(known) >= MAX_VALUE_COLUMNS:
             continue
         column = f"{kind}.{key}"
-        folded = column.lower()
-        if (kind, folded) in twinned or len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable():
-            continue
-        with_column = [other for other in known if other[0] == kind and known[other].lower() == folded]
-        if not with_column and len(known) >= MAX_VALUE_COLUMNS:
-            continue
-        if with_column or _has_numeric_twin(con, kind, key):
-            for other in with_column:
-                con.execute(f"ALTER TABLE runs_wide DROP COLUMN {quoted(known.pop(other))}")
-                con.execute('DELETE FROM runs_wide_columns WHERE kind = ? AND key = ?', list(other))
-            con.execute("INSERT INTO runs_wide_case_twins VALUES (?, ?)", [kind, folded])
-            twinned.add((kind, folded))
-            continue
         con.execute(f"ALTER TABLE runs_wide ADD COLUMN {runs_wide_column_ddl(column, 'DOUBLE')}")
         con.execute('INSERT INTO runs_wide_columns VALUES (?, ?, ?)', [kind, key, column])
         known[(kind, key)] = column
     return known
 
 
-def _has_numeric_twin(con: duckdb.DuckDBPyConnection, kind: str, key: str) -> bool:
-    """Whether another key of `kind` that differs from `key` only in case has a numeric value."""
-    found = con.execute(f"SELECT count(*) FROM {VALUE_TABLES[kind]} WHERE value_num IS NOT NULL AND key <> ? "
-                        "AND lower(key) = lower(?)", [key, key]).fetchone()
-    return found is not None and found[0] > 0
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # how DuckDB folds a name
 
 
 def _update_values(con: duckdb.DuckDBPyConnection, values: str, chosen: Sequence[tuple[str, str, str]],
