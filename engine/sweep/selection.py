@@ -73,8 +73,9 @@ class StopCondition:
     """
 
     def __init__(self, expression: str) -> None:
-        """ValueError when `expression` does not parse, or calls or reaches into anything (refused
-        here, before any iteration runs, rather than by the first evaluation)."""
+        """ValueError when `expression` does not parse, or calls a function or reads an attribute
+        (refused here, before any iteration runs, rather than by the first evaluation); a result
+        that is a list or a mapping may be indexed (`acc[0] > 0.9`)."""
         self.expression = expression
         self._evaluator = EvalWithCompoundTypes(functions={})
         try:
@@ -82,9 +83,9 @@ class StopCondition:
         except (SyntaxError, InvalidExpression) as exc:
             raise ValueError(f"stop_condition {expression!r} does not parse: {exc}") from None
         for node in ast.walk(parsed):
-            if isinstance(node, (ast.Call, ast.Attribute, ast.Subscript)):
+            if isinstance(node, (ast.Call, ast.Attribute)):
                 raise ValueError(f"stop_condition {expression!r}: {ast.unparse(node)!r} is not allowed (result "
-                                 "names, numbers, comparisons, arithmetic and and/or/not only)")
+                                 "names, numbers, indexing, comparisons, arithmetic and and/or/not only)")
 
     def met(self, results: Mapping[str, Any]) -> bool:
         """True when the expression holds; a result it names that is missing makes it False.
