@@ -133,14 +133,14 @@ class EngineRunDB(RunDB):
         on_kafka = self.services.bus.url.startswith("kafka")
         return current_principal(security.user if on_kafka else None)
 
-    def full_uid(self, uid: str) -> str:
+    def full_uid(self, uid: str, deleted_too: bool = False) -> str:
         """The full uid of the run `uid` names (a unique prefix of it); KeyError naming `uid` when it
-        names no run, several, or a deleted one."""
-        return self._resolve(uid, "shown")
+        names no run, several, or (unless `deleted_too`) a deleted one."""
+        return self._resolve(uid, None if deleted_too else "shown")
 
-    def _resolve(self, uid: str, wanted: str) -> str:
+    def _resolve(self, uid: str, wanted: str | None) -> str:
         """The full uid of the run `uid` names (a unique prefix), which must be `wanted` ("shown"
-        or "deleted"); KeyError naming it otherwise."""
+        or "deleted"; None: either); KeyError naming it otherwise."""
         if not isinstance(uid, str) or not uid:
             raise KeyError(f"run uid must be non-empty text, got {uid!r}")
         self.services.writer.flush()  # a run this process just recorded is found
@@ -151,7 +151,7 @@ class EngineRunDB(RunDB):
         if len(matches) > 1:
             raise KeyError(f"uid prefix {uid!r} matches more than one run; give more characters")
         full, status = next(iter(matches.items()))
-        if status != wanted:
+        if wanted is not None and status != wanted:
             raise KeyError(f"run {full!r} is deleted: restore it first" if status == "deleted"
                            else f"run {full!r} is not deleted")
         return str(full)

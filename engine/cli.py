@@ -334,7 +334,8 @@ def export_cmd(
 
     svc = _svc(ctx)
     svc.writer.flush()
-    uids = [_editor(ctx).full_uid(uid) for uid in run or []]  # a prefix names one run, or it is an error
+    # a prefix names one run (a deleted one too: it may be exported before a purge), or it is an error
+    uids = [_editor(ctx).full_uid(uid, deleted_too=True) for uid in run or []]
     events = selected_events(svc.bus, svc.codec, uids)
     if out is None:
         exported = export_events(events, svc.codec, sys.stdout.buffer)

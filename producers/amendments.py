@@ -64,7 +64,7 @@ def check_labels(labels: Mapping[Any, Any] | None, removed: Iterable[Any]) -> tu
     """The labels to set (values through str(), as set_label) and the keys to remove, checked:
     keys non-empty UTF-8, values UTF-8, a key not both set and removed, bounded in total."""
     chosen = dict(check_label(key, value) for key, value in (labels or {}).items())
-    gone = [check_key("label", key) for key in removed]
+    gone = [check_key("label", key, max_chars=None) for key in removed]  # any label there, however long
     both = sorted(set(chosen) & set(gone))
     if both:
         raise InvalidValue(f"label {both[0]!r} is both set and removed")

@@ -50,12 +50,13 @@ def check_text(kind: str, key: object, text: object, what: str = "value", max_ch
     return text
 
 
-def check_key(kind: str, key: object) -> str:
-    """`key` if it is a non-empty str of valid UTF-8, of at most MAX_KEY_CHARS; InvalidValue otherwise."""
+def check_key(kind: str, key: object, max_chars: int | None = MAX_KEY_CHARS) -> str:
+    """`key` if it is a non-empty str of valid UTF-8, of at most `max_chars` (None: any length, for
+    a key that names what is there already); InvalidValue otherwise."""
     if type(key) is not str or not key:
         raise InvalidValue(f"{kind} key must be a non-empty string, got "
                            f"{'an empty string' if key == '' else type(key).__name__}")
-    return check_text(kind, key, key, "key", MAX_KEY_CHARS)
+    return check_text(kind, key, key, "key", max_chars)
 
 
 def check_label(key: object, value: object) -> tuple[str, str]:

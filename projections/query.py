@@ -192,8 +192,8 @@ class RunDB:
 
         `labels` is a mapping or a list of "key" / "key=value" strings. `sort_by` is a runs
         column, or `result.<key>` / `param.<key>`; prefix it with '-' for descending order.
-        `parent` is a sweep's uid or a unique prefix of it (KeyError when it names no run or
-        several). The query is `projections.run_query`'s, the one the UI's runs page uses.
+        `parent` is the uid runs name as their parent, or a unique prefix of a run's uid (KeyError
+        when it is neither, or names several). The query is `projections.run_query`'s, the one the UI's runs page uses.
         """
         run_filter = RunFilter(name=name, project=project, labels=label_filters(labels), state=state,
                                since=since, until=until, parent=parent, top_level=not iterations)
@@ -202,8 +202,10 @@ class RunDB:
             if parent:
                 if not isinstance(parent, str):
                     raise KeyError(f"parent must be a run uid (or a unique prefix of it), got {parent!r}")
-                found = _one_match(fetch(_MATCHES, [parent]).uid.tolist(), parent)
-                run_filter = dataclasses.replace(run_filter, parent=found)
+                # a parent some run names as it is (even one with no row: a foreign iteration's), or a prefix
+                if fetch("SELECT 1 FROM runs WHERE parent_uid = ? LIMIT 1", [parent]).empty:
+                    found = _one_match(fetch(_MATCHES, [parent]).uid.tolist(), parent)
+                    run_filter = dataclasses.replace(run_filter, parent=found)
             return find_runs(fetch, run_filter, order, limit, cache=self.remembered_columns)
 
     def read_run(self, uid: str) -> dict[str, Any]:

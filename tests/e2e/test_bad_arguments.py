@@ -78,3 +78,35 @@ def test_a_runtime_runbus_does_not_have_is_refused_not_run_in_process(home: Path
     assert done.returncode != 0 and "names a runtime Runbus does not have" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert get_run_db().list_runs().empty
+
+
+def test_iterations_of_a_parent_with_no_row_are_listed_by_its_uid(db: Any) -> None:
+    """A parent given as the iterations name it is taken as it is, even with no row of its own
+    (iterations appended by another producer); only a text no run is named by is resolved as a prefix."""
+    from engine.api import session
+    from tests.support.foreign import append, envelope, finished, started
+
+    orphan = "f" * 32
+    append(session().services.bus, orphan, [envelope(orphan, 0, "run_started", started(name="orphan",
+                                                                                       parent_uid="nosuchparent")),
+                                            envelope(orphan, 1, "run_finished", finished())])
+    assert db.list_runs(parent="nosuchparent").uid.tolist() == [orphan]
+    with pytest.raises(KeyError, match="no run with uid 'nosuch'"):
+        db.list_runs(parent="nosuch")
+
+
+def test_a_label_longer_than_the_bound_that_is_there_can_be_removed(home: Path) -> None:
+    """Keys are bounded at the call that sets them; a label another producer set with a longer key
+    (or one set before the bound) can still be removed."""
+    from engine.api import session
+    from producers.values import MAX_KEY_CHARS
+    from tests.support.foreign import append, envelope, finished, started
+
+    uid, key = "e" * 32, "k" * (MAX_KEY_CHARS + 50)
+    append(session().services.bus, uid, [envelope(uid, 0, "run_started", started(labels={key: "v", "team": "a"})),
+                                         envelope(uid, 1, "run_finished", finished())])
+    db = get_run_db()
+    with pytest.raises(TypeError, match="at most 250 are allowed"):
+        db.set_labels(uid, {key: "w"})
+    db.set_labels(uid, remove=[key])
+    assert db.read_run(uid)["labels"] == {"team": "a"}

@@ -272,10 +272,13 @@ def test_export_of_a_run_takes_a_unique_uid_prefix_or_says_why_not(home: Path, t
         return subprocess.run([RUNBUS, "export", "-o", str(tmp_path / "one.avro"), "--run", prefix],
                               env={**os.environ}, capture_output=True, text=True, timeout=120)
 
-    done = export("abc1")
-    assert done.returncode == 0, done.stderr
-    with (tmp_path / "one.avro").open("rb") as source:
-        assert {record["run_uid"] for record in fastavro.reader(source)} == {first, child}  # with its iteration
+    for deleted in (False, True):  # a deleted run can be exported (before a purge removes it)
+        if deleted:
+            get_run_db().delete_runs([first])
+        done = export("abc1")
+        assert done.returncode == 0, done.stderr
+        with (tmp_path / "one.avro").open("rb") as source:
+            assert {record["run_uid"] for record in fastavro.reader(source)} == {first, child}  # with its iteration
     for prefix, said in (("abc", "matches more than one run"), ("ffff", "no run with uid 'ffff'")):
         refused = export(prefix)
         assert refused.returncode != 0 and said in refused.stderr, refused.stderr
