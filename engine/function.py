@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,15 @@ def _as_uri(path: str) -> str:
 
 
 def _digests(inputs: Mapping[str, str]) -> dict[str, str]:
+    """The sha256 of each input that is a file here (a rerun checks it); a warning for a local input
+    that is no file (the run goes on: its handler may not read it, as in MLRun)."""
     found = {}
     for key, uri in inputs.items():
         local_path = Path(DataItem(key, uri).local()) if uri.startswith("file://") else None
         if local_path is not None and local_path.is_file():
             found[key] = file_sha256(local_path)
+        elif local_path is not None:
+            warnings.warn(f"input {key!r}: {local_path} is not a file; recorded as given", stacklevel=4)
     return found
 
 

@@ -110,3 +110,10 @@ def test_a_label_longer_than_the_bound_that_is_there_can_be_removed(home: Path) 
         db.set_labels(uid, {key: "w"})
     db.set_labels(uid, remove=[key])
     assert db.read_run(uid)["labels"] == {"team": "a"}
+
+
+def test_a_local_input_that_is_no_file_is_a_warning_and_the_run_goes_on(home: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nosuch.csv"
+    with pytest.warns(UserWarning, match=re.escape(f"input 'data': {missing} is not a file; recorded as given")):
+        run = new_function().run(NewRun(handler=_scored, name="unread").with_input("data", str(missing)))
+    assert run.state == "completed"
