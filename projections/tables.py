@@ -34,7 +34,6 @@ latest note. An iteration whose own tombstone still stands stays deleted when it
 from __future__ import annotations
 
 import string
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -211,7 +210,7 @@ def write_runs_wide(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
         # a batch of metrics for runs started before changes no value: no statement for it
         keys = con.execute(f"SELECT kind, key, bool_or(num IS NOT NULL) FROM ({values}) GROUP BY ALL "
                            "ORDER BY kind, key").fetchall() if batch.new_runs or old_values else []
-        columns = _ensure_value_columns(con, keys) if keys else {}
+        columns = _ensure_value_columns(con, keys, staged) if keys else {}
         if touched:
             _stage(con, "_wide_touched", {"uid": list(touched)}, staged)
             names = ", ".join(RUN_COLUMNS)
@@ -226,8 +225,8 @@ def write_runs_wide(con: duckdb.DuckDBPyConnection, batch: TableBatch) -> None:
                 con.unregister(name)
 
 
-def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
-                          seen: Sequence[tuple[str, str, bool]]) -> dict[tuple[str, str], str]:
+def _ensure_value_columns(con: duckdb.DuckDBPyConnection, seen: Sequence[tuple[str, str, bool]],
+                          staged: list[str]) -> dict[tuple[str, str], str]:
     """The runs_wide columns of the (kind, key) pairs, after adding those the numeric keys of `seen`
     (kind, key, numeric: every param and result key the batch wrote) may have (see the module
     docstring), and dropping those no key may have any more.
@@ -235,22 +234,23 @@ def _ensure_value_columns(con: duckdb.DuckDBPyConnection,
     DuckDB matches column names whatever their ASCII case, so two keys of a kind that differ only so
     (`loss`, `Loss`) cannot both have a column: neither has, once both have been folded, numbers or
     not (the column of the first is dropped when the second comes). Every key folded is kept in
-    runs_wide_keys, which only grows, so the outcome depends on which keys were folded, not on
-    their order, their values, or the batches: a rebuild agrees."""
+    runs_wide_keys, which only grows, so whether a key is such a twin depends on which keys were
+    folded, not on their order, their values or the batches (which keys get the MAX_VALUE_COLUMNS
+    columns does depend on the order, and a column dropped so frees its place for a key that comes
+    later, not for one turned away before). The batch's keys are looked up, not the whole table."""
     known = value_columns(con)
-    folded_of: dict[tuple[str, str], str] = {
-        (kind, key): folded for kind, key, folded in con.execute("SELECT kind, key, folded FROM runs_wide_keys")
-        .fetchall()}
-    new = {(kind, key) for kind, key, _ in seen} - folded_of.keys()
-    for kind, key in sorted(new):
-        folded_of[(kind, key)] = f"{kind}.{key}".translate(_ASCII_LOWER)
-        con.execute("INSERT INTO runs_wide_keys VALUES (?, ?, ?)", [kind, key, folded_of[(kind, key)]])
-    sharing = Counter(folded_of.values())
-    for pair in [pair for pair in known if sharing[folded_of.get(pair, "")] > 1]:
+    folded = {(kind, key): f"{kind}.{key}".translate(_ASCII_LOWER) for kind, key, _ in seen}
+    _stage(con, "_wide_keys", {"kind": [kind for kind, _ in folded], "key": [key for _, key in folded],
+                               "folded": list(folded.values())}, staged)
+    con.execute("INSERT OR IGNORE INTO runs_wide_keys SELECT kind, key, folded FROM _wide_keys")
+    twinned = {name for (name,) in con.execute(
+        "SELECT folded FROM runs_wide_keys WHERE folded IN (SELECT folded FROM _wide_keys) GROUP BY folded "
+        "HAVING count(*) > 1").fetchall()}
+    for pair in [pair for pair in known if known[pair].translate(_ASCII_LOWER) in twinned]:
         con.execute(f"ALTER TABLE runs_wide DROP COLUMN {quoted(known.pop(pair))}")
         con.execute('DELETE FROM runs_wide_columns WHERE kind = ? AND key = ?', list(pair))
     for kind, key, numeric in seen:
-        if not numeric or (kind, key) in known or sharing[folded_of[(kind, key)]] > 1:
+        if not numeric or (kind, key) in known or folded[(kind, key)] in twinned:
             continue
         if len(key) > MAX_COLUMN_KEY_CHARS or not key.isprintable() or len(known) >= MAX_VALUE_COLUMNS:
             continue
