@@ -4,7 +4,8 @@ measured as a user meets it: from a second process, while `runbus ui` and the fo
 
 The runs are written through the real pipeline (RunContext -> writer -> bus) by `builders` processes
 at once (the build is not timed), in steps (1k, then 9k more, then 90k more), and this process waits
-until the service has folded them. For each size a second process (`python -m benchmarks.query
+until the service has folded them, and until it has opened its file again (at most REOPEN_WAIT_S:
+see `_opened_again`; how long it took is in the details). For each size a second process (`python -m benchmarks.query
 --measure`, one for all sizes, as MLflow's side has one observer) times, through `get_run_db()`:
 
 - the query (`RunDB.sql`), and beside it the same query on a bare DuckDB table holding the same runs
@@ -262,6 +263,24 @@ def _wait(probe: Callable[[], bool], what: str, process: subprocess.Popen[bytes]
     raise RuntimeError(f"{what}: no answer within {timeout_s:g}s")
 
 
+REOPEN_WAIT_S = 10.0
+
+
+def _opened_again(client: ServiceClient, before: int) -> float | None:
+    """Seconds until the service has opened its file again since it had `before` times (after a
+    build it does so on its fold's first idle turn that follows a checkpoint: see
+    projections.service.REOPEN_AFTER_RECORDS), or None when it has not within REOPEN_WAIT_S (too
+    few records folded, or no checkpoint yet). The bare table is measured opened again after it is
+    written; this measures the service the same way, not while it still reads rows its own
+    instance appended (1.5-2.5x slower) or in the moment it drops its caches to open the file."""
+    began = time.monotonic()
+    while time.monotonic() - began < REOPEN_WAIT_S:
+        if client.ping()["reopened"] > before:
+            return time.monotonic() - began
+        time.sleep(0.1)
+    return None
+
+
 def _ui_answers(url: str) -> bool:
     with urllib.request.urlopen(url + "/runs", timeout=30) as response:
         return response.status == 200
@@ -295,12 +314,16 @@ def run(sizes: tuple[int, ...], queries: int, builders: int = 2) -> Outcome:
                 began = time.perf_counter()
                 pool.starmap(_produce_share, [(env, *share) for share in _shares(built, size - built, builders)])
                 produced = time.perf_counter()
+                before = client.ping()["reopened"]
                 folded = client.catch_up()
                 projected = time.perf_counter()
             builds[str(size)] = {"runs_added": size - built, "produce_s": produced - began,
                                  "project_s": projected - produced, "records": folded}
             built = size
+            with phase("wait for the service to open its file again"):
+                settled = _opened_again(client, before)
             reopened = client.ping()["reopened"]
+            builds[str(size)]["waited_for_reopen_s"] = settled
             with phase("measure in a second process"):
                 figures = measurer.figures(queries, IDLE_QUERIES if size == min(sizes) else 0, size)
             # how often the service had opened its file again (projections.service.REOPEN_AFTER_RECORDS)
