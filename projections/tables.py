@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from projections.fold import TableBatch
 
 # Bump when a table's shape changes: a projection built by another version is rebuilt on open.
-PROJECTION_VERSION = 13  # 11: JSON nested deeper than MAX_DEPTH refused; 13: case twins have no column
+PROJECTION_VERSION = 13  # 11: JSON nested deeper than MAX_DEPTH refused; 12-13: case twins have no column
 
 # At most this many param/result columns in runs_wide; later keys are queried through params/results.
 MAX_VALUE_COLUMNS = 500
