@@ -55,15 +55,20 @@ def bodies_named(payload: Mapping[str, Any]) -> list[str]:
     companion bodies its meta (JSON text) lists (`Artifact.extra_bodies`: a chart's PNG). The
     payload is read as anyone may have written it: a meta that is no JSON object names no companion,
     and a name is any text (whether it is a sha256 the store holds is the store's to check)."""
-    named = [payload.get("sha256")]
     meta = payload.get("meta")
-    try:
-        found = json.loads(meta) if isinstance(meta, str) else meta
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
-        found = None
-    if isinstance(found, Mapping):
-        named += [value.get("sha256") for value in found.values() if isinstance(value, Mapping)]
+    found = meta if isinstance(meta, Mapping) else artifact_meta(meta)
+    named = [payload.get("sha256"), *(value.get("sha256") for value in found.values() if isinstance(value, Mapping))]
     return list(dict.fromkeys(name for name in named if isinstance(name, str)))
+
+
+def artifact_meta(text: object) -> dict[str, Any]:
+    """An artifact's meta, JSON text as its event holds it, as a dict; {} when it is none (the log's,
+    so anything: not JSON, not an object, or nested deeper than the parser goes)."""
+    try:
+        found = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 class PlotArtifact(Artifact):

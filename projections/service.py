@@ -98,6 +98,7 @@ REOPEN_BUSY_AFTER_S = 60.0
 # way to end (readers asking back to back would otherwise put it off turn after turn); when they do
 # not (a reader block held open), it gives up and tries again after a pause doubling from 0.1 s.
 REOPEN_READERS_WAIT_S = 0.05
+_LARGE_ANSWER_BYTES = 64 << 20  # an answer after which Arrow's unused memory is given back
 _PURGE_TURN_S = 0.15  # between two tries at a home another service holds, the purge lock is free this long
 _STOP_CHECK_S = 0.25  # a wait also looks at `stop` this often (it may be set without a notification)
 RELEASE_MARGIN_S = 10.0
@@ -194,9 +195,6 @@ def ensure_key(path: Path) -> bytes:
         os.close(fd)
     os.replace(tmp, path)
     return key
-
-
-_LARGE_ANSWER_BYTES = 64 << 20  # an answer after which Arrow's unused memory is given back
 
 
 def send_json(conn: Connection, payload: Mapping[str, Any]) -> None:

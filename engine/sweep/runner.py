@@ -26,6 +26,7 @@ from engine.sweep.iteration import IterationOutcome, run_iterations, run_iterati
 from engine.sweep.selection import BestSoFar, Selector, StopCondition
 from engine.sweep.spec import SweepSpec
 from engine.sweep.watcher import FINISHED_STATES, ChildWatcher
+from producers.artifacts import artifact_meta
 from producers.context import RunContext
 from producers.data_item import DataItem
 from producers.subscription import Subscription
@@ -434,20 +435,12 @@ def _artifacts_of(svc: Services, state: SweepState, iteration: int) -> list[Data
             found[event.payload["key"]] = event.payload
     if not found and state.resumed:
         return [_item(a, root) for a in svc.run_db().read_run(uid)["artifacts"]]
-    return [_item({**a, "meta": _json_meta(a["meta"])}, root) for a in found.values()]
+    return [_item({**a, "meta": artifact_meta(a["meta"])}, root) for a in found.values()]
 
 
 def _item(artifact: dict[str, Any], root: str) -> DataItem:
     return DataItem(artifact["key"], artifact["uri"], artifact["format"], artifact["kind"], artifact["sha256"],
                     artifact["size"], dict(artifact["labels"] or {}), dict(artifact["meta"] or {}), root)
-
-
-def _json_meta(text: str | None) -> dict[str, Any]:
-    try:
-        meta = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import duckdb
@@ -35,6 +33,7 @@ from engine.ui.previews import body_path, companion_image, media_type
 from engine.ui.runs_page import PAGE_SIZES, STATES, RunsQuery, fetch_runs
 from engine.ui.sections import compare_charts, run_context, sweep_context
 from engine.ui.store import UIStore
+from producers.artifacts import artifact_meta
 from producers.bus import BusError
 from projections.database import ProjectionBusy
 from projections.query import resolve_uid
@@ -188,7 +187,7 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
                          "WHERE uid = ? AND key = ?", [uid, key]).to_dict("records")
         path: Path | None = None
         if rows and part:
-            rows[0]["meta"] = _json_object(rows[0]["meta"])
+            rows[0]["meta"] = artifact_meta(rows[0]["meta"])
             found = companion_image(rows[0], store_root, part)
             if found is not None:
                 rows[0], path = found
@@ -216,15 +215,6 @@ def create_app(store: UIStore, host: str = "127.0.0.1", token: str | None = None
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
                   Middleware(AccessGuard, token=token, require_token=wide, viewer_token=viewer_token)]
     return Starlette(routes=routes, middleware=middleware, exception_handlers={ProjectionBusy: _unavailable})
-
-
-def _json_object(text: Any) -> dict[str, Any]:
-    """JSON text read as an object; {} when it is none (the log's, so anything)."""
-    try:
-        found = json.loads(text) if isinstance(text, str) else None
-    except (ValueError, RecursionError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def _apply_edit(store: UIStore, uid: str, fields: dict[str, str]) -> str:
