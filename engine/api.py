@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.bootstrap import Services, bootstrap
 from engine.run import RunObject
-from projections.query import RunDB
+from projections.query import RunDB, check_uid
 
 if TYPE_CHECKING:
     from engine.function import Function
@@ -141,8 +141,7 @@ class EngineRunDB(RunDB):
     def _resolve(self, uid: str, wanted: str | None) -> str:
         """The full uid of the run `uid` names (a unique prefix), which must be `wanted` ("shown"
         or "deleted"; None: either); KeyError naming it otherwise."""
-        if not isinstance(uid, str) or not uid:
-            raise KeyError(f"run uid must be non-empty text, got {uid!r}")
+        check_uid(uid)
         self.services.writer.flush()  # a run this process just recorded is found
         found = self.sql(_RUN_OR_DELETED, [uid, uid])
         matches = dict(zip(found.uid, found.status, strict=True))

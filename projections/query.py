@@ -214,8 +214,7 @@ class RunDB:
         metric, and `amendments`, the history of its edits, oldest first (position, ts,
         amended_by, labels, removed_labels, note). KeyError when `uid` is not text or names no run
         or several."""
-        if not isinstance(uid, str) or not uid:
-            raise KeyError(f"run uid must be non-empty text, got {uid!r}")
+        check_uid(uid)
         # one request: every statement names the run by the prefix, the first says what it matches
         run_uids = _MATCHING_UIDS.format(column="uid")
         matches, runs, params, results, artifacts, last, edits = self.answer([
@@ -287,6 +286,13 @@ _MATCHING_UIDS = "{column} IN (SELECT uid FROM runs WHERE starts_with(uid, ?) LI
 def resolve_uid(fetch: Query, uid: str) -> str:
     """The full uid of the run whose uid starts with `uid`; KeyError if none or several."""
     return _one_match(fetch(_MATCHES, [uid]).uid.tolist(), uid)
+
+
+def check_uid(uid: object) -> str:
+    """`uid` when it is non-empty text (a run's uid or a prefix of it); KeyError saying so otherwise."""
+    if not isinstance(uid, str) or not uid:
+        raise KeyError(f"run uid must be non-empty text, got {uid!r}")
+    return uid
 
 
 def _one_match(matches: list[str], uid: str) -> str:
